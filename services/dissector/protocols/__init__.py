@@ -1,0 +1,1 @@
+"""One sans-IO module per protocol, registered in trawl.dissector.protocols.registry."""

@@ -1,0 +1,206 @@
+"""A thin layer over nats-py: connection options, the subject contract, JetStream streams.
+
+Subjects (DESIGN.md, "the bus contract"):
+
+- ``trawl.v1.packets.<node>.<shard>``   PacketBatch, core NATS, per-shard sequence
+- ``trawl.v1.tls.<node>``               TlsChunkBatch, core NATS
+- ``trawl.v1.calls.<node>.<shard>``     CallBatch, JetStream ``TRAWL_CALLS``
+- ``trawl.v1.enriched.<protocol>.<dst_namespace>.<dst_workload>``  ApiCall, JetStream ``TRAWL_ENRICHED``
+- ``trawl.v1.alerts.<rule>``            Alert, JetStream ``TRAWL_ALERTS``
+- ``trawl.v1.control.>``                control messages, core NATS
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import nats
+from nats.aio.client import Client as NatsClient
+from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
+from nats.errors import NoServersError
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StreamConfig
+from nats.js.errors import BadRequestError
+
+from trawl.config import NatsSettings, StreamLimits
+from trawl.errors import ConfigError
+from trawl.logs import get_logger
+
+log = get_logger(__name__)
+
+PREFIX = "trawl.v1"
+STREAM_CALLS = "TRAWL_CALLS"
+STREAM_ENRICHED = "TRAWL_ENRICHED"
+STREAM_ALERTS = "TRAWL_ALERTS"
+STREAM_SUBJECTS = {
+    STREAM_CALLS: [f"{PREFIX}.calls.>"],
+    STREAM_ENRICHED: [f"{PREFIX}.enriched.>"],
+    STREAM_ALERTS: [f"{PREFIX}.alerts.>"],
+}
+MSG_ID_HEADER = "Nats-Msg-Id"
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_\-:]")
+
+
+def token(value: str) -> str:
+    """One subject token: no dots, wildcards or spaces; empty becomes '_'."""
+    return _UNSAFE.sub("_", value) or "_"
+
+
+def packets_subject(node: str, shard: int | str) -> str:
+    return f"{PREFIX}.packets.{token(node)}.{shard}"
+
+
+def tls_subject(node: str) -> str:
+    return f"{PREFIX}.tls.{token(node)}"
+
+
+def calls_subject(node: str, shard: int | str) -> str:
+    return f"{PREFIX}.calls.{token(node)}.{shard}"
+
+
+def enriched_subject(protocol: str, namespace: str, workload: str) -> str:
+    return f"{PREFIX}.enriched.{token(protocol)}.{token(namespace)}.{token(workload)}"
+
+
+def alerts_subject(rule: str) -> str:
+    return f"{PREFIX}.alerts.{token(rule)}"
+
+
+def control_subject(*parts: str) -> str:
+    return ".".join([f"{PREFIX}.control", *(token(p) for p in parts)])
+
+
+def connect_options(settings: NatsSettings, name: str) -> dict[str, object]:
+    """nats.connect() keyword arguments for the standard options."""
+    opts: dict[str, object] = {
+        "servers": settings.servers,
+        "name": name,
+        "connect_timeout": settings.connect_timeout_s,
+        "max_reconnect_attempts": -1,
+        "reconnect_time_wait": 1,
+        "allow_reconnect": True,
+    }
+    if settings.user:
+        opts["user"] = settings.user
+    if settings.password:
+        opts["password"] = settings.password.get_secret_value()
+    if settings.token:
+        opts["token"] = settings.token.get_secret_value()
+    if settings.creds_file:
+        if not settings.creds_file.is_file():
+            raise ConfigError(f"nats.creds_file {settings.creds_file} does not exist; set it to a .creds file")
+        opts["user_credentials"] = str(settings.creds_file)
+    if settings.tls_ca or settings.tls_cert:
+        context = ssl.create_default_context(cafile=str(settings.tls_ca) if settings.tls_ca else None)
+        if settings.tls_cert:
+            context.load_cert_chain(str(settings.tls_cert), str(settings.tls_key) if settings.tls_key else None)
+        opts["tls"] = context
+    return opts
+
+
+@dataclass
+class Bus:
+    """A connected client plus its JetStream context."""
+
+    nc: NatsClient
+    js: JetStreamContext
+    _subscriptions: list[Subscription] = field(default_factory=list)
+
+    @classmethod
+    async def connect(cls, settings: NatsSettings, name: str) -> Bus:
+        """Connect, retrying the first connection `connect_attempts` times; ConfigError when unreachable."""
+        opts = connect_options(settings, name)
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                nc = await nats.connect(**opts)  # type: ignore[arg-type]
+                break
+            except (NoServersError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
+                if settings.connect_attempts != -1 and attempt >= max(1, settings.connect_attempts):
+                    servers = ", ".join(settings.servers)
+                    raise ConfigError(
+                        f"cannot reach NATS at {servers} ({type(exc).__name__}): start nats-server or set nats.servers"
+                    ) from None
+                log.warning("nats_connect_retry", servers=settings.servers, attempt=attempt, error=str(exc))
+                await asyncio.sleep(2)
+        return cls(nc=nc, js=nc.jetstream())
+
+    async def ensure_stream(self, name: str, limits: StreamLimits) -> None:
+        """Create the stream, or update its limits; idempotent across replicas and restarts."""
+        config = StreamConfig(
+            name=name,
+            subjects=STREAM_SUBJECTS[name],
+            max_age=limits.max_age_s,
+            max_bytes=limits.max_bytes,
+            num_replicas=limits.replicas,
+            duplicate_window=120.0,
+        )
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            await self.js.update_stream(config)
+
+    async def pull(
+        self, stream: str, durable: str, filter_subject: str | None = None, deliver_new: bool = False
+    ) -> JetStreamContext.PullSubscription:
+        """A durable pull consumer (created idempotently): the way services take JetStream work."""
+        config = ConsumerConfig(
+            durable_name=durable,
+            ack_wait=30,
+            max_ack_pending=10_000,
+            deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
+            filter_subject=filter_subject,
+        )
+        return await self.js.pull_subscribe(
+            filter_subject or STREAM_SUBJECTS[stream][0], durable=durable, stream=stream, config=config
+        )
+
+    async def subscribe(
+        self,
+        subject: str,
+        handler: Callable[[Msg], Awaitable[None]],
+        queue: str = "",
+        pending_bytes: int = 256 * 1024 * 1024,
+    ) -> Subscription:
+        sub = await self.nc.subscribe(
+            subject, queue=queue, cb=handler, pending_bytes_limit=pending_bytes, pending_msgs_limit=1_000_000
+        )
+        self._subscriptions.append(sub)
+        return sub
+
+    async def publish(self, subject: str, payload: bytes, msg_id: str | None = None) -> None:
+        """Core NATS publish (Nats-Msg-Id is set when given so a JetStream capture dedups)."""
+        headers = {MSG_ID_HEADER: msg_id} if msg_id else None
+        await self.nc.publish(subject, payload, headers=headers)
+
+    async def publish_durable(self, subject: str, payload: bytes, msg_id: str) -> int:
+        """JetStream publish with a synchronous ack; returns the stream sequence."""
+        ack = await self.js.publish(subject, payload, headers={MSG_ID_HEADER: msg_id})
+        return int(ack.seq)
+
+    async def publish_durable_async(self, subject: str, payload: bytes, msg_id: str) -> asyncio.Future[PubAck]:
+        """JetStream publish whose ack is awaited later (see `flush_durable`)."""
+        return await self.js.publish_async(subject, payload, headers={MSG_ID_HEADER: msg_id})
+
+    async def flush_durable(self) -> None:
+        """Wait until every async JetStream publish has its ack."""
+        if self.js.publish_async_pending():
+            await self.js.publish_async_completed()
+
+    async def close(self) -> None:
+        """Drain: finish in-flight handlers, flush what was published, then close."""
+        if self.nc.is_closed:
+            return
+        try:
+            await self.flush_durable()
+            await self.nc.drain()
+        except Exception as exc:  # noqa: BLE001 - shutdown must not raise past here
+            log.warning("nats_drain_failed", error=str(exc))
+            await self.nc.close()

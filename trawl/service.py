@@ -1,0 +1,120 @@
+"""What every service's `main` shares: load config, log, connect the bus, serve /metrics and
+health, stop cleanly on SIGTERM/SIGINT.
+
+A service module provides `async def serve(ctx: ServiceContext) -> None`: it subscribes,
+calls `await ctx.ready()`, and returns once `ctx.stopping` is set (or its finite input is
+done), after which the runner drains the bus. The domain logic stays in plain classes that
+tests drive without a bus.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from aiohttp import web
+
+from trawl.bus import Bus, control_subject
+from trawl.config import ServiceSettings
+from trawl.errors import UserError
+from trawl.logs import configure_logging, get_logger
+from trawl.metrics import Registry
+from trawl.v1 import control_pb2
+
+log = get_logger(__name__)
+
+SettingsT = TypeVar("SettingsT", bound=ServiceSettings)
+
+
+@dataclass
+class ServiceContext(Generic[SettingsT]):
+    name: str
+    settings: SettingsT
+    bus: Bus
+    metrics: Registry = field(default_factory=Registry)
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
+    is_ready: bool = False
+
+    async def ready(self) -> None:
+        """Mark the service ready (/readyz) and announce it on trawl.v1.control.ready.<service>.<node>."""
+        self.is_ready = True
+        await self.bus.publish(control_subject("ready", self.name, self.settings.node), b"")
+        await self.bus.nc.flush()
+        log.info("service_ready", service=self.name, node=self.settings.node)
+
+    async def drained(self, emitted: int, last_stream_sequence: int = 0, files: list[str] | None = None) -> None:
+        """Announce that a finite input has been fully processed by this service."""
+        message = control_pb2.Drained(
+            service=self.name,
+            node=self.settings.node,
+            emitted=emitted,
+            last_stream_sequence=last_stream_sequence,
+            files=files or [],
+        )
+        await self.bus.publish(control_subject("drained", self.name, self.settings.node), message.SerializeToString())
+        await self.bus.nc.flush()
+        log.info("service_drained", service=self.name, emitted=emitted, files=files or [])
+
+
+async def _start_http(ctx: ServiceContext[SettingsT], port: int) -> web.AppRunner:
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(text=ctx.metrics.render(), content_type="text/plain", charset="utf-8")
+
+    async def healthz(_: web.Request) -> web.Response:
+        ok = ctx.bus.nc.is_connected
+        return web.Response(status=200 if ok else 503, text="ok\n" if ok else "nats disconnected\n")
+
+    async def readyz(_: web.Request) -> web.Response:
+        ok = ctx.is_ready and ctx.bus.nc.is_connected
+        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+
+    app = web.Application()
+    app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)])
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "0.0.0.0", port)
+    await site.start()
+    bound = runner.addresses[0][1] if runner.addresses else port
+    log.info("http_listening", port=bound)
+    return runner
+
+
+async def run_service(
+    name: str, settings: SettingsT, serve: Callable[[ServiceContext[SettingsT]], Awaitable[None]]
+) -> None:
+    bus = await Bus.connect(settings.nats, name=f"trawl-{name}-{settings.node}")
+    ctx = ServiceContext(name=name, settings=settings, bus=bus)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, ctx.stopping.set)
+    runner = await _start_http(ctx, settings.http_port) if settings.http_port is not None else None
+    try:
+        await serve(ctx)
+    finally:
+        await bus.close()
+        if runner is not None:
+            await runner.cleanup()
+        log.info("service_stopped", service=name)
+
+
+def main_for(
+    name: str,
+    settings_cls: type[SettingsT],
+    serve: Callable[[ServiceContext[SettingsT]], Awaitable[None]],
+    config_file: Path | None,
+    **overrides: object,
+) -> int:
+    """The synchronous entry `trawl <service>` calls: exit 0, or 2 with one line for a UserError."""
+    try:
+        settings = settings_cls.load(config_file, **overrides)
+        configure_logging(settings.log_level, settings.log_format, service=name)
+        asyncio.run(run_service(name, settings, serve))
+    except UserError as exc:
+        print(f"trawl {name}: {exc}", file=sys.stderr)  # noqa: T201 - the one line a user reads
+        return exc.exit_code
+    return 0

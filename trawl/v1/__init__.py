@@ -1,0 +1,1 @@
+"""Generated protobuf modules of the wire contract (see proto/)."""
