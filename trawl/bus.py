@@ -18,7 +18,6 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
-import nats
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -114,22 +113,41 @@ class Bus:
 
     @classmethod
     async def connect(cls, settings: NatsSettings, name: str) -> Bus:
-        """Connect, retrying the first connection `connect_attempts` times; ConfigError when unreachable."""
+        """Connect; ConfigError when no server answers within `connect_attempts` tries.
+
+        nats-py retries a first connection for ever when reconnects are unlimited (which we
+        want once connected), so the first connection is bounded here by a deadline.
+        """
         opts = connect_options(settings, name)
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                nc = await nats.connect(**opts)  # type: ignore[arg-type]
-                break
-            except (NoServersError, OSError, TimeoutError, asyncio.TimeoutError) as exc:
-                if settings.connect_attempts != -1 and attempt >= max(1, settings.connect_attempts):
-                    servers = ", ".join(settings.servers)
-                    raise ConfigError(
-                        f"cannot reach NATS at {servers} ({type(exc).__name__}): start nats-server or set nats.servers"
-                    ) from None
-                log.warning("nats_connect_retry", servers=settings.servers, attempt=attempt, error=str(exc))
-                await asyncio.sleep(2)
+        nc = NatsClient()
+
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats_error", error=str(exc) or type(exc).__name__)
+
+        async def on_disconnected() -> None:
+            log.warning("nats_disconnected")
+
+        async def on_reconnected() -> None:
+            log.info("nats_reconnected", server=str(nc.connected_url.netloc) if nc.connected_url else "")
+
+        attempts = settings.connect_attempts
+        deadline = None if attempts == -1 else max(1, attempts) * (settings.connect_timeout_s + 1.0)
+        try:
+            await asyncio.wait_for(
+                nc.connect(
+                    **opts,  # type: ignore[arg-type]
+                    error_cb=on_error,
+                    disconnected_cb=on_disconnected,
+                    reconnected_cb=on_reconnected,
+                ),
+                deadline,
+            )
+        except (NoServersError, OSError, TimeoutError) as exc:
+            await nc.close()
+            servers = ", ".join(settings.servers)
+            raise ConfigError(
+                f"cannot reach NATS at {servers} ({type(exc).__name__}): start nats-server or set nats.servers"
+            ) from None
         return cls(nc=nc, js=nc.jetstream())
 
     async def ensure_stream(self, name: str, limits: StreamLimits) -> None:
@@ -140,7 +158,7 @@ class Bus:
             max_age=limits.max_age_s,
             max_bytes=limits.max_bytes,
             num_replicas=limits.replicas,
-            duplicate_window=120.0,
+            duplicate_window=min(120.0, limits.max_age_s),
         )
         try:
             await self.js.add_stream(config)
@@ -201,6 +219,6 @@ class Bus:
         try:
             await self.flush_durable()
             await self.nc.drain()
-        except Exception as exc:  # noqa: BLE001 - shutdown must not raise past here
+        except Exception as exc:
             log.warning("nats_drain_failed", error=str(exc))
             await self.nc.close()

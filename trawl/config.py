@@ -15,8 +15,8 @@ Validation happens at start; an invalid value raises `ConfigError` naming the fi
 from __future__ import annotations
 
 import os
-from contextvars import ContextVar
 import socket
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -137,9 +137,7 @@ class YamlDocument:
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             problem = getattr(exc, "problem", None) or str(exc)
-            raise ConfigError(
-                f"not valid YAML: {problem}", path=path, line=mark.line + 1 if mark else None
-            ) from None
+            raise ConfigError(f"not valid YAML: {problem}", path=path, line=mark.line + 1 if mark else None) from None
         if data is None:
             data = {}
         if not isinstance(data, dict):

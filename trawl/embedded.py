@@ -56,12 +56,18 @@ class EmbeddedNats:
         args = [
             nats_server_binary(),
             "--jetstream",
-            "--store_dir", str(self.state_dir / "jetstream"),
-            "--addr", "127.0.0.1",
-            "--port", str(self.port),
-            "--log", str(log_file),
-        ]  # fmt: skip
-        self.process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            "--store_dir",
+            str(self.state_dir / "jetstream"),
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--log",
+            str(log_file),
+        ]
+        self.process = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:

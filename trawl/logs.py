@@ -33,7 +33,9 @@ def configure_logging(level: str = "info", fmt: LogFormat = "auto", service: str
         cache_logger_on_first_use=False,
     )
     # Libraries (nats, grpc, opentelemetry) log through stdlib logging: keep their warnings, one line each.
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    logging.basicConfig(
+        level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(levelname)s %(name)s %(message)s"
+    )
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -1,0 +1,69 @@
+"""Cutting packets into `PacketBatch`es: a batch closes at a packet count, a byte size, an
+age, or a change of link type (one batch, one link type), and carries the shard's next
+sequence number so receivers can count lost batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trawl.pcap import pack_record
+from trawl.v1.packets_pb2 import KernelStats, PacketBatch
+
+
+@dataclass
+class ShardBatcher:
+    node: str
+    shard: int
+    source: str
+    max_packets: int = 4096
+    max_bytes: int = 1 << 20
+    nanosecond: bool = True
+    sequence: int = 0
+    _parts: list[bytes] = field(default_factory=list)
+    _bytes: int = 0
+    _link_type: int = -1
+    _snaplen: int = 0
+    _interface: str = ""
+    kernel: KernelStats = field(default_factory=KernelStats)
+    dropped_batches: int = 0
+
+    @property
+    def pending(self) -> int:
+        return len(self._parts)
+
+    def add(
+        self, ts_ns: int, data: bytes, orig_len: int, link_type: int, snaplen: int, interface: str
+    ) -> list[PacketBatch]:
+        """Add one packet; returns the batches this closed (zero, or one, rarely two)."""
+        closed: list[PacketBatch] = []
+        if self._parts and (link_type != self._link_type or interface != self._interface):
+            closed.append(self.cut())
+        self._link_type, self._snaplen, self._interface = link_type, snaplen, interface
+        record = pack_record(ts_ns, data, orig_len, self.nanosecond)
+        self._parts.append(record)
+        self._bytes += len(record)
+        if len(self._parts) >= self.max_packets or self._bytes >= self.max_bytes:
+            closed.append(self.cut())
+        return closed
+
+    def cut(self, end_of_input: bool = False) -> PacketBatch:
+        """Close the current batch (possibly empty, to carry end_of_input)."""
+        self.sequence += 1
+        batch = PacketBatch(
+            node=self.node,
+            interface=self._interface,
+            link_type=max(self._link_type, 0),
+            snaplen=self._snaplen,
+            shard=self.shard,
+            sequence=self.sequence,
+            packet_count=len(self._parts),
+            records=b"".join(self._parts),
+            nanosecond=self.nanosecond,
+            end_of_input=end_of_input,
+            source=self.source,
+            dropped_batches=self.dropped_batches,
+        )
+        batch.kernel.CopyFrom(self.kernel)
+        self._parts = []
+        self._bytes = 0
+        return batch

@@ -1,0 +1,24 @@
+"""Collector settings (env TRAWL_COLLECTOR_*, YAML section `collector:`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from trawl.config import ServiceSettings
+
+
+class CollectorSettings(ServiceSettings):
+    service_name: ClassVar[str] = "collector"
+    model_config = SettingsConfigDict(env_prefix="TRAWL_COLLECTOR_")
+
+    # Replay this capture file (pcap or pcapng) instead of capturing live; exits when done.
+    pcap: Path | None = None
+    # Replay pace: 0 = as fast as the bus takes it, 1.0 = the capture's own timing, 2.0 = twice as fast.
+    replay_speed: float = Field(default=0.0, ge=0)
+    batch_max_packets: int = Field(default=4096, gt=0)
+    batch_max_bytes: int = Field(default=1 << 20, ge=1024, le=32 << 20)
+    batch_max_age_ms: int = Field(default=100, gt=0)

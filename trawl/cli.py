@@ -1,0 +1,90 @@
+"""The `trawl` command: `analyze`, `up`, and one subcommand per service."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from trawl import __version__
+from trawl.config import SERVICES
+from trawl.errors import UserError
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="trawl", description="Kubernetes API traffic analyzer")
+    parser.add_argument("--version", action="version", version=f"trawl {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    analyze = commands.add_parser("analyze", help="dissect a capture file offline and print its API calls")
+    analyze.add_argument("file", type=Path, help="a pcap or pcapng file")
+    analyze.add_argument("--identity", type=Path, help="`kubectl get pods,services,nodes -A -o json` snapshot")
+    analyze.add_argument("--json", action="store_true", help="one ApiCall per line (protobuf JSON, proto field names)")
+    analyze.add_argument("--otlp-endpoint", help="also export spans to this OTLP endpoint")
+    analyze.add_argument("--config", type=Path, help="YAML config (dissector/enricher sections apply)")
+    analyze.add_argument("--node", help="node name to stamp on the calls (default: this host)")
+
+    up = commands.add_parser("up", help="run the whole suite on this machine with an embedded NATS server")
+    source = up.add_mutually_exclusive_group()
+    source.add_argument("--pcap", type=Path, help="replay this capture file and exit when it is processed")
+    source.add_argument("--interface", action="append", help="capture live on this interface (repeatable)")
+    up.add_argument("--identity", type=Path, help="identity snapshot for the enricher")
+    up.add_argument("--rules", type=Path, help="alert rules YAML file")
+    up.add_argument("--record-dir", type=Path, help="record packets to PCAP files in this directory")
+    up.add_argument("--nats-url", help="use this NATS server instead of starting an embedded one")
+    up.add_argument("--otlp-endpoint", help="export spans and metrics to this OTLP endpoint")
+    up.add_argument("--json", action="store_true", help="print enriched calls as NDJSON instead of a table")
+    up.add_argument("--config", type=Path, help="YAML config shared by the services")
+    up.add_argument("--state-dir", type=Path, help="where NATS state and service logs go (default: a temp dir)")
+
+    for service in SERVICES:
+        sub = commands.add_parser(service, help=f"run the {service} service (what its container runs)")
+        sub.add_argument("--config", type=Path, help="YAML config file")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "analyze":
+            from trawl.analyze import analyze
+
+            return analyze(
+                args.file,
+                identity=args.identity,
+                as_json=args.json,
+                otlp_endpoint=args.otlp_endpoint,
+                config_file=args.config,
+                node=args.node,
+            )
+        if args.command == "up":
+            from trawl.up import UpOptions, up
+
+            return up(
+                UpOptions(
+                    pcap=args.pcap,
+                    interfaces=args.interface or [],
+                    identity=args.identity,
+                    rules=args.rules,
+                    record_dir=args.record_dir,
+                    nats_url=args.nats_url,
+                    otlp_endpoint=args.otlp_endpoint,
+                    as_json=args.json,
+                    config_file=args.config,
+                    state_dir=args.state_dir,
+                )
+            )
+        module = importlib.import_module(f"trawl.{args.command}.main")
+        code: int = module.main(args.config)
+        return code
+    except UserError as exc:
+        print(f"trawl {args.command}: {exc}", file=sys.stderr)  # noqa: T201 - the one line a user reads
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

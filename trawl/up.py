@@ -1,0 +1,252 @@
+"""`trawl up`: the whole suite on one machine.
+
+Starts an embedded NATS server (unless --nats-url), writes one YAML config for the five
+services, starts each as its own OS process (`python -m trawl <service> --config FILE`),
+waits until each announces itself ready, then starts the collector and shows the enriched
+calls as they come (a table, or NDJSON with --json). With --pcap it stops once every stage
+has announced that it drained the file; SIGINT/SIGTERM stop everything. Children run in
+their own sessions so a terminal's Ctrl-C reaches only this process, which then stops them in
+pipeline order and kills what does not stop in time: no process is left behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from nats.aio.msg import Msg
+
+from trawl.bus import Bus
+from trawl.collector.replay import CaptureFile
+from trawl.config import NatsSettings, YamlDocument
+from trawl.embedded import EmbeddedNats
+from trawl.errors import ConfigError, UserError
+from trawl.logs import configure_logging, get_logger
+from trawl.render import TableWriter, call_to_json
+from trawl.v1.calls_pb2 import ApiCall
+from trawl.v1.control_pb2 import Drained
+
+log = get_logger(__name__)
+
+READY_TIMEOUT_S = 60.0
+STOP_TIMEOUT_S = 15.0
+
+
+@dataclass
+class UpOptions:
+    pcap: Path | None = None
+    interfaces: list[str] = field(default_factory=list)
+    identity: Path | None = None
+    rules: Path | None = None
+    record_dir: Path | None = None
+    nats_url: str | None = None
+    otlp_endpoint: str | None = None
+    as_json: bool = False
+    config_file: Path | None = None
+    state_dir: Path | None = None
+
+
+def suite_config(options: UpOptions, nats_url: str) -> dict[str, Any]:
+    """The one YAML document every service reads: the user's --config, with the flags on top."""
+    base = YamlDocument.read(options.config_file).data if options.config_file else {}
+    config: dict[str, Any] = {key: (dict(value) if isinstance(value, dict) else value) for key, value in base.items()}
+
+    def section(name: str) -> dict[str, Any]:
+        value = config.setdefault(name, {})
+        if not isinstance(value, dict):
+            raise ConfigError(f"'{name}' must be a mapping", path=options.config_file)
+        return value
+
+    nats = config.setdefault("nats", {})
+    nats["servers"] = [nats_url]
+    nats.setdefault("connect_attempts", 10)
+    if options.pcap is not None:
+        section("collector")["pcap"] = str(options.pcap.resolve())
+    if options.interfaces:
+        section("collector")["interfaces"] = options.interfaces
+    if options.identity is not None:
+        section("enricher")["identity_snapshot"] = str(options.identity.resolve())
+    if options.otlp_endpoint is not None:
+        section("enricher")["otlp_endpoint"] = options.otlp_endpoint
+    if options.rules is not None:
+        section("alerter")["rules_file"] = str(options.rules.resolve())
+    if options.record_dir is not None:
+        section("recorder")["directory"] = str(options.record_dir.resolve())
+    return config
+
+
+class Suite:
+    """The child processes and what they announced."""
+
+    def __init__(self, config_path: Path, log_dir: Path, services: list[str]) -> None:
+        self.config_path = config_path
+        self.log_dir = log_dir
+        self.services = services
+        self.processes: dict[str, subprocess.Popen[bytes]] = {}
+        self.ready: set[str] = set()
+        self.drained: dict[str, Drained] = {}
+        self.changed = asyncio.Event()
+
+    def start(self, service: str) -> None:
+        log_file = (self.log_dir / f"{service}.log").open("wb")
+        self.processes[service] = subprocess.Popen(
+            [sys.executable, "-m", "trawl", service, "--config", str(self.config_path)],
+            stdin=subprocess.DEVNULL,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log_file.close()
+
+    def log_tail(self, service: str, lines: int = 5) -> str:
+        path = self.log_dir / f"{service}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return " | ".join(text.strip().splitlines()[-lines:])
+
+    def failed(self) -> tuple[str, int] | None:
+        """A child that exited with an error (the collector exiting 0 after a file is normal)."""
+        for service, process in self.processes.items():
+            code = process.poll()
+            if code not in (None, 0):
+                return service, code
+        return None
+
+    async def wait_for(self, predicate: Any, what: str, timeout_s: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout_s is None else loop.time() + timeout_s
+        while not predicate():
+            if (failure := self.failed()) is not None:
+                service, code = failure
+                raise UserError(f"the {service} service exited with {code}: {self.log_tail(service, 1)}")
+            if deadline is not None and loop.time() > deadline:
+                raise UserError(f"timed out after {timeout_s:.0f}s waiting for {what}; logs in {self.log_dir}")
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), 0.2)
+
+    def stop(self) -> None:
+        """SIGTERM in pipeline order (sources first, so later stages can drain), then kill stragglers."""
+        order = ["collector", "dissector", "enricher", "alerter", "recorder"]
+        for service in order:
+            process = self.processes.get(service)
+            if process is not None and process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for service in order:
+            process = self.processes.get(service)
+            if process is None:
+                continue
+            try:
+                process.wait(timeout=STOP_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                log.warning("service_killed", service=service)
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+
+
+async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
+    config_path = state_dir / "trawl.yaml"
+    config_path.write_text(yaml.safe_dump(suite_config(options, nats_url), sort_keys=False))
+    log_dir = state_dir / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    services = ["dissector", "enricher", "alerter", "recorder"]
+    if options.rules is None:
+        services.remove("alerter")
+    if options.record_dir is None:
+        services.remove("recorder")
+    suite = Suite(config_path, log_dir, services)
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="trawl-up")
+    table = None if options.as_json else TableWriter(sys.stdout)
+    shown = 0
+
+    async def on_ready(msg: Msg) -> None:
+        suite.ready.add(msg.subject.split(".")[4])
+        suite.changed.set()
+
+    async def on_drained(msg: Msg) -> None:
+        drained = Drained.FromString(msg.data)
+        suite.drained[drained.service] = drained
+        suite.changed.set()
+
+    async def on_call(msg: Msg) -> None:
+        nonlocal shown
+        call = ApiCall.FromString(msg.data)
+        shown += 1
+        if table is None:
+            sys.stdout.write(call_to_json(call) + "\n")
+            sys.stdout.flush()
+        else:
+            table.write(call)
+
+    stop_requested = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop_requested.set)
+    await bus.subscribe("trawl.v1.control.ready.>", on_ready)
+    await bus.subscribe("trawl.v1.control.drained.>", on_drained)
+    await bus.subscribe("trawl.v1.enriched.>", on_call)
+    await bus.nc.flush()
+    try:
+        for service in services:
+            suite.start(service)
+        await _until(
+            suite.wait_for(lambda: suite.ready >= set(services), "the services to start", READY_TIMEOUT_S),
+            stop_requested,
+        )
+        suite.start("collector")
+        if options.pcap is None:
+            await _until(suite.wait_for(lambda: False, "a signal", None), stop_requested)
+        else:
+            await _until(
+                suite.wait_for(lambda: set(services) <= set(suite.drained), "the file to be processed", None),
+                stop_requested,
+            )
+            processed = suite.drained.get("dissector")
+            log.info(
+                "up_done",
+                calls=shown,
+                packets_batches=processed.emitted if processed else 0,
+                files=[f for d in suite.drained.values() for f in d.files],
+            )
+    finally:
+        await bus.close()
+        suite.stop()
+    return 130 if stop_requested.is_set() else 0
+
+
+async def _until(work: Any, stop: asyncio.Event) -> None:
+    """Run `work` unless a stop is requested first."""
+    task = asyncio.ensure_future(work)
+    stopper = asyncio.ensure_future(stop.wait())
+    done, _ = await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    for pending in (task, stopper):
+        if pending not in done:
+            pending.cancel()
+    if task in done:
+        task.result()
+
+
+def up(options: UpOptions) -> int:
+    configure_logging("info", "auto")
+    if options.pcap is not None:
+        CaptureFile(options.pcap)  # a missing or non-capture file fails here, before anything starts
+    state_dir = options.state_dir or Path(tempfile.mkdtemp(prefix="trawl-up-"))
+    state_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        if options.nats_url:
+            return asyncio.run(_run(options, options.nats_url, state_dir))
+        with EmbeddedNats(state_dir=state_dir / "nats") as server:
+            return asyncio.run(_run(options, server.url, state_dir))
+    finally:
+        if options.state_dir is None:
+            shutil.rmtree(state_dir, ignore_errors=True)
