@@ -56,7 +56,9 @@ def analyze(
     enricher_settings = EnricherSettings.load(
         config_file, node=node, identity_snapshot=identity, otlp_endpoint=otlp_endpoint
     )
-    configure_logging(dissector_settings.log_level, dissector_settings.log_format)
+    # stdout carries the calls; stderr stays quiet (warnings and the error line) unless asked.
+    explicit = "log_level" in dissector_settings.model_fields_set
+    configure_logging(dissector_settings.log_level if explicit else "warning", dissector_settings.log_format)
     capture = CaptureFile(path)
     enricher = build_enricher(enricher_settings)
     dissector = Dissector(dissector_settings, node=dissector_settings.node)

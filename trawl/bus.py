@@ -13,6 +13,7 @@ Subjects (DESIGN.md, "the bus contract"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -84,6 +85,7 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, object]:
         "max_reconnect_attempts": -1,
         "reconnect_time_wait": 1,
         "allow_reconnect": True,
+        "drain_timeout": 10,
     }
     if settings.user:
         opts["user"] = settings.user
@@ -110,6 +112,7 @@ class Bus:
     nc: NatsClient
     js: JetStreamContext
     _subscriptions: list[Subscription] = field(default_factory=list)
+    _pulls: list[JetStreamContext.PullSubscription] = field(default_factory=list)
 
     @classmethod
     async def connect(cls, settings: NatsSettings, name: str) -> Bus:
@@ -125,7 +128,8 @@ class Bus:
             log.warning("nats_error", error=str(exc) or type(exc).__name__)
 
         async def on_disconnected() -> None:
-            log.warning("nats_disconnected")
+            if not (nc.is_closed or nc.is_draining):
+                log.warning("nats_disconnected")
 
         async def on_reconnected() -> None:
             log.info("nats_reconnected", server=str(nc.connected_url.netloc) if nc.connected_url else "")
@@ -176,9 +180,11 @@ class Bus:
             deliver_policy=DeliverPolicy.NEW if deliver_new else DeliverPolicy.ALL,
             filter_subject=filter_subject,
         )
-        return await self.js.pull_subscribe(
+        pull = await self.js.pull_subscribe(
             filter_subject or STREAM_SUBJECTS[stream][0], durable=durable, stream=stream, config=config
         )
+        self._pulls.append(pull)
+        return pull
 
     async def subscribe(
         self,
@@ -217,6 +223,11 @@ class Bus:
         if self.nc.is_closed:
             return
         try:
+            # A pull subscription has no in-flight handler to finish, and nats-py's drain would
+            # wait its whole drain timeout on one: close those first.
+            for pull in self._pulls:
+                with contextlib.suppress(Exception):
+                    await pull.unsubscribe()
             await self.flush_durable()
             await self.nc.drain()
         except Exception as exc:

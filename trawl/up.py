@@ -26,13 +26,16 @@ from typing import Any
 import yaml
 from nats.aio.msg import Msg
 
+from trawl.alerter.rules import load_rules
 from trawl.bus import Bus
 from trawl.collector.replay import CaptureFile
 from trawl.config import NatsSettings, YamlDocument
 from trawl.embedded import EmbeddedNats
+from trawl.enricher.identity import IdentityMap
 from trawl.errors import ConfigError, UserError
 from trawl.logs import configure_logging, get_logger
 from trawl.render import TableWriter, call_to_json
+from trawl.v1.alerts_pb2 import Alert, Severity
 from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.control_pb2 import Drained
 
@@ -188,6 +191,19 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
         else:
             table.write(call)
 
+    async def on_alert(msg: Msg) -> None:
+        alert = Alert.FromString(msg.data)
+        dead = msg.subject.startswith("trawl.v1.alerts._dead.")
+        severity = Severity.Name(alert.severity).removeprefix("SEVERITY_").lower()
+        if table is None:
+            log.warning(
+                "alert_undelivered" if dead else "alert", rule=alert.rule, severity=severity, summary=alert.summary
+            )
+        else:
+            marker = "UNDELIVERED ALERT" if dead else "ALERT"
+            sys.stdout.write(f"!! {marker} [{severity}] {alert.rule}: {alert.summary}\n")
+            sys.stdout.flush()
+
     stop_requested = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -195,6 +211,7 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
     await bus.subscribe("trawl.v1.control.ready.>", on_ready)
     await bus.subscribe("trawl.v1.control.drained.>", on_drained)
     await bus.subscribe("trawl.v1.enriched.>", on_call)
+    await bus.subscribe("trawl.v1.alerts.>", on_alert)
     await bus.nc.flush()
     try:
         for service in services:
@@ -211,12 +228,11 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
                 suite.wait_for(lambda: set(services) <= set(suite.drained), "the file to be processed", None),
                 stop_requested,
             )
-            processed = suite.drained.get("dissector")
             log.info(
                 "up_done",
-                calls=shown,
-                packets_batches=processed.emitted if processed else 0,
-                files=[f for d in suite.drained.values() for f in d.files],
+                calls_shown=shown,
+                emitted={name: drained.emitted for name, drained in suite.drained.items()},
+                recordings=[f for drained in suite.drained.values() for f in drained.files],
             )
     finally:
         await bus.close()
@@ -238,8 +254,13 @@ async def _until(work: Any, stop: asyncio.Event) -> None:
 
 def up(options: UpOptions) -> int:
     configure_logging("info", "auto")
+    # Inputs that would make a service fail at start fail here, before anything starts.
     if options.pcap is not None:
-        CaptureFile(options.pcap)  # a missing or non-capture file fails here, before anything starts
+        CaptureFile(options.pcap)
+    if options.rules is not None:
+        load_rules(options.rules)
+    if options.identity is not None:
+        IdentityMap.from_snapshot(options.identity)
     state_dir = options.state_dir or Path(tempfile.mkdtemp(prefix="trawl-up-"))
     state_dir.mkdir(parents=True, exist_ok=True)
     try:

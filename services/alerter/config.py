@@ -1,0 +1,52 @@
+"""Alerter settings. The rules file is loaded and compiled while the settings are validated, so
+a bad rule stops `trawl alerter` at start (exit 2, file:line) before anything connects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from trawl.alerter.rules import Rule, load_rules
+from trawl.config import ServiceSettings
+
+
+class WebhookSettings(BaseModel):
+    """How webhook actions are delivered."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(default=5.0, gt=0)
+    # Attempts after the first; waits backoff_s, 2*backoff_s, ... (at most backoff_max_s) between them.
+    retries: int = Field(default=3, ge=0, le=20)
+    backoff_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    # Deliveries in progress at once; more waits (and so slows consumption) rather than piling up.
+    max_in_flight: int = Field(default=64, gt=0)
+    # Signs (X-Trawl-Signature) every webhook whose action names no secret_env of its own.
+    hmac_secret: SecretStr | None = None
+
+
+class AlerterSettings(ServiceSettings):
+    service_name: ClassVar[str] = "alerter"
+    model_config = SettingsConfigDict(env_prefix="TRAWL_ALERTER_")
+
+    rules_file: Path | None = None
+    # Durable pull consumer on TRAWL_ENRICHED; replicas sharing the name share the work.
+    consumer: str = Field(default="alerter", pattern=r"^[A-Za-z0-9_-]+$")
+    fetch_batch: int = Field(default=256, gt=0, le=10_000)
+    webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+
+    _rules: list[Rule] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="after")
+    def _compile_rules(self) -> AlerterSettings:
+        # ConfigError is not a ValueError: it passes through pydantic untouched, with its file:line.
+        self._rules = load_rules(self.rules_file) if self.rules_file is not None else []
+        return self
+
+    @property
+    def rules(self) -> list[Rule]:
+        return self._rules

@@ -1,0 +1,219 @@
+"""Rule evaluation without a bus: an enriched ApiCall in, the alerts it raises out.
+
+Cooldown and dedup are per (rule, group), in process; the group is the rule's `group_by`
+value ("" without one). Cooldown is measured in the calls' own time so a replayed capture
+alerts as the live traffic did. An alert's id is derived from (rule, group, call id): a
+redelivered call produces the same id, which JetStream's Nats-Msg-Id dedup stores once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from typing import Any, cast
+
+import celpy
+from celpy import celtypes
+from celpy.evaluation import CELEvalError
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+
+from trawl.alerter.rules import Rule
+from trawl.logs import get_logger
+from trawl.metrics import Registry
+from trawl.v1 import alerts_pb2, calls_pb2
+
+log = get_logger(__name__)
+
+_INT64_MAX = (1 << 63) - 1
+_INT_TYPES = frozenset(
+    {
+        FieldDescriptor.TYPE_INT32,
+        FieldDescriptor.TYPE_INT64,
+        FieldDescriptor.TYPE_UINT32,
+        FieldDescriptor.TYPE_UINT64,
+        FieldDescriptor.TYPE_SINT32,
+        FieldDescriptor.TYPE_SINT64,
+        FieldDescriptor.TYPE_FIXED32,
+        FieldDescriptor.TYPE_FIXED64,
+        FieldDescriptor.TYPE_SFIXED32,
+        FieldDescriptor.TYPE_SFIXED64,
+    }
+)
+
+
+def call_to_cel(call: calls_pb2.ApiCall) -> celtypes.MapType:
+    """The `call` a condition sees: proto field names as keys, CEL-native values (see rules.py)."""
+    return _message(call)
+
+
+_Converter = Callable[[Any], Any]
+# Per message type: (CEL key, field name, in a oneof, value converter), built once per type.
+_PLANS: dict[str, list[tuple[celtypes.StringType, str, bool, _Converter]]] = {}
+
+
+def _message(message: Message) -> celtypes.MapType:
+    descriptor = message.DESCRIPTOR
+    plan = _PLANS.get(descriptor.full_name)
+    if plan is None:
+        fields = cast("list[FieldDescriptor]", descriptor.fields)
+        plan = [(celtypes.StringType(fd.name), fd.name, fd.containing_oneof is not None, _field(fd)) for fd in fields]
+        _PLANS[descriptor.full_name] = plan
+    out: dict[Any, Any] = {}
+    for key, name, in_oneof, convert in plan:
+        if in_oneof and not message.HasField(name):
+            continue
+        out[key] = convert(getattr(message, name))
+    return celtypes.MapType(out)
+
+
+def _field(fd: FieldDescriptor) -> _Converter:
+    if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
+        key = _item(fd.message_type.fields_by_name["key"])
+        value = _item(fd.message_type.fields_by_name["value"])
+        return lambda entries: celtypes.MapType({key(k): value(v) for k, v in entries.items()})
+    item = _item(fd)
+    if fd.is_repeated:
+        return lambda items: celtypes.ListType([item(x) for x in items])
+    return item
+
+
+def _item(fd: FieldDescriptor) -> _Converter:
+    if fd.message_type is not None:
+        return _message
+    if fd.enum_type is not None:
+        names = {member.number: celtypes.StringType(member.name) for member in fd.enum_type.values}
+        return lambda number: names.get(number) or celtypes.StringType(str(number))
+    if fd.type in _INT_TYPES:
+        return _int
+    if fd.type == FieldDescriptor.TYPE_BOOL:
+        return celtypes.BoolType
+    if fd.type in (FieldDescriptor.TYPE_DOUBLE, FieldDescriptor.TYPE_FLOAT):
+        return celtypes.DoubleType
+    if fd.type == FieldDescriptor.TYPE_BYTES:
+        return celtypes.BytesType
+    return celtypes.StringType
+
+
+def _int(value: int) -> celtypes.IntType | celtypes.UintType:
+    # CEL's int is 64-bit signed: a uint64 beyond it stays a (CEL) uint rather than failing.
+    return celtypes.IntType(value) if value <= _INT64_MAX else celtypes.UintType(value)
+
+
+def alert_id(rule: str, group: str, call_id: str) -> str:
+    return hashlib.sha256(f"{rule}\0{group}\0{call_id}".encode()).hexdigest()[:32]
+
+
+def call_time_ns(call: calls_pb2.ApiCall, clock: Callable[[], float]) -> int:
+    return int(call.request.ts or call.response.ts or clock() * 1_000_000_000)
+
+
+class Alerter:
+    """Evaluates every rule on each call; remembers when each (rule, group) last fired."""
+
+    def __init__(
+        self,
+        rules: list[Rule],
+        metrics: Registry | None = None,
+        *,
+        clock: Callable[[], float] = time.time,
+        max_groups: int = 100_000,
+    ) -> None:
+        self.rules = rules
+        self.clock = clock
+        self.max_groups = max_groups
+        self._last_fired: dict[tuple[str, str], int] = {}
+        self._logged_errors: set[str] = set()
+        metrics = metrics or Registry()
+        self._calls = metrics.counter("trawl_alerter_calls_total", "Enriched calls evaluated")
+        self._alerts = metrics.counter("trawl_alerter_alerts_total", "Alerts raised, per rule")
+        self._suppressed = metrics.counter("trawl_alerter_suppressed_total", "Matches suppressed by cooldown, per rule")
+        self._errors = metrics.counter(
+            "trawl_alerter_rule_errors_total", "Rule evaluations that failed (missing field, type error), per rule"
+        )
+
+    def evaluate(self, call: calls_pb2.ApiCall) -> list[alerts_pb2.Alert]:
+        self._calls.inc()
+        if not self.rules:
+            return []
+        activation = {"call": call_to_cel(call)}
+        now_ns = call_time_ns(call, self.clock)
+        alerts: list[alerts_pb2.Alert] = []
+        for rule in self.rules:
+            matched = self._condition(rule, activation, call)
+            if not matched:
+                continue
+            group = self._group(rule, activation, call)
+            key = (rule.name, group)
+            last = self._last_fired.get(key)
+            if last is not None and rule.cooldown_s > 0 and now_ns - last < rule.cooldown_s * 1e9:
+                self._suppressed.inc(rule=rule.name)
+                continue
+            self._remember(key, now_ns)
+            self._alerts.inc(rule=rule.name)
+            alerts.append(
+                alerts_pb2.Alert(
+                    id=alert_id(rule.name, group, call.id),
+                    rule=rule.name,
+                    severity=rule.severity,
+                    summary=rule.summary.render(call),
+                    fired_at=int(self.clock() * 1_000_000_000),
+                    group=group,
+                    labels=rule.labels,
+                    call=call,
+                )
+            )
+        return alerts
+
+    def forget(self, alert: alerts_pb2.Alert) -> None:
+        """Undo the cooldown an alert started, when it could not be published (it will be retried)."""
+        self._last_fired.pop((alert.rule, alert.group), None)
+
+    def _condition(self, rule: Rule, activation: dict[str, Any], call: calls_pb2.ApiCall) -> bool:
+        result = self._run(rule, rule.program, activation, call, "condition")
+        if result is None:
+            return False
+        if not isinstance(result, bool | celtypes.BoolType):
+            self._error(rule, call, "condition", f"gave a {type(result).__name__}, not a bool")
+            return False
+        return bool(result)
+
+    def _group(self, rule: Rule, activation: dict[str, Any], call: calls_pb2.ApiCall) -> str:
+        if rule.group_by is None:
+            return ""
+        result = self._run(rule, rule.group_by, activation, call, "group_by")
+        return "" if result is None else str(result)
+
+    def _run(
+        self, rule: Rule, program: celpy.Runner, activation: dict[str, Any], call: calls_pb2.ApiCall, what: str
+    ) -> Any:
+        try:
+            result: object = program.evaluate(activation)
+        except Exception as exc:
+            self._error(rule, call, what, _describe(exc))
+            return None
+        if isinstance(result, CELEvalError):
+            self._error(rule, call, what, _describe(result))
+            return None
+        return result
+
+    def _error(self, rule: Rule, call: calls_pb2.ApiCall, what: str, reason: str) -> None:
+        self._errors.inc(rule=rule.name)
+        if rule.name not in self._logged_errors:
+            self._logged_errors.add(rule.name)
+            log.warning("alert_rule_error", rule=rule.name, part=what, call_id=call.id, error=reason, logged="once")
+
+    def _remember(self, key: tuple[str, str], now_ns: int) -> None:
+        self._last_fired.pop(key, None)
+        self._last_fired[key] = now_ns
+        if len(self._last_fired) > self.max_groups:
+            # Oldest firings first (insertion order): their cooldown is the most likely to be over.
+            for stale in list(self._last_fired)[: len(self._last_fired) - self.max_groups]:
+                del self._last_fired[stale]
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CELEvalError) and exc.args:
+        return str(exc.args[0])[:200]
+    return f"{type(exc).__name__}: {exc}"[:200]

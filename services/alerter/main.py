@@ -1,0 +1,180 @@
+"""The alerter service: enriched calls from TRAWL_ENRICHED -> rules -> alerts and webhooks.
+
+Calls come from a durable pull consumer (replicas with the same consumer name share them).
+Each alert is published on trawl.v1.alerts.<rule> (stream TRAWL_ALERTS, Nats-Msg-Id = alert
+id) before the call is acked, so an alert is stored at least once; webhooks run in the
+background, bounded by webhook.max_in_flight, and a delivery that fails for good lands on
+trawl.v1.alerts._dead.<rule> in the same stream.
+
+With a finite input, the enricher announces `drained` with the stream sequence of its last
+call; once this alerter has processed that sequence (or the consumer has nothing left) and
+its webhooks have finished, it announces `trawl.v1.control.drained.alerter.<node>`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+import aiohttp
+import nats.errors
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+
+from trawl.alerter.actions import DeliveryFailure, WebhookSender
+from trawl.alerter.config import AlerterSettings
+from trawl.alerter.logic import Alerter
+from trawl.alerter.rules import WebhookAction
+from trawl.bus import MSG_ID_HEADER, PREFIX, STREAM_ALERTS, STREAM_ENRICHED, alerts_subject, token
+from trawl.logs import get_logger
+from trawl.service import ServiceContext, main_for
+from trawl.v1 import alerts_pb2, calls_pb2, control_pb2
+
+log = get_logger(__name__)
+
+ENRICHER_DRAINED = f"{PREFIX}.control.drained.enricher.>"
+FETCH_TIMEOUT_S = 1.0
+
+
+def dead_letter_subject(rule: str) -> str:
+    return f"{PREFIX}.alerts._dead.{token(rule)}"
+
+
+class _Drain:
+    """The enricher's announced last sequence, until this alerter has processed it."""
+
+    def __init__(self) -> None:
+        self.required: int | None = None
+        self.processed = 0
+
+    def announce(self, sequence: int) -> None:
+        self.required = max(self.required or 0, sequence)
+
+    def satisfied(self) -> bool:
+        return self.required is not None and self.processed >= self.required
+
+
+async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
+    settings = ctx.settings
+    bus = ctx.bus
+    alerter = Alerter(settings.rules, ctx.metrics)
+    rules_by_name = {rule.name: rule for rule in settings.rules}
+    alerts_sent = 0
+    undecodable = ctx.metrics.counter("trawl_alerter_undecodable_total", "Stream messages that were not an ApiCall")
+    publish_failures = ctx.metrics.counter("trawl_alerter_publish_failures_total", "Alerts not stored (retried)")
+    await bus.ensure_stream(STREAM_ENRICHED, settings.streams)
+    await bus.ensure_stream(STREAM_ALERTS, settings.streams)
+    pull = await bus.pull(STREAM_ENRICHED, durable=settings.consumer)
+    drain = _Drain()
+
+    async def on_enricher_drained(msg: Msg) -> None:
+        try:
+            announced = control_pb2.Drained.FromString(msg.data)
+        except DecodeError:
+            log.warning("alerter_bad_drained", subject=msg.subject)
+            return
+        drain.announce(announced.last_stream_sequence)
+
+    async def publish_dead(failure: DeliveryFailure) -> None:
+        headers = {
+            MSG_ID_HEADER: f"{failure.alert.id}:dead:{failure.action.where}:{failure.action.format}",
+            "Trawl-Failure": failure.reason,
+            "Trawl-Attempts": str(failure.attempts),
+            "Trawl-Webhook": failure.action.where,
+        }
+        await bus.js.publish(
+            dead_letter_subject(failure.alert.rule), failure.alert.SerializeToString(), headers=headers
+        )
+
+    deliveries: set[asyncio.Task[None]] = set()
+
+    async def deliver(sender: WebhookSender, alert: alerts_pb2.Alert, action: WebhookAction) -> None:
+        try:
+            await sender.deliver(alert, action)
+        except Exception:  # a dead letter that cannot be published is logged; the loop goes on
+            log.exception("webhook_dead_letter_failed", rule=alert.rule, alert_id=alert.id)
+
+    async def handle(sender: WebhookSender, msg: Msg) -> bool:
+        """Evaluate one call, store its alerts, start their webhooks; False when it will be redelivered."""
+        nonlocal alerts_sent
+        try:
+            call = calls_pb2.ApiCall.FromString(msg.data)
+        except DecodeError:
+            undecodable.inc()
+            log.warning("alerter_undecodable", subject=msg.subject)
+            await msg.ack()
+            return True
+        alerts = alerter.evaluate(call)
+        for index, alert in enumerate(alerts):
+            try:
+                await bus.publish_durable(alerts_subject(alert.rule), alert.SerializeToString(), msg_id=alert.id)
+            except Exception as exc:  # NATS away or slow: leave the call unacked so it is redelivered
+                publish_failures.inc()
+                for unsent in alerts[index:]:
+                    alerter.forget(unsent)
+                log.warning("alert_publish_failed", rule=alert.rule, error=str(exc))
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=1.0)
+                return False
+            alerts_sent += 1
+            for action in rules_by_name[alert.rule].actions:
+                while len(deliveries) >= settings.webhook.max_in_flight:
+                    await asyncio.wait(deliveries, return_when=asyncio.FIRST_COMPLETED)
+                task = asyncio.create_task(deliver(sender, alert, action))
+                deliveries.add(task)
+                task.add_done_callback(deliveries.discard)
+        await msg.ack()
+        return True
+
+    async def idle_consumer_done() -> bool:
+        """Nothing pending for the consumer and the announced sequence already delivered."""
+        try:
+            info = await pull.consumer_info()
+        except Exception as exc:  # a transient NATS error: check again on the next idle round
+            log.debug("consumer_info_failed", error=str(exc))
+            return False
+        return (
+            drain.required is not None
+            and info.num_pending == 0
+            and (info.num_ack_pending or 0) == 0
+            and info.delivered is not None
+            and (info.delivered.stream_seq or 0) >= drain.required
+        )
+
+    await bus.subscribe(ENRICHER_DRAINED, on_enricher_drained)
+    async with aiohttp.ClientSession() as session:
+        sender = WebhookSender(session, settings.webhook, publish_dead, ctx.metrics)
+        await ctx.ready()
+        while not ctx.stopping.is_set():
+            try:
+                messages = await pull.fetch(settings.fetch_batch, timeout=FETCH_TIMEOUT_S)
+            except nats.errors.TimeoutError:
+                messages = []
+            except Exception as exc:  # connection trouble: nats-py reconnects; wait and fetch again
+                log.warning("alerter_fetch_failed", error=str(exc))
+                messages = []
+                await asyncio.sleep(0.5)
+            for msg in messages:
+                try:
+                    if not await handle(sender, msg):
+                        continue
+                except Exception:  # nothing in one call may stop the alerter
+                    log.exception("alerter_call_failed", subject=msg.subject)
+                    continue
+                drain.processed = max(drain.processed, msg.metadata.sequence.stream)
+            if drain.required is not None and (drain.satisfied() or (not messages and await idle_consumer_done())):
+                if deliveries:
+                    await asyncio.wait(set(deliveries))
+                drain.required = None
+                await ctx.drained(emitted=alerts_sent)
+        # SIGTERM: the deliveries already started finish (each is bounded by its retries).
+        if deliveries:
+            await asyncio.wait(set(deliveries))
+    # A pull subscription left to the connection's drain holds it until the drain timeout.
+    with contextlib.suppress(Exception):
+        await pull.unsubscribe()
+
+
+def main(config_file: Path | None, rules_file: Path | None = None) -> int:
+    return main_for("alerter", AlerterSettings, serve, config_file, rules_file=rules_file)

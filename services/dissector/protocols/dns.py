@@ -1,0 +1,508 @@
+"""DNS over UDP and TCP: every query paired with its response, sans-IO.
+
+Messages are decoded with dnspython (`dns.message.from_wire`); a message dnspython rejects
+(a record cut by the snap length, an odd TSIG) still pairs on its header and question, which
+this module reads itself, with a `malformed-records` note. Only a message whose header or
+question cannot be read is a `ProtocolError`.
+
+Pairing, within one flow: a query waits under (id, question) until the response with the same
+id and question (names compared case-insensitively, so 0x20 case randomisation pairs) comes
+back; a response without a question section (some FORMERR/REFUSED answers) pairs with the
+oldest pending query of that id. Whether a message is a query or a response comes from its QR
+bit, not from the flow's direction, so a flow whose first captured packet was a response still
+pairs, and the call's `src` is always the side that asked. A response with no pending query
+(its query was not captured, or already timed out) is still reported, with the note
+`no-request-seen`; a repeated query (a client retransmission) counts into the pending one
+(note `retransmitted`).
+
+Outcome: NOERROR and NXDOMAIN are `ok`: NXDOMAIN is a valid, authoritative answer ("no such
+name"), and in Kubernetes every lookup of a short name walks the search path and collects
+several NXDOMAINs before it succeeds, so counting them as errors would drown real failures;
+the rcode stays in `status` for rules that care. Every other rcode (SERVFAIL, REFUSED,
+FORMERR, NOTIMP, ...) is an `error`. A query without a response becomes `no_response` after
+`ParserLimits.request_timeout_ns` (`expire`) or when the flow ends (`finish`).
+
+Over TCP each message carries a 2-byte length prefix; messages may span segments or share
+them. After a capture gap the direction is resynchronised at the first chunk that starts
+with a plausible length-prefixed header.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import dns.message
+import dns.name
+import dns.opcode
+import dns.rcode
+import dns.rdatatype
+
+from trawl.dissector.calls import finish_call, new_call
+from trawl.dissector.protocols.base import (
+    DatagramParser,
+    Direction,
+    FlowInfo,
+    ParserLimits,
+    ProtocolError,
+    ProtocolSpec,
+    StreamParser,
+)
+from trawl.v1.calls_pb2 import ApiCall, DnsAnswer, Endpoint
+
+PROTOCOL = "dns"
+DNS_PORTS = frozenset({53, 5353})
+# NetBIOS name service speaks the DNS message format but is not DNS: its plausible headers are not ours.
+NOT_DNS_PORTS = frozenset({137})
+HEADER_SIZE = 12
+# Bounds on what one call carries: answers kept and characters of one answer's data.
+MAX_ANSWERS = 64
+MAX_ANSWER_DATA = 512
+# Rcodes that are answers, not failures (see the module docstring for NXDOMAIN).
+OK_RCODES = frozenset({"NOERROR", "NXDOMAIN"})
+# Opcodes seen in real traffic: QUERY, IQUERY, STATUS, NOTIFY, UPDATE, DSO.
+_PLAUSIBLE_OPCODES = frozenset({0, 1, 2, 4, 5, 6})
+# Classes a real question carries: IN, CH, HS, NONE, ANY (mDNS sets the top bit for unicast replies).
+_PLAUSIBLE_CLASSES = frozenset({1, 3, 4, 254, 255})
+_MAX_PROBE_COUNT = 256
+_MAX_POINTER_JUMPS = 32
+
+_HEADER = struct.Struct("!HHHHHH")
+_QTYPE_QCLASS = struct.Struct("!HH")
+
+
+@dataclass(frozen=True, slots=True)
+class DnsQuestion:
+    name: str  # presentation form without the trailing dot; "." for the root
+    qtype: int
+    qclass: int
+
+    @property
+    def key(self) -> tuple[str, int, int]:
+        return (self.name.lower(), self.qtype, self.qclass)
+
+    @property
+    def type_name(self) -> str:
+        return dns.rdatatype.to_text(dns.rdatatype.RdataType.make(self.qtype))
+
+
+@dataclass(slots=True)
+class DnsMessage:
+    """What pairing needs from one DNS message."""
+
+    id: int
+    is_response: bool
+    opcode: int
+    rcode: str
+    truncated: bool
+    question: DnsQuestion | None
+    answers: list[DnsAnswer] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def _read_name(wire: bytes, offset: int) -> tuple[str, int]:
+    """Read a (possibly compressed) domain name; returns its presentation form and the offset
+    just past it in the original position. Raises ProtocolError on anything malformed."""
+    labels: list[str] = []
+    end: int | None = None
+    jumps = 0
+    position = offset
+    total = 0
+    while True:
+        if position >= len(wire):
+            raise ProtocolError("DNS name runs past the end of the message")
+        length = wire[position]
+        if length & 0xC0 == 0xC0:
+            if position + 1 >= len(wire):
+                raise ProtocolError("DNS compression pointer cut short")
+            target = ((length & 0x3F) << 8) | wire[position + 1]
+            if end is None:
+                end = position + 2
+            jumps += 1
+            if jumps > _MAX_POINTER_JUMPS or target >= position:
+                raise ProtocolError("DNS compression pointer loops or points forward")
+            position = target
+            continue
+        if length & 0xC0:
+            raise ProtocolError(f"DNS label type {length >> 6} is not supported")
+        position += 1
+        if length == 0:
+            break
+        if position + length > len(wire):
+            raise ProtocolError("DNS label runs past the end of the message")
+        total += length + 1
+        if total > 255:
+            raise ProtocolError("DNS name longer than 255 bytes")
+        labels.append(_label_text(wire[position : position + length]))
+        position += length
+    name = ".".join(labels) if labels else "."
+    return name, end if end is not None else position
+
+
+def _label_text(label: bytes) -> str:
+    """A label in master-file form, as dnspython would print it (escapes for odd bytes)."""
+    out = []
+    for byte in label:
+        char = chr(byte)
+        if char in '."\\()@$;':
+            out.append("\\" + char)
+        elif 0x21 <= byte <= 0x7E:
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03d}")
+    return "".join(out)
+
+
+def _read_header_and_question(wire: bytes) -> tuple[tuple[int, int, int, int, int, int], DnsQuestion | None]:
+    if len(wire) < HEADER_SIZE:
+        raise ProtocolError(f"DNS message of {len(wire)} bytes is shorter than its header")
+    header = _HEADER.unpack_from(wire)
+    question = None
+    if header[2] > 0:
+        name, offset = _read_name(wire, HEADER_SIZE)
+        if offset + 4 > len(wire):
+            raise ProtocolError("DNS question cut short")
+        qtype, qclass = _QTYPE_QCLASS.unpack_from(wire, offset)
+        question = DnsQuestion(name, qtype, qclass)
+    return header, question
+
+
+def _question_from_dnspython(message: dns.message.Message) -> DnsQuestion | None:
+    if not message.question:
+        return None
+    rrset = message.question[0]
+    return DnsQuestion(_name_text(rrset.name), int(rrset.rdtype), int(rrset.rdclass))
+
+
+def _name_text(name: dns.name.Name) -> str:
+    if name == dns.name.root:
+        return "."
+    return name.to_text(omit_final_dot=True)
+
+
+def parse_message(wire: bytes) -> DnsMessage:
+    """Decode one DNS message (without any TCP length prefix)."""
+    header, question = _read_header_and_question(wire)
+    ident, flags = header[0], header[1]
+    is_response = bool(flags & 0x8000)
+    opcode = (flags >> 11) & 0xF
+    truncated = bool(flags & 0x0200)
+    try:
+        decoded = dns.message.from_wire(wire, ignore_trailing=True, one_rr_per_rrset=False)
+    except Exception:  # dnspython raises many types for hostile input; the header above is enough to pair
+        rcode = dns.rcode.to_text(dns.rcode.Rcode.make(flags & 0xF))
+        message = DnsMessage(ident, is_response, opcode, rcode, truncated, question)
+        message.notes.append("malformed-records")
+        return message
+    message = DnsMessage(
+        id=ident,
+        is_response=is_response,
+        opcode=opcode,
+        rcode=dns.rcode.to_text(decoded.rcode()),
+        truncated=truncated,
+        question=_question_from_dnspython(decoded) or question,
+    )
+    if is_response:
+        message.answers = _answers(decoded, message.notes)
+    return message
+
+
+def _answers(message: dns.message.Message, notes: list[str]) -> list[DnsAnswer]:
+    answers: list[DnsAnswer] = []
+    for rrset in message.answer:
+        owner = _name_text(rrset.name)
+        type_name = dns.rdatatype.to_text(rrset.rdtype)
+        for rdata in rrset:
+            if len(answers) >= MAX_ANSWERS:
+                notes.append("answers-truncated")
+                return answers
+            try:
+                data = rdata.to_text()
+            except Exception:  # a record dnspython decoded but cannot print: keep its place
+                data = ""
+            answers.append(DnsAnswer(name=owner, type=type_name, ttl=rrset.ttl, data=data[:MAX_ANSWER_DATA]))
+    return answers
+
+
+def plausible_message(data: bytes, *, partial: bool = False) -> bool:
+    """A DNS header with sane counts and, when the bytes hold it, a well-formed first question.
+    `partial`: the bytes may be only the start of the message (a TCP probe)."""
+    if len(data) < HEADER_SIZE:
+        return False
+    _ident, flags, qd, an, ns, ar = _HEADER.unpack_from(data)
+    if (flags >> 11) & 0xF not in _PLAUSIBLE_OPCODES or flags & 0x0040:
+        return False
+    counts = (qd, an, ns, ar)
+    if max(counts) > _MAX_PROBE_COUNT or sum(counts) == 0:
+        return False
+    if not flags & 0x8000 and flags & 0xF:
+        return False  # a query carries no rcode
+    if qd == 0:
+        return bool(flags & 0x8000) or (flags >> 11) & 0xF != 0
+    try:
+        _name, offset = _read_name(data, HEADER_SIZE)
+    except ProtocolError:
+        # A name cut by the end of a partial probe is still plausible; a malformed one is not.
+        return partial and _name_cut_short(data)
+    if offset + 4 > len(data):
+        return partial
+    _qtype, qclass = _QTYPE_QCLASS.unpack_from(data, offset)
+    return qclass & 0x7FFF in _PLAUSIBLE_CLASSES
+
+
+def _name_cut_short(data: bytes) -> bool:
+    position = HEADER_SIZE
+    while position < len(data):
+        length = data[position]
+        if length == 0 or length & 0xC0:
+            return False
+        position += 1 + length
+    return True
+
+
+@dataclass(slots=True)
+class _Pending:
+    call: ApiCall
+    message_id: int
+
+
+class DnsTransactions:
+    """Query/response pairing for one flow; shared by the UDP and TCP parsers."""
+
+    def __init__(self, flow: FlowInfo, limits: ParserLimits, *, length_prefix: int = 0) -> None:
+        self._flow = flow
+        self._limits = limits
+        self._length_prefix = length_prefix
+        self._pending: dict[tuple[int, tuple[str, int, int] | None], _Pending] = {}
+        self._ordinal = 0
+        self.gap_seen = False
+
+    def message(self, direction: Direction, wire: bytes, ts_ns: int) -> list[ApiCall]:
+        parsed = parse_message(wire)
+        size = len(wire) + self._length_prefix
+        if parsed.is_response:
+            return [self._response(direction, parsed, size, ts_ns)]
+        return self._query(direction, parsed, size, ts_ns)
+
+    def _new_call(self, asker_direction: Direction, ts_ns: int) -> ApiCall:
+        call = new_call(self._flow, PROTOCOL, ts_ns, self._ordinal)
+        self._ordinal += 1
+        if asker_direction is Direction.SERVER_TO_CLIENT:
+            _swap_endpoints(call)
+        return call
+
+    def _query(self, direction: Direction, query: DnsMessage, size: int, ts_ns: int) -> list[ApiCall]:
+        key = (query.id, query.question.key if query.question else None)
+        pending = self._pending.get(key)
+        if pending is not None:
+            if "retransmitted" not in pending.call.notes:
+                pending.call.notes.append("retransmitted")
+            return []
+        emitted: list[ApiCall] = []
+        if len(self._pending) >= self._limits.max_pending_requests:
+            _key, oldest = next(iter(self._pending.items()))
+            del self._pending[_key]
+            oldest.call.notes.append("pending-limit")
+            emitted.append(finish_call(oldest.call, None, error=False))
+        call = self._new_call(direction, ts_ns)
+        _describe(call, query)
+        call.request.size = size
+        call.request.end_ts = ts_ns
+        call.dns.id = query.id
+        call.notes.extend(query.notes)
+        self._pending[key] = _Pending(call, query.id)
+        return emitted
+
+    def _response(self, direction: Direction, response: DnsMessage, size: int, ts_ns: int) -> ApiCall:
+        pending = self._take_pending(response)
+        if pending is None:
+            call = self._new_call(direction.reverse, ts_ns)
+            _describe(call, response)
+            call.dns.id = response.id
+            call.notes.append("no-request-seen")
+        else:
+            call = pending.call
+        call.status = response.rcode
+        call.dns.rcode = response.rcode
+        call.dns.truncated = response.truncated
+        call.dns.answers.extend(response.answers)
+        call.notes.extend(note for note in response.notes if note not in call.notes)
+        call.response.size = size
+        call.response.end_ts = ts_ns
+        return finish_call(call, ts_ns, error=response.rcode not in OK_RCODES)
+
+    def _take_pending(self, response: DnsMessage) -> _Pending | None:
+        if response.question is not None:
+            return self._pending.pop((response.id, response.question.key), None)
+        for key, pending in self._pending.items():
+            if pending.message_id == response.id:
+                del self._pending[key]
+                return pending
+        return None
+
+    def expire(self, now_ns: int) -> list[ApiCall]:
+        expired: list[ApiCall] = []
+        deadline = now_ns - self._limits.request_timeout_ns
+        while self._pending:
+            key, pending = next(iter(self._pending.items()))
+            if pending.call.request.ts > deadline:
+                break
+            del self._pending[key]
+            expired.append(self._unanswered(pending))
+        return expired
+
+    def finish(self) -> list[ApiCall]:
+        unanswered = [self._unanswered(pending) for pending in self._pending.values()]
+        self._pending.clear()
+        return unanswered
+
+    def _unanswered(self, pending: _Pending) -> ApiCall:
+        if self.gap_seen:
+            pending.call.notes.append("capture-gap")
+        return finish_call(pending.call, None, error=False)
+
+
+def _describe(call: ApiCall, message: DnsMessage) -> None:
+    if message.question is not None:
+        call.method = message.question.type_name
+        call.path = message.question.name
+    else:
+        call.method = dns.opcode.to_text(dns.opcode.Opcode.make(message.opcode))
+
+
+def _swap_endpoints(call: ApiCall) -> None:
+    src = Endpoint()
+    src.CopyFrom(call.src)
+    call.src.CopyFrom(call.dst)
+    call.dst.CopyFrom(src)
+
+
+class DnsDatagramParser:
+    """DNS over UDP: one message per datagram."""
+
+    def __init__(self, flow: FlowInfo, limits: ParserLimits) -> None:
+        self._transactions = DnsTransactions(flow, limits)
+
+    def feed_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> list[ApiCall]:
+        return self._transactions.message(direction, data, ts_ns)
+
+    def expire(self, now_ns: int) -> list[ApiCall]:
+        return self._transactions.expire(now_ns)
+
+    def finish(self, ts_ns: int) -> list[ApiCall]:
+        return self._transactions.finish()
+
+
+class DnsStreamParser:
+    """DNS over TCP: 2-byte length-prefixed messages, in any chunking."""
+
+    def __init__(self, flow: FlowInfo, limits: ParserLimits) -> None:
+        self._transactions = DnsTransactions(flow, limits, length_prefix=2)
+        self._buffers = (bytearray(), bytearray())
+        self._message_ts = [0, 0]
+        self._lost = [False, False]
+
+    def feed(self, direction: Direction, data: bytes, ts_ns: int) -> list[ApiCall]:
+        if self._lost[direction]:
+            if not _plausible_prefixed(data):
+                return []
+            self._lost[direction] = False
+        buffer = self._buffers[direction]
+        calls: list[ApiCall] = []
+        position = 0
+        while position < len(data):
+            if not buffer:
+                self._message_ts[direction] = ts_ns
+            if len(buffer) < 2:
+                take = 2 - len(buffer)
+                buffer += data[position : position + take]
+                position += take
+                continue
+            length = (buffer[0] << 8) | buffer[1]
+            if length < HEADER_SIZE:
+                raise ProtocolError(f"DNS-over-TCP length prefix {length} is shorter than a DNS header")
+            take = min(len(data) - position, length + 2 - len(buffer))
+            buffer += data[position : position + take]
+            position += take
+            if len(buffer) == length + 2:
+                wire = bytes(buffer[2:])
+                buffer.clear()
+                calls.extend(self._transactions.message(direction, wire, self._message_ts[direction]))
+        return calls
+
+    def gap(self, direction: Direction, size: int, ts_ns: int) -> list[ApiCall]:
+        self._buffers[direction].clear()
+        self._lost[direction] = True
+        self._transactions.gap_seen = True
+        return []
+
+    def expire(self, now_ns: int) -> list[ApiCall]:
+        return self._transactions.expire(now_ns)
+
+    def finish(self, ts_ns: int) -> list[ApiCall]:
+        return self._transactions.finish()
+
+
+def _plausible_prefixed(data: bytes) -> bool:
+    if len(data) < 2 + HEADER_SIZE:
+        return False
+    length = (data[0] << 8) | data[1]
+    return length >= HEADER_SIZE and plausible_message(data[2 : 2 + length], partial=len(data) < 2 + length)
+
+
+def _port_hint(flow: FlowInfo) -> bool:
+    return flow.server_port in DNS_PORTS or flow.client_port in DNS_PORTS
+
+
+def _probe(firsts: Iterable[bytes], flow: FlowInfo, plausible: Callable[[bytes], bool]) -> int:
+    if flow.server_port in NOT_DNS_PORTS or flow.client_port in NOT_DNS_PORTS:
+        return 0
+    seen = False
+    for data in firsts:
+        if not data:
+            continue
+        seen = True
+        if not plausible(data):
+            return 0
+    if not seen:
+        return 1 if _port_hint(flow) else 0
+    return 3 if _port_hint(flow) else 2
+
+
+def probe_udp(client_first: bytes, server_first: bytes, flow: FlowInfo) -> int:
+    """2 for a plausible DNS message (3 on a DNS port), 1 for the port alone, 0 otherwise."""
+    return _probe((client_first, server_first), flow, plausible_message)
+
+
+def probe_tcp(client_first: bytes, server_first: bytes, flow: FlowInfo) -> int:
+    """As `probe_udp`, for length-prefixed messages that may be cut by the probe window."""
+    return _probe((client_first, server_first), flow, _plausible_prefixed)
+
+
+def new_datagram(flow: FlowInfo, limits: ParserLimits) -> DatagramParser:
+    return DnsDatagramParser(flow, limits)
+
+
+def new_stream(flow: FlowInfo, limits: ParserLimits) -> StreamParser:
+    return DnsStreamParser(flow, limits)
+
+
+SPEC = ProtocolSpec(name=PROTOCOL, transport="udp", probe=probe_udp, new_datagram=new_datagram, ports=DNS_PORTS)
+SPEC_TCP = ProtocolSpec(
+    name=PROTOCOL, transport="tcp", probe=probe_tcp, new_stream=new_stream, ports=DNS_PORTS, probe_bytes=14
+)
+
+__all__ = [
+    "SPEC",
+    "SPEC_TCP",
+    "DnsDatagramParser",
+    "DnsMessage",
+    "DnsQuestion",
+    "DnsStreamParser",
+    "DnsTransactions",
+    "parse_message",
+    "plausible_message",
+    "probe_tcp",
+    "probe_udp",
+]

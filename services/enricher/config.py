@@ -1,0 +1,139 @@
+"""Enricher settings: where identities come from, where spans and metrics go, how calls are consumed.
+
+The OTLP keys follow the OpenTelemetry SDK environment conventions: when `otlp_endpoint`,
+`otlp_protocol` or `otlp_headers` are not set here, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` /
+`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_EXPORTER_OTLP_PROTOCOL` and `OTEL_EXPORTER_OTLP_HEADERS`
+are used. No endpoint anywhere means no export (the enricher still publishes enriched calls).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import ClassVar, Literal
+from urllib.parse import unquote, urlsplit
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from trawl.config import ServiceSettings
+from trawl.errors import ConfigError
+
+OtlpProtocol = Literal["grpc", "http/protobuf"]
+OTLP_PROTOCOLS: tuple[OtlpProtocol, ...] = ("grpc", "http/protobuf")
+
+ENV_ENDPOINT = "OTEL_EXPORTER_OTLP_ENDPOINT"
+ENV_TRACES_ENDPOINT = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+ENV_METRICS_ENDPOINT = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+ENV_PROTOCOL = "OTEL_EXPORTER_OTLP_PROTOCOL"
+ENV_HEADERS = "OTEL_EXPORTER_OTLP_HEADERS"
+
+
+def parse_otlp_headers(text: str, source: str) -> dict[str, str]:
+    """The OTLP exporter header list `k=v,k2=v2` (values percent-encoded, per the OTel spec)."""
+    headers: dict[str, str] = {}
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        name, sep, value = item.partition("=")
+        if not sep or not name.strip():
+            raise ConfigError(f"{source}: expected 'name=value' pairs separated by commas, got {item.strip()!r}")
+        headers[unquote(name.strip()).lower()] = unquote(value.strip())
+    return headers
+
+
+class OtlpTarget:
+    """Where one signal goes: a full URL for OTLP/HTTP, `host:port` or a URL for gRPC."""
+
+    def __init__(self, endpoint: str, is_signal_specific: bool) -> None:
+        self.endpoint = endpoint
+        # A signal-specific endpoint (…_TRACES_ENDPOINT) is used as is; a base endpoint gets
+        # /v1/traces or /v1/metrics appended for OTLP/HTTP, as the OTel spec says.
+        self.is_signal_specific = is_signal_specific
+
+    def http_url(self, signal: Literal["traces", "metrics"]) -> str:
+        if self.is_signal_specific:
+            return self.endpoint
+        return self.endpoint.rstrip("/") + f"/v1/{signal}"
+
+
+class EnricherSettings(ServiceSettings):
+    service_name: ClassVar[str] = "enricher"
+    model_config = SettingsConfigDict(env_prefix="TRAWL_ENRICHER_")
+
+    # `kubectl get pods,services,nodes -A -o json` output; None = no Kubernetes identity (peers named by IP).
+    identity_snapshot: Path | None = None
+    # The cluster name written into every identity and span resource (k8s.cluster.name).
+    cluster: str = ""
+
+    # OTLP export; None falls back to the OTEL_EXPORTER_OTLP_* environment (see module docstring).
+    otlp_endpoint: str | None = None
+    otlp_protocol: OtlpProtocol | None = None
+    otlp_headers: dict[str, str] | None = None
+    # None: decided by the endpoint's scheme (http:// is plaintext, https:// is TLS, host:port is plaintext).
+    otlp_insecure: bool | None = None
+    otlp_timeout_s: float = Field(default=10.0, gt=0)
+    # Span batching (the SDK's BatchSpanProcessor): spans beyond the queue are dropped and counted.
+    export_max_queue_size: int = Field(default=8192, gt=0)
+    export_max_batch_size: int = Field(default=512, gt=0)
+    export_schedule_delay_ms: int = Field(default=1000, gt=0)
+    # RED metrics: how often histograms are pushed, and how many distinct peer resources are kept.
+    metrics_export_interval_s: float = Field(default=15.0, gt=0)
+    max_metric_resources: int = Field(default=2000, gt=0)
+
+    # JetStream consumption of TRAWL_CALLS.
+    durable: str = Field(default="enricher", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")
+    # Restrict this enricher to some call subjects (e.g. one node's: trawl.v1.calls.node-1.>).
+    calls_filter_subject: str | None = None
+    fetch_batch: int = Field(default=64, gt=0)
+    fetch_timeout_s: float = Field(default=1.0, gt=0)
+    # Publish every enriched call on trawl.v1.enriched.<protocol>.<namespace>.<workload>.
+    publish_enriched: bool = True
+
+    @model_validator(mode="after")
+    def _fill_from_otel_environment(self) -> EnricherSettings:
+        if self.otlp_protocol is None:
+            env_protocol = os.environ.get(ENV_PROTOCOL, "").strip()
+            if env_protocol and env_protocol not in OTLP_PROTOCOLS:
+                raise ConfigError(f"{ENV_PROTOCOL}: expected one of {', '.join(OTLP_PROTOCOLS)}, got {env_protocol!r}")
+            self.otlp_protocol = "http/protobuf" if env_protocol == "http/protobuf" else "grpc"
+        if self.otlp_headers is None:
+            self.otlp_headers = parse_otlp_headers(os.environ.get(ENV_HEADERS, ""), ENV_HEADERS)
+        target = self.traces_target()
+        if target is not None and self.otlp_protocol == "http/protobuf":
+            _require_http_url(target.endpoint, "otlp_endpoint (OTLP/HTTP)")
+        return self
+
+    @property
+    def protocol(self) -> OtlpProtocol:
+        return self.otlp_protocol or "grpc"
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return dict(self.otlp_headers or {})
+
+    def traces_target(self) -> OtlpTarget | None:
+        return self._target(ENV_TRACES_ENDPOINT)
+
+    def metrics_target(self) -> OtlpTarget | None:
+        return self._target(ENV_METRICS_ENDPOINT)
+
+    def _target(self, signal_env: str) -> OtlpTarget | None:
+        if self.otlp_endpoint:
+            return OtlpTarget(self.otlp_endpoint, is_signal_specific=False)
+        if os.environ.get(signal_env, "").strip():
+            return OtlpTarget(os.environ[signal_env].strip(), is_signal_specific=True)
+        if os.environ.get(ENV_ENDPOINT, "").strip():
+            return OtlpTarget(os.environ[ENV_ENDPOINT].strip(), is_signal_specific=False)
+        return None
+
+    def grpc_insecure(self, endpoint: str) -> bool:
+        if self.otlp_insecure is not None:
+            return self.otlp_insecure
+        return urlsplit(endpoint).scheme != "https"
+
+
+def _require_http_url(endpoint: str, what: str) -> None:
+    parts = urlsplit(endpoint)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{what}: expected an http:// or https:// URL, got {endpoint!r}")

@@ -1,0 +1,548 @@
+"""Who owned an IP address at a given time, in Kubernetes terms.
+
+The map is built from a snapshot: the JSON that `kubectl get pods,services,nodes -A -o json`
+prints (a v1 `List`); EndpointSlices, ReplicaSets, Deployments, StatefulSets, DaemonSets, Jobs
+and CronJobs are used when the snapshot has them. Every IP claim has a validity interval
+(pod creation to deletion or container end; service and node creation onwards), because pod
+IPs are reused: a call at time T is matched to whoever held the address at T.
+
+Resolution when several claims are valid for one address at one time (hostNetwork pods share
+their node's IP; tests put several pods on 127.0.0.1):
+1. a pod declaring the call's port as a containerPort/hostPort wins;
+2. otherwise a node address names the node (host traffic is the node's);
+3. otherwise an ordinary pod, preferring one that declares no ports at all (the caller side of
+   loopback setups), then the most recently started;
+4. then a hostNetwork pod (its node is not in the snapshot), then a service address.
+
+A pod's workload follows its controlling ownerReference: ReplicaSet -> Deployment (through the
+ReplicaSet item when present, else by removing the pod's exact `pod-template-hash` suffix),
+Job -> CronJob (through the Job item, else by the CronJob naming convention
+`<cronjob>-<scheduled minute since the epoch>`), StatefulSet, DaemonSet and any other kind
+as is; a pod without owner is its own workload (kind Pod).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from trawl.errors import InputError
+from trawl.v1.calls_pb2 import ApiCall, Endpoint
+
+ClaimKind = Literal["pod", "service", "node"]
+
+USED_KINDS = ("Pod", "Service", "Node", "EndpointSlice", "ReplicaSet", "Job")
+IGNORED_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "CronJob", "ReplicationController", "Endpoints")
+KNOWN_KINDS = USED_KINDS + IGNORED_KINDS
+
+# CronJob controllers name their Jobs "<cronjob>-<scheduled time in minutes since the epoch>";
+# 8 digits spans the years 1989-2160, which keeps ordinary "-1", "-42" suffixes out.
+_CRONJOB_JOB_NAME = re.compile(r"^(?P<cronjob>.+)-(?P<minute>\d{8,9})$")
+_SNAPSHOT_HINT = "expected the output of `kubectl get pods,services,nodes -A -o json`"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What an address is, in the Endpoint's terms."""
+
+    kind: ClaimKind
+    name: str
+    namespace: str = ""
+    pod: str = ""
+    workload: str = ""
+    workload_kind: str = ""
+    service: str = ""
+    node: str = ""
+    cluster: str = ""
+
+    def fill(self, endpoint: Endpoint) -> None:
+        endpoint.name = self.name
+        endpoint.namespace = self.namespace
+        endpoint.pod = self.pod
+        endpoint.workload = self.workload
+        endpoint.workload_kind = self.workload_kind
+        endpoint.service = self.service
+        endpoint.node = self.node
+        endpoint.cluster = self.cluster
+
+
+@dataclass(frozen=True)
+class IpClaim:
+    """One identity holding one address from `start_ns` (0 = since ever) to `end_ns` (None = still)."""
+
+    ip: str
+    identity: Identity
+    start_ns: int = 0
+    end_ns: int | None = None
+    ports: frozenset[int] = frozenset()
+    host_network: bool = False
+
+    def valid_at(self, ts_ns: int) -> bool:
+        return self.start_ns <= ts_ns and (self.end_ns is None or ts_ns < self.end_ns)
+
+    def rank(self, port: int) -> tuple[int, int, int, int]:
+        """Bigger wins; see the module docstring for the order."""
+        port_match = int(self.identity.kind == "pod" and port != 0 and port in self.ports)
+        if self.identity.kind == "node":
+            kind_rank = 3
+        elif self.identity.kind == "pod":
+            kind_rank = 1 if self.host_network else 2
+        else:
+            kind_rank = 0
+        portless = int(self.identity.kind == "pod" and not self.ports)
+        return (port_match, kind_rank, portless, self.start_ns)
+
+
+class IdentityMap:
+    """Time-aware IP -> Identity lookups."""
+
+    def __init__(self, claims: Iterable[IpClaim] = (), cluster: str = "") -> None:
+        self.cluster = cluster
+        self._claims: dict[str, list[IpClaim]] = {}
+        for claim in claims:
+            self._claims.setdefault(claim.ip, []).append(claim)
+
+    @classmethod
+    def empty(cls, cluster: str = "") -> IdentityMap:
+        return cls((), cluster)
+
+    @classmethod
+    def from_snapshot(cls, path: Path, cluster: str = "") -> IdentityMap:
+        """Load a kubectl JSON snapshot; InputError naming the file and the fault when it is not one."""
+        try:
+            text = path.read_bytes()
+        except OSError as exc:
+            raise InputError(f"cannot read identity snapshot: {exc.strerror}", path=path) from None
+        try:
+            document = json.loads(text)
+        except (ValueError, RecursionError) as exc:
+            raise InputError(f"not JSON ({exc}); {_SNAPSHOT_HINT}", path=path) from None
+        return cls.from_document(document, source=path, cluster=cluster)
+
+    @classmethod
+    def from_document(cls, document: object, source: Path | str = "<snapshot>", cluster: str = "") -> IdentityMap:
+        """Build from an already parsed snapshot document (a dict shaped like `kubectl ... -o json`)."""
+        return cls(_SnapshotReader(source, cluster).claims(document), cluster)
+
+    def __len__(self) -> int:
+        return sum(len(claims) for claims in self._claims.values())
+
+    @property
+    def addresses(self) -> int:
+        return len(self._claims)
+
+    def lookup(self, ip: str, ts_ns: int = 0, port: int = 0) -> Identity | None:
+        """Who held `ip` at `ts_ns` (0 = now: the claims still open), seen on `port` (0 = unknown)."""
+        claims = self._claims.get(ip)
+        if not claims:
+            return None
+        if ts_ns:
+            valid = [claim for claim in claims if claim.valid_at(ts_ns)]
+        else:
+            valid = [claim for claim in claims if claim.end_ns is None] or claims
+        if not valid:
+            return None
+        return max(valid, key=lambda claim: claim.rank(port)).identity
+
+    def enrich_endpoint(self, endpoint: Endpoint, ts_ns: int) -> Identity | None:
+        identity = self.lookup(endpoint.ip, ts_ns, endpoint.port)
+        if identity is None:
+            endpoint.name = endpoint.ip
+            return None
+        identity.fill(endpoint)
+        return identity
+
+    def enrich(self, call: ApiCall) -> ApiCall:
+        """Fill both endpoints' identity fields (in place) at the request's time; unknown peers are named by IP."""
+        ts_ns = call.request.ts
+        self.enrich_endpoint(call.src, ts_ns)
+        self.enrich_endpoint(call.dst, ts_ns)
+        return call
+
+
+@dataclass
+class _Workload:
+    kind: str
+    name: str
+
+
+@dataclass
+class _PodRecord:
+    name: str
+    namespace: str
+    labels: dict[str, str]
+    workload: _Workload
+    node: str
+    ips: list[str]
+    ports: frozenset[int]
+    host_network: bool
+    start_ns: int
+    end_ns: int | None
+    services: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _ServiceRecord:
+    name: str
+    namespace: str
+    selector: dict[str, str]
+    ips: list[str]
+    start_ns: int
+    end_ns: int | None
+
+
+class _SnapshotReader:
+    """Validates and reads the snapshot document; every fault becomes an InputError naming the file and item."""
+
+    def __init__(self, source: Path | str, cluster: str) -> None:
+        self.source = source
+        self.cluster = cluster
+        self.where = ""
+
+    def fail(self, message: str) -> InputError:
+        prefix = f"{self.where}: " if self.where else ""
+        return InputError(f"{prefix}{message}", path=self.source)
+
+    # Typed accessors: each either returns the expected type or raises an InputError naming the field.
+    def obj(self, parent: Mapping[str, object], key: str) -> dict[str, object]:
+        value = parent.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise self.fail(f"{key}: expected an object, got {type(value).__name__}")
+        return value
+
+    def text(self, parent: Mapping[str, object], key: str) -> str:
+        value = parent.get(key)
+        if value is None:
+            return ""
+        if not isinstance(value, str):
+            raise self.fail(f"{key}: expected a string, got {type(value).__name__}")
+        return value
+
+    def array(self, parent: Mapping[str, object], key: str) -> list[object]:
+        value = parent.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            raise self.fail(f"{key}: expected an array, got {type(value).__name__}")
+        return value
+
+    def objects(self, parent: Mapping[str, object], key: str) -> list[dict[str, object]]:
+        values = self.array(parent, key)
+        for index, value in enumerate(values):
+            if not isinstance(value, dict):
+                raise self.fail(f"{key}[{index}]: expected an object, got {type(value).__name__}")
+        return values  # type: ignore[return-value]  # every element checked just above
+
+    def strings(self, parent: Mapping[str, object], key: str) -> list[str]:
+        values = self.array(parent, key)
+        for index, value in enumerate(values):
+            if not isinstance(value, str):
+                raise self.fail(f"{key}[{index}]: expected a string, got {type(value).__name__}")
+        return values  # type: ignore[return-value]  # every element checked just above
+
+    def string_map(self, parent: Mapping[str, object], key: str) -> dict[str, str]:
+        values = self.obj(parent, key)
+        for name, value in values.items():
+            if not isinstance(value, str):
+                raise self.fail(f"{key}.{name}: expected a string, got {type(value).__name__}")
+        return values  # type: ignore[return-value]  # every value checked just above
+
+    def port(self, parent: Mapping[str, object], key: str) -> int | None:
+        value = parent.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 < value < 65536:
+            raise self.fail(f"{key}: expected a port number, got {value!r}")
+        return value
+
+    def timestamp(self, parent: Mapping[str, object], key: str) -> int | None:
+        value = self.text(parent, key)
+        if not value:
+            return None
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise self.fail(f"{key}: expected an RFC 3339 time like 2024-05-01T10:00:00Z, got {value!r}") from None
+        if moment.tzinfo is None:
+            raise self.fail(f"{key}: the time {value!r} has no time zone (kubectl writes UTC with a Z)")
+        return int(moment.timestamp()) * 1_000_000_000 + moment.microsecond * 1_000
+
+    # The document.
+    def claims(self, document: object) -> list[IpClaim]:
+        if not isinstance(document, dict):
+            raise self.fail(f"the top level is {_json_type(document)}, not an object; {_SNAPSHOT_HINT}")
+        kind = document.get("kind")
+        if not isinstance(kind, str) or not kind.endswith("List"):
+            raise self.fail(f"the top level kind is {kind!r}, not 'List'; {_SNAPSHOT_HINT}")
+        if "items" not in document:
+            raise self.fail(f"the List has no 'items'; {_SNAPSHOT_HINT}")
+        items = self.objects(document, "items")
+        by_kind: dict[str, list[tuple[str, dict[str, object]]]] = {kind: [] for kind in KNOWN_KINDS}
+        for index, item in enumerate(items):
+            item_kind = item.get("kind")
+            self.where = f"items[{index}]"
+            if not isinstance(item_kind, str) or item_kind not in KNOWN_KINDS:
+                raise self.fail(f"kind {item_kind!r} is not one of {', '.join(KNOWN_KINDS)}")
+            metadata = self.obj(item, "metadata")
+            name = self.text(metadata, "name")
+            if not name:
+                raise self.fail(f"{item_kind} without metadata.name")
+            namespace = self.text(metadata, "namespace")
+            self.where = f"items[{index}] ({item_kind} {namespace + '/' if namespace else ''}{name})"
+            by_kind[item_kind].append((self.where, item))
+
+        replica_set_owners = self._owners(by_kind["ReplicaSet"])
+        job_owners = self._owners(by_kind["Job"])
+        pods = [self._pod(where, item, replica_set_owners, job_owners) for where, item in by_kind["Pod"]]
+        services = [self._service(where, item) for where, item in by_kind["Service"]]
+        slice_pods = self._endpoint_slices(by_kind["EndpointSlice"])
+        self.where = ""
+
+        claims: list[IpClaim] = []
+        claims.extend(self._pod_claims(pods, services, slice_pods))
+        claims.extend(self._service_claims(services, pods))
+        for where, item in by_kind["Node"]:
+            claims.extend(self._node_claims(where, item))
+        return claims
+
+    def _owners(self, items: list[tuple[str, dict[str, object]]]) -> dict[tuple[str, str], _Workload]:
+        """(namespace, name) of a ReplicaSet or Job -> its controlling owner."""
+        owners: dict[tuple[str, str], _Workload] = {}
+        for where, item in items:
+            self.where = where
+            metadata = self.obj(item, "metadata")
+            owner = self._controller(metadata)
+            if owner is not None:
+                owners[(self.text(metadata, "namespace"), self.text(metadata, "name"))] = owner
+        return owners
+
+    def _controller(self, metadata: Mapping[str, object]) -> _Workload | None:
+        references = self.objects(metadata, "ownerReferences")
+        for reference in references:
+            if reference.get("controller") is True:
+                return _Workload(self.text(reference, "kind"), self.text(reference, "name"))
+        if references:
+            return _Workload(self.text(references[0], "kind"), self.text(references[0], "name"))
+        return None
+
+    def _workload(
+        self,
+        metadata: Mapping[str, object],
+        labels: Mapping[str, str],
+        replica_set_owners: Mapping[tuple[str, str], _Workload],
+        job_owners: Mapping[tuple[str, str], _Workload],
+    ) -> _Workload:
+        namespace = self.text(metadata, "namespace")
+        owner = self._controller(metadata)
+        if owner is None or not owner.kind or not owner.name:
+            return _Workload("Pod", self.text(metadata, "name"))
+        if owner.kind == "ReplicaSet":
+            known = replica_set_owners.get((namespace, owner.name))
+            if known is not None:
+                return known
+            template_hash = labels.get("pod-template-hash", "")
+            if template_hash and owner.name.endswith(f"-{template_hash}"):
+                return _Workload("Deployment", owner.name[: -len(template_hash) - 1])
+        if owner.kind == "Job":
+            known = job_owners.get((namespace, owner.name))
+            if known is not None:
+                return known
+            match = _CRONJOB_JOB_NAME.match(owner.name)
+            if match is not None:
+                return _Workload("CronJob", match["cronjob"])
+        return owner
+
+    def _pod(
+        self,
+        where: str,
+        item: dict[str, object],
+        replica_set_owners: Mapping[tuple[str, str], _Workload],
+        job_owners: Mapping[tuple[str, str], _Workload],
+    ) -> _PodRecord:
+        self.where = where
+        metadata, spec, status = self.obj(item, "metadata"), self.obj(item, "spec"), self.obj(item, "status")
+        labels = self.string_map(metadata, "labels")
+        ips = [self.text(entry, "ip") for entry in self.objects(status, "podIPs")]
+        pod_ip = self.text(status, "podIP")
+        if pod_ip and pod_ip not in ips:
+            ips.insert(0, pod_ip)
+        ports: set[int] = set()
+        for containers in ("initContainers", "containers"):
+            for container in self.objects(spec, containers):
+                for port_spec in self.objects(container, "ports"):
+                    for key in ("containerPort", "hostPort"):
+                        port = self.port(port_spec, key)
+                        if port is not None:
+                            ports.add(port)
+        host_network = spec.get("hostNetwork") is True
+        created = self.timestamp(metadata, "creationTimestamp")
+        started = self.timestamp(status, "startTime")
+        start_ns = created if created is not None else (started or 0)
+        end_ns = self.timestamp(metadata, "deletionTimestamp")
+        if self.text(status, "phase") in ("Succeeded", "Failed"):
+            # A finished pod's IP goes back to the pool when its containers end, long before deletion.
+            finished = [
+                self.timestamp(self.obj(self.obj(container_status, "state"), "terminated"), "finishedAt")
+                for container_status in self.objects(status, "containerStatuses")
+            ]
+            ends = [moment for moment in finished if moment is not None]
+            if ends:
+                end_ns = max(ends) if end_ns is None else min(end_ns, max(ends))
+        return _PodRecord(
+            name=self.text(metadata, "name"),
+            namespace=self.text(metadata, "namespace"),
+            labels=labels,
+            workload=self._workload(metadata, labels, replica_set_owners, job_owners),
+            node=self.text(spec, "nodeName"),
+            ips=[ip for ip in ips if ip],
+            ports=frozenset(ports),
+            host_network=host_network,
+            start_ns=start_ns,
+            end_ns=end_ns,
+        )
+
+    def _service(self, where: str, item: dict[str, object]) -> _ServiceRecord:
+        self.where = where
+        metadata, spec, status = self.obj(item, "metadata"), self.obj(item, "spec"), self.obj(item, "status")
+        ips = self.strings(spec, "clusterIPs")
+        cluster_ip = self.text(spec, "clusterIP")
+        if cluster_ip and cluster_ip not in ips:
+            ips.insert(0, cluster_ip)
+        ips.extend(self.strings(spec, "externalIPs"))
+        for ingress in self.objects(self.obj(status, "loadBalancer"), "ingress"):
+            ips.append(self.text(ingress, "ip"))
+        return _ServiceRecord(
+            name=self.text(metadata, "name"),
+            namespace=self.text(metadata, "namespace"),
+            selector=self.string_map(spec, "selector"),
+            # "None" marks a headless service: no virtual IP, the pods' own IPs answer.
+            ips=[ip for ip in dict.fromkeys(ips) if ip and ip != "None"],
+            start_ns=self.timestamp(metadata, "creationTimestamp") or 0,
+            end_ns=self.timestamp(metadata, "deletionTimestamp"),
+        )
+
+    def _endpoint_slices(self, items: list[tuple[str, dict[str, object]]]) -> dict[tuple[str, str], _SlicePod]:
+        """(namespace, pod) -> the service and addresses an EndpointSlice lists for that pod."""
+        found: dict[tuple[str, str], _SlicePod] = {}
+        for where, item in items:
+            self.where = where
+            metadata = self.obj(item, "metadata")
+            namespace = self.text(metadata, "namespace")
+            service = self.string_map(metadata, "labels").get("kubernetes.io/service-name", "")
+            for endpoint in self.objects(item, "endpoints"):
+                target = self.obj(endpoint, "targetRef")
+                if self.text(target, "kind") != "Pod" or not self.text(target, "name"):
+                    continue
+                pod_namespace = self.text(target, "namespace") or namespace
+                key = (pod_namespace, self.text(target, "name"))
+                record = found.setdefault(key, _SlicePod(node=self.text(endpoint, "nodeName")))
+                record.addresses.extend(self.strings(endpoint, "addresses"))
+                if service and service not in record.services:
+                    record.services.append(service)
+        return found
+
+    def _pod_claims(
+        self,
+        pods: list[_PodRecord],
+        services: list[_ServiceRecord],
+        slice_pods: dict[tuple[str, str], _SlicePod],
+    ) -> Iterable[IpClaim]:
+        for pod in pods:
+            for service in services:
+                if _selects(service, pod):
+                    pod.services.append(service.name)
+            sliced = slice_pods.pop((pod.namespace, pod.name), None)
+            if sliced is not None:
+                pod.services.extend(name for name in sliced.services if name not in pod.services)
+            identity = Identity(
+                kind="pod",
+                name=pod.workload.name,
+                namespace=pod.namespace,
+                pod=pod.name,
+                workload=pod.workload.name,
+                workload_kind=pod.workload.kind,
+                service=min(pod.services) if pod.services else "",
+                node=pod.node,
+                cluster=self.cluster,
+            )
+            for ip in pod.ips:
+                yield IpClaim(ip, identity, pod.start_ns, pod.end_ns, pod.ports, pod.host_network)
+        # Pods an EndpointSlice lists but the snapshot does not hold: known by name and service only.
+        for (namespace, name), sliced in sorted(slice_pods.items()):
+            identity = Identity(
+                kind="pod",
+                name=name,
+                namespace=namespace,
+                pod=name,
+                service=min(sliced.services) if sliced.services else "",
+                node=sliced.node,
+                cluster=self.cluster,
+            )
+            for ip in dict.fromkeys(sliced.addresses):
+                yield IpClaim(ip, identity)
+
+    def _service_claims(self, services: list[_ServiceRecord], pods: list[_PodRecord]) -> Iterable[IpClaim]:
+        for service in services:
+            workloads = {(pod.workload.kind, pod.workload.name) for pod in pods if _selects(service, pod)}
+            identity = Identity(
+                kind="service",
+                name=service.name,
+                namespace=service.namespace,
+                service=service.name,
+                cluster=self.cluster,
+            )
+            if len(workloads) == 1:
+                kind, name = next(iter(workloads))
+                identity = replace(identity, name=name, workload=name, workload_kind=kind)
+            for ip in service.ips:
+                yield IpClaim(ip, identity, service.start_ns, service.end_ns)
+
+    def _node_claims(self, where: str, item: dict[str, object]) -> Iterable[IpClaim]:
+        self.where = where
+        metadata, status = self.obj(item, "metadata"), self.obj(item, "status")
+        name = self.text(metadata, "name")
+        identity = Identity(kind="node", name=name, node=name, cluster=self.cluster)
+        start_ns = self.timestamp(metadata, "creationTimestamp") or 0
+        end_ns = self.timestamp(metadata, "deletionTimestamp")
+        claims = [
+            IpClaim(self.text(address, "address"), identity, start_ns, end_ns)
+            for address in self.objects(status, "addresses")
+            if self.text(address, "type") in ("InternalIP", "ExternalIP") and self.text(address, "address")
+        ]
+        self.where = ""
+        return claims
+
+
+@dataclass
+class _SlicePod:
+    node: str
+    addresses: list[str] = field(default_factory=list)
+    services: list[str] = field(default_factory=list)
+
+
+def _selects(service: _ServiceRecord, pod: _PodRecord) -> bool:
+    """A service with a selector picks the pods of its namespace whose labels include every selector pair."""
+    if not service.selector or service.namespace != pod.namespace:
+        return False
+    return all(pod.labels.get(key) == value for key, value in service.selector.items())
+
+
+def _json_type(value: object) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    return "an object"

@@ -1,0 +1,223 @@
+"""RED metrics: the semantic-convention duration histograms, one set per observed service.
+
+Like spans, metrics belong to the service that served or made the call, so each peer
+Resource gets its own SDK MeterProvider. Those providers use pull readers (no thread each);
+`export()` collects every provider and sends all resources in one OTLP request. The number
+of providers is bounded (`max_resources`): past it, calls are recorded under one overflow
+Resource (service.name = "trawl.overflow") and counted.
+
+Attributes are the low-cardinality subset the conventions list for each histogram, taken
+from the same mapping the spans use; paths appear only as `http.route` (when the dissector
+knew the route) or `url.template` (numeric, UUID and hex segments replaced by {id}).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from opentelemetry.metrics import Histogram
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    InMemoryMetricReader,
+    MetricExporter,
+    MetricExportResult,
+    MetricsData,
+    ResourceMetrics,
+)
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.util.types import AttributeValue
+
+import trawl
+from trawl.enricher.spans import SpanShape, resource_for, shape_call, span_times, template_path
+from trawl.logs import get_logger
+from trawl.metrics import Registry
+from trawl.v1.calls_pb2 import ApiCall
+
+log = get_logger(__name__)
+
+# Semantic-convention bucket advice for request durations, in seconds.
+DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+OVERFLOW_RESOURCE = Resource({"service.name": "trawl.overflow"})
+
+
+@dataclass(frozen=True)
+class HistogramSpec:
+    name: str
+    description: str
+    # Which side's Resource records it.
+    side: str  # "client" or "server"
+    attributes: frozenset[str]
+
+
+_HTTP_COMMON = {"http.request.method", "http.response.status_code", "error.type", "network.protocol.version"}
+_SPECS: dict[str, tuple[HistogramSpec, ...]] = {
+    "http": (
+        HistogramSpec(
+            "http.server.request.duration",
+            "Duration of HTTP server requests.",
+            "server",
+            frozenset({*_HTTP_COMMON, "http.route", "url.scheme", "url.template"}),
+        ),
+        HistogramSpec(
+            "http.client.request.duration",
+            "Duration of HTTP client requests.",
+            "client",
+            frozenset({*_HTTP_COMMON, "server.address", "server.port", "url.template"}),
+        ),
+    ),
+    "grpc": (
+        HistogramSpec(
+            "rpc.server.call.duration",
+            "Measures the duration of inbound remote procedure calls.",
+            "server",
+            frozenset({"rpc.system.name", "rpc.method", "rpc.response.status_code", "error.type"}),
+        ),
+        HistogramSpec(
+            "rpc.client.call.duration",
+            "Measures the duration of outbound remote procedure calls.",
+            "client",
+            frozenset({"rpc.system.name", "rpc.method", "rpc.response.status_code", "error.type", "server.address"}),
+        ),
+    ),
+    "redis": (
+        HistogramSpec(
+            "db.client.operation.duration",
+            "Duration of database client operations.",
+            "client",
+            frozenset({"db.system.name", "db.operation.name", "db.namespace", "db.response.status_code", "error.type"}),
+        ),
+    ),
+    "messaging": (
+        HistogramSpec(
+            "messaging.client.operation.duration",
+            "Duration of messaging operation initiated by a producer or consumer client.",
+            "client",
+            frozenset(
+                {
+                    "messaging.system",
+                    "messaging.operation.name",
+                    "messaging.operation.type",
+                    "messaging.destination.name",
+                    "error.type",
+                }
+            ),
+        ),
+    ),
+    "dns": (
+        HistogramSpec(
+            "dns.lookup.duration",
+            "Measures the time taken to perform a DNS lookup.",
+            "client",
+            frozenset({"error.type"}),
+        ),
+    ),
+}
+_PROTOCOL_SPECS = {
+    "http": _SPECS["http"],
+    "http2": _SPECS["http"],
+    "graphql": _SPECS["http"],
+    "grpc": _SPECS["grpc"],
+    "redis": _SPECS["redis"],
+    "kafka": _SPECS["messaging"],
+    "amqp": _SPECS["messaging"],
+    "dns": _SPECS["dns"],
+}
+
+
+class _ResourceMeters:
+    """One peer's MeterProvider with its pull reader and histograms."""
+
+    def __init__(self, resource: Resource) -> None:
+        self.reader = InMemoryMetricReader()
+        self.provider = MeterProvider(metric_readers=[self.reader], resource=resource, shutdown_on_exit=False)
+        self._meter = self.provider.get_meter("trawl.enricher", trawl.__version__)
+        self._histograms: dict[str, Histogram] = {}
+
+    def histogram(self, spec: HistogramSpec) -> Histogram:
+        histogram = self._histograms.get(spec.name)
+        if histogram is None:
+            histogram = self._histograms[spec.name] = self._meter.create_histogram(
+                spec.name,
+                unit="s",
+                description=spec.description,
+                explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+            )
+        return histogram
+
+
+class RedMetrics:
+    def __init__(self, exporter: MetricExporter | None, max_resources: int, registry: Registry) -> None:
+        self.exporter = exporter
+        self.max_resources = max_resources
+        self._meters: dict[Resource, _ResourceMeters] = {}
+        self._overflow = registry.counter(
+            "trawl_enricher_metric_resource_overflow_total",
+            "Calls whose RED metrics went to the overflow resource because max_metric_resources was reached",
+        )
+        self._export_failures = registry.counter(
+            "trawl_enricher_metric_export_failures_total", "OTLP metric exports that failed"
+        )
+
+    def _for(self, resource: Resource) -> _ResourceMeters:
+        meters = self._meters.get(resource)
+        if meters is None:
+            if len(self._meters) >= self.max_resources:
+                self._overflow.inc()
+                resource = OVERFLOW_RESOURCE
+                meters = self._meters.get(resource)
+            if meters is None:
+                meters = self._meters[resource] = _ResourceMeters(resource)
+        return meters
+
+    def record(self, call: ApiCall, shape: SpanShape | None = None) -> None:
+        specs = _PROTOCOL_SPECS.get(call.protocol)
+        if not specs or not call.request.ts:
+            return
+        shape = shape or shape_call(call)
+        start, end = span_times(call)
+        seconds = (end - start) / 1e9
+        for spec in specs:
+            endpoint = call.src if spec.side == "client" else call.dst
+            side_attributes = shape.client if spec.side == "client" else shape.server
+            merged: dict[str, AttributeValue] = {**shape.common, **side_attributes}
+            if "url.template" in spec.attributes and "url.template" not in merged and call.protocol != "graphql":
+                merged["url.template"] = template_path(call.path)
+            if spec.side == "client" and "server.address" in spec.attributes:
+                # Metrics name the peer's service or workload, not its pod IP: one series per pod would
+                # follow every rollout. Unknown peers keep their address (the SDK caps attribute sets).
+                merged["server.address"] = call.dst.service or call.dst.workload or merged.get("server.address", "")
+            attributes = {key: value for key, value in merged.items() if key in spec.attributes}
+            self._for(resource_for(endpoint)).histogram(spec).record(seconds, attributes)
+
+    @property
+    def resources(self) -> int:
+        return len(self._meters)
+
+    def collect(self) -> MetricsData:
+        resource_metrics: list[ResourceMetrics] = []
+        for meters in list(self._meters.values()):
+            data = meters.reader.get_metrics_data()
+            if data is not None:
+                resource_metrics.extend(data.resource_metrics)
+        return MetricsData(resource_metrics=resource_metrics)
+
+    def export(self, timeout_s: float = 10.0) -> bool:
+        """Push every resource's histograms (cumulative); blocking, so async callers use a thread."""
+        if self.exporter is None:
+            return True
+        data = self.collect()
+        if not data.resource_metrics:
+            return True
+        result = self.exporter.export(data, timeout_millis=timeout_s * 1000)
+        if result is not MetricExportResult.SUCCESS:
+            self._export_failures.inc()
+            log.warning("metric_export_failed", resources=len(data.resource_metrics))
+            return False
+        return True
+
+    def shutdown(self) -> None:
+        self.export()
+        for meters in list(self._meters.values()):
+            meters.provider.shutdown()
+        if self.exporter is not None:
+            self.exporter.shutdown()

@@ -1,0 +1,81 @@
+"""Bad input at the command line: one line on stderr naming the file and the problem, exit
+code 2, no traceback; what could be read is not lost."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import FIXTURES
+
+HTTP1 = FIXTURES / "http1.pcap"
+
+
+def trawl(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "trawl", *args], capture_output=True, text=True, timeout=120)
+
+
+def assert_one_line_error(result: subprocess.CompletedProcess[str], *fragments: str) -> str:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+def test_truncated_pcap_prints_what_it_could_then_fails(tmp_path: Path) -> None:
+    truncated = tmp_path / "truncated.pcap"
+    data = HTTP1.read_bytes()
+    truncated.write_bytes(data[: len(data) * 3 // 4])
+    result = trawl("analyze", str(truncated), "--json")
+    assert_one_line_error(result, str(truncated), "truncated capture", "byte offset")
+    calls = [json.loads(line) for line in result.stdout.splitlines()]
+    whole = [json.loads(line) for line in trawl("analyze", str(HTTP1), "--json").stdout.splitlines()]
+    assert 0 < len(calls) <= len(whole)
+    assert {c["path"] for c in calls} <= {c["path"] for c in whole}
+
+
+@pytest.mark.parametrize("command", ["analyze", "up"])
+def test_not_a_capture(tmp_path: Path, command: str) -> None:
+    bogus = tmp_path / "notes.txt"
+    bogus.write_text("these are not packets\n")
+    args = [command, str(bogus)] if command == "analyze" else [command, "--pcap", str(bogus)]
+    assert_one_line_error(trawl(*args), str(bogus), "not a pcap or pcapng file")
+
+
+def test_missing_capture(tmp_path: Path) -> None:
+    assert_one_line_error(trawl("analyze", str(tmp_path / "absent.pcap")), "absent.pcap", "cannot read capture")
+
+
+def test_rules_with_cel_syntax_error(tmp_path: Path) -> None:
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(
+        "rules:\n"
+        "  - name: fine\n"
+        "    condition: 'call.protocol == \"http\"'\n"
+        "  - name: broken\n"
+        "    condition: 'call.status >= '\n"
+    )
+    line = assert_one_line_error(trawl("up", "--pcap", str(HTTP1), "--rules", str(rules)), f"{rules}:5", "broken")
+    assert "CEL" in line
+    config = tmp_path / "alerter.yaml"
+    config.write_text(f"alerter:\n  rules_file: {rules}\n")
+    assert_one_line_error(trawl("alerter", "--config", str(config)), f"{rules}:5", "CEL")
+
+
+def test_bad_config_value_names_file_and_line(tmp_path: Path) -> None:
+    config = tmp_path / "trawl.yaml"
+    config.write_text("node: n1\ndissector:\n  max_flows: -1\n")
+    assert_one_line_error(trawl("analyze", str(HTTP1), "--config", str(config)), f"{config}:3", "max_flows")
+
+
+def test_bad_identity_snapshot(tmp_path: Path) -> None:
+    snapshot = tmp_path / "snapshot.json"
+    snapshot.write_text("{not json")
+    assert_one_line_error(trawl("analyze", str(HTTP1), "--identity", str(snapshot)), str(snapshot))

@@ -1,0 +1,158 @@
+"""The Enricher exporting to a real OTLP receiver (gRPC and HTTP) on loopback."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
+from tests.unit.test_otel_spans import T0, make_call
+from trawl.enricher.config import EnricherSettings
+from trawl.enricher.logic import Enricher, build_enricher, enricher_from_settings
+from trawl.v1.calls_pb2 import ApiCall
+
+SNAPSHOT = Path(__file__).resolve().parent.parent / "fixtures" / "identity_snapshot.json"
+AT = 1_795_687_200_000_000_000  # 2026-11-26T10:00:00Z, when the fixture's pods are all up
+
+
+@pytest.fixture
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as running:
+        yield running
+
+
+@pytest.fixture(autouse=True)
+def no_otel_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_PROTOCOL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def cluster_call(call_id: str = "call-1", trace: bool = False) -> ApiCall:
+    """checkout (pod IP) -> payments (ClusterIP), as the dissector sends it: addresses only."""
+    call = make_call(id=call_id, path="/charges/1234", status="201", method="POST")
+    for endpoint in (call.src, call.dst):
+        ip, port = endpoint.ip, endpoint.port
+        endpoint.Clear()
+        endpoint.ip, endpoint.port = ip, port
+    call.src.ip, call.dst.ip, call.dst.port = "10.244.1.12", "10.96.40.5", 443
+    shift = AT - T0
+    for message in (call.request, call.response):
+        message.ts += shift
+        message.end_ts += shift
+    if trace:
+        call.trace_id, call.parent_span_id = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    return call
+
+
+def make_enricher(**overrides: object) -> Enricher:
+    settings = EnricherSettings.load(
+        None, node="test", cluster="prod", identity_snapshot=SNAPSHOT, export_schedule_delay_ms=50, **overrides
+    )
+    return enricher_from_settings(settings)
+
+
+def by_kind(spans: list[ReceivedSpan]) -> dict[str, ReceivedSpan]:
+    return {span.kind: span for span in spans}
+
+
+def test_grpc_export_of_an_enriched_call(receiver: OtlpReceiver) -> None:
+    enricher = make_enricher(otlp_endpoint=receiver.grpc_endpoint, otlp_headers={"x-tenant": "team-a"})
+    call = enricher.enrich(cluster_call(trace=True))
+    assert (call.src.workload, call.dst.workload, call.dst.service) == ("checkout", "payments", "payments")
+    enricher.export([call])
+    assert enricher.flush()
+    spans = by_kind(receiver.wait_for_spans(2))
+    client, server = spans["CLIENT"], spans["SERVER"]
+    assert client.trace_id == server.trace_id == "4bf92f3577b34da6a3ce929d0e0e4736"
+    assert client.parent_span_id == "00f067aa0ba902b7"
+    assert server.parent_span_id == client.span_id
+    assert client.name == server.name == "POST"
+    assert client.scope == "trawl.enricher"
+    assert client.resource["service.name"] == "checkout"
+    assert client.resource["k8s.deployment.name"] == "checkout"
+    assert client.resource["k8s.pod.name"] == "checkout-7d9f8b6c5d-x2k4q"
+    assert client.resource["k8s.cluster.name"] == "prod"
+    assert server.resource["service.name"] == "payments"
+    assert server.resource["service.namespace"] == "shop"
+    assert server.resource["k8s.deployment.name"] == "payments"
+    assert client.attributes["http.request.method"] == "POST"
+    assert client.attributes["http.response.status_code"] == 201
+    assert client.attributes["url.template"] == "/charges/{id}"
+    assert server.attributes["url.path"] == "/charges/1234"
+    assert server.attributes["client.address"] == "10.244.1.12"
+    assert (client.start_ns, client.end_ns) == (call.request.ts, call.response.end_ts)
+    assert server.status_code == "UNSET"
+    assert all(headers.get("x-tenant") == "team-a" for headers in receiver.headers)
+
+    points = receiver.wait_for_points(2)
+    names = {(p.metric, p.resource["service.name"]) for p in points}
+    assert names == {("http.server.request.duration", "payments"), ("http.client.request.duration", "checkout")}
+    client_point = next(p for p in points if p.metric == "http.client.request.duration")
+    assert client_point.unit == "s"
+    assert client_point.count == 1
+    assert client_point.attributes["server.address"] == "payments"
+    enricher.shutdown()
+    assert enricher.metrics.counter("trawl_enricher_spans_exported_total", "").total() == 2
+
+
+def test_http_protobuf_export(receiver: OtlpReceiver) -> None:
+    enricher = make_enricher(otlp_endpoint=receiver.http_endpoint, otlp_protocol="http/protobuf")
+    calls = [enricher.enrich(cluster_call(f"call-{index}")) for index in range(3)]
+    enricher.export(calls)
+    enricher.shutdown()
+    spans = receiver.wait_for_spans(6)
+    assert {span.kind for span in spans} == {"CLIENT", "SERVER"}
+    assert len({span.trace_id for span in spans}) == 3
+    assert "/v1/traces" in receiver.http_paths
+    assert "/v1/metrics" in receiver.http_paths
+
+
+def test_reexport_is_idempotent(receiver: OtlpReceiver) -> None:
+    enricher = make_enricher(otlp_endpoint=receiver.grpc_endpoint)
+    call = enricher.enrich(cluster_call())
+    enricher.export([call])
+    enricher.export([ApiCall.FromString(call.SerializeToString())])
+    enricher.shutdown()
+    spans = receiver.wait_for_spans(4)
+    assert len({(span.trace_id, span.span_id) for span in spans}) == 2
+
+
+def test_unreachable_endpoint_counts_the_loss() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    enricher = make_enricher(otlp_endpoint=f"127.0.0.1:{port}", otlp_timeout_s=0.5)
+    enricher.export([enricher.enrich(cluster_call())])
+    assert not enricher.flush()
+    enricher.shutdown()
+    assert enricher.metrics.counter("trawl_enricher_span_export_failures_total", "").total() == 2
+
+
+def test_build_enricher_for_trawl_analyze(receiver: OtlpReceiver) -> None:
+    enricher = build_enricher(SNAPSHOT, receiver.grpc_endpoint, cluster="prod")
+    assert enricher.exporting
+    call = enricher.enrich(cluster_call())
+    assert call.dst.cluster == "prod"
+    enricher.export([call])
+    enricher.shutdown()
+    assert len(receiver.wait_for_spans(2)) == 2
+    offline = build_enricher(None, None)
+    assert not offline.exporting
+    named = offline.enrich(cluster_call())
+    assert (named.src.name, named.dst.name) == ("10.244.1.12", "10.96.40.5")
+    offline.export([named])
+    offline.shutdown()
+
+
+def test_build_enricher_from_loaded_settings(receiver: OtlpReceiver) -> None:
+    settings = EnricherSettings.load(None, node="test", identity_snapshot=SNAPSHOT)
+    enricher = build_enricher(settings, receiver.grpc_endpoint, cluster="staging")
+    assert enricher.settings.cluster == "staging"
+    call = enricher.enrich(cluster_call())
+    assert (call.src.cluster, call.src.workload) == ("staging", "checkout")
+    enricher.export([call])
+    enricher.shutdown()
+    assert len(receiver.wait_for_spans(2)) == 2
