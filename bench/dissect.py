@@ -1,0 +1,236 @@
+"""Dissection speed: Trawl's dissector against tshark on the same large capture.
+
+    python bench/dissect.py [--packets 200000] [--dns-share 0.1] [--keep FILE] [--profile]
+
+Generates a capture (HTTP/1.1 keep-alive connections, each request / response / ACK, plus a
+share of DNS over UDP), then times on the same file, in the same run:
+
+1. the dissection stage alone: `Dissector.feed` over pre-read PacketBatches of 1000 records
+   (what one dissector replica does with the bus taken away);
+2. `trawl analyze FILE --json > /dev/null` end to end (file reading, dissection, enrichment,
+   JSON output), when the CLI is installed;
+3. `tshark -r FILE -Y "http or dns" -T fields ...` as the issue specifies.
+
+It prints packets/s and calls/s of each and the ratios. `--profile` runs the dissection stage
+under cProfile and prints the top functions instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import dpkt
+
+from trawl.dissector.config import DissectorSettings
+from trawl.dissector.engine import Dissector
+from trawl.pcap import LINKTYPE_ETHERNET, RECORD_HEADER
+from trawl.v1.packets_pb2 import PacketBatch
+
+ETH_HEADER = b"\x02\x00\x00\x00\x00\x02\x02\x00\x00\x00\x00\x01\x08\x00"
+BATCH_PACKETS = 1000
+
+
+def say(text: str = "") -> None:
+    """A benchmark prints its figures (stdout); tools and services log instead."""
+    sys.stdout.write(text + "\n")
+
+
+def _frame(src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, payload: bytes) -> bytes:
+    segment = dpkt.tcp.TCP(sport=sport, dport=dport, seq=seq & 0xFFFFFFFF, ack=ack & 0xFFFFFFFF, flags=flags, win=502)
+    segment.data = payload
+    packet = dpkt.ip.IP(src=src, dst=dst, p=6, ttl=64, data=segment)
+    packet.len = 20 + len(bytes(segment))
+    return ETH_HEADER + bytes(packet)
+
+
+def _udp_frame(src: bytes, dst: bytes, sport: int, dport: int, payload: bytes) -> bytes:
+    datagram = dpkt.udp.UDP(sport=sport, dport=dport, ulen=8 + len(payload), data=payload)
+    packet = dpkt.ip.IP(src=src, dst=dst, p=17, ttl=64, data=datagram)
+    packet.len = 20 + 8 + len(payload)
+    return ETH_HEADER + bytes(packet)
+
+
+def _dns_pair(ident: int, name: str) -> tuple[bytes, bytes]:
+    query = dpkt.dns.DNS(id=ident, qd=[dpkt.dns.DNS.Q(name=name, type=dpkt.dns.DNS_A)])
+    answer = dpkt.dns.DNS(
+        id=ident,
+        op=dpkt.dns.DNS_RA | dpkt.dns.DNS_QR,
+        qd=[dpkt.dns.DNS.Q(name=name, type=dpkt.dns.DNS_A)],
+        an=[dpkt.dns.DNS.RR(name=name, type=dpkt.dns.DNS_A, ttl=30, ip=bytes([10, 96, ident & 0xFF, 7]))],
+    )
+    return bytes(query), bytes(answer)
+
+
+def generate(path: Path, packets: int, requests_per_connection: int = 50, dns_share: float = 0.1) -> None:
+    """Write a pcap of about `packets` frames; HTTP exchanges are 3 frames, DNS ones 2."""
+    ACK, PSH, SYN, FIN = dpkt.tcp.TH_ACK, dpkt.tcp.TH_PUSH, dpkt.tcp.TH_SYN, dpkt.tcp.TH_FIN
+    ts = 1_700_000_000.0
+    # One DNS exchange (2 frames) every `dns_every` HTTP exchanges (3 frames) gives that share of frames.
+    dns_every = max(1, round(2 * (1 - dns_share) / (3 * dns_share))) if dns_share > 0 else 0
+    written = 0
+    connection = 0
+    body = b'{"items":[1,2,3],"next":null,"total":3}'
+    with path.open("wb") as handle:
+        writer = dpkt.pcap.Writer(handle, linktype=LINKTYPE_ETHERNET)
+
+        def emit(frame: bytes) -> None:
+            nonlocal ts, written
+            writer.writepkt(frame, ts=ts)
+            ts += 0.00002
+            written += 1
+
+        while written < packets:
+            connection += 1
+            client = bytes([10, 1, (connection >> 8) & 0xFF, connection & 0xFF])
+            server = bytes([10, 2, 0, 1 + connection % 20])
+            cport = 20000 + connection % 40000
+            cseq, sseq = 1000, 900000
+            emit(_frame(client, server, cport, 8080, cseq, 0, SYN, b""))
+            emit(_frame(server, client, 8080, cport, sseq, cseq + 1, SYN | ACK, b""))
+            cseq, sseq = cseq + 1, sseq + 1
+            emit(_frame(client, server, cport, 8080, cseq, sseq, ACK, b""))
+            for index in range(requests_per_connection):
+                request = (
+                    b"GET /api/v1/orders/%d?page=%d HTTP/1.1\r\nHost: orders.shop.svc:8080\r\n"
+                    b"User-Agent: bench/1.0\r\nAccept: application/json\r\n"
+                    b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n"
+                ) % (connection, index)
+                response = (
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+                    b"Date: Tue, 14 Nov 2023 22:13:20 GMT\r\n\r\n%s"
+                ) % (len(body), body)
+                emit(_frame(client, server, cport, 8080, cseq, sseq, PSH | ACK, request))
+                cseq += len(request)
+                emit(_frame(server, client, 8080, cport, sseq, cseq, PSH | ACK, response))
+                sseq += len(response)
+                emit(_frame(client, server, cport, 8080, cseq, sseq, ACK, b""))
+                if dns_every and index % dns_every == 0:
+                    name = f"svc-{index % 7}.shop.svc.cluster.local"
+                    query, answer = _dns_pair((connection * 64 + index) & 0xFFFF, name)
+                    emit(_udp_frame(client, b"\x0a\x60\x00\x0a", 30000 + index, 53, query))
+                    emit(_udp_frame(b"\x0a\x60\x00\x0a", client, 53, 30000 + index, answer))
+            emit(_frame(client, server, cport, 8080, cseq, sseq, FIN | ACK, b""))
+            emit(_frame(server, client, 8080, cport, sseq, cseq + 1, FIN | ACK, b""))
+            emit(_frame(client, server, cport, 8080, cseq + 1, sseq + 1, ACK, b""))
+
+
+def read_batches(path: Path) -> tuple[list[PacketBatch], int]:
+    batches: list[PacketBatch] = []
+    records: list[bytes] = []
+    count = 0
+    with path.open("rb") as handle:
+        reader = dpkt.pcap.Reader(handle)
+        for ts, frame in reader:
+            ts_ns = round(ts * 1_000_000_000)
+            seconds, nanos = divmod(ts_ns, 1_000_000_000)
+            records.append(RECORD_HEADER.pack(seconds, nanos, len(frame), len(frame)) + bytes(frame))
+            count += 1
+            if len(records) == BATCH_PACKETS:
+                batches.append(_batch(records, len(batches) + 1))
+                records = []
+    if records:
+        batches.append(_batch(records, len(batches) + 1))
+    return batches, count
+
+
+def _batch(records: list[bytes], sequence: int) -> PacketBatch:
+    return PacketBatch(
+        node="bench",
+        link_type=LINKTYPE_ETHERNET,
+        sequence=sequence,
+        nanosecond=True,
+        records=b"".join(records),
+        packet_count=len(records),
+    )
+
+
+def dissect(batches: list[PacketBatch]) -> tuple[float, dict[str, int]]:
+    dissector = Dissector(DissectorSettings.load(None, node="bench"), "bench")
+    started = time.perf_counter()
+    calls = 0
+    for packet_batch in batches:
+        calls += len(dissector.feed(packet_batch))
+    calls += len(dissector.finish())
+    elapsed = time.perf_counter() - started
+    counters = dissector.counters
+    counters["returned"] = calls
+    return elapsed, counters
+
+
+def run_command(command: list[str]) -> float | None:
+    started = time.perf_counter()
+    result = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+    if result.returncode != 0:
+        say(f"  {' '.join(command[:3])}... failed: {result.stderr.decode(errors='replace')[-300:]}")
+        return None
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--packets", type=int, default=200_000)
+    parser.add_argument("--dns-share", type=float, default=0.1, help="share of the frames that are DNS")
+    parser.add_argument("--keep", type=Path, help="write the generated capture here (and keep it)")
+    parser.add_argument("--profile", action="store_true", help="profile the dissection stage instead")
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="trawl-bench-"))
+    path = args.keep or workdir / "bench.pcap"
+    try:
+        started = time.perf_counter()
+        generate(path, args.packets, dns_share=args.dns_share)
+        batches, packets = read_batches(path)
+        say(
+            f"capture: {path} ({packets} packets, {path.stat().st_size >> 20} MiB), made in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+        if args.profile:
+            profiler = cProfile.Profile()
+            profiler.enable()
+            dissect(batches)
+            profiler.disable()
+            pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
+            return 0
+        elapsed, counters = dissect(batches)
+        calls = counters["returned"]
+        http_calls = counters.get("calls_http", 0)
+        rows = [("dissector stage (Dissector.feed)", elapsed)]
+        say(f"calls: {calls} ({http_calls} http, {counters.get('calls_dns', 0)} dns)")
+        trawl = shutil.which("trawl") or str(Path(sys.executable).parent / "trawl")
+        if Path(trawl).exists():
+            analyze = run_command(["sh", "-c", f"{trawl} analyze {path} --json > /dev/null"])
+            if analyze is not None:
+                rows.append(("trawl analyze --json > /dev/null", analyze))
+        tshark_time = None
+        if shutil.which("tshark"):
+            tshark_time = run_command(
+                [
+                    "tshark", "-r", str(path), "-Y", "http or dns", "-T", "fields",
+                    "-e", "http.request.method", "-e", "http.request.uri", "-e", "http.response.code",
+                    "-e", "dns.qry.name",
+                ]
+            )  # fmt: skip
+            if tshark_time is not None:
+                rows.append(("tshark -Y 'http or dns' -T fields", tshark_time))
+        say(f"{'':36} {'seconds':>8} {'packets/s':>11} {'calls/s':>10} {'http calls/s':>13} {'vs tshark':>9}")
+        for name, seconds in rows:
+            ratio = f"{tshark_time / seconds:8.1f}x" if tshark_time else "        -"
+            say(
+                f"{name:36} {seconds:8.2f} {packets / seconds:11,.0f} {calls / seconds:10,.0f} "
+                f"{http_calls / seconds:13,.0f} {ratio}"
+            )
+        return 0
+    finally:
+        if args.keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

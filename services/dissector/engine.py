@@ -1,0 +1,547 @@
+"""The dissector's domain logic, without a bus: packet batches in, `ApiCall`s out.
+
+    dissector = Dissector(settings, node="node-1")
+    calls = dissector.feed(batch)      # a PacketBatch
+    calls += dissector.expire(now_ns)  # timeouts (also run by feed as packet time advances)
+    calls += dissector.finish()        # end of input: every flow ends, lone requests -> no_response
+
+Per packet: link layer -> IP (fragments reassembled) -> TCP reassembly (`tcp.TcpTable`), UDP
+flows, or the ICMP tracker. A new TCP flow's first bytes are held until a protocol is decided
+(`registry` probes: content first, port hints second, within `detection_window_bytes`); a flow
+whose start was not captured may be turned around when its content says so. Unknown TCP flows
+are still reassembled for the diagnostics (`tcp` calls) but their bytes go nowhere.
+
+A parser that raises `ProtocolError` (or anything else: a parser bug must not stop the service)
+has its flow skipped from then on; the error is counted (`parse_errors`, and the metric
+`trawl_parse_errors_total{protocol}`) and logged once with the flow. Every call is redacted
+before it is returned.
+
+Time: "now" is packet time (the newest timestamp seen), so a replayed capture times out the
+way it did live; `expire` is run from `feed` each second of packet time, and by the service
+while no packets arrive.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+from trawl.dissector.config import DissectorSettings
+from trawl.dissector.layers import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PacketDecoder, ip_text
+from trawl.dissector.protocols import registry
+from trawl.dissector.protocols.base import (
+    DatagramParser,
+    Direction,
+    FlowInfo,
+    ParserLimits,
+    ProtocolError,
+    ProtocolSpec,
+    StreamParser,
+)
+from trawl.dissector.redact import Redactor
+from trawl.dissector.tcp import TcpFlow, TcpTable, flow_text
+from trawl.logs import get_logger
+from trawl.metrics import Registry
+from trawl.pcap import LINKTYPE_ETHERNET, RECORD_HEADER
+from trawl.v1.calls_pb2 import ApiCall
+from trawl.v1.packets_pb2 import PacketBatch
+
+log = get_logger(__name__)
+
+C2S = Direction.CLIENT_TO_SERVER
+S2C = Direction.SERVER_TO_CLIENT
+SECOND_NS = 1_000_000_000
+UDP_IDLE_TIMEOUT_NS = 60 * SECOND_NS
+
+
+class _StreamState:
+    """The engine's per-TCP-flow state (TcpFlow.user)."""
+
+    __slots__ = ("chunks", "detecting", "marks", "parser", "protocol", "sizes")
+
+    def __init__(self) -> None:
+        self.detecting = True
+        # Anomalies seen before a parser existed: (direction, note, stream offset).
+        self.marks: list[tuple[Direction, str, int]] = []
+        self.chunks: list[tuple[Direction, bytes, int]] = []
+        self.sizes = [0, 0]
+        self.parser: StreamParser | None = None
+        self.protocol = ""
+
+
+class _UdpFlow:
+    __slots__ = ("errors", "info", "keys", "last_ts_ns", "parser", "protocol")
+
+    def __init__(self, info: FlowInfo, keys: tuple[tuple[object, ...], tuple[object, ...]], ts_ns: int) -> None:
+        self.info = info
+        self.keys = keys
+        self.last_ts_ns = ts_ns
+        self.parser: DatagramParser | None = None
+        self.protocol = ""
+        self.errors = 0
+
+
+class Dissector:
+    """Sans-IO dissection of packet batches from any number of nodes and shards."""
+
+    def __init__(self, settings: DissectorSettings, node: str, metrics: Registry | None = None) -> None:
+        self.settings = settings
+        self.node = node
+        self.metrics = metrics
+        self._counters: dict[str, int] = {}
+        self._out: list[ApiCall] = []
+        self.limits = ParserLimits(
+            max_body_bytes=settings.max_body_bytes,
+            max_header_bytes=settings.max_header_bytes,
+            max_pending_requests=settings.max_pending_requests,
+            request_timeout_ns=int(settings.request_timeout_s * SECOND_NS),
+            redact_headers=frozenset(name.lower() for name in settings.redact_headers),
+            redact_fields=frozenset(name.lower() for name in settings.redact_fields),
+        )
+        self.redactor = Redactor(settings.redact_headers, settings.redact_fields)
+        self.tcp_specs = registry.tcp_specs()
+        self.udp_specs = registry.udp_specs()
+        self.decoder = PacketDecoder(
+            max_fragments=settings.max_ip_fragments,
+            max_fragment_bytes=settings.max_ip_fragment_bytes,
+            fragment_timeout_ns=int(settings.ip_fragment_timeout_s * SECOND_NS),
+            counters=self._counters,
+        )
+        server_ports: set[int] = set()
+        for spec in self.tcp_specs:
+            server_ports |= spec.ports
+        self.tcp = TcpTable(
+            sink=self,
+            out=self._out,
+            counters=self._counters,
+            max_flows=settings.max_flows,
+            max_bytes_per_flow=settings.max_bytes_per_flow,
+            max_total_buffered_bytes=settings.max_total_buffered_bytes,
+            idle_timeout_ns=int(settings.flow_idle_timeout_s * SECOND_NS),
+            handshake_timeout_ns=int(settings.handshake_timeout_s * SECOND_NS),
+            server_ports=frozenset(server_ports),
+            on_flow_created=self._flow_created,
+        )
+        self.udp_flows: dict[tuple[object, ...], tuple[_UdpFlow, Direction]] = {}
+        self.udp_lru: OrderedDict[int, _UdpFlow] = OrderedDict()
+        self.icmp: dict[str, Any] = {}
+        self._icmp_errors = 0
+        self.clock_ns = 0
+        self._last_expire_ns = 0
+        self._window = settings.detection_window_bytes
+
+    # -- public API ----------------------------------------------------------------------------
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """Cumulative counts (packets, flows, gaps, limits hit, parse errors, calls...)."""
+        snapshot = dict(self._counters)
+        snapshot["tcp_flows_active"] = len(self.tcp)
+        snapshot["udp_flows_active"] = len(self.udp_lru)
+        snapshot["tcp_buffered_bytes"] = self.tcp.total_buffered
+        return snapshot
+
+    def feed(self, batch: PacketBatch) -> list[ApiCall]:
+        """Dissect one batch; returns the calls it completed (redacted)."""
+        node = batch.node or self.node
+        shard = batch.shard
+        link_type = batch.link_type
+        records = batch.records
+        scale = 1 if batch.nanosecond else 1000
+        decode = self.decoder.decode
+        segment = self.tcp.segment
+        unpack = RECORD_HEADER.unpack_from
+        ethernet = link_type == LINKTYPE_ETHERNET
+        offset = 0
+        end = len(records)
+        packets = 0
+        clock = self.clock_ns
+        while offset < end:
+            if offset + 16 > end:
+                self._count("malformed_batches")
+                break
+            seconds, frac, incl, _ = unpack(records, offset)
+            offset += 16
+            if offset + incl > end:
+                self._count("malformed_batches")
+                break
+            ts_ns = seconds * SECOND_NS + frac * scale
+            start = offset
+            offset += incl
+            packets += 1
+            if ts_ns > clock:
+                clock = ts_ns
+            # Fast path for the common frame (Ethernet, IPv4 without options or fragments, TCP):
+            # no copy of the frame, no decoder call. Anything else takes the general decoder.
+            if (
+                ethernet
+                and incl >= 54
+                and records[start + 12] == 8
+                and records[start + 13] == 0
+                and records[start + 14] == 0x45
+                and records[start + 23] == PROTO_TCP
+                and not (records[start + 20] & 0x3F or records[start + 21])
+            ):
+                ip_end = start + 14 + ((records[start + 16] << 8) | records[start + 17])
+                if start + 54 <= ip_end <= offset:
+                    segment(
+                        node,
+                        shard,
+                        records[start + 26 : start + 30],
+                        records[start + 30 : start + 34],
+                        records[start + 34 : ip_end],
+                        ts_ns,
+                    )
+                    continue
+            packet = decode(link_type, records[start:offset], ts_ns)
+            if packet is None:
+                continue
+            proto = packet.proto
+            if proto == PROTO_TCP:
+                segment(node, shard, packet.src, packet.dst, packet.payload, ts_ns)
+            elif proto == PROTO_UDP:
+                self._udp(node, shard, packet.src, packet.dst, packet.payload, ts_ns)
+            elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+                self._icmp(node, shard, packet.src, packet.dst, packet.payload, ts_ns, packet.version == 6)
+            else:
+                self._count("other_ip_protocols")
+        self._count("packets", packets)
+        self.clock_ns = clock
+        if clock - self._last_expire_ns >= SECOND_NS:
+            self._expire(clock)
+        return self._take()
+
+    def expire(self, now_ns: int) -> list[ApiCall]:
+        """Time out requests and flows as of `now_ns` (packet time)."""
+        self._expire(now_ns)
+        return self._take()
+
+    def finish(self) -> list[ApiCall]:
+        """End of input: every flow ends, pending requests become `no_response`."""
+        now = self.clock_ns
+        self.tcp.finish(now)
+        for flow in list(self.udp_lru.values()):
+            self._udp_end(flow, now)
+        self.udp_flows.clear()
+        self.udp_lru.clear()
+        for tracker in self.icmp.values():
+            self._guard("icmp", "icmp", tracker.finish)
+        return self._take()
+
+    # -- shared helpers ------------------------------------------------------------------------
+
+    def _count(self, name: str, amount: int = 1) -> None:
+        self._counters[name] = self._counters.get(name, 0) + amount
+
+    def _take(self) -> list[ApiCall]:
+        out = self._out
+        if not out:
+            return []
+        calls = list(out)
+        out.clear()  # the TcpTable appends to this same list
+        apply = self.redactor.apply
+        counters = self._counters
+        for call in calls:
+            apply(call)
+            key = "calls_" + call.protocol
+            counters[key] = counters.get(key, 0) + 1
+        counters["calls"] = counters.get("calls", 0) + len(calls)
+        return calls
+
+    def _parse_error(self, protocol: str, where: str, exc: BaseException, log_it: bool = True) -> None:
+        self._count("parse_errors")
+        if self.metrics is not None:
+            self.metrics.counter("trawl_parse_errors_total", "Flows skipped because a parser failed").inc(
+                protocol=protocol
+            )
+        if not log_it:
+            return
+        if isinstance(exc, ProtocolError):
+            log.warning("parse_error", protocol=protocol, flow=where, error=str(exc))
+        else:
+            self._count("parser_bugs")
+            log.error("parser_failed", protocol=protocol, flow=where, error=repr(exc), exc_info=exc)
+
+    def _guard(self, protocol: str, where: str, action: Callable[..., list[ApiCall]], *args: Any) -> bool:
+        """Run one parser call; False (counted, logged) when it failed."""
+        try:
+            calls = action(*args)
+        except Exception as exc:  # ProtocolError, or a parser bug: neither may stop the service
+            self._parse_error(protocol, where, exc)
+            return False
+        if calls:
+            self._out.extend(calls)
+        return True
+
+    def _expire(self, now_ns: int) -> None:
+        self._last_expire_ns = now_ns
+        self.decoder.fragments.expire(now_ns)
+        self.tcp.expire(now_ns)
+        for flow in self.tcp.lru.values():
+            state = flow.user
+            if not isinstance(state, _StreamState) or state.parser is None:
+                continue
+            if not self._guard(state.protocol, flow_text(flow.info), state.parser.expire, now_ns):
+                state.parser = None
+        stale: list[_UdpFlow] = []
+        for udp in self.udp_lru.values():
+            if now_ns - udp.last_ts_ns >= UDP_IDLE_TIMEOUT_NS:
+                stale.append(udp)
+            elif udp.parser is not None and not self._guard(
+                udp.protocol, flow_text(udp.info), udp.parser.expire, now_ns
+            ):
+                udp.parser = None
+        for udp in stale:
+            self._udp_end(udp, now_ns)
+            self._udp_remove(udp)
+        for tracker in self.icmp.values():
+            self._guard("icmp", "icmp", tracker.expire, now_ns)
+
+    # -- TCP: the StreamSink the TcpTable calls ------------------------------------------------
+
+    def _flow_created(self, flow: TcpFlow) -> None:
+        flow.user = _StreamState()
+
+    def stream_data(self, flow: TcpFlow, direction: Direction, data: bytes, ts_ns: int) -> None:
+        state: _StreamState = flow.user  # type: ignore[assignment]
+        parser = state.parser
+        if parser is not None:
+            try:
+                calls = parser.feed(direction, data, ts_ns)
+            except Exception as exc:  # as in _guard, inlined on the per-segment path
+                self._parser_failed(flow, state, exc)
+                return
+            if calls:
+                self._out.extend(calls)
+        elif state.detecting:
+            state.chunks.append((direction, data, ts_ns))
+            state.sizes[direction] += len(data)
+            self._detect(flow, state, final=False)
+
+    def stream_gap(self, flow: TcpFlow, direction: Direction, size: int, ts_ns: int) -> None:
+        state: _StreamState = flow.user  # type: ignore[assignment]
+        if state.detecting and self._detect(flow, state, final=True):
+            direction = direction.reverse  # the flow was just turned around
+        parser = state.parser
+        if parser is not None:
+            try:
+                calls = parser.gap(direction, size, ts_ns)
+            except Exception as exc:
+                self._parser_failed(flow, state, exc)
+                return
+            if calls:
+                self._out.extend(calls)
+
+    def stream_end(self, flow: TcpFlow, ts_ns: int) -> None:
+        state: _StreamState = flow.user  # type: ignore[assignment]
+        if state.detecting:
+            self._detect(flow, state, final=True)
+        parser = state.parser
+        if parser is not None:
+            state.parser = None
+            self._guard(state.protocol, flow_text(flow.info), parser.finish, ts_ns)
+
+    def stream_anomaly(self, flow: TcpFlow, direction: Direction, note: str, offset: int) -> None:
+        """Hand a reassembly anomaly to parsers that can place it on a call (an optional
+        `mark(direction, offset, note)` method); others only see it counted."""
+        state: _StreamState = flow.user  # type: ignore[assignment]
+        if state.detecting:
+            if len(state.marks) < 64:
+                state.marks.append((direction, note, offset))
+            return
+        mark = getattr(state.parser, "mark", None)
+        if mark is not None:
+            self._guard(state.protocol, flow_text(flow.info), mark, direction, offset, note)
+
+    def _parser_failed(self, flow: TcpFlow, state: _StreamState, exc: BaseException) -> None:
+        parser = state.parser
+        state.parser = None
+        self._parse_error(state.protocol, flow_text(flow.info), exc)
+        if parser is not None:
+            # What the parser completed before the bad bytes still counts (lone requests -> no_response).
+            try:
+                calls = parser.finish(flow.last_ts_ns)
+            except Exception:
+                return
+            for call in calls:
+                call.notes.append("parse-error")
+            self._out.extend(calls)
+
+    def _detect(self, flow: TcpFlow, state: _StreamState, final: bool) -> bool:
+        """Decide the flow's protocol if its first bytes allow; True if it turned the flow around."""
+        client = b"".join(chunk for direction, chunk, _ in state.chunks if direction == C2S)
+        server = b"".join(chunk for direction, chunk, _ in state.chunks if direction == S2C)
+        info = flow.info
+        swapped_info = FlowInfo(
+            info.transport, info.server_ip, info.server_port, info.client_ip, info.client_port, info.node, info.shard
+        )
+        best: ProtocolSpec | None = None
+        best_score = 0
+        best_swapped = False
+        for spec in self.tcp_specs:
+            score = self._probe(spec, client, server, info)
+            if score > best_score:
+                best, best_score, best_swapped = spec, score, False
+            if not flow.oriented_by_handshake:
+                score = self._probe(spec, server, client, swapped_info)
+                if score > best_score:
+                    best, best_score, best_swapped = spec, score, True
+        full = state.sizes[0] + state.sizes[1] >= self._window
+        if best_score >= 3:
+            pass
+        elif best_score == 2 and best is not None:
+            if not (final or full or all(size >= best.probe_bytes for size in state.sizes if size)):
+                return False
+        elif not (final or full):
+            return False
+        state.detecting = False
+        chunks, marks = state.chunks, state.marks
+        state.chunks, state.marks = [], []
+        if best is None or best.new_stream is None:
+            self._count("tcp_flows_unknown")
+            return False
+        if best_swapped:
+            self.tcp.swap(flow)
+            self._count("tcp_flows_turned_by_content")
+            chunks = [(direction.reverse, data, ts) for direction, data, ts in chunks]
+        where = flow_text(flow.info)
+        try:
+            parser = best.new_stream(flow.info, self.limits)
+        except Exception as exc:
+            self._parse_error(best.name, where, exc)
+            return best_swapped
+        state.parser = parser
+        state.protocol = best.name
+        self._count("tcp_flows_" + best.name)
+        mark = getattr(parser, "mark", None)
+        if mark is not None:
+            for direction, note, offset in marks:
+                self._guard(best.name, where, mark, direction.reverse if best_swapped else direction, offset, note)
+        if flow.midstream and chunks:
+            first_ts = chunks[0][2]
+            for direction in (C2S, S2C):
+                if not self._guard(best.name, where, parser.gap, direction, 0, first_ts):
+                    state.parser = None
+                    return best_swapped
+        for direction, data, ts in chunks:
+            self.stream_data(flow, direction, data, ts)
+            if state.parser is not parser:
+                break  # the parser failed on these bytes
+        return best_swapped
+
+    def _probe(self, spec: ProtocolSpec, client: bytes, server: bytes, info: FlowInfo) -> int:
+        try:
+            return spec.probe(client, server, info)
+        except Exception as exc:
+            self._parse_error(spec.name, flow_text(info), exc)
+            return 0
+
+    # -- UDP -----------------------------------------------------------------------------------
+
+    def _udp(self, node: str, shard: int, src: bytes, dst: bytes, payload: bytes, ts_ns: int) -> None:
+        if len(payload) < 8:
+            self._count("udp_malformed")
+            return
+        sport = (payload[0] << 8) | payload[1]
+        dport = (payload[2] << 8) | payload[3]
+        length = (payload[4] << 8) | payload[5]
+        data = payload[8:length] if 8 <= length <= len(payload) else payload[8:]
+        key = (node, src, sport, dst, dport)
+        entry = self.udp_flows.get(key)
+        if entry is None:
+            flow, direction = self._udp_new(node, shard, src, sport, dst, dport, data, ts_ns)
+        else:
+            flow, direction = entry
+            self.udp_lru.move_to_end(id(flow))
+        flow.last_ts_ns = ts_ns
+        parser = flow.parser
+        if parser is None:
+            return
+        try:
+            calls = parser.feed_datagram(direction, data, ts_ns)
+        except ProtocolError as exc:
+            # One bad datagram does not poison a UDP flow: each datagram stands alone. Each is
+            # counted; the flow is logged once.
+            self._parse_error(flow.protocol, flow_text(flow.info), exc, log_it=not flow.errors)
+            flow.errors += 1
+            return
+        except Exception as exc:
+            self._parse_error(flow.protocol, flow_text(flow.info), exc)
+            flow.parser = None
+            return
+        if calls:
+            self._out.extend(calls)
+
+    def _udp_new(
+        self, node: str, shard: int, src: bytes, sport: int, dst: bytes, dport: int, data: bytes, ts_ns: int
+    ) -> tuple[_UdpFlow, Direction]:
+        if len(self.udp_lru) >= self.settings.max_flows:
+            self._count("udp_flows_evicted_limit")
+            _, oldest = self.udp_lru.popitem(last=False)
+            self._udp_end(oldest, ts_ns)
+            self._udp_remove(oldest)
+        src_ip, dst_ip = ip_text(src), ip_text(dst)
+        as_client = FlowInfo("udp", src_ip, sport, dst_ip, dport, node, shard)
+        as_server = FlowInfo("udp", dst_ip, dport, src_ip, sport, node, shard)
+        best: ProtocolSpec | None = None
+        best_score = 0
+        src_is_client = True
+        for spec in self.udp_specs:
+            score = self._probe(spec, data, b"", as_client)
+            if score > best_score:
+                best, best_score, src_is_client = spec, score, True
+            score = self._probe(spec, b"", data, as_server)
+            if score > best_score:
+                best, best_score, src_is_client = spec, score, False
+        if best is None:
+            # Unknown: orient by ports, as TCP does.
+            src_is_client = not (sport < dport and sport < 1024)
+        info = as_client if src_is_client else as_server
+        c2s_key = (node, src, sport, dst, dport) if src_is_client else (node, dst, dport, src, sport)
+        s2c_key = (c2s_key[0], c2s_key[3], c2s_key[4], c2s_key[1], c2s_key[2])
+        flow = _UdpFlow(info, (c2s_key, s2c_key), ts_ns)
+        if best is not None and best.new_datagram is not None:
+            try:
+                flow.parser = best.new_datagram(info, self.limits)
+                flow.protocol = best.name
+                self._count("udp_flows_" + best.name)
+            except Exception as exc:
+                self._parse_error(best.name, flow_text(info), exc)
+        else:
+            self._count("udp_flows_unknown")
+        self.udp_flows[c2s_key] = (flow, C2S)
+        self.udp_flows[s2c_key] = (flow, S2C)
+        self.udp_lru[id(flow)] = flow
+        self._count("udp_flows")
+        return flow, C2S if src_is_client else S2C
+
+    def _udp_end(self, flow: _UdpFlow, ts_ns: int) -> None:
+        parser = flow.parser
+        if parser is not None:
+            flow.parser = None
+            self._guard(flow.protocol, flow_text(flow.info), parser.finish, ts_ns)
+
+    def _udp_remove(self, flow: _UdpFlow) -> None:
+        for key in flow.keys:
+            entry = self.udp_flows.get(key)
+            if entry is not None and entry[0] is flow:
+                del self.udp_flows[key]
+        self.udp_lru.pop(id(flow), None)
+
+    # -- ICMP ----------------------------------------------------------------------------------
+
+    def _icmp(self, node: str, shard: int, src: bytes, dst: bytes, payload: bytes, ts_ns: int, is_v6: bool) -> None:
+        tracker = self.icmp.get(node)
+        if tracker is None:
+            tracker = self.icmp[node] = registry.ICMP(node, self.limits)
+        try:
+            calls = tracker.feed_packet(ip_text(src), ip_text(dst), payload, ts_ns, is_v6)
+        except Exception as exc:
+            # ICMP has no flow to skip: every bad packet is counted, the first few are logged.
+            self._icmp_errors += 1
+            self._parse_error("icmp", f"{ip_text(src)} -> {ip_text(dst)}", exc, log_it=self._icmp_errors <= 10)
+            return
+        for call in calls:
+            call.shard = shard
+        self._out.extend(calls)

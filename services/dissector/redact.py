@@ -1,0 +1,234 @@
+"""Redaction: secrets are replaced by "[REDACTED]" before a call leaves the dissector.
+
+Applied to every call, whatever its protocol: header values whose name matches the header
+list; query parameters (in the path and in URL-valued headers such as Referer and Location)
+and the password of a URL's user information (`http://user:[REDACTED]@host/`); form fields,
+multipart/form-data fields and JSON object keys (also when written with `\\u` escapes) that
+match the field list; Redis AUTH/HELLO arguments. Names compare case-insensitively and may
+use shell wildcards (`*token*`). A JSON body cut short by the body limit is still redacted:
+keys are then found by pattern rather than by parsing. (A body whose Content-Encoding the
+parser could not decode never gets here: the HTTP parser drops it, since what cannot be read
+cannot be redacted.)
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import unquote_plus
+
+from trawl.v1.calls_pb2 import ApiCall, Message
+
+REDACTED = "[REDACTED]"
+_KEEP, _REDACT, _URL = 0, 1, 2
+URL_HEADERS = frozenset({"referer", "location", "content-location", "origin", "x-original-url", "x-rewrite-url"})
+# scheme://user:password@ (or //user:password@): group 1 up to the user, group 2 the password.
+URL_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#@:]*):([^/?#@]*)@")
+MULTIPART_FIELD = re.compile(
+    rb'(Content-Disposition:[^\r\n]*?\bname="([^"\r\n]*)"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)(.*?)(?=\r\n--|\Z)',
+    re.IGNORECASE | re.DOTALL,
+)
+JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.){1,256})"\s*:')
+JSON_PAIR = re.compile(rb'"((?:[^"\\]|\\.){1,256})"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\]\s]*)')
+
+
+class _Matcher:
+    """Exact names in a set, wildcard names in one compiled pattern."""
+
+    def __init__(self, names: Iterable[str]) -> None:
+        exact: set[str] = set()
+        patterns: list[str] = []
+        for name in names:
+            lowered = name.strip().lower()
+            if not lowered:
+                continue
+            if any(ch in lowered for ch in "*?["):
+                patterns.append(fnmatch.translate(lowered))
+            else:
+                exact.add(lowered)
+        self.exact = frozenset(exact)
+        self.pattern = re.compile("|".join(patterns)) if patterns else None
+        self.cache: dict[str, bool] = {}
+
+    def __call__(self, name: str) -> bool:
+        hit = self.cache.get(name)
+        if hit is None:
+            lowered = name.lower()
+            hit = lowered in self.exact or (self.pattern is not None and self.pattern.match(lowered) is not None)
+            if len(self.cache) < 4096:
+                self.cache[name] = hit
+        return hit
+
+
+class Redactor:
+    """Configured once from the dissector's settings, applied to each outgoing call."""
+
+    def __init__(self, headers: Iterable[str], fields: Iterable[str]) -> None:
+        self.header = _Matcher(headers)
+        self.field = _Matcher(fields)
+        # Per header name: REDACT, URL (may carry a query) or KEEP; the same few names recur.
+        self._header_kind: dict[str, int] = {}
+        # Per raw parameter name and per raw JSON key: does it name a secret?
+        self._param_hit: dict[str, bool] = {}
+        self._key_hit: dict[bytes, bool] = {}
+
+    def _kind(self, name: str) -> int:
+        kind = self._header_kind.get(name)
+        if kind is None:
+            kind = _REDACT if self.header(name) else _URL if name.lower() in URL_HEADERS else _KEEP
+            if len(self._header_kind) < 4096:
+                self._header_kind[name] = kind
+        return kind
+
+    def apply(self, call: ApiCall) -> ApiCall:
+        path = call.path
+        if "?" in path or "@" in path:
+            call.path = self.url(path)
+        http = call.http if call.HasField("http") else None
+        kinds = self._header_kind
+        for message in (call.request, call.response):
+            for header in message.headers:
+                name = header.name
+                kind = kinds.get(name)
+                if kind is None:
+                    kind = self._kind(name)
+                if kind == _REDACT:
+                    header.value = REDACTED
+                elif kind == _URL:
+                    value = header.value
+                    if "?" in value or "@" in value:
+                        header.value = self.url(value)
+            if message.body:
+                content_type = ""
+                if http is not None:
+                    content_type = http.request_content_type if message is call.request else http.response_content_type
+                self._body(message, content_type)
+        if call.protocol == "redis" and call.HasField("redis"):
+            args = call.redis.args
+            if args and args[0].upper() in ("AUTH", "HELLO") and len(args) > 1:
+                for index in range(1, len(args)):
+                    args[index] = REDACTED
+        return call
+
+    def url(self, target: str) -> str:
+        """Redact a URL's password (user information) and its matching query parameters."""
+        found = URL_USERINFO.match(target)
+        if found is not None:
+            target = f"{found.group(1)}:{REDACTED}@{target[found.end() :]}"
+        return self.query(target) if "?" in target else target
+
+    def query(self, target: str) -> str:
+        """Redact matching parameters of a URL or request target ("/p?a=1&token=x")."""
+        base, sep, query = target.partition("?")
+        if not sep:
+            return target
+        fragment = ""
+        if "#" in query:
+            query, _, fragment = query.partition("#")
+            fragment = "#" + fragment
+        return base + "?" + self._pairs(query) + fragment
+
+    def _pairs(self, encoded: str) -> str:
+        parts = []
+        changed = False
+        hits = self._param_hit
+        for pair in encoded.split("&"):
+            name, eq, _ = pair.partition("=")
+            hit = hits.get(name)
+            if hit is None:
+                hit = self.field(unquote_plus(name))
+                if len(hits) < 4096:
+                    hits[name] = hit
+            if eq and hit:
+                parts.append(f"{name}={REDACTED}")
+                changed = True
+            else:
+                parts.append(pair)
+        return "&".join(parts) if changed else encoded
+
+    def _body(self, message: Message, content_type: str) -> None:
+        body = message.body
+        kind = content_type.lower()
+        if "x-www-form-urlencoded" in kind:
+            text = body.decode("utf-8", "replace")
+            redacted = self._pairs(text.strip())
+            if redacted != text.strip():
+                message.body = redacted.encode()
+            return
+        if "multipart/form-data" in kind:
+            fields = MULTIPART_FIELD.sub(self._multipart_field, body)
+            if fields != body:
+                message.body = fields
+            return
+        first = body[:1]
+        if first.isspace():
+            first = body.lstrip()[:1]
+        if "json" in kind or first in (b"{", b"["):
+            self._json(message, body)
+
+    def _multipart_field(self, match: re.Match[bytes]) -> bytes:
+        name = match.group(2).decode("utf-8", "replace")
+        if self.field(name):
+            return match.group(1) + REDACTED.encode()
+        return match.group(0)
+
+    def _key_is_secret(self, key: bytes) -> bool:
+        """A JSON key as written (escapes and all) names a secret field."""
+        hit = self._key_hit.get(key)
+        if hit is None:
+            text = key.decode("utf-8", "replace")
+            if "\\" in text:
+                try:
+                    text = str(json.loads('"' + text + '"'))
+                except ValueError:
+                    text = text.replace("\\", "")
+            hit = self.field(text)
+            if len(self._key_hit) < 4096:
+                self._key_hit[key] = hit
+        return hit
+
+    def _json(self, message: Message, body: bytes) -> None:
+        # Most bodies hold no secret key: look at the keys before paying for a parse.
+        if not any(self._key_is_secret(key) for key in JSON_KEY.findall(body)):
+            return
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            message.body = self._json_fallback(body)
+            return
+        try:
+            changed = self._walk(document)
+        except RecursionError:
+            message.body = self._json_fallback(body)
+            return
+        if changed:
+            message.body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+
+    def _walk(self, node: Any) -> bool:
+        changed = False
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if self.field(str(key)):
+                    if value != REDACTED:
+                        node[key] = REDACTED
+                        changed = True
+                elif isinstance(value, dict | list):
+                    changed = self._walk(value) or changed
+        elif isinstance(node, list):
+            for item in node:
+                if isinstance(item, dict | list):
+                    changed = self._walk(item) or changed
+        return changed
+
+    def _json_fallback(self, body: bytes) -> bytes:
+        """A JSON body cut by the size limit (or not quite JSON): redact `"key": value` pairs."""
+
+        def replace(match: re.Match[bytes]) -> bytes:
+            if self._key_is_secret(match.group(1)):
+                return match.group(0)[: match.start(2) - match.start(0)] + b'"' + REDACTED.encode() + b'"'
+            return match.group(0)
+
+        return JSON_PAIR.sub(replace, body)

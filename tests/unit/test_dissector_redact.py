@@ -1,0 +1,122 @@
+"""Redaction: headers, query parameters, form and JSON fields, Redis AUTH; configurable lists."""
+
+from __future__ import annotations
+
+import json
+
+from trawl.dissector.config import DEFAULT_REDACT_FIELDS, DEFAULT_REDACT_HEADERS, DissectorSettings
+from trawl.dissector.redact import REDACTED, Redactor
+from trawl.v1.calls_pb2 import ApiCall
+
+DEFAULT = Redactor(DEFAULT_REDACT_HEADERS, DEFAULT_REDACT_FIELDS)
+
+
+def http_call(path: str = "/", body: bytes = b"", content_type: str = "", **headers: str) -> ApiCall:
+    call = ApiCall(protocol="http", path=path)
+    call.http.request_content_type = content_type
+    for name, value in headers.items():
+        call.request.headers.add(name=name.replace("_", "-"), value=value)
+    call.request.body = body
+    return call
+
+
+def header(call: ApiCall, name: str) -> str:
+    return {h.name.lower(): h.value for h in call.request.headers}[name.lower()]
+
+
+def test_secret_headers_are_redacted_case_insensitively() -> None:
+    call = DEFAULT.apply(
+        http_call(
+            Authorization="Bearer t0k3n",
+            COOKIE="a=b",
+            X_Api_Key="k",
+            X_Vault_Token="v",
+            Client_Secret_Hash="s",
+            Accept="text/html",
+        )
+    )
+    for name in ("Authorization", "COOKIE", "X-Api-Key", "X-Vault-Token", "Client-Secret-Hash"):
+        assert header(call, name) == REDACTED
+    assert header(call, "Accept") == "text/html"
+
+
+def test_query_parameters_in_the_path_and_in_url_headers() -> None:
+    call = http_call(
+        "/cb?code=1&access_token=abc&Password=p%20w&next=/home#frag",
+        Referer="https://a.example/login?user=bob&api_key=zzz",
+    )
+    DEFAULT.apply(call)
+    assert call.path == f"/cb?code=1&access_token={REDACTED}&Password={REDACTED}&next=/home#frag"
+    assert header(call, "Referer") == f"https://a.example/login?user=bob&api_key={REDACTED}"
+
+
+def test_json_body_fields_at_any_depth() -> None:
+    document = {"user": "bob", "credentials": {"password": "hunter2"}, "items": [{"client_secret": "x", "n": 1}]}
+    call = DEFAULT.apply(http_call(body=json.dumps(document).encode(), content_type="application/json"))
+    redacted = json.loads(call.request.body)
+    assert redacted == {"user": "bob", "credentials": REDACTED, "items": [{"client_secret": REDACTED, "n": 1}]}
+
+
+def test_truncated_json_is_redacted_by_pattern() -> None:
+    body = b'{"user": "bob", "password": "hunter2", "token": "abc", "note": "cut he'
+    call = DEFAULT.apply(http_call(body=body, content_type="application/json"))
+    assert b"hunter2" not in call.request.body and b"abc" not in call.request.body
+    assert b'"user": "bob"' in call.request.body
+
+
+def test_form_body_fields() -> None:
+    call = DEFAULT.apply(
+        http_call(body=b"user=bob&password=hunter2&remember=1", content_type="application/x-www-form-urlencoded")
+    )
+    assert call.request.body == f"user=bob&password={REDACTED}&remember=1".encode()
+
+
+def test_redis_auth_arguments() -> None:
+    call = ApiCall(protocol="redis")
+    call.redis.args.extend(["AUTH", "default", "s3cret"])
+    DEFAULT.apply(call)
+    assert list(call.redis.args) == ["AUTH", REDACTED, REDACTED]
+
+
+def test_lists_are_configurable() -> None:
+    settings = DissectorSettings.load(None, node="n", redact_headers=["x-internal-*"], redact_fields=["ssn"])
+    redactor = Redactor(settings.redact_headers, settings.redact_fields)
+    call = redactor.apply(http_call("/p?ssn=123&token=t", Authorization="Basic x", X_Internal_Id="42"))
+    assert header(call, "X-Internal-Id") == REDACTED
+    assert header(call, "Authorization") == "Basic x"  # no longer in the list
+    assert call.path == f"/p?ssn={REDACTED}&token=t"
+
+
+def test_non_secret_calls_are_left_alone() -> None:
+    call = http_call("/search?q=shoes", b'{"q": "shoes"}', "application/json", Accept="*/*")
+    before = call.SerializeToString()
+    DEFAULT.apply(call)
+    assert call.SerializeToString() == before
+
+
+def test_url_user_information_loses_its_password() -> None:
+    call = http_call("http://proxyuser:s3cret@example.com/x?q=1", Location="https://svc:p4ss@10.0.0.2:8081/next")
+    DEFAULT.apply(call)
+    assert call.path == f"http://proxyuser:{REDACTED}@example.com/x?q=1"
+    assert header(call, "Location") == f"https://svc:{REDACTED}@10.0.0.2:8081/next"
+
+
+def test_multipart_fields_are_redacted_files_kept() -> None:
+    body = (
+        b'--XyZ\r\nContent-Disposition: form-data; name="username"\r\n\r\nada\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="password"\r\n\r\nhunter2\r\n'
+        b'--XyZ\r\nContent-Disposition: form-data; name="avatar"; filename="a.png"\r\n'
+        b"Content-Type: image/png\r\n\r\n\x89PNG\r\n--XyZ--\r\n"
+    )
+    call = DEFAULT.apply(http_call(body=body, content_type="multipart/form-data; boundary=XyZ"))
+    assert b"hunter2" not in call.request.body
+    assert b'name="password"\r\n\r\n[REDACTED]\r\n--XyZ' in call.request.body
+    assert b"\r\n\r\nada\r\n" in call.request.body and b"\x89PNG" in call.request.body
+
+
+def test_json_keys_written_with_escapes_are_recognised() -> None:
+    body = b'{"user":"ada","pass\\u0077ord":"hunter2"}'
+    call = DEFAULT.apply(http_call(body=body, content_type="application/json"))
+    assert json.loads(call.request.body) == {"user": "ada", "password": REDACTED}
+    cut = DEFAULT.apply(http_call(body=body[:-2], content_type="application/json"))
+    assert b"hunter2" not in cut.request.body
