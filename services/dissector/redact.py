@@ -115,7 +115,7 @@ class Redactor:
 
     def url(self, target: str) -> str:
         """Redact a URL's password (user information) and its matching query parameters."""
-        found = URL_USERINFO.match(target)
+        found = URL_USERINFO.match(target) if "@" in target else None
         if found is not None:
             target = f"{found.group(1)}:{REDACTED}@{target[found.end() :]}"
         return self.query(target) if "?" in target else target
@@ -192,7 +192,12 @@ class Redactor:
 
     def _json(self, message: Message, body: bytes) -> None:
         # Most bodies hold no secret key: look at the keys before paying for a parse.
-        if not any(self._key_is_secret(key) for key in JSON_KEY.findall(body)):
+        hits = self._key_hit
+        for key in JSON_KEY.findall(body):
+            hit = hits.get(key)
+            if hit or (hit is None and self._key_is_secret(key)):
+                break
+        else:
             return
         try:
             document = json.loads(body)

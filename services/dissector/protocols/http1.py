@@ -65,8 +65,7 @@ REQUEST_RESYNC = re.compile(rb"((?:" + METHODS + rb") [^ \r\n]+ HTTP/1\.[01]\r\n
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-9]\d\d[ \r]")
 STATUS_RESYNC = re.compile(rb"(HTTP/1\.[01] [1-9]\d\d[ \r])")
 TOKEN_START = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-HEX32 = re.compile(r"[0-9a-f]{32}")
-HEX16 = re.compile(r"[0-9a-f]{16}")
+HEX_DIGITS = "0123456789abcdef"
 
 MAX_LINE = 8192  # a request/status line or a chunk-size line longer than this is not HTTP
 
@@ -233,7 +232,7 @@ def _trace_context(call: ApiCall, headers: dict[bytes, bytes]) -> None:
     traceparent = headers.get(b"traceparent")
     if traceparent is not None:
         parts = traceparent.decode("latin-1").strip().lower().split("-")
-        if len(parts) >= 4 and HEX32.fullmatch(parts[1]) and HEX16.fullmatch(parts[2]) and parts[1] != "0" * 32:
+        if len(parts) >= 4 and _hex(parts[1], 32) and _hex(parts[2], 16) and parts[1] != "0" * 32:
             call.trace_id = parts[1]
             call.parent_span_id = parts[2]
             state = headers.get(b"tracestate")
@@ -251,10 +250,15 @@ def _trace_context(call: ApiCall, headers: dict[bytes, bytes]) -> None:
         _b3_ids(call, trace.decode("latin-1").strip().lower(), span.decode("latin-1").strip().lower())
 
 
+def _hex(text: str, size: int) -> bool:
+    """`size` lower-case hex digits (str.strip is a C loop; a regex per id cost more per request)."""
+    return len(text) == size and not text.strip(HEX_DIGITS)
+
+
 def _b3_ids(call: ApiCall, trace: str, span: str) -> bool:
     if len(trace) == 16:
         trace = "0" * 16 + trace
-    if HEX32.fullmatch(trace) and HEX16.fullmatch(span):
+    if _hex(trace, 32) and _hex(span, 16):
         call.trace_id = trace
         call.parent_span_id = span
         return True
@@ -579,8 +583,8 @@ class Http1Parser:
         reader.wire = len(head)
         reader.interim = 0
         reader.start_body()
-        reader.encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
-        if b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        reader.encoding = _coding(headers)
+        if _chunked(headers):
             detail.chunked_request = True
             reader.state = CHUNK_SIZE
         else:
@@ -641,7 +645,7 @@ class Http1Parser:
         value = headers.get(b"content-type")
         if value is not None:
             detail.response_content_type = value.decode("utf-8", "replace")
-        encoding = headers.get(b"content-encoding", b"").decode("latin-1").strip().lower()
+        encoding = _coding(headers)
         if encoding:
             detail.content_encoding = encoding
         if self.resynced[Direction.SERVER_TO_CLIENT]:
@@ -668,7 +672,7 @@ class Http1Parser:
             self.resume_requests = bool(request_reader.buf)
         if exchange.head or status in (204, 304):
             self._response_done(reader, ts_ns)
-        elif b"chunked" in headers.get(b"transfer-encoding", b"").lower():
+        elif _chunked(headers):
             detail.chunked_response = True
             reader.state = CHUNK_SIZE
         else:
@@ -776,6 +780,16 @@ class Http1Parser:
     def _note(call: ApiCall, note: str) -> None:
         if note not in call.notes:
             call.notes.append(note)
+
+
+def _coding(headers: dict[bytes, bytes]) -> str:
+    value = headers.get(b"content-encoding")
+    return value.decode("latin-1").strip().lower() if value else ""
+
+
+def _chunked(headers: dict[bytes, bytes]) -> bool:
+    value = headers.get(b"transfer-encoding")
+    return value is not None and b"chunked" in value.lower()
 
 
 def _content_length(headers: dict[bytes, bytes]) -> int | None:

@@ -1,0 +1,143 @@
+"""`call_to_json` is protobuf's JSON mapping (proto field names), byte for byte: checked against
+json_format on the calls of every fixture capture and on generated calls of every shape, for
+both encoders (the compiled one, trawl/_calljson.c, and the Python one it falls back to)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from google.protobuf import json_format
+from google.protobuf.descriptor import FieldDescriptor
+from google.protobuf.message import Message
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from tests.conftest import FIXTURES
+from tests.unit.dissector_builders import dissect_capture
+from trawl import render
+from trawl.render import call_to_json
+from trawl.v1.calls_pb2 import ApiCall, Outcome
+
+ENCODERS: dict[str, Callable[[ApiCall], str]] = {"default": call_to_json, "python": render._message_json}
+encoders = pytest.mark.parametrize("encode", list(ENCODERS.values()), ids=list(ENCODERS))
+
+
+def reference(call: ApiCall) -> str:
+    return json.dumps(json_format.MessageToDict(call, preserving_proto_field_name=True), separators=(",", ":"))
+
+
+def fixture_calls() -> list[ApiCall]:
+    return [call for path in sorted(FIXTURES.rglob("*.pcap")) for call in dissect_capture(path)[0]]
+
+
+@encoders
+def test_fixture_calls_encode_as_json_format_does(encode: Callable[[ApiCall], str]) -> None:
+    calls = fixture_calls()
+    assert len(calls) > 50  # the fixtures hold HTTP, DNS, TLS, ICMP and TCP calls
+    for call in calls:
+        assert encode(call) == reference(call), call.id
+
+
+@pytest.mark.skipif(render._NATIVE is None, reason="trawl._calljson is not compiled (pip install -e .)")
+def test_the_compiled_encoder_takes_every_fixture_call_and_leaves_maps_to_python() -> None:
+    assert render._NATIVE is not None
+    for call in fixture_calls():
+        assert render._NATIVE.encode(call.SerializeToString()) is not None, call.id
+    call = ApiCall(id="a")
+    call.amqp.properties["k"] = "v"  # map order is the Python encoder's business
+    assert render._NATIVE.encode(call.SerializeToString()) is None
+    assert call_to_json(call) == reference(call)
+
+
+@encoders
+def test_defaults_are_omitted_and_types_mapped(encode: Callable[[ApiCall], str]) -> None:
+    call = ApiCall(id="a", elapsed_ns=2**63 + 5, outcome=Outcome.OUTCOME_NO_RESPONSE, shard=7)
+    call.request.body = b"\x00\xffsecret?"
+    call.request.headers.add(name="X", value="")
+    call.src.SetInParent()
+    call.outcome = 9  # type: ignore[assignment]  # an open enum keeps values it has no name for
+    call.notes.extend(["caf\u00e9 \U0001f600", 'quote " backslash \\ tab \t nul \x00 del \x7f'])
+    call.kafka.partitions.extend([-1, 0, 2**31 - 1])
+    encoded = json.loads(encode(call))
+    assert encoded == {
+        "id": "a",
+        "src": {},
+        "request": {"headers": [{"name": "X"}], "body": "AP9zZWNyZXQ/"},
+        "elapsed_ns": str(2**63 + 5),
+        "outcome": 9,
+        "kafka": {"partitions": [-1, 0, 2**31 - 1]},
+        "notes": ["caf\u00e9 \U0001f600", 'quote " backslash \\ tab \t nul \x00 del \x7f'],
+        "shard": 7,
+    }
+    assert encode(call) == reference(call)
+
+
+_SCALARS: dict[int, st.SearchStrategy[Any]] = {
+    FieldDescriptor.TYPE_STRING: st.text(max_size=12),
+    FieldDescriptor.TYPE_BYTES: st.binary(max_size=12),
+    FieldDescriptor.TYPE_BOOL: st.booleans(),
+    FieldDescriptor.TYPE_INT32: st.integers(-(2**31), 2**31 - 1),
+    FieldDescriptor.TYPE_UINT32: st.integers(0, 2**32 - 1),
+    FieldDescriptor.TYPE_INT64: st.integers(-(2**63), 2**63 - 1),
+    FieldDescriptor.TYPE_UINT64: st.integers(0, 2**64 - 1),
+    FieldDescriptor.TYPE_ENUM: st.integers(0, 6),  # 4..6 are unknown to Outcome
+}
+
+
+@st.composite
+def filled(draw: st.DrawFn, message: Message, depth: int = 0) -> Message:
+    """Set a random subset of the message's fields (every type ApiCall uses, maps and oneofs)."""
+    for field in message.DESCRIPTOR.fields:
+        if not draw(st.booleans()):
+            continue
+        value = getattr(message, field.name)
+        if field.type == FieldDescriptor.TYPE_MESSAGE:
+            assert field.message_type is not None
+            if field.message_type.GetOptions().map_entry:
+                value.update(draw(st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3)))
+            elif field.is_repeated:
+                for _ in range(draw(st.integers(0, 3))):
+                    draw(filled(value.add(), depth + 1))
+            elif depth < 3:
+                value.SetInParent()
+                draw(filled(value, depth + 1))
+        elif field.is_repeated:
+            value.extend(draw(st.lists(_SCALARS[field.type], max_size=3)))
+        else:
+            setattr(message, field.name, draw(_SCALARS[field.type]))
+    return message
+
+
+@encoders
+@settings(max_examples=300, deadline=None)
+@given(st.builds(ApiCall).flatmap(filled))
+def test_generated_calls_encode_as_json_format_does(encode: Callable[[ApiCall], str], call: ApiCall) -> None:
+    assert encode(call) == reference(call)
+
+
+def check_native(serialized: bytes) -> None:
+    """Any bytes: the compiled encoder answers None or the text json_format gives for them."""
+    assert render._NATIVE is not None
+    text = render._NATIVE.encode(serialized)
+    if text is not None:
+        assert text == reference(ApiCall.FromString(serialized))
+
+
+@pytest.mark.skipif(render._NATIVE is None, reason="trawl._calljson is not compiled (pip install -e .)")
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_compiled_encoder_on_arbitrary_bytes(serialized: bytes) -> None:
+    check_native(serialized)
+
+
+@pytest.mark.skipif(render._NATIVE is None, reason="trawl._calljson is not compiled (pip install -e .)")
+@settings(max_examples=300, deadline=None)
+@given(st.builds(ApiCall).flatmap(filled), st.data())
+def test_compiled_encoder_on_damaged_calls(call: ApiCall, data: st.DataObject) -> None:
+    damaged = bytearray(call.SerializeToString())
+    for _ in range(data.draw(st.integers(0, 3)) if damaged else 0):
+        damaged[data.draw(st.integers(0, len(damaged) - 1))] = data.draw(st.integers(0, 255))
+    check_native(bytes(damaged[: data.draw(st.integers(0, len(damaged)))]))
