@@ -39,6 +39,7 @@ whose message holds that byte.
 from __future__ import annotations
 
 import contextlib
+import io
 import re
 import zlib
 from collections import deque
@@ -205,19 +206,21 @@ def _decoders() -> dict[str, Callable[[bytes, int], bytes]]:
 
     table: dict[str, Callable[[bytes, int], bytes]] = {"gzip": gzip, "x-gzip": gzip, "deflate": deflate}
     try:
-        import brotli  # type: ignore[import-not-found,unused-ignore]
+        import brotli
 
+        # Bounded output like zlib's max_length: a small body must not inflate without limit.
         def br(data: bytes, limit: int) -> bytes:
-            return bytes(brotli.decompress(data))[:limit]
+            return bytes(brotli.Decompressor().process(data, output_buffer_limit=max(1, limit)))[:limit]
 
         table["br"] = br
     except ImportError:
         pass
     try:
-        import zstandard  # type: ignore[import-not-found,unused-ignore]
+        import zstandard
 
         def zstd(data: bytes, limit: int) -> bytes:
-            return bytes(zstandard.ZstdDecompressor().decompressobj().decompress(data))[:limit]
+            with zstandard.ZstdDecompressor().stream_reader(io.BytesIO(data)) as reader:
+                return bytes(reader.read(limit))
 
         table["zstd"] = zstd
     except ImportError:
