@@ -7,10 +7,10 @@ PY          := $(VENV)/bin/python
 SAMPLE      ?= tests/fixtures/http1.pcap
 IDENTITY    ?= tests/fixtures/http1_identity.json
 # Debian packages the tests use as real peers and oracles.
-APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 openssl
+APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup system-deps lint typecheck unit proto clean
+.PHONY: run test bench setup system-deps proto clean
 
 run: setup
 	$(VENV)/bin/trawl up --pcap $(SAMPLE) --identity $(IDENTITY)
@@ -25,7 +25,9 @@ setup: $(VENV)/.installed
 
 # Re-installs when pyproject.toml changes; the stamp keeps the second run instant.
 $(VENV)/.installed: pyproject.toml
-	@$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || { $(SUDO) apt-get update -qq && \
+	@# venv/ensurepip, a C compiler and Python.h (the collector's ring reader and the JSON encoder are C).
+	@$(PYTHON) -c 'import ensurepip, venv, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null \
+		&& command -v gcc >/dev/null || { $(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv python3-dev gcc; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
@@ -40,6 +42,12 @@ system-deps:
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+
+# Benchmarks print figures against a peer measured in the same run (tshark, tcpdump); root for capture.
+bench: setup system-deps
+	@command -v tcpreplay >/dev/null || { $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq tcpreplay; }
+	$(PY) bench/dissect.py
+	$(PY) bench/capture.py
 
 proto: setup
 	PATH=$(VENV)/bin:$$PATH $(PY) proto/generate.py

@@ -1,17 +1,22 @@
-"""Collector settings (env TRAWL_COLLECTOR_*, YAML section `collector:`)."""
+"""Collector settings (env TRAWL_COLLECTOR_*, YAML section `collector:`).
+
+A collector either replays a file (`pcap`) or captures live (`interfaces` and/or
+`pod_loopback`, with the keys of `LiveCaptureSettings`: ring, shards, filter, scope, ...).
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
+from trawl.collector.capture_settings import LiveCaptureSettings
 from trawl.config import ServiceSettings
 
 
-class CollectorSettings(ServiceSettings):
+class CollectorSettings(ServiceSettings, LiveCaptureSettings):
     service_name: ClassVar[str] = "collector"
     model_config = SettingsConfigDict(env_prefix="TRAWL_COLLECTOR_")
 
@@ -22,3 +27,9 @@ class CollectorSettings(ServiceSettings):
     batch_max_packets: int = Field(default=4096, gt=0)
     batch_max_bytes: int = Field(default=1 << 20, ge=1024, le=32 << 20)
     batch_max_age_ms: int = Field(default=100, gt=0)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CollectorSettings:
+        if self.pcap is not None and (self.interfaces or self.pod_loopback):
+            raise ValueError("set either pcap (replay a file) or interfaces/pod_loopback (capture live), not both")
+        return self

@@ -9,6 +9,7 @@ from pathlib import Path
 from trawl.bus import packets_subject
 from trawl.collector.batching import ShardBatcher
 from trawl.collector.config import CollectorSettings
+from trawl.collector.live import serve_live
 from trawl.collector.replay import CaptureFile
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
@@ -76,10 +77,16 @@ async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
 
 
 async def serve(ctx: ServiceContext[CollectorSettings]) -> None:
-    if ctx.settings.pcap is None:
-        raise ConfigError("collector: nothing to capture; set pcap (TRAWL_COLLECTOR_PCAP) to a capture file")
+    settings = ctx.settings
+    if settings.pcap is None:
+        if not settings.interfaces and not settings.pod_loopback:
+            raise ConfigError(
+                "collector: nothing to capture; set pcap (a capture file) or interfaces (names, 'any' or 'pods')"
+            )
+        await serve_live(ctx, settings)
+        return
     await ctx.ready()
-    await replay(ctx, ctx.settings.pcap)
+    await replay(ctx, settings.pcap)
 
 
 def main(config_file: Path | None, pcap: Path | None = None) -> int:

@@ -1,0 +1,27 @@
+"""Compiled part of the distribution; everything else is declared in pyproject.toml.
+
+`trawl.collector._ring` turns whole TPACKET_V3 ring blocks into pcap records (see
+services/collector/_ring.c); `pip install -e .` and wheel builds compile it. The collector
+falls back to a slow pure-Python loop, with a warning, when it is missing.
+"""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "trawl.collector._ring",
+            sources=["services/collector/_ring.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=False,
+        ),
+        # trawl/_calljson.c: ApiCall -> protobuf JSON text for `trawl analyze --json` (see trawl/render.py,
+        # which falls back to its Python encoder when this is missing).
+        Extension(
+            "trawl._calljson",
+            sources=["trawl/_calljson.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=False,
+        ),
+    ]
+)
