@@ -4,8 +4,9 @@
 VENV        ?= .venv
 PYTHON      ?= python3
 PY          := $(VENV)/bin/python
-SAMPLE      ?= tests/fixtures/http1.pcap
+SAMPLE      ?= tests/fixtures/sample.pcap
 IDENTITY    ?= tests/fixtures/http1_identity.json
+RULES       ?= tests/fixtures/sample_rules.yaml
 # Debian packages the tests use as real peers and oracles.
 APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
@@ -13,7 +14,7 @@ SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 .PHONY: run test bench setup system-deps proto clean
 
 run: setup
-	$(VENV)/bin/trawl up --pcap $(SAMPLE) --identity $(IDENTITY)
+	$(VENV)/bin/trawl up --pcap $(SAMPLE) --identity $(IDENTITY) --rules $(RULES) --record-dir recordings
 
 test: setup system-deps
 	$(VENV)/bin/ruff check .
