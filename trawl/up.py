@@ -73,6 +73,8 @@ def suite_config(options: UpOptions, nats_url: str) -> dict[str, Any]:
     nats = config.setdefault("nats", {})
     nats["servers"] = [nats_url]
     nats.setdefault("connect_attempts", 10)
+    # One dissector process takes every shard (leases are for replicas spread over a cluster).
+    section("dissector").setdefault("shard_assignment", "all")
     if options.pcap is not None:
         section("collector")["pcap"] = str(options.pcap.resolve())
     if options.interfaces:

@@ -6,9 +6,12 @@ here; the engine counts each time one is hit.
 
 from __future__ import annotations
 
-from typing import ClassVar
+import os
+import re
+import socket
+from typing import ClassVar, Literal, Self
 
-from pydantic import Field
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from trawl.config import ServiceSettings
@@ -60,7 +63,25 @@ class DissectorSettings(ServiceSettings):
     service_name: ClassVar[str] = "dissector"
     model_config = SettingsConfigDict(env_prefix="TRAWL_DISSECTOR_")
 
-    # Bus: which packet batches to take, shared by the replicas of one queue group.
+    # Which replica takes which collector shard (services/dissector/shards.py):
+    # - "lease": the replicas of `queue_group` share the shards through leases in the JetStream
+    #   KV bucket `shard_bucket`; each shard has one owner at a time, taken over when the owner
+    #   dies (within about two `shard_lease_ttl_s`) and rebalanced when replicas come and go; the
+    #   owner of shard k subscribes to `shard_subject` with k filled in;
+    # - "all": this replica takes `subject` in the queue group `queue_group` (`trawl up`, a single
+    #   dissector, or one replica per shard subject); two replicas of one queue group on one
+    #   subject would split a flow's batches between them.
+    # Unset, it is "all" when `subject` is given (a replica told its subject takes all of it) and
+    # "lease" otherwise.
+    shard_assignment: Literal["lease", "all"] = "lease"
+    # How many shard indexes exist: the collector's `shards`.
+    shards: int = Field(default=1, ge=1, le=1024)
+    shard_lease_ttl_s: float = Field(default=6.0, ge=0.3, le=3600)
+    replica_id: str = Field(default_factory=lambda: default_replica_id(), pattern=r"^[A-Za-z0-9_-]+$")
+    shard_bucket: str = Field(default="TRAWL_DISSECTOR_SHARDS", pattern=r"^[A-Za-z0-9_-]+$")
+    shard_subject: str = Field(default="trawl.v1.packets.*.{shard}", min_length=1)
+    # "all": the subject taken. Both modes: the replicas that share the work (a NATS queue group
+    # in "all", the scope of the leases in "lease").
     subject: str = Field(default="trawl.v1.packets.>", min_length=1)
     queue_group: str = Field(default="dissector", min_length=1)
     # Calls are carried in CallBatch messages of up to this many calls, or this old.
@@ -92,3 +113,21 @@ class DissectorSettings(ServiceSettings):
     # Redaction (case-insensitive; `*` and `?` wildcards allowed).
     redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
     redact_fields: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_FIELDS))
+
+    @model_validator(mode="after")
+    def _assignment_follows_an_explicit_subject(self) -> Self:
+        if "shard_assignment" not in self.model_fields_set and "subject" in self.model_fields_set:
+            self.shard_assignment = "all"
+        return self
+
+    @field_validator("shard_subject")
+    @classmethod
+    def _shard_subject_names_the_shard(cls, value: str) -> str:
+        if "{shard}" not in value:
+            raise ValueError("must contain '{shard}', where the shard index goes")
+        return value
+
+
+def default_replica_id() -> str:
+    """hostname-pid, in the characters a KV key allows (a pod name already fits)."""
+    return re.sub(r"[^A-Za-z0-9_-]", "_", f"{socket.gethostname()}-{os.getpid()}")

@@ -217,9 +217,28 @@ class Dissector:
         self._expire(now_ns)
         return self._take()
 
-    def finish(self) -> list[ApiCall]:
-        """End of input: every flow ends, pending requests become `no_response`."""
+    def finish(self, node: str | None = None, shard: int | None = None) -> list[ApiCall]:
+        """End of input: every flow ends, pending requests become `no_response`.
+
+        With `node` and/or `shard`, only the TCP and UDP flows of that node/shard end (one shard's
+        input ended, or this replica gave the shard to another). ICMP state is kept per node,
+        across shards: it ends with `node` alone (all of that node's input ended), and is left to
+        its timeouts when a single shard ends.
+        """
         now = self.clock_ns
+        if node is not None or shard is not None:
+            self.tcp.finish(now, node, shard)
+            for udp in [
+                udp
+                for udp in self.udp_lru.values()
+                if (node is None or udp.info.node == node) and (shard is None or udp.info.shard == shard)
+            ]:
+                self._udp_end(udp, now)
+                self._udp_remove(udp)
+            tracker = self.icmp.pop(node, None) if node is not None and shard is None else None
+            if tracker is not None:
+                self._guard("icmp", "icmp", tracker.finish)
+            return self._take()
         self.tcp.finish(now)
         for flow in list(self.udp_lru.values()):
             self._udp_end(flow, now)

@@ -1,16 +1,23 @@
 """The dissector service: packet batches from NATS in, `CallBatch`es on JetStream out.
 
-- takes `PacketBatch`es from `settings.subject` in the queue group `settings.queue_group`;
+- takes `PacketBatch`es of the shards it owns (`shard_assignment: lease`, the default: one
+  subscription per shard, shards leased and rebalanced between replicas by
+  `trawl.dissector.shards.ShardManager`), or of `settings.subject` in the queue group
+  `settings.queue_group` (`shard_assignment: all`, a single replica, as `trawl up` runs it);
+- starts a shard it takes over with fresh flow state, and ends the flows of a shard it gives
+  up (their pending requests become `no_response`) before the lease is freed;
 - counts lost batches per (node, shard) from their sequence numbers (`trawl_bus_gaps_total`)
   and reports the count in each CallBatch (`lost_packet_batches`);
 - carries calls in `CallBatch`es of up to `calls_per_batch` calls or `batch_age_ms` old on
   `trawl.v1.calls.<node>.<shard>` (stream TRAWL_CALLS, async acks, Nats-Msg-Id
   "<node>/<shard>/<sequence>"); the sequence of each (node, shard) increases by one per batch
-  from the service's start time in microseconds, so a restarted dissector never reuses an id
-  still inside the stream's duplicate window (its batches would be dropped as duplicates);
+  from the time in microseconds the service started publishing it (or took the shard over),
+  so neither a restarted dissector nor the next owner of a shard reuses an id still inside
+  the stream's duplicate window (its batches would be dropped as duplicates);
 - runs the dissector's timeouts while no packets arrive;
-- on a batch marked end_of_input: ends every flow, publishes what remains and a CallBatch
-  with end_of_input for that node/shard, waits for the acks and announces `drained`.
+- on a batch marked end_of_input: ends every flow ("all") or the flows of that node/shard
+  ("lease"), publishes what remains and a CallBatch with end_of_input for that node/shard,
+  waits for the acks and announces `drained`.
 """
 
 from __future__ import annotations
@@ -21,10 +28,12 @@ from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from nats.aio.subscription import Subscription
 
 from trawl.bus import STREAM_CALLS, Bus, calls_subject
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import SECOND_NS, Dissector
+from trawl.dissector.shards import ShardManager
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.service import ServiceContext, main_for
@@ -44,7 +53,6 @@ class CallPublisher:
         self.pending: dict[tuple[str, int], list[ApiCall]] = {}
         self.opened: dict[tuple[str, int], float] = {}
         self.sequences: dict[tuple[str, int], int] = {}
-        self.first_sequence = time.time_ns() // 1000
         self.lost: dict[tuple[str, int], int] = {}
         self.emitted = 0
         self.batches = metrics.counter("trawl_dissector_call_batches_total", "CallBatches published")
@@ -72,6 +80,11 @@ class CallPublisher:
         for key in list(self.pending):
             await self._publish(key)
 
+    def restart_shard(self, shard: int) -> None:
+        """This replica (re)takes `shard`: its CallBatch sequences start again from the clock."""
+        for key in [key for key in self.sequences if key[1] == shard]:
+            del self.sequences[key]
+
     async def end_of_input(self, node: str, shard: int) -> None:
         await self._publish((node, shard), end_of_input=True)
 
@@ -81,7 +94,9 @@ class CallPublisher:
         if not calls and not end_of_input:
             return
         node, shard = key
-        sequence = self.sequences.get(key, self.first_sequence - 1) + 1
+        # A key's first batch is numbered by the clock: above anything a previous process, or the
+        # previous owner of the shard, can have published (fewer than one batch per microsecond).
+        sequence = self.sequences.get(key, time.time_ns() // 1000 - 1) + 1
         self.sequences[key] = sequence
         batch = CallBatch(
             node=node,
@@ -104,14 +119,64 @@ class DissectorService:
     def __init__(self, ctx: ServiceContext[DissectorSettings]) -> None:
         self.ctx = ctx
         self.settings = ctx.settings
+        self.leasing = ctx.settings.shard_assignment == "lease"
         self.dissector = Dissector(ctx.settings, ctx.settings.node, ctx.metrics)
         self.publisher = CallPublisher(ctx.bus, ctx.settings, ctx.metrics)
         self.last_sequence: dict[tuple[str, int], int] = {}
         self.lock = asyncio.Lock()
         self.last_packet_wall = time.monotonic()
+        # "lease": the shards this replica owns, and their subscriptions.
+        self.owned: set[int] = set()
+        self.shard_subscriptions: dict[int, Subscription] = {}
         self.gaps = ctx.metrics.counter("trawl_bus_gaps_total", "Packet batches lost on the bus, by node and shard")
         self.bad_batches = ctx.metrics.counter("trawl_dissector_bad_batches_total", "Messages that were not batches")
+        self.handovers = ctx.metrics.counter(
+            "trawl_dissector_shard_handovers_total", "Shards this replica took over (with fresh flow state), by shard"
+        )
+        self.releases = ctx.metrics.counter(
+            "trawl_dissector_shard_releases_total", "Shards this replica gave up or lost, by shard and reason"
+        )
+        self.unowned_batches = ctx.metrics.counter(
+            "trawl_dissector_unowned_batches_total", "Batches dropped because their shard had just been given up"
+        )
         ctx.metrics.counter("trawl_parse_errors_total", "Flows skipped because a parser failed")
+
+    async def acquire(self, shard: int, sequences: dict[str, int]) -> None:
+        """This replica owns `shard` now: fresh state for it (counting bus gaps from where the
+        previous owner stopped, per collector node), then subscribe."""
+        async with self.lock:
+            for key in [key for key in self.last_sequence if key[1] == shard]:
+                del self.last_sequence[key]
+            for node, sequence in sequences.items():
+                self.last_sequence[(node, shard)] = sequence
+            self.publisher.restart_shard(shard)
+            self.owned.add(shard)
+            self.handovers.inc(shard=str(shard))
+        subject = self.settings.shard_subject.format(shard=shard)
+        self.shard_subscriptions[shard] = await self.ctx.bus.nc.subscribe(
+            subject, cb=self.on_batch, pending_bytes_limit=256 * 1024 * 1024, pending_msgs_limit=1_000_000
+        )
+        await self.ctx.bus.nc.flush()  # subscribed at the server before the next round is reported
+        log.info("dissector_subscribed", subject=subject, shard=shard)
+
+    async def release(self, shard: int, reason: str) -> dict[str, int]:
+        """`shard` goes to another replica: stop taking it, end its flows, publish their calls;
+        returns the last batch sequence processed per collector node on that shard."""
+        subscription = self.shard_subscriptions.pop(shard, None)
+        if subscription is not None:
+            try:
+                await subscription.unsubscribe()
+            except Exception as exc:  # a closed connection: nothing arrives any more anyway
+                log.info("shard_unsubscribe_failed", shard=shard, error=str(exc) or type(exc).__name__)
+        async with self.lock:
+            self.owned.discard(shard)
+            self.releases.inc(shard=str(shard), reason=reason)
+            await self.publisher.add(self.dissector.finish(shard=shard))
+            await self.publisher.flush_all()
+            if reason != "lost":
+                # The next owner must not see calls of this shard published after it took over.
+                await self.ctx.bus.flush_durable()
+            return {node: sequence for (node, index), sequence in self.last_sequence.items() if index == shard}
 
     async def on_batch(self, msg: Msg) -> None:
         batch = PacketBatch()
@@ -122,27 +187,38 @@ class DissectorService:
             log.warning("bad_packet_batch", subject=msg.subject, size=len(msg.data))
             return
         key = (batch.node or self.settings.node, batch.shard)
-        last = self.last_sequence.get(key)
-        if last is not None and batch.sequence > last + 1:
-            lost = batch.sequence - last - 1
-            self.gaps.inc(lost, node=key[0], shard=str(key[1]))
-            self.publisher.lost[key] = self.publisher.lost.get(key, 0) + lost
-            log.warning("packet_batches_lost", node=key[0], shard=key[1], lost=lost)
-        elif last is not None and batch.sequence <= last:
-            # The collector restarted (its sequence starts again at 1): count from here.
-            log.info("packet_sequence_restarted", node=key[0], shard=key[1], sequence=batch.sequence, last=last)
-        self.last_sequence[key] = batch.sequence
         async with self.lock:
+            if self.leasing and batch.shard not in self.owned:
+                self.unowned_batches.inc(shard=str(batch.shard))
+                return
+            last = self.last_sequence.get(key)
+            if last is not None and batch.sequence > last + 1:
+                lost = batch.sequence - last - 1
+                self.gaps.inc(lost, node=key[0], shard=str(key[1]))
+                self.publisher.lost[key] = self.publisher.lost.get(key, 0) + lost
+                log.warning("packet_batches_lost", node=key[0], shard=key[1], lost=lost)
+            elif last is not None and batch.sequence <= last:
+                # The collector restarted (its sequence starts again at 1): count from here.
+                log.info("packet_sequence_restarted", node=key[0], shard=key[1], sequence=batch.sequence, last=last)
+            self.last_sequence[key] = batch.sequence
             self.last_packet_wall = time.monotonic()
             await self.publisher.add(self.dissector.feed(batch))
             if batch.end_of_input:
-                await self.publisher.add(self.dissector.finish())
+                await self.publisher.add(self._end_of_input(*key))
                 await self.publisher.flush_all()
                 await self.publisher.end_of_input(*key)
                 await self.ctx.bus.flush_durable()
                 self._export_counters()
                 log.info("end_of_input", node=key[0], shard=key[1], calls=self.publisher.emitted)
                 await self.ctx.drained(emitted=self.publisher.emitted)
+
+    def _end_of_input(self, node: str, shard: int) -> list[ApiCall]:
+        """The flows that end with the input of (node, shard)."""
+        if not self.leasing:
+            return self.dissector.finish()
+        if self.owned >= set(range(self.settings.shards)):
+            return self.dissector.finish(node=node)  # this replica has all of the node's shards
+        return self.dissector.finish(node=node, shard=shard)
 
     async def tick(self) -> None:
         """Publish batches that are old enough; run timeouts while packets do not come."""
@@ -171,16 +247,42 @@ async def serve(ctx: ServiceContext[DissectorSettings]) -> None:
     settings = ctx.settings
     await ctx.bus.ensure_stream(STREAM_CALLS, settings.streams)
     service = DissectorService(ctx)
-    await ctx.bus.subscribe(settings.subject, service.on_batch, queue=settings.queue_group)
-    log.info("dissector_subscribed", subject=settings.subject, queue=settings.queue_group)
-    await ctx.ready()
-    period = min(settings.batch_age_ms / 1000, settings.expire_interval_s)
-    while not ctx.stopping.is_set():
-        try:
-            await asyncio.wait_for(ctx.stopping.wait(), timeout=period)
-        except TimeoutError:
-            await service.tick()
-    await service.stop()
+    manager: ShardManager | None = None
+    leasing: asyncio.Task[None] | None = None
+    if settings.shard_assignment == "all":
+        await ctx.bus.subscribe(settings.subject, service.on_batch, queue=settings.queue_group)
+        log.info("dissector_subscribed", subject=settings.subject, queue=settings.queue_group)
+    else:
+        manager = ShardManager(
+            ctx.bus.js,
+            settings.replica_id,
+            settings.shards,
+            settings.shard_lease_ttl_s,
+            service.acquire,
+            service.release,
+            bucket=settings.shard_bucket,
+            group=settings.queue_group,
+            metrics=ctx.metrics,
+        )
+        await manager.start()
+        leasing = asyncio.create_task(manager.run(ctx.stopping))
+        log.info("dissector_leasing", replica=settings.replica_id, shards=settings.shards, owned=sorted(service.owned))
+    try:
+        await ctx.ready()
+        period = min(settings.batch_age_ms / 1000, settings.expire_interval_s)
+        while not ctx.stopping.is_set():
+            try:
+                await asyncio.wait_for(ctx.stopping.wait(), timeout=period)
+            except TimeoutError:
+                await service.tick()
+        if manager is not None and leasing is not None:
+            await leasing
+            await manager.close()
+        await service.stop()
+    finally:
+        # Cancelled (not stopped): the leases are left to expire, as if the process had died.
+        if leasing is not None and not leasing.done():
+            leasing.cancel()
 
 
 def main(config_file: Path | None) -> int:

@@ -560,7 +560,9 @@ class TcpTable:
                 self._count("tcp_flows_evicted_idle")
             self._end(flow, now_ns, evicting=True)
 
-    def finish(self, now_ns: int) -> None:
-        """End of input: every flow ends now."""
+    def finish(self, now_ns: int, node: str | None = None, shard: int | None = None) -> None:
+        """End of input: every flow ends now (only those of `node` and/or `shard` when given)."""
         for flow in list(self.lru.values()):
-            self._end(flow, max(now_ns, flow.last_ts_ns), evicting=True, at_finish=True)
+            info = flow.info
+            if (node is None or info.node == node) and (shard is None or info.shard == shard):
+                self._end(flow, max(now_ns, flow.last_ts_ns), evicting=True, at_finish=True)
