@@ -67,3 +67,69 @@ class ShardBatcher:
         self._parts = []
         self._bytes = 0
         return batch
+
+
+RECORDS_TAG = b"\x4a"  # PacketBatch.records: field 9, wire type 2 (length-delimited)
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        low = value & 0x7F
+        value >>= 7
+        if value:
+            out.append(low | 0x80)
+        else:
+            out.append(low)
+            return bytes(out)
+
+
+@dataclass(slots=True)
+class FramedBatch:
+    """A live `PacketBatch` whose records stay the drained ring blocks until it is published.
+
+    Setting megabytes on a protobuf message and serialising it copies them twice more and
+    measured 1.7 ms per MiB here, more than the capture itself; `encode` frames the small
+    header message and the records by hand (a message may hold its fields in any order), so
+    the records are copied once, on their way to the bus."""
+
+    header: PacketBatch  # every field but `records`
+    parts: list[bytes]
+
+    @property
+    def shard(self) -> int:
+        return self.header.shard
+
+    @property
+    def sequence(self) -> int:
+        return self.header.sequence
+
+    @property
+    def packet_count(self) -> int:
+        return self.header.packet_count
+
+    @property
+    def link_type(self) -> int:
+        return self.header.link_type
+
+    @property
+    def nanosecond(self) -> bool:
+        return self.header.nanosecond
+
+    @property
+    def kernel(self) -> KernelStats:
+        return self.header.kernel
+
+    @property
+    def records(self) -> bytes:
+        return b"".join(self.parts)
+
+    def encode(self) -> bytes:
+        size = sum(len(part) for part in self.parts)
+        head = self.header.SerializeToString()
+        if not size:
+            return head
+        return b"".join([head, RECORDS_TAG, _varint(size), *self.parts])
+
+    def message(self) -> PacketBatch:
+        return PacketBatch.FromString(self.encode())

@@ -34,6 +34,7 @@ from nats.aio.msg import Msg
 
 from trawl.bus import control_subject, packets_subject
 from trawl.collector.afpacket import FanoutSet, KernelCounters, PacketRing, has_ethernet_header
+from trawl.collector.batching import FramedBatch
 from trawl.collector.bpf_filter import FilterProgram, compile_filter, reject_all
 from trawl.collector.capabilities import check_capabilities, required_capabilities
 from trawl.collector.capture_settings import LiveCaptureSettings
@@ -86,9 +87,9 @@ class BlockBatcher:
     _packets: int = 0
     _opened: float = 0.0
 
-    def add(self, records: bytes, packets: int, now: float) -> list[PacketBatch]:
+    def add(self, records: bytes, packets: int, now: float) -> list[FramedBatch]:
         """Add one block's records; returns the batches this closed. A block never splits."""
-        closed: list[PacketBatch] = []
+        closed: list[FramedBatch] = []
         if not packets:
             return closed
         if self._parts and (self._bytes + len(records) > self.max_bytes or self._packets + packets > self.max_packets):
@@ -109,9 +110,9 @@ class BlockBatcher:
     def pending_packets(self) -> int:
         return self._packets
 
-    def cut(self) -> PacketBatch:
+    def cut(self) -> FramedBatch:
         kernel = self.state.kernel
-        batch = PacketBatch(
+        header = PacketBatch(
             node=self.node,
             interface=self.interface,
             link_type=self.link_type,
@@ -120,11 +121,11 @@ class BlockBatcher:
             sequence=self.state.next_sequence(),
             kernel=KernelStats(packets=kernel.packets, drops=kernel.drops, freeze_count=kernel.freeze_count),
             packet_count=self._packets,
-            records=self._parts[0] if len(self._parts) == 1 else b"".join(self._parts),
             nanosecond=True,
             source=self.source,
             dropped_batches=self.state.dropped_batches,
         )
+        batch = FramedBatch(header, self._parts)
         self._parts = []
         self._bytes = 0
         self._packets = 0
@@ -137,9 +138,9 @@ class ShardQueue:
     def __init__(self, state: ShardState, max_batches: int) -> None:
         self.state = state
         self.max_batches = max_batches
-        self._batches: deque[PacketBatch] = deque()
+        self._batches: deque[FramedBatch] = deque()
 
-    def put(self, batch: PacketBatch) -> bool:
+    def put(self, batch: FramedBatch) -> bool:
         if len(self._batches) >= self.max_batches:
             self.state.dropped_batches += 1
             self.state.dropped_packets += batch.packet_count
@@ -147,7 +148,7 @@ class ShardQueue:
         self._batches.append(batch)
         return True
 
-    def take(self) -> PacketBatch | None:
+    def take(self) -> FramedBatch | None:
         return self._batches.popleft() if self._batches else None
 
     def __len__(self) -> int:
@@ -177,7 +178,7 @@ class LiveCapture:
         settings: LiveCaptureSettings,
         node: str,
         metrics: Registry,
-        publish: Callable[[PacketBatch], Awaitable[None]],
+        publish: Callable[[FramedBatch], Awaitable[None]],
         connected: Callable[[], bool],
         max_payload: int = 1 << 20,
     ) -> None:
@@ -411,7 +412,7 @@ class LiveCapture:
             self.m_packets.inc(taken, shard=str(shard))
         return taken
 
-    def _enqueue(self, batch: PacketBatch) -> None:
+    def _enqueue(self, batch: FramedBatch) -> None:
         shard = batch.shard
         if not self.queues[shard].put(batch):
             self.m_dropped_batches.inc(shard=str(shard))
@@ -456,7 +457,7 @@ class LiveCapture:
                 if batch is None:
                     continue
                 progressed = True
-                batch.dropped_batches = queue.state.dropped_batches
+                batch.header.dropped_batches = queue.state.dropped_batches
                 try:
                     await self.publish(batch)
                 except Exception as exc:  # a lost publish is counted, the capture goes on
@@ -570,8 +571,8 @@ def open_live(ctx: ServiceContext[Any], settings: LiveCaptureSettings) -> LiveCa
     bus = ctx.bus
     node = ctx.settings.node
 
-    async def publish(batch: PacketBatch) -> None:
-        await bus.publish(packets_subject(node, batch.shard), batch.SerializeToString())
+    async def publish(batch: FramedBatch) -> None:
+        await bus.publish(packets_subject(node, batch.shard), batch.encode())
 
     capture = LiveCapture(
         settings, node, ctx.metrics, publish, lambda: bus.nc.is_connected, max_payload=bus.nc.max_payload or 1 << 20

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import re
 import socket
-from typing import ClassVar, Literal, Self
+from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from trawl.config import ServiceSettings
@@ -71,8 +71,8 @@ class DissectorSettings(ServiceSettings):
     # - "all": this replica takes `subject` in the queue group `queue_group` (`trawl up`, a single
     #   dissector, or one replica per shard subject); two replicas of one queue group on one
     #   subject would split a flow's batches between them.
-    # Unset, it is "all" when `subject` is given (a replica told its subject takes all of it) and
-    # "lease" otherwise.
+    # The default is "lease" whatever else is set: a replica meant to take `subject` says "all"
+    # (in "lease" mode `subject` is not read).
     shard_assignment: Literal["lease", "all"] = "lease"
     # How many shard indexes exist: the collector's `shards`.
     shards: int = Field(default=1, ge=1, le=1024)
@@ -113,12 +113,6 @@ class DissectorSettings(ServiceSettings):
     # Redaction (case-insensitive; `*` and `?` wildcards allowed).
     redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
     redact_fields: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_FIELDS))
-
-    @model_validator(mode="after")
-    def _assignment_follows_an_explicit_subject(self) -> Self:
-        if "shard_assignment" not in self.model_fields_set and "subject" in self.model_fields_set:
-            self.shard_assignment = "all"
-        return self
 
     @field_validator("shard_subject")
     @classmethod

@@ -37,9 +37,11 @@ async def test_batches_then_end_of_input_give_a_sealed_file_and_drained(
         await ready.next_msg(timeout=10)
         batches = batches_of(records, link_type, node="collector-node", snaplen=snaplen)
         batches[-1].end_of_input = True
+        # The damaged message goes first: the drained announcement follows end_of_input, and
+        # must find it counted (one subscription sees the messages in publication order).
+        await client.publish(packets_subject("collector-node", 1), b"\xff not a batch")
         for batch in batches:
             await client.publish(packets_subject("collector-node", 0), batch.SerializeToString())
-        await client.publish(packets_subject("collector-node", 1), b"\xff not a batch")
         message = control_pb2.Drained.FromString((await drained.next_msg(timeout=10)).data)
         assert message.service == "recorder"
         assert message.node == "rec-1"

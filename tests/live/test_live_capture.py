@@ -86,6 +86,7 @@ async def pipeline(url: str, node: str, live: LiveCaptureSettings, snapshot: Pat
         DissectorSettings(
             node=node,
             nats=nats_settings,
+            shard_assignment="all",
             subject=f"trawl.v1.packets.{node}.>",
             queue_group=f"d-{node}",
             batch_age_ms=50,

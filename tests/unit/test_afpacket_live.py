@@ -11,6 +11,7 @@ import pytest
 
 from tests.conftest import needs_binary, needs_root
 from trawl.collector.afpacket import FanoutSet, PacketRing, RingGeometry
+from trawl.collector.batching import FramedBatch
 from trawl.collector.bpf_filter import compile_filter, reject_all
 from trawl.collector.capabilities import (
     CAP_NET_RAW,
@@ -95,7 +96,7 @@ def test_batches_carry_kernel_counters_and_the_shard_sequence_shared_by_capture_
 def test_full_queue_drops_the_newcomer_and_counts_it() -> None:
     state = ShardState(shard=0)
     queue = ShardQueue(state, max_batches=2)
-    batches = [PacketBatch(sequence=i, packet_count=10) for i in range(1, 5)]
+    batches = [FramedBatch(PacketBatch(sequence=i, packet_count=10), [b""]) for i in range(1, 5)]
     assert [queue.put(b) for b in batches] == [True, True, False, False]
     assert (state.dropped_batches, state.dropped_packets) == (2, 20)
     taken = [queue.take(), queue.take(), queue.take()]
@@ -188,8 +189,8 @@ async def test_fanout_keeps_a_flow_on_one_shard() -> None:
 async def test_live_capture_publishes_and_applies_a_new_scope_filter() -> None:
     published: list[PacketBatch] = []
 
-    async def publish(batch: PacketBatch) -> None:
-        published.append(batch)
+    async def publish(batch: FramedBatch) -> None:
+        published.append(PacketBatch.FromString(batch.encode()))
 
     settings = LiveCaptureSettings(
         interfaces=["lo"],

@@ -13,10 +13,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tests.conftest import FIXTURES, needs_binary
-from trawl.collector.batching import ShardBatcher
+from trawl.collector.batching import FramedBatch, ShardBatcher
 from trawl.collector.replay import CaptureFile
 from trawl.errors import InputError
 from trawl.pcap import LINKTYPE_ETHERNET, iter_records
+from trawl.v1.packets_pb2 import PacketBatch
 
 HTTP1 = FIXTURES / "http1.pcap"
 
@@ -119,3 +120,21 @@ def test_batch_cut_on_link_type_change() -> None:
     closed = batcher.add(2, b"b", 1, 276, 65535, "")
     assert len(closed) == 1 and closed[0].link_type == 1 and closed[0].packet_count == 1
     assert batcher.cut().link_type == 276
+
+
+@given(
+    st.lists(st.binary(max_size=3000), max_size=6),
+    st.integers(min_value=0, max_value=2**64 - 1),
+    st.integers(min_value=0, max_value=2**32 - 1),
+)
+@settings(max_examples=200, deadline=None)
+def test_framed_batch_encodes_exactly_like_protobuf(parts: list[bytes], sequence: int, count: int) -> None:
+    header = PacketBatch(node="n1", interface="eth0", link_type=1, shard=2, sequence=sequence, packet_count=count)
+    header.kernel.drops = 3
+    framed = FramedBatch(header, parts)
+    whole = PacketBatch()
+    whole.CopyFrom(header)
+    whole.records = b"".join(parts)
+    assert PacketBatch.FromString(framed.encode()) == whole
+    assert framed.message() == whole
+    assert framed.records == whole.records

@@ -58,7 +58,9 @@ SETTINGS: dict[str, type[ServiceSettings]] = {
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet")
 CLUSTER_SCOPED = ("Namespace", "ClusterRole", "ClusterRoleBinding", "PersistentVolume", "StorageClass")
 SAMPLE_NODE = "node-a"
-POD_INDEX_LABEL = "metadata.labels['apps.kubernetes.io/pod-index']"
+# The first NATS release with per-message TTLs, which nats-py asks for when it creates a KV bucket
+# (the dissectors' shard leases, services/dissector/shards.py).
+NATS_WITH_KV_TTL = (2, 11)
 # What live capture needs from the node (DESIGN.md: bcc compiles against the node's headers).
 COLLECTOR_CAPABILITIES = {"NET_RAW", "NET_ADMIN", "SYS_ADMIN", "BPF", "PERFMON"}
 COLLECTOR_HOST_MOUNTS = ("/lib/modules", "/usr/src", "/sys/kernel/debug")
@@ -331,8 +333,8 @@ class Pod:
                     files[PurePosixPath(mount["mountPath"]) / item["path"]] = data[item["key"]]
         return files
 
-    def env(self, index: int = 0) -> dict[str, str]:
-        """The container's environment in replica `index`, as the kubelet would set it."""
+    def env(self) -> dict[str, str]:
+        """The container's environment, as the kubelet would set it."""
         env: dict[str, str] = {}
         for var in self.container.get("env", []):
             if "value" in var:
@@ -340,19 +342,16 @@ class Pod:
                 continue
             field = var.get("valueFrom", {}).get("fieldRef", {}).get("fieldPath")
             assert field is not None, f"{self}: env {var['name']}: only values and fieldRefs are understood here"
-            env[var["name"]] = self._field(field, index)
+            env[var["name"]] = self._field(field)
         return env
 
-    def _field(self, path: str, index: int) -> str:
+    def _field(self, path: str) -> str:
         samples = {
             "spec.nodeName": SAMPLE_NODE,
-            "metadata.name": f"{self.name}-{index}",
+            "metadata.name": f"{self.name}-0",
             "metadata.namespace": str(self.workload["metadata"].get("namespace", "default")),
             "status.podIP": "10.0.0.10",
         }
-        if path == POD_INDEX_LABEL:
-            assert self.workload["kind"] == "StatefulSet", f"{self}: only StatefulSet pods carry the pod-index label"
-            return str(index)
         assert path in samples, f"{self}: env from fieldRef {path!r}, which this test has no sample for"
         return samples[path]
 
@@ -369,13 +368,13 @@ class Pod:
         section.update(data.get(self.service) or {})
         return section
 
-    def settings(self, tmp_path: Path, index: int = 0) -> Any:
+    def settings(self, tmp_path: Path) -> Any:
         """The service's settings from its mounted file and environment; fails naming the key at fault."""
-        where = tmp_path / self.manifests.target.replace("/", "-") / f"{self.name}-{index}"
+        where = tmp_path / self.manifests.target.replace("/", "-") / self.name
         where.mkdir(parents=True, exist_ok=True)
         config_file = where / "trawl.yaml"
         config_file.write_text(self.config_text())
-        env = self.env(index)
+        env = self.env()
         overrides: dict[str, Any] = {}
         if self.service == "alerter":
             rules_path = env.get("TRAWL_ALERTER_RULES_FILE") or self.config_section().get("rules_file")
@@ -384,7 +383,7 @@ class Pod:
             assert PurePosixPath(rules_path) in files, f"{self}: rules_file {rules_path} is not in a mounted ConfigMap"
             overrides["rules_file"] = where / "rules.yaml"
             overrides["rules_file"].write_text(files[PurePosixPath(rules_path)])
-        with self.environment(index):
+        with self.environment():
             try:
                 return SETTINGS[self.service].load(config_file, **overrides)
             except ConfigError as exc:
@@ -392,13 +391,13 @@ class Pod:
                 pytest.fail(f"{self}: the {self.service} rejects the --config {self.args.config} it is given: {exc}")
 
     @contextlib.contextmanager
-    def environment(self, index: int = 0) -> Iterator[None]:
+    def environment(self) -> Iterator[None]:
         """This process's environment as the container's: its variables, none of ours (TRAWL_*, OTEL_*)."""
         with pytest.MonkeyPatch.context() as patch:
             for name in list(os.environ):
                 if name.startswith(("TRAWL_", "OTEL_")):
                     patch.delenv(name)
-            for name, value in self.env(index).items():
+            for name, value in self.env().items():
                 patch.setenv(name, value)
             yield
 
@@ -531,12 +530,9 @@ def test_each_service_runs_once_with_a_real_subcommand(manifests: Manifests) -> 
 
 def test_every_service_accepts_its_configuration(manifests: Manifests, tmp_path: Path) -> None:
     for pod in manifests.pods():
-        # The dissector's subject depends on the replica's index; every replica must load.
-        indexes = range(pod.replicas) if pod.workload["kind"] == "StatefulSet" else range(1)
-        for index in indexes:
-            settings = pod.settings(tmp_path, index)
-            assert settings.http_port is not None, f"{pod}: http_port is not set (no /healthz, /readyz, /metrics)"
-            assert settings.log_format == "json", f"{pod}: logs are not JSON"
+        settings = pod.settings(tmp_path)
+        assert settings.http_port is not None, f"{pod}: http_port is not set (no /healthz, /readyz, /metrics)"
+        assert settings.log_format == "json", f"{pod}: logs are not JSON"
 
 
 def test_probes_and_scrape_port_are_the_configured_http_port(manifests: Manifests, tmp_path: Path) -> None:
@@ -603,17 +599,32 @@ def test_collector_captures_on_every_node_with_what_it_needs(manifests: Manifest
     assert "4222" in section.get("filter", ""), f"{pod}: the collector would capture its own batches to NATS"
 
 
-def test_one_dissector_per_collector_shard(manifests: Manifests, tmp_path: Path) -> None:
+def test_dissectors_lease_every_collector_shard(manifests: Manifests, tmp_path: Path) -> None:
+    """Any number of dissector replicas share the shards through leases: each must know how many
+    shards the collector publishes, and the subject of shard k must be the collector's."""
     collector, dissector = manifests.pod("collector"), manifests.pod("dissector")
-    shards = int(collector.config_section().get("shards", 1))
-    subjects = [dissector.settings(tmp_path, index).subject for index in range(dissector.replicas)]
+    shards = collector.settings(tmp_path).shards
+    settings = dissector.settings(tmp_path)
+    assert dissector.workload["kind"] == "Deployment", f"{dissector}: replicas need no identity of their own"
+    assert dissector.replicas >= 1, f"{dissector}: no replica"
+    assert settings.shard_assignment == "lease", f"{dissector}: replicas do not share the shards through leases"
+    assert settings.shards == shards, f"{manifests}: dissector.shards {settings.shards}, collector.shards {shards}"
     for shard in range(shards):
-        takers = [i for i, s in enumerate(subjects) if _subject_matches(s, packets_subject(SAMPLE_NODE, shard))]
-        assert len(takers) == 1, f"{manifests}: shard {shard} of {shards} goes to dissector replicas {takers}"
-    for index, subject in enumerate(subjects):
-        assert any(_subject_matches(subject, packets_subject(SAMPLE_NODE, s)) for s in range(shards)), (
-            f"{manifests}: dissector replica {index} ({subject}) takes none of the {shards} shards"
+        subject = settings.shard_subject.format(shard=shard)
+        assert _subject_matches(subject, packets_subject(SAMPLE_NODE, shard)), (
+            f"{manifests}: the owner of shard {shard} subscribes to {subject}, not to the collector's subject"
         )
+        others = [k for k in range(shards) if k != shard and _subject_matches(subject, packets_subject(SAMPLE_NODE, k))]
+        assert not others, f"{manifests}: the owner of shard {shard} ({subject}) also takes shards {others}"
+
+
+def test_nats_keeps_the_dissector_leases(manifests: Manifests) -> None:
+    nats = manifests.named("StatefulSet", "nats")
+    (image,) = [c["image"] for c in nats["spec"]["template"]["spec"]["containers"] if _image_name(c["image"]) == "nats"]
+    match = re.fullmatch(r"(\d+)\.(\d+)(?:\.\d+)?(?:-\w+)?", image.split("@")[0].rsplit(":", 1)[-1])
+    assert match, f"{manifests}: NATS image {image} names no version"
+    version = (int(match.group(1)), int(match.group(2)))
+    assert version >= NATS_WITH_KV_TTL, f"{manifests}: {image} predates per-message TTLs (the lease bucket)"
 
 
 def test_recorder_writes_to_its_volume_within_its_size(manifests: Manifests, tmp_path: Path) -> None:
@@ -815,7 +826,7 @@ def test_helpers_of_this_file() -> None:
     assert _ignored(["build", "!build/keep"], "build/x") and not _ignored(["build", "!build/keep"], "build/keep")
     assert _ignored(["**/*.so"], "a/b/c.so") and not _ignored(["*.so"], "a/c.so")
     dev = Manifests("overlays/dev", "assembled", assemble(DEPLOY / "overlays" / "dev"))
-    assert dev.named("StatefulSet", "dissector", "trawl")["spec"]["replicas"] == 1
+    assert dev.named("Deployment", "dissector", "trawl")["spec"]["replicas"] == 1
     dev_config = (DEPLOY / "overlays" / "dev" / "trawl.yaml").read_text()
     assert dev.named("ConfigMap", "trawl-config", "trawl")["data"] == {"trawl.yaml": dev_config}
     assert dev.pod("collector").env() == {"TRAWL_COLLECTOR_NODE": SAMPLE_NODE}

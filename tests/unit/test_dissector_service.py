@@ -44,7 +44,9 @@ async def _start(ctx: ServiceContext[DissectorSettings], client: Bus) -> asyncio
 @pytest.mark.skipif(not CAPTURE.is_file(), reason="tests/fixtures/http1.pcap is not there")
 async def test_packet_batches_become_call_batches(nats_url: str) -> None:
     node = f"node-{uuid.uuid4().hex[:8]}"
-    ctx, bus = await _run_service(nats_url, node, calls_per_batch=4, subject=f"trawl.v1.packets.{node}.>")
+    ctx, bus = await _run_service(
+        nats_url, node, calls_per_batch=4, shard_assignment="all", subject=f"trawl.v1.packets.{node}.>"
+    )
     client = await Bus.connect(ctx.settings.nats, "test-client")
     drained: asyncio.Queue[Drained] = asyncio.Queue()
 
@@ -105,6 +107,7 @@ async def test_calls_are_published_by_age_and_timeouts_run_while_idle(nats_url: 
     ctx, bus = await _run_service(
         nats_url,
         node,
+        shard_assignment="all",
         subject=f"trawl.v1.packets.{node}.>",
         batch_age_ms=50,
         expire_interval_s=0.05,
@@ -127,3 +130,15 @@ async def test_calls_are_published_by_age_and_timeouts_run_while_idle(nats_url: 
         await asyncio.wait_for(task, 10)
         await bus.close()
         await client.close()
+
+
+def test_shard_assignment_is_lease_unless_set_to_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A subject alone does not switch a replica to "all": replicas that leased shards and also
+    took a whole subject would split flows between them."""
+    subject = "trawl.v1.packets.node-a.>"
+    assert DissectorSettings.load(None, node="n", subject=subject).shard_assignment == "lease"
+    monkeypatch.setenv("TRAWL_DISSECTOR_SUBJECT", subject)
+    assert DissectorSettings.load(None, node="n").shard_assignment == "lease"
+    monkeypatch.setenv("TRAWL_DISSECTOR_SHARD_ASSIGNMENT", "all")
+    settings = DissectorSettings.load(None, node="n")
+    assert (settings.shard_assignment, settings.subject) == ("all", subject)
