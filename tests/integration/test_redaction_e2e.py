@@ -24,10 +24,8 @@ import contextlib
 import json
 import re
 import sys
-import threading
 import zlib
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote_to_bytes
 
@@ -48,6 +46,7 @@ from tests.fixtures.make_secrets_fixture import (
     UPLOAD_RESPONSE,
 )
 from tests.otlp_receiver import OtlpReceiver
+from tests.webhook_server import WebhookServer
 from trawl.bus import STREAM_ALERTS, STREAM_CALLS, STREAM_ENRICHED
 from trawl.collector.batching import ShardBatcher
 from trawl.collector.replay import CaptureFile
@@ -124,32 +123,6 @@ def describe(found: dict[str, list[str]]) -> str:
 # -- the run -------------------------------------------------------------------------------------
 
 
-class Webhook:
-    """Records the raw body and headers of every POST."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[str, bytes, dict[str, str]]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"]))
-                outer.requests.append((self.path, body, dict(self.headers.items())))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @dataclass
 class Run:
     stdout: str = ""
@@ -218,7 +191,7 @@ async def collect(run: Run, server: EmbeddedNats, command: list[str]) -> int:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
     tmp = tmp_path_factory.mktemp("redaction")
-    webhook = Webhook()
+    webhook = WebhookServer()
     # Every call fires the rule; the summary carries the call's path (and so its query string).
     rules = tmp / "rules.yaml"
     rules.write_text(

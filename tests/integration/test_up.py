@@ -10,10 +10,8 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from decimal import Decimal
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import dpkt
@@ -21,6 +19,7 @@ import pytest
 
 from tests.conftest import FIXTURES, needs_binary
 from tests.otlp_receiver import OtlpReceiver
+from tests.webhook_server import WebhookServer
 
 HTTP1 = FIXTURES / "http1.pcap"
 IDENTITY = FIXTURES / "http1_identity.json"
@@ -28,35 +27,9 @@ TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN_ID = "00f067aa0ba902b7"
 
 
-class Webhook:
-    """A plain HTTP server recording what the alerter POSTs."""
-
-    def __init__(self) -> None:
-        self.bodies: list[dict[str, object]] = []
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                length = int(self.headers["Content-Length"])
-                outer.bodies.append(json.loads(self.rfile.read(length)))
-                self.send_response(204)
-                self.end_headers()
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
-def webhook() -> Iterator[Webhook]:
-    hook = Webhook()
+def webhook() -> Iterator[WebhookServer]:
+    hook = WebhookServer()
     yield hook
     hook.close()
 
@@ -106,7 +79,7 @@ def processes_mentioning(marker: str) -> list[str]:
 
 
 @needs_binary("tshark")
-def test_up_pcap_runs_the_whole_suite(tmp_path: Path, otlp: OtlpReceiver, webhook: Webhook) -> None:
+def test_up_pcap_runs_the_whole_suite(tmp_path: Path, otlp: OtlpReceiver, webhook: WebhookServer) -> None:
     rules = tmp_path / "rules.yaml"
     rules.write_text(
         "rules:\n"
@@ -114,7 +87,7 @@ def test_up_pcap_runs_the_whole_suite(tmp_path: Path, otlp: OtlpReceiver, webhoo
         "    condition: 'call.protocol == \"http\" && int(call.status) >= 500'\n"
         "    severity: critical\n"
         "    summary: 'HTTP {call.status} from {call.dst.workload}'\n"
-        f"    actions:\n      - webhook: {{url: '{webhook.url}', format: json}}\n"
+        f"    actions:\n      - webhook: {{url: '{webhook.url}/hook', format: json}}\n"
     )
     state = tmp_path / "state"
     records = tmp_path / "recordings"
@@ -181,8 +154,8 @@ def test_up_pcap_runs_the_whole_suite(tmp_path: Path, otlp: OtlpReceiver, webhoo
     )
 
     # Alert: the 500 made the rule fire once, and its webhook got the alert JSON.
-    assert len(webhook.bodies) == 1
-    alert = webhook.bodies[0]
+    assert [path for path, _, _ in webhook.requests] == ["/hook"]
+    [alert] = webhook.json_bodies()
     assert alert["rule"] == "server-errors"
     assert alert["summary"] == "HTTP 500 from payments"
     assert alert["call"]["path"] == "/api/fail"  # type: ignore[index]
