@@ -232,4 +232,6 @@ class Bus:
             await self.nc.drain()
         except Exception as exc:
             log.warning("nats_drain_failed", error=str(exc))
-            await self.nc.close()
+            # The server may be gone already: closing is then only local bookkeeping.
+            with contextlib.suppress(Exception):
+                await self.nc.close()

@@ -15,6 +15,7 @@ from types import TracebackType
 
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
+from trawl.procs import die_with_parent
 
 log = get_logger(__name__)
 
@@ -65,8 +66,15 @@ class EmbeddedNats:
             "--log",
             str(log_file),
         ]
+        # Its own session: a terminal's Ctrl-C must reach `trawl up` only, which stops the
+        # services first and the server last, so they can drain through it.
         self.process = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            args,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ from trawl.embedded import EmbeddedNats
 from trawl.enricher.identity import IdentityMap
 from trawl.errors import ConfigError, UserError
 from trawl.logs import configure_logging, get_logger
+from trawl.procs import die_with_parent
 from trawl.render import TableWriter, call_to_json
 from trawl.v1.alerts_pb2 import Alert, Severity
 from trawl.v1.calls_pb2 import ApiCall
@@ -110,6 +111,7 @@ class Suite:
             stdout=log_file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=die_with_parent,
         )
         log_file.close()
 

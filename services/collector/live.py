@@ -25,10 +25,11 @@ import os
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -182,6 +183,7 @@ class LiveCapture:
         publish: Callable[[FramedBatch], Awaitable[None]],
         connected: Callable[[], bool],
         max_payload: int = 1 << 20,
+        bus_servers: Sequence[str] = (),
     ) -> None:
         if not settings.interfaces and not settings.pod_loopback:
             raise ConfigError("live capture needs interfaces (a name, 'any' or 'pods') or pod_loopback namespaces")
@@ -189,6 +191,9 @@ class LiveCapture:
         self.node = node
         self.publish = publish
         self.connected = connected
+        # Never capture the collector's own publishing: on a shared interface (lo, any) every
+        # batch sent would be captured again, and again, until the queues overflow.
+        self.exclude_bus = own_bus_exclusion(bus_servers)
         self.max_batch_bytes = min(settings.batch_max_bytes, max_payload - PUBLISH_OVERHEAD)
         if settings.ring.block_size > self.max_batch_bytes:
             raise ConfigError(
@@ -337,6 +342,12 @@ class LiveCapture:
                 parts.append(scope_plan.expression)
         elif scope.filter.strip():
             parts.append(scope.filter.strip())
+        if self.exclude_bus:
+            if scope.filter.strip():
+                # A mistake in the user's expression is reported in their words, not in the
+                # combined program's.
+                compile_filter(scope.filter.strip(), cooked=cooked, snaplen=self.settings.snaplen)
+            parts.append(self.exclude_bus)
         expression = parts[0] if len(parts) == 1 else " and ".join(f"({part})" for part in parts)
         return compile_filter(expression, cooked=cooked, snaplen=self.settings.snaplen, loopback_ifindex=loopback)
 
@@ -566,6 +577,23 @@ def _ifindex(name: str) -> int:
         raise ConfigError(f"no interface named {name!r} (see `ip link`)") from None
 
 
+def own_bus_exclusion(servers: Sequence[str]) -> str:
+    """A filter expression matching none of the traffic to or from these NATS server URLs
+    (each resolved to its addresses; an unresolvable name excludes its port on every host)."""
+    terms: list[str] = []
+    for server in servers:
+        url = urlsplit(server if "://" in server else f"nats://{server}")
+        port = url.port or 4222
+        host = url.hostname or ""
+        try:
+            addresses = sorted({info[4][0] for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+        except (OSError, UnicodeError):
+            addresses = []
+        hosts = " or ".join(f"host {address}" for address in addresses)
+        terms.append(f"(tcp port {port} and ({hosts}))" if hosts else f"(tcp port {port})")
+    return f"not ({' or '.join(dict.fromkeys(terms))})" if terms else ""
+
+
 # glibc's mallopt parameters (malloc.h).
 M_TRIM_THRESHOLD = -1
 M_TOP_PAD = -2
@@ -605,7 +633,13 @@ def open_live(ctx: ServiceContext[Any], settings: LiveCaptureSettings) -> LiveCa
         await bus.publish(packets_subject(node, batch.shard), batch.encode())
 
     capture = LiveCapture(
-        settings, node, ctx.metrics, publish, lambda: bus.nc.is_connected, max_payload=bus.nc.max_payload or 1 << 20
+        settings,
+        node,
+        ctx.metrics,
+        publish,
+        lambda: bus.nc.is_connected,
+        max_payload=bus.nc.max_payload or 1 << 20,
+        bus_servers=ctx.settings.nats.servers,
     )
     capture.open()
     return capture

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from pathlib import Path
 
@@ -63,7 +64,11 @@ async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
                 first_ts = packet.ts_ns if first_ts is None else first_ts
                 due = started + (packet.ts_ns - first_ts) / 1e9 / settings.replay_speed
                 if (delay := due - time.monotonic()) > 0:
-                    await asyncio.sleep(delay)
+                    # Paced replay waits, but a SIGTERM ends the wait at once.
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(ctx.stopping.wait(), delay)
+                    if ctx.stopping.is_set():
+                        break
             for batch in batcher.add(
                 packet.ts_ns, packet.data, packet.orig_len, packet.link_type, packet.snaplen, packet.interface
             ):

@@ -75,3 +75,16 @@ async def test_reconnects_after_server_restart(tmp_path: object) -> None:
     finally:
         await bus.close()
         server.stop()
+
+
+async def test_close_after_the_server_is_gone_does_not_raise() -> None:
+    """A service told to stop while NATS is away must still stop cleanly (exit 0)."""
+    server = EmbeddedNats().start()
+    bus = await Bus.connect(NatsSettings(servers=[server.url]), name="test")
+    await bus.ensure_stream(STREAM_CALLS, StreamLimits(max_age_s=60, max_bytes=1 << 20))
+    await bus.pull(STREAM_CALLS, durable="gone")
+    await bus.publish("trawl.v1.test", b"pending")
+    server.stop()
+    await asyncio.sleep(0.3)
+    await bus.close()
+    assert bus.nc.is_closed

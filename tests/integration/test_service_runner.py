@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import ROOT
 from trawl.bus import Bus
 from trawl.config import NatsSettings
 from trawl.embedded import free_port
@@ -63,6 +64,38 @@ async def test_service_serves_health_and_stops_on_sigterm(service: str, nats_url
         assert process.returncode == 0, stderr[-2000:]
         assert '"event": "service_stopped"' in stderr
         assert "Traceback" not in stderr
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+        await bus.close()
+
+
+async def test_paced_replay_stops_on_sigterm(nats_url: str, tmp_path: Path) -> None:
+    """A collector replaying at the capture's own pace (here 1000 times slower) is waiting
+    between packets most of the time; SIGTERM must end that wait, not outlast it."""
+    config = tmp_path / "trawl.yaml"
+    config.write_text(
+        f"node: test-node\nnats:\n  servers: ['{nats_url}']\n"
+        f"collector:\n  pcap: {ROOT / 'tests' / 'fixtures' / 'http1.pcap'}\n  replay_speed: 0.001\n"
+    )
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="test")
+    announced = asyncio.Event()
+
+    async def on_ready(_: object) -> None:
+        announced.set()
+
+    await bus.subscribe("trawl.v1.control.ready.collector.test-node", on_ready)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "trawl", "collector", "--config", str(config),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(announced.wait(), 30)
+        await asyncio.sleep(1.0)  # into the replay's waits
+        process.send_signal(signal.SIGTERM)
+        _, stderr = await asyncio.wait_for(process.communicate(), 10)
+        assert process.returncode == 0, stderr.decode()[-2000:]
     finally:
         if process.returncode is None:
             process.kill()

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -175,4 +176,32 @@ def test_up_table_view_and_exit(tmp_path: Path) -> None:
     rows = [line for line in lines[1:] if " http " in line]
     assert len(rows) == 6
     assert any("checkout.shop" in row and "payments.billing" in row and "/api/fail" in row for row in rows)
+    assert processes_mentioning(str(state)) == []
+
+
+def test_children_do_not_outlive_a_killed_trawl_up(tmp_path: Path) -> None:
+    """Even SIGKILL (no chance to clean up) leaves no service or nats-server behind: the
+    kernel tells each child when its parent dies."""
+    config = tmp_path / "trawl.yaml"
+    config.write_text("collector:\n  replay_speed: 0.001\n")  # keeps the replay running
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trawl", "up", "--pcap", str(HTTP1), "--config", str(config),
+         "--state-dir", str(state)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        collector_log = state / "logs" / "collector.log"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (
+            collector_log.exists() and "service_ready" in collector_log.read_text()
+        ):
+            time.sleep(0.2)
+        assert len(processes_mentioning(str(state))) >= 4  # nats-server, dissector, enricher, collector
+    finally:
+        process.kill()
+        process.wait()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and processes_mentioning(str(state)):
+        time.sleep(0.2)
     assert processes_mentioning(str(state)) == []

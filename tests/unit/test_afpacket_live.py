@@ -22,7 +22,14 @@ from trawl.collector.capabilities import (
     required_capabilities,
 )
 from trawl.collector.capture_settings import LiveCaptureSettings, RingSettings
-from trawl.collector.live import BlockBatcher, LiveCapture, ShardQueue, ShardState, keep_batch_buffers_in_heap
+from trawl.collector.live import (
+    BlockBatcher,
+    LiveCapture,
+    ShardQueue,
+    ShardState,
+    keep_batch_buffers_in_heap,
+    own_bus_exclusion,
+)
 from trawl.collector.scope import Scope
 from trawl.errors import ConfigError
 from trawl.metrics import Registry
@@ -225,3 +232,21 @@ async def test_live_capture_publishes_and_applies_a_new_scope_filter() -> None:
 def test_batch_buffers_are_served_from_the_heap_on_glibc() -> None:
     """Debian (the supported platform) has glibc, whose mallopt takes all three settings."""
     assert keep_batch_buffers_in_heap()
+
+
+def test_own_bus_traffic_is_excluded_from_every_filter() -> None:
+    expression = own_bus_exclusion(["nats://127.0.0.1:4222", "tls://localhost:7422", "nats.invalid:5222"])
+    assert expression.startswith("not (")
+    assert "(tcp port 4222 and (host 127.0.0.1))" in expression
+    assert "tcp port 7422 and (host 127.0.0.1" in expression
+    assert "(tcp port 5222)" in expression  # unresolvable: the port on every host
+    compile_filter(expression, cooked=False)  # libpcap accepts it
+    settings = LiveCaptureSettings(interfaces=["lo"], filter="tcp")
+    capture = LiveCapture(
+        settings, "n1", Registry(), publish_nothing, lambda: True, bus_servers=["nats://127.0.0.1:4222"]
+    )
+    assert capture.exclude_bus == "not ((tcp port 4222 and (host 127.0.0.1)))"
+
+
+async def publish_nothing(batch: FramedBatch) -> None:
+    raise AssertionError("nothing is published in this test")
