@@ -30,8 +30,6 @@ SERVER_PORT = 8080
 COLLECTOR_NODE = "node-a"
 CALLS_PER_COPY = 6  # the capture holds six HTTP calls on two connections
 
-pytestmark = pytest.mark.skipif(not CAPTURE.is_file(), reason="tests/fixtures/http1.pcap is not there")
-
 
 @dataclass
 class Replica:

@@ -43,7 +43,6 @@ def test_lossy_capture_reports_retransmissions(shared_pcaps: Path) -> None:
     assert report.status == str(report.tcp.retransmissions) and report.tcp.retransmissions == 41
 
 
-@pytest.mark.skipif(not (FIXTURES / "http1.pcap").is_file(), reason="tests/fixtures/http1.pcap is not there")
 def test_batching_does_not_change_the_calls_and_ids_are_stable() -> None:
     link_type, frames = read_capture(FIXTURES / "http1.pcap")
     whole, _ = dissect_capture(FIXTURES / "http1.pcap")

@@ -41,7 +41,6 @@ async def _start(ctx: ServiceContext[DissectorSettings], client: Bus) -> asyncio
     return task
 
 
-@pytest.mark.skipif(not CAPTURE.is_file(), reason="tests/fixtures/http1.pcap is not there")
 async def test_packet_batches_become_call_batches(nats_url: str) -> None:
     node = f"node-{uuid.uuid4().hex[:8]}"
     ctx, bus = await _run_service(
