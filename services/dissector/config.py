@@ -110,9 +110,21 @@ class DissectorSettings(ServiceSettings):
     max_pending_requests: int = Field(default=1024, gt=0)
     request_timeout_s: float = Field(default=30.0, gt=0)
 
-    # Redaction (case-insensitive; `*` and `?` wildcards allowed).
+    # Redaction (case-insensitive; `*` and `?` wildcards allowed). `redact_*` replace the
+    # default lists (to drop a default); `redact_*_extra` add to them, so adding one name does
+    # not mean restating, or silently losing, the defaults.
     redact_headers: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_HEADERS))
     redact_fields: list[str] = Field(default_factory=lambda: list(DEFAULT_REDACT_FIELDS))
+    redact_headers_extra: list[str] = Field(default_factory=list)
+    redact_fields_extra: list[str] = Field(default_factory=list)
+
+    @property
+    def redacted_headers(self) -> list[str]:
+        return [*self.redact_headers, *self.redact_headers_extra]
+
+    @property
+    def redacted_fields(self) -> list[str]:
+        return [*self.redact_fields, *self.redact_fields_extra]
 
     @field_validator("shard_subject")
     @classmethod

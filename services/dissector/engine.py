@@ -96,10 +96,10 @@ class Dissector:
             max_header_bytes=settings.max_header_bytes,
             max_pending_requests=settings.max_pending_requests,
             request_timeout_ns=int(settings.request_timeout_s * SECOND_NS),
-            redact_headers=frozenset(name.lower() for name in settings.redact_headers),
-            redact_fields=frozenset(name.lower() for name in settings.redact_fields),
+            redact_headers=frozenset(name.lower() for name in settings.redacted_headers),
+            redact_fields=frozenset(name.lower() for name in settings.redacted_fields),
         )
-        self.redactor = Redactor(settings.redact_headers, settings.redact_fields)
+        self.redactor = Redactor(settings.redacted_headers, settings.redacted_fields)
         self.tcp_specs = registry.tcp_specs()
         self.udp_specs = registry.udp_specs()
         self.decoder = PacketDecoder(

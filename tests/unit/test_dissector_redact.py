@@ -120,3 +120,14 @@ def test_json_keys_written_with_escapes_are_recognised() -> None:
     assert json.loads(call.request.body) == {"user": "ada", "password": REDACTED}
     cut = DEFAULT.apply(http_call(body=body[:-2], content_type="application/json"))
     assert b"hunter2" not in cut.request.body
+
+
+def test_extra_names_add_to_the_defaults() -> None:
+    settings = DissectorSettings.load(
+        None, node="n", redact_headers_extra=["x-internal-*"], redact_fields_extra=["ssn"]
+    )
+    redactor = Redactor(settings.redacted_headers, settings.redacted_fields)
+    call = redactor.apply(http_call("/p?ssn=123&token=t", Authorization="Basic x", X_Internal_Id="42"))
+    assert header(call, "X-Internal-Id") == REDACTED
+    assert header(call, "Authorization") == REDACTED  # the defaults still hold
+    assert call.path == f"/p?ssn={REDACTED}&token={REDACTED}"
