@@ -14,8 +14,9 @@ over the same replay, one after the other:
 
 CPU is the capture process's own user+system time (from /proc/<pid>/stat) between the start
 and the end of the replay; the kernel's copy into the ring is not in it, for either tool.
-Prints, per size: packets sent, captured, kernel drops, CPU seconds per million packets
-captured, and the collector/tcpdump ratio. Needs root and tcpreplay (apt-get install tcpreplay).
+Prints, per size: packets sent, captured, kernel drops, CPU seconds (and its user+system
+split), CPU seconds per million packets captured, and the collector/tcpdump ratio. Needs
+root and tcpreplay (apt-get install tcpreplay).
 """
 
 from __future__ import annotations
@@ -51,8 +52,13 @@ class Result:
     sent: int
     captured: int
     kernel_drops: int
-    cpu_s: float
+    cpu_user_s: float
+    cpu_sys_s: float
     replay_pps: float
+
+    @property
+    def cpu_s(self) -> float:
+        return self.cpu_user_s + self.cpu_sys_s
 
     @property
     def cpu_us_per_packet(self) -> float:
@@ -89,9 +95,10 @@ def write_traffic(path: Path, frame_size: int, flows: int, packets_per_flow: int
     return count
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """User and system CPU seconds of the process (utime, stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLOCK_TICKS  # utime + stime
+    return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
 
 
 class Veth:
@@ -139,7 +146,7 @@ def bench_tcpdump(veth: Veth, pcap: Path, loops: int) -> Result:
     _, err = process.communicate(timeout=30)
     captured = int(re.search(r"(\d+) packets captured", err).group(1))  # type: ignore[union-attr]
     dropped = int(re.search(r"(\d+) packets dropped by kernel", err).group(1))  # type: ignore[union-attr]
-    return Result("tcpdump", sent, captured, dropped, after - before, rate)
+    return Result("tcpdump", sent, captured, dropped, after[0] - before[0], after[1] - before[1], rate)
 
 
 def metric(text: str, name: str) -> int:
@@ -199,17 +206,19 @@ def bench_collector(veth: Veth, pcap: Path, loops: int, nats_url: str, workdir: 
         sent,
         metric(text, "trawl_collector_captured_packets_total"),
         metric(text, "trawl_collector_kernel_drops_total"),
-        after - before,
+        after[0] - before[0],
+        after[1] - before[1],
         rate,
     )
 
 
 def report(size: int, results: list[Result]) -> None:
-    header = ("tool", "sent", "captured", "k.drops", "CPU s", "CPU s/Mpkt", "replay pps")
-    lines = [f"\n{size}-byte frames", "  {:<16} {:>10} {:>10} {:>8} {:>7} {:>10} {:>11}".format(*header)]
+    header = ("tool", "sent", "captured", "k.drops", "CPU s", "user+sys", "CPU s/Mpkt", "replay pps")
+    lines = [f"\n{size}-byte frames", "  {:<16} {:>10} {:>10} {:>8} {:>7} {:>11} {:>10} {:>11}".format(*header)]
     for r in results:
+        split = f"{r.cpu_user_s:.2f}+{r.cpu_sys_s:.2f}"
         lines.append(
-            f"  {r.tool:<16} {r.sent:>10} {r.captured:>10} {r.kernel_drops:>8} {r.cpu_s:>7.2f} "
+            f"  {r.tool:<16} {r.sent:>10} {r.captured:>10} {r.kernel_drops:>8} {r.cpu_s:>7.2f} {split:>11} "
             f"{r.cpu_us_per_packet:>10.3f} {r.replay_pps:>11.0f}"
         )
     tcpdump, trawl = results

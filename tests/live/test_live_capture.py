@@ -268,13 +268,14 @@ async def test_nats_restart_loses_only_what_the_drop_counters_say(lab: NetLab, t
         await asyncio.sleep(0.3)  # the last batch is cut (50 ms) and published
         await wait_stored(reader, f"LIVE_{lab.tag}", sum(state.sequence for state in capture.states))
         nats.stop()
-        await wait_until(lambda: not collector.bus.nc.is_connected)
+        # The batches go through the collector's own publish connection (capture.connected).
+        await wait_until(lambda: not collector.bus.nc.is_connected and not capture.connected())
         # While NATS is away: more batches than the queue holds (one per 50 ms over ~1.5 s).
         slow_ping = ["ping", "-c", "60", "-i", "0.025", "-W", "1", server.ip]
         await asyncio.to_thread(lab.exec, client.netns, *slow_ping)
         assert sum(state.dropped_batches for state in capture.states) > 0
         nats = EmbeddedNats(state_dir=state, port=port).start()
-        await wait_until(lambda: collector.bus.nc.is_connected, timeout_s=15)
+        await wait_until(lambda: collector.bus.nc.is_connected and capture.connected(), timeout_s=15)
         await asyncio.to_thread(lab.exec, client.netns, *ping)
         await asyncio.sleep(0.5)
         collector.stopping.set()

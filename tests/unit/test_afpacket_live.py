@@ -126,7 +126,7 @@ def test_capabilities_from_proc_status(tmp_path: Path) -> None:
 def test_block_size_must_fit_one_nats_message() -> None:
     settings = LiveCaptureSettings(interfaces=["lo"], ring=RingSettings(block_size=1 << 20), batch_max_bytes=2 << 20)
 
-    async def publish(batch: PacketBatch) -> None:
+    async def publish(batch: FramedBatch) -> None:
         raise AssertionError("nothing is published")
 
     with pytest.raises(ConfigError, match="does not fit one NATS message"):
@@ -250,3 +250,57 @@ def test_own_bus_traffic_is_excluded_from_every_filter() -> None:
 
 async def publish_nothing(batch: FramedBatch) -> None:
     raise AssertionError("nothing is published in this test")
+
+
+class ScriptedSink:
+    """A BatchSink whose immediate hand-over is scripted: True (taken), False (busy) or an error."""
+
+    def __init__(self, answers: list[bool | Exception]) -> None:
+        self.answers = answers
+        self.taken: list[int] = []
+        self.published: list[int] = []
+
+    async def start(self) -> None:
+        return None
+
+    def is_connected(self) -> bool:
+        return True
+
+    def try_publish(self, batch: FramedBatch) -> bool:
+        answer = self.answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        if answer:
+            self.taken.append(batch.sequence)
+        return answer
+
+    async def publish(self, batch: FramedBatch) -> None:
+        self.published.append(batch.sequence)
+
+    async def flush(self) -> None:
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_a_batch_the_sink_takes_at_once_skips_the_queue_and_order_is_kept() -> None:
+    sink = ScriptedSink([True, False, ConnectionError("lost"), True])
+    metrics = Registry()
+    settings = LiveCaptureSettings(interfaces=["lo"])
+    capture = LiveCapture(settings, "n1", metrics, sink.publish, sink.is_connected, sink=sink)
+    state = capture.states[0]
+    batches = [FramedBatch(PacketBatch(shard=0, sequence=i, packet_count=10), [b"r"]) for i in range(1, 6)]
+    capture.enqueue(batches[0])  # taken at once
+    capture.enqueue(batches[1])  # the sink is busy: queued
+    capture.enqueue(batches[2])  # behind a queued batch: queued without asking the sink
+    assert (sink.taken, len(capture.queues[0])) == ([1], 2)
+    await capture.publish_queued()
+    assert sink.published == [2, 3]
+    capture.enqueue(batches[3])  # lost while sending: counted
+    assert (state.dropped_batches, state.dropped_packets) == (1, 10)
+    assert metrics.counter("trawl_collector_dropped_batches_total", "").total() == 1
+    capture.enqueue(batches[4])
+    assert sink.taken == [1, 5]
+    assert batches[4].header.dropped_batches == 1  # the next batch tells the receiver
+    assert metrics.counter("trawl_collector_published_batches_total", "").total() == 4
