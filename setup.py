@@ -15,11 +15,27 @@ setup(
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),
+        # services/collector/_pcapfile.c: record boundaries of classic pcap files, so replay and `trawl analyze`
+        # read whole batches (see services/collector/replay.py, which falls back to Python when this is missing).
+        Extension(
+            "trawl.collector._pcapfile",
+            sources=["services/collector/_pcapfile.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=False,
+        ),
         # trawl/_calljson.c: ApiCall -> protobuf JSON text for `trawl analyze --json` (see trawl/render.py,
         # which falls back to its Python encoder when this is missing).
         Extension(
             "trawl._calljson",
             sources=["trawl/_calljson.c"],
+            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=False,
+        ),
+        # services/dissector/_express.c: the compiled HTTP/1 lane of the dissector (see
+        # services/dissector/express.py, which gives demoted flows back to the Python path).
+        Extension(
+            "trawl.dissector._express",
+            sources=["services/dissector/_express.c"],
             extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),

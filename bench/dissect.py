@@ -1,12 +1,13 @@
 """Dissection speed: Trawl's dissector against tshark on the same large capture.
 
-    python bench/dissect.py [--packets 200000] [--dns-share 0.1] [--keep FILE] [--profile]
+    python bench/dissect.py [--packets 1000000] [--dns-share 0.1] [--keep FILE] [--profile]
 
 Generates a capture (HTTP/1.1 keep-alive connections, each request / response / ACK, plus a
 share of DNS over UDP), then times on the same file, in the same run:
 
 1. the dissection stage alone: `Dissector.feed` over pre-read PacketBatches of 1000 records
-   (what one dissector replica does with the bus taken away);
+   (what one dissector replica does with the bus taken away), with the compiled HTTP/1 lane
+   (the default) and again with the Python path alone (`express: false`);
 2. `trawl analyze FILE --json > /dev/null` end to end (file reading, dissection, enrichment,
    JSON output), when the CLI is installed;
 3. `tshark -r FILE -Y "http or dns" -T fields ...` as the issue specifies.
@@ -152,8 +153,8 @@ def _batch(records: list[bytes], sequence: int) -> PacketBatch:
     )
 
 
-def dissect(batches: list[PacketBatch]) -> tuple[float, dict[str, int]]:
-    dissector = Dissector(DissectorSettings.load(None, node="bench"), "bench")
+def dissect(batches: list[PacketBatch], express: bool = True) -> tuple[float, dict[str, int]]:
+    dissector = Dissector(DissectorSettings.load(None, node="bench", express=express), "bench")
     started = time.perf_counter()
     calls = 0
     for packet_batch in batches:
@@ -176,7 +177,9 @@ def run_command(command: list[str]) -> float | None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--packets", type=int, default=200_000)
+    # A million packets: `trawl analyze` starts in about 0.25 s (imports), tshark in about 0.2 s;
+    # at 200,000 packets that start-up alone would be most of a 10x-tshark budget.
+    parser.add_argument("--packets", type=int, default=1_000_000)
     parser.add_argument("--dns-share", type=float, default=0.1, help="share of the frames that are DNS")
     parser.add_argument("--keep", type=Path, help="write the generated capture here (and keep it)")
     parser.add_argument("--profile", action="store_true", help="profile the dissection stage instead")
@@ -202,6 +205,10 @@ def main() -> int:
         calls = counters["returned"]
         http_calls = counters.get("calls_http", 0)
         rows = [("dissector stage (Dissector.feed)", elapsed)]
+        python_elapsed, python_counters = dissect(batches, express=False)
+        if python_counters["returned"] != calls:
+            say(f"  the Python path found {python_counters['returned']} calls, the compiled lane {calls}")
+        rows.append(("  the same, Python path only", python_elapsed))
         say(f"calls: {calls} ({http_calls} http, {counters.get('calls_dns', 0)} dns)")
         trawl = shutil.which("trawl") or str(Path(sys.executable).parent / "trawl")
         if Path(trawl).exists():

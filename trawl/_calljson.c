@@ -34,6 +34,7 @@ enum kind {
 
 #define MAX_FIELD_NUMBER 64
 #define MAX_DEPTH 16
+#define ENUM_CACHE 16
 
 typedef struct {
     const char *key; /* "\"name\":" */
@@ -42,6 +43,8 @@ typedef struct {
     int repeated;
     int message; /* index of the nested message type (K_MESSAGE) */
     PyObject *enum_names; /* dict int -> str (K_ENUM), borrowed from the schema tuple */
+    const char *enum_text[ENUM_CACHE]; /* the dict's JSON text for numbers 0..ENUM_CACHE-1 (NULL: not named) */
+    Py_ssize_t enum_text_len[ENUM_CACHE];
 } field_t;
 
 typedef struct {
@@ -59,6 +62,8 @@ typedef struct {
     char *data;
     size_t len;
     size_t cap;
+    PyObject *bytes; /* when set, `data` is this bytes object's storage (the result, grown in place) */
+    PyObject *array; /* when set, `data` is this bytearray's storage (the caller's, reused, grown in place) */
 } buffer_t;
 
 /* Return codes of the walkers. */
@@ -66,24 +71,70 @@ typedef struct {
 #define FALLBACK 1
 #define FAILED (-1)
 
-static int put(buffer_t *out, const char *text, size_t size) {
-    if (out->len + size > out->cap) {
-        size_t cap = out->cap ? out->cap : 1024;
-        while (cap < out->len + size) cap *= 2;
-        char *grown = PyMem_Realloc(out->data, cap);
-        if (grown == NULL) {
-            PyErr_NoMemory();
-            return FAILED;
-        }
-        out->data = grown;
+static int grow(buffer_t *out, size_t size) {
+    size_t cap = out->cap ? out->cap : 4096;
+    while (cap < out->len + size) cap *= 2;
+    if (out->bytes != NULL) {
+        if (_PyBytes_Resize(&out->bytes, (Py_ssize_t)cap) < 0) return FAILED; /* frees and clears it on failure */
+        out->data = PyBytes_AS_STRING(out->bytes);
         out->cap = cap;
+        return OK;
     }
+    if (out->array != NULL) {
+        if (PyByteArray_Resize(out->array, (Py_ssize_t)cap) < 0) return FAILED; /* BufferError while exported */
+        out->data = PyByteArray_AS_STRING(out->array);
+        out->cap = cap;
+        return OK;
+    }
+    char *grown = PyMem_Realloc(out->data, cap);
+    if (grown == NULL) {
+        PyErr_NoMemory();
+        return FAILED;
+    }
+    out->data = grown;
+    out->cap = cap;
+    return OK;
+}
+
+static inline int put(buffer_t *out, const char *text, size_t size) {
+    if (out->len + size > out->cap && grow(out, size)) return FAILED;
     memcpy(out->data + out->len, text, size);
     out->len += size;
     return OK;
 }
 
-static int put_char(buffer_t *out, char c) { return put(out, &c, 1); }
+static const char DIGIT_PAIRS[] =
+    "00010203040506070809101112131415161718192021222324252627282930313233343536373839"
+    "40414243444546474849505152535455565758596061626364656667686970717273747576777879"
+    "8081828384858687888990919293949596979899";
+
+/* Decimal digits of `value` (with a leading '-' when negative), optionally in quotes. */
+static int put_decimal(buffer_t *out, uint64_t magnitude, int negative, int quoted) {
+    char text[24];
+    char *at = text + sizeof text;
+    if (quoted) *--at = '"';
+    while (magnitude >= 100) { /* two digits a division: timestamps have 19 */
+        const char *pair = DIGIT_PAIRS + 2 * (magnitude % 100);
+        magnitude /= 100;
+        *--at = pair[1];
+        *--at = pair[0];
+    }
+    if (magnitude >= 10) {
+        *--at = DIGIT_PAIRS[2 * magnitude + 1];
+        *--at = DIGIT_PAIRS[2 * magnitude];
+    } else {
+        *--at = (char)('0' + magnitude);
+    }
+    if (negative) *--at = '-';
+    if (quoted) *--at = '"';
+    return put(out, at, (size_t)(text + sizeof text - at));
+}
+
+static inline int put_char(buffer_t *out, char c) {
+    if (out->len + 1 > out->cap && grow(out, 1)) return FAILED;
+    out->data[out->len++] = c;
+    return OK;
+}
 
 static int read_varint(const unsigned char **pos, const unsigned char *end, uint64_t *value) {
     uint64_t result = 0;
@@ -107,16 +158,34 @@ static int put_unicode_escape(buffer_t *out, uint32_t code) {
     return put(out, text, 6);
 }
 
+#define ONES 0x0101010101010101ULL
+#define HIGHS 0x8080808080808080ULL
+
+/* Whether all 8 bytes are printable ASCII other than '"' and '\\' (they go out as they are).
+   Word-at-a-time tests; a false "no" only sends the bytes through the one-by-one path. */
+static inline int plain_word(const unsigned char *at) {
+    uint64_t word;
+    memcpy(&word, at, 8);
+    uint64_t control = (word - ONES * 0x20) & ~word;  /* a byte below 0x20 */
+    uint64_t high = word | (word + ONES);             /* a byte of 0x7F or more */
+    uint64_t quote = word ^ (ONES * '"');
+    uint64_t backslash = word ^ (ONES * '\\');
+    uint64_t special = ((quote - ONES) & ~quote) | ((backslash - ONES) & ~backslash);
+    return ((control | high | special) & HIGHS) == 0;
+}
+
+static inline int plain_byte(unsigned char c) { return c >= ' ' && c <= '~' && c != '\\' && c != '"'; }
+
 /* A UTF-8 string as json.encoder.encode_basestring_ascii writes it. */
 static int put_string(buffer_t *out, const unsigned char *text, size_t size) {
     if (put_char(out, '"')) return FAILED;
     size_t index = 0;
     while (index < size) {
         unsigned char c = text[index];
-        if (c >= ' ' && c <= '~' && c != '\\' && c != '"') {
+        if (plain_byte(c)) {
             size_t start = index;
-            while (index < size && text[index] >= ' ' && text[index] <= '~' && text[index] != '\\' && text[index] != '"')
-                index++;
+            while (index + 8 <= size && plain_word(text + index)) index += 8;
+            while (index < size && plain_byte(text[index])) index++;
             if (put(out, (const char *)text + start, index - start)) return FAILED;
             continue;
         }
@@ -199,33 +268,35 @@ static int put_base64(buffer_t *out, const unsigned char *data, size_t size) {
 }
 
 static int put_scalar(buffer_t *out, const field_t *field, uint64_t value) {
-    char text[32];
-    int size;
     switch (field->kind) {
     case K_BOOL:
         return value ? put(out, "true", 4) : put(out, "false", 5);
-    case K_INT32:
-        size = snprintf(text, sizeof text, "%d", (int32_t)(uint32_t)value);
-        break;
+    case K_INT32: {
+        int32_t number = (int32_t)(uint32_t)value;
+        return put_decimal(out, number < 0 ? (uint64_t)(-(int64_t)number) : (uint64_t)number, number < 0, 0);
+    }
     case K_UINT32:
-        size = snprintf(text, sizeof text, "%u", (uint32_t)value);
-        break;
-    case K_INT64:
-        size = snprintf(text, sizeof text, "\"%lld\"", (long long)(int64_t)value);
-        break;
+        return put_decimal(out, (uint32_t)value, 0, 0);
+    case K_INT64: {
+        int64_t number = (int64_t)value;
+        return put_decimal(out, number < 0 ? (uint64_t)0 - value : value, number < 0, 1);
+    }
     case K_UINT64:
-        size = snprintf(text, sizeof text, "\"%llu\"", (unsigned long long)value);
-        break;
+        return put_decimal(out, value, 0, 1);
     case K_ENUM: {
         int32_t number = (int32_t)(uint32_t)value;
+        if (number >= 0 && number < ENUM_CACHE) {
+            if (field->enum_text[number] != NULL)
+                return put(out, field->enum_text[number], (size_t)field->enum_text_len[number]);
+            return put_decimal(out, (uint64_t)number, 0, 0);
+        }
         PyObject *key = PyLong_FromLong(number);
         if (key == NULL) return FAILED;
         PyObject *name = PyDict_GetItemWithError(field->enum_names, key);
         Py_DECREF(key);
         if (name == NULL) {
             if (PyErr_Occurred()) return FAILED;
-            size = snprintf(text, sizeof text, "%d", number);
-            break;
+            return put_decimal(out, number < 0 ? (uint64_t)(-(int64_t)number) : (uint64_t)number, number < 0, 0);
         }
         Py_ssize_t length;
         const char *utf8 = PyUnicode_AsUTF8AndSize(name, &length);
@@ -235,7 +306,6 @@ static int put_scalar(buffer_t *out, const field_t *field, uint64_t value) {
     default:
         return FALLBACK;
     }
-    return put(out, text, (size_t)size);
 }
 
 static int is_varint_kind(int kind) { return kind >= K_BOOL && kind <= K_ENUM; }
@@ -348,6 +418,21 @@ static int Encoder_init(Encoder *self, PyObject *args, PyObject *kwargs) {
             field->repeated = repeated != 0;
             field->message = (int)nested;
             field->enum_names = kind == K_ENUM ? names : NULL;
+            if (kind == K_ENUM) {
+                for (long number = 0; number < ENUM_CACHE; number++) {
+                    PyObject *value = PyLong_FromLong(number);
+                    if (value == NULL) goto bad;
+                    PyObject *name = PyDict_GetItemWithError(names, value);
+                    Py_DECREF(value);
+                    if (name == NULL) {
+                        if (PyErr_Occurred()) goto bad;
+                        continue;
+                    }
+                    if (!PyUnicode_Check(name)) goto bad;
+                    field->enum_text[number] = PyUnicode_AsUTF8AndSize(name, &field->enum_text_len[number]);
+                    if (field->enum_text[number] == NULL) goto bad;
+                }
+            }
         }
     }
     Py_XSETREF(self->schema, Py_NewRef(schema));
@@ -375,7 +460,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     if (self->count == 0) Py_RETURN_NONE;
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(args[0]);
     Py_ssize_t size = PyBytes_GET_SIZE(args[0]);
-    buffer_t out = {NULL, 0, 0};
+    buffer_t out = {NULL, 0, 0, NULL, NULL};
     int status = put_message(self, &out, 0, data, data + size, 0);
     PyObject *result;
     if (status == OK) {
@@ -389,7 +474,92 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     return result;
 }
 
+/* For each message of `messages`, its SerializeToString() as JSON text, or fallback(message) (a
+   str) where this encoder answers None; each line ends with "\n". Appends to `out`. */
+static int put_lines(Encoder *self, buffer_t *out, PyObject *messages, PyObject *fallback) {
+    static PyObject *serialize_name = NULL;
+    if (serialize_name == NULL && (serialize_name = PyUnicode_InternFromString("SerializeToString")) == NULL)
+        return FAILED;
+    PyObject *sequence = PySequence_Fast(messages, "encode_lines: messages must be a sequence");
+    if (sequence == NULL) return FAILED;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    PyObject **items = PySequence_Fast_ITEMS(sequence);
+    if (out->len + (size_t)count * 1536 > out->cap && grow(out, (size_t)count * 1536)) goto failed;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *serialized = PyObject_CallMethodNoArgs(items[index], serialize_name);
+        if (serialized == NULL) goto failed;
+        if (!PyBytes_Check(serialized)) {
+            Py_DECREF(serialized);
+            PyErr_SetString(PyExc_TypeError, "SerializeToString() did not return bytes");
+            goto failed;
+        }
+        size_t line_start = out->len;
+        const unsigned char *wire = (const unsigned char *)PyBytes_AS_STRING(serialized);
+        int status = self->count == 0 ? FALLBACK : put_message(self, out, 0, wire, wire + PyBytes_GET_SIZE(serialized), 0);
+        Py_DECREF(serialized);
+        if (status == FAILED) goto failed;
+        if (status == FALLBACK) {
+            out->len = line_start;
+            PyObject *text = PyObject_CallOneArg(fallback, items[index]);
+            if (text == NULL) goto failed;
+            Py_ssize_t length;
+            const char *utf8 = PyUnicode_Check(text) ? PyUnicode_AsUTF8AndSize(text, &length) : NULL;
+            if (utf8 == NULL) {
+                if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "the fallback must return str");
+                Py_DECREF(text);
+                goto failed;
+            }
+            status = put(out, utf8, (size_t)length);
+            Py_DECREF(text);
+            if (status) goto failed;
+        }
+        if (put_char(out, '\n')) goto failed;
+    }
+    Py_DECREF(sequence);
+    return OK;
+failed:
+    Py_DECREF(sequence);
+    return FAILED;
+}
+
+/* encode_lines(messages, fallback, /) -> bytes: the lines, written straight into the bytes returned. */
+static PyObject *Encoder_encode_lines(Encoder *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "encode_lines(messages, fallback, /)");
+        return NULL;
+    }
+    buffer_t out = {NULL, 0, 0, PyBytes_FromStringAndSize(NULL, 4096), NULL};
+    if (out.bytes == NULL) return NULL;
+    out.data = PyBytes_AS_STRING(out.bytes);
+    out.cap = 4096;
+    if (put_lines(self, &out, args[0], args[1])) {
+        Py_XDECREF(out.bytes);
+        return NULL;
+    }
+    if (_PyBytes_Resize(&out.bytes, (Py_ssize_t)out.len) < 0) return NULL;
+    return out.bytes;
+}
+
+/* encode_lines_into(messages, fallback, buffer, /) -> int: the lines written at the start of the
+   bytearray `buffer` (grown when too small, never shrunk), returning their length. A buffer kept
+   across batches saves allocating, and the kernel zeroing, fresh pages for every batch. */
+static PyObject *Encoder_encode_lines_into(Encoder *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyByteArray_Check(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode_lines_into(messages, fallback, buffer: bytearray, /)");
+        return NULL;
+    }
+    buffer_t out = {PyByteArray_AS_STRING(args[2]), 0, (size_t)PyByteArray_GET_SIZE(args[2]), NULL, args[2]};
+    if (put_lines(self, &out, args[0], args[1])) return NULL;
+    return PyLong_FromSize_t(out.len);
+}
+
 static PyMethodDef Encoder_methods[] = {
+    {"encode_lines", (PyCFunction)(void (*)(void))Encoder_encode_lines, METH_FASTCALL,
+     "encode_lines(messages, fallback, /) -> bytes: one JSON line per message; fallback(message) -> str "
+     "where the schema does not cover it."},
+    {"encode_lines_into", (PyCFunction)(void (*)(void))Encoder_encode_lines_into, METH_FASTCALL,
+     "encode_lines_into(messages, fallback, buffer, /) -> int: encode_lines written at the start of the "
+     "bytearray buffer (grown as needed); returns their length."},
     {"encode", (PyCFunction)(void (*)(void))Encoder_encode, METH_FASTCALL,
      "encode(serialized, /): JSON text of a serialized message of the schema's first type, or None."},
     {NULL, NULL, 0, NULL},

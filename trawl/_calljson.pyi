@@ -1,5 +1,13 @@
+from collections.abc import Callable, Sequence
+
+from google.protobuf.message import Message
+
 FieldSpec = tuple[int, str, int, int, int, dict[int, str] | None]
 
 class Encoder:
     def __init__(self, schema: tuple[tuple[FieldSpec, ...], ...]) -> None: ...
     def encode(self, serialized: bytes, /) -> str | None: ...
+    def encode_lines(self, messages: Sequence[Message], fallback: Callable[[Message], str], /) -> bytes: ...
+    def encode_lines_into(
+        self, messages: Sequence[Message], fallback: Callable[[Message], str], buffer: bytearray, /
+    ) -> int: ...

@@ -18,14 +18,16 @@ import os
 import socket
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from trawl.errors import ConfigError
 from trawl.logs import LogFormat
+
+if TYPE_CHECKING:
+    import yaml
 
 SERVICES = ("collector", "dissector", "enricher", "recorder", "alerter")
 
@@ -131,6 +133,8 @@ class YamlDocument:
             text = path.read_text()
         except OSError as exc:
             raise ConfigError(f"cannot read config file: {exc.strerror}", path=path) from None
+        import yaml  # only with a config file: `trawl analyze FILE` starts without it
+
         try:
             node = yaml.compose(text, Loader=yaml.SafeLoader)
             data = yaml.safe_load(text)
@@ -170,6 +174,8 @@ class YamlDocument:
 
 
 def _collect_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int]) -> None:
+    import yaml
+
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = (*prefix, str(key_node.value))

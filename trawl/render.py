@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
-from typing import Any, TextIO
+from typing import Any, BinaryIO, TextIO
 
 from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -221,6 +221,32 @@ def call_to_json(call: ApiCall) -> str:
         if text is not None:
             return text
     return _message_json(call)
+
+
+def calls_to_json_lines(calls: Sequence[ApiCall]) -> bytes:
+    """NDJSON of many calls (each line ends with a newline), as bytes ready for a binary stream:
+    one compiled call for the whole batch, so the per-call cost is the encoder's alone."""
+    if _NATIVE is not None:
+        return _NATIVE.encode_lines(calls, _message_json)
+    return "".join([_message_json(call) + "\n" for call in calls]).encode("ascii")
+
+
+class JsonLinesWriter:
+    """NDJSON of batches of calls on a binary stream: per batch, one compiled call writing into a
+    buffer kept from batch to batch, and one write. A fresh megabyte-sized result per batch cost
+    about 0.5 us a call in page faults (the kernel zeroing new pages) on large captures."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.out = out
+        self._buffer = bytearray()
+
+    def write(self, calls: Sequence[ApiCall]) -> None:
+        if _NATIVE is None:
+            self.out.write(calls_to_json_lines(calls))
+            return
+        size = _NATIVE.encode_lines_into(calls, _message_json, self._buffer)
+        with memoryview(self._buffer) as view:
+            self.out.write(view[:size])
 
 
 def endpoint_label(endpoint: Endpoint) -> str:

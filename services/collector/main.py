@@ -8,7 +8,6 @@ import time
 from pathlib import Path
 
 from trawl.bus import packets_subject
-from trawl.collector.batching import ShardBatcher
 from trawl.collector.config import CollectorSettings
 from trawl.collector.live import serve_live
 from trawl.collector.replay import CaptureFile
@@ -41,43 +40,54 @@ class Publisher:
 
 
 async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
-    """Publish every packet of the file, then a batch flagged end_of_input; returns packets sent."""
+    """Publish every packet of the file, then a batch flagged end_of_input; returns packets sent.
+
+    The file is read in whole batches (`CaptureFile.batches`). Paced replay (replay_speed > 0)
+    publishes a batch when its last packet is due, as a packet-by-packet batcher would have."""
     settings = ctx.settings
     capture = CaptureFile(path)
-    batcher = ShardBatcher(
-        node=settings.node,
-        shard=0,
-        source=f"file:{path}",
-        max_packets=settings.batch_max_packets,
-        max_bytes=settings.batch_max_bytes,
-        nanosecond=capture.format == "pcapng" or capture.nanosecond,
-    )
+    source = f"file:{path}"
     publisher = Publisher(ctx)
     sent = 0
+    sequence = 0
+    link_type, snaplen, interface = 0, 0, ""
+    nanosecond = capture.format == "pcapng" or capture.nanosecond
     first_ts: int | None = None
     started = time.monotonic()
     try:
-        for packet in capture.packets():
+        for records in capture.batches(settings.batch_max_packets, settings.batch_max_bytes):
             if ctx.stopping.is_set():
                 break
             if settings.replay_speed > 0:
-                first_ts = packet.ts_ns if first_ts is None else first_ts
-                due = started + (packet.ts_ns - first_ts) / 1e9 / settings.replay_speed
+                first_ts = records.first_ts_ns if first_ts is None else first_ts
+                due = started + (records.last_ts_ns - first_ts) / 1e9 / settings.replay_speed
                 if (delay := due - time.monotonic()) > 0:
                     # Paced replay waits, but a SIGTERM ends the wait at once.
                     with contextlib.suppress(TimeoutError):
                         await asyncio.wait_for(ctx.stopping.wait(), delay)
                     if ctx.stopping.is_set():
                         break
-            for batch in batcher.add(
-                packet.ts_ns, packet.data, packet.orig_len, packet.link_type, packet.snaplen, packet.interface
-            ):
-                await publisher.publish(batch)
-            sent += 1
+            sequence += 1
+            link_type, snaplen, interface = records.link_type, records.snaplen, records.interface
+            nanosecond = records.nanosecond
+            await publisher.publish(records.message(node=settings.node, shard=0, sequence=sequence, source=source))
+            sent += records.packet_count
     finally:
-        # Whatever was read before a truncation still goes out, then the end marker.
-        await publisher.publish(batcher.cut(end_of_input=True))
-        log.info("replay_done", file=str(path), packets=sent, batches=batcher.sequence)
+        # Whatever was read before a truncation (or a stop) still goes out, then the end marker.
+        sequence += 1
+        end = PacketBatch(
+            node=settings.node,
+            interface=interface,
+            link_type=link_type,
+            snaplen=snaplen,
+            shard=0,
+            sequence=sequence,
+            nanosecond=nanosecond,
+            end_of_input=True,
+            source=source,
+        )
+        await publisher.publish(end)
+        log.info("replay_done", file=str(path), packets=sent, batches=sequence)
     return sent
 
 

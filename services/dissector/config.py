@@ -104,6 +104,13 @@ class DissectorSettings(ServiceSettings):
     max_ip_fragment_bytes: int = Field(default=16 << 20, ge=0)
     ip_fragment_timeout_s: float = Field(default=30.0, gt=0)
 
+    # The compiled HTTP/1 lane (services/dissector/_express.c): in-order HTTP/1 flows are
+    # dissected in C and handed back to the Python path, replayed, the moment anything is less
+    # than simple. Off: every packet takes the Python path (the lane's reference).
+    express: bool = True
+    # Packets an express flow keeps for a replay (those since its last exchange), per flow.
+    express_max_retained_bytes: int = Field(default=1 << 20, gt=0)
+
     # Parser bounds.
     max_body_bytes: int = Field(default=64 * 1024, ge=0)
     max_header_bytes: int = Field(default=64 * 1024, gt=0)

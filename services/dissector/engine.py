@@ -27,6 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from trawl.dissector import express
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.layers import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PacketDecoder, ip_text
 from trawl.dissector.protocols import registry
@@ -130,6 +131,13 @@ class Dissector:
         self.clock_ns = 0
         self._last_expire_ns = 0
         self._window = settings.detection_window_bytes
+        self.lane = express.build_lane(settings, self.redactor)
+        # Calls in `_out` that the lane made (and redacted), by id until `_take` hands them out.
+        self._redacted: set[int] = set()
+        if self.lane is not None:
+            lane = self.lane
+            self.tcp.lane_flows = lambda: lane.active
+            self.tcp.make_room = self._room_from_lane
 
     # -- public API ----------------------------------------------------------------------------
 
@@ -140,6 +148,10 @@ class Dissector:
         snapshot["tcp_flows_active"] = len(self.tcp)
         snapshot["udp_flows_active"] = len(self.udp_lru)
         snapshot["tcp_buffered_bytes"] = self.tcp.total_buffered
+        if self.lane is not None:
+            for name, value in self.lane.counters.items():
+                snapshot[name] = snapshot.get(name, 0) + value
+            snapshot["tcp_flows_active"] += self.lane.active
         return snapshot
 
     def feed(self, batch: PacketBatch) -> list[ApiCall]:
@@ -147,13 +159,49 @@ class Dissector:
         node = batch.node or self.node
         shard = batch.shard
         link_type = batch.link_type
-        records = batch.records
-        scale = 1 if batch.nanosecond else 1000
-        decode = self.decoder.decode
-        segment = self.tcp.segment
+        lane = self.lane
+        if lane is not None and link_type == LINKTYPE_ETHERNET:
+            return self._feed_express(lane, batch.records, batch.nanosecond, node, shard)
+        packets, clock = self._walk(batch.records, 0, 1 if batch.nanosecond else 1000, node, shard, link_type)
+        self._count("packets", packets)
+        return self._advance(clock)
+
+    def _feed_express(self, lane: Any, records: bytes, nanosecond: bool, node: str, shard: int) -> list[ApiCall]:
+        """The compiled lane takes the packets of the flows it holds; the rest comes back as work
+        for the Python path, in order: single frames, flows it gave back (with the packets to
+        replay), a damaged tail to walk, and the calls the lane completed, in line so that calls
+        leave in the order of their last packets whichever path made them."""
+        link_type = LINKTYPE_ETHERNET
+        work, _, newest = lane.feed(records, link_type, nanosecond, node, shard, self.tcp.flows)
+        clock = max(self.clock_ns, newest)
+        packets = 0
+        frame = self._frame
+        out = self._out
+        parse = ApiCall.FromString
+        redacted = self._redacted
+        for item in work:
+            kind = item[0]
+            if kind == 3:
+                call = parse(item[1])
+                redacted.add(id(call))  # by the lane already
+                out.append(call)
+            elif kind == 0:
+                packets += 1
+                frame(records, item[1], item[2], item[3], node, shard, link_type)
+            elif kind == 1:
+                packets += self._take_back(item[1])
+            else:
+                walked, newest = self._walk(records, item[1], 1 if nanosecond else 1000, node, shard, link_type)
+                packets += walked
+                clock = max(clock, newest)
+        self._count("packets", packets)
+        return self._advance(clock)
+
+    def _walk(self, records: bytes, offset: int, scale: int, node: str, shard: int, link_type: int) -> tuple[int, int]:
+        """Every pcap record of `records` from `offset` through the Python path; returns the
+        packets seen and the newest timestamp."""
         unpack = RECORD_HEADER.unpack_from
-        ethernet = link_type == LINKTYPE_ETHERNET
-        offset = 0
+        frame = self._frame
         end = len(records)
         packets = 0
         clock = self.clock_ns
@@ -167,46 +215,75 @@ class Dissector:
                 self._count("malformed_batches")
                 break
             ts_ns = seconds * SECOND_NS + frac * scale
-            start = offset
-            offset += incl
             packets += 1
             if ts_ns > clock:
                 clock = ts_ns
-            # Fast path for the common frame (Ethernet, IPv4 without options or fragments, TCP):
-            # no copy of the frame, no decoder call. Anything else takes the general decoder.
-            if (
-                ethernet
-                and incl >= 54
-                and records[start + 12] == 8
-                and records[start + 13] == 0
-                and records[start + 14] == 0x45
-                and records[start + 23] == PROTO_TCP
-                and not (records[start + 20] & 0x3F or records[start + 21])
-            ):
-                ip_end = start + 14 + ((records[start + 16] << 8) | records[start + 17])
-                if start + 54 <= ip_end <= offset:
-                    segment(
-                        node,
-                        shard,
-                        records[start + 26 : start + 30],
-                        records[start + 30 : start + 34],
-                        records[start + 34 : ip_end],
-                        ts_ns,
-                    )
-                    continue
-            packet = decode(link_type, records[start:offset], ts_ns)
-            if packet is None:
-                continue
-            proto = packet.proto
-            if proto == PROTO_TCP:
-                segment(node, shard, packet.src, packet.dst, packet.payload, ts_ns)
-            elif proto == PROTO_UDP:
-                self._udp(node, shard, packet.src, packet.dst, packet.payload, ts_ns)
-            elif proto in (PROTO_ICMP, PROTO_ICMPV6):
-                self._icmp(node, shard, packet.src, packet.dst, packet.payload, ts_ns, packet.version == 6)
-            else:
-                self._count("other_ip_protocols")
-        self._count("packets", packets)
+            frame(records, offset, offset + incl, ts_ns, node, shard, link_type)
+            offset += incl
+        return packets, clock
+
+    def _frame(self, records: bytes, start: int, end: int, ts_ns: int, node: str, shard: int, link_type: int) -> None:
+        """One frame, records[start:end], through the Python path."""
+        # Fast path for the common frame (Ethernet, IPv4 without options or fragments, TCP):
+        # no copy of the frame, no decoder call. Anything else takes the general decoder.
+        if (
+            link_type == LINKTYPE_ETHERNET
+            and end - start >= 54
+            and records[start + 12] == 8
+            and records[start + 13] == 0
+            and records[start + 14] == 0x45
+            and records[start + 23] == PROTO_TCP
+            and not (records[start + 20] & 0x3F or records[start + 21])
+        ):
+            ip_end = start + 14 + ((records[start + 16] << 8) | records[start + 17])
+            if start + 54 <= ip_end <= end:
+                self.tcp.segment(
+                    node,
+                    shard,
+                    records[start + 26 : start + 30],
+                    records[start + 30 : start + 34],
+                    records[start + 34 : ip_end],
+                    ts_ns,
+                )
+                return
+        packet = self.decoder.decode(link_type, records[start:end], ts_ns)
+        if packet is None:
+            return
+        proto = packet.proto
+        if proto == PROTO_TCP:
+            self.tcp.segment(node, shard, packet.src, packet.dst, packet.payload, ts_ns)
+        elif proto == PROTO_UDP:
+            self._udp(node, shard, packet.src, packet.dst, packet.payload, ts_ns)
+        elif proto in (PROTO_ICMP, PROTO_ICMPV6):
+            self._icmp(node, shard, packet.src, packet.dst, packet.payload, ts_ns, packet.version == 6)
+        else:
+            self._count("other_ip_protocols")
+
+    def _take_back(self, handover: dict[str, Any]) -> int:
+        """A flow the compiled lane gave back: rebuild it (or not: replayed from its SYN), then
+        replay its packets; returns how many."""
+        if handover["state"] is not None:
+            flow, parser = express.restore(self.tcp, handover, self.limits)
+            state: _StreamState = flow.user  # type: ignore[assignment]
+            state.detecting = False
+            state.parser = parser
+            state.protocol = "http"
+        node, shard, link_type = handover["node"], handover["shard"], handover["link_type"]
+        frames = handover["records"]
+        frame = self._frame
+        for data, ts_ns in frames:
+            frame(data, 0, len(data), ts_ns, node, shard, link_type)
+        return len(frames)
+
+    def _room_from_lane(self) -> None:
+        """The flow table is full and the Python side holds no flow: the lane gives back its
+        least recently active one, which the table then evicts like any other."""
+        assert self.lane is not None
+        handover = self.lane.demote_oldest()
+        if handover is not None:
+            self._count("packets", self._take_back(handover))
+
+    def _advance(self, clock: int) -> list[ApiCall]:
         self.clock_ns = clock
         if clock - self._last_expire_ns >= SECOND_NS:
             self._expire(clock)
@@ -226,6 +303,8 @@ class Dissector:
         its timeouts when a single shard ends.
         """
         now = self.clock_ns
+        if self.lane is not None:
+            self._count("packets", sum(self._take_back(handover) for handover in self.lane.demote_all(node, shard)))
         if node is not None or shard is not None:
             self.tcp.finish(now, node, shard)
             for udp in [
@@ -261,11 +340,14 @@ class Dissector:
         out.clear()  # the TcpTable appends to this same list
         apply = self.redactor.apply
         counters = self._counters
+        redacted = self._redacted
         for call in calls:
-            apply(call)
+            if not redacted or id(call) not in redacted:
+                apply(call)
             key = "calls_" + call.protocol
             counters[key] = counters.get(key, 0) + 1
         counters["calls"] = counters.get("calls", 0) + len(calls)
+        redacted.clear()
         return calls
 
     def _parse_error(self, protocol: str, where: str, exc: BaseException, log_it: bool = True) -> None:
@@ -295,6 +377,12 @@ class Dissector:
 
     def _expire(self, now_ns: int) -> None:
         self._last_expire_ns = now_ns
+        if self.lane is not None:
+            # Flows the lane holds are simple, but their timeouts are the Python path's to call.
+            given_back = self.lane.demote_stale(
+                now_ns, self.tcp.idle_timeout_ns, self.limits.request_timeout_ns, self.tcp.handshake_timeout_ns
+            )
+            self._count("packets", sum(self._take_back(handover) for handover in given_back))
         self.decoder.fragments.expire(now_ns)
         self.tcp.expire(now_ns)
         for flow in self.tcp.lru.values():

@@ -83,6 +83,27 @@ class Redactor:
                 self._header_kind[name] = kind
         return kind
 
+    # -- the decisions, one name at a time (the compiled HTTP/1 lane asks these and caches them) --
+
+    def header_kind(self, name: str) -> int:
+        """0: keep the value; 1: redact it; 2: a URL-valued header whose query may hold secrets."""
+        kind = self._header_kind.get(name)
+        return self._kind(name) if kind is None else kind
+
+    def param_is_secret(self, raw_name: str) -> bool:
+        """A query parameter's name as written (before unquoting) names a secret."""
+        hit = self._param_hit.get(raw_name)
+        if hit is None:
+            hit = self.field(unquote_plus(raw_name))
+            if len(self._param_hit) < 4096:
+                self._param_hit[raw_name] = hit
+        return hit
+
+    def key_is_secret(self, raw_key: bytes) -> bool:
+        """A JSON key as written (escapes and all) names a secret."""
+        hit = self._key_hit.get(raw_key)
+        return self._key_is_secret(raw_key) if hit is None else hit
+
     def apply(self, call: ApiCall) -> ApiCall:
         path = call.path
         if "?" in path or "@" in path:
@@ -139,9 +160,7 @@ class Redactor:
             name, eq, _ = pair.partition("=")
             hit = hits.get(name)
             if hit is None:
-                hit = self.field(unquote_plus(name))
-                if len(hits) < 4096:
-                    hits[name] = hit
+                hit = self.param_is_secret(name)
             if eq and hit:
                 parts.append(f"{name}={REDACTED}")
                 changed = True

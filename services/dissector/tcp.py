@@ -179,6 +179,18 @@ class TcpTable:
         self.flows: dict[tuple[object, ...], tuple[TcpFlow, Direction]] = {}
         self.lru: OrderedDict[int, TcpFlow] = OrderedDict()
         self.total_buffered = 0
+        # The LRU is in order of last activity only while packet time never goes back. Flows
+        # touched by an older packet (a capture's timestamps out of order, a flow given back by
+        # the compiled lane and replayed) are also kept here, by id, for `expire` to check.
+        self.newest_ns = 0
+        self.behind: set[int] = set()
+        # Flows whose SYN has no SYN-ACK yet: their handshake timeout runs from the SYN, not from
+        # their last packet, so the LRU order says nothing about them either.
+        self.handshaking: set[int] = set()
+        # Flows held elsewhere that count toward `max_flows` (the compiled lane's), and how to
+        # get one of them back when this table is full and empty (set by the engine).
+        self.lane_flows: Callable[[], int] | None = None
+        self.make_room: Callable[[], None] | None = None
 
     def _count(self, name: str, amount: int = 1) -> None:
         self.counters[name] = self.counters.get(name, 0) + amount
@@ -191,13 +203,24 @@ class TcpTable:
     def _is_server_port(self, port: int) -> bool:
         return port in self.server_ports or port < WELL_KNOWN_PORT_LIMIT
 
+    def _full(self) -> bool:
+        held = len(self.lru) + (self.lane_flows() if self.lane_flows is not None else 0)
+        return held >= self.max_flows
+
+    def _evict_for_room(self, ts_ns: int) -> None:
+        if not self.lru and self.make_room is not None:
+            self.make_room()  # the lane's oldest flow comes back into this table
+        if not self.lru:
+            return
+        self._count("tcp_flows_evicted_limit")
+        _, oldest = self.lru.popitem(last=False)
+        self._end(oldest, ts_ns, evicting=True)
+
     def _new_flow(
         self, node: str, shard: int, src: bytes, sport: int, dst: bytes, dport: int, flags: int, ts_ns: int
     ) -> TcpFlow:
-        if len(self.lru) >= self.max_flows:
-            self._count("tcp_flows_evicted_limit")
-            _, oldest = self.lru.popitem(last=False)
-            self._end(oldest, ts_ns, evicting=True)
+        if self._full():
+            self._evict_for_room(ts_ns)
         if flags & SYN:
             src_is_client = not flags & ACK
         else:
@@ -222,6 +245,23 @@ class TcpTable:
             self.on_flow_created(flow)
         return flow
 
+    def adopt(self, flow: TcpFlow) -> None:
+        """Take in a flow built elsewhere (the compiled lane's handover; counted there). The lane
+        no longer holds it, so the limit is checked as for a new flow."""
+        if self._full():
+            self._evict_for_room(flow.last_ts_ns)
+        self.flows[flow.keys[0]] = (flow, C2S)
+        self.flows[flow.keys[1]] = (flow, S2C)
+        self.lru[id(flow)] = flow
+        if flow.last_ts_ns < self.newest_ns:
+            self.behind.add(id(flow))
+        if self.on_flow_created is not None:
+            self.on_flow_created(flow)
+
+    def discard(self, flow: TcpFlow) -> None:
+        """Forget a flow without ending it (a closed one lingering on a 4-tuple taken over)."""
+        self._remove(flow)
+
     def swap(self, flow: TcpFlow) -> None:
         """Turn a flow around (content showed the other side is the client); before any delivery."""
         info = flow.info
@@ -240,6 +280,8 @@ class TcpTable:
             if entry is not None and entry[0] is flow:
                 del self.flows[key]
         self.lru.pop(id(flow), None)
+        self.behind.discard(id(flow))
+        self.handshaking.discard(id(flow))
         for half in flow.halves:
             self.total_buffered -= half.buffered
             half.buffered = 0
@@ -280,6 +322,12 @@ class TcpTable:
             else:
                 self.lru.move_to_end(id(flow))
         flow.last_ts_ns = ts_ns
+        if ts_ns >= self.newest_ns:
+            self.newest_ns = ts_ns
+            if self.behind:
+                self.behind.discard(id(flow))
+        else:
+            self.behind.add(id(flow))
         half = flow.halves[direction]
         if flags & SYN:
             self._syn(flow, half, direction, seq, flags, ts_ns)
@@ -324,11 +372,14 @@ class TcpTable:
             if flow.syn_count == 1:
                 flow.syn_ts_ns = ts_ns
             flow.midstream = False
+            if not flow.synack_seen:
+                self.handshaking.add(id(flow))
         elif direction == S2C and flags & ACK:
             if flow.synack_seen:
                 flow.retransmissions += 1
                 self._count("tcp_retransmissions")
             flow.synack_seen = True
+            self.handshaking.discard(id(flow))
         if half.next is None:
             half.next = half.base = seq + 1
 
@@ -542,23 +593,36 @@ class TcpTable:
     def expire(self, now_ns: int) -> None:
         """Evict idle flows, drop lingering closed ones, report unanswered handshakes."""
         stale: list[TcpFlow] = []
+        scanned: set[int] = set()
         for flow in self.lru.values():
-            idle = now_ns - flow.last_ts_ns
-            if flow.closed_ns is not None:
-                if idle >= CLOSED_LINGER_NS:
-                    stale.append(flow)
-            elif idle >= self.idle_timeout_ns or (
-                flow.syn_count and not flow.synack_seen and now_ns - flow.syn_ts_ns >= self.handshake_timeout_ns
-            ):
+            if self._is_stale(flow, now_ns):
                 stale.append(flow)
-            else:
-                # The LRU order is by last activity: everything after this is younger.
-                if idle < min(CLOSED_LINGER_NS, self.handshake_timeout_ns):
-                    break
+                scanned.add(id(flow))
+            elif now_ns - flow.last_ts_ns < min(CLOSED_LINGER_NS, self.handshake_timeout_ns):
+                # The LRU order is by last activity: everything after this is younger, but for
+                # the flows an older packet touched (`behind`) and those still waiting for a
+                # SYN-ACK (`handshaking`), checked one by one below.
+                break
+        for unordered in (self.behind, self.handshaking):
+            for key in list(unordered):
+                held = self.lru.get(key)
+                if held is None:
+                    unordered.discard(key)
+                elif key not in scanned and self._is_stale(held, now_ns):
+                    stale.append(held)
+                    scanned.add(key)
         for flow in stale:
             if flow.closed_ns is None:
                 self._count("tcp_flows_evicted_idle")
             self._end(flow, now_ns, evicting=True)
+
+    def _is_stale(self, flow: TcpFlow, now_ns: int) -> bool:
+        idle = now_ns - flow.last_ts_ns
+        if flow.closed_ns is not None:
+            return idle >= CLOSED_LINGER_NS
+        return idle >= self.idle_timeout_ns or bool(
+            flow.syn_count and not flow.synack_seen and now_ns - flow.syn_ts_ns >= self.handshake_timeout_ns
+        )
 
     def finish(self, now_ns: int, node: str | None = None, shard: int | None = None) -> None:
         """End of input: every flow ends now (only those of `node` and/or `shard` when given)."""

@@ -14,6 +14,11 @@ their node's IP; tests put several pods on 127.0.0.1):
    loopback setups), then the most recently started;
 4. then a hostNetwork pod (its node is not in the snapshot), then a service address.
 
+Lookups are on every call's two endpoints, so an address's claims are compiled once, on its
+first lookup, into `_Owners`: the winner for every interval between claim boundaries (the
+valid set is constant between them) and for every port a claim declares. A lookup is then a
+dict get, a bisect and a dict get.
+
 A pod's workload follows its controlling ownerReference: ReplicaSet -> Deployment (through the
 ReplicaSet item when present, else by removing the pod's exact `pod-template-hash` suffix),
 Job -> CronJob (through the Job item, else by the CronJob naming convention
@@ -25,7 +30,8 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable, Mapping
+from bisect import bisect_right
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -59,6 +65,13 @@ class Identity:
     service: str = ""
     node: str = ""
     cluster: str = ""
+    # What the enricher counts as a known peer on each side (see Enricher.enrich).
+    known_as_source: bool = field(init=False, repr=False, compare=False)
+    known_as_destination: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "known_as_source", bool(self.workload or self.node))
+        object.__setattr__(self, "known_as_destination", bool(self.workload or self.node or self.service))
 
     def fill(self, endpoint: Endpoint) -> None:
         endpoint.name = self.name
@@ -98,6 +111,43 @@ class IpClaim:
         return (port_match, kind_rank, portless, self.start_ns)
 
 
+# The winner among one set of valid claims: (for any other port, by declared port), or None when none is valid.
+_Winners = tuple[Identity, dict[int, Identity]] | None
+
+
+def _winners(claims: Sequence[IpClaim]) -> _Winners:
+    """Who `max(claims, key=rank(port))` picks, for every port that can change the answer."""
+    if not claims:
+        return None
+    default = max(claims, key=lambda claim: claim.rank(0)).identity
+    by_port: dict[int, Identity] = {}
+    for port in sorted({port for claim in claims for port in claim.ports if port}):
+        winner = max(claims, key=lambda claim: claim.rank(port)).identity
+        if winner is not default:
+            by_port[port] = winner
+    return default, by_port
+
+
+class _Owners:
+    """One address's claims, compiled: the winners of every interval between claim boundaries
+    (`segments[k]` holds times in [bounds[k-1], bounds[k])), and of the claims still open (time 0)."""
+
+    __slots__ = ("bounds", "now", "segments")
+
+    def __init__(self, claims: Sequence[IpClaim]) -> None:
+        self.bounds = sorted({claim.start_ns for claim in claims} | {c.end_ns for c in claims if c.end_ns is not None})
+        moments = [self.bounds[0] - 1, *self.bounds]  # one moment inside each interval
+        self.segments = [_winners([claim for claim in claims if claim.valid_at(moment)]) for moment in moments]
+        self.now = _winners([claim for claim in claims if claim.end_ns is None] or claims)
+
+    def at(self, ts_ns: int, port: int) -> Identity | None:
+        winners = self.segments[bisect_right(self.bounds, ts_ns)] if ts_ns else self.now
+        if winners is None:
+            return None
+        default, by_port = winners
+        return by_port.get(port, default) if by_port else default
+
+
 class IdentityMap:
     """Time-aware IP -> Identity lookups."""
 
@@ -106,6 +156,7 @@ class IdentityMap:
         self._claims: dict[str, list[IpClaim]] = {}
         for claim in claims:
             self._claims.setdefault(claim.ip, []).append(claim)
+        self._owners: dict[str, _Owners] = {}  # compiled on an address's first lookup
 
     @classmethod
     def empty(cls, cluster: str = "") -> IdentityMap:
@@ -138,16 +189,13 @@ class IdentityMap:
 
     def lookup(self, ip: str, ts_ns: int = 0, port: int = 0) -> Identity | None:
         """Who held `ip` at `ts_ns` (0 = now: the claims still open), seen on `port` (0 = unknown)."""
-        claims = self._claims.get(ip)
-        if not claims:
-            return None
-        if ts_ns:
-            valid = [claim for claim in claims if claim.valid_at(ts_ns)]
-        else:
-            valid = [claim for claim in claims if claim.end_ns is None] or claims
-        if not valid:
-            return None
-        return max(valid, key=lambda claim: claim.rank(port)).identity
+        owners = self._owners.get(ip)
+        if owners is None:
+            claims = self._claims.get(ip)
+            if not claims:
+                return None
+            owners = self._owners[ip] = _Owners(claims)
+        return owners.at(ts_ns, port)
 
     def enrich_endpoint(self, endpoint: Endpoint, ts_ns: int) -> Identity | None:
         identity = self.lookup(endpoint.ip, ts_ns, endpoint.port)
@@ -163,6 +211,37 @@ class IdentityMap:
         self.enrich_endpoint(call.src, ts_ns)
         self.enrich_endpoint(call.dst, ts_ns)
         return call
+
+    def enrich_calls(self, calls: Iterable[ApiCall]) -> tuple[int, int]:
+        """`enrich` every call; returns how many sources and destinations are unknown peers (no
+        identity, or one naming no workload or node, nor service for a destination)."""
+        unknown_sources = unknown_destinations = 0
+        if not self._claims:  # no snapshot: every peer is named by its address
+            for call in calls:
+                source, destination = call.src, call.dst
+                source.name = source.ip
+                destination.name = destination.ip
+                unknown_sources += 1
+            return unknown_sources, unknown_sources
+        lookup = self.lookup
+        for call in calls:
+            ts_ns = call.request.ts
+            source, destination = call.src, call.dst
+            identity = lookup(source.ip, ts_ns, source.port)
+            if identity is None:
+                source.name = source.ip
+                unknown_sources += 1
+            else:
+                identity.fill(source)
+                unknown_sources += not identity.known_as_source
+            identity = lookup(destination.ip, ts_ns, destination.port)
+            if identity is None:
+                destination.name = destination.ip
+                unknown_destinations += 1
+            else:
+                identity.fill(destination)
+                unknown_destinations += not identity.known_as_destination
+        return unknown_sources, unknown_destinations
 
 
 @dataclass

@@ -191,6 +191,22 @@ def test_unanswered_syn_is_a_handshake_timeout() -> None:
     assert tcp(engine.expire(T0 + 6_000_000_000), "handshake-timeout")
 
 
+def test_a_handshake_timeout_is_found_behind_younger_flows() -> None:
+    """The idle scan stops at the first young flow of the LRU; a SYN's timeout runs from the SYN,
+    so a flow whose SYN was never answered is checked wherever its last packet put it."""
+    unanswered = Conversation(client_port=40001, server_port=443)
+    unanswered.raw(True, unanswered.client_isn, 0, "S")
+    busy = Conversation(client_port=40002, server_port=443, step_ns=100_000_000)
+    busy.now = T0 + 11_000_000_000
+    busy.handshake()  # its last packet comes before the unanswered flow's last one
+    unanswered.now = T0 + 11_900_000_000
+    unanswered.raw(True, unanswered.client_isn + 1, 0, "A")  # no SYN-ACK seen, ever
+    engine = Dissector(settings(handshake_timeout_s=10, express=False), "n1")
+    calls = engine.feed(batch(sorted(unanswered.frames + busy.frames)))  # expires as of its newest packet
+    (timeout,) = tcp(calls + engine.expire(T0 + 12_000_000_000), "handshake-timeout")
+    assert timeout.src.port == 40001
+
+
 def test_zero_window_is_counted() -> None:
     conversation = Conversation().handshake().client_sends(REQUEST)
     conversation.raw(True, conversation.client_next, conversation.server_next, "A", window=0)

@@ -124,6 +124,18 @@ def test_websocket_upgrade_is_reported_and_parsing_stops() -> None:
     assert call.status == "101" and call.http.upgrade == "websocket"
 
 
+def test_a_101_without_connection_upgrade_is_still_an_upgrade() -> None:
+    """llhttp pauses after every 101 head; httptools reports it as an error unless the response
+    says `Connection: upgrade`. A passive observer reports what the peers did."""
+    calls = run(
+        (C2S, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\n"),
+        (S2C, b"HTTP/1.1 101 OK\r\nUpgrade: websocket\r\n\r\n\x81\x02hi"),
+    )
+    (call,) = calls
+    assert call.status == "101" and call.http.upgrade == "websocket"
+    assert "parse-error" not in call.notes
+
+
 def test_h2c_upgrade_is_noted() -> None:
     calls = run(
         (

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from trawl.enricher.identity import Identity, IdentityMap
+from trawl.enricher.identity import ClaimKind, Identity, IdentityMap, IpClaim
 from trawl.errors import InputError
 from trawl.v1.calls_pb2 import ApiCall
 
@@ -432,3 +432,82 @@ def test_fuzz_mutated_fixture(data: st.DataObject) -> None:
         IdentityMap.from_document(document, source="mutated.json").lookup("10.244.1.12", 1)
     except InputError as exc:
         assert str(exc).startswith("mutated.json: ")  # noqa: PT017 - either outcome is valid; only its form is checked
+
+
+# -- the compiled lookup ------------------------------------------------------------------------
+
+
+def reference_lookup(claims: list[IpClaim], ip: str, ts_ns: int, port: int) -> Identity | None:
+    """The resolution rules written out directly (filter the valid claims, take the best rank)."""
+    mine = [claim for claim in claims if claim.ip == ip]
+    if not mine:
+        return None
+    if ts_ns:
+        valid = [claim for claim in mine if claim.valid_at(ts_ns)]
+    else:
+        valid = [claim for claim in mine if claim.end_ns is None] or mine
+    return max(valid, key=lambda claim: claim.rank(port)).identity if valid else None
+
+
+MOMENTS = st.sampled_from([0, 5, 10, 20, 30])
+
+
+@st.composite
+def claims_strategy(draw: st.DrawFn) -> IpClaim:
+    kind: ClaimKind = draw(st.sampled_from(["pod", "service", "node"]))
+    start = draw(MOMENTS)
+    end = draw(st.none() | st.integers(start + 1, 35))
+    name = f"{kind}-{draw(st.integers(0, 999))}"
+    identity = Identity(
+        kind=kind, name=name, workload=name if kind == "pod" else "", node="n" if kind == "node" else ""
+    )
+    return IpClaim(
+        draw(st.sampled_from(["10.0.0.1", "10.0.0.2"])),
+        identity,
+        start,
+        end,
+        frozenset(draw(st.lists(st.sampled_from([53, 80, 8080]), max_size=2))),
+        draw(st.booleans()),
+    )
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(claims_strategy(), max_size=6),
+    st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0, 53, 80, 443])), max_size=12),
+)
+def test_compiled_lookup_answers_as_the_rules_do(claims: list[IpClaim], queries: list[tuple[int, int]]) -> None:
+    identity = IdentityMap(claims)
+    for ts_ns, port in queries:
+        for ip in ("10.0.0.1", "10.0.0.2", "10.9.9.9"):
+            assert identity.lookup(ip, ts_ns, port) is reference_lookup(claims, ip, ts_ns, port)
+
+
+def endpoint_call(src: tuple[str, int], dst: tuple[str, int], ts_ns: int) -> ApiCall:
+    call = ApiCall(id="c", protocol="http")
+    call.src.ip, call.src.port = src
+    call.dst.ip, call.dst.port = dst
+    call.request.ts = ts_ns
+    return call
+
+
+def test_enrich_calls_fills_like_enrich_and_counts_unknown_peers(fixture_map: IdentityMap) -> None:
+    when = ns("2026-11-26T10:00:00Z")
+    peers = [("10.244.1.12", 40000), ("10.96.12.34", 80), ("192.0.2.77", 1234), ("172.18.0.2", 10250)]
+    pairs = [(src, dst) for src in peers for dst in peers]
+    one_by_one = [fixture_map.enrich(endpoint_call(src, dst, when)) for src, dst in pairs]
+    batch = [endpoint_call(src, dst, when) for src, dst in pairs]
+    unknown_sources, unknown_destinations = fixture_map.enrich_calls(batch)
+    assert batch == one_by_one
+    assert unknown_sources == sum(1 for call in batch if not call.src.workload and not call.src.node)
+    assert unknown_destinations == sum(
+        1 for call in batch if not call.dst.workload and not call.dst.node and not call.dst.service
+    )
+    assert 0 < unknown_sources < len(batch) and 0 < unknown_destinations < len(batch)
+
+
+def test_enrich_calls_without_a_snapshot_names_peers_by_address() -> None:
+    calls = [endpoint_call(("10.0.0.1", 1), ("10.0.0.2", 2), 5), endpoint_call(("fd00::1", 3), ("10.0.0.3", 4), 0)]
+    assert IdentityMap.empty().enrich_calls(calls) == (2, 2)
+    assert [(c.src.name, c.dst.name) for c in calls] == [("10.0.0.1", "10.0.0.2"), ("fd00::1", "10.0.0.3")]
+    assert not calls[0].src.workload and not calls[0].dst.namespace

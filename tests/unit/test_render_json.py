@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -144,3 +145,69 @@ def test_the_compiled_encoder_is_built() -> None:
     """`pip install -e .` (make setup) compiles trawl._calljson; the Python encoder is only a
     fallback, so a missing build is a failure here, not a skipped test."""
     assert render._NATIVE is not None, "trawl._calljson is not compiled: run `pip install -e .`"
+
+
+def reference_lines(calls: list[ApiCall]) -> bytes:
+    return "".join(reference(call) + "\n" for call in calls).encode("ascii")
+
+
+def test_lines_of_fixture_calls_and_of_calls_the_compiled_encoder_leaves_to_python() -> None:
+    calls = fixture_calls()
+    with_map = ApiCall(id="m")
+    with_map.amqp.properties["k"] = "v"  # the Python encoder's, inside the same batch
+    odd_enums = [ApiCall(id="big", outcome=100), ApiCall(id="negative", outcome=-3)]  # type: ignore[arg-type]
+    batch = [calls[0], with_map, *odd_enums, *calls[1:]]
+    assert render.calls_to_json_lines(batch) == reference_lines(batch)
+    assert render.calls_to_json_lines([]) == b""
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.builds(ApiCall).flatmap(filled), max_size=5))
+def test_lines_of_generated_calls(calls: list[ApiCall]) -> None:
+    assert render.calls_to_json_lines(calls) == reference_lines(calls)
+
+
+def test_lines_without_the_compiled_encoder(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = fixture_calls()[:20]
+    monkeypatch.setattr(render, "_NATIVE", None)
+    assert render.calls_to_json_lines(calls) == reference_lines(calls)
+
+
+def test_lines_pass_on_a_failing_fallback() -> None:
+    assert render._NATIVE is not None
+    with_map = ApiCall(id="m")
+    with_map.amqp.properties["k"] = "v"
+
+    def broken(call: Message) -> str:
+        raise RuntimeError("fallback broke")
+
+    with pytest.raises(RuntimeError, match="fallback broke"):
+        render._NATIVE.encode_lines([ApiCall(id="a"), with_map], broken)
+    with pytest.raises(TypeError):
+        render._NATIVE.encode_lines([ApiCall(id="a"), with_map], lambda call: b"not text")  # type: ignore[arg-type,return-value]
+
+
+def test_writer_reuses_its_buffer_and_writes_only_each_batch(tmp_path: Path) -> None:
+    calls = fixture_calls()
+    with_map = ApiCall(id="m")
+    with_map.amqp.properties["k"] = "v"
+    batches = [calls[:40], [], [with_map, *calls[40:45]], calls[45:46], calls]
+    target = tmp_path / "out.ndjson"
+    with target.open("wb") as handle:
+        writer = render.JsonLinesWriter(handle)
+        for batch in batches:
+            writer.write(batch)
+    assert target.read_bytes() == b"".join(reference_lines(batch) for batch in batches)
+
+
+def test_encode_lines_into_grows_a_small_buffer_and_refuses_an_exported_one() -> None:
+    assert render._NATIVE is not None
+    calls = fixture_calls()[:30]
+    buffer = bytearray(b"x" * 10)
+    size = render._NATIVE.encode_lines_into(calls, render._message_json, buffer)
+    assert bytes(buffer[:size]) == reference_lines(calls) and len(buffer) >= size
+    # A view pins the buffer: growing it would move the memory under the view.
+    with memoryview(buffer), pytest.raises(BufferError):
+        render._NATIVE.encode_lines_into(calls * 50, render._message_json, buffer)
+    with pytest.raises(TypeError):
+        render._NATIVE.encode_lines_into(calls, render._message_json, b"bytes")  # type: ignore[arg-type]

@@ -128,6 +128,10 @@ def _parse_head(head: bytes, request: bool) -> tuple[Any, _HeadSink]:
     except httptools.HttpParserUpgrade:
         pass  # Upgrade / CONNECT: the head is complete, what follows is decided by the response
     except httptools.HttpParserError as exc:
+        if str(exc).startswith("Pause on CONNECT/Upgrade"):
+            # llhttp pauses after any 101 head; httptools calls it an upgrade only with
+            # `Connection: upgrade`. The head is complete either way.
+            return parser, sink
         kind = "request" if request else "response"
         raise ProtocolError(f"invalid HTTP/1 {kind} head: {exc}") from None
     return parser, sink

@@ -1,0 +1,2112 @@
+/*
+ * trawl.dissector._express: the compiled HTTP/1 "express lane" of the dissector.
+ *
+ * Why C: the Python path costs about 43 us per HTTP call (decode and TCP per packet, the head
+ * parse and the ApiCall build, redaction); issue #3 asks for 100,000 calls/s per core, which
+ * the profile says pure Python cannot reach. This lane does the common case, in-order HTTP/1.x
+ * keep-alive exchanges with Content-Length bodies over Ethernet, in one pass over a batch's
+ * pcap records, and writes each finished call as serialized ApiCall bytes.
+ *
+ * Correctness rests on one rule: the Python path (engine.py, tcp.py, http1.py, redact.py)
+ * stays the single source of truth, and this lane only keeps a flow while it is certain to
+ * produce exactly what Python would. The moment a packet is anything else (reordering, a loss,
+ * RST/FIN/URG, a zero window, chunked or encoded bodies, pipelining, 1xx, upgrades, odd header
+ * bytes, a secret in a body, a limit...) the flow is "demoted": Python gets the flow's state as
+ * of its last quiescent point (both directions between messages, nothing buffered, no request
+ * pending) or none at all (replay from the SYN), plus copies of every packet since, the
+ * demoting one included (never applied to that state). services/dissector/express.py rebuilds
+ * the Python flow from the state and the engine replays the packets through its ordinary path.
+ *
+ * The call id hashes with BLAKE2b (RFC 7693, written here from the RFC) like calls.new_call;
+ * the redaction decisions (header kinds, secret query parameter names, secret JSON keys) come
+ * from the Python Redactor through callbacks whose answers are cached here.
+ *
+ * feed() returns (work, packets_consumed, max_ts_ns): `work` lists, in packet order, what the
+ * Python path must do: (0, start, end, ts_ns) one frame records[start:end]; (1, handover) a
+ * demoted flow; (2, offset) a damaged tail to walk from that record; and (3, call) the
+ * serialized ApiCall this lane completed at that point (in line, so that calls come out in the
+ * order their last packets arrived, whichever path made them). packets_consumed counts the
+ * batch's packets taken into held flows (some may already be back inside this batch's handovers);
+ * counters["packets"] is net of every packet handed back. Counters are only listed when non-zero.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+/* ------------------------------------------------------------------------------------------ */
+/* BLAKE2b (RFC 7693), unkeyed                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+static const uint64_t blake2b_iv[8] = {
+    0x6A09E667F3BCC908ULL, 0xBB67AE8584CAA73BULL, 0x3C6EF372FE94F82BULL, 0xA54FF53A5F1D36F1ULL,
+    0x510E527FADE682D1ULL, 0x9B05688C2B3E6C1FULL, 0x1F83D9ABFB41BD6BULL, 0x5BE0CD19137E2179ULL,
+};
+
+static const uint8_t blake2b_sigma[12][16] = {
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+    {11, 8, 12, 0, 5, 2, 15, 13, 10, 14, 3, 6, 7, 1, 9, 4},
+    {7, 9, 3, 1, 13, 12, 11, 14, 2, 6, 5, 10, 4, 0, 15, 8},
+    {9, 0, 5, 7, 2, 4, 10, 15, 14, 1, 11, 12, 6, 8, 3, 13},
+    {2, 12, 6, 10, 0, 11, 8, 3, 4, 13, 7, 5, 15, 14, 1, 9},
+    {12, 5, 1, 15, 14, 13, 4, 10, 0, 7, 6, 3, 9, 2, 8, 11},
+    {13, 11, 7, 14, 12, 1, 3, 9, 5, 0, 15, 4, 8, 6, 2, 10},
+    {6, 15, 14, 9, 11, 3, 0, 8, 12, 2, 13, 7, 1, 4, 10, 5},
+    {10, 2, 8, 4, 7, 6, 1, 5, 15, 11, 9, 14, 3, 12, 13, 0},
+    {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15},
+    {14, 10, 4, 8, 9, 15, 13, 6, 1, 12, 0, 2, 11, 7, 5, 3},
+};
+
+static inline uint64_t rotr64(uint64_t value, unsigned bits) { return (value >> bits) | (value << (64 - bits)); }
+
+static inline uint64_t load64_le(const uint8_t *p) {
+    return (uint64_t)p[0] | ((uint64_t)p[1] << 8) | ((uint64_t)p[2] << 16) | ((uint64_t)p[3] << 24) |
+           ((uint64_t)p[4] << 32) | ((uint64_t)p[5] << 40) | ((uint64_t)p[6] << 48) | ((uint64_t)p[7] << 56);
+}
+
+#define B2_G(a, b, c, d, x, y)          \
+    do {                                \
+        v[a] = v[a] + v[b] + (x);       \
+        v[d] = rotr64(v[d] ^ v[a], 32); \
+        v[c] = v[c] + v[d];             \
+        v[b] = rotr64(v[b] ^ v[c], 24); \
+        v[a] = v[a] + v[b] + (y);       \
+        v[d] = rotr64(v[d] ^ v[a], 16); \
+        v[c] = v[c] + v[d];             \
+        v[b] = rotr64(v[b] ^ v[c], 63); \
+    } while (0)
+
+static void blake2b_compress(uint64_t h[8], const uint8_t block[128], uint64_t counter_low, uint64_t counter_high,
+                             int last) {
+    uint64_t v[16], m[16];
+    for (int i = 0; i < 8; i++) {
+        v[i] = h[i];
+        v[i + 8] = blake2b_iv[i];
+    }
+    v[12] ^= counter_low;
+    v[13] ^= counter_high;
+    if (last) v[14] = ~v[14];
+    for (int i = 0; i < 16; i++) m[i] = load64_le(block + 8 * i);
+    for (int round = 0; round < 12; round++) {
+        const uint8_t *s = blake2b_sigma[round];
+        B2_G(0, 4, 8, 12, m[s[0]], m[s[1]]);
+        B2_G(1, 5, 9, 13, m[s[2]], m[s[3]]);
+        B2_G(2, 6, 10, 14, m[s[4]], m[s[5]]);
+        B2_G(3, 7, 11, 15, m[s[6]], m[s[7]]);
+        B2_G(0, 5, 10, 15, m[s[8]], m[s[9]]);
+        B2_G(1, 6, 11, 12, m[s[10]], m[s[11]]);
+        B2_G(2, 7, 8, 13, m[s[12]], m[s[13]]);
+        B2_G(3, 4, 9, 14, m[s[14]], m[s[15]]);
+    }
+    for (int i = 0; i < 8; i++) h[i] ^= v[i] ^ v[i + 8];
+}
+
+/* The digest of `parts` (concatenated) as lower-case hex into `hex` (2 * digest_size chars). */
+static void blake2b_hex_parts(const uint8_t *const *parts, const size_t *lengths, int count, int digest_size,
+                              char *hex) {
+    uint64_t h[8];
+    uint8_t block[128];
+    size_t filled = 0;
+    uint64_t total_low = 0, total_high = 0;
+    for (int i = 0; i < 8; i++) h[i] = blake2b_iv[i];
+    h[0] ^= 0x01010000ULL ^ (uint64_t)digest_size;
+    for (int part = 0; part < count; part++) {
+        const uint8_t *data = parts[part];
+        size_t length = lengths[part];
+        while (length > 0) {
+            if (filled == 128) {
+                /* A full block is compressed only once more input follows: the last one is final. */
+                total_low += 128;
+                if (total_low < 128) total_high++;
+                blake2b_compress(h, block, total_low, total_high, 0);
+                filled = 0;
+            }
+            size_t take = 128 - filled;
+            if (take > length) take = length;
+            memcpy(block + filled, data, take);
+            filled += take;
+            data += take;
+            length -= take;
+        }
+    }
+    total_low += filled;
+    if (total_low < filled) total_high++;
+    memset(block + filled, 0, 128 - filled);
+    blake2b_compress(h, block, total_low, total_high, 1);
+    static const char digits[] = "0123456789abcdef";
+    for (int i = 0; i < digest_size; i++) {
+        uint8_t byte = (uint8_t)(h[i / 8] >> (8 * (i % 8)));
+        hex[2 * i] = digits[byte >> 4];
+        hex[2 * i + 1] = digits[byte & 15];
+    }
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Growable byte buffers                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+typedef struct {
+    uint8_t *data;
+    size_t len;
+    size_t cap;
+} buf_t;
+
+static int buf_reserve(buf_t *buf, size_t extra) {
+    if (buf->len + extra <= buf->cap) return 0;
+    size_t cap = buf->cap ? buf->cap : 256;
+    while (cap < buf->len + extra) cap *= 2;
+    uint8_t *data = PyMem_Realloc(buf->data, cap);
+    if (data == NULL) return -1;
+    buf->data = data;
+    buf->cap = cap;
+    return 0;
+}
+
+static int buf_put(buf_t *buf, const void *data, size_t len) {
+    if (len == 0) return 0;
+    if (buf_reserve(buf, len)) return -1;
+    memcpy(buf->data + buf->len, data, len);
+    buf->len += len;
+    return 0;
+}
+
+static void buf_free(buf_t *buf) {
+    PyMem_Free(buf->data);
+    buf->data = NULL;
+    buf->len = buf->cap = 0;
+}
+
+/* Drop the bytes, and the memory too when a large message left a large buffer behind. */
+static void buf_reset(buf_t *buf) {
+    buf->len = 0;
+    if (buf->cap > 65536) buf_free(buf);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Protobuf wire format                                                                        */
+/* ------------------------------------------------------------------------------------------ */
+
+static size_t varint_size(uint64_t value) {
+    size_t size = 1;
+    while (value >= 0x80) {
+        value >>= 7;
+        size++;
+    }
+    return size;
+}
+
+static int pb_varint(buf_t *out, uint64_t value) {
+    if (buf_reserve(out, 10)) return -1;
+    uint8_t *p = out->data + out->len;
+    while (value >= 0x80) {
+        *p++ = (uint8_t)(value | 0x80);
+        value >>= 7;
+    }
+    *p++ = (uint8_t)value;
+    out->len = (size_t)(p - out->data);
+    return 0;
+}
+
+/* A varint field; proto3 leaves zero out. */
+static int pb_uint(buf_t *out, unsigned field, uint64_t value) {
+    if (value == 0) return 0;
+    return pb_varint(out, (uint64_t)field << 3) || pb_varint(out, value);
+}
+
+/* A length-delimited field; proto3 leaves empty strings and bytes out. */
+static int pb_bytes(buf_t *out, unsigned field, const void *data, size_t len) {
+    if (len == 0) return 0;
+    return pb_varint(out, ((uint64_t)field << 3) | 2) || pb_varint(out, len) || buf_put(out, data, len);
+}
+
+/* A sub-message field, always written (its presence is part of the record). */
+static int pb_message(buf_t *out, unsigned field, const buf_t *message) {
+    return pb_varint(out, ((uint64_t)field << 3) | 2) || pb_varint(out, message->len) ||
+           buf_put(out, message->data, message->len);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Callback answer caches: raw name -> small int, bounded like the Redactor's own (4096)       */
+/* ------------------------------------------------------------------------------------------ */
+
+#define CACHE_SLOTS 8192
+#define CACHE_LIMIT 4096
+
+typedef struct {
+    uint8_t *key; /* NULL: empty slot */
+    size_t len;
+    uint64_t hash;
+    int value;
+} cache_slot_t;
+
+typedef struct {
+    cache_slot_t *slots; /* CACHE_SLOTS, allocated on first insert */
+    size_t count;
+} cache_t;
+
+static uint64_t hash_bytes(const uint8_t *data, size_t len) {
+    uint64_t hash = 0xCBF29CE484222325ULL;
+    for (size_t i = 0; i < len; i++) {
+        hash ^= data[i];
+        hash *= 0x100000001B3ULL;
+    }
+    return hash;
+}
+
+/* The cached answer, or -1. */
+static int cache_get(const cache_t *cache, const uint8_t *key, size_t len, uint64_t hash) {
+    if (cache->slots == NULL) return -1;
+    size_t index = (size_t)hash & (CACHE_SLOTS - 1);
+    for (;;) {
+        const cache_slot_t *slot = &cache->slots[index];
+        if (slot->key == NULL) return -1;
+        if (slot->hash == hash && slot->len == len && memcmp(slot->key, key, len) == 0) return slot->value;
+        index = (index + 1) & (CACHE_SLOTS - 1);
+    }
+}
+
+static void cache_put(cache_t *cache, const uint8_t *key, size_t len, uint64_t hash, int value) {
+    if (cache->count >= CACHE_LIMIT) return;
+    if (cache->slots == NULL) {
+        cache->slots = PyMem_Calloc(CACHE_SLOTS, sizeof(cache_slot_t));
+        if (cache->slots == NULL) return; /* uncached: the callback answers again next time */
+    }
+    uint8_t *copy = PyMem_Malloc(len ? len : 1);
+    if (copy == NULL) return;
+    memcpy(copy, key, len);
+    size_t index = (size_t)hash & (CACHE_SLOTS - 1);
+    while (cache->slots[index].key != NULL) index = (index + 1) & (CACHE_SLOTS - 1);
+    cache->slots[index].key = copy;
+    cache->slots[index].len = len;
+    cache->slots[index].hash = hash;
+    cache->slots[index].value = value;
+    cache->count++;
+}
+
+static void cache_free(cache_t *cache) {
+    if (cache->slots != NULL) {
+        for (size_t i = 0; i < CACHE_SLOTS; i++) PyMem_Free(cache->slots[i].key);
+        PyMem_Free(cache->slots);
+    }
+    cache->slots = NULL;
+    cache->count = 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Demotion reasons (counter names: express_demotions_<name>)                                  */
+/* ------------------------------------------------------------------------------------------ */
+
+enum reason {
+    R_NONE = 0,
+    R_RST,
+    R_FIN,
+    R_SYN,
+    R_URG,
+    R_FLAGS,      /* no ACK on an established flow */
+    R_HANDSHAKE,  /* anything but the one SYN-ACK before the handshake completed */
+    R_REORDER,    /* payload before or after the next expected byte */
+    R_KEEPALIVE,  /* one old byte at next-1 */
+    R_ACK,        /* the peer acknowledged bytes never seen */
+    R_WINDOW,     /* zero window */
+    R_PACKET,     /* a packet of the flow this lane cannot decode (options, fragments, other links) */
+    R_NOT_HTTP,   /* first payload not a complete request line, or server talking first */
+    R_HEADER,     /* a head outside the accepted subset (bytes, folding, whitespace, duplicates...) */
+    R_CHUNKED,    /* Transfer-Encoding */
+    R_ENCODING,   /* Content-Encoding */
+    R_UPGRADE,    /* Upgrade, CONNECT */
+    R_EXPECT,     /* Expect (100-continue) */
+    R_STATUS,     /* 1xx */
+    R_CLOSE,      /* response framed by the connection's close */
+    R_PIPELINING, /* client bytes while a request is pending */
+    R_EARLY,      /* server bytes with no complete request to answer */
+    R_CRLF,       /* stray CRLF before a message */
+    R_URL,        /* '@' in the target, or a URL-valued header with a query or user information */
+    R_FORM,       /* form or multipart body (redacted by the Python path) */
+    R_BODY_SECRET,/* a JSON body with escapes or a secret-named key */
+    R_LIMIT,      /* head or retained bytes past the limit */
+    R_CALLBACK,   /* a redaction callback failed */
+    R_MEMORY,     /* an allocation failed */
+    R_STALE,      /* demote_stale: a timeout is the Python path's to report */
+    R_FINISH,     /* demote_all */
+    R_ROOM,       /* demote_oldest: the flow table is full */
+    R_COUNT
+};
+
+static const char *const reason_names[R_COUNT] = {
+    "",       "rst",      "fin",     "syn",       "urg",    "flags",      "handshake", "reorder",
+    "keepalive", "ack_unseen", "window", "packet",   "not_http", "header",  "chunked",   "encoding",
+    "upgrade", "expect",  "status",  "close",     "pipelining", "early",  "crlf",      "url",
+    "form",   "body_secret", "limit", "callback",  "memory", "stale",      "finish", "room",
+};
+
+/* ------------------------------------------------------------------------------------------ */
+/* Flows                                                                                       */
+/* ------------------------------------------------------------------------------------------ */
+
+/* Both directions of a flow hash to one key: the lower (ip, port) endpoint first. */
+typedef struct {
+    uint32_t node;
+    uint16_t port_a, port_b;
+    uint32_t family;
+    uint32_t pad;
+    uint8_t ip_a[16], ip_b[16];
+} flow_key_t;
+
+typedef struct {
+    int64_t next, base, acked, last_start;
+    int acked_set;
+    PyObject *last_data; /* bytes: the last in-order segment delivered (Python's HalfStream.last_data) */
+} half_t;
+
+/* Everything Python needs to rebuild the flow at a quiescent point. */
+typedef struct {
+    int64_t first_ts, last_ts, syn_ts;
+    half_t halves[2];
+    int64_t ordinal;
+    int64_t offsets[2];
+} snapshot_t;
+
+enum { HDR_OTHER = 0, HDR_HOST, HDR_USER_AGENT, HDR_CONTENT_TYPE, HDR_CONTENT_LENGTH, HDR_TRACEPARENT,
+       HDR_TRACESTATE, HDR_B3, HDR_B3_TRACE, HDR_B3_SPAN, HDR_TRANSFER_ENCODING, HDR_CONTENT_ENCODING,
+       HDR_UPGRADE, HDR_EXPECT, HDR_SPECIAL_COUNT };
+
+typedef struct {
+    uint32_t name_off, name_len, value_off, value_len;
+    int kind; /* header_kind: 0 keep, 1 redact, 2 URL-valued */
+} header_t;
+
+/* One message head: the raw bytes (partial until the blank line) and what was found in them. */
+typedef struct {
+    buf_t raw;
+    int64_t ts; /* of the packet holding the head's first byte */
+    header_t *headers;
+    uint32_t count, cap;
+    int special[HDR_SPECIAL_COUNT]; /* index of the header with that name, or -1 */
+    uint32_t method_len, target_off, target_len; /* request */
+    int status;                                  /* response */
+    uint32_t reason_off, reason_len;
+    int64_t content_length; /* -1 when absent */
+} head_t;
+
+enum stage { STAGE_SYN_SENT, STAGE_ESTABLISHED };
+enum phase { PHASE_IDLE, PHASE_REQUEST_HEAD, PHASE_REQUEST_BODY, PHASE_WAIT_RESPONSE, PHASE_RESPONSE_HEAD,
+             PHASE_RESPONSE_BODY };
+
+typedef struct flow_s {
+    flow_key_t key;
+    struct flow_s *chain;       /* hash bucket chain */
+    struct flow_s *prev, *next; /* every flow, oldest adoption first */
+    int client_is_a;            /* the client is key.ip_a/port_a */
+    PyObject *node;             /* str */
+    Py_ssize_t shard;
+    int link_type;
+    PyObject *client_text, *server_text, *prefix; /* from flow_strings */
+    PyObject *client_ip, *server_ip;              /* raw address bytes */
+    uint16_t client_port, server_port;
+    int stage;
+    int64_t first_ts, last_ts, syn_ts;
+    half_t halves[2];
+    int64_t ordinal;
+    int64_t offsets[2];
+    int exchanges;  /* completed exchanges: the first quiescent point comes after the first */
+    int has_snapshot;
+    snapshot_t snapshot;
+    /* Packets since the snapshot (or the SYN), for a replay. */
+    PyObject **retained;
+    int64_t *retained_ts;
+    size_t retained_count, retained_cap, retained_bytes;
+    /* HTTP */
+    int phase;
+    int client_spoke;
+    head_t request, response;
+    buf_t request_body, response_body;
+    int64_t request_body_size, response_body_size, remaining;
+    int64_t request_end_ts, response_end_ts;
+    int64_t call_ordinal;
+    buf_t path; /* the target, query redacted */
+    int head_request;
+    char trace_id[32], parent_span_id[16];
+    int has_trace, trace_state; /* trace_state: index of the tracestate header to copy, or -1 */
+} flow_t;
+
+typedef struct {
+    flow_key_t key;
+    uint64_t generation;
+} routed_slot_t;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *header_kind, *param_is_secret, *key_is_secret, *flow_strings;
+    Py_ssize_t max_body_bytes, max_header_bytes, max_flows, max_retained_bytes;
+    flow_t **buckets;
+    size_t bucket_count, active;
+    flow_t *first, *last;
+    PyObject **nodes; /* node names seen (str), index = flow_key_t.node */
+    size_t node_count, node_cap;
+    routed_slot_t *routed; /* keys handed to Python in the current batch */
+    size_t routed_cap, routed_count;
+    uint64_t generation;
+    cache_t kinds, params, keys;
+    int busy;
+    long long packets, tcp_flows, tcp_flows_http, adopted, demotions;
+    long long demotions_by[R_COUNT];
+    PyObject *empty_bytes;
+} Express;
+
+#define MAX_NODES 4096
+#define MAX_HEADERS 256
+/* http1.MAX_LINE: a partial head whose start line has no CRLF in this many bytes is an error there. */
+#define MAX_LINE 8192
+
+static uint64_t key_hash(const flow_key_t *key) {
+    return hash_bytes((const uint8_t *)key, sizeof(*key));
+}
+
+static flow_t *flow_find(Express *self, const flow_key_t *key) {
+    if (self->buckets == NULL) return NULL;
+    flow_t *flow = self->buckets[key_hash(key) & (self->bucket_count - 1)];
+    while (flow != NULL && memcmp(&flow->key, key, sizeof(*key)) != 0) flow = flow->chain;
+    return flow;
+}
+
+static int table_grow(Express *self) {
+    size_t count = self->bucket_count ? self->bucket_count * 2 : 1024;
+    flow_t **buckets = PyMem_Calloc(count, sizeof(flow_t *));
+    if (buckets == NULL) return -1;
+    for (flow_t *flow = self->first; flow != NULL; flow = flow->next) {
+        size_t index = key_hash(&flow->key) & (count - 1);
+        flow->chain = buckets[index];
+        buckets[index] = flow;
+    }
+    PyMem_Free(self->buckets);
+    self->buckets = buckets;
+    self->bucket_count = count;
+    return 0;
+}
+
+static int flow_insert(Express *self, flow_t *flow) {
+    if ((self->active + 1 > self->bucket_count) && table_grow(self)) return -1;
+    size_t index = key_hash(&flow->key) & (self->bucket_count - 1);
+    flow->chain = self->buckets[index];
+    self->buckets[index] = flow;
+    flow->prev = self->last;
+    flow->next = NULL;
+    if (self->last) self->last->next = flow;
+    else self->first = flow;
+    self->last = flow;
+    self->active++;
+    return 0;
+}
+
+static void flow_unlink(Express *self, flow_t *flow) {
+    flow_t **link = &self->buckets[key_hash(&flow->key) & (self->bucket_count - 1)];
+    while (*link != flow) link = &(*link)->chain;
+    *link = flow->chain;
+    if (flow->prev) flow->prev->next = flow->next;
+    else self->first = flow->next;
+    if (flow->next) flow->next->prev = flow->prev;
+    else self->last = flow->prev;
+    self->active--;
+}
+
+static void head_free(head_t *head) {
+    buf_free(&head->raw);
+    PyMem_Free(head->headers);
+    head->headers = NULL;
+    head->count = head->cap = 0;
+}
+
+static void retained_clear(flow_t *flow) {
+    for (size_t i = 0; i < flow->retained_count; i++) Py_DECREF(flow->retained[i]);
+    flow->retained_count = 0;
+    flow->retained_bytes = 0;
+    if (flow->retained_cap > 64) {
+        PyMem_Free(flow->retained);
+        PyMem_Free(flow->retained_ts);
+        flow->retained = NULL;
+        flow->retained_ts = NULL;
+        flow->retained_cap = 0;
+    }
+}
+
+static void flow_free(flow_t *flow) {
+    retained_clear(flow);
+    PyMem_Free(flow->retained);
+    PyMem_Free(flow->retained_ts);
+    for (int d = 0; d < 2; d++) {
+        Py_XDECREF(flow->halves[d].last_data);
+        Py_XDECREF(flow->snapshot.halves[d].last_data);
+    }
+    Py_XDECREF(flow->node);
+    Py_XDECREF(flow->client_text);
+    Py_XDECREF(flow->server_text);
+    Py_XDECREF(flow->prefix);
+    Py_XDECREF(flow->client_ip);
+    Py_XDECREF(flow->server_ip);
+    head_free(&flow->request);
+    head_free(&flow->response);
+    buf_free(&flow->request_body);
+    buf_free(&flow->response_body);
+    buf_free(&flow->path);
+    PyMem_Free(flow);
+}
+
+/* -- the per-batch set of keys routed to Python ------------------------------------------- */
+
+static int routed_contains(const Express *self, const flow_key_t *key) {
+    if (self->routed == NULL) return 0;
+    size_t index = key_hash(key) & (self->routed_cap - 1);
+    for (;;) {
+        const routed_slot_t *slot = &self->routed[index];
+        if (slot->generation != self->generation) return 0;
+        if (memcmp(&slot->key, key, sizeof(*key)) == 0) return 1;
+        index = (index + 1) & (self->routed_cap - 1);
+    }
+}
+
+static int routed_add(Express *self, const flow_key_t *key) {
+    if (routed_contains(self, key)) return 0;
+    if (self->routed == NULL || (self->routed_count + 1) * 2 > self->routed_cap) {
+        size_t cap = self->routed_cap ? self->routed_cap * 2 : 1024;
+        routed_slot_t *slots = PyMem_Calloc(cap, sizeof(routed_slot_t));
+        if (slots == NULL) return -1;
+        for (size_t i = 0; i < self->routed_cap; i++) {
+            if (self->routed[i].generation != self->generation) continue;
+            size_t index = key_hash(&self->routed[i].key) & (cap - 1);
+            while (slots[index].generation == self->generation) index = (index + 1) & (cap - 1);
+            slots[index] = self->routed[i];
+        }
+        PyMem_Free(self->routed);
+        self->routed = slots;
+        self->routed_cap = cap;
+    }
+    size_t index = key_hash(key) & (self->routed_cap - 1);
+    while (self->routed[index].generation == self->generation) index = (index + 1) & (self->routed_cap - 1);
+    self->routed[index].key = *key;
+    self->routed[index].generation = self->generation;
+    self->routed_count++;
+    return 0;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* Decoding a frame                                                                            */
+/* ------------------------------------------------------------------------------------------ */
+
+enum decoded { DEC_OTHER, DEC_TCP, DEC_KEY, DEC_FRAGMENT };
+
+#define TH_FIN 0x01
+#define TH_SYN 0x02
+#define TH_RST 0x04
+#define TH_ACK 0x10
+#define TH_URG 0x20
+
+typedef struct {
+    int family; /* 4 or 6 */
+    const uint8_t *src, *dst;
+    uint16_t sport, dport;
+    uint32_t seq, ack;
+    uint8_t flags;
+    uint16_t window;
+    const uint8_t *payload;
+    size_t payload_len;
+} segment_t;
+
+static inline uint16_t be16(const uint8_t *p) { return (uint16_t)((p[0] << 8) | p[1]); }
+static inline uint32_t be32(const uint8_t *p) {
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | (uint32_t)p[3];
+}
+
+static int is_vlan(unsigned ethertype) {
+    return ethertype == 0x8100 || ethertype == 0x88A8 || ethertype == 0x9100 || ethertype == 0x9200;
+}
+
+/* The TCP header at `tcp` (`len` bytes of IP payload): DEC_TCP when whole and sane, else DEC_KEY
+   when at least the ports are there (Python may still make or touch a flow of them). */
+static int decode_tcp(const uint8_t *tcp, size_t len, int whole, segment_t *out) {
+    if (len < 4) return DEC_OTHER;
+    out->sport = be16(tcp);
+    out->dport = be16(tcp + 2);
+    if (!whole || len < 20) return DEC_KEY;
+    size_t header = (size_t)(tcp[12] >> 4) * 4;
+    if (header < 20 || header > len) return DEC_KEY;
+    out->seq = be32(tcp + 4);
+    out->ack = be32(tcp + 8);
+    out->flags = tcp[13];
+    out->window = be16(tcp + 14);
+    out->payload = tcp + header;
+    out->payload_len = len - header;
+    return DEC_TCP;
+}
+
+/* IPv4 at `ip` (`len` captured bytes). */
+static int decode_ipv4(const uint8_t *ip, size_t len, int takeable, segment_t *out) {
+    if (len < 20 || ip[0] >> 4 != 4) return DEC_OTHER;
+    size_t header = (size_t)(ip[0] & 15) * 4;
+    size_t total = be16(ip + 2);
+    if (header < 20 || total < header || len < header || ip[9] != 6) return DEC_OTHER;
+    out->family = 4;
+    out->src = ip + 12;
+    out->dst = ip + 16;
+    unsigned fragment = be16(ip + 6) & 0x3FFF;
+    size_t end = total <= len ? total : len; /* Python keeps what was captured */
+    if (fragment) {
+        if (fragment & 0x1FFF) return DEC_FRAGMENT; /* a later piece: no ports in it */
+        int found = decode_tcp(ip + header, end - header, 0, out);
+        return found == DEC_OTHER ? DEC_FRAGMENT : DEC_KEY;
+    }
+    int sane = takeable && header == 20 && total >= 40 && total <= len;
+    return decode_tcp(ip + header, end - header, sane, out);
+}
+
+/* IPv6 at `ip`: TCP right after the fixed header is takeable; extension headers are walked as
+   layers.py does, only to find the ports. */
+static int decode_ipv6(const uint8_t *ip, size_t len, int takeable, segment_t *out) {
+    if (len < 40 || ip[0] >> 4 != 6) return DEC_OTHER;
+    size_t payload_len = be16(ip + 4);
+    unsigned next = ip[6];
+    out->family = 6;
+    out->src = ip + 8;
+    out->dst = ip + 24;
+    size_t end = 40 + payload_len;
+    int sane = takeable && payload_len >= 20 && end <= len;
+    if (end > len || payload_len == 0) end = len;
+    const uint8_t *body = ip + 40;
+    size_t size = end - 40, position = 0;
+    if (next == 6) return decode_tcp(body, size, sane, out);
+    for (int hop = 0; hop < 16; hop++) {
+        if (next == 0 || next == 43 || next == 60 || next == 135 || next == 139 || next == 140 || next == 253 ||
+            next == 254) {
+            if (size < position + 8) return DEC_OTHER;
+            size_t length = ((size_t)body[position + 1] + 1) * 8;
+            next = body[position];
+            position += length;
+        } else if (next == 51) {
+            if (size < position + 8) return DEC_OTHER;
+            size_t length = ((size_t)body[position + 1] + 2) * 4;
+            next = body[position];
+            position += length;
+        } else if (next == 44) {
+            if (size < position + 8) return DEC_OTHER;
+            unsigned inner = body[position];
+            unsigned frag = be16(body + position + 2);
+            if (frag & 0xFFF9) {
+                if (inner != 6) return DEC_OTHER;
+                if (frag & 0xFFF8) return DEC_FRAGMENT;
+                int found = decode_tcp(body + position + 8, size - position - 8, 0, out);
+                return found == DEC_OTHER ? DEC_FRAGMENT : DEC_KEY;
+            }
+            next = inner;
+            position += 8;
+        } else {
+            if (next != 6 || position > size) return DEC_OTHER;
+            return decode_tcp(body + position, size - position, 0, out) == DEC_OTHER ? DEC_OTHER : DEC_KEY;
+        }
+    }
+    return DEC_OTHER;
+}
+
+/* DEC_TCP: a segment this lane may take (Ethernet, plain IPv4 or IPv6, sane lengths); DEC_KEY:
+   a TCP segment it does not take, with its ports; DEC_FRAGMENT: a TCP fragment without them. */
+static int decode_frame(int link_type, const uint8_t *frame, size_t len, segment_t *out) {
+    size_t offset;
+    unsigned ethertype;
+    int takeable = 0;
+    switch (link_type) {
+    case 1: /* Ethernet */
+        if (len < 14) return DEC_OTHER;
+        ethertype = be16(frame + 12);
+        offset = 14;
+        while (is_vlan(ethertype)) {
+            if (len < offset + 4) return DEC_OTHER;
+            ethertype = be16(frame + offset + 2);
+            offset += 4;
+        }
+        takeable = 1;
+        break;
+    case 113: /* Linux SLL */
+        if (len < 16) return DEC_OTHER;
+        ethertype = be16(frame + 14);
+        offset = 16;
+        break;
+    case 276: /* Linux SLL2 */
+        if (len < 20) return DEC_OTHER;
+        ethertype = be16(frame);
+        offset = 20;
+        break;
+    case 101:
+    case 228:
+    case 229: /* raw IP */
+        if (len < 1) return DEC_OTHER;
+        ethertype = frame[0] >> 4 == 4 ? 0x0800 : frame[0] >> 4 == 6 ? 0x86DD : 0;
+        offset = 0;
+        break;
+    case 0:
+    case 108: { /* BSD loopback, either byte order */
+        if (len < 4) return DEC_OTHER;
+        uint32_t le = (uint32_t)frame[0] | ((uint32_t)frame[1] << 8) | ((uint32_t)frame[2] << 16) |
+                      ((uint32_t)frame[3] << 24);
+        uint32_t be = be32(frame);
+        if (le == 2 || be == 2) ethertype = 0x0800;
+        else if (le == 10 || le == 24 || le == 28 || le == 30 || be == 10 || be == 24 || be == 28 || be == 30)
+            ethertype = 0x86DD;
+        else ethertype = 0;
+        offset = 4;
+        break;
+    }
+    default:
+        return DEC_OTHER;
+    }
+    if (ethertype == 0x0800) return decode_ipv4(frame + offset, len - offset, takeable, out);
+    if (ethertype == 0x86DD) return decode_ipv6(frame + offset, len - offset, takeable, out);
+    return DEC_OTHER;
+}
+
+/* The flow key of a segment; *src_is_a tells which side the sender is. */
+static void make_key(uint32_t node, const segment_t *segment, flow_key_t *key, int *src_is_a) {
+    memset(key, 0, sizeof(*key));
+    size_t size = segment->family == 4 ? 4 : 16;
+    int order = memcmp(segment->src, segment->dst, size);
+    int src_first = order < 0 || (order == 0 && segment->sport <= segment->dport);
+    key->node = node;
+    key->family = (uint32_t)segment->family;
+    if (src_first) {
+        memcpy(key->ip_a, segment->src, size);
+        memcpy(key->ip_b, segment->dst, size);
+        key->port_a = segment->sport;
+        key->port_b = segment->dport;
+    } else {
+        memcpy(key->ip_a, segment->dst, size);
+        memcpy(key->ip_b, segment->src, size);
+        key->port_a = segment->dport;
+        key->port_b = segment->sport;
+    }
+    *src_is_a = src_first;
+}
+
+/* Python's HalfStream.unwrap: the 32-bit number nearest to `reference`. */
+static inline int64_t unwrap(int64_t reference, uint32_t seq) {
+    uint64_t low = (uint64_t)reference & 0xFFFFFFFFULL;
+    int64_t delta = (int64_t)((((uint64_t)seq - low + 0x80000000ULL) & 0xFFFFFFFFULL)) - 0x80000000LL;
+    return reference + delta;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* HTTP/1 heads: the subset taken here, everything else demotes                               */
+/* ------------------------------------------------------------------------------------------ */
+
+/* http1.METHODS; CONNECT is refused by the caller (its 2xx turns the flow into a tunnel). */
+static const char *const methods[] = {
+    "GET",      "HEAD",   "POST",       "PUT",       "DELETE",      "CONNECT", "OPTIONS",  "TRACE",
+    "PATCH",    "PROPFIND", "PROPPATCH", "MKCOL",    "COPY",        "MOVE",    "LOCK",     "UNLOCK",
+    "SEARCH",   "REPORT", "PURGE",      "LINK",      "UNLINK",      "MKCALENDAR", "SUBSCRIBE", "UNSUBSCRIBE",
+    "NOTIFY",   "M-SEARCH", "ACL",      "BIND",      "REBIND",      "UNBIND",  NULL,
+};
+
+static int is_method(const uint8_t *data, size_t len) {
+    for (int i = 0; methods[i] != NULL; i++) {
+        if (strlen(methods[i]) == len && memcmp(methods[i], data, len) == 0) return 1;
+    }
+    return 0;
+}
+
+/* RFC 9110 token characters. */
+static int is_token(uint8_t c) {
+    if ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z')) return 1;
+    return c != 0 && strchr("!#$%&'*+-.^_`|~", c) != NULL;
+}
+
+static uint8_t lower(uint8_t c) { return (c >= 'A' && c <= 'Z') ? (uint8_t)(c + 32) : c; }
+
+static int equals_lower(const uint8_t *data, size_t len, const char *name) {
+    if (strlen(name) != len) return 0;
+    for (size_t i = 0; i < len; i++)
+        if (lower(data[i]) != (uint8_t)name[i]) return 0;
+    return 1;
+}
+
+static int special_header(const uint8_t *name, size_t len) {
+    switch (len) {
+    case 2:
+        return equals_lower(name, len, "b3") ? HDR_B3 : HDR_OTHER;
+    case 4:
+        return equals_lower(name, len, "host") ? HDR_HOST : HDR_OTHER;
+    case 6:
+        return equals_lower(name, len, "expect") ? HDR_EXPECT : HDR_OTHER;
+    case 7:
+        return equals_lower(name, len, "upgrade") ? HDR_UPGRADE : HDR_OTHER;
+    case 10:
+        if (equals_lower(name, len, "user-agent")) return HDR_USER_AGENT;
+        return equals_lower(name, len, "tracestate") ? HDR_TRACESTATE : HDR_OTHER;
+    case 11:
+        if (equals_lower(name, len, "traceparent")) return HDR_TRACEPARENT;
+        return equals_lower(name, len, "x-b3-spanid") ? HDR_B3_SPAN : HDR_OTHER;
+    case 12:
+        if (equals_lower(name, len, "content-type")) return HDR_CONTENT_TYPE;
+        return equals_lower(name, len, "x-b3-traceid") ? HDR_B3_TRACE : HDR_OTHER;
+    case 14:
+        return equals_lower(name, len, "content-length") ? HDR_CONTENT_LENGTH : HDR_OTHER;
+    case 16:
+        return equals_lower(name, len, "content-encoding") ? HDR_CONTENT_ENCODING : HDR_OTHER;
+    case 17:
+        return equals_lower(name, len, "transfer-encoding") ? HDR_TRANSFER_ENCODING : HDR_OTHER;
+    default:
+        return HDR_OTHER;
+    }
+}
+
+static const uint8_t *find_crlf(const uint8_t *data, size_t len) {
+    const uint8_t *end = data + len;
+    for (const uint8_t *p = data; p + 1 < end; p++) {
+        p = memchr(p, '\r', (size_t)(end - p - 1));
+        if (p == NULL) return NULL;
+        if (p[1] == '\n') return p;
+    }
+    return NULL;
+}
+
+/* `METHOD SP target SP HTTP/1.x` (the line without its CRLF). */
+static int parse_request_line(const uint8_t *line, size_t len, head_t *head) {
+    size_t method = 0;
+    while (method < len && line[method] != ' ') method++;
+    if (method == len || !is_method(line, method)) return R_NOT_HTTP;
+    size_t target = method + 1, end = target;
+    while (end < len && line[end] != ' ') {
+        if (line[end] < 0x21 || line[end] > 0x7E) return R_NOT_HTTP;
+        end++;
+    }
+    if (end == target || len - end != 9 || memcmp(line + end, " HTTP/1.", 8) != 0) return R_NOT_HTTP;
+    /* llhttp refuses most other starts; the absolute form (a proxy's) is left to Python. */
+    if (line[target] != '/' && !(end == target + 1 && line[target] == '*')) return R_NOT_HTTP;
+    if (len > MAX_LINE - 2) return R_LIMIT;
+    if (line[len - 1] != '0' && line[len - 1] != '1') return R_NOT_HTTP;
+    if (head != NULL) {
+        head->method_len = (uint32_t)method;
+        head->target_off = (uint32_t)target;
+        head->target_len = (uint32_t)(end - target);
+    }
+    return R_NONE;
+}
+
+/* `HTTP/1.x SP DDD [SP reason]`; the reason is everything after that SP, as llhttp reports it. */
+static int parse_status_line(const uint8_t *line, size_t len, head_t *head) {
+    if (len > MAX_LINE - 2) return R_LIMIT;
+    if (len < 12 || memcmp(line, "HTTP/1.", 7) != 0 || (line[7] != '0' && line[7] != '1') || line[8] != ' ')
+        return R_HEADER;
+    if (line[9] < '1' || line[9] > '9' || line[10] < '0' || line[10] > '9' || line[11] < '0' || line[11] > '9')
+        return R_HEADER;
+    head->status = (line[9] - '0') * 100 + (line[10] - '0') * 10 + (line[11] - '0');
+    head->reason_off = head->reason_len = 0;
+    if (len > 12) {
+        if (line[12] != ' ') return R_HEADER;
+        for (size_t i = 13; i < len; i++)
+            if ((line[i] < 0x20 || line[i] > 0x7E) && line[i] != '\t') return R_HEADER;
+        head->reason_off = 13;
+        head->reason_len = (uint32_t)(len - 13);
+    }
+    return R_NONE;
+}
+
+/* header_kind(name), cached; -1 when the callback failed (reported as unraisable). */
+static int header_kind_of(Express *self, const uint8_t *name, size_t len) {
+    uint64_t hash = hash_bytes(name, len);
+    int kind = cache_get(&self->kinds, name, len, hash);
+    if (kind >= 0) return kind;
+    PyObject *text = PyUnicode_DecodeASCII((const char *)name, (Py_ssize_t)len, NULL);
+    PyObject *answer = text ? PyObject_CallOneArg(self->header_kind, text) : NULL;
+    Py_XDECREF(text);
+    long value = answer ? PyLong_AsLong(answer) : -1;
+    Py_XDECREF(answer);
+    if (value == -1 && PyErr_Occurred()) {
+        PyErr_WriteUnraisable(self->header_kind);
+        return -1;
+    }
+    kind = value == 1 ? 1 : value == 2 ? 2 : 0;
+    cache_put(&self->kinds, name, len, hash, kind);
+    return kind;
+}
+
+/* A yes/no callback on a name (str when `as_text`, else bytes), cached; -1 when it failed. */
+static int secret_of(PyObject *callback, cache_t *cache, const uint8_t *name, size_t len,
+                     int as_text) {
+    uint64_t hash = hash_bytes(name, len);
+    int hit = cache_get(cache, name, len, hash);
+    if (hit >= 0) return hit;
+    PyObject *argument = as_text ? PyUnicode_DecodeASCII((const char *)name, (Py_ssize_t)len, NULL)
+                                 : PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)len);
+    PyObject *answer = argument ? PyObject_CallOneArg(callback, argument) : NULL;
+    Py_XDECREF(argument);
+    hit = answer ? PyObject_IsTrue(answer) : -1;
+    Py_XDECREF(answer);
+    if (hit < 0) {
+        PyErr_WriteUnraisable(callback);
+        return -1;
+    }
+    cache_put(cache, name, len, hash, hit);
+    return hit;
+}
+
+/* The header lines of a complete head (raw ends with the blank line); `line_end` is where the
+   start line's CRLF is. Fills the spans, the special headers, the kinds and Content-Length. */
+static int parse_headers(Express *self, head_t *head, size_t line_end, int request) {
+    const uint8_t *raw = head->raw.data;
+    size_t size = head->raw.len - 2; /* the blank line's CRLF */
+    size_t pos = line_end + 2;
+    head->count = 0;
+    for (int i = 0; i < HDR_SPECIAL_COUNT; i++) head->special[i] = -1;
+    head->content_length = -1;
+    while (pos < size) {
+        const uint8_t *crlf = find_crlf(raw + pos, size - pos + 2);
+        size_t end = (size_t)(crlf - raw); /* found: the head ends with CRLFCRLF */
+        size_t name_end = pos;
+        while (name_end < end && is_token(raw[name_end])) name_end++;
+        if (name_end == pos || name_end == end || raw[name_end] != ':') return R_HEADER;
+        size_t value = name_end + 1;
+        while (value < end && (raw[value] == ' ' || raw[value] == '\t')) value++;
+        for (size_t i = value; i < end; i++)
+            if ((raw[i] < 0x20 || raw[i] > 0x7E) && raw[i] != '\t') return R_HEADER;
+        if (end > value && (raw[end - 1] == ' ' || raw[end - 1] == '\t')) return R_HEADER;
+        if (head->count == MAX_HEADERS) return R_HEADER;
+        if (head->count == head->cap) {
+            uint32_t cap = head->cap ? head->cap * 2 : 16;
+            header_t *headers = PyMem_Realloc(head->headers, cap * sizeof(header_t));
+            if (headers == NULL) return R_MEMORY;
+            head->headers = headers;
+            head->cap = cap;
+        }
+        header_t *header = &head->headers[head->count];
+        header->name_off = (uint32_t)pos;
+        header->name_len = (uint32_t)(name_end - pos);
+        header->value_off = (uint32_t)value;
+        header->value_len = (uint32_t)(end - value);
+        const uint8_t *text = raw + value;
+        size_t text_len = end - value;
+        int special = special_header(raw + pos, name_end - pos);
+        if (special != HDR_OTHER) {
+            if (head->special[special] >= 0) return R_HEADER; /* Python would join the values */
+            head->special[special] = (int)head->count;
+            switch (special) {
+            case HDR_TRANSFER_ENCODING:
+                return R_CHUNKED;
+            case HDR_CONTENT_ENCODING:
+                return R_ENCODING;
+            case HDR_UPGRADE:
+                if (request) return R_UPGRADE;
+                break;
+            case HDR_EXPECT:
+                if (request) return R_EXPECT;
+                break;
+            case HDR_CONTENT_LENGTH: {
+                if (text_len < 1 || text_len > 18) return R_HEADER;
+                int64_t length = 0;
+                for (size_t i = 0; i < text_len; i++) {
+                    if (text[i] < '0' || text[i] > '9') return R_HEADER;
+                    length = length * 10 + (text[i] - '0');
+                }
+                head->content_length = length;
+                break;
+            }
+            default:
+                break;
+            }
+        }
+        int kind = header_kind_of(self, raw + pos, name_end - pos);
+        if (kind < 0) return R_CALLBACK;
+        if (kind == 2 && (memchr(text, '?', text_len) || memchr(text, '@', text_len))) return R_URL;
+        header->kind = kind;
+        head->count++;
+        pos = end + 2;
+    }
+    return R_NONE;
+}
+
+/* -- trace context, as http1._trace_context ---------------------------------------------- */
+
+static int lower_hex(const uint8_t *text, size_t len, size_t size) {
+    if (len != size) return 0;
+    for (size_t i = 0; i < len; i++) {
+        uint8_t c = lower(text[i]);
+        if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return 0;
+    }
+    return 1;
+}
+
+/* Split on '-' (at most `max` parts kept); returns the number of parts. */
+static int dash_parts(const uint8_t *text, size_t len, const uint8_t **parts, size_t *lengths, int max) {
+    int count = 0;
+    size_t start = 0;
+    for (size_t i = 0; i <= len; i++) {
+        if (i == len || text[i] == '-') {
+            if (count < max) {
+                parts[count] = text + start;
+                lengths[count] = i - start;
+            }
+            count++;
+            start = i + 1;
+        }
+    }
+    return count;
+}
+
+static void copy_lower(char *out, const uint8_t *text, size_t len) {
+    for (size_t i = 0; i < len; i++) out[i] = (char)lower(text[i]);
+}
+
+static int b3_ids(flow_t *flow, const uint8_t *trace, size_t trace_len, const uint8_t *span, size_t span_len) {
+    if (trace_len == 16) {
+        if (!lower_hex(trace, 16, 16) || !lower_hex(span, span_len, 16)) return 0;
+        memset(flow->trace_id, '0', 16);
+        copy_lower(flow->trace_id + 16, trace, 16);
+    } else {
+        if (!lower_hex(trace, trace_len, 32) || !lower_hex(span, span_len, 16)) return 0;
+        copy_lower(flow->trace_id, trace, 32);
+    }
+    copy_lower(flow->parent_span_id, span, 16);
+    flow->has_trace = 1;
+    return 1;
+}
+
+static void trace_context(flow_t *flow, const head_t *head) {
+    const uint8_t *raw = head->raw.data;
+    const uint8_t *parts[4];
+    size_t lengths[4];
+    flow->has_trace = 0;
+    flow->trace_state = -1;
+    if (head->special[HDR_TRACEPARENT] < 0 && head->special[HDR_B3] < 0 && head->special[HDR_B3_TRACE] < 0) return;
+    /* Values have no surrounding whitespace here: Python's strip() changes nothing. */
+    if (head->special[HDR_TRACEPARENT] >= 0) {
+        const header_t *h = &head->headers[head->special[HDR_TRACEPARENT]];
+        int count = dash_parts(raw + h->value_off, h->value_len, parts, lengths, 4);
+        if (count >= 4 && lower_hex(parts[1], lengths[1], 32) && lower_hex(parts[2], lengths[2], 16) &&
+            memcmp(parts[1], "00000000000000000000000000000000", 32) != 0) {
+            copy_lower(flow->trace_id, parts[1], 32);
+            copy_lower(flow->parent_span_id, parts[2], 16);
+            flow->has_trace = 1;
+            flow->trace_state = head->special[HDR_TRACESTATE];
+            return;
+        }
+    }
+    if (head->special[HDR_B3] >= 0) {
+        const header_t *h = &head->headers[head->special[HDR_B3]];
+        int count = dash_parts(raw + h->value_off, h->value_len, parts, lengths, 4);
+        if (count >= 2 && b3_ids(flow, parts[0], lengths[0], parts[1], lengths[1])) return;
+    }
+    if (head->special[HDR_B3_TRACE] >= 0 && head->special[HDR_B3_SPAN] >= 0) {
+        const header_t *t = &head->headers[head->special[HDR_B3_TRACE]];
+        const header_t *s = &head->headers[head->special[HDR_B3_SPAN]];
+        b3_ids(flow, raw + t->value_off, t->value_len, raw + s->value_off, s->value_len);
+    }
+}
+
+/* -- the target's query, as Redactor.query ------------------------------------------------ */
+
+static int redact_path(Express *self, flow_t *flow, const uint8_t *target, size_t len) {
+    buf_t *out = &flow->path;
+    out->len = 0;
+    const uint8_t *mark = memchr(target, '?', len);
+    if (mark == NULL) return buf_put(out, target, len) ? R_MEMORY : R_NONE;
+    size_t base = (size_t)(mark - target);
+    const uint8_t *query = mark + 1;
+    size_t query_len = len - base - 1;
+    const uint8_t *hash = memchr(query, '#', query_len);
+    size_t pairs_len = hash ? (size_t)(hash - query) : query_len;
+    if (buf_put(out, target, base + 1)) return R_MEMORY;
+    size_t start = 0;
+    for (;;) {
+        const uint8_t *amp = memchr(query + start, '&', pairs_len - start);
+        size_t end = amp ? (size_t)(amp - query) : pairs_len;
+        const uint8_t *pair = query + start;
+        size_t pair_len = end - start;
+        const uint8_t *eq = memchr(pair, '=', pair_len);
+        size_t name_len = eq ? (size_t)(eq - pair) : pair_len;
+        int hit = secret_of(self->param_is_secret, &self->params, pair, name_len, 1);
+        if (hit < 0) return R_CALLBACK;
+        if (start > 0 && buf_put(out, "&", 1)) return R_MEMORY;
+        if (eq && hit) {
+            if (buf_put(out, pair, name_len + 1) || buf_put(out, "[REDACTED]", 10)) return R_MEMORY;
+        } else if (buf_put(out, pair, pair_len)) {
+            return R_MEMORY;
+        }
+        if (amp == NULL) break;
+        start = end + 1;
+    }
+    if (hash && buf_put(out, hash, query_len - pairs_len)) return R_MEMORY;
+    return R_NONE;
+}
+
+/* -- bodies: what Redactor._body would change demotes ------------------------------------- */
+
+static int contains_lower(const uint8_t *text, size_t len, const char *needle) {
+    size_t size = strlen(needle);
+    for (size_t i = 0; i + size <= len; i++) {
+        size_t j = 0;
+        while (j < size && lower(text[i + j]) == (uint8_t)needle[j]) j++;
+        if (j == size) return 1;
+    }
+    return 0;
+}
+
+static int is_space(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
+
+static int check_body(Express *self, const head_t *head, const buf_t *body) {
+    if (body->len == 0) return R_NONE;
+    const uint8_t *type = NULL;
+    size_t type_len = 0;
+    if (head->special[HDR_CONTENT_TYPE] >= 0) {
+        const header_t *h = &head->headers[head->special[HDR_CONTENT_TYPE]];
+        type = head->raw.data + h->value_off;
+        type_len = h->value_len;
+    }
+    if (contains_lower(type, type_len, "x-www-form-urlencoded") || contains_lower(type, type_len, "multipart/form-data"))
+        return R_FORM;
+    const uint8_t *data = body->data;
+    size_t len = body->len, first = 0;
+    while (first < len && is_space(data[first])) first++;
+    if (!contains_lower(type, type_len, "json") && !(first < len && (data[first] == '{' || data[first] == '[')))
+        return R_NONE;
+    if (memchr(data, '\\', len)) return R_BODY_SECRET;
+    /* Every '"' p whose next '"' q encloses 1..256 bytes and is followed by optional whitespace
+       and ':' is asked about: a superset of redact.JSON_KEY's matches. */
+    const uint8_t *p = memchr(data, '"', len);
+    while (p != NULL) {
+        const uint8_t *end = data + len;
+        const uint8_t *q = memchr(p + 1, '"', (size_t)(end - p - 1));
+        if (q == NULL) break;
+        size_t key_len = (size_t)(q - p - 1);
+        if (key_len >= 1 && key_len <= 256) {
+            const uint8_t *r = q + 1;
+            while (r < end && is_space(*r)) r++;
+            if (r < end && *r == ':') {
+                int hit = secret_of(self->key_is_secret, &self->keys, p + 1, key_len, 0);
+                if (hit < 0) return R_CALLBACK;
+                if (hit) return R_BODY_SECRET;
+            }
+        }
+        p = q;
+    }
+    return R_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The ApiCall                                                                                 */
+/* ------------------------------------------------------------------------------------------ */
+
+static int put_str_object(buf_t *out, unsigned field, PyObject *text) {
+    Py_ssize_t len;
+    const char *data = PyUnicode_AsUTF8AndSize(text, &len);
+    if (data == NULL) return -1;
+    return pb_bytes(out, field, data, (size_t)len);
+}
+
+static int put_header_value(buf_t *out, unsigned field, const head_t *head, int index) {
+    if (index < 0) return 0;
+    const header_t *h = &head->headers[index];
+    return pb_bytes(out, field, head->raw.data + h->value_off, h->value_len);
+}
+
+/* Message: ts, end_ts, size, headers (values redacted), body, body_truncated, body_size. */
+static int put_message(buf_t *out, unsigned field, buf_t *scratch, const head_t *head, int64_t ts, int64_t end_ts,
+                       const buf_t *body, int64_t body_size) {
+    scratch->len = 0;
+    if (pb_uint(scratch, 1, (uint64_t)ts) || pb_uint(scratch, 2, (uint64_t)end_ts) ||
+        pb_uint(scratch, 3, (uint64_t)(head->raw.len + (size_t)body_size)))
+        return -1;
+    for (uint32_t i = 0; i < head->count; i++) {
+        const header_t *h = &head->headers[i];
+        const uint8_t *value = head->raw.data + h->value_off;
+        size_t value_len = h->value_len;
+        if (h->kind == 1) {
+            value = (const uint8_t *)"[REDACTED]";
+            value_len = 10;
+        }
+        size_t size = 1 + varint_size(h->name_len) + h->name_len;
+        if (value_len) size += 1 + varint_size(value_len) + value_len;
+        if (pb_varint(scratch, (4 << 3) | 2) || pb_varint(scratch, size) ||
+            pb_bytes(scratch, 1, head->raw.data + h->name_off, h->name_len) || pb_bytes(scratch, 2, value, value_len))
+            return -1;
+    }
+    if (pb_bytes(scratch, 5, body->data, body->len) ||
+        pb_uint(scratch, 6, (uint64_t)(body_size - (int64_t)body->len)) || pb_uint(scratch, 7, (uint64_t)body_size))
+        return -1;
+    return pb_message(out, field, scratch);
+}
+
+/* The finished exchange as serialized ApiCall bytes (calls.new_call + Http1Parser + finish_call). */
+static PyObject *build_call(flow_t *flow) {
+    buf_t out = {0}, scratch = {0}, sub = {0};
+    PyObject *result = NULL;
+    const head_t *request = &flow->request, *response = &flow->response;
+    int64_t request_ts = flow->request.ts, response_ts = flow->response.ts;
+
+    /* id: blake2b(prefix + b"%d|%d" % (request_ts, ordinal), digest_size=12) */
+    char tail[48], id[24];
+    int tail_len = snprintf(tail, sizeof(tail), "%lld|%lld", (long long)request_ts, (long long)flow->call_ordinal);
+    const uint8_t *parts[2] = {(const uint8_t *)PyBytes_AS_STRING(flow->prefix), (const uint8_t *)tail};
+    size_t lengths[2] = {(size_t)PyBytes_GET_SIZE(flow->prefix), (size_t)tail_len};
+    blake2b_hex_parts(parts, lengths, 2, 12, id);
+
+    if (pb_bytes(&out, 1, id, 24) || pb_bytes(&out, 2, "http", 4) || pb_bytes(&out, 3, "tcp", 3) ||
+        put_str_object(&out, 4, flow->node) || pb_bytes(&out, 5, "packet", 6))
+        goto done;
+    PyObject *texts[2] = {flow->client_text, flow->server_text};
+    uint16_t ports[2] = {flow->client_port, flow->server_port};
+    for (int side = 0; side < 2; side++) {
+        sub.len = 0;
+        if (put_str_object(&sub, 1, texts[side]) || pb_uint(&sub, 2, ports[side]) || pb_message(&out, 6 + side, &sub))
+            goto done;
+    }
+    /* finish_call: a request at time 0 takes the response's time (after elapsed is computed). */
+    if (put_message(&out, 8, &scratch, request, request_ts ? request_ts : response_ts, flow->request_end_ts,
+                    &flow->request_body, flow->request_body_size) ||
+        put_message(&out, 9, &scratch, response, response_ts, flow->response_end_ts, &flow->response_body,
+                    flow->response_body_size))
+        goto done;
+    char status[4];
+    snprintf(status, sizeof(status), "%03d", response->status);
+    if (pb_bytes(&out, 10, request->raw.data, request->method_len) || pb_bytes(&out, 11, flow->path.data, flow->path.len) ||
+        pb_bytes(&out, 12, status, 3) ||
+        pb_uint(&out, 13, response_ts > request_ts ? (uint64_t)(response_ts - request_ts) : 0) ||
+        pb_uint(&out, 14, response->status >= 500 ? 2 : 1))
+        goto done;
+    if (flow->has_trace) {
+        if (pb_bytes(&out, 15, flow->trace_id, 32) || pb_bytes(&out, 16, flow->parent_span_id, 16) ||
+            put_header_value(&out, 17, request, flow->trace_state))
+            goto done;
+    }
+    sub.len = 0;
+    const uint8_t *line = request->raw.data;
+    size_t line_len = (size_t)request->target_off + request->target_len + 9;
+    if (pb_bytes(&sub, 1, line[line_len - 1] == '1' ? "1.1" : "1.0", 3) ||
+        put_header_value(&sub, 2, request, request->special[HDR_HOST]) ||
+        put_header_value(&sub, 3, request, request->special[HDR_CONTENT_TYPE]) ||
+        put_header_value(&sub, 4, response, response->special[HDR_CONTENT_TYPE]) ||
+        pb_bytes(&sub, 5, response->raw.data + response->reason_off, response->reason_len) ||
+        put_header_value(&sub, 6, request, request->special[HDR_USER_AGENT]) || pb_message(&out, 20, &sub) ||
+        pb_uint(&out, 31, (uint64_t)flow->shard))
+        goto done;
+    result = PyBytes_FromStringAndSize((const char *)out.data, (Py_ssize_t)out.len);
+done:
+    buf_free(&out);
+    buf_free(&scratch);
+    buf_free(&sub);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* HTTP per flow                                                                               */
+/* ------------------------------------------------------------------------------------------ */
+
+static void body_add(Express *self, buf_t *body, int64_t *size, const uint8_t *data, size_t len, int *failed) {
+    *size += (int64_t)len;
+    size_t room = (size_t)self->max_body_bytes > body->len ? (size_t)self->max_body_bytes - body->len : 0;
+    if (room > len) room = len;
+    if (room && buf_put(body, data, room)) *failed = 1;
+}
+
+/* Append head bytes; returns the bytes of `data` the head took (all of them when the blank line
+   is not there yet), or (size_t)-1 with *reason set. */
+static size_t head_add(Express *self, head_t *head, const uint8_t *data, size_t len, int *complete, int *reason) {
+    size_t before = head->raw.len;
+    size_t from = before >= 3 ? before - 3 : 0;
+    *complete = 0;
+    if (buf_put(&head->raw, data, len)) {
+        *reason = R_MEMORY;
+        return (size_t)-1;
+    }
+    const uint8_t *raw = head->raw.data;
+    size_t size = head->raw.len;
+    for (size_t i = from; i + 4 <= size; i++) {
+        const uint8_t *p = memchr(raw + i, '\r', size - 3 - i);
+        if (p == NULL) break;
+        i = (size_t)(p - raw);
+        if (p[1] == '\n' && p[2] == '\r' && p[3] == '\n') {
+            size_t head_len = i + 4;
+            if (head_len > (size_t)self->max_header_bytes) {
+                *reason = R_LIMIT;
+                return (size_t)-1;
+            }
+            head->raw.len = head_len;
+            *complete = 1;
+            return head_len - before;
+        }
+    }
+    if (size > (size_t)self->max_header_bytes || (size > MAX_LINE && find_crlf(raw, MAX_LINE) == NULL)) {
+        *reason = R_LIMIT;
+        return (size_t)-1;
+    }
+    return len;
+}
+
+static int request_head_done(Express *self, flow_t *flow) {
+    head_t *head = &flow->request;
+    const uint8_t *crlf = find_crlf(head->raw.data, head->raw.len);
+    size_t line_end = (size_t)(crlf - head->raw.data);
+    int reason = parse_request_line(head->raw.data, line_end, head);
+    if (reason) return reason;
+    if (head->method_len == 7 && memcmp(head->raw.data, "CONNECT", 7) == 0) return R_UPGRADE;
+    const uint8_t *target = head->raw.data + head->target_off;
+    if (memchr(target, '@', head->target_len)) return R_URL;
+    reason = parse_headers(self, head, line_end, 1);
+    if (reason) return reason;
+    reason = redact_path(self, flow, target, head->target_len);
+    if (reason) return reason;
+    trace_context(flow, head);
+    flow->head_request = head->method_len == 4 && memcmp(head->raw.data, "HEAD", 4) == 0;
+    flow->call_ordinal = flow->ordinal++;
+    flow->request_body.len = 0;
+    flow->request_body_size = 0;
+    flow->remaining = head->content_length > 0 ? head->content_length : 0;
+    return R_NONE;
+}
+
+static int response_head_done(Express *self, flow_t *flow) {
+    head_t *head = &flow->response;
+    const uint8_t *crlf = find_crlf(head->raw.data, head->raw.len);
+    size_t line_end = (size_t)(crlf - head->raw.data);
+    int reason = parse_status_line(head->raw.data, line_end, head);
+    if (reason) return reason;
+    if (head->status < 200) return R_STATUS;
+    reason = parse_headers(self, head, line_end, 0);
+    if (reason) return reason;
+    flow->response_body.len = 0;
+    flow->response_body_size = 0;
+    if (flow->head_request || head->status == 204 || head->status == 304) flow->remaining = 0;
+    else if (head->content_length < 0) return R_CLOSE;
+    else flow->remaining = head->content_length;
+    return R_NONE;
+}
+
+/* The exchange is complete: its call (a (3, call) work item), unless a body needs the Python redactor. */
+static int exchange_done(Express *self, flow_t *flow, PyObject *calls) {
+    int reason = check_body(self, &flow->response, &flow->response_body);
+    if (reason) return reason;
+    PyObject *call = build_call(flow);
+    PyObject *item = call == NULL ? NULL : Py_BuildValue("(iN)", 3, call);
+    if (item == NULL || PyList_Append(calls, item)) {
+        Py_XDECREF(item);
+        PyErr_Clear();
+        return R_MEMORY;
+    }
+    Py_DECREF(item);
+    flow->exchanges++;
+    flow->phase = PHASE_IDLE;
+    buf_reset(&flow->request.raw);
+    buf_reset(&flow->response.raw);
+    buf_reset(&flow->request_body);
+    buf_reset(&flow->response_body);
+    return R_NONE;
+}
+
+/* In-order payload of one direction. A call completes only with the last byte of a packet
+   (anything after it would be pipelining or a stray response), so a demotion never follows an
+   emitted call within the same packet. */
+static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t *data, size_t len, int64_t ts,
+                     PyObject *calls) {
+    size_t pos = 0;
+    int reason = R_NONE, complete, failed = 0;
+    if (from_client) {
+        if (!flow->client_spoke) {
+            /* Python decides the protocol on the first chunk when it holds a whole request line. */
+            const uint8_t *crlf = find_crlf(data, len);
+            if (crlf == NULL || parse_request_line(data, (size_t)(crlf - data), NULL)) return R_NOT_HTTP;
+            flow->client_spoke = 1;
+        }
+        if (flow->phase == PHASE_IDLE) {
+            if (data[0] == '\r' || data[0] == '\n') return R_CRLF;
+            flow->request.raw.len = 0;
+            flow->request.ts = ts;
+            flow->phase = PHASE_REQUEST_HEAD;
+        }
+        if (flow->phase == PHASE_REQUEST_HEAD) {
+            size_t took = head_add(self, &flow->request, data, len, &complete, &reason);
+            if (reason) return reason;
+            pos += took;
+            if (!complete) return R_NONE;
+            reason = request_head_done(self, flow);
+            if (reason) return reason;
+            flow->phase = PHASE_REQUEST_BODY;
+        }
+        if (flow->phase != PHASE_REQUEST_BODY) return R_PIPELINING;
+        size_t take = len - pos;
+        if ((int64_t)take > flow->remaining) take = (size_t)flow->remaining;
+        body_add(self, &flow->request_body, &flow->request_body_size, data + pos, take, &failed);
+        if (failed) return R_MEMORY;
+        pos += take;
+        flow->remaining -= (int64_t)take;
+        if (flow->remaining > 0) return R_NONE;
+        if (pos < len) return R_PIPELINING;
+        reason = check_body(self, &flow->request, &flow->request_body);
+        if (reason) return reason;
+        flow->request_end_ts = ts;
+        flow->phase = PHASE_WAIT_RESPONSE;
+        return R_NONE;
+    }
+    if (flow->phase == PHASE_WAIT_RESPONSE) {
+        if (data[0] == '\r' || data[0] == '\n') return R_CRLF;
+        flow->response.raw.len = 0;
+        flow->response.ts = ts;
+        flow->phase = PHASE_RESPONSE_HEAD;
+    }
+    if (flow->phase == PHASE_RESPONSE_HEAD) {
+        size_t took = head_add(self, &flow->response, data, len, &complete, &reason);
+        if (reason) return reason;
+        pos += took;
+        if (!complete) return R_NONE;
+        reason = response_head_done(self, flow);
+        if (reason) return reason;
+        flow->phase = PHASE_RESPONSE_BODY;
+    }
+    if (flow->phase != PHASE_RESPONSE_BODY) return R_EARLY;
+    size_t take = len - pos;
+    if ((int64_t)take > flow->remaining) take = (size_t)flow->remaining;
+    body_add(self, &flow->response_body, &flow->response_body_size, data + pos, take, &failed);
+    if (failed) return R_MEMORY;
+    pos += take;
+    flow->remaining -= (int64_t)take;
+    if (flow->remaining > 0) return R_NONE;
+    if (pos < len) return R_EARLY;
+    flow->response_end_ts = ts;
+    return exchange_done(self, flow, calls);
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* TCP per flow                                                                                */
+/* ------------------------------------------------------------------------------------------ */
+
+static int set_last_data(half_t *half, const uint8_t *data, size_t len) {
+    PyObject *copy = PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)len);
+    if (copy == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    Py_XSETREF(half->last_data, copy);
+    return 0;
+}
+
+/* One segment of a held flow: R_NONE when taken (state advanced), else the demotion reason. */
+static int flow_segment(Express *self, flow_t *flow, int from_client, const segment_t *segment, int64_t ts,
+                        PyObject *calls) {
+    uint8_t flags = segment->flags;
+    flow->last_ts = ts;
+    if (flow->stage == STAGE_SYN_SENT) {
+        half_t *client = &flow->halves[0], *server = &flow->halves[1];
+        if (from_client || (flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN | TH_URG)) != (TH_SYN | TH_ACK) ||
+            segment->payload_len || segment->ack != (uint32_t)((uint64_t)client->next & 0xFFFFFFFFULL))
+            return flags & TH_RST ? R_RST : R_HANDSHAKE;
+        server->next = server->base = (int64_t)segment->seq + 1;
+        client->acked = client->next;
+        client->acked_set = 1;
+        flow->stage = STAGE_ESTABLISHED;
+        return R_NONE;
+    }
+    if (flags & TH_RST) return R_RST;
+    if (flags & TH_FIN) return R_FIN;
+    if (flags & TH_SYN) return R_SYN;
+    if (flags & TH_URG) return R_URG;
+    if (!(flags & TH_ACK)) return R_FLAGS;
+    half_t *own = &flow->halves[from_client ? 0 : 1], *peer = &flow->halves[from_client ? 1 : 0];
+    int64_t acked = unwrap(peer->next, segment->ack);
+    if (acked > peer->next) return R_ACK;
+    if (segment->window == 0) return R_WINDOW;
+    if (!peer->acked_set || acked > peer->acked) {
+        peer->acked = acked;
+        peer->acked_set = 1;
+    }
+    size_t len = segment->payload_len;
+    if (len == 0) return R_NONE;
+    int64_t start = unwrap(own->next, segment->seq);
+    if (start != own->next) return (len == 1 && start + 1 == own->next) ? R_KEEPALIVE : R_REORDER;
+    own->next = start + (int64_t)len;
+    own->last_start = start;
+    if (set_last_data(own, segment->payload, len)) return R_MEMORY;
+    flow->offsets[from_client ? 0 : 1] += (int64_t)len;
+    return http_data(self, flow, from_client, segment->payload, len, ts, calls);
+}
+
+static void take_snapshot(Express *self, flow_t *flow) {
+    snapshot_t *snap = &flow->snapshot;
+    if (!flow->has_snapshot) {
+        flow->has_snapshot = 1;
+        self->tcp_flows++;
+        self->tcp_flows_http++;
+    }
+    snap->first_ts = flow->first_ts;
+    snap->last_ts = flow->last_ts;
+    snap->syn_ts = flow->syn_ts;
+    for (int d = 0; d < 2; d++) {
+        PyObject *previous = snap->halves[d].last_data;
+        snap->halves[d] = flow->halves[d];
+        Py_XINCREF(snap->halves[d].last_data);
+        Py_XDECREF(previous);
+    }
+    snap->ordinal = flow->ordinal;
+    snap->offsets[0] = flow->offsets[0];
+    snap->offsets[1] = flow->offsets[1];
+}
+
+static int retain(flow_t *flow, const uint8_t *frame, size_t len, int64_t ts) {
+    if (flow->retained_count == flow->retained_cap) {
+        size_t cap = flow->retained_cap ? flow->retained_cap * 2 : 8;
+        PyObject **frames = PyMem_Realloc(flow->retained, cap * sizeof(PyObject *));
+        if (frames == NULL) return -1;
+        flow->retained = frames;
+        int64_t *stamps = PyMem_Realloc(flow->retained_ts, cap * sizeof(int64_t));
+        if (stamps == NULL) return -1;
+        flow->retained_ts = stamps;
+        flow->retained_cap = cap;
+    }
+    PyObject *copy = PyBytes_FromStringAndSize((const char *)frame, (Py_ssize_t)len);
+    if (copy == NULL) {
+        PyErr_Clear();
+        return -1;
+    }
+    flow->retained[flow->retained_count] = copy;
+    flow->retained_ts[flow->retained_count] = ts;
+    flow->retained_count++;
+    flow->retained_bytes += len;
+    return 0;
+}
+
+static PyObject *half_tuple(const half_t *half) {
+    PyObject *acked = half->acked_set ? PyLong_FromLongLong(half->acked) : Py_NewRef(Py_None);
+    if (acked == NULL) return NULL;
+    return Py_BuildValue("(LLNLO)", (long long)half->next, (long long)half->base, acked, (long long)half->last_start,
+                         half->last_data);
+}
+
+/* Give the flow back: the handover dict (see express.py), the flow freed. `frame` (if any) is
+   the packet that caused it, not applied to the snapshot. */
+static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *frame, size_t frame_len, int64_t ts) {
+    PyObject *records = NULL, *state = NULL, *result = NULL;
+    size_t count = flow->retained_count + (frame != NULL);
+    records = PyList_New((Py_ssize_t)count);
+    if (records == NULL) goto done;
+    for (size_t i = 0; i < flow->retained_count; i++) {
+        PyObject *item = Py_BuildValue("(OL)", flow->retained[i], (long long)flow->retained_ts[i]);
+        if (item == NULL) goto done;
+        PyList_SET_ITEM(records, (Py_ssize_t)i, item);
+    }
+    if (frame != NULL) {
+        PyObject *item = Py_BuildValue("(y#L)", (const char *)frame, (Py_ssize_t)frame_len, (long long)ts);
+        if (item == NULL) goto done;
+        PyList_SET_ITEM(records, (Py_ssize_t)flow->retained_count, item);
+    }
+    if (flow->has_snapshot) {
+        const snapshot_t *snap = &flow->snapshot;
+        PyObject *client = half_tuple(&snap->halves[0]);
+        PyObject *server = client ? half_tuple(&snap->halves[1]) : NULL;
+        if (server == NULL) {
+            Py_XDECREF(client);
+            goto done;
+        }
+        state = Py_BuildValue("{sLsLsLs(NN)sLs(LL)}", "first_ts_ns", (long long)snap->first_ts, "last_ts_ns",
+                              (long long)snap->last_ts, "syn_ts_ns", (long long)snap->syn_ts, "halves", client, server,
+                              "ordinal", (long long)snap->ordinal, "offsets", (long long)snap->offsets[0],
+                              (long long)snap->offsets[1]);
+    } else {
+        state = Py_NewRef(Py_None);
+    }
+    if (state == NULL) goto done;
+    result = Py_BuildValue("{sOsnsis(Oi)s(Oi)sOsO}", "node", flow->node, "shard", flow->shard, "link_type",
+                           flow->link_type, "client", flow->client_ip, (int)flow->client_port, "server",
+                           flow->server_ip, (int)flow->server_port, "state", state, "records", records);
+done:
+    Py_XDECREF(records);
+    Py_XDECREF(state);
+    if (result == NULL) return NULL;
+    self->packets -= (long long)count;
+    self->demotions++;
+    self->demotions_by[reason]++;
+    flow_unlink(self, flow);
+    flow_free(flow);
+    return result;
+}
+
+/* ------------------------------------------------------------------------------------------ */
+/* The Express object                                                                          */
+/* ------------------------------------------------------------------------------------------ */
+
+static int quiescent(const flow_t *flow) {
+    return flow->stage == STAGE_ESTABLISHED && flow->phase == PHASE_IDLE && flow->exchanges > 0;
+}
+
+/* The index of `node` among the names seen, or -1 when too many were. */
+static long node_index(Express *self, PyObject *node) {
+    for (size_t i = 0; i < self->node_count; i++) {
+        if (self->nodes[i] == node) return (long)i;
+    }
+    for (size_t i = 0; i < self->node_count; i++) {
+        int equal = PyUnicode_Compare(self->nodes[i], node);
+        if (equal == -1 && PyErr_Occurred()) return -2;
+        if (equal == 0) return (long)i;
+    }
+    if (self->node_count == MAX_NODES) return -1;
+    if (self->node_count == self->node_cap) {
+        size_t cap = self->node_cap ? self->node_cap * 2 : 8;
+        PyObject **nodes = PyMem_Realloc(self->nodes, cap * sizeof(PyObject *));
+        if (nodes == NULL) {
+            PyErr_NoMemory();
+            return -2;
+        }
+        self->nodes = nodes;
+        self->node_cap = cap;
+    }
+    self->nodes[self->node_count] = Py_NewRef(node);
+    return (long)self->node_count++;
+}
+
+/* Is this 5-tuple (either way) a flow of the Python path? -1 on error. */
+static int python_has(PyObject *python_flows, PyObject *node, PyObject *src, uint16_t sport, PyObject *dst,
+                      uint16_t dport) {
+    if (python_flows == Py_None) return 0;
+    for (int way = 0; way < 2; way++) {
+        PyObject *key = way == 0 ? Py_BuildValue("(OOiOi)", node, src, (int)sport, dst, (int)dport)
+                                 : Py_BuildValue("(OOiOi)", node, dst, (int)dport, src, (int)sport);
+        if (key == NULL) return -1;
+        int found = PySequence_Contains(python_flows, key);
+        Py_DECREF(key);
+        if (found) return found;
+    }
+    return 0;
+}
+
+/* Adopt the flow a client SYN opens; 1 adopted, 0 not (the packet goes to Python), -1 error. */
+static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *node, Py_ssize_t shard, int link_type,
+                 const segment_t *segment, const uint8_t *frame, size_t frame_len, int64_t ts, PyObject *python_flows,
+                 Py_ssize_t python_count) {
+    /* max_flows bounds both paths' flows together; python_flows holds each of its flows twice. */
+    if ((Py_ssize_t)self->active + python_count >= self->max_flows || (Py_ssize_t)frame_len > self->max_retained_bytes)
+        return 0;
+    size_t size = segment->family == 4 ? 4 : 16;
+    if (segment->sport == segment->dport && memcmp(segment->src, segment->dst, size) == 0) return 0;
+    if (routed_contains(self, key)) return 0;
+    PyObject *client_ip = PyBytes_FromStringAndSize((const char *)segment->src, (Py_ssize_t)size);
+    PyObject *server_ip = client_ip ? PyBytes_FromStringAndSize((const char *)segment->dst, (Py_ssize_t)size) : NULL;
+    if (server_ip == NULL) {
+        Py_XDECREF(client_ip);
+        return -1;
+    }
+    int found = python_has(python_flows, node, client_ip, segment->sport, server_ip, segment->dport);
+    if (found) {
+        Py_DECREF(client_ip);
+        Py_DECREF(server_ip);
+        return found < 0 ? -1 : 0;
+    }
+    PyObject *strings = PyObject_CallFunction(self->flow_strings, "OOiOi", node, client_ip, (int)segment->sport,
+                                              server_ip, (int)segment->dport);
+    if (strings == NULL || !PyTuple_Check(strings) || PyTuple_GET_SIZE(strings) != 3 ||
+        !PyUnicode_Check(PyTuple_GET_ITEM(strings, 0)) || !PyUnicode_Check(PyTuple_GET_ITEM(strings, 1)) ||
+        !PyBytes_Check(PyTuple_GET_ITEM(strings, 2)) || PyUnicode_AsUTF8(node) == NULL ||
+        PyUnicode_AsUTF8(PyTuple_GET_ITEM(strings, 0)) == NULL || PyUnicode_AsUTF8(PyTuple_GET_ITEM(strings, 1)) == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "flow_strings must return (str, str, bytes)");
+        PyErr_WriteUnraisable(self->flow_strings);
+        Py_XDECREF(strings);
+        Py_DECREF(client_ip);
+        Py_DECREF(server_ip);
+        return 0;
+    }
+    flow_t *flow = PyMem_Calloc(1, sizeof(flow_t));
+    if (flow == NULL) {
+        Py_DECREF(strings);
+        Py_DECREF(client_ip);
+        Py_DECREF(server_ip);
+        PyErr_NoMemory();
+        return -1;
+    }
+    flow->key = *key;
+    flow->client_is_a = src_is_a;
+    flow->node = Py_NewRef(node);
+    flow->shard = shard;
+    flow->link_type = link_type;
+    flow->client_text = Py_NewRef(PyTuple_GET_ITEM(strings, 0));
+    flow->server_text = Py_NewRef(PyTuple_GET_ITEM(strings, 1));
+    flow->prefix = Py_NewRef(PyTuple_GET_ITEM(strings, 2));
+    Py_DECREF(strings);
+    flow->client_ip = client_ip;
+    flow->server_ip = server_ip;
+    flow->client_port = segment->sport;
+    flow->server_port = segment->dport;
+    flow->stage = STAGE_SYN_SENT;
+    flow->first_ts = flow->last_ts = flow->syn_ts = ts;
+    flow->halves[0].next = flow->halves[0].base = (int64_t)segment->seq + 1;
+    for (int d = 0; d < 2; d++) {
+        flow->halves[d].last_data = Py_NewRef(self->empty_bytes);
+        head_t *head = d == 0 ? &flow->request : &flow->response;
+        for (int i = 0; i < HDR_SPECIAL_COUNT; i++) head->special[i] = -1;
+    }
+    flow->trace_state = -1;
+    if (retain(flow, frame, frame_len, ts) || flow_insert(self, flow)) {
+        flow_free(flow);
+        PyErr_NoMemory();
+        return -1;
+    }
+    self->adopted++;
+    self->packets++;
+    return 1;
+}
+
+/* Callbacks run inside feed: none may feed or demote again meanwhile. */
+static int usable(Express *self) {
+    if (self->header_kind == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Express is not initialised");
+        return 0;
+    }
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Express is not re-entrant");
+        return 0;
+    }
+    return 1;
+}
+
+static int add_work(PyObject *work, PyObject *item) {
+    if (item == NULL) return -1;
+    int failed = PyList_Append(work, item);
+    Py_DECREF(item);
+    return failed;
+}
+
+static PyObject *Express_feed(Express *self, PyObject *args) {
+    Py_buffer view;
+    int link_type, nanosecond;
+    PyObject *node, *python_flows;
+    Py_ssize_t shard;
+    if (!PyArg_ParseTuple(args, "y*ipUnO:feed", &view, &link_type, &nanosecond, &node, &shard, &python_flows))
+        return NULL;
+    if (!usable(self)) {
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    PyObject *work = PyList_New(0), *result = NULL;
+    long node_id = node_index(self, node);
+    Py_ssize_t python_count = python_flows == Py_None ? 0 : PyObject_Length(python_flows);
+    if (work == NULL || node_id == -2 || python_count < 0) goto done;
+    python_count /= 2;
+    self->busy = 1;
+    self->generation++; /* empties the routed set */
+    const uint8_t *records = view.buf;
+    size_t end = (size_t)view.len, offset = 0;
+    int64_t scale = nanosecond ? 1 : 1000, newest = 0;
+    long long consumed = 0;
+    int no_adopt = 0;
+    while (offset < end) {
+        if (end - offset < 16) {
+            if (add_work(work, Py_BuildValue("(in)", 2, (Py_ssize_t)offset))) goto fail;
+            break;
+        }
+        const uint8_t *header = records + offset;
+        uint32_t seconds = (uint32_t)header[0] | ((uint32_t)header[1] << 8) | ((uint32_t)header[2] << 16) |
+                           ((uint32_t)header[3] << 24);
+        uint32_t frac = (uint32_t)header[4] | ((uint32_t)header[5] << 8) | ((uint32_t)header[6] << 16) |
+                        ((uint32_t)header[7] << 24);
+        uint32_t incl = (uint32_t)header[8] | ((uint32_t)header[9] << 8) | ((uint32_t)header[10] << 16) |
+                        ((uint32_t)header[11] << 24);
+        if (end - offset - 16 < incl) {
+            if (add_work(work, Py_BuildValue("(in)", 2, (Py_ssize_t)offset))) goto fail;
+            break;
+        }
+        int64_t ts = (int64_t)seconds * 1000000000LL + (int64_t)frac * scale;
+        if (ts > newest) newest = ts;
+        size_t start = offset + 16;
+        offset = start + incl;
+        const uint8_t *frame = records + start;
+        segment_t segment;
+        int decoded = decode_frame(link_type, frame, incl, &segment);
+        if (decoded == DEC_FRAGMENT) no_adopt = 1;
+        if ((decoded == DEC_TCP || decoded == DEC_KEY) && node_id >= 0) {
+            flow_key_t key;
+            int src_is_a;
+            make_key((uint32_t)node_id, &segment, &key, &src_is_a);
+            flow_t *flow = flow_find(self, &key);
+            if (flow != NULL && decoded == DEC_TCP && link_type == flow->link_type) {
+                consumed++;
+                self->packets++;
+                int reason;
+                if (flow->retained_bytes + incl > (size_t)self->max_retained_bytes) reason = R_LIMIT;
+                else reason = flow_segment(self, flow, src_is_a == flow->client_is_a, &segment, ts, work);
+                if (reason == R_NONE) {
+                    if (quiescent(flow)) {
+                        take_snapshot(self, flow);
+                        retained_clear(flow);
+                        continue;
+                    }
+                    if (retain(flow, frame, incl, ts) == 0) continue;
+                    reason = R_MEMORY;
+                }
+                if (add_work(work, Py_BuildValue("(iN)", 1, demote(self, flow, reason, frame, incl, ts))) ||
+                    routed_add(self, &key))
+                    goto fail;
+                continue;
+            }
+            if (flow != NULL) {
+                /* A packet of the flow this lane cannot take: the flow goes back first, then the packet. */
+                if (add_work(work, Py_BuildValue("(iN)", 1, demote(self, flow, R_PACKET, NULL, 0, 0)))) goto fail;
+            } else if (decoded == DEC_TCP && !no_adopt &&
+                       (segment.flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == TH_SYN && segment.payload_len == 0) {
+                int adopted = adopt(self, &key, src_is_a, node, shard, link_type, &segment, frame, incl, ts, python_flows,
+                                    python_count);
+                if (adopted < 0) goto fail;
+                if (adopted) {
+                    consumed++;
+                    continue;
+                }
+            }
+            if (routed_add(self, &key)) goto fail;
+        }
+        if (add_work(work, Py_BuildValue("(innL)", 0, (Py_ssize_t)start, (Py_ssize_t)offset, (long long)ts)))
+            goto fail;
+    }
+    result = Py_BuildValue("(OLL)", work, consumed, (long long)newest);
+    goto done;
+fail:
+    if (!PyErr_Occurred()) PyErr_NoMemory();
+done:
+    self->busy = 0;
+    Py_XDECREF(work);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+static PyObject *Express_demote_stale(Express *self, PyObject *args) {
+    long long now, idle, request_timeout, handshake_timeout;
+    if (!PyArg_ParseTuple(args, "LLLL:demote_stale", &now, &idle, &request_timeout, &handshake_timeout)) return NULL;
+    if (!usable(self)) return NULL;
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    flow_t *flow = self->first;
+    while (flow != NULL) {
+        flow_t *next = flow->next;
+        int waiting = flow->phase != PHASE_IDLE && flow->phase != PHASE_REQUEST_HEAD;
+        if (now - flow->last_ts >= idle || (flow->stage == STAGE_SYN_SENT && now - flow->syn_ts >= handshake_timeout) ||
+            (waiting && now - flow->request.ts >= request_timeout)) {
+            if (add_work(out, demote(self, flow, R_STALE, NULL, 0, 0))) {
+                Py_DECREF(out);
+                return NULL;
+            }
+        }
+        flow = next;
+    }
+    return out;
+}
+
+/* The flow least recently active goes back (the Python table needs room and holds none). */
+static PyObject *Express_demote_oldest(Express *self, PyObject *unused) {
+    (void)unused;
+    if (!usable(self)) return NULL;
+    flow_t *oldest = NULL;
+    for (flow_t *flow = self->first; flow != NULL; flow = flow->next)
+        if (oldest == NULL || flow->last_ts < oldest->last_ts) oldest = flow;
+    if (oldest == NULL) Py_RETURN_NONE;
+    return demote(self, oldest, R_ROOM, NULL, 0, 0);
+}
+
+static PyObject *Express_demote_all(Express *self, PyObject *args, PyObject *kwargs) {
+    PyObject *node = Py_None, *shard = Py_None;
+    static char *keywords[] = {"node", "shard", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "|OO:demote_all", keywords, &node, &shard)) return NULL;
+    if (!usable(self)) return NULL;
+    Py_ssize_t shard_value = 0;
+    if (shard != Py_None) {
+        shard_value = PyLong_AsSsize_t(shard);
+        if (shard_value == -1 && PyErr_Occurred()) return NULL;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL) return NULL;
+    flow_t *flow = self->first;
+    while (flow != NULL) {
+        flow_t *next = flow->next;
+        int match = shard == Py_None || flow->shard == shard_value;
+        if (match && node != Py_None) {
+            match = PyObject_RichCompareBool(flow->node, node, Py_EQ);
+            if (match < 0) goto fail;
+        }
+        if (match && add_work(out, demote(self, flow, R_FINISH, NULL, 0, 0))) goto fail;
+        flow = next;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+}
+
+static int set_count(PyObject *dict, const char *name, long long value) {
+    if (value == 0) return 0; /* the engine adds these to its own: no key it would not have */
+    PyObject *number = PyLong_FromLongLong(value);
+    if (number == NULL) return -1;
+    int failed = PyDict_SetItemString(dict, name, number);
+    Py_DECREF(number);
+    return failed;
+}
+
+static PyObject *Express_get_counters(Express *self, void *closure) {
+    (void)closure;
+    PyObject *dict = PyDict_New();
+    if (dict == NULL) return NULL;
+    if (set_count(dict, "packets", self->packets) || set_count(dict, "tcp_flows", self->tcp_flows) ||
+        set_count(dict, "tcp_flows_http", self->tcp_flows_http) ||
+        set_count(dict, "express_flows_adopted", self->adopted) ||
+        set_count(dict, "express_demotions", self->demotions))
+        goto fail;
+    for (int reason = 1; reason < R_COUNT; reason++) {
+        char name[64];
+        snprintf(name, sizeof(name), "express_demotions_%s", reason_names[reason]);
+        if (set_count(dict, name, self->demotions_by[reason])) goto fail;
+    }
+    return dict;
+fail:
+    Py_DECREF(dict);
+    return NULL;
+}
+
+static PyObject *Express_get_active(Express *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(self->active);
+}
+
+static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
+    PyObject *header_kind, *param_is_secret, *key_is_secret, *flow_strings;
+    Py_ssize_t max_body_bytes, max_header_bytes, max_flows, max_retained_bytes;
+    static char *keywords[] = {"header_kind", "param_is_secret", "key_is_secret", "flow_strings", "max_body_bytes",
+                               "max_header_bytes", "max_flows", "max_retained_bytes", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn:Express", keywords, &header_kind, &param_is_secret,
+                                     &key_is_secret, &flow_strings, &max_body_bytes, &max_header_bytes, &max_flows,
+                                     &max_retained_bytes))
+        return -1;
+    if (!PyCallable_Check(header_kind) || !PyCallable_Check(param_is_secret) || !PyCallable_Check(key_is_secret) ||
+        !PyCallable_Check(flow_strings)) {
+        PyErr_SetString(PyExc_TypeError, "Express: the four callbacks must be callable");
+        return -1;
+    }
+    if (max_body_bytes < 0 || max_header_bytes <= 0 || max_flows < 0 || max_retained_bytes <= 0) {
+        PyErr_SetString(PyExc_ValueError, "Express: limits must be positive (max_body_bytes and max_flows >= 0)");
+        return -1;
+    }
+    if (self->active || self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "Express: already in use");
+        return -1;
+    }
+    Py_XSETREF(self->header_kind, Py_NewRef(header_kind));
+    Py_XSETREF(self->param_is_secret, Py_NewRef(param_is_secret));
+    Py_XSETREF(self->key_is_secret, Py_NewRef(key_is_secret));
+    Py_XSETREF(self->flow_strings, Py_NewRef(flow_strings));
+    if (self->empty_bytes == NULL) {
+        self->empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
+        if (self->empty_bytes == NULL) return -1;
+    }
+    self->max_body_bytes = max_body_bytes;
+    self->max_header_bytes = max_header_bytes;
+    self->max_flows = max_flows;
+    self->max_retained_bytes = max_retained_bytes;
+    cache_free(&self->kinds);
+    cache_free(&self->params);
+    cache_free(&self->keys);
+    return 0;
+}
+
+static int Express_traverse(Express *self, visitproc visit, void *arg) {
+    Py_VISIT(self->header_kind);
+    Py_VISIT(self->param_is_secret);
+    Py_VISIT(self->key_is_secret);
+    Py_VISIT(self->flow_strings);
+    return 0;
+}
+
+static int Express_clear(Express *self) {
+    Py_CLEAR(self->header_kind);
+    Py_CLEAR(self->param_is_secret);
+    Py_CLEAR(self->key_is_secret);
+    Py_CLEAR(self->flow_strings);
+    return 0;
+}
+
+static void Express_dealloc(Express *self) {
+    PyObject_GC_UnTrack(self);
+    Express_clear(self);
+    flow_t *flow = self->first;
+    while (flow != NULL) {
+        flow_t *next = flow->next;
+        flow_free(flow);
+        flow = next;
+    }
+    PyMem_Free(self->buckets);
+    for (size_t i = 0; i < self->node_count; i++) Py_DECREF(self->nodes[i]);
+    PyMem_Free(self->nodes);
+    PyMem_Free(self->routed);
+    cache_free(&self->kinds);
+    cache_free(&self->params);
+    cache_free(&self->keys);
+    Py_XDECREF(self->empty_bytes);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Express_methods[] = {
+    {"feed", (PyCFunction)Express_feed, METH_VARARGS,
+     "feed(records, link_type, nanosecond, node, shard, python_flows) -> (work, packets_consumed, max_ts_ns)"},
+    {"demote_oldest", (PyCFunction)Express_demote_oldest, METH_NOARGS,
+     "demote_oldest() -> the least recently active flow's handover, or None when no flow is held"},
+    {"demote_all", (PyCFunction)(void (*)(void))Express_demote_all, METH_VARARGS | METH_KEYWORDS,
+     "demote_all(node=None, shard=None) -> list of handovers (every flow, or those of that node/shard)"},
+    {"demote_stale", (PyCFunction)Express_demote_stale, METH_VARARGS,
+     "demote_stale(now_ns, idle_ns, request_timeout_ns, handshake_timeout_ns) -> list of handovers"},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Express_getset[] = {
+    {"active", (getter)Express_get_active, NULL, "flows held", NULL},
+    {"counters", (getter)Express_get_counters, NULL, "cumulative counters (non-zero ones)", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject ExpressType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "trawl.dissector._express.Express",
+    .tp_basicsize = sizeof(Express),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "The compiled HTTP/1 lane: takes simple flows, gives them back (demotes) on anything else.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Express_init,
+    .tp_dealloc = (destructor)Express_dealloc,
+    .tp_traverse = (traverseproc)Express_traverse,
+    .tp_clear = (inquiry)Express_clear,
+    .tp_methods = Express_methods,
+    .tp_getset = Express_getset,
+};
+
+static PyObject *module_blake2b_hex(PyObject *module, PyObject *args) {
+    (void)module;
+    Py_buffer view;
+    int digest_size;
+    if (!PyArg_ParseTuple(args, "y*i:blake2b_hex", &view, &digest_size)) return NULL;
+    if (digest_size < 1 || digest_size > 64) {
+        PyBuffer_Release(&view);
+        PyErr_SetString(PyExc_ValueError, "digest_size must be 1..64");
+        return NULL;
+    }
+    char hex[128];
+    const uint8_t *parts[1] = {view.buf};
+    size_t lengths[1] = {(size_t)view.len};
+    blake2b_hex_parts(parts, lengths, 1, digest_size, hex);
+    PyBuffer_Release(&view);
+    return PyUnicode_FromStringAndSize(hex, 2 * digest_size);
+}
+
+static PyMethodDef module_methods[] = {
+    {"blake2b_hex", module_blake2b_hex, METH_VARARGS,
+     "blake2b_hex(data, digest_size) -> hashlib.blake2b(data, digest_size=n).hexdigest()"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef express_module = {
+    PyModuleDef_HEAD_INIT, "trawl.dissector._express",
+    "The compiled HTTP/1 express lane of the dissector (see services/dissector/_express.c).", -1, module_methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__express(void) {
+    if (PyType_Ready(&ExpressType) < 0) return NULL;
+    PyObject *module = PyModule_Create(&express_module);
+    if (module == NULL) return NULL;
+    if (PyModule_AddObjectRef(module, "Express", (PyObject *)&ExpressType) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

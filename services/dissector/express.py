@@ -1,0 +1,102 @@
+"""The compiled HTTP/1 lane's Python side: building the lane, and taking flows back from it.
+
+`trawl.dissector._express` (C) dissects the common case, in-order HTTP/1.x with Content-Length
+bodies over Ethernet, without a Python call per packet or per call. It keeps a flow only while
+the flow stays that simple; the moment a packet is anything else (a reordering, a loss, a RST
+or FIN, chunked or compressed bodies, pipelining, a secret in a body, a byte it does not
+expect...) it gives the flow back ("demotes" it) with:
+
+- the flow's state as of its last quiescent point (both directions between messages, no
+  request pending), or none when it never reached one (then the flow is replayed from its SYN);
+- copies of the flow's packets since that point, the one that caused the demotion included.
+
+`restore` rebuilds the Python flow (TcpFlow + Http1Parser) from that state, and the engine
+replays the packets through its ordinary path: from then on the Python code, which stays the
+reference, is exactly where it would have been had it seen every packet. The differential test
+(tests/unit/test_express_differential.py) holds the two paths to identical calls and counters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from trawl.dissector.config import DissectorSettings
+from trawl.dissector.layers import ip_text
+from trawl.dissector.protocols.base import FlowInfo, ParserLimits
+from trawl.dissector.protocols.http1 import Http1Parser
+from trawl.dissector.redact import Redactor
+from trawl.dissector.tcp import TcpFlow, TcpTable
+from trawl.logs import get_logger
+
+log = get_logger(__name__)
+
+try:
+    from trawl.dissector._express import Express
+except ImportError:  # pragma: no cover - the extension is built by every install
+    Express = None  # type: ignore[assignment,misc]
+
+
+def flow_strings(
+    node: str, client_ip: bytes, client_port: int, server_ip: bytes, server_port: int
+) -> tuple[str, str, bytes]:
+    """The texts the lane cannot make alike by itself: both addresses as the Python path prints
+    them, and the start of the call-id hash input (`calls.new_call`), once per flow."""
+    client, server = ip_text(client_ip), ip_text(server_ip)
+    key = FlowInfo("tcp", client, client_port, server, server_port, node).key
+    return client, server, f"{node}|{key}|http|".encode()
+
+
+def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
+    """The lane for these settings, or None when it is off (or, on a broken install, missing)."""
+    if not settings.express:
+        return None
+    if Express is None:
+        log.warning("express_lane_missing", reason="trawl.dissector._express is not built: every packet takes Python")
+        return None
+    return Express(
+        redactor.header_kind,
+        redactor.param_is_secret,
+        redactor.key_is_secret,
+        flow_strings,
+        settings.max_body_bytes,
+        settings.max_header_bytes,
+        settings.max_flows,
+        settings.express_max_retained_bytes,
+    )
+
+
+def restore(table: TcpTable, handover: dict[str, Any], limits: ParserLimits) -> tuple[TcpFlow, Http1Parser]:
+    """Rebuild a demoted flow's Python state as of its last quiescent point; the caller gives
+    the flow its parser (`flow.user` is the engine's)."""
+    node: str = handover["node"]
+    shard: int = handover["shard"]
+    client_ip, client_port = handover["client"]
+    server_ip, server_port = handover["server"]
+    state: dict[str, Any] = handover["state"]
+    c2s_key = (node, client_ip, client_port, server_ip, server_port)
+    s2c_key = (node, server_ip, server_port, client_ip, client_port)
+    for key in (c2s_key, s2c_key):
+        entry = table.flows.get(key)
+        if entry is not None:
+            table.discard(entry[0])  # a closed flow lingering on the same 4-tuple
+    info = FlowInfo("tcp", ip_text(client_ip), client_port, ip_text(server_ip), server_port, node=node, shard=shard)
+    flow = TcpFlow(info, (c2s_key, s2c_key), state["first_ts_ns"])
+    flow.last_ts_ns = state["last_ts_ns"]
+    flow.midstream = False
+    flow.oriented_by_handshake = True
+    flow.syn_count = 1
+    flow.syn_ts_ns = state["syn_ts_ns"]
+    flow.synack_seen = True
+    flow.payload_seen = True
+    for half, (next_seq, base, acked, last_start, last_data) in zip(flow.halves, state["halves"], strict=True):
+        half.next = next_seq
+        half.base = base
+        half.acked = acked
+        half.last_start = last_start
+        half.last_data = last_data
+    parser = Http1Parser(info, limits)
+    parser.ordinal = state["ordinal"]
+    for reader, offset in zip(parser.readers, state["offsets"], strict=True):
+        reader.offset = offset
+    table.adopt(flow)
+    return flow, parser

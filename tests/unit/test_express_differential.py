@@ -1,0 +1,278 @@
+"""The compiled HTTP/1 lane against the Python path: the same packets must give the same calls.
+
+The Python path is the reference (it is held to tshark by tests/oracle). The lane may keep a
+flow or give it back at any packet; whatever it does, the calls (every field, ids included)
+and the counters (but the lane's own `express_*`) must be exactly those of the Python path.
+Run over every committed capture, a bench-like keep-alive capture, and hypothesis-made HTTP/1
+conversations with losses, duplicates, reordering, resets, timeouts and every framing, cut into
+batches at random places.
+"""
+
+from __future__ import annotations
+
+import gzip
+import itertools
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.unit.dissector_builders import Conversation, batch
+from trawl.collector.replay import CaptureFile
+from trawl.dissector.config import DissectorSettings
+from trawl.dissector.engine import Dissector
+from trawl.pcap import LINKTYPE_ETHERNET
+
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
+CAPTURES = sorted([*FIXTURES.glob("*.pcap"), *(FIXTURES / "hard").glob("*.pcap")])
+
+Frames = list[tuple[int, bytes]]
+
+
+def dissect(
+    frames: Sequence[tuple[int, bytes]], express: bool, cuts: Iterable[int] = (), link_type: int = LINKTYPE_ETHERNET
+) -> tuple[list[bytes], dict[str, int], Dissector]:
+    """Every frame through one dissector, in batches cut before each index of `cuts`."""
+    dissector = Dissector(DissectorSettings.load(None, node="n1", express=express), "n1")
+    assert (dissector.lane is not None) == express, "the compiled lane is not built"
+    calls = []
+    bounds = sorted({0, len(frames), *(cut for cut in cuts if 0 < cut < len(frames))})
+    for sequence, (low, high) in enumerate(itertools.pairwise(bounds), start=1):
+        calls += dissector.feed(batch(frames[low:high], link_type=link_type, sequence=sequence))
+    calls += dissector.finish()
+    serialized = sorted(call.SerializeToString(deterministic=True) for call in calls)
+    counters = {name: value for name, value in dissector.counters.items() if not name.startswith("express_")}
+    return serialized, counters, dissector
+
+
+def assert_same(
+    frames: Sequence[tuple[int, bytes]], cuts: Iterable[int] = (), link_type: int = LINKTYPE_ETHERNET
+) -> Dissector:
+    cuts = list(cuts)
+    reference, reference_counters, _ = dissect(frames, False, cuts, link_type)
+    fast, fast_counters, dissector = dissect(frames, True, cuts, link_type)
+    assert fast == reference
+    assert fast_counters == reference_counters
+    return dissector
+
+
+def capture_frames(path: Path) -> tuple[Frames, int]:
+    capture = CaptureFile(path)
+    frames: Frames = []
+    link_types = set()
+    for packet in capture.packets():
+        frames.append((packet.ts_ns, packet.data))
+        link_types.add(packet.link_type)
+    assert len(link_types) <= 1
+    return frames, link_types.pop() if link_types else LINKTYPE_ETHERNET
+
+
+@pytest.mark.parametrize("path", CAPTURES, ids=lambda path: path.name)
+def test_every_committed_capture_gives_the_same_calls(path: Path) -> None:
+    frames, link_type = capture_frames(path)
+    assert_same(frames, link_type=link_type)
+    assert_same(frames, cuts=range(3, len(frames), 7), link_type=link_type)
+
+
+def keep_alive_flows(connections: int, requests: int) -> Frames:
+    frames: Frames = []
+    body = json.dumps({"items": [1, 2, 3], "next": None, "total": 3}).encode()
+    for index in range(connections):
+        talk = Conversation(
+            client=f"10.1.0.{index + 1}", server="10.2.0.1", client_port=30000 + index, server_port=8080
+        )
+        talk.now += index * 1000
+        talk.handshake()
+        for number in range(requests):
+            talk.client_sends(
+                b"GET /api/v1/orders/%d?page=%d&token=s3cr3t HTTP/1.1\r\nHost: orders:8080\r\n"
+                b"Authorization: Bearer abc\r\nUser-Agent: t/1\r\n"
+                b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n\r\n" % (index, number)
+            )
+            talk.server_sends(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            talk.raw(True, talk.client_next, talk.server_next, "A")
+        talk.close()
+        frames += talk.frames
+    frames.sort(key=lambda frame: frame[0])
+    return frames
+
+
+def test_keep_alive_traffic_is_taken_by_the_lane_and_identical() -> None:
+    frames = keep_alive_flows(connections=6, requests=20)
+    dissector = assert_same(frames, cuts=range(50, len(frames), 50))
+    assert dissector.lane is not None
+    lane_counters = dissector.lane.counters
+    # Most packets went through C (all but each flow's FIN, given back with its flow at the end).
+    assert lane_counters["packets"] >= 0.9 * len(frames)
+    assert lane_counters.get("express_flows_adopted", 0) == 6
+
+
+# -- hypothesis-made conversations ------------------------------------------------------------
+
+TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, max_size=8)
+
+
+@st.composite
+def requests(draw: st.DrawFn) -> tuple[bytes, str]:
+    method = draw(st.sampled_from(["GET", "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]))
+    path = "/" + draw(TOKEN)
+    params = draw(st.lists(st.tuples(st.sampled_from(["page", "token", "q", "api_key", "x"]), TOKEN), max_size=3))
+    if params:
+        path += "?" + "&".join(f"{name}={value}" for name, value in params)
+    headers = [("Host", "svc:8080")]
+    extra = draw(
+        st.lists(
+            st.sampled_from(
+                [
+                    ("Authorization", "Bearer xyz"),
+                    ("User-Agent", "hyp/1"),
+                    ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+                    ("traceparent", "00-zz-00f067aa0ba902b7-01"),
+                    ("b3", "80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1"),
+                    ("X-B3-TraceId", "463ac35c9f6413ad"),
+                    ("X-B3-SpanId", "a2fb4a1d1a96d312"),
+                    ("Cookie", "a=b"),
+                    ("Referer", "http://x/y?password=1"),
+                    ("Expect", "100-continue"),
+                    ("Connection", "Upgrade"),
+                    ("Upgrade", "websocket"),
+                    ("host", "dup"),
+                    ("X-Odd", "trailing "),
+                ]
+            ),
+            max_size=4,
+        )
+    )
+    headers += extra
+    body = b""
+    kind = draw(st.sampled_from(["none", "json", "secret-json", "form", "chunked", "escaped-json"]))
+    if method in ("POST", "PUT", "PATCH") and kind != "none":
+        if kind == "json":
+            body = b'{"name": "a", "items": [1, 2]}'
+            headers.append(("Content-Type", "application/json"))
+        elif kind == "secret-json":
+            body = b'{"user": "a", "password": "p"}'
+            headers.append(("Content-Type", "application/json"))
+        elif kind == "escaped-json":
+            body = b'{"pass\\u0077ord": "p", "a": "\\""}'
+        elif kind == "form":
+            body = b"user=a&password=p"
+            headers.append(("Content-Type", "application/x-www-form-urlencoded"))
+        if kind == "chunked":
+            headers.append(("Transfer-Encoding", "chunked"))
+            wire_body = b"5\r\nhello\r\n0\r\n\r\n"
+        else:
+            headers.append(("Content-Length", str(len(body))))
+            wire_body = body
+    else:
+        wire_body = b""
+    head = f"{method} {path} HTTP/1.1\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+    return head.encode() + wire_body, method
+
+
+@st.composite
+def responses(draw: st.DrawFn, method: str) -> bytes:
+    status = draw(st.sampled_from([200, 200, 201, 204, 304, 404, 500, 503, 100, 101]))
+    prefix = b""
+    if status == 100:
+        prefix = b"HTTP/1.1 100 Continue\r\n\r\n"
+        status = 200
+    reason = draw(st.sampled_from(["OK", "", "Fine Thing"]))
+    headers = [("Content-Type", draw(st.sampled_from(["application/json", "text/plain"])))]
+    body = draw(st.sampled_from([b"", b'{"ok": true}', b'{"token": "t"}', b"plain text", b"x" * 3000]))
+    framing = draw(st.sampled_from(["length", "length", "chunked", "gzip", "close"]))
+    if status == 101:
+        headers.append(("Upgrade", "websocket"))
+        framing = "none"
+    if method == "HEAD" or status in (204, 304):
+        wire = b""
+        headers.append(("Content-Length", str(len(body))))
+    elif framing == "chunked":
+        headers.append(("Transfer-Encoding", "chunked"))
+        wire = (b"%x\r\n%s\r\n" % (len(body), body) if body else b"") + b"0\r\n\r\n"
+    elif framing == "gzip":
+        packed = gzip.compress(body)
+        headers += [("Content-Encoding", "gzip"), ("Content-Length", str(len(packed)))]
+        wire = packed
+    elif framing == "close":
+        wire = body
+    elif framing == "none":
+        wire = b""
+    else:
+        headers.append(("Content-Length", str(len(body))))
+        wire = body
+    status_line = f"HTTP/1.1 {status} {reason}".rstrip(" ") if reason else f"HTTP/1.1 {status}"
+    head = status_line + "\r\n" + "".join(f"{name}: {value}\r\n" for name, value in headers) + "\r\n"
+    return prefix + head.encode() + wire
+
+
+@st.composite
+def conversations(draw: st.DrawFn) -> Frames:
+    frames: Frames = []
+    flows = draw(st.integers(min_value=1, max_value=3))
+    for index in range(flows):
+        talk = Conversation(
+            client=f"10.9.0.{index + 1}",
+            server="10.9.1.1" if index % 2 else "fd00::1",
+            client_port=41000 + index,
+            server_port=draw(st.sampled_from([80, 8080, 9999])),
+            client_isn=draw(st.sampled_from([1000, 0xFFFFFF00])),
+            step_ns=draw(st.sampled_from([1_000_000, 3_000_000_000, 7_000_000_000, 11_000_000_000])),
+        )
+        if ":" in talk.server:
+            talk.client = f"fd00::{index + 10}"
+        talk.now += index * 333
+        opening = draw(st.sampled_from(["handshake", "handshake", "handshake", "syn-only", "syn-retried", "syn-talks"]))
+        if opening != "handshake":
+            # Never answered: a handshake timeout, wherever the flow's later packets put it.
+            talk.raw(True, talk.client_isn, 0, "S")
+            if opening == "syn-retried":
+                talk.raw(True, talk.client_isn, 0, "S")
+            elif opening == "syn-talks":
+                talk.client_sends(b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+            frames += talk.frames
+            continue
+        talk.handshake()
+        segment = draw(st.sampled_from([1400, 50, 7]))
+        for _ in range(draw(st.integers(min_value=1, max_value=4))):
+            request, method = draw(requests())
+            talk.client_sends(request, segment)
+            if draw(st.booleans()) and draw(st.booleans()):
+                second, _ = draw(requests())
+                talk.client_sends(second, segment)  # pipelined: answered (or not) below
+            if draw(st.integers(min_value=0, max_value=9)) == 0:
+                continue  # never answered
+            talk.server_sends(draw(responses(method)), segment)
+            if draw(st.booleans()):
+                talk.raw(True, talk.client_next, talk.server_next, "A", window=draw(st.sampled_from([65535, 0])))
+        ending = draw(st.sampled_from(["close", "close", "reset", "none"]))
+        if ending == "close":
+            talk.close()
+        elif ending == "reset":
+            talk.raw(draw(st.booleans()), talk.client_next, talk.server_next, "R")
+        frames += talk.frames
+    frames.sort(key=lambda frame: frame[0])
+    for _ in range(draw(st.integers(min_value=0, max_value=3))):
+        if len(frames) < 2:
+            break
+        at = draw(st.integers(min_value=0, max_value=len(frames) - 2))
+        change = draw(st.sampled_from(["drop", "duplicate", "swap"]))
+        if change == "drop":
+            del frames[at]
+        elif change == "duplicate":
+            frames.insert(at, frames[at])
+        else:
+            frames[at], frames[at + 1] = frames[at + 1], frames[at]
+    return frames
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(frames=conversations(), data=st.data())
+def test_generated_conversations_give_the_same_calls(frames: Frames, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(min_value=1, max_value=max(1, len(frames) - 1)), max_size=4))
+    assert_same(frames, cuts)
