@@ -449,7 +449,7 @@ typedef struct {
     uint64_t generation;
     cache_t kinds, params, keys;
     int busy;
-    long long packets, tcp_flows, tcp_flows_http, adopted, demotions;
+    long long packets, tcp_flows, tcp_flows_http, adopted, demotions, calls_http;
     long long demotions_by[R_COUNT];
     PyObject *empty_bytes;
 } Express;
@@ -1389,6 +1389,7 @@ static int exchange_done(Express *self, flow_t *flow, PyObject *calls) {
     }
     Py_DECREF(item);
     flow->exchanges++;
+    self->calls_http++;
     flow->phase = PHASE_IDLE;
     buf_reset(&flow->request.raw);
     buf_reset(&flow->response.raw);
@@ -1943,6 +1944,7 @@ static PyObject *Express_get_counters(Express *self, void *closure) {
     if (dict == NULL) return NULL;
     if (set_count(dict, "packets", self->packets) || set_count(dict, "tcp_flows", self->tcp_flows) ||
         set_count(dict, "tcp_flows_http", self->tcp_flows_http) ||
+        set_count(dict, "calls", self->calls_http) || set_count(dict, "calls_http", self->calls_http) ||
         set_count(dict, "express_flows_adopted", self->adopted) ||
         set_count(dict, "express_demotions", self->demotions))
         goto fail;

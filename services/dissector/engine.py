@@ -91,7 +91,9 @@ class Dissector:
         self.node = node
         self.metrics = metrics
         self._counters: dict[str, int] = {}
-        self._out: list[ApiCall] = []
+        # Completed calls until the next take: ApiCall objects from the Python path, serialized
+        # bytes (already redacted and counted) from the compiled lane, in completion order.
+        self._out: list[Any] = []
         self.limits = ParserLimits(
             max_body_bytes=settings.max_body_bytes,
             max_header_bytes=settings.max_header_bytes,
@@ -132,8 +134,6 @@ class Dissector:
         self._last_expire_ns = 0
         self._window = settings.detection_window_bytes
         self.lane = express.build_lane(settings, self.redactor)
-        # Calls in `_out` that the lane made (and redacted), by id until `_take` hands them out.
-        self._redacted: set[int] = set()
         if self.lane is not None:
             lane = self.lane
             self.tcp.lane_flows = lambda: lane.active
@@ -156,17 +156,29 @@ class Dissector:
 
     def feed(self, batch: PacketBatch) -> list[ApiCall]:
         """Dissect one batch; returns the calls it completed (redacted)."""
+        self._ingest(batch)
+        return self._take()
+
+    def feed_encoded(self, batch: PacketBatch) -> list[bytes]:
+        """`feed`, with each call as serialized ApiCall bytes: those the compiled lane made are
+        never turned into Python objects (what the dissector publishes and `trawl analyze`
+        prints are bytes anyway)."""
+        self._ingest(batch)
+        return self._take_encoded()
+
+    def _ingest(self, batch: PacketBatch) -> None:
         node = batch.node or self.node
         shard = batch.shard
         link_type = batch.link_type
         lane = self.lane
         if lane is not None and link_type == LINKTYPE_ETHERNET:
-            return self._feed_express(lane, batch.records, batch.nanosecond, node, shard)
+            self._feed_express(lane, batch.records, batch.nanosecond, node, shard)
+            return
         packets, clock = self._walk(batch.records, 0, 1 if batch.nanosecond else 1000, node, shard, link_type)
         self._count("packets", packets)
-        return self._advance(clock)
+        self._advance(clock)
 
-    def _feed_express(self, lane: Any, records: bytes, nanosecond: bool, node: str, shard: int) -> list[ApiCall]:
+    def _feed_express(self, lane: Any, records: bytes, nanosecond: bool, node: str, shard: int) -> None:
         """The compiled lane takes the packets of the flows it holds; the rest comes back as work
         for the Python path, in order: single frames, flows it gave back (with the packets to
         replay), a damaged tail to walk, and the calls the lane completed, in line so that calls
@@ -177,14 +189,10 @@ class Dissector:
         packets = 0
         frame = self._frame
         out = self._out
-        parse = ApiCall.FromString
-        redacted = self._redacted
         for item in work:
             kind = item[0]
             if kind == 3:
-                call = parse(item[1])
-                redacted.add(id(call))  # by the lane already
-                out.append(call)
+                out.append(item[1])  # serialized, redacted and counted by the lane
             elif kind == 0:
                 packets += 1
                 frame(records, item[1], item[2], item[3], node, shard, link_type)
@@ -195,7 +203,7 @@ class Dissector:
                 packets += walked
                 clock = max(clock, newest)
         self._count("packets", packets)
-        return self._advance(clock)
+        self._advance(clock)
 
     def _walk(self, records: bytes, offset: int, scale: int, node: str, shard: int, link_type: int) -> tuple[int, int]:
         """Every pcap record of `records` from `offset` through the Python path; returns the
@@ -283,18 +291,30 @@ class Dissector:
         if handover is not None:
             self._count("packets", self._take_back(handover))
 
-    def _advance(self, clock: int) -> list[ApiCall]:
+    def _advance(self, clock: int) -> None:
         self.clock_ns = clock
         if clock - self._last_expire_ns >= SECOND_NS:
             self._expire(clock)
-        return self._take()
 
     def expire(self, now_ns: int) -> list[ApiCall]:
         """Time out requests and flows as of `now_ns` (packet time)."""
         self._expire(now_ns)
         return self._take()
 
+    def expire_encoded(self, now_ns: int) -> list[bytes]:
+        self._expire(now_ns)
+        return self._take_encoded()
+
     def finish(self, node: str | None = None, shard: int | None = None) -> list[ApiCall]:
+        """End of input; see `_end_input`."""
+        self._end_input(node, shard)
+        return self._take()
+
+    def finish_encoded(self, node: str | None = None, shard: int | None = None) -> list[bytes]:
+        self._end_input(node, shard)
+        return self._take_encoded()
+
+    def _end_input(self, node: str | None, shard: int | None) -> None:
         """End of input: every flow ends, pending requests become `no_response`.
 
         With `node` and/or `shard`, only the TCP and UDP flows of that node/shard end (one shard's
@@ -317,7 +337,7 @@ class Dissector:
             tracker = self.icmp.pop(node, None) if node is not None and shard is None else None
             if tracker is not None:
                 self._guard("icmp", "icmp", tracker.finish)
-            return self._take()
+            return
         self.tcp.finish(now)
         for flow in list(self.udp_lru.values()):
             self._udp_end(flow, now)
@@ -325,7 +345,6 @@ class Dissector:
         self.udp_lru.clear()
         for tracker in self.icmp.values():
             self._guard("icmp", "icmp", tracker.finish)
-        return self._take()
 
     # -- shared helpers ------------------------------------------------------------------------
 
@@ -333,22 +352,47 @@ class Dissector:
         self._counters[name] = self._counters.get(name, 0) + amount
 
     def _take(self) -> list[ApiCall]:
+        """The calls completed since the last take, redacted, as Python objects."""
         out = self._out
         if not out:
             return []
-        calls = list(out)
+        items = list(out)
         out.clear()  # the TcpTable appends to this same list
         apply = self.redactor.apply
+        parse = ApiCall.FromString
         counters = self._counters
-        redacted = self._redacted
-        for call in calls:
-            if not redacted or id(call) not in redacted:
-                apply(call)
-            key = "calls_" + call.protocol
+        calls: list[ApiCall] = []
+        for item in items:
+            if type(item) is bytes:
+                calls.append(parse(item))  # the lane's: redacted and counted there
+                continue
+            apply(item)
+            key = "calls_" + item.protocol
             counters[key] = counters.get(key, 0) + 1
-        counters["calls"] = counters.get("calls", 0) + len(calls)
-        redacted.clear()
+            counters["calls"] = counters.get("calls", 0) + 1
+            calls.append(item)
         return calls
+
+    def _take_encoded(self) -> list[bytes]:
+        """`_take`, as serialized ApiCalls."""
+        out = self._out
+        if not out:
+            return []
+        items = list(out)
+        out.clear()
+        apply = self.redactor.apply
+        counters = self._counters
+        encoded: list[bytes] = []
+        for item in items:
+            if type(item) is bytes:
+                encoded.append(item)
+                continue
+            apply(item)
+            key = "calls_" + item.protocol
+            counters[key] = counters.get(key, 0) + 1
+            counters["calls"] = counters.get("calls", 0) + 1
+            encoded.append(item.SerializeToString())
+        return encoded
 
     def _parse_error(self, protocol: str, where: str, exc: BaseException, log_it: bool = True) -> None:
         self._count("parse_errors")

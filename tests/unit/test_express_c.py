@@ -158,6 +158,8 @@ def test_a_keep_alive_flow_gives_the_calls_of_the_python_path() -> None:
         "packets": len(talk.frames),
         "tcp_flows": 1,
         "tcp_flows_http": 1,
+        "calls": 4,
+        "calls_http": 4,
         "express_flows_adopted": 1,
     }
 
