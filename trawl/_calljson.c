@@ -14,6 +14,12 @@
  *
  * Anything outside that schema returns None and the caller takes the Python path: an unknown
  * field, fields out of order, a map, invalid UTF-8, a wire type that does not match the kind.
+ * A scalar written out with its default value (zero, false, "") is left out, as a parser reads it.
+ *
+ * The encoder takes serialized calls (bytes) as they are, so `trawl analyze --json` prints the
+ * dissector's calls without making objects of them; the same goes for the two other parts here:
+ * `Splicer` (the enricher's identity fields written into serialized calls) and `route_calls`
+ * (the dissector service's grouping of serialized calls per node and shard).
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -352,6 +358,7 @@ static int put_message(Encoder *self, buffer_t *out, Py_ssize_t type, const unsi
     const message_t *message = &self->messages[type];
     if (put_char(out, '{')) return FAILED;
     uint64_t previous = 0; /* field number of the previous record */
+    int wrote = 0;         /* a field is written: the next one needs a comma */
     int open_array = 0;
     while (pos < end) {
         uint64_t tag;
@@ -368,13 +375,28 @@ static int put_message(Encoder *self, buffer_t *out, Py_ssize_t type, const unsi
         } else {
             if (open_array && put_char(out, ']')) return FAILED;
             open_array = 0;
-            if (previous && put_char(out, ',')) return FAILED;
+            previous = number;
+            if (!field->repeated && field->kind != K_MESSAGE && (wire_type == 0 || wire_type == 2)) {
+                /* An explicit zero, false or empty string is the field's default to a parser (proto3
+                   implicit presence), which json_format leaves out: so does this. upb never writes
+                   one; serialized calls that did not come through it (the dissector's compiled lane)
+                   may. */
+                const unsigned char *after = pos;
+                uint64_t value;
+                if (read_varint(&after, end, &value)) return FALLBACK;
+                if (value == 0 && (wire_type == 0 ? is_varint_kind(field->kind)
+                                                  : field->kind == K_STRING || field->kind == K_BYTES)) {
+                    pos = after;
+                    continue;
+                }
+            }
+            if (wrote && put_char(out, ',')) return FAILED;
+            wrote = 1;
             if (put(out, field->key, (size_t)field->key_len)) return FAILED;
             if (field->repeated) {
                 if (put_char(out, '[')) return FAILED;
                 open_array = 1;
             }
-            previous = number;
         }
         int status = put_value(self, out, field, wire_type, &pos, end, depth);
         if (status) return status;
@@ -474,8 +496,9 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *const *args, Py_ssize_t
     return result;
 }
 
-/* For each message of `messages`, its SerializeToString() as JSON text, or fallback(message) (a
-   str) where this encoder answers None; each line ends with "\n". Appends to `out`. */
+/* For each item of `messages` (a message, or its serialization as bytes), the serialization as JSON
+   text, or fallback(item) (a str) where this encoder answers None; each line ends with "\n".
+   Appends to `out`. */
 static int put_lines(Encoder *self, buffer_t *out, PyObject *messages, PyObject *fallback) {
     static PyObject *serialize_name = NULL;
     if (serialize_name == NULL && (serialize_name = PyUnicode_InternFromString("SerializeToString")) == NULL)
@@ -486,7 +509,9 @@ static int put_lines(Encoder *self, buffer_t *out, PyObject *messages, PyObject 
     PyObject **items = PySequence_Fast_ITEMS(sequence);
     if (out->len + (size_t)count * 1536 > out->cap && grow(out, (size_t)count * 1536)) goto failed;
     for (Py_ssize_t index = 0; index < count; index++) {
-        PyObject *serialized = PyObject_CallMethodNoArgs(items[index], serialize_name);
+        /* A bytes item is a serialized message already (the dissector's and enricher's calls). */
+        PyObject *serialized = PyBytes_CheckExact(items[index]) ? Py_NewRef(items[index])
+                                                                : PyObject_CallMethodNoArgs(items[index], serialize_name);
         if (serialized == NULL) goto failed;
         if (!PyBytes_Check(serialized)) {
             Py_DECREF(serialized);
@@ -576,18 +601,663 @@ static PyTypeObject EncoderType = {
     .tp_methods = Encoder_methods,
 };
 
+/* ---------------------------------------------------------------------------------------------
+ * Splicer: the enricher's identity fields written into serialized ApiCalls.
+ *
+ * An Endpoint serialized as ip(1), port(2) followed by the serialized fields 3.. of its identity
+ * is the same message upb writes for the enriched Endpoint (fields in number order, defaults
+ * left out), so enriching a serialized call is: find src(6) and dst(7), and rewrite each as its
+ * old content plus the identity's suffix under a new length. Which suffix is the Python side's
+ * answer (trawl.enricher.identity.IdentityMap.describe_address), asked once per address and
+ * kept: the owners of an address over time (claim boundaries, the winner of every interval and
+ * of "now", per declared port), so the per-call work here is a bisect and a copy.
+ *
+ * A call this does not cover (an endpoint holding fields other than ip and port, src or dst
+ * absent, repeated or out of order, a field of the wrong wire type, an address that is not
+ * UTF-8) comes back unchanged with its index listed: the caller enriches it as an object.
+ * ------------------------------------------------------------------------------------------- */
+
+typedef struct {
+    PyObject *suffix; /* bytes: serialized Endpoint fields 3.. (owned) */
+    int known_as_source;
+    int known_as_destination;
+} entry_t;
+
+typedef struct {
+    entry_t fallback; /* any port not listed */
+    Py_ssize_t count;
+    uint32_t *ports;
+    entry_t *entries;
+} winners_t;
+
+typedef struct {
+    Py_ssize_t count; /* of bounds; segments has count + 1 */
+    int64_t *bounds;
+    winners_t *segments;
+    winners_t now; /* for time 0 ("now": the claims still open) */
+} owners_t;
+
+static void winners_clear(winners_t *winners) {
+    Py_CLEAR(winners->fallback.suffix);
+    for (Py_ssize_t index = 0; index < winners->count; index++) Py_CLEAR(winners->entries[index].suffix);
+    PyMem_Free(winners->ports);
+    PyMem_Free(winners->entries);
+    winners->ports = NULL;
+    winners->entries = NULL;
+    winners->count = 0;
+}
+
+static void owners_free(owners_t *owners) {
+    if (owners == NULL) return;
+    if (owners->segments != NULL)
+        for (Py_ssize_t index = 0; index <= owners->count; index++) winners_clear(&owners->segments[index]);
+    winners_clear(&owners->now);
+    PyMem_Free(owners->segments);
+    PyMem_Free(owners->bounds);
+    PyMem_Free(owners);
+}
+
+static void owners_capsule_free(PyObject *capsule) { owners_free(PyCapsule_GetPointer(capsule, "trawl.owners")); }
+
+/* (suffix: bytes, known_as_source: bool, known_as_destination: bool) */
+static int read_entry(PyObject *spec, entry_t *entry) {
+    PyObject *suffix;
+    int source, destination;
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "O!pp", &PyBytes_Type, &suffix, &source, &destination)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "an entry is (bytes, bool, bool)");
+        return FAILED;
+    }
+    entry->suffix = Py_NewRef(suffix);
+    entry->known_as_source = source;
+    entry->known_as_destination = destination;
+    return OK;
+}
+
+/* (entry for any other port, ((port, entry), ...)) */
+static int read_winners(PyObject *spec, winners_t *winners) {
+    PyObject *fallback, *by_port;
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "OO!", &fallback, &PyTuple_Type, &by_port)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "winners are (entry, ((port, entry), ...))");
+        return FAILED;
+    }
+    if (read_entry(fallback, &winners->fallback)) return FAILED;
+    Py_ssize_t count = PyTuple_GET_SIZE(by_port);
+    if (count == 0) return OK;
+    winners->ports = PyMem_Calloc((size_t)count, sizeof(uint32_t));
+    winners->entries = PyMem_Calloc((size_t)count, sizeof(entry_t));
+    if (winners->ports == NULL || winners->entries == NULL) {
+        PyErr_NoMemory();
+        return FAILED;
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *pair = PyTuple_GET_ITEM(by_port, index);
+        unsigned long port;
+        PyObject *entry;
+        if (!PyTuple_Check(pair) || !PyArg_ParseTuple(pair, "kO", &port, &entry)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "a port's winner is (port, entry)");
+            return FAILED;
+        }
+        winners->ports[index] = (uint32_t)port;
+        if (read_entry(entry, &winners->entries[index])) return FAILED;
+        winners->count = index + 1;
+    }
+    return OK;
+}
+
+/* (bounds: tuple[int, ...], segments: tuple[winners, ...] (one more than bounds), now: winners) */
+static owners_t *read_owners(PyObject *spec) {
+    PyObject *bounds, *segments, *now;
+    if (!PyTuple_Check(spec) ||
+        !PyArg_ParseTuple(spec, "O!O!O", &PyTuple_Type, &bounds, &PyTuple_Type, &segments, &now)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "describe() must return (bounds, segments, now)");
+        return NULL;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(bounds);
+    if (PyTuple_GET_SIZE(segments) != count + 1) {
+        PyErr_SetString(PyExc_ValueError, "describe(): one segment more than bounds expected");
+        return NULL;
+    }
+    owners_t *owners = PyMem_Calloc(1, sizeof(owners_t));
+    if (owners == NULL) return (owners_t *)PyErr_NoMemory();
+    owners->count = count;
+    owners->bounds = PyMem_Calloc(count ? (size_t)count : 1, sizeof(int64_t));
+    owners->segments = PyMem_Calloc((size_t)count + 1, sizeof(winners_t));
+    if (owners->bounds == NULL || owners->segments == NULL) {
+        PyErr_NoMemory();
+        goto failed;
+    }
+    for (Py_ssize_t index = 0; index < count; index++) {
+        long long bound = PyLong_AsLongLong(PyTuple_GET_ITEM(bounds, index));
+        if (bound == -1 && PyErr_Occurred()) goto failed;
+        if (index && bound < owners->bounds[index - 1]) {
+            PyErr_SetString(PyExc_ValueError, "describe(): bounds must be sorted");
+            goto failed;
+        }
+        owners->bounds[index] = bound;
+    }
+    for (Py_ssize_t index = 0; index <= count; index++)
+        if (read_winners(PyTuple_GET_ITEM(segments, index), &owners->segments[index])) goto failed;
+    if (read_winners(now, &owners->now)) goto failed;
+    return owners;
+failed:
+    owners_free(owners);
+    return NULL;
+}
+
+/* The entry for `port` at `ts` (0: now), as trawl.enricher.identity._Owners.at picks it. */
+static const entry_t *owners_pick(const owners_t *owners, uint64_t ts, uint32_t port) {
+    const winners_t *winners;
+    if (ts == 0) {
+        winners = &owners->now;
+    } else {
+        Py_ssize_t low = 0, high = owners->count; /* bisect_right(bounds, ts) */
+        if (ts > (uint64_t)INT64_MAX) {
+            low = high;
+        } else {
+            int64_t moment = (int64_t)ts;
+            while (low < high) {
+                Py_ssize_t middle = low + (high - low) / 2;
+                if (moment < owners->bounds[middle])
+                    high = middle;
+                else
+                    low = middle + 1;
+            }
+        }
+        winners = &owners->segments[low];
+    }
+    for (Py_ssize_t index = 0; index < winners->count; index++)
+        if (winners->ports[index] == port) return &winners->entries[index];
+    return &winners->fallback;
+}
+
+typedef struct {
+    const unsigned char *record; /* the field's tag */
+    const unsigned char *content;
+    const unsigned char *end; /* of the record */
+    const unsigned char *ip;
+    size_t ip_len;
+    uint32_t port;
+} endpoint_ref;
+
+/* An Endpoint holding ip(1) and port(2) at most, in that order, each at most once. */
+static int scan_endpoint(endpoint_ref *ref) {
+    const unsigned char *pos = ref->content, *end = ref->end;
+    uint64_t previous = 0;
+    ref->ip = pos;
+    ref->ip_len = 0;
+    ref->port = 0;
+    while (pos < end) {
+        uint64_t tag, value;
+        if (read_varint(&pos, end, &tag) || read_varint(&pos, end, &value)) return FALLBACK;
+        uint64_t number = tag >> 3;
+        if (number <= previous) return FALLBACK;
+        previous = number;
+        if (tag == ((1 << 3) | 2)) {
+            if (value > (uint64_t)(end - pos)) return FALLBACK;
+            ref->ip = pos;
+            ref->ip_len = (size_t)value;
+            pos += value;
+        } else if (tag == ((2 << 3) | 0)) {
+            ref->port = (uint32_t)value; /* a uint32 field keeps the low 32 bits, as parsers do */
+        } else {
+            return FALLBACK;
+        }
+    }
+    return OK;
+}
+
+/* request.ts: field 1 of the Message; the other fields are skipped. */
+static int scan_request_ts(const unsigned char *pos, const unsigned char *end, uint64_t *ts) {
+    while (pos < end) {
+        uint64_t tag, value;
+        if (read_varint(&pos, end, &tag)) return FALLBACK;
+        switch (tag & 7) {
+        case 0:
+            if (read_varint(&pos, end, &value)) return FALLBACK;
+            if ((tag >> 3) == 1) *ts = value;
+            break;
+        case 1:
+            if (end - pos < 8) return FALLBACK;
+            pos += 8;
+            break;
+        case 2:
+            if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
+            pos += value;
+            break;
+        case 5:
+            if (end - pos < 4) return FALLBACK;
+            pos += 4;
+            break;
+        default:
+            return FALLBACK;
+        }
+        if ((tag >> 3) == 1 && (tag & 7) != 0) return FALLBACK;
+    }
+    return OK;
+}
+
+/* The parts of a serialized ApiCall the enricher reads: src, dst, request.ts, protocol. */
+static int scan_call(const unsigned char *pos, const unsigned char *end, endpoint_ref endpoints[2], uint64_t *ts,
+                     const unsigned char **protocol, size_t *protocol_len) {
+    int seen_request = 0;
+    *ts = 0;
+    *protocol = pos;
+    *protocol_len = 0;
+    endpoints[0].record = endpoints[1].record = NULL;
+    while (pos < end) {
+        const unsigned char *record = pos;
+        uint64_t tag, value;
+        if (read_varint(&pos, end, &tag)) return FALLBACK;
+        uint64_t number = tag >> 3;
+        int wire_type = (int)(tag & 7);
+        int read_here = number == 2 || number == 6 || number == 7 || number == 8;
+        if (number == 0 || (read_here && wire_type != 2)) return FALLBACK;
+        switch (wire_type) {
+        case 0:
+            if (read_varint(&pos, end, &value)) return FALLBACK;
+            break;
+        case 1:
+            if (end - pos < 8) return FALLBACK;
+            pos += 8;
+            break;
+        case 5:
+            if (end - pos < 4) return FALLBACK;
+            pos += 4;
+            break;
+        case 2: {
+            if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
+            const unsigned char *content = pos;
+            pos += value;
+            if (number == 2) {
+                *protocol = content;
+                *protocol_len = (size_t)value;
+            } else if (number == 6 || number == 7) {
+                endpoint_ref *ref = &endpoints[number - 6];
+                /* Once each, src before dst: what a parser would merge is the object path's. */
+                if (ref->record != NULL || (number == 6 && endpoints[1].record != NULL)) return FALLBACK;
+                ref->record = record;
+                ref->content = content;
+                ref->end = pos;
+                if (scan_endpoint(ref)) return FALLBACK;
+            } else if (number == 8) {
+                if (seen_request) return FALLBACK;
+                seen_request = 1;
+                if (scan_request_ts(content, pos, ts)) return FALLBACK;
+            }
+            break;
+        }
+        default:
+            return FALLBACK;
+        }
+    }
+    return endpoints[0].record != NULL && endpoints[1].record != NULL ? OK : FALLBACK;
+}
+
+static size_t varint_size(uint64_t value) {
+    size_t size = 1;
+    while (value >= 0x80) {
+        value >>= 7;
+        size++;
+    }
+    return size;
+}
+
+static unsigned char *write_varint(unsigned char *at, uint64_t value) {
+    while (value >= 0x80) {
+        *at++ = (unsigned char)(value | 0x80);
+        value >>= 7;
+    }
+    *at++ = (unsigned char)value;
+    return at;
+}
+
+/* The call with each endpoint's content followed by its suffix. */
+static PyObject *splice(PyObject *call, const endpoint_ref endpoints[2], PyObject *const suffixes[2]) {
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(call);
+    const unsigned char *end = data + PyBytes_GET_SIZE(call);
+    Py_ssize_t extra[2] = {PyBytes_GET_SIZE(suffixes[0]), PyBytes_GET_SIZE(suffixes[1])};
+    if (extra[0] == 0 && extra[1] == 0) return Py_NewRef(call);
+    size_t size = (size_t)(end - data);
+    for (int side = 0; side < 2; side++) {
+        size_t content = (size_t)(endpoints[side].end - endpoints[side].content);
+        size = size - (size_t)(endpoints[side].content - endpoints[side].record) + 1 +
+               varint_size(content + (size_t)extra[side]) + (size_t)extra[side];
+    }
+    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
+    if (result == NULL) return NULL;
+    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(result);
+    const unsigned char *from = data;
+    for (int side = 0; side < 2; side++) {
+        const endpoint_ref *ref = &endpoints[side];
+        size_t content = (size_t)(ref->end - ref->content);
+        memcpy(at, from, (size_t)(ref->record - from));
+        at += ref->record - from;
+        *at++ = (unsigned char)(((6 + side) << 3) | 2);
+        at = write_varint(at, content + (size_t)extra[side]);
+        memcpy(at, ref->content, content);
+        at += content;
+        memcpy(at, PyBytes_AS_STRING(suffixes[side]), (size_t)extra[side]);
+        at += extra[side];
+        from = ref->end;
+    }
+    memcpy(at, from, (size_t)(end - from));
+    return result;
+}
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *describe;
+    PyObject *cache; /* address (bytes) -> capsule of owners_t */
+    Py_ssize_t max_addresses;
+    /* The last address looked up on each side: consecutive calls of a connection share them. */
+    PyObject *memo_key[2];
+    PyObject *memo_capsule[2];
+    owners_t *memo_owners[2];
+} Splicer;
+
+static int Splicer_init(Splicer *self, PyObject *args, PyObject *kwargs) {
+    PyObject *describe;
+    Py_ssize_t max_addresses = 65536;
+    static char *keywords[] = {"describe", "max_addresses", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|n", keywords, &describe, &max_addresses)) return -1;
+    if (!PyCallable_Check(describe) || max_addresses < 1) {
+        PyErr_SetString(PyExc_TypeError, "Splicer(describe: callable, max_addresses: int >= 1)");
+        return -1;
+    }
+    PyObject *cache = PyDict_New();
+    if (cache == NULL) return -1;
+    Py_XSETREF(self->describe, Py_NewRef(describe));
+    Py_XSETREF(self->cache, cache);
+    self->max_addresses = max_addresses;
+    for (int side = 0; side < 2; side++) {
+        Py_CLEAR(self->memo_key[side]);
+        Py_CLEAR(self->memo_capsule[side]);
+        self->memo_owners[side] = NULL;
+    }
+    return 0;
+}
+
+static void Splicer_dealloc(Splicer *self) {
+    Py_XDECREF(self->describe);
+    Py_XDECREF(self->cache);
+    for (int side = 0; side < 2; side++) {
+        Py_XDECREF(self->memo_key[side]);
+        Py_XDECREF(self->memo_capsule[side]);
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The owners of `ip` (asked of describe() on first sight); FALLBACK when the address is not UTF-8. */
+static int splicer_owners(Splicer *self, int side, const unsigned char *ip, size_t ip_len, owners_t **found) {
+    PyObject *memo = self->memo_key[side];
+    if (memo != NULL && (size_t)PyBytes_GET_SIZE(memo) == ip_len && memcmp(PyBytes_AS_STRING(memo), ip, ip_len) == 0) {
+        *found = self->memo_owners[side];
+        return OK;
+    }
+    PyObject *key = PyBytes_FromStringAndSize((const char *)ip, (Py_ssize_t)ip_len);
+    if (key == NULL) return FAILED;
+    PyObject *capsule = PyDict_GetItemWithError(self->cache, key); /* borrowed */
+    if (capsule != NULL) {
+        Py_INCREF(capsule);
+    } else {
+        if (PyErr_Occurred()) goto failed;
+        PyObject *text = PyUnicode_DecodeUTF8((const char *)ip, (Py_ssize_t)ip_len, "strict");
+        if (text == NULL) {
+            if (!PyErr_ExceptionMatches(PyExc_UnicodeDecodeError)) goto failed;
+            PyErr_Clear();
+            Py_DECREF(key);
+            return FALLBACK;
+        }
+        PyObject *description = PyObject_CallOneArg(self->describe, text);
+        Py_DECREF(text);
+        if (description == NULL) goto failed;
+        owners_t *owners = read_owners(description);
+        Py_DECREF(description);
+        if (owners == NULL) goto failed;
+        capsule = PyCapsule_New(owners, "trawl.owners", owners_capsule_free);
+        if (capsule == NULL) {
+            owners_free(owners);
+            goto failed;
+        }
+        /* Bounded: addresses seen once (clients from everywhere) must not pile up. */
+        if (PyDict_GET_SIZE(self->cache) >= self->max_addresses) PyDict_Clear(self->cache);
+        if (PyDict_SetItem(self->cache, key, capsule) < 0) {
+            Py_DECREF(capsule);
+            goto failed;
+        }
+    }
+    Py_XSETREF(self->memo_key[side], key);
+    Py_XSETREF(self->memo_capsule[side], capsule);
+    self->memo_owners[side] = PyCapsule_GetPointer(capsule, "trawl.owners");
+    *found = self->memo_owners[side];
+    return OK;
+failed:
+    Py_DECREF(key);
+    return FAILED;
+}
+
+static int count_protocol(PyObject *protocols, const unsigned char *name, size_t size, Py_ssize_t count) {
+    if (count == 0) return OK;
+    PyObject *key = PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)size);
+    if (key == NULL) return FAILED;
+    PyObject *previous = PyDict_GetItemWithError(protocols, key);
+    if (previous == NULL && PyErr_Occurred()) {
+        Py_DECREF(key);
+        return FAILED;
+    }
+    PyObject *total = PyLong_FromSsize_t(count + (previous != NULL ? PyLong_AsSsize_t(previous) : 0));
+    int status = total == NULL ? -1 : PyDict_SetItem(protocols, key, total);
+    Py_XDECREF(total);
+    Py_DECREF(key);
+    return status < 0 ? FAILED : OK;
+}
+
+/* enrich(calls) -> (calls, unknown_sources, unknown_destinations, {protocol: count}, [index, ...]) */
+static PyObject *Splicer_enrich(Splicer *self, PyObject *calls) {
+    PyObject *sequence = PySequence_Fast(calls, "enrich: calls must be a sequence of bytes");
+    if (sequence == NULL) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    PyObject **items = PySequence_Fast_ITEMS(sequence);
+    PyObject *enriched = PyList_New(count);
+    PyObject *protocols = PyDict_New();
+    PyObject *odd = PyList_New(0);
+    Py_ssize_t unknown_sources = 0, unknown_destinations = 0;
+    const unsigned char *run_protocol = NULL;
+    size_t run_size = 0;
+    Py_ssize_t run_count = 0;
+    if (enriched == NULL || protocols == NULL || odd == NULL) goto failed;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *call = items[index];
+        if (!PyBytes_CheckExact(call)) {
+            PyErr_SetString(PyExc_TypeError, "enrich: calls must be a sequence of bytes");
+            goto failed;
+        }
+        const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(call);
+        endpoint_ref endpoints[2];
+        uint64_t ts;
+        const unsigned char *protocol;
+        size_t protocol_size;
+        owners_t *owners[2];
+        int status = scan_call(data, data + PyBytes_GET_SIZE(call), endpoints, &ts, &protocol, &protocol_size);
+        for (int side = 0; side < 2 && status == OK; side++)
+            status = splicer_owners(self, side, endpoints[side].ip, endpoints[side].ip_len, &owners[side]);
+        if (status == FAILED) goto failed;
+        if (status == FALLBACK) {
+            PyObject *position = PyLong_FromSsize_t(index);
+            int appended = position == NULL ? -1 : PyList_Append(odd, position);
+            Py_XDECREF(position);
+            if (appended < 0) goto failed;
+            PyList_SET_ITEM(enriched, index, Py_NewRef(call));
+            continue;
+        }
+        const entry_t *source = owners_pick(owners[0], ts, endpoints[0].port);
+        const entry_t *destination = owners_pick(owners[1], ts, endpoints[1].port);
+        PyObject *suffixes[2] = {source->suffix, destination->suffix};
+        PyObject *result = splice(call, endpoints, suffixes);
+        if (result == NULL) goto failed;
+        PyList_SET_ITEM(enriched, index, result);
+        unknown_sources += !source->known_as_source;
+        unknown_destinations += !destination->known_as_destination;
+        if (run_count && (protocol_size != run_size || memcmp(protocol, run_protocol, run_size) != 0)) {
+            if (count_protocol(protocols, run_protocol, run_size, run_count)) goto failed;
+            run_count = 0;
+        }
+        run_protocol = protocol;
+        run_size = protocol_size;
+        run_count++;
+    }
+    if (count_protocol(protocols, run_protocol, run_size, run_count)) goto failed;
+    Py_DECREF(sequence);
+    return Py_BuildValue("(NnnNN)", enriched, unknown_sources, unknown_destinations, protocols, odd);
+failed:
+    Py_DECREF(sequence);
+    Py_XDECREF(enriched); /* a list with NULL slots is freed safely */
+    Py_XDECREF(protocols);
+    Py_XDECREF(odd);
+    return NULL;
+}
+
+static PyMethodDef Splicer_methods[] = {
+    {"enrich", (PyCFunction)Splicer_enrich, METH_O,
+     "enrich(calls, /) -> (calls, unknown_sources, unknown_destinations, {protocol: count}, [odd index, ...]): "
+     "each serialized call with its endpoints' identity spliced in; odd calls come back unchanged."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject SplicerType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "trawl._calljson.Splicer",
+    .tp_basicsize = sizeof(Splicer),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Splicer(describe, max_addresses=65536): endpoint identity written into serialized ApiCalls.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Splicer_init,
+    .tp_dealloc = (destructor)Splicer_dealloc,
+    .tp_methods = Splicer_methods,
+};
+
+/* ---------------------------------------------------------------------------------------------
+ * route_calls: the dissector service groups serialized calls per (node, shard) for its
+ * CallBatches without parsing them.
+ * ------------------------------------------------------------------------------------------- */
+
+/* node(4) and shard(31) of a serialized ApiCall; FALLBACK when it is not a well-formed message. */
+static int scan_route(const unsigned char *pos, const unsigned char *end, const unsigned char **node,
+                      size_t *node_size, uint32_t *shard) {
+    *node = pos;
+    *node_size = 0;
+    *shard = 0;
+    while (pos < end) {
+        uint64_t tag, value;
+        if (read_varint(&pos, end, &tag) || (tag >> 3) == 0) return FALLBACK;
+        switch (tag & 7) {
+        case 0:
+            if (read_varint(&pos, end, &value)) return FALLBACK;
+            if ((tag >> 3) == 31) *shard = (uint32_t)value;
+            break;
+        case 1:
+            if (end - pos < 8) return FALLBACK;
+            pos += 8;
+            break;
+        case 2:
+            if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
+            if ((tag >> 3) == 4) {
+                *node = pos;
+                *node_size = (size_t)value;
+            }
+            pos += value;
+            break;
+        case 5:
+            if (end - pos < 4) return FALLBACK;
+            pos += 4;
+            break;
+        default:
+            return FALLBACK;
+        }
+    }
+    return OK;
+}
+
+/* route_calls(calls, /) -> [(node, shard, [call, ...]), ...]: runs of consecutive calls of one
+   (node, shard), in order. ValueError when a call is not a well-formed ApiCall. */
+static PyObject *route_calls(PyObject *module, PyObject *calls) {
+    (void)module;
+    PyObject *sequence = PySequence_Fast(calls, "route_calls: calls must be a sequence of bytes");
+    if (sequence == NULL) return NULL;
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(sequence);
+    PyObject **items = PySequence_Fast_ITEMS(sequence);
+    PyObject *runs = PyList_New(0);
+    PyObject *run = NULL; /* the current run's list, borrowed from `runs` */
+    const unsigned char *run_node = NULL;
+    size_t run_node_size = 0;
+    uint32_t run_shard = 0;
+    if (runs == NULL) goto failed;
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *call = items[index];
+        if (!PyBytes_CheckExact(call)) {
+            PyErr_SetString(PyExc_TypeError, "route_calls: calls must be a sequence of bytes");
+            goto failed;
+        }
+        const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(call);
+        const unsigned char *node;
+        size_t node_size;
+        uint32_t shard;
+        if (scan_route(data, data + PyBytes_GET_SIZE(call), &node, &node_size, &shard)) {
+            PyErr_Format(PyExc_ValueError, "route_calls: calls[%zd] is not a serialized ApiCall", index);
+            goto failed;
+        }
+        if (run == NULL || shard != run_shard || node_size != run_node_size || memcmp(node, run_node, node_size)) {
+            PyObject *name = PyUnicode_DecodeUTF8((const char *)node, (Py_ssize_t)node_size, "strict");
+            if (name == NULL) {
+                PyErr_Clear();
+                PyErr_Format(PyExc_ValueError, "route_calls: calls[%zd] has a node that is not UTF-8", index);
+                goto failed;
+            }
+            PyObject *members = PyList_New(0);
+            PyObject *entry = members == NULL ? NULL : Py_BuildValue("(NkN)", name, (unsigned long)shard, members);
+            if (entry == NULL) {
+                if (members == NULL) Py_DECREF(name);
+                goto failed;
+            }
+            int appended = PyList_Append(runs, entry);
+            Py_DECREF(entry);
+            if (appended < 0) goto failed;
+            run = members;
+            run_node = node;
+            run_node_size = node_size;
+            run_shard = shard;
+        }
+        if (PyList_Append(run, call) < 0) goto failed;
+    }
+    Py_DECREF(sequence);
+    return runs;
+failed:
+    Py_DECREF(sequence);
+    Py_XDECREF(runs);
+    return NULL;
+}
+
+static PyMethodDef module_methods[] = {
+    {"route_calls", (PyCFunction)route_calls, METH_O,
+     "route_calls(calls, /) -> [(node, shard, [call, ...]), ...]: runs of serialized ApiCalls of one "
+     "(node, shard), in order."},
+    {NULL, NULL, 0, NULL},
+};
+
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT,
     .m_name = "trawl._calljson",
-    .m_doc = "Protobuf JSON text of serialized ApiCalls (see trawl/render.py).",
+    .m_doc = "Serialized ApiCalls without Python objects: JSON text (see trawl/render.py), endpoint "
+             "identity splicing (trawl/enricher/logic.py) and routing (trawl/dissector/main.py).",
     .m_size = -1,
+    .m_methods = module_methods,
 };
 
 PyMODINIT_FUNC PyInit__calljson(void) {
-    if (PyType_Ready(&EncoderType) < 0) return NULL;
+    if (PyType_Ready(&EncoderType) < 0 || PyType_Ready(&SplicerType) < 0) return NULL;
     PyObject *mod = PyModule_Create(&module);
     if (mod == NULL) return NULL;
-    if (PyModule_AddObjectRef(mod, "Encoder", (PyObject *)&EncoderType) < 0) {
+    if (PyModule_AddObjectRef(mod, "Encoder", (PyObject *)&EncoderType) < 0 ||
+        PyModule_AddObjectRef(mod, "Splicer", (PyObject *)&SplicerType) < 0) {
         Py_DECREF(mod);
         return NULL;
     }

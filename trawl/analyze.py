@@ -2,10 +2,14 @@
 one process (no bus), so a capture is analysed as fast as the dissector goes. The services'
 own classes do the work: what this prints is what the suite would publish.
 
-Everything around `Dissector.feed` costs little per packet and per call: the file is read in
-whole batches of records (`CaptureFile.batches`), a batch of calls is enriched in one walk
-(`Enricher.enrich_calls`) and written as NDJSON by one compiled call and one write
-(`JsonLinesWriter`).
+Everything around the dissector costs little per packet and per call: the file is read in
+whole batches of records (`CaptureFile.batches`); with `--json` the calls stay serialized
+from the dissector (`Dissector.feed_encoded`: the compiled lane's calls never become Python
+objects) through enrichment (`Enricher.enrich_encoded`, spliced in C) to the NDJSON, written by
+one compiled call and one write per batch (`JsonLinesWriter`). The table and OTLP export
+(`--otlp-endpoint`, or an endpoint in the config) read fields of each call, so they take the
+calls as objects (`Dissector.feed`, `Enricher.enrich_calls`); the NDJSON is the same bytes
+either way (tests/unit/test_analyze_encoded.py).
 """
 
 from __future__ import annotations
@@ -39,11 +43,25 @@ class _Output:
     def __init__(self, as_json: bool, enricher: Enricher) -> None:
         self.as_json = as_json
         self.enricher = enricher
+        # Serialized calls end to end when nothing needs their fields as objects.
+        self.encoded = as_json and not enricher.exports_calls
         self.table = TableWriter(sys.stdout)
         # NDJSON is ASCII: it goes to the binary stream under stdout, when there is one.
         binary: BinaryIO | None = getattr(sys.stdout, "buffer", None)
         self.lines = JsonLinesWriter(binary) if binary is not None else None
         self.count = 0
+
+    def feed(self, dissector: Dissector, batch: PacketBatch) -> None:
+        if self.encoded:
+            self.emit_encoded(dissector.feed_encoded(batch))
+        else:
+            self.emit(dissector.feed(batch))
+
+    def finish(self, dissector: Dissector) -> None:
+        if self.encoded:
+            self.emit_encoded(dissector.finish_encoded())
+        else:
+            self.emit(dissector.finish())
 
     def emit(self, calls: Sequence[ApiCall]) -> None:
         if not calls:
@@ -52,13 +70,23 @@ class _Output:
         self.enricher.export(enriched)
         self.count += len(enriched)
         if self.as_json:
-            if self.lines is not None:
-                self.lines.write(enriched)
-            else:
-                sys.stdout.write(calls_to_json_lines(enriched).decode("ascii"))
+            self._write_lines(enriched)
         else:
             for call in enriched:
                 self.table.write(call)
+
+    def emit_encoded(self, calls: list[bytes]) -> None:
+        if not calls:
+            return
+        enriched = self.enricher.enrich_encoded(calls)
+        self.count += len(enriched)
+        self._write_lines(enriched)
+
+    def _write_lines(self, calls: Sequence[ApiCall | bytes]) -> None:
+        if self.lines is not None:
+            self.lines.write(calls)
+        else:
+            sys.stdout.write(calls_to_json_lines(calls).decode("ascii"))
 
 
 def analyze(
@@ -97,14 +125,14 @@ def analyze(
             sequence += 1
             packets += batch.packet_count
             last_link_type = batch.link_type
-            output.emit(dissector.feed(batch.message(node=node_name, shard=0, sequence=sequence, source=source)))
+            output.feed(dissector, batch.message(node=node_name, shard=0, sequence=sequence, source=source))
     except InputError as exc:
         damage = exc
     end = PacketBatch(
         node=node_name, shard=0, sequence=sequence + 1, link_type=last_link_type, source=source, end_of_input=True
     )
-    output.emit(dissector.feed(end))
-    output.emit(dissector.finish())
+    output.feed(dissector, end)
+    output.finish(dissector)
     enricher.shutdown()
     sys.stdout.flush()
     log.info("analyze_done", file=str(path), packets=packets, calls=output.count)

@@ -187,13 +187,13 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
 
     async def on_call(msg: Msg) -> None:
         nonlocal shown
-        call = ApiCall.FromString(msg.data)
         shown += 1
         if table is None:
-            sys.stdout.write(call_to_json(call) + "\n")
+            # NDJSON straight from the serialized call: no object (call_to_json reads the bytes).
+            sys.stdout.write(call_to_json(msg.data) + "\n")
             sys.stdout.flush()
         else:
-            table.write(call)
+            table.write(ApiCall.FromString(msg.data))
 
     async def on_alert(msg: Msg) -> None:
         alert = Alert.FromString(msg.data)

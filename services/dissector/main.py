@@ -14,6 +14,11 @@
   from the time in microseconds the service started publishing it (or took the shard over),
   so neither a restarted dissector nor the next owner of a shard reuses an id still inside
   the stream's duplicate window (its batches would be dropped as duplicates);
+- keeps calls serialized from the dissector to the bus (`Dissector.feed_encoded`: the compiled
+  lane's calls are never Python objects here): they are grouped per (node, shard) by
+  `trawl._calljson.route_calls` and framed into a CallBatch by hand (`frame_call_batch`, the
+  bytes `CallBatch.SerializeToString` writes); `trawl_dissector_calls_total{protocol}` moves by
+  the dissector's own per-protocol counters;
 - runs the dissector's timeouts while no packets arrive;
 - on a batch marked end_of_input: ends every flow ("all") or the flows of that node/shard
   ("lease"), publishes what remains and a CallBatch with end_of_input for that node/shard,
@@ -37,39 +42,107 @@ from trawl.dissector.shards import ShardManager
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.service import ServiceContext, main_for
-from trawl.v1.calls_pb2 import ApiCall, CallBatch
+from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.packets_pb2 import PacketBatch
+
+try:
+    from trawl._calljson import route_calls
+except ImportError:  # not compiled: each call is parsed for its node and shard
+    route_calls = None  # type: ignore[assignment]
 
 log = get_logger(__name__)
 
+# Field numbers of CallBatch (proto/trawl/v1/calls.proto), as tags.
+_NODE_TAG = b"\x0a"  # 1, length-delimited
+_SHARD_TAG = b"\x10"  # 2, varint
+_SEQUENCE_TAG = b"\x18"  # 3, varint
+_CALL_TAG = b"\x22"  # 4, length-delimited
+_END_OF_INPUT = b"\x28\x01"  # 5 = true
+_LOST_TAG = b"\x30"  # 6, varint
+
+
+def _varint(value: int) -> bytes:
+    """A non-negative integer as a protobuf varint."""
+    if value < 0x80:
+        return bytes((value,))
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def frame_call_batch(
+    node: str, shard: int, sequence: int, calls: list[bytes], end_of_input: bool = False, lost_packet_batches: int = 0
+) -> bytes:
+    """`CallBatch(node=..., calls=[ApiCall.FromString(c) for c in calls], ...).SerializeToString()`
+    without parsing a call: fields in number order, defaults left out, each call as field 4."""
+    parts: list[bytes] = []
+    if node:
+        encoded = node.encode()
+        parts += (_NODE_TAG, _varint(len(encoded)), encoded)
+    if shard:
+        parts += (_SHARD_TAG, _varint(shard))
+    if sequence:
+        parts += (_SEQUENCE_TAG, _varint(sequence))
+    for call in calls:
+        parts += (_CALL_TAG, _varint(len(call)), call)
+    if end_of_input:
+        parts.append(_END_OF_INPUT)
+    if lost_packet_batches:
+        parts += (_LOST_TAG, _varint(lost_packet_batches))
+    return b"".join(parts)
+
+
+def _route_by_parsing(calls: list[bytes]) -> list[tuple[str, int, list[bytes]]]:
+    runs: list[tuple[str, int, list[bytes]]] = []
+    for encoded in calls:
+        call = ApiCall.FromString(encoded)
+        if runs and runs[-1][0] == call.node and runs[-1][1] == call.shard:
+            runs[-1][2].append(encoded)
+        else:
+            runs.append((call.node, call.shard, [encoded]))
+    return runs
+
 
 class CallPublisher:
-    """Groups calls per (node, shard) into CallBatches and publishes them durably."""
+    """Groups serialized calls per (node, shard) into CallBatches and publishes them durably."""
 
     def __init__(self, bus: Bus, settings: DissectorSettings, metrics: Registry) -> None:
         self.bus = bus
         self.max_calls = settings.calls_per_batch
         self.max_age_s = settings.batch_age_ms / 1000
-        self.pending: dict[tuple[str, int], list[ApiCall]] = {}
+        self.pending: dict[tuple[str, int], list[bytes]] = {}
         self.opened: dict[tuple[str, int], float] = {}
         self.sequences: dict[tuple[str, int], int] = {}
         self.lost: dict[tuple[str, int], int] = {}
         self.emitted = 0
         self.batches = metrics.counter("trawl_dissector_call_batches_total", "CallBatches published")
-        self.calls = metrics.counter("trawl_dissector_calls_total", "Calls published, by protocol")
 
-    async def add(self, calls: list[ApiCall]) -> None:
+    async def add(self, calls: list[bytes]) -> None:
+        """Serialized ApiCalls, as `Dissector.feed_encoded` returns them."""
+        if not calls:
+            return
         now = time.monotonic()
-        for call in calls:
-            key = (call.node, call.shard)
+        runs = route_calls(calls) if route_calls is not None else _route_by_parsing(calls)
+        for node, shard, members in runs:
+            key = (node, shard)
             group = self.pending.get(key)
             if group is None:
                 group = self.pending[key] = []
                 self.opened[key] = now
-            group.append(call)
-            self.calls.inc(protocol=call.protocol)
+            group += members
             if len(group) >= self.max_calls:
-                await self._publish(key)
+                # Batches of exactly max_calls, as when calls came one at a time; the rest waits.
+                full = len(group) - len(group) % self.max_calls
+                del self.pending[key]
+                del self.opened[key]
+                if full < len(group):
+                    self.pending[key] = group[full:]
+                    self.opened[key] = now
+                for start in range(0, full, self.max_calls):
+                    await self._send(key, group[start : start + self.max_calls])
 
     async def flush_old(self) -> None:
         now = time.monotonic()
@@ -91,24 +164,17 @@ class CallPublisher:
     async def _publish(self, key: tuple[str, int], end_of_input: bool = False) -> None:
         calls = self.pending.pop(key, [])
         self.opened.pop(key, None)
-        if not calls and not end_of_input:
-            return
+        if calls or end_of_input:
+            await self._send(key, calls, end_of_input)
+
+    async def _send(self, key: tuple[str, int], calls: list[bytes], end_of_input: bool = False) -> None:
         node, shard = key
         # A key's first batch is numbered by the clock: above anything a previous process, or the
         # previous owner of the shard, can have published (fewer than one batch per microsecond).
         sequence = self.sequences.get(key, time.time_ns() // 1000 - 1) + 1
         self.sequences[key] = sequence
-        batch = CallBatch(
-            node=node,
-            shard=shard,
-            sequence=sequence,
-            calls=calls,
-            end_of_input=end_of_input,
-            lost_packet_batches=self.lost.get(key, 0),
-        )
-        await self.bus.publish_durable_async(
-            calls_subject(node, shard), batch.SerializeToString(), msg_id=f"{node}/{shard}/{sequence}"
-        )
+        batch = frame_call_batch(node, shard, sequence, calls, end_of_input, self.lost.get(key, 0))
+        await self.bus.publish_durable_async(calls_subject(node, shard), batch, msg_id=f"{node}/{shard}/{sequence}")
         self.emitted += len(calls)
         self.batches.inc()
 
@@ -140,6 +206,19 @@ class DissectorService:
             "trawl_dissector_unowned_batches_total", "Batches dropped because their shard had just been given up"
         )
         ctx.metrics.counter("trawl_parse_errors_total", "Flows skipped because a parser failed")
+        self.calls = ctx.metrics.counter("trawl_dissector_calls_total", "Calls published, by protocol")
+        self.calls_counted: dict[str, int] = {}  # the dissector's calls_<protocol> counters, as last counted
+
+    async def publish(self, calls: list[bytes]) -> None:
+        """Hand calls the dissector just returned to the publisher, and count them by protocol."""
+        if not calls:
+            return
+        await self.publisher.add(calls)
+        counted = self.calls_counted
+        for name, value in self.dissector.counters.items():
+            if name.startswith("calls_") and value != counted.get(name, 0):
+                self.calls.inc(value - counted.get(name, 0), protocol=name[6:])
+                counted[name] = value
 
     async def acquire(self, shard: int, sequences: dict[str, int]) -> None:
         """This replica owns `shard` now: fresh state for it (counting bus gaps from where the
@@ -171,7 +250,7 @@ class DissectorService:
         async with self.lock:
             self.owned.discard(shard)
             self.releases.inc(shard=str(shard), reason=reason)
-            await self.publisher.add(self.dissector.finish(shard=shard))
+            await self.publish(self.dissector.finish_encoded(shard=shard))
             await self.publisher.flush_all()
             if reason != "lost":
                 # The next owner must not see calls of this shard published after it took over.
@@ -202,9 +281,9 @@ class DissectorService:
                 log.info("packet_sequence_restarted", node=key[0], shard=key[1], sequence=batch.sequence, last=last)
             self.last_sequence[key] = batch.sequence
             self.last_packet_wall = time.monotonic()
-            await self.publisher.add(self.dissector.feed(batch))
+            await self.publish(self.dissector.feed_encoded(batch))
             if batch.end_of_input:
-                await self.publisher.add(self._end_of_input(*key))
+                await self.publish(self._end_of_input(*key))
                 await self.publisher.flush_all()
                 await self.publisher.end_of_input(*key)
                 await self.ctx.bus.flush_durable()
@@ -212,13 +291,13 @@ class DissectorService:
                 log.info("end_of_input", node=key[0], shard=key[1], calls=self.publisher.emitted)
                 await self.ctx.drained(emitted=self.publisher.emitted)
 
-    def _end_of_input(self, node: str, shard: int) -> list[ApiCall]:
+    def _end_of_input(self, node: str, shard: int) -> list[bytes]:
         """The flows that end with the input of (node, shard)."""
         if not self.leasing:
-            return self.dissector.finish()
+            return self.dissector.finish_encoded()
         if self.owned >= set(range(self.settings.shards)):
-            return self.dissector.finish(node=node)  # this replica has all of the node's shards
-        return self.dissector.finish(node=node, shard=shard)
+            return self.dissector.finish_encoded(node=node)  # this replica has all of the node's shards
+        return self.dissector.finish_encoded(node=node, shard=shard)
 
     async def tick(self) -> None:
         """Publish batches that are old enough; run timeouts while packets do not come."""
@@ -229,7 +308,7 @@ class DissectorService:
                 idle_s = time.monotonic() - self.last_packet_wall
                 if idle_s >= self.settings.expire_interval_s:
                     # Packet time stands still while nothing arrives: advance it by the wall clock.
-                    await self.publisher.add(dissector.expire(dissector.clock_ns + int(idle_s * SECOND_NS)))
+                    await self.publish(dissector.expire_encoded(dissector.clock_ns + int(idle_s * SECOND_NS)))
             self._export_counters()
 
     def _export_counters(self) -> None:

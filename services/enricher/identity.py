@@ -17,7 +17,9 @@ their node's IP; tests put several pods on 127.0.0.1):
 Lookups are on every call's two endpoints, so an address's claims are compiled once, on its
 first lookup, into `_Owners`: the winner for every interval between claim boundaries (the
 valid set is constant between them) and for every port a claim declares. A lookup is then a
-dict get, a bisect and a dict get.
+dict get, a bisect and a dict get. `describe_address` hands the same compiled answer, as
+serialized Endpoint fields, to the enricher's splicer, which keeps it for the map's lifetime:
+a map is never changed once built (a new snapshot is a new map).
 
 A pod's workload follows its controlling ownerReference: ReplicaSet -> Deployment (through the
 ReplicaSet item when present, else by removing the pod's exact `pod-template-hash` suffix),
@@ -41,6 +43,14 @@ from trawl.errors import InputError
 from trawl.v1.calls_pb2 import ApiCall, Endpoint
 
 ClaimKind = Literal["pod", "service", "node"]
+
+# What the enricher's compiled splicer (trawl/_calljson.c, Splicer) keeps per address: an
+# endpoint's serialized identity fields 3.. (to append to its ip and port) and whether it counts
+# as a known source and a known destination; the winners of one interval (for any port, and per
+# declared port); then the whole address (`describe_address`).
+SpliceEntry = tuple[bytes, bool, bool]
+SpliceWinners = tuple[SpliceEntry, tuple[tuple[int, SpliceEntry], ...]]
+AddressPlan = tuple[tuple[int, ...], tuple[SpliceWinners, ...], SpliceWinners]
 
 USED_KINDS = ("Pod", "Service", "Node", "EndpointSlice", "ReplicaSet", "Job")
 IGNORED_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "CronJob", "ReplicationController", "Endpoints")
@@ -196,6 +206,39 @@ class IdentityMap:
                 return None
             owners = self._owners[ip] = _Owners(claims)
         return owners.at(ts_ns, port)
+
+    def describe_address(self, ip: str) -> AddressPlan:
+        """Everything `lookup(ip, ts_ns, port)` can answer, for any time and port, as the fields
+        `enrich_calls` would set: (claim boundaries, the winners of each interval between them
+        (one more than boundaries: bisect_right picks it), the winners "now" (time 0))."""
+        unknown: SpliceWinners = ((Endpoint(name=ip).SerializeToString(), False, False), ())
+        claims = self._claims.get(ip)
+        if not claims:
+            return (), (unknown,), unknown
+        owners = self._owners.get(ip)
+        if owners is None:
+            owners = self._owners[ip] = _Owners(claims)
+        entries: dict[Identity, SpliceEntry] = {}
+
+        def entry(identity: Identity) -> SpliceEntry:
+            known = entries.get(identity)
+            if known is None:
+                endpoint = Endpoint()
+                identity.fill(endpoint)
+                known = entries[identity] = (
+                    endpoint.SerializeToString(),
+                    identity.known_as_source,
+                    identity.known_as_destination,
+                )
+            return known
+
+        def winners(found: _Winners) -> SpliceWinners:
+            if found is None:
+                return unknown
+            default, by_port = found
+            return entry(default), tuple((port, entry(identity)) for port, identity in by_port.items())
+
+        return tuple(owners.bounds), tuple(winners(found) for found in owners.segments), winners(owners.now)
 
     def enrich_endpoint(self, endpoint: Endpoint, ts_ns: int) -> Identity | None:
         identity = self.lookup(endpoint.ip, ts_ns, endpoint.port)

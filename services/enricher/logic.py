@@ -8,6 +8,11 @@ Per call, with no identity snapshot and no OTLP endpoint, enrichment is naming b
 by their address (about 0.3 us); with a snapshot, a compiled lookup per endpoint (see
 identity.py). `enrich_calls` moves the counters once per batch. The OpenTelemetry SDK is
 imported only when an endpoint is configured (trawl.enricher.otlp, .red, .spans).
+
+`enrich_encoded` does the same on serialized calls without making objects of them (what
+`trawl analyze --json` prints from): the compiled splicer (trawl._calljson.Splicer) rewrites
+each call's src and dst with the identity fields `IdentityMap.describe_address` answered for
+that address, once per address; the bytes are those of the enriched object serialized.
 """
 
 from __future__ import annotations
@@ -23,6 +28,11 @@ from trawl.enricher.identity import IdentityMap
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall
+
+try:
+    from trawl._calljson import Splicer
+except ImportError:  # not compiled: serialized calls are enriched as objects
+    Splicer = None  # type: ignore[assignment,misc]
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricExporter
@@ -113,6 +123,9 @@ class Enricher:
         self._failures = self.metrics.counter(
             "trawl_enricher_call_failures_total", "Calls that could not be enriched or turned into spans, by stage"
         )
+        # The splicer of `identity` (rebuilt when the map is replaced): it keeps the map's answers.
+        self._splicer: Splicer | None = None
+        self._splicer_identity: IdentityMap | None = None
         self._processor: BatchSpanProcessor | None = None
         if span_exporter is not None:
             from trawl.enricher.otlp import span_processor
@@ -127,6 +140,11 @@ class Enricher:
     @property
     def exporting(self) -> bool:
         return self._processor is not None
+
+    @property
+    def exports_calls(self) -> bool:
+        """Whether `export` does anything (spans or RED metrics are configured): it needs objects."""
+        return self._processor is not None or self.red.exporter is not None
 
     def enrich(self, call: ApiCall) -> ApiCall:
         """Fill src/dst identity in place (and return the call); a call that cannot be enriched
@@ -153,6 +171,42 @@ class Enricher:
         if unknown_destinations:
             self._unknown.inc(unknown_destinations, side="dst")
         return calls
+
+    def enrich_encoded(self, calls: Sequence[bytes]) -> list[bytes]:
+        """`enrich_calls` on serialized calls: returns them enriched, as the objects would
+        serialize, counted the same way. Calls the splicer does not cover (endpoints already
+        holding identity fields, src or dst absent) and every call when the splicer is not
+        compiled or fails are enriched as objects."""
+        if not calls:
+            return []
+        splicer = self._splicer
+        if splicer is None or self._splicer_identity is not self.identity:
+            if Splicer is None:
+                return self._enrich_as_objects(calls)
+            splicer = self._splicer = Splicer(self.identity.describe_address)
+            self._splicer_identity = self.identity
+        try:
+            enriched, unknown_sources, unknown_destinations, protocols, odd = splicer.enrich(calls)
+        except Exception as exc:  # a bug on the compiled side must not lose the batch
+            log.warning("splice_failed", calls=len(calls), error=repr(exc))
+            return self._enrich_as_objects(calls)
+        if odd:
+            objects = [ApiCall.FromString(enriched[index]) for index in odd]
+            self.enrich_calls(objects)
+            for index, call in zip(odd, objects, strict=True):
+                enriched[index] = call.SerializeToString()
+        for protocol, count in protocols.items():
+            self._calls.inc(count, protocol=protocol.decode("utf-8", "replace") or "unknown")
+        if unknown_sources:
+            self._unknown.inc(unknown_sources, side="src")
+        if unknown_destinations:
+            self._unknown.inc(unknown_destinations, side="dst")
+        return enriched
+
+    def _enrich_as_objects(self, calls: Sequence[bytes]) -> list[bytes]:
+        objects = [ApiCall.FromString(call) for call in calls]
+        self.enrich_calls(objects)
+        return [call.SerializeToString() for call in objects]
 
     def _enrich_one_by_one(self, calls: Sequence[ApiCall]) -> tuple[int, int]:
         unknown_sources = unknown_destinations = 0

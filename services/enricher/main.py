@@ -54,8 +54,7 @@ class _Pipeline:
             log.warning("bad_call_batch", subject=msg.subject, size=len(msg.data), error=str(exc))
             await msg.term()
             return
-        for call in batch.calls:
-            self.enricher.enrich(call)
+        self.enricher.enrich_calls(batch.calls)
         self.enricher.export(batch.calls)
         if self.ctx.settings.publish_enriched and not await self._publish(batch.calls):
             self._publish_failures.inc()

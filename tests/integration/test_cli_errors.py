@@ -79,3 +79,31 @@ def test_bad_identity_snapshot(tmp_path: Path) -> None:
     snapshot = tmp_path / "snapshot.json"
     snapshot.write_text("{not json")
     assert_one_line_error(trawl("analyze", str(HTTP1), "--identity", str(snapshot)), str(snapshot))
+
+
+def test_a_reader_that_stops_early_ends_analyze_quietly(tmp_path: Path) -> None:
+    """`trawl analyze FILE | head -1`: the pipe closes long before the output ends (far more
+    than a pipe buffer); analyze stops with exit 0 and no traceback."""
+    from tests.unit.dissector_builders import Conversation
+    from trawl.pcap import LINKTYPE_ETHERNET, global_header, pack_record
+
+    talk = Conversation(server_port=8080).handshake()
+    for number in range(3000):
+        talk.client_sends(b"GET /items/%d HTTP/1.1\r\nHost: shop\r\n\r\n" % number)
+        talk.server_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    capture = tmp_path / "many.pcap"
+    capture.write_bytes(
+        global_header(LINKTYPE_ETHERNET, nanosecond=True) + b"".join(pack_record(ts, frame) for ts, frame in talk.frames)
+    )
+    process = subprocess.Popen(
+        [sys.executable, "-m", "trawl", "analyze", str(capture), "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    first = json.loads(process.stdout.readline())
+    assert first["method"] == "GET"
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr

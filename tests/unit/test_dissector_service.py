@@ -92,6 +92,9 @@ async def test_packet_batches_become_call_batches(nats_url: str) -> None:
         assert batches[-1].lost_packet_batches == 1
         assert "token=[REDACTED]" in calls[-1].path
         assert ctx.metrics.counter("trawl_bus_gaps_total", "").get(node=node, shard="3") == 1
+        # Counted by protocol from the dissector's own counters (the calls stay serialized).
+        assert ctx.metrics.counter("trawl_dissector_calls_total", "").get(protocol="http") == 6
+        assert sorted(len(call_batch.calls) for call_batch in batches) == [0, 2, 4]
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 10)
