@@ -17,6 +17,13 @@
  * demoting one included (never applied to that state). services/dissector/express.py rebuilds
  * the Python flow from the state and the engine replays the packets through its ordinary path.
  *
+ * DNS over UDP rides the same rule: a flow opened by a plain query from its client (exactly the
+ * datagrams engine._udp_new makes a DNS flow of, oriented that way) is held while every datagram
+ * is a query from the client or the response to a pending one, each a message dns._parse_common
+ * reads (reproduced here with dnspython's rules and text forms); its calls leave once no query is
+ * pending, its quiescent point. Anything else gives it back with the count of calls begun and the
+ * datagrams since. A quiet flow idle past the UDP timeout just ends (Python reports nothing).
+ *
  * The call id hashes with BLAKE2b (RFC 7693, written here from the RFC) like calls.new_call;
  * the redaction decisions (header kinds, secret query parameter names, secret JSON keys) come
  * from the Python Redactor through callbacks whose answers are cached here.
@@ -330,6 +337,10 @@ enum reason {
     R_STALE,      /* demote_stale: a timeout is the Python path's to report */
     R_FINISH,     /* demote_all */
     R_ROOM,       /* demote_oldest: the flow table is full */
+    R_DNS,        /* a DNS message outside what dns._parse_common reads (or a '?'/'@' in its name) */
+    R_DNS_SIDE,   /* a query from the server's side, a response from the client's */
+    R_RETRANSMIT, /* a query equal to a pending one */
+    R_UNPAIRED,   /* a response without its pending query */
     R_COUNT
 };
 
@@ -338,6 +349,7 @@ static const char *const reason_names[R_COUNT] = {
     "keepalive", "ack_unseen", "window", "packet",   "not_http", "header",  "chunked",   "encoding",
     "upgrade", "expect",  "status",  "close",     "pipelining", "early",  "crlf",      "url",
     "form",   "body_secret", "limit", "callback",  "memory", "stale",      "finish", "room",
+    "dns",    "dns_side", "retransmit", "unpaired",
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -349,7 +361,7 @@ typedef struct {
     uint32_t node;
     uint16_t port_a, port_b;
     uint32_t family;
-    uint32_t pad;
+    uint32_t proto; /* 6 TCP, 17 UDP */
     uint8_t ip_a[16], ip_b[16];
 } flow_key_t;
 
@@ -388,6 +400,14 @@ typedef struct {
     uint32_t reason_off, reason_len;
     int64_t content_length; /* -1 when absent */
 } head_t;
+
+/* A DNS query waiting for its response (DnsTransactions._pending). */
+typedef struct {
+    uint16_t id, qtype, qclass;
+    int64_t ts, ordinal;
+    size_t size;
+    buf_t name; /* the question as asked (presentation form, case kept) */
+} dns_pending_t;
 
 enum stage { STAGE_SYN_SENT, STAGE_ESTABLISHED };
 enum phase { PHASE_IDLE, PHASE_REQUEST_HEAD, PHASE_REQUEST_BODY, PHASE_WAIT_RESPONSE, PHASE_RESPONSE_HEAD,
@@ -428,7 +448,56 @@ typedef struct flow_s {
     int head_request;
     char trace_id[32], parent_span_id[16];
     int has_trace, trace_state; /* trace_state: index of the tracestate header to copy, or -1 */
+    /* DNS over UDP (udp set): the queries pending in asking order, and the calls answered since
+       the last quiescent point, held until no query is pending (a demotion before that replays
+       them, so they must not have left). */
+    int udp;
+    dns_pending_t *pending;
+    size_t pending_count, pending_cap;
+    PyObject **held;
+    size_t held_count, held_cap;
 } flow_t;
+
+/* One DNS message as dns._parse_common reads it: the question, and for a response the answer
+   rrsets as dnspython merges them. Texts live in `text` (offsets, as it may grow). */
+#define DNS_MAX_LABELS 128
+#define DNS_MAX_ANSWERS 64 /* dns.MAX_ANSWERS: more answer records than this go to Python */
+#define DNS_MAX_ANSWER_DATA 512
+#define DNS_MAX_PENDING 16
+#define DNS_MAX_HELD 64
+
+typedef struct {
+    uint32_t off, len;
+} span_t;
+
+typedef struct {
+    span_t labels[DNS_MAX_LABELS];
+    int count, hops;
+} dns_name_t;
+
+typedef struct {
+    span_t text, raw;
+} dns_data_t;
+
+typedef struct {
+    span_t owner, key; /* the first record's owner; its lower-cased form */
+    uint16_t rdtype;
+    uint32_t ttl;
+    int datas[DNS_MAX_ANSWERS];
+    int data_count;
+} dns_rrset_t;
+
+typedef struct {
+    uint16_t id, flags, qtype, qclass;
+    uint16_t counts[4];
+    int is_response, rcode, url_chars, question_hops;
+    span_t qname;
+    buf_t text;
+    dns_data_t datas[DNS_MAX_ANSWERS];
+    int data_count;
+    dns_rrset_t rrsets[DNS_MAX_ANSWERS];
+    int rrset_count;
+} dns_msg_t;
 
 typedef struct {
     flow_key_t key;
@@ -450,8 +519,17 @@ typedef struct {
     cache_t kinds, params, keys;
     int busy;
     long long packets, tcp_flows, tcp_flows_http, adopted, demotions, calls_http;
+    long long udp_flows, udp_flows_dns, dns_adopted, calls_dns, udp_ended;
     long long demotions_by[R_COUNT];
     PyObject *empty_bytes;
+    size_t tcp_active, udp_active;
+    /* DNS over UDP: off when dns_flow_strings is None. */
+    PyObject *dns_flow_strings, *dns_type_text, *dns_rcode_text, *edns_option_opaque;
+    Py_ssize_t max_pending_requests;
+    PyObject **type_texts;  /* 65536 slots, by qtype/rdtype: str, from dns_type_text */
+    PyObject **rcode_texts; /* 4096 slots, by extended rcode */
+    uint8_t option_known[8192], option_opaque[8192]; /* bit per EDNS option code */
+    dns_msg_t dns;
 } Express;
 
 #define MAX_NODES 4096
@@ -496,6 +574,8 @@ static int flow_insert(Express *self, flow_t *flow) {
     else self->first = flow;
     self->last = flow;
     self->active++;
+    if (flow->udp) self->udp_active++;
+    else self->tcp_active++;
     return 0;
 }
 
@@ -508,6 +588,8 @@ static void flow_unlink(Express *self, flow_t *flow) {
     if (flow->next) flow->next->prev = flow->prev;
     else self->last = flow->prev;
     self->active--;
+    if (flow->udp) self->udp_active--;
+    else self->tcp_active--;
 }
 
 static void head_free(head_t *head) {
@@ -549,6 +631,10 @@ static void flow_free(flow_t *flow) {
     buf_free(&flow->request_body);
     buf_free(&flow->response_body);
     buf_free(&flow->path);
+    for (size_t i = 0; i < flow->pending_count; i++) buf_free(&flow->pending[i].name);
+    PyMem_Free(flow->pending);
+    for (size_t i = 0; i < flow->held_count; i++) Py_DECREF(flow->held[i]);
+    PyMem_Free(flow->held);
     PyMem_Free(flow);
 }
 
@@ -593,7 +679,7 @@ static int routed_add(Express *self, const flow_key_t *key) {
 /* Decoding a frame                                                                            */
 /* ------------------------------------------------------------------------------------------ */
 
-enum decoded { DEC_OTHER, DEC_TCP, DEC_KEY, DEC_FRAGMENT };
+enum decoded { DEC_OTHER, DEC_TCP, DEC_UDP, DEC_KEY, DEC_FRAGMENT };
 
 #define TH_FIN 0x01
 #define TH_SYN 0x02
@@ -603,6 +689,7 @@ enum decoded { DEC_OTHER, DEC_TCP, DEC_KEY, DEC_FRAGMENT };
 
 typedef struct {
     int family; /* 4 or 6 */
+    int proto;  /* 6 TCP, 17 UDP */
     const uint8_t *src, *dst;
     uint16_t sport, dport;
     uint32_t seq, ack;
@@ -639,12 +726,35 @@ static int decode_tcp(const uint8_t *tcp, size_t len, int whole, segment_t *out)
     return DEC_TCP;
 }
 
+/* The UDP header at `udp`: DEC_UDP when whole with a sane length (the datagram is then
+   payload[0:payload_len], as engine._udp cuts it), else DEC_KEY when the ports are there. */
+static int decode_udp(const uint8_t *udp, size_t len, int whole, segment_t *out) {
+    if (len < 4) return DEC_OTHER;
+    out->sport = be16(udp);
+    out->dport = be16(udp + 2);
+    if (!whole || len < 8) return DEC_KEY;
+    size_t length = be16(udp + 4);
+    if (length < 8 || length > len) return DEC_KEY;
+    out->seq = out->ack = 0;
+    out->flags = 0;
+    out->window = 0;
+    out->payload = udp + 8;
+    out->payload_len = length - 8;
+    return DEC_UDP;
+}
+
+static int decode_transport(unsigned proto, const uint8_t *data, size_t len, int whole, segment_t *out) {
+    out->proto = (int)proto;
+    return proto == 6 ? decode_tcp(data, len, whole, out) : decode_udp(data, len, whole, out);
+}
+
 /* IPv4 at `ip` (`len` captured bytes). */
 static int decode_ipv4(const uint8_t *ip, size_t len, int takeable, segment_t *out) {
     if (len < 20 || ip[0] >> 4 != 4) return DEC_OTHER;
     size_t header = (size_t)(ip[0] & 15) * 4;
     size_t total = be16(ip + 2);
-    if (header < 20 || total < header || len < header || ip[9] != 6) return DEC_OTHER;
+    unsigned proto = ip[9];
+    if (header < 20 || total < header || len < header || (proto != 6 && proto != 17)) return DEC_OTHER;
     out->family = 4;
     out->src = ip + 12;
     out->dst = ip + 16;
@@ -652,11 +762,11 @@ static int decode_ipv4(const uint8_t *ip, size_t len, int takeable, segment_t *o
     size_t end = total <= len ? total : len; /* Python keeps what was captured */
     if (fragment) {
         if (fragment & 0x1FFF) return DEC_FRAGMENT; /* a later piece: no ports in it */
-        int found = decode_tcp(ip + header, end - header, 0, out);
+        int found = decode_transport(proto, ip + header, end - header, 0, out);
         return found == DEC_OTHER ? DEC_FRAGMENT : DEC_KEY;
     }
-    int sane = takeable && header == 20 && total >= 40 && total <= len;
-    return decode_tcp(ip + header, end - header, sane, out);
+    int sane = takeable && header == 20 && total >= (proto == 6 ? 40 : 28) && total <= len;
+    return decode_transport(proto, ip + header, end - header, sane, out);
 }
 
 /* IPv6 at `ip`: TCP right after the fixed header is takeable; extension headers are walked as
@@ -669,11 +779,11 @@ static int decode_ipv6(const uint8_t *ip, size_t len, int takeable, segment_t *o
     out->src = ip + 8;
     out->dst = ip + 24;
     size_t end = 40 + payload_len;
-    int sane = takeable && payload_len >= 20 && end <= len;
+    int sane = takeable && payload_len >= (next == 6 ? 20 : 8) && end <= len;
     if (end > len || payload_len == 0) end = len;
     const uint8_t *body = ip + 40;
     size_t size = end - 40, position = 0;
-    if (next == 6) return decode_tcp(body, size, sane, out);
+    if (next == 6 || next == 17) return decode_transport(next, body, size, sane, out);
     for (int hop = 0; hop < 16; hop++) {
         if (next == 0 || next == 43 || next == 60 || next == 135 || next == 139 || next == 140 || next == 253 ||
             next == 254) {
@@ -691,16 +801,16 @@ static int decode_ipv6(const uint8_t *ip, size_t len, int takeable, segment_t *o
             unsigned inner = body[position];
             unsigned frag = be16(body + position + 2);
             if (frag & 0xFFF9) {
-                if (inner != 6) return DEC_OTHER;
+                if (inner != 6 && inner != 17) return DEC_OTHER;
                 if (frag & 0xFFF8) return DEC_FRAGMENT;
-                int found = decode_tcp(body + position + 8, size - position - 8, 0, out);
+                int found = decode_transport(inner, body + position + 8, size - position - 8, 0, out);
                 return found == DEC_OTHER ? DEC_FRAGMENT : DEC_KEY;
             }
             next = inner;
             position += 8;
         } else {
-            if (next != 6 || position > size) return DEC_OTHER;
-            return decode_tcp(body + position, size - position, 0, out) == DEC_OTHER ? DEC_OTHER : DEC_KEY;
+            if ((next != 6 && next != 17) || position > size) return DEC_OTHER;
+            return decode_transport(next, body + position, size - position, 0, out) == DEC_OTHER ? DEC_OTHER : DEC_KEY;
         }
     }
     return DEC_OTHER;
@@ -770,6 +880,7 @@ static void make_key(uint32_t node, const segment_t *segment, flow_key_t *key, i
     int src_first = order < 0 || (order == 0 && segment->sport <= segment->dport);
     key->node = node;
     key->family = (uint32_t)segment->family;
+    key->proto = (uint32_t)segment->proto;
     if (src_first) {
         memcpy(key->ip_a, segment->src, size);
         memcpy(key->ip_b, segment->dst, size);
@@ -1471,6 +1582,499 @@ static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t
 }
 
 /* ------------------------------------------------------------------------------------------ */
+/* DNS over UDP: the messages protocols/dns.py reads itself (_parse_common), nothing else      */
+/* ------------------------------------------------------------------------------------------ */
+
+/* dns._wire_name: pointers strictly backwards, each target before the previous one and the
+   name part after a jump ending before the part it came from, at most 16 hops, 255 bytes.
+   0 with the labels and the offset after the name, -1 where Python raises _Uncommon. */
+static int dns_wire_name(const uint8_t *wire, size_t position, size_t end, dns_name_t *name, size_t *after) {
+    size_t start = position, biggest = position, furthest = position;
+    int total = 1;
+    name->count = name->hops = 0;
+    for (;;) {
+        if (position >= end) return -1;
+        unsigned count = wire[position++];
+        if (count == 0) break;
+        if (count < 64) {
+            size_t stop = position + count;
+            if (stop > end) return -1;
+            total += (int)count + 1;
+            if (total > 255 || name->count == DNS_MAX_LABELS) return -1; /* Python raises at the end */
+            name->labels[name->count].off = (uint32_t)position;
+            name->labels[name->count].len = count;
+            name->count++;
+            position = stop;
+        } else if (count >= 192) {
+            if (position >= end) return -1;
+            size_t target = ((size_t)(count & 0x3F) << 8) | wire[position];
+            position++;
+            name->hops++;
+            if (target >= biggest || name->hops > 16 || start > end) return -1;
+            biggest = target;
+            end = start;
+            if (position > furthest) furthest = position;
+            position = start = target;
+        } else {
+            return -1;
+        }
+    }
+    if (position > furthest) furthest = position;
+    *after = furthest;
+    return 0;
+}
+
+/* dns._owner_text / _target_text (`final_dot`): master-file form, dnspython's escapes. */
+static int dns_name_text(buf_t *out, const uint8_t *wire, const dns_name_t *name, int final_dot) {
+    if (name->count == 0) return buf_put(out, ".", 1);
+    for (int i = 0; i < name->count; i++) {
+        if (i && buf_put(out, ".", 1)) return -1;
+        const uint8_t *label = wire + name->labels[i].off;
+        for (uint32_t j = 0; j < name->labels[i].len; j++) {
+            uint8_t c = label[j];
+            char escaped[5];
+            if (c >= 0x21 && c <= 0x7E) {
+                if (strchr(".\"\\()@$;", c) != NULL) {
+                    escaped[0] = '\\';
+                    escaped[1] = (char)c;
+                    if (buf_put(out, escaped, 2)) return -1;
+                } else if (buf_put(out, &c, 1)) {
+                    return -1;
+                }
+            } else {
+                snprintf(escaped, sizeof(escaped), "\\%03u", (unsigned)c);
+                if (buf_put(out, escaped, 4)) return -1;
+            }
+        }
+    }
+    return final_dot ? buf_put(out, ".", 1) : 0;
+}
+
+/* dns.ipv6.inet_ntoa, step by step (the longest run of zero groups, embedded IPv4 forms). */
+static int dns_ipv6_text(buf_t *out, const uint8_t *address) {
+    unsigned groups[8];
+    for (int i = 0; i < 8; i++) groups[i] = be16(address + 2 * i);
+    int best_start = 0, best_len = 0, start = -1, last_was_zero = 0;
+    for (int i = 0; i < 8; i++) {
+        if (groups[i] != 0) {
+            if (last_was_zero) {
+                if (i - start > best_len) {
+                    best_start = start;
+                    best_len = i - start;
+                }
+                last_was_zero = 0;
+            }
+        } else if (!last_was_zero) {
+            start = i;
+            last_was_zero = 1;
+        }
+    }
+    if (last_was_zero && 8 - start > best_len) {
+        best_start = start;
+        best_len = 8 - start;
+    }
+    char text[64];
+    int len = 0;
+    if (best_len > 1 && best_start == 0 && (best_len == 6 || (best_len == 5 && groups[5] == 0xFFFF))) {
+        len = snprintf(text, sizeof(text), "%s%u.%u.%u.%u", best_len == 6 ? "::" : "::ffff:", address[12],
+                       address[13], address[14], address[15]);
+    } else if (best_len > 1) {
+        for (int i = 0; i < best_start; i++) len += snprintf(text + len, sizeof(text) - (size_t)len, i ? ":%x" : "%x", groups[i]);
+        len += snprintf(text + len, sizeof(text) - (size_t)len, "::");
+        for (int i = best_start + best_len; i < 8; i++)
+            len += snprintf(text + len, sizeof(text) - (size_t)len, i > best_start + best_len ? ":%x" : "%x", groups[i]);
+    } else {
+        for (int i = 0; i < 8; i++) len += snprintf(text + len, sizeof(text) - (size_t)len, i ? ":%x" : "%x", groups[i]);
+    }
+    return buf_put(out, text, (size_t)len);
+}
+
+/* dns._check_options: every EDNS option one dnspython keeps as opaque bytes (asked once per code). */
+static int dns_check_options(Express *self, const uint8_t *wire, size_t position, size_t end) {
+    while (position < end) {
+        if (position + 4 > end) return -1;
+        unsigned code = be16(wire + position);
+        position += 4 + (size_t)be16(wire + position + 2);
+        if (position > end) return -1;
+        uint8_t bit = (uint8_t)(1u << (code & 7));
+        if (!(self->option_known[code >> 3] & bit)) {
+            PyObject *answer = PyObject_CallFunction(self->edns_option_opaque, "I", code);
+            int opaque = answer ? PyObject_IsTrue(answer) : -1;
+            Py_XDECREF(answer);
+            if (opaque < 0) {
+                PyErr_WriteUnraisable(self->edns_option_opaque);
+                return -1;
+            }
+            self->option_known[code >> 3] |= bit;
+            if (opaque) self->option_opaque[code >> 3] |= bit;
+        }
+        if (!(self->option_opaque[code >> 3] & bit)) return -1;
+    }
+    return 0;
+}
+
+/* A text from a callback (dns_type_text / dns_rcode_text), cached per value; NULL if it failed. */
+static PyObject *dns_cached_text(PyObject ***slots, size_t size, PyObject *callback, unsigned value) {
+    if (*slots == NULL) {
+        *slots = PyMem_Calloc(size, sizeof(PyObject *));
+        if (*slots == NULL) return NULL;
+    }
+    PyObject *text = (*slots)[value];
+    if (text != NULL) return text;
+    text = PyObject_CallFunction(callback, "I", value);
+    if (text == NULL || !PyUnicode_Check(text) || PyUnicode_AsUTF8(text) == NULL) {
+        if (text != NULL && !PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "DNS text callbacks must return str");
+        PyErr_WriteUnraisable(callback);
+        Py_XDECREF(text);
+        return NULL;
+    }
+    (*slots)[value] = text;
+    return text;
+}
+
+static int span_equal_lower(const buf_t *text, span_t a, span_t b) {
+    return a.len == b.len && memcmp(text->data + a.off, text->data + b.off, a.len) == 0;
+}
+
+/* dns.parse_message's fast path (_parse_common), exactly: 0 read, -1 anything Python would hand
+   to dnspython (or that this lane does not take), -2 out of memory. */
+static int dns_parse(Express *self, const uint8_t *wire, size_t size, dns_msg_t *m) {
+    if (size < 12) return -1;
+    m->id = be16(wire);
+    m->flags = be16(wire + 2);
+    for (int i = 0; i < 4; i++) m->counts[i] = be16(wire + 4 + 2 * i);
+    if (m->counts[0] != 1 || (m->flags & 0x7800)) return -1;
+    m->is_response = (m->flags & 0x8000) != 0;
+    /* More answers than a call keeps would add a note: Python's. */
+    if (m->counts[1] > DNS_MAX_ANSWERS) return -1;
+    m->text.len = 0;
+    m->data_count = m->rrset_count = 0;
+    dns_name_t name;
+    size_t position;
+    if (dns_wire_name(wire, 12, size, &name, &position) || position + 4 > size) return -1;
+    m->qtype = be16(wire + position);
+    m->qclass = be16(wire + position + 2);
+    position += 4;
+    m->question_hops = name.hops;
+    if (dns_name_text(&m->text, wire, &name, 0)) return -2;
+    m->qname.off = 0;
+    m->qname.len = (uint32_t)m->text.len;
+    m->url_chars = memchr(m->text.data, '?', m->text.len) != NULL || memchr(m->text.data, '@', m->text.len) != NULL;
+    uint32_t ednsflags = 0;
+    int opt_seen = 0;
+    for (int section = 1; section <= 3; section++) {
+        for (unsigned record = 0; record < m->counts[section]; record++) {
+            dns_name_t owner, target, second;
+            size_t after;
+            if (dns_wire_name(wire, position, size, &owner, &position) || position + 10 > size) return -1;
+            unsigned rdtype = be16(wire + position), rdclass = be16(wire + position + 2);
+            uint32_t ttl = be32(wire + position + 4);
+            size_t rdlen = be16(wire + position + 8);
+            position += 10;
+            size_t rdata_end = position + rdlen;
+            if (rdata_end > size) return -1;
+            if (rdtype == 41) {
+                if (section != 3 || opt_seen || owner.count) return -1;
+                opt_seen = 1;
+                if (dns_check_options(self, wire, position, rdata_end)) return -1;
+                ednsflags = ttl;
+                position = rdata_end;
+                continue;
+            }
+            if (rdclass != 1) return -1;
+            int collect = section == 1 && m->is_response;
+            size_t text_start = m->text.len;
+            char numbers[96];
+            int failed = 0;
+            switch (rdtype) {
+            case 1:
+                if (rdlen != 4) return -1;
+                if (collect) {
+                    int len = snprintf(numbers, sizeof(numbers), "%u.%u.%u.%u", wire[position], wire[position + 1],
+                                       wire[position + 2], wire[position + 3]);
+                    failed = buf_put(&m->text, numbers, (size_t)len);
+                }
+                break;
+            case 28:
+                if (rdlen != 16) return -1;
+                if (collect) failed = dns_ipv6_text(&m->text, wire + position);
+                break;
+            case 2:
+            case 5:
+            case 12:
+                if (dns_wire_name(wire, position, rdata_end, &target, &after) || after != rdata_end) return -1;
+                if (collect) failed = dns_name_text(&m->text, wire, &target, 1);
+                break;
+            case 15:
+                if (rdlen < 3) return -1;
+                if (dns_wire_name(wire, position + 2, rdata_end, &target, &after) || after != rdata_end) return -1;
+                if (collect) {
+                    int len = snprintf(numbers, sizeof(numbers), "%u ", (unsigned)be16(wire + position));
+                    failed = buf_put(&m->text, numbers, (size_t)len) || dns_name_text(&m->text, wire, &target, 1);
+                }
+                break;
+            case 33:
+                if (rdlen < 7) return -1;
+                if (dns_wire_name(wire, position + 6, rdata_end, &target, &after) || after != rdata_end) return -1;
+                if (collect) {
+                    int len = snprintf(numbers, sizeof(numbers), "%u %u %u ", (unsigned)be16(wire + position),
+                                       (unsigned)be16(wire + position + 2), (unsigned)be16(wire + position + 4));
+                    failed = buf_put(&m->text, numbers, (size_t)len) || dns_name_text(&m->text, wire, &target, 1);
+                }
+                break;
+            case 6:
+                if (dns_wire_name(wire, position, rdata_end, &target, &after) ||
+                    dns_wire_name(wire, after, rdata_end, &second, &after) || after + 20 != rdata_end)
+                    return -1;
+                if (collect) {
+                    int len = snprintf(numbers, sizeof(numbers), " %u %u %u %u %u", be32(wire + after),
+                                       be32(wire + after + 4), be32(wire + after + 8), be32(wire + after + 12),
+                                       be32(wire + after + 16));
+                    failed = dns_name_text(&m->text, wire, &target, 1) || buf_put(&m->text, " ", 1) ||
+                             dns_name_text(&m->text, wire, &second, 1) || buf_put(&m->text, numbers, (size_t)len);
+                }
+                break;
+            default:
+                return -1;
+            }
+            if (failed) return -2;
+            size_t raw_off = position;
+            position = rdata_end;
+            if (!collect) continue;
+            if (ttl > 0x7FFFFFFF) ttl = 0;
+            dns_data_t *data = &m->datas[m->data_count];
+            data->text.off = (uint32_t)text_start;
+            data->text.len = (uint32_t)(m->text.len - text_start);
+            if (data->text.len > DNS_MAX_ANSWER_DATA) data->text.len = DNS_MAX_ANSWER_DATA; /* ASCII: chars = bytes */
+            data->raw.off = (uint32_t)raw_off;
+            data->raw.len = (uint32_t)rdlen;
+            span_t owner_text, key;
+            owner_text.off = (uint32_t)m->text.len;
+            if (dns_name_text(&m->text, wire, &owner, 0)) return -2;
+            owner_text.len = (uint32_t)(m->text.len - owner_text.off);
+            if (buf_reserve(&m->text, owner_text.len)) return -2;
+            key.off = (uint32_t)m->text.len;
+            key.len = owner_text.len;
+            for (uint32_t i = 0; i < owner_text.len; i++) m->text.data[key.off + i] = lower(m->text.data[owner_text.off + i]);
+            m->text.len += key.len;
+            int index = m->data_count++;
+            dns_rrset_t *rrset = NULL;
+            for (int i = 0; i < m->rrset_count; i++) {
+                if (m->rrsets[i].rdtype == rdtype && span_equal_lower(&m->text, m->rrsets[i].key, key)) {
+                    rrset = &m->rrsets[i];
+                    break;
+                }
+            }
+            if (rrset == NULL) {
+                rrset = &m->rrsets[m->rrset_count++];
+                rrset->owner = owner_text;
+                rrset->key = key;
+                rrset->rdtype = (uint16_t)rdtype;
+                rrset->ttl = ttl;
+                rrset->datas[0] = index;
+                rrset->data_count = 1;
+                continue;
+            }
+            if (ttl < rrset->ttl) rrset->ttl = ttl;
+            if (rdtype == 5 || rdtype == 6) {
+                rrset->datas[0] = index; /* a singleton type keeps the last record */
+                rrset->data_count = 1;
+            } else if (rdtype != 1 && rdtype != 28) {
+                return -1; /* equality of names inside rdata: dnspython's rules */
+            } else {
+                int seen = 0;
+                for (int i = 0; i < rrset->data_count && !seen; i++) {
+                    const dns_data_t *other = &m->datas[rrset->datas[i]];
+                    seen = other->raw.len == rdlen && memcmp(wire + other->raw.off, wire + raw_off, rdlen) == 0;
+                }
+                if (!seen) rrset->datas[rrset->data_count++] = index;
+            }
+        }
+    }
+    m->rcode = (int)((m->flags & 0xF) | ((ednsflags >> 20) & 0xFF0));
+    return 0;
+}
+
+/* dns.plausible_message for a query _parse_common read, whose question has no compression
+   pointer (so _read_name reads it as _wire_name did). */
+static int dns_plausible_query(const uint8_t *wire, size_t size, const dns_msg_t *m) {
+    if (m->question_hops || (m->flags & 0x0040) || (m->flags & 0xF)) return 0;
+    for (int i = 0; i < 4; i++)
+        if (m->counts[i] > 256) return 0;
+    /* the question: header, name (no pointer), type, class */
+    size_t position = 12;
+    while (wire[position] != 0) position += 1 + (size_t)wire[position];
+    position += 3;
+    if (position + 2 > size) return 0;
+    unsigned qclass = be16(wire + position) & 0x7FFF;
+    return qclass == 1 || qclass == 3 || qclass == 4 || qclass == 254 || qclass == 255;
+}
+
+static int dns_same_question(const dns_pending_t *pending, const dns_msg_t *m) {
+    if (pending->id != m->id || pending->qtype != m->qtype || pending->qclass != m->qclass ||
+        pending->name.len != m->qname.len)
+        return 0;
+    const uint8_t *a = pending->name.data, *b = m->text.data + m->qname.off;
+    for (size_t i = 0; i < pending->name.len; i++)
+        if (lower(a[i]) != lower(b[i])) return 0;
+    return 1;
+}
+
+static int put_text(buf_t *out, unsigned field, PyObject *text) {
+    Py_ssize_t len;
+    const char *data = PyUnicode_AsUTF8AndSize(text, &len);
+    return data == NULL ? -1 : pb_bytes(out, field, data, (size_t)len);
+}
+
+/* The answered query as serialized ApiCall bytes: DnsTransactions._query/_response, _describe,
+   calls.new_call and finish_call. */
+static PyObject *build_dns_call(Express *self, flow_t *flow, const dns_pending_t *query, const dns_msg_t *m,
+                                int64_t ts, size_t size) {
+    PyObject *type_text = dns_cached_text(&self->type_texts, 65536, self->dns_type_text, query->qtype);
+    PyObject *rcode_text = type_text ? dns_cached_text(&self->rcode_texts, 4096, self->dns_rcode_text, (unsigned)m->rcode) : NULL;
+    if (rcode_text == NULL) return NULL;
+    buf_t out = {0}, sub = {0}, answer = {0};
+    PyObject *result = NULL;
+    char tail[48], id[24];
+    int tail_len = snprintf(tail, sizeof(tail), "%lld|%lld", (long long)query->ts, (long long)query->ordinal);
+    const uint8_t *parts[2] = {(const uint8_t *)PyBytes_AS_STRING(flow->prefix), (const uint8_t *)tail};
+    size_t lengths[2] = {(size_t)PyBytes_GET_SIZE(flow->prefix), (size_t)tail_len};
+    blake2b_hex_parts(parts, lengths, 2, 12, id);
+    if (pb_bytes(&out, 1, id, 24) || pb_bytes(&out, 2, "dns", 3) || pb_bytes(&out, 3, "udp", 3) ||
+        put_str_object(&out, 4, flow->node) || pb_bytes(&out, 5, "packet", 6))
+        goto done;
+    PyObject *texts[2] = {flow->client_text, flow->server_text};
+    uint16_t ports[2] = {flow->client_port, flow->server_port};
+    for (int side = 0; side < 2; side++) {
+        sub.len = 0;
+        if (put_str_object(&sub, 1, texts[side]) || pb_uint(&sub, 2, ports[side]) || pb_message(&out, 6 + side, &sub))
+            goto done;
+    }
+    sub.len = 0;
+    if (pb_uint(&sub, 1, (uint64_t)query->ts) || pb_uint(&sub, 2, (uint64_t)query->ts) ||
+        pb_uint(&sub, 3, query->size) || pb_message(&out, 8, &sub))
+        goto done;
+    sub.len = 0;
+    if (pb_uint(&sub, 1, (uint64_t)ts) || pb_uint(&sub, 2, (uint64_t)ts) || pb_uint(&sub, 3, size) ||
+        pb_message(&out, 9, &sub))
+        goto done;
+    Py_ssize_t rcode_len;
+    const char *rcode = PyUnicode_AsUTF8AndSize(rcode_text, &rcode_len);
+    int ok = (rcode_len == 7 && memcmp(rcode, "NOERROR", 7) == 0) || (rcode_len == 8 && memcmp(rcode, "NXDOMAIN", 8) == 0);
+    if (put_text(&out, 10, type_text) || pb_bytes(&out, 11, query->name.data, query->name.len) ||
+        pb_bytes(&out, 12, rcode, (size_t)rcode_len) || pb_uint(&out, 13, ts > query->ts ? (uint64_t)(ts - query->ts) : 0) ||
+        pb_uint(&out, 14, ok ? 1 : 2))
+        goto done;
+    sub.len = 0;
+    if (pb_uint(&sub, 1, query->id) || pb_bytes(&sub, 2, rcode, (size_t)rcode_len) ||
+        pb_uint(&sub, 3, (m->flags & 0x0200) ? 1 : 0))
+        goto done;
+    for (int r = 0; r < m->rrset_count; r++) {
+        const dns_rrset_t *rrset = &m->rrsets[r];
+        PyObject *rr_type = dns_cached_text(&self->type_texts, 65536, self->dns_type_text, rrset->rdtype);
+        if (rr_type == NULL) goto done;
+        for (int d = 0; d < rrset->data_count; d++) {
+            const dns_data_t *data = &m->datas[rrset->datas[d]];
+            answer.len = 0;
+            if (pb_bytes(&answer, 1, m->text.data + rrset->owner.off, rrset->owner.len) || put_text(&answer, 2, rr_type) ||
+                pb_uint(&answer, 3, rrset->ttl) || pb_bytes(&answer, 4, m->text.data + data->text.off, data->text.len) ||
+                pb_message(&sub, 4, &answer))
+                goto done;
+        }
+    }
+    if (pb_message(&out, 22, &sub) || pb_uint(&out, 31, (uint64_t)flow->shard)) goto done;
+    result = PyBytes_FromStringAndSize((const char *)out.data, (Py_ssize_t)out.len);
+done:
+    buf_free(&out);
+    buf_free(&sub);
+    buf_free(&answer);
+    return result;
+}
+
+/* Add the query to the flow's pending ones (DnsTransactions._query without a retransmission). */
+static int dns_add_pending(flow_t *flow, const dns_msg_t *m, int64_t ts, size_t size) {
+    if (flow->pending_count == flow->pending_cap) {
+        size_t cap = flow->pending_cap ? flow->pending_cap * 2 : 2;
+        dns_pending_t *pending = PyMem_Realloc(flow->pending, cap * sizeof(dns_pending_t));
+        if (pending == NULL) return -1;
+        flow->pending = pending;
+        flow->pending_cap = cap;
+    }
+    dns_pending_t *query = &flow->pending[flow->pending_count];
+    memset(query, 0, sizeof(*query));
+    if (buf_put(&query->name, m->text.data + m->qname.off, m->qname.len)) return -1;
+    query->id = m->id;
+    query->qtype = m->qtype;
+    query->qclass = m->qclass;
+    query->ts = ts;
+    query->size = size;
+    query->ordinal = flow->ordinal++;
+    flow->pending_count++;
+    return 0;
+}
+
+/* One datagram of a held DNS flow: R_NONE when taken, else the demotion reason. Calls leave
+   (as (3, call) work items) only when no query is pending any more: that is the quiescent point. */
+static int flow_datagram(Express *self, flow_t *flow, int from_client, const segment_t *segment, int64_t ts,
+                         PyObject *work) {
+    dns_msg_t *m = &self->dns;
+    flow->last_ts = ts;
+    int parsed = dns_parse(self, segment->payload, segment->payload_len, m);
+    if (parsed) return parsed == -2 ? R_MEMORY : R_DNS;
+    if (!m->is_response) {
+        if (!from_client) return R_DNS_SIDE;
+        if (m->url_chars) return R_DNS;
+        for (size_t i = 0; i < flow->pending_count; i++)
+            if (dns_same_question(&flow->pending[i], m)) return R_RETRANSMIT;
+        if (flow->pending_count >= DNS_MAX_PENDING || (Py_ssize_t)flow->pending_count >= self->max_pending_requests)
+            return R_LIMIT;
+        return dns_add_pending(flow, m, ts, segment->payload_len) ? R_MEMORY : R_NONE;
+    }
+    if (from_client) return R_DNS_SIDE;
+    size_t index = 0;
+    while (index < flow->pending_count && !dns_same_question(&flow->pending[index], m)) index++;
+    if (index == flow->pending_count) return R_UNPAIRED;
+    if (flow->held_count == DNS_MAX_HELD) return R_LIMIT;
+    if (flow->held_count == flow->held_cap) {
+        size_t cap = flow->held_cap ? flow->held_cap * 2 : 2;
+        PyObject **held = PyMem_Realloc(flow->held, cap * sizeof(PyObject *));
+        if (held == NULL) return R_MEMORY;
+        flow->held = held;
+        flow->held_cap = cap;
+    }
+    PyObject *call = build_dns_call(self, flow, &flow->pending[index], m, ts, segment->payload_len);
+    if (call == NULL) {
+        PyErr_Clear();
+        return R_CALLBACK;
+    }
+    flow->held[flow->held_count++] = call;
+    buf_free(&flow->pending[index].name);
+    memmove(&flow->pending[index], &flow->pending[index + 1], (flow->pending_count - index - 1) * sizeof(dns_pending_t));
+    flow->pending_count--;
+    if (flow->pending_count) return R_NONE;
+    for (size_t i = 0; i < flow->held_count; i++) {
+        PyObject *item = Py_BuildValue("(iO)", 3, flow->held[i]);
+        if (item == NULL || PyList_Append(work, item)) {
+            /* Work items already appended stay; this flow's state is still consistent: give
+               up on the rest (counted as a memory failure by the caller's demotion). */
+            Py_XDECREF(item);
+            PyErr_Clear();
+            for (size_t j = 0; j < i; j++) Py_CLEAR(flow->held[j]);
+            memmove(flow->held, flow->held + i, (flow->held_count - i) * sizeof(PyObject *));
+            flow->held_count -= i;
+            self->calls_dns += (long long)i;
+            return R_MEMORY;
+        }
+        Py_DECREF(item);
+    }
+    for (size_t i = 0; i < flow->held_count; i++) Py_CLEAR(flow->held[i]);
+    self->calls_dns += (long long)flow->held_count;
+    flow->held_count = 0;
+    flow->exchanges++;
+    return R_NONE;
+}
+
+/* ------------------------------------------------------------------------------------------ */
 /* TCP per flow                                                                                */
 /* ------------------------------------------------------------------------------------------ */
 
@@ -1527,9 +2131,16 @@ static int flow_segment(Express *self, flow_t *flow, int from_client, const segm
 static void take_snapshot(Express *self, flow_t *flow) {
     snapshot_t *snap = &flow->snapshot;
     if (!flow->has_snapshot) {
+        /* Python counts the flow when it makes it; a flow given back before this point is
+           replayed from its first packet, and counted there. */
         flow->has_snapshot = 1;
-        self->tcp_flows++;
-        self->tcp_flows_http++;
+        if (flow->udp) {
+            self->udp_flows++;
+            self->udp_flows_dns++;
+        } else {
+            self->tcp_flows++;
+            self->tcp_flows_http++;
+        }
     }
     snap->first_ts = flow->first_ts;
     snap->last_ts = flow->last_ts;
@@ -1592,7 +2203,10 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
         if (item == NULL) goto done;
         PyList_SET_ITEM(records, (Py_ssize_t)flow->retained_count, item);
     }
-    if (flow->has_snapshot) {
+    if (flow->has_snapshot && flow->udp) {
+        state = Py_BuildValue("{sLsL}", "last_ts_ns", (long long)flow->snapshot.last_ts, "ordinal",
+                              (long long)flow->snapshot.ordinal);
+    } else if (flow->has_snapshot) {
         const snapshot_t *snap = &flow->snapshot;
         PyObject *client = half_tuple(&snap->halves[0]);
         PyObject *server = client ? half_tuple(&snap->halves[1]) : NULL;
@@ -1608,9 +2222,10 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
         state = Py_NewRef(Py_None);
     }
     if (state == NULL) goto done;
-    result = Py_BuildValue("{sOsnsis(Oi)s(Oi)sOsO}", "node", flow->node, "shard", flow->shard, "link_type",
+    result = Py_BuildValue("{sOsnsis(Oi)s(Oi)sOsOss}", "node", flow->node, "shard", flow->shard, "link_type",
                            flow->link_type, "client", flow->client_ip, (int)flow->client_port, "server",
-                           flow->server_ip, (int)flow->server_port, "state", state, "records", records);
+                           flow->server_ip, (int)flow->server_port, "state", state, "records", records,
+                           "transport", flow->udp ? "udp" : "tcp");
 done:
     Py_XDECREF(records);
     Py_XDECREF(state);
@@ -1628,6 +2243,7 @@ done:
 /* ------------------------------------------------------------------------------------------ */
 
 static int quiescent(const flow_t *flow) {
+    if (flow->udp) return flow->pending_count == 0 && flow->held_count == 0;
     return flow->stage == STAGE_ESTABLISHED && flow->phase == PHASE_IDLE && flow->exchanges > 0;
 }
 
@@ -1671,16 +2287,31 @@ static int python_has(PyObject *python_flows, PyObject *node, PyObject *src, uin
     return 0;
 }
 
-/* Adopt the flow a client SYN opens; 1 adopted, 0 not (the packet goes to Python), -1 error. */
+/* Adopt the flow a client SYN opens, or (udp) the DNS flow a client's query opens: the
+   datagram Python's _udp_new would make a DNS flow of with its sender as the client (the only
+   UDP probe, a plausible query: both orientations score alike and the first one wins), whose
+   query _parse_common reads. 1 adopted, 0 not (the packet goes to Python), -1 error. */
 static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *node, Py_ssize_t shard, int link_type,
                  const segment_t *segment, const uint8_t *frame, size_t frame_len, int64_t ts, PyObject *python_flows,
-                 Py_ssize_t python_count) {
-    /* max_flows bounds both paths' flows together; python_flows holds each of its flows twice. */
-    if ((Py_ssize_t)self->active + python_count >= self->max_flows || (Py_ssize_t)frame_len > self->max_retained_bytes)
+                 Py_ssize_t python_count, int udp) {
+    /* max_flows bounds both paths' flows of a transport together (python_count: Python's). */
+    size_t held = udp ? self->udp_active : self->tcp_active;
+    if ((Py_ssize_t)held + python_count >= self->max_flows || (Py_ssize_t)frame_len > self->max_retained_bytes)
         return 0;
     size_t size = segment->family == 4 ? 4 : 16;
     if (segment->sport == segment->dport && memcmp(segment->src, segment->dst, size) == 0) return 0;
     if (routed_contains(self, key)) return 0;
+    if (udp) {
+        if (segment->sport == 137 || segment->dport == 137) return 0; /* dns.NOT_DNS_PORTS */
+        dns_msg_t *m = &self->dns;
+        int parsed = dns_parse(self, segment->payload, segment->payload_len, m);
+        if (parsed == -2) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        if (parsed || m->is_response || m->url_chars || !dns_plausible_query(segment->payload, segment->payload_len, m))
+            return 0;
+    }
     PyObject *client_ip = PyBytes_FromStringAndSize((const char *)segment->src, (Py_ssize_t)size);
     PyObject *server_ip = client_ip ? PyBytes_FromStringAndSize((const char *)segment->dst, (Py_ssize_t)size) : NULL;
     if (server_ip == NULL) {
@@ -1693,14 +2324,15 @@ static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *n
         Py_DECREF(server_ip);
         return found < 0 ? -1 : 0;
     }
-    PyObject *strings = PyObject_CallFunction(self->flow_strings, "OOiOi", node, client_ip, (int)segment->sport,
-                                              server_ip, (int)segment->dport);
+    PyObject *callback = udp ? self->dns_flow_strings : self->flow_strings;
+    PyObject *strings = PyObject_CallFunction(callback, "OOiOi", node, client_ip, (int)segment->sport, server_ip,
+                                              (int)segment->dport);
     if (strings == NULL || !PyTuple_Check(strings) || PyTuple_GET_SIZE(strings) != 3 ||
         !PyUnicode_Check(PyTuple_GET_ITEM(strings, 0)) || !PyUnicode_Check(PyTuple_GET_ITEM(strings, 1)) ||
         !PyBytes_Check(PyTuple_GET_ITEM(strings, 2)) || PyUnicode_AsUTF8(node) == NULL ||
         PyUnicode_AsUTF8(PyTuple_GET_ITEM(strings, 0)) == NULL || PyUnicode_AsUTF8(PyTuple_GET_ITEM(strings, 1)) == NULL) {
         if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "flow_strings must return (str, str, bytes)");
-        PyErr_WriteUnraisable(self->flow_strings);
+        PyErr_WriteUnraisable(callback);
         Py_XDECREF(strings);
         Py_DECREF(client_ip);
         Py_DECREF(server_ip);
@@ -1736,12 +2368,22 @@ static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *n
         for (int i = 0; i < HDR_SPECIAL_COUNT; i++) head->special[i] = -1;
     }
     flow->trace_state = -1;
+    flow->udp = udp;
+    if (udp) {
+        flow->stage = STAGE_ESTABLISHED;
+        if (dns_add_pending(flow, &self->dns, ts, segment->payload_len)) {
+            flow_free(flow);
+            PyErr_NoMemory();
+            return -1;
+        }
+    }
     if (retain(flow, frame, frame_len, ts) || flow_insert(self, flow)) {
         flow_free(flow);
         PyErr_NoMemory();
         return -1;
     }
-    self->adopted++;
+    if (udp) self->dns_adopted++;
+    else self->adopted++;
     self->packets++;
     return 1;
 }
@@ -1769,10 +2411,12 @@ static int add_work(PyObject *work, PyObject *item) {
 static PyObject *Express_feed(Express *self, PyObject *args) {
     Py_buffer view;
     int link_type, nanosecond;
-    PyObject *node, *python_flows;
-    Py_ssize_t shard;
-    if (!PyArg_ParseTuple(args, "y*ipUnO:feed", &view, &link_type, &nanosecond, &node, &shard, &python_flows))
+    PyObject *node, *python_flows, *udp_flows = Py_None;
+    Py_ssize_t shard, udp_count = 0;
+    if (!PyArg_ParseTuple(args, "y*ipUnO|On:feed", &view, &link_type, &nanosecond, &node, &shard, &python_flows,
+                          &udp_flows, &udp_count))
         return NULL;
+    int take_udp = udp_flows != Py_None && self->dns_flow_strings != NULL;
     if (!usable(self)) {
         PyBuffer_Release(&view);
         return NULL;
@@ -1784,6 +2428,7 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
     python_count /= 2;
     self->busy = 1;
     self->generation++; /* empties the routed set */
+    self->routed_count = 0;
     const uint8_t *records = view.buf;
     size_t end = (size_t)view.len, offset = 0;
     int64_t scale = nanosecond ? 1 : 1000, newest = 0;
@@ -1813,17 +2458,19 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
         segment_t segment;
         int decoded = decode_frame(link_type, frame, incl, &segment);
         if (decoded == DEC_FRAGMENT) no_adopt = 1;
-        if ((decoded == DEC_TCP || decoded == DEC_KEY) && node_id >= 0) {
+        if ((decoded == DEC_TCP || decoded == DEC_UDP || decoded == DEC_KEY) && node_id >= 0 &&
+            (segment.proto == 6 || take_udp)) {
             flow_key_t key;
             int src_is_a;
             make_key((uint32_t)node_id, &segment, &key, &src_is_a);
             flow_t *flow = flow_find(self, &key);
-            if (flow != NULL && decoded == DEC_TCP && link_type == flow->link_type) {
+            if (flow != NULL && (decoded == DEC_TCP || decoded == DEC_UDP) && link_type == flow->link_type) {
                 consumed++;
                 self->packets++;
-                int reason;
+                int reason, from_client = src_is_a == flow->client_is_a;
                 if (flow->retained_bytes + incl > (size_t)self->max_retained_bytes) reason = R_LIMIT;
-                else reason = flow_segment(self, flow, src_is_a == flow->client_is_a, &segment, ts, work);
+                else if (flow->udp) reason = flow_datagram(self, flow, from_client, &segment, ts, work);
+                else reason = flow_segment(self, flow, from_client, &segment, ts, work);
                 if (reason == R_NONE) {
                     if (quiescent(flow)) {
                         take_snapshot(self, flow);
@@ -1841,10 +2488,18 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
             if (flow != NULL) {
                 /* A packet of the flow this lane cannot take: the flow goes back first, then the packet. */
                 if (add_work(work, Py_BuildValue("(iN)", 1, demote(self, flow, R_PACKET, NULL, 0, 0)))) goto fail;
+            } else if (decoded == DEC_UDP && !no_adopt) {
+                int adopted = adopt(self, &key, src_is_a, node, shard, link_type, &segment, frame, incl, ts, udp_flows,
+                                    udp_count, 1);
+                if (adopted < 0) goto fail;
+                if (adopted) {
+                    consumed++;
+                    continue;
+                }
             } else if (decoded == DEC_TCP && !no_adopt &&
                        (segment.flags & (TH_SYN | TH_ACK | TH_RST | TH_FIN)) == TH_SYN && segment.payload_len == 0) {
                 int adopted = adopt(self, &key, src_is_a, node, shard, link_type, &segment, frame, incl, ts, python_flows,
-                                    python_count);
+                                    python_count, 0);
                 if (adopted < 0) goto fail;
                 if (adopted) {
                     consumed++;
@@ -1867,15 +2522,44 @@ done:
     return result;
 }
 
+/* A UDP flow with nothing pending and nothing to replay: Python would end it with no call and
+   no count (engine._udp_end + _udp_remove), so it simply ends here. */
+static int udp_idle_end(Express *self, flow_t *flow) {
+    if (!flow->udp || !flow->has_snapshot || flow->pending_count || flow->held_count || flow->retained_count)
+        return 0;
+    self->udp_ended++;
+    flow_unlink(self, flow);
+    flow_free(flow);
+    return 1;
+}
+
 static PyObject *Express_demote_stale(Express *self, PyObject *args) {
-    long long now, idle, request_timeout, handshake_timeout;
-    if (!PyArg_ParseTuple(args, "LLLL:demote_stale", &now, &idle, &request_timeout, &handshake_timeout)) return NULL;
+    long long now, idle, request_timeout, handshake_timeout, udp_idle = -1;
+    if (!PyArg_ParseTuple(args, "LLLL|L:demote_stale", &now, &idle, &request_timeout, &handshake_timeout, &udp_idle))
+        return NULL;
     if (!usable(self)) return NULL;
+    if (udp_idle < 0) udp_idle = idle;
     PyObject *out = PyList_New(0);
     if (out == NULL) return NULL;
     flow_t *flow = self->first;
     while (flow != NULL) {
         flow_t *next = flow->next;
+        if (flow->udp) {
+            /* engine._expire: a UDP flow idle that long ends; a query pending that long is unanswered. */
+            int stale = now - flow->last_ts >= udp_idle;
+            if (stale && udp_idle_end(self, flow)) {
+                flow = next;
+                continue;
+            }
+            for (size_t i = 0; i < flow->pending_count && !stale; i++)
+                stale = now - flow->pending[i].ts >= request_timeout;
+            if (stale && add_work(out, demote(self, flow, R_STALE, NULL, 0, 0))) {
+                Py_DECREF(out);
+                return NULL;
+            }
+            flow = next;
+            continue;
+        }
         int waiting = flow->phase != PHASE_IDLE && flow->phase != PHASE_REQUEST_HEAD;
         if (now - flow->last_ts >= idle || (flow->stage == STAGE_SYN_SENT && now - flow->syn_ts >= handshake_timeout) ||
             (waiting && now - flow->request.ts >= request_timeout)) {
@@ -1889,14 +2573,22 @@ static PyObject *Express_demote_stale(Express *self, PyObject *args) {
     return out;
 }
 
-/* The flow least recently active goes back (the Python table needs room and holds none). */
-static PyObject *Express_demote_oldest(Express *self, PyObject *unused) {
-    (void)unused;
+/* The TCP (or UDP) flow least recently active goes back: the Python table needs room and holds
+   none (TCP), or the lane's oldest UDP flow is older than `before_ns` (Python's oldest). */
+static PyObject *Express_demote_oldest(Express *self, PyObject *args) {
+    int udp = 0;
+    PyObject *before = Py_None;
+    if (!PyArg_ParseTuple(args, "|pO:demote_oldest", &udp, &before)) return NULL;
     if (!usable(self)) return NULL;
+    long long before_ns = 0;
+    if (before != Py_None) {
+        before_ns = PyLong_AsLongLong(before);
+        if (before_ns == -1 && PyErr_Occurred()) return NULL;
+    }
     flow_t *oldest = NULL;
     for (flow_t *flow = self->first; flow != NULL; flow = flow->next)
-        if (oldest == NULL || flow->last_ts < oldest->last_ts) oldest = flow;
-    if (oldest == NULL) Py_RETURN_NONE;
+        if (flow->udp == udp && (oldest == NULL || flow->last_ts < oldest->last_ts)) oldest = flow;
+    if (oldest == NULL || (before != Py_None && oldest->last_ts >= before_ns)) Py_RETURN_NONE;
     return demote(self, oldest, R_ROOM, NULL, 0, 0);
 }
 
@@ -1920,7 +2612,8 @@ static PyObject *Express_demote_all(Express *self, PyObject *args, PyObject *kwa
             match = PyObject_RichCompareBool(flow->node, node, Py_EQ);
             if (match < 0) goto fail;
         }
-        if (match && add_work(out, demote(self, flow, R_FINISH, NULL, 0, 0))) goto fail;
+        /* A UDP flow with nothing pending would only be ended, with nothing to report. */
+        if (match && !udp_idle_end(self, flow) && add_work(out, demote(self, flow, R_FINISH, NULL, 0, 0))) goto fail;
         flow = next;
     }
     return out;
@@ -1943,9 +2636,12 @@ static PyObject *Express_get_counters(Express *self, void *closure) {
     PyObject *dict = PyDict_New();
     if (dict == NULL) return NULL;
     if (set_count(dict, "packets", self->packets) || set_count(dict, "tcp_flows", self->tcp_flows) ||
-        set_count(dict, "tcp_flows_http", self->tcp_flows_http) ||
-        set_count(dict, "calls", self->calls_http) || set_count(dict, "calls_http", self->calls_http) ||
-        set_count(dict, "express_flows_adopted", self->adopted) ||
+        set_count(dict, "tcp_flows_http", self->tcp_flows_http) || set_count(dict, "udp_flows", self->udp_flows) ||
+        set_count(dict, "udp_flows_dns", self->udp_flows_dns) ||
+        set_count(dict, "calls", self->calls_http + self->calls_dns) || set_count(dict, "calls_http", self->calls_http) ||
+        set_count(dict, "calls_dns", self->calls_dns) || set_count(dict, "express_flows_adopted", self->adopted) ||
+        set_count(dict, "express_dns_flows_adopted", self->dns_adopted) ||
+        set_count(dict, "express_udp_flows_ended", self->udp_ended) ||
         set_count(dict, "express_demotions", self->demotions))
         goto fail;
     for (int reason = 1; reason < R_COUNT; reason++) {
@@ -1964,15 +2660,47 @@ static PyObject *Express_get_active(Express *self, void *closure) {
     return PyLong_FromSize_t(self->active);
 }
 
+static PyObject *Express_get_tcp_active(Express *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(self->tcp_active);
+}
+
+static PyObject *Express_get_udp_active(Express *self, void *closure) {
+    (void)closure;
+    return PyLong_FromSize_t(self->udp_active);
+}
+
+static void free_texts(PyObject ***slots, size_t size) {
+    if (*slots == NULL) return;
+    for (size_t i = 0; i < size; i++) Py_XDECREF((*slots)[i]);
+    PyMem_Free(*slots);
+    *slots = NULL;
+}
+
 static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     PyObject *header_kind, *param_is_secret, *key_is_secret, *flow_strings;
-    Py_ssize_t max_body_bytes, max_header_bytes, max_flows, max_retained_bytes;
+    PyObject *dns_flow_strings = Py_None, *dns_type_text = Py_None, *dns_rcode_text = Py_None,
+             *edns_option_opaque = Py_None;
+    Py_ssize_t max_body_bytes, max_header_bytes, max_flows, max_retained_bytes, max_pending_requests = 1024;
     static char *keywords[] = {"header_kind", "param_is_secret", "key_is_secret", "flow_strings", "max_body_bytes",
-                               "max_header_bytes", "max_flows", "max_retained_bytes", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn:Express", keywords, &header_kind, &param_is_secret,
+                               "max_header_bytes", "max_flows", "max_retained_bytes", "dns_flow_strings",
+                               "dns_type_text", "dns_rcode_text", "edns_option_opaque", "max_pending_requests", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOn:Express", keywords, &header_kind, &param_is_secret,
                                      &key_is_secret, &flow_strings, &max_body_bytes, &max_header_bytes, &max_flows,
-                                     &max_retained_bytes))
+                                     &max_retained_bytes, &dns_flow_strings, &dns_type_text, &dns_rcode_text,
+                                     &edns_option_opaque, &max_pending_requests))
         return -1;
+    int dns = dns_flow_strings != Py_None;
+    if (dns && (!PyCallable_Check(dns_flow_strings) || !PyCallable_Check(dns_type_text) ||
+                !PyCallable_Check(dns_rcode_text) || !PyCallable_Check(edns_option_opaque))) {
+        PyErr_SetString(PyExc_TypeError, "Express: dns_flow_strings, dns_type_text, dns_rcode_text and "
+                                         "edns_option_opaque must be callable (or dns_flow_strings None)");
+        return -1;
+    }
+    if (max_pending_requests <= 0) {
+        PyErr_SetString(PyExc_ValueError, "Express: max_pending_requests must be positive");
+        return -1;
+    }
     if (!PyCallable_Check(header_kind) || !PyCallable_Check(param_is_secret) || !PyCallable_Check(key_is_secret) ||
         !PyCallable_Check(flow_strings)) {
         PyErr_SetString(PyExc_TypeError, "Express: the four callbacks must be callable");
@@ -1990,6 +2718,21 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     Py_XSETREF(self->param_is_secret, Py_NewRef(param_is_secret));
     Py_XSETREF(self->key_is_secret, Py_NewRef(key_is_secret));
     Py_XSETREF(self->flow_strings, Py_NewRef(flow_strings));
+    Py_CLEAR(self->dns_flow_strings);
+    Py_CLEAR(self->dns_type_text);
+    Py_CLEAR(self->dns_rcode_text);
+    Py_CLEAR(self->edns_option_opaque);
+    if (dns) {
+        self->dns_flow_strings = Py_NewRef(dns_flow_strings);
+        self->dns_type_text = Py_NewRef(dns_type_text);
+        self->dns_rcode_text = Py_NewRef(dns_rcode_text);
+        self->edns_option_opaque = Py_NewRef(edns_option_opaque);
+    }
+    self->max_pending_requests = max_pending_requests;
+    free_texts(&self->type_texts, 65536);
+    free_texts(&self->rcode_texts, 4096);
+    memset(self->option_known, 0, sizeof(self->option_known));
+    memset(self->option_opaque, 0, sizeof(self->option_opaque));
     if (self->empty_bytes == NULL) {
         self->empty_bytes = PyBytes_FromStringAndSize(NULL, 0);
         if (self->empty_bytes == NULL) return -1;
@@ -2005,6 +2748,10 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
 }
 
 static int Express_traverse(Express *self, visitproc visit, void *arg) {
+    Py_VISIT(self->dns_flow_strings);
+    Py_VISIT(self->dns_type_text);
+    Py_VISIT(self->dns_rcode_text);
+    Py_VISIT(self->edns_option_opaque);
     Py_VISIT(self->header_kind);
     Py_VISIT(self->param_is_secret);
     Py_VISIT(self->key_is_secret);
@@ -2013,6 +2760,10 @@ static int Express_traverse(Express *self, visitproc visit, void *arg) {
 }
 
 static int Express_clear(Express *self) {
+    Py_CLEAR(self->dns_flow_strings);
+    Py_CLEAR(self->dns_type_text);
+    Py_CLEAR(self->dns_rcode_text);
+    Py_CLEAR(self->edns_option_opaque);
     Py_CLEAR(self->header_kind);
     Py_CLEAR(self->param_is_secret);
     Py_CLEAR(self->key_is_secret);
@@ -2037,23 +2788,30 @@ static void Express_dealloc(Express *self) {
     cache_free(&self->params);
     cache_free(&self->keys);
     Py_XDECREF(self->empty_bytes);
+    free_texts(&self->type_texts, 65536);
+    free_texts(&self->rcode_texts, 4096);
+    buf_free(&self->dns.text);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
 static PyMethodDef Express_methods[] = {
     {"feed", (PyCFunction)Express_feed, METH_VARARGS,
-     "feed(records, link_type, nanosecond, node, shard, python_flows) -> (work, packets_consumed, max_ts_ns)"},
-    {"demote_oldest", (PyCFunction)Express_demote_oldest, METH_NOARGS,
-     "demote_oldest() -> the least recently active flow's handover, or None when no flow is held"},
+     "feed(records, link_type, nanosecond, node, shard, python_flows, udp_flows=None, udp_count=0) -> "
+     "(work, packets_consumed, max_ts_ns)"},
+    {"demote_oldest", (PyCFunction)Express_demote_oldest, METH_VARARGS,
+     "demote_oldest(udp=False, before_ns=None) -> the least recently active TCP (UDP) flow's handover, or None "
+     "when none is held (or none is older than before_ns)"},
     {"demote_all", (PyCFunction)(void (*)(void))Express_demote_all, METH_VARARGS | METH_KEYWORDS,
      "demote_all(node=None, shard=None) -> list of handovers (every flow, or those of that node/shard)"},
     {"demote_stale", (PyCFunction)Express_demote_stale, METH_VARARGS,
-     "demote_stale(now_ns, idle_ns, request_timeout_ns, handshake_timeout_ns) -> list of handovers"},
+     "demote_stale(now_ns, idle_ns, request_timeout_ns, handshake_timeout_ns, udp_idle_ns=idle_ns) -> list of handovers"},
     {NULL, NULL, 0, NULL},
 };
 
 static PyGetSetDef Express_getset[] = {
-    {"active", (getter)Express_get_active, NULL, "flows held", NULL},
+    {"active", (getter)Express_get_active, NULL, "flows held (TCP and UDP)", NULL},
+    {"tcp_active", (getter)Express_get_tcp_active, NULL, "TCP flows held", NULL},
+    {"udp_active", (getter)Express_get_udp_active, NULL, "UDP (DNS) flows held", NULL},
     {"counters", (getter)Express_get_counters, NULL, "cumulative counters (non-zero ones)", NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
@@ -2062,7 +2820,7 @@ static PyTypeObject ExpressType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "trawl.dissector._express.Express",
     .tp_basicsize = sizeof(Express),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
-    .tp_doc = "The compiled HTTP/1 lane: takes simple flows, gives them back (demotes) on anything else.",
+    .tp_doc = "The compiled HTTP/1 and DNS lane: takes simple flows, gives them back (demotes) on anything else.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Express_init,
     .tp_dealloc = (destructor)Express_dealloc,
@@ -2098,7 +2856,7 @@ static PyMethodDef module_methods[] = {
 
 static struct PyModuleDef express_module = {
     PyModuleDef_HEAD_INIT, "trawl.dissector._express",
-    "The compiled HTTP/1 express lane of the dissector (see services/dissector/_express.c).", -1, module_methods,
+    "The compiled HTTP/1 and DNS-over-UDP express lane of the dissector (see services/dissector/_express.c).", -1, module_methods,
     NULL, NULL, NULL, NULL,
 };
 

@@ -17,6 +17,12 @@ class Express:
         max_header_bytes: int,
         max_flows: int,
         max_retained_bytes: int,
+        *,
+        dns_flow_strings: Callable[[str, bytes, int, bytes, int], tuple[str, str, bytes]] | None = None,
+        dns_type_text: Callable[[int], str] | None = None,
+        dns_rcode_text: Callable[[int], str] | None = None,
+        edns_option_opaque: Callable[[int], bool] | None = None,
+        max_pending_requests: int = 1024,
     ) -> None: ...
     def feed(
         self,
@@ -26,14 +32,26 @@ class Express:
         node: str,
         shard: int,
         python_flows: Mapping[tuple[object, ...], object] | None,
+        udp_flows: Mapping[tuple[object, ...], object] | None = None,
+        udp_count: int = 0,
         /,
     ) -> tuple[list[WorkItem], int, int]: ...
-    def demote_oldest(self) -> Handover | None: ...
+    def demote_oldest(self, udp: bool = False, before_ns: int | None = None, /) -> Handover | None: ...
     def demote_all(self, node: str | None = None, shard: int | None = None) -> list[Handover]: ...
     def demote_stale(
-        self, now_ns: int, idle_ns: int, request_timeout_ns: int, handshake_timeout_ns: int, /
+        self,
+        now_ns: int,
+        idle_ns: int,
+        request_timeout_ns: int,
+        handshake_timeout_ns: int,
+        udp_idle_ns: int = ...,
+        /,
     ) -> list[Handover]: ...
     @property
     def active(self) -> int: ...
+    @property
+    def tcp_active(self) -> int: ...
+    @property
+    def udp_active(self) -> int: ...
     @property
     def counters(self) -> dict[str, int]: ...

@@ -136,7 +136,7 @@ class Dissector:
         self.lane = express.build_lane(settings, self.redactor)
         if self.lane is not None:
             lane = self.lane
-            self.tcp.lane_flows = lambda: lane.active
+            self.tcp.lane_flows = lambda: lane.tcp_active
             self.tcp.make_room = self._room_from_lane
 
     # -- public API ----------------------------------------------------------------------------
@@ -151,7 +151,8 @@ class Dissector:
         if self.lane is not None:
             for name, value in self.lane.counters.items():
                 snapshot[name] = snapshot.get(name, 0) + value
-            snapshot["tcp_flows_active"] += self.lane.active
+            snapshot["tcp_flows_active"] += self.lane.tcp_active
+            snapshot["udp_flows_active"] += self.lane.udp_active
         return snapshot
 
     def feed(self, batch: PacketBatch) -> list[ApiCall]:
@@ -184,7 +185,9 @@ class Dissector:
         replay), a damaged tail to walk, and the calls the lane completed, in line so that calls
         leave in the order of their last packets whichever path made them."""
         link_type = LINKTYPE_ETHERNET
-        work, _, newest = lane.feed(records, link_type, nanosecond, node, shard, self.tcp.flows)
+        work, _, newest = lane.feed(
+            records, link_type, nanosecond, node, shard, self.tcp.flows, self.udp_flows, len(self.udp_lru)
+        )
         clock = max(self.clock_ns, newest)
         packets = 0
         frame = self._frame
@@ -270,7 +273,10 @@ class Dissector:
     def _take_back(self, handover: dict[str, Any]) -> int:
         """A flow the compiled lane gave back: rebuild it (or not: replayed from its SYN), then
         replay its packets; returns how many."""
-        if handover["state"] is not None:
+        if handover["transport"] == "udp":
+            if handover["state"] is not None:
+                self._udp_restore(handover)
+        elif handover["state"] is not None:
             flow, parser = express.restore(self.tcp, handover, self.limits)
             state: _StreamState = flow.user  # type: ignore[assignment]
             state.detecting = False
@@ -282,6 +288,25 @@ class Dissector:
         for data, ts_ns in frames:
             frame(data, 0, len(data), ts_ns, node, shard, link_type)
         return len(frames)
+
+    def _udp_restore(self, handover: dict[str, Any]) -> None:
+        """A DNS-over-UDP flow given back by the lane, as of its last quiescent point."""
+        info, parser, last_ts_ns = express.restore_udp(handover, self.limits)
+        node = handover["node"]
+        client_ip, client_port = handover["client"]
+        server_ip, server_port = handover["server"]
+        c2s_key = (node, client_ip, client_port, server_ip, server_port)
+        s2c_key = (node, server_ip, server_port, client_ip, client_port)
+        for key in (c2s_key, s2c_key):
+            entry = self.udp_flows.get(key)
+            if entry is not None:
+                self._udp_remove(entry[0])  # as TcpTable.discard in express.restore: never expected
+        flow = _UdpFlow(info, (c2s_key, s2c_key), last_ts_ns)
+        flow.parser = parser
+        flow.protocol = "dns"
+        self.udp_flows[c2s_key] = (flow, C2S)
+        self.udp_flows[s2c_key] = (flow, S2C)
+        self.udp_lru[id(flow)] = flow
 
     def _room_from_lane(self) -> None:
         """The flow table is full and the Python side holds no flow: the lane gives back its
@@ -424,7 +449,11 @@ class Dissector:
         if self.lane is not None:
             # Flows the lane holds are simple, but their timeouts are the Python path's to call.
             given_back = self.lane.demote_stale(
-                now_ns, self.tcp.idle_timeout_ns, self.limits.request_timeout_ns, self.tcp.handshake_timeout_ns
+                now_ns,
+                self.tcp.idle_timeout_ns,
+                self.limits.request_timeout_ns,
+                self.tcp.handshake_timeout_ns,
+                UDP_IDLE_TIMEOUT_NS,
             )
             self._count("packets", sum(self._take_back(handover) for handover in given_back))
         self.decoder.fragments.expire(now_ns)
@@ -627,11 +656,10 @@ class Dissector:
     def _udp_new(
         self, node: str, shard: int, src: bytes, sport: int, dst: bytes, dport: int, data: bytes, ts_ns: int
     ) -> tuple[_UdpFlow, Direction]:
-        if len(self.udp_lru) >= self.settings.max_flows:
+        lane = self.lane
+        if len(self.udp_lru) + (lane.udp_active if lane is not None else 0) >= self.settings.max_flows:
             self._count("udp_flows_evicted_limit")
-            _, oldest = self.udp_lru.popitem(last=False)
-            self._udp_end(oldest, ts_ns)
-            self._udp_remove(oldest)
+            self._udp_evict_oldest(ts_ns)
         src_ip, dst_ip = ip_text(src), ip_text(dst)
         as_client = FlowInfo("udp", src_ip, sport, dst_ip, dport, node, shard)
         as_server = FlowInfo("udp", dst_ip, dport, src_ip, sport, node, shard)
@@ -666,6 +694,21 @@ class Dissector:
         self.udp_lru[id(flow)] = flow
         self._count("udp_flows")
         return flow, C2S if src_is_client else S2C
+
+    def _udp_evict_oldest(self, ts_ns: int) -> None:
+        """The least recently active UDP flow ends, whichever path holds it (the lane gives it
+        back first)."""
+        oldest = next(iter(self.udp_lru.values()), None)
+        if self.lane is not None and self.lane.udp_active:
+            handover = self.lane.demote_oldest(True, None if oldest is None else oldest.last_ts_ns)
+            if handover is not None:
+                self._count("packets", self._take_back(handover))
+                node = handover["node"]
+                entry = self.udp_flows.get((node, *handover["client"], *handover["server"]))
+                oldest = entry[0] if entry is not None else None
+        if oldest is not None:
+            self._udp_end(oldest, ts_ns)
+            self._udp_remove(oldest)
 
     def _udp_end(self, flow: _UdpFlow, ts_ns: int) -> None:
         parser = flow.parser

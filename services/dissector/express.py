@@ -10,7 +10,14 @@ expect...) it gives the flow back ("demotes" it) with:
   request pending), or none when it never reached one (then the flow is replayed from its SYN);
 - copies of the flow's packets since that point, the one that caused the demotion included.
 
-`restore` rebuilds the Python flow (TcpFlow + Http1Parser) from that state, and the engine
+DNS over UDP takes the lane too: a flow opened by a plain query (one Python's `_udp_new` would
+make a DNS flow of, its sender the client) stays there while every datagram is a query from the
+client or the response to a pending one that `dns._parse_common` reads; its calls leave when no
+query is pending (the quiescent point, whose state is the count of calls begun). A quiet flow
+idle past the UDP timeout simply ends there, as Python would end it with nothing to report.
+
+`restore` rebuilds the Python flow (TcpFlow + Http1Parser) from that state (`restore_udp` the
+_UdpFlow's FlowInfo and DnsDatagramParser), and the engine
 replays the packets through its ordinary path: from then on the Python code, which stays the
 reference, is exactly where it would have been had it seen every packet. The differential test
 (tests/unit/test_express_differential.py) holds the two paths to identical calls and counters.
@@ -22,6 +29,7 @@ from typing import Any
 
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.layers import ip_text
+from trawl.dissector.protocols import dns
 from trawl.dissector.protocols.base import FlowInfo, ParserLimits
 from trawl.dissector.protocols.http1 import Http1Parser
 from trawl.dissector.redact import Redactor
@@ -46,6 +54,15 @@ def flow_strings(
     return client, server, f"{node}|{key}|http|".encode()
 
 
+def dns_flow_strings(
+    node: str, client_ip: bytes, client_port: int, server_ip: bytes, server_port: int
+) -> tuple[str, str, bytes]:
+    """`flow_strings` for a DNS-over-UDP flow."""
+    client, server = ip_text(client_ip), ip_text(server_ip)
+    key = FlowInfo("udp", client, client_port, server, server_port, node).key
+    return client, server, f"{node}|{key}|dns|".encode()
+
+
 def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
     """The lane for these settings, or None when it is off (or, on a broken install, missing)."""
     if not settings.express:
@@ -62,6 +79,11 @@ def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
         settings.max_header_bytes,
         settings.max_flows,
         settings.express_max_retained_bytes,
+        dns_flow_strings=dns_flow_strings,
+        dns_type_text=dns.type_text,
+        dns_rcode_text=dns.rcode_text,
+        edns_option_opaque=dns.edns_option_is_opaque,
+        max_pending_requests=settings.max_pending_requests,
     )
 
 
@@ -100,3 +122,18 @@ def restore(table: TcpTable, handover: dict[str, Any], limits: ParserLimits) -> 
         reader.offset = offset
     table.adopt(flow)
     return flow, parser
+
+
+def restore_udp(handover: dict[str, Any], limits: ParserLimits) -> tuple[FlowInfo, dns.DnsDatagramParser, int]:
+    """A DNS-over-UDP flow given back at a quiescent point: its FlowInfo (the client is the side
+    that asked first), its parser as of then, and its last activity; the engine makes the flow."""
+    client_ip, client_port = handover["client"]
+    server_ip, server_port = handover["server"]
+    state: dict[str, Any] = handover["state"]
+    info = FlowInfo(
+        "udp", ip_text(client_ip), client_port, ip_text(server_ip), server_port, handover["node"], handover["shard"]
+    )
+    parser = dns.DnsDatagramParser(info, limits)
+    parser.restore(state["ordinal"])
+    last_ts_ns: int = state["last_ts_ns"]
+    return info, parser, last_ts_ns

@@ -92,9 +92,8 @@ def test_a_reader_that_stops_early_ends_analyze_quietly(tmp_path: Path) -> None:
         talk.client_sends(b"GET /items/%d HTTP/1.1\r\nHost: shop\r\n\r\n" % number)
         talk.server_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
     capture = tmp_path / "many.pcap"
-    capture.write_bytes(
-        global_header(LINKTYPE_ETHERNET, nanosecond=True) + b"".join(pack_record(ts, frame) for ts, frame in talk.frames)
-    )
+    records = b"".join(pack_record(ts, frame) for ts, frame in talk.frames)
+    capture.write_bytes(global_header(LINKTYPE_ETHERNET, nanosecond=True) + records)
     process = subprocess.Popen(
         [sys.executable, "-m", "trawl", "analyze", str(capture), "--json"],
         stdout=subprocess.PIPE,

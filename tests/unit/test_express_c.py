@@ -11,6 +11,7 @@ import gc
 import hashlib
 import resource
 import sys
+import tracemalloc
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -581,7 +582,7 @@ def check_work(work: list[tuple[Any, ...]], size: int) -> None:
             assert 16 <= start <= end <= size and ts >= 0
         elif kind == 1:
             handover = item[1]
-            assert set(handover) == {"node", "shard", "link_type", "client", "server", "state", "records"}
+            assert set(handover) == {"node", "shard", "link_type", "client", "server", "state", "records", "transport"}
             for frame, ts in handover["records"]:
                 assert isinstance(frame, bytes) and ts >= 0
         else:
@@ -647,3 +648,275 @@ def test_a_callback_cannot_reenter_the_lane(monkeypatch: pytest.MonkeyPatch) -> 
     assert [type(error) for error in reported] == [RuntimeError]
     with pytest.raises(RuntimeError):
         Express.__new__(Express).feed(b"", LINKTYPE_ETHERNET, True, "n1", 0, {})
+
+
+# -- DNS over UDP --------------------------------------------------------------------------------
+
+RESOLVER = "10.96.0.10"
+SECOND = 1_000_000_000
+
+
+def dns_lane(**overrides: Any) -> Express:
+    settings = DissectorSettings.load(None, node="n1", **overrides)
+    lane = express.build_lane(settings, Redactor(settings.redacted_headers, settings.redacted_fields))
+    assert lane is not None
+    return lane  # type: ignore[no-any-return]
+
+
+def dns_wire(
+    ident: int, name: str, rdtype: str = "A", *, answers: Sequence[str] = (), rcode: int = 0, **options: Any
+) -> bytes:
+    import dns.message
+    import dns.name
+    import dns.rrset
+
+    query = dns.message.make_query(dns.name.from_text(name), rdtype, id=ident, **options)
+    if not answers and rcode == 0 and options.get("response") is None:
+        return query.to_wire()
+    reply = dns.message.make_response(query)
+    reply.set_rcode(rcode)
+    for text in answers:
+        owner, ttl, kind, data = text.split(" ", 3)
+        reply.answer.append(dns.rrset.from_text(dns.name.from_text(owner), int(ttl), "IN", kind, data))
+    return reply.to_wire(want_shuffle=False)  # dnspython shuffles records otherwise
+
+
+def datagram(ts: int, from_client: bool, wire: bytes, port: int = 33000, server_port: int = 53) -> tuple[int, bytes]:
+    client = ("10.1.2.3", port)
+    server = (RESOLVER, server_port)
+    (src, sport), (dst, dport) = (client, server) if from_client else (server, client)
+    return ts, ethernet(ip_packet(src, dst, 17, udp_datagram(sport, dport, wire)))
+
+
+def feed_udp(
+    lane: Express, frames: Frames, udp_flows: dict[tuple[object, ...], object] | None = None
+) -> tuple[list[bytes], list[tuple[Any, ...]], int, int]:
+    return split(
+        lane.feed(records(frames), LINKTYPE_ETHERNET, True, "n1", 0, {}, udp_flows or {}, len(udp_flows or {}))
+    )
+
+
+def python_dns_calls(frames: Frames) -> list[ApiCall]:
+    dissector = Dissector(DissectorSettings.load(None, node="n1", express=False), "n1")
+    batch = PacketBatch(node="n1", link_type=LINKTYPE_ETHERNET, nanosecond=True, records=records(frames))
+    return dissector.feed(batch) + dissector.finish()
+
+
+RICH_ANSWERS = [
+    "web.example. 30 CNAME edge.example.",
+    "edge.example. 4294967295 A 10.0.0.1",
+    "edge.example. 20 A 10.0.0.2",
+    "EDGE.example. 10 A 10.0.0.1",
+    "edge.example. 30 AAAA ::ffff:1.2.3.4",
+    "edge.example. 30 AAAA 2001:db8::1:0:0:1",
+    "edge.example. 30 MX 10 mx.example.",
+    "edge.example. 30 SRV 0 5 5060 sip.example.",
+    "example. 60 SOA ns.example. host\\.name.example. 1 2 3 4 5",
+    "b\\200d.example. 30 PTR p.example.",
+]
+
+
+@pytest.mark.parametrize("rcode", [0, 3, 2, 5])
+def test_a_dns_exchange_gives_the_call_of_the_python_path(rcode: int) -> None:
+    query = dns_wire(4242, "Web.Example", use_edns=0, options=[__import__("dns.edns").edns.GenericOption(65001, b"ab")])
+    reply = dns_wire(4242, "web.example", answers=RICH_ANSWERS, rcode=rcode, use_edns=0)
+    frames = [datagram(T0_DNS, True, query), datagram(T0_DNS + 3_000_000, False, reply)]
+    lane = dns_lane()
+    calls, work, consumed, _ = feed_udp(lane, frames)
+    assert work == [] and consumed == 2
+    assert [ApiCall.FromString(call) for call in calls] == python_dns_calls(frames)
+    call = ApiCall.FromString(calls[0])
+    assert call.outcome == (Outcome.OUTCOME_OK if rcode in (0, 3) else Outcome.OUTCOME_ERROR)
+    assert [answer.data for answer in call.dns.answers][:3] == ["edge.example.", "10.0.0.1", "10.0.0.2"]
+    assert lane.counters["udp_flows_dns"] == 1 and lane.counters["calls_dns"] == 1
+    assert lane.udp_active == 1 and lane.tcp_active == 0
+    # Idle past the UDP timeout with nothing pending: the flow simply ends (Python would report nothing).
+    assert lane.demote_stale(T0_DNS + 61 * SECOND, 300 * SECOND, 30 * SECOND, 10 * SECOND, 60 * SECOND) == []
+    assert lane.udp_active == 0 and lane.counters["express_udp_flows_ended"] == 1
+
+
+T0_DNS = 1_700_000_000 * SECOND
+
+
+def test_parallel_queries_leave_together_once_both_are_answered() -> None:
+    frames = [
+        datagram(T0_DNS, True, dns_wire(1, "svc.example")),
+        datagram(T0_DNS + 1, True, dns_wire(2, "svc.example", "AAAA")),
+        datagram(T0_DNS + 2, False, dns_wire(2, "svc.example", "AAAA", answers=["svc.example. 5 AAAA fd00::1"])),
+    ]
+    lane = dns_lane()
+    calls, work, _, _ = feed_udp(lane, frames)
+    assert calls == [] and work == []  # one query still pending: the answered one waits
+    last = [datagram(T0_DNS + 3, False, dns_wire(1, "svc.example", answers=["svc.example. 5 A 10.0.0.9"]))]
+    calls, work, _, _ = feed_udp(lane, last)
+    assert sorted(ApiCall.FromString(call).method for call in calls) == ["A", "AAAA"]
+    assert sorted(calls) == sorted(call.SerializeToString() for call in python_dns_calls(frames + last))
+
+
+@pytest.mark.parametrize(
+    ("frames", "adopted"),
+    [
+        ([datagram(T0_DNS, True, dns_wire(1, "a.example"))], True),
+        ([datagram(T0_DNS, False, dns_wire(1, "a.example", answers=["a.example. 5 A 1.2.3.4"]))], False),
+        ([datagram(T0_DNS, True, dns_wire(1, "a.example"), server_port=137)], False),
+        ([datagram(T0_DNS, True, dns_wire(1, "a.example", "TXT"))], True),
+        ([datagram(T0_DNS, True, dns_wire(1, "a.example", "CAA"))], True),
+        ([datagram(T0_DNS, True, dns_wire(1, "what?token=1.example"))], False),
+        ([datagram(T0_DNS, True, b"\x00\x01\x00\x40" + dns_wire(1, "a.example")[4:])], False),  # Z bit: not plausible
+        ([datagram(T0_DNS, True, dns_wire(1, "a.example")[:-2])], False),
+        ([datagram(T0_DNS, True, b"not dns at all")], False),
+    ],
+)
+def test_only_a_plain_query_opens_a_dns_flow(frames: Frames, adopted: bool) -> None:
+    lane = dns_lane()
+    _, work, consumed, _ = feed_udp(lane, frames)
+    assert (consumed == 1) is adopted
+    assert (work == []) is adopted
+    assert lane.udp_active == int(adopted)
+
+
+def test_a_dns_flow_python_holds_or_routed_in_the_batch_is_left_to_it() -> None:
+    query = datagram(T0_DNS, True, dns_wire(1, "a.example"))
+    held = {("n1", bytes([10, 96, 0, 10]), 53, bytes([10, 1, 2, 3]), 33000): object()}
+    assert feed_udp(dns_lane(), [query], held)[2] == 0
+    early = datagram(T0_DNS, True, b"\x00" * 5)
+    assert feed_udp(dns_lane(), [early, query])[2] == 0
+    lane = make_lane()  # no DNS callbacks: UDP is Python's
+    assert split(lane.feed(records([query]), LINKTYPE_ETHERNET, True, "n1", 0, {}, {}, 0))[2] == 0
+
+
+def test_dns_flows_are_bounded_by_max_flows_with_pythons() -> None:
+    lane = dns_lane(max_flows=3)
+    frames = [datagram(T0_DNS + index, True, dns_wire(index, "a.example"), port=40000 + index) for index in range(5)]
+    python_side = {("n1", b"x", index, b"y", 53): object() for index in range(1)}
+    _, work, consumed, _ = feed_udp(lane, frames, python_side)
+    assert consumed == 2 and len(work) == 3 and lane.udp_active == 2
+    # The oldest UDP flow, if older than Python's oldest.
+    assert lane.demote_oldest(True, T0_DNS) is None
+    handover = lane.demote_oldest(True, T0_DNS + 1)
+    assert handover is not None and handover["client"] == (bytes([10, 1, 2, 3]), 40000)
+    assert lane.demote_oldest(False, None) is None  # no TCP flow held
+
+
+def dns_handover(frames: Frames, reason: str) -> dict[str, Any]:
+    lane = dns_lane()
+    _, work, _, _ = feed_udp(lane, frames)
+    handover = only_handover(work)
+    assert lane.counters[f"express_demotions_{reason}"] == 1
+    assert handover["transport"] == "udp"
+    assert lane.udp_active == 0
+    return handover
+
+
+ANSWERED = [
+    datagram(T0_DNS, True, dns_wire(7, "a.example")),
+    datagram(T0_DNS + 1, False, dns_wire(7, "a.example", answers=["a.example. 5 A 1.2.3.4"])),
+]
+
+
+@pytest.mark.parametrize(
+    ("last", "reason"),
+    [
+        (datagram(T0_DNS + 9, True, dns_wire(7, "b.example")), None),  # kept: a new query
+        (datagram(T0_DNS + 9, False, dns_wire(8, "a.example", answers=["a.example. 5 A 1.2.3.4"])), "unpaired"),
+        (datagram(T0_DNS + 9, False, dns_wire(8, "a.example")), "dns_side"),
+        (datagram(T0_DNS + 9, True, dns_wire(8, "a.example", answers=["a.example. 5 A 1.2.3.4"])), "dns_side"),
+        (datagram(T0_DNS + 9, True, dns_wire(8, "a.example", "TXT")), None),  # any question type
+        (datagram(T0_DNS + 9, True, b"\x00\x08\x20\x00" + dns_wire(8, "a.example")[4:]), "dns"),  # NOTIFY
+        (datagram(T0_DNS + 9, True, dns_wire(8, "a@b.example")), "dns"),
+        (datagram(T0_DNS + 9, False, b"\x00\x07\x81\x01" + bytes(8)), "dns"),  # FORMERR without a question
+    ],
+)
+def test_dns_datagrams_outside_the_subset_demote_with_the_state_after_the_exchange(
+    last: tuple[int, bytes], reason: str | None
+) -> None:
+    if reason is None:
+        lane = dns_lane()
+        calls, work, consumed, _ = feed_udp(lane, [*ANSWERED, last])
+        assert len(calls) == 1 and work == [] and consumed == 3
+        return
+    handover = dns_handover([*ANSWERED, last], reason)
+    assert handover["state"] == {"last_ts_ns": T0_DNS + 1, "ordinal": 1}
+    assert handover["records"] == [(last[1], last[0])]
+    assert handover["client"] == (bytes([10, 1, 2, 3]), 33000) and handover["server"] == (bytes([10, 96, 0, 10]), 53)
+
+
+def test_a_retransmitted_query_demotes_with_no_state() -> None:
+    query = datagram(T0_DNS, True, dns_wire(7, "a.example"))
+    again = datagram(T0_DNS + 5, True, dns_wire(7, "A.EXAMPLE"))  # the same question, other case
+    handover = dns_handover([query, again], "retransmit")
+    assert handover["state"] is None
+    assert [frame for frame, _ in handover["records"]] == [query[1], again[1]]
+
+
+def test_demote_stale_gives_back_unanswered_dns_queries_only_when_late() -> None:
+    lane = dns_lane()
+    feed_udp(lane, [*ANSWERED, datagram(T0_DNS + 2, True, dns_wire(9, "late.example"))])
+    assert lane.demote_stale(T0_DNS + 29 * SECOND, 300 * SECOND, 30 * SECOND, 10 * SECOND, 60 * SECOND) == []
+    (handover,) = lane.demote_stale(T0_DNS + 30 * SECOND + 2, 300 * SECOND, 30 * SECOND, 10 * SECOND, 60 * SECOND)
+    assert handover["state"]["ordinal"] == 1 and len(handover["records"]) == 1
+    assert lane.counters["express_demotions_stale"] == 1
+
+
+def test_demote_all_ends_quiet_dns_flows_and_gives_back_pending_ones() -> None:
+    lane = dns_lane()
+    feed_udp(lane, ANSWERED)
+    feed_udp(lane, [datagram(T0_DNS + 5, True, dns_wire(1, "b.example"), port=33001)])
+    (handover,) = lane.demote_all(None, None)
+    assert handover["state"] is None and handover["client"][1] == 33001
+    assert lane.active == 0
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    payloads=st.lists(st.tuples(st.booleans(), st.binary(max_size=80)), max_size=6),
+    edit=st.tuples(st.integers(0, 60), st.integers(0, 255)),
+)
+def test_arbitrary_dns_datagrams_never_crash(payloads: list[tuple[bool, bytes]], edit: tuple[int, int]) -> None:
+    reply = bytearray(dns_wire(7, "a.example", answers=["a.example. 5 A 1.2.3.4", "a.example. 5 AAAA ::1"]))
+    if edit[0] < len(reply):
+        reply[edit[0]] = edit[1]
+    frames = [ANSWERED[0], datagram(T0_DNS + 1, False, bytes(reply))]
+    frames += [datagram(T0_DNS + 2 + index, side, data) for index, (side, data) in enumerate(payloads)]
+    lane = dns_lane()
+    calls, work, _, _ = split(lane.feed(records(frames), LINKTYPE_ETHERNET, True, "n1", 0, {}, {}, 0))
+    check_work(work, len(records(frames)))
+    for call in calls:
+        assert ApiCall.FromString(call).protocol == "dns"
+    lane.demote_all(None, None)
+    assert lane.active == 0
+
+
+def test_feeding_dns_in_a_loop_does_not_grow_memory() -> None:
+    frames = [
+        *ANSWERED,
+        datagram(T0_DNS + 2, True, dns_wire(1, "b.example")),
+        datagram(T0_DNS + 3, True, dns_wire(2, "b.example", "AAAA")),
+        datagram(T0_DNS + 4, False, dns_wire(2, "b.example", "AAAA", answers=["b.example. 5 AAAA ::1"])),
+        datagram(T0_DNS + 5, True, dns_wire(3, "c.example"), port=33001),
+        datagram(T0_DNS + 6, True, dns_wire(3, "c.example"), port=33001),  # retransmitted: demoted
+        datagram(T0_DNS + 7, True, dns_wire(4, "d.example"), port=33002),
+    ]
+    data = records(frames)
+    lane = dns_lane()
+
+    def run(times: int) -> None:
+        for _ in range(times):
+            lane.feed(data, LINKTYPE_ETHERNET, True, "n1", 0, {}, {}, 0)
+            lane.demote_stale(T0_DNS + 40 * SECOND, 300 * SECOND, 30 * SECOND, 10 * SECOND, 60 * SECOND)
+            lane.demote_all()
+
+    # tracemalloc sees the lane's PyMem allocations and Python objects: the memory held now, not
+    # the process's high-water mark (which other tests in the session move).
+    tracemalloc.start()
+    try:
+        run(500)
+        gc.collect()
+        before = tracemalloc.get_traced_memory()[0]
+        run(5000)
+        gc.collect()
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 16 * 1024  # a leak of 4 bytes a loop shows
+    assert lane.active == 0

@@ -15,6 +15,7 @@ import itertools
 import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -33,10 +34,14 @@ Frames = list[tuple[int, bytes]]
 
 
 def dissect(
-    frames: Sequence[tuple[int, bytes]], express: bool, cuts: Iterable[int] = (), link_type: int = LINKTYPE_ETHERNET
+    frames: Sequence[tuple[int, bytes]],
+    express: bool,
+    cuts: Iterable[int] = (),
+    link_type: int = LINKTYPE_ETHERNET,
+    **overrides: Any,
 ) -> tuple[list[bytes], dict[str, int], Dissector]:
     """Every frame through one dissector, in batches cut before each index of `cuts`."""
-    dissector = Dissector(DissectorSettings.load(None, node="n1", express=express), "n1")
+    dissector = Dissector(DissectorSettings.load(None, node="n1", express=express, **overrides), "n1")
     assert (dissector.lane is not None) == express, "the compiled lane is not built"
     calls = []
     bounds = sorted({0, len(frames), *(cut for cut in cuts if 0 < cut < len(frames))})
@@ -49,11 +54,11 @@ def dissect(
 
 
 def assert_same(
-    frames: Sequence[tuple[int, bytes]], cuts: Iterable[int] = (), link_type: int = LINKTYPE_ETHERNET
+    frames: Sequence[tuple[int, bytes]], cuts: Iterable[int] = (), link_type: int = LINKTYPE_ETHERNET, **overrides: Any
 ) -> Dissector:
     cuts = list(cuts)
-    reference, reference_counters, _ = dissect(frames, False, cuts, link_type)
-    fast, fast_counters, dissector = dissect(frames, True, cuts, link_type)
+    reference, reference_counters, _ = dissect(frames, False, cuts, link_type, **overrides)
+    fast, fast_counters, dissector = dissect(frames, True, cuts, link_type, **overrides)
     assert fast == reference
     assert fast_counters == reference_counters
     return dissector
@@ -276,3 +281,221 @@ def conversations(draw: st.DrawFn) -> Frames:
 def test_generated_conversations_give_the_same_calls(frames: Frames, data: st.DataObject) -> None:
     cuts = data.draw(st.lists(st.integers(min_value=1, max_value=max(1, len(frames) - 1)), max_size=4))
     assert_same(frames, cuts)
+
+
+# -- DNS over UDP -------------------------------------------------------------------------------
+
+DNS_SERVER = "10.96.0.10"
+QUESTION_NAMES = [
+    "orders.shop.svc.cluster.local",
+    "OrDeRs.ShOp.SvC.cluster.local",  # 0x20 case randomisation
+    "a.b",
+    ".",
+    "x\\.y.example",  # an escaped dot inside a label
+    "odd\\200byte.example",
+    "what?token=1.example",  # a '?' the redactor would read as a query
+    "at\\@sign.example",
+]
+ANSWER_RECORDS = [
+    ("A", ["10.0.0.1"]),
+    ("A", ["10.0.0.1", "10.0.0.2", "10.0.0.1"]),
+    ("AAAA", ["fd00::1", "::ffff:1.2.3.4", "::1.2.3.4", "2001:db8::", "1:0:0:1:0:0:0:1", "::"]),
+    ("CNAME", ["target.example."]),
+    ("MX", ["10 mx.example."]),
+    ("SRV", ["0 5 5060 sip.example."]),
+    ("SOA", ["ns.example. host.example. 1 7200 3600 1209600 4294967295"]),
+    ("NS", ["ns1.example.", "ns2.example."]),
+    ("PTR", ["p.example."]),
+    ("TXT", ['"hello"']),
+]
+
+
+def dns_message(
+    ident: int,
+    name: str,
+    rdtype: str,
+    response: bool,
+    rcode: int = 0,
+    answers: Sequence[tuple[str, str, Sequence[str], int]] = (),
+    edns: int = -1,
+    option: int = 0,
+    truncated: bool = False,
+    question_name: str | None = None,
+) -> bytes:
+    import dns.edns
+    import dns.flags
+    import dns.message
+    import dns.name
+    import dns.rrset
+
+    qname = dns.name.from_text(name)
+    query = dns.message.make_query(
+        qname, rdtype, use_edns=edns, options=[dns.edns.GenericOption(option, b"ab")] if option else None, id=ident
+    )
+    if not response:
+        return query.to_wire()
+    reply = dns.message.make_response(query)
+    if question_name is not None:
+        reply.question[0].name = dns.name.from_text(question_name)
+    reply.set_rcode(rcode)
+    for owner, kind, datas, ttl in answers:
+        absolute = dns.name.from_text(owner)
+        reply.answer.append(dns.rrset.from_text(absolute, ttl, "IN", kind, *datas))
+    if truncated:
+        reply.flags |= dns.flags.TC
+    return reply.to_wire(want_shuffle=False)  # dnspython shuffles records otherwise
+
+
+@st.composite
+def dns_traffic(draw: st.DrawFn) -> Frames:
+    from tests.unit.dissector_builders import T0, ethernet, ip_packet, udp_datagram
+
+    frames: Frames = []
+    now = T0 + draw(st.integers(min_value=0, max_value=5000))
+    step = draw(st.sampled_from([1_000_000, 2_000_000_000, 31_000_000_000, 61_000_000_000]))
+    server_port = draw(st.sampled_from([53, 53, 53, 5353, 9999, 137]))
+    for index in range(draw(st.integers(min_value=1, max_value=4))):
+        client = f"10.5.0.{index + 1}" if index % 3 else "fd00::5"
+        server = "fd00::a" if ":" in client else DNS_SERVER
+        port = 30000 + draw(st.integers(min_value=0, max_value=3))  # the same port again: the same flow
+
+        def send(from_client: bool, wire: bytes, client: str = client, server: str = server, port: int = port) -> None:
+            nonlocal now
+            src, dst, sport, dport = (
+                (client, server, port, server_port) if from_client else (server, client, server_port, port)
+            )
+            frames.append((now, ethernet(ip_packet(src, dst, 17, udp_datagram(sport, dport, wire)))))
+            now += draw(st.sampled_from([step, 1000, 0]))
+
+        for _ in range(draw(st.integers(min_value=1, max_value=3))):
+            ident = draw(st.sampled_from([0, 7, 4242, 65535]))
+            name = draw(st.sampled_from(QUESTION_NAMES))
+            rdtype = draw(st.sampled_from(["A", "AAAA", "SRV", "PTR", "TXT", "MX"]))
+            edns = draw(st.sampled_from([-1, 0]))
+            option = draw(st.sampled_from([0, 0, 8, 12, 65001])) if edns == 0 else 0
+            query = dns_message(ident, name, rdtype, False, edns=edns, option=option)
+            shape = draw(
+                st.sampled_from(
+                    ["answered"] * 5
+                    + ["unanswered", "retransmit", "response-first", "parallel", "malformed", "formerr", "swap-sides"]
+                )
+            )
+            records = [
+                (
+                    draw(st.sampled_from([name, "other.example."])) if name != "." else ".",
+                    kind,
+                    datas,
+                    draw(st.sampled_from([30, 0, 0x80000000])),
+                )
+                for kind, datas in draw(st.lists(st.sampled_from(ANSWER_RECORDS), max_size=3))
+            ]
+            reply = dns_message(
+                ident,
+                name,
+                rdtype,
+                True,
+                rcode=draw(st.sampled_from([0, 0, 3, 2, 5, 16])),
+                answers=records,
+                edns=edns,
+                truncated=draw(st.booleans()),
+                question_name=name.lower() if draw(st.booleans()) else None,
+            )
+            if shape == "response-first":
+                send(False, reply)
+                continue
+            if shape == "swap-sides":
+                send(False, query)
+                send(True, reply)
+                continue
+            send(True, query)
+            if shape == "unanswered":
+                continue
+            if shape == "retransmit":
+                send(True, query)
+            if shape == "parallel":
+                other = dns_message(ident + 1 if ident < 65535 else 1, name, "AAAA", False, edns=edns)
+                send(True, other)
+                if draw(st.booleans()):
+                    send(False, reply)
+                    send(False, dns_message(ident + 1 if ident < 65535 else 1, name, "AAAA", True, edns=edns))
+                else:
+                    send(False, dns_message(ident + 1 if ident < 65535 else 1, name, "AAAA", True, edns=edns))
+                    send(False, reply)
+                continue
+            if shape == "malformed":
+                at = draw(st.integers(min_value=0, max_value=len(reply) - 1))
+                reply = reply[:at] + bytes([draw(st.integers(min_value=0, max_value=255))]) + reply[at + 1 :]
+                if draw(st.booleans()):
+                    reply = reply[: draw(st.integers(min_value=0, max_value=len(reply)))]
+            if shape == "formerr":
+                reply = bytes([ident >> 8, ident & 0xFF, 0x81, 0x01]) + bytes(8)
+            send(False, reply)
+    return frames
+
+
+@st.composite
+def mixed_traffic(draw: st.DrawFn) -> Frames:
+    frames = draw(dns_traffic())
+    if draw(st.booleans()):
+        frames += draw(conversations())
+    frames.sort(key=lambda frame: frame[0])
+    return frames
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(frames=mixed_traffic(), data=st.data())
+def test_generated_dns_traffic_gives_the_same_calls(frames: Frames, data: st.DataObject) -> None:
+    cuts = data.draw(st.lists(st.integers(min_value=1, max_value=max(1, len(frames) - 1)), max_size=4))
+    assert_same(frames, cuts)
+
+
+def resolver_traffic(lookups: int) -> Frames:
+    """A resolver's lookups, each from a new source port, answered; some A and AAAA in parallel."""
+    from tests.unit.dissector_builders import T0, ethernet, ip_packet, udp_datagram
+
+    frames: Frames = []
+    now = T0
+    for index in range(lookups):
+        client, port = f"10.7.{index // 200}.{index % 200 + 1}", 20000 + index
+        name = f"svc-{index % 7}.shop.svc.cluster.local"
+        pairs = [("A", ["10.96.3.7"])] + ([("AAAA", ["fd00::7"])] if index % 3 == 0 else [])
+        for offset, (kind, _datas) in enumerate(pairs):
+            query = dns_message(index + offset, name, kind, False)
+            frames.append((now, ethernet(ip_packet(client, DNS_SERVER, 17, udp_datagram(port, 53, query)))))
+            now += 20_000
+        for offset, (kind, datas) in enumerate(pairs):
+            reply = dns_message(index + offset, name, kind, True, answers=[(name + ".", kind, datas, 30)])
+            frames.append((now, ethernet(ip_packet(DNS_SERVER, client, 17, udp_datagram(53, port, reply)))))
+            now += 20_000
+    return frames
+
+
+def test_resolver_traffic_is_taken_by_the_lane_and_identical() -> None:
+    frames = resolver_traffic(300) + keep_alive_flows(connections=2, requests=5)
+    frames.sort(key=lambda frame: frame[0])
+    dissector = assert_same(frames, cuts=range(100, len(frames), 100))
+    assert dissector.lane is not None
+    lane_counters = dissector.lane.counters
+    assert lane_counters.get("express_dns_flows_adopted", 0) == 300
+    assert lane_counters.get("calls_dns", 0) == 400
+    assert lane_counters.get("express_demotions", 0) == 2  # the two HTTP flows' FINs
+
+
+def test_idle_dns_flows_end_and_timeouts_are_pythons() -> None:
+    from tests.unit.dissector_builders import T0, ethernet, ip_packet, udp_datagram
+
+    frames: Frames = []
+    for index, gap in enumerate([0, 10, 31, 61, 62, 125]):
+        ts = T0 + gap * 1_000_000_000
+        query = dns_message(index, "late.example", "A", False)
+        frames.append((ts, ethernet(ip_packet("10.8.0.1", DNS_SERVER, 17, udp_datagram(40000 + index % 2, 53, query)))))
+    assert_same(frames, cuts=range(1, len(frames)))
+    assert_same(frames)
+
+
+@pytest.mark.parametrize("every", [1, 30, 10_000])
+def test_the_udp_flow_limit_holds_across_both_paths(every: int) -> None:
+    # Some lookups unanswered: an evicted flow reports its pending query as no_response.
+    frames = [frame for index, frame in enumerate(resolver_traffic(120)) if index % 7 != 3]
+    dissector = assert_same(frames, cuts=range(every, len(frames), every), max_flows=20)
+    assert dissector.counters["udp_flows_evicted_limit"] > 0

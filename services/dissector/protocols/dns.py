@@ -42,7 +42,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import dns.edns
 import dns.ipv6
@@ -294,6 +294,26 @@ def _target_text(labels: list[bytes]) -> str:
     return _owner_text(labels) + "." if labels else "."
 
 
+def type_text(rdtype: int) -> str:
+    """A record type's text form, as calls carry it ("A", "AAAA", "TYPE65280"...)."""
+    return _type_text(rdtype)
+
+
+def rcode_text(value: int) -> str:
+    """An (extended) rcode's text form, as calls carry it ("NOERROR", "NXDOMAIN", "BADVERS"...)."""
+    return _rcode_text(value)
+
+
+def edns_option_is_opaque(code: int) -> bool:
+    """dnspython keeps this EDNS option as opaque bytes (`_parse_common` reads only those)."""
+    opaque = _OPAQUE_OPTIONS.get(code)
+    if opaque is None:
+        # dnspython looks the class up by the number itself (any int, not only OptionType members).
+        option_type = cast("dns.edns.OptionType", code)
+        opaque = _OPAQUE_OPTIONS[code] = dns.edns.get_option_class(option_type) is dns.edns.GenericOption
+    return opaque
+
+
 def _check_options(wire: bytes, position: int, end: int) -> None:
     while position < end:
         if position + 4 > end:
@@ -302,10 +322,7 @@ def _check_options(wire: bytes, position: int, end: int) -> None:
         position += 4 + length
         if position > end:
             raise _Uncommon
-        opaque = _OPAQUE_OPTIONS.get(code)
-        if opaque is None:
-            opaque = _OPAQUE_OPTIONS[code] = dns.edns.get_option_class(code) is dns.edns.GenericOption
-        if not opaque:
+        if not edns_option_is_opaque(code):
             raise _Uncommon  # an option dnspython decodes (and may refuse)
 
 
@@ -635,6 +652,11 @@ class DnsDatagramParser:
 
     def feed_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> list[ApiCall]:
         return self._transactions.message(direction, data, ts_ns)
+
+    def restore(self, ordinal: int) -> None:
+        """The state of a flow the compiled lane gives back at a quiescent point (no query
+        pending): only the count of calls begun, which their ids hash."""
+        self._transactions._ordinal = ordinal
 
     def expire(self, now_ns: int) -> list[ApiCall]:
         return self._transactions.expire(now_ns)
