@@ -436,6 +436,7 @@ typedef struct flow_s {
     PyObject **retained;
     int64_t *retained_ts;
     size_t retained_count, retained_cap, retained_bytes;
+    size_t *retained_total; /* the lane's sum over every flow (Express.retained_total) */
     /* HTTP */
     int phase;
     int client_spoke;
@@ -507,7 +508,8 @@ typedef struct {
 typedef struct {
     PyObject_HEAD
     PyObject *header_kind, *param_is_secret, *key_is_secret, *flow_strings;
-    Py_ssize_t max_body_bytes, max_header_bytes, max_flows, max_retained_bytes;
+    Py_ssize_t max_body_bytes, max_header_bytes, max_flows, max_retained_bytes, max_total_retained_bytes;
+    size_t retained_total; /* bytes retained by every flow: bounded like the Python path's buffers */
     flow_t **buckets;
     size_t bucket_count, active;
     flow_t *first, *last;
@@ -601,6 +603,7 @@ static void head_free(head_t *head) {
 
 static void retained_clear(flow_t *flow) {
     for (size_t i = 0; i < flow->retained_count; i++) Py_DECREF(flow->retained[i]);
+    if (flow->retained_total != NULL) *flow->retained_total -= flow->retained_bytes;
     flow->retained_count = 0;
     flow->retained_bytes = 0;
     if (flow->retained_cap > 64) {
@@ -2176,6 +2179,7 @@ static int retain(flow_t *flow, const uint8_t *frame, size_t len, int64_t ts) {
     flow->retained_ts[flow->retained_count] = ts;
     flow->retained_count++;
     flow->retained_bytes += len;
+    if (flow->retained_total != NULL) *flow->retained_total += len;
     return 0;
 }
 
@@ -2296,7 +2300,8 @@ static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *n
                  Py_ssize_t python_count, int udp) {
     /* max_flows bounds both paths' flows of a transport together (python_count: Python's). */
     size_t held = udp ? self->udp_active : self->tcp_active;
-    if ((Py_ssize_t)held + python_count >= self->max_flows || (Py_ssize_t)frame_len > self->max_retained_bytes)
+    if ((Py_ssize_t)held + python_count >= self->max_flows || (Py_ssize_t)frame_len > self->max_retained_bytes ||
+        self->retained_total + frame_len > (size_t)self->max_total_retained_bytes)
         return 0;
     size_t size = segment->family == 4 ? 4 : 16;
     if (segment->sport == segment->dport && memcmp(segment->src, segment->dst, size) == 0) return 0;
@@ -2339,6 +2344,7 @@ static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *n
         return 0;
     }
     flow_t *flow = PyMem_Calloc(1, sizeof(flow_t));
+    if (flow != NULL) flow->retained_total = &self->retained_total;
     if (flow == NULL) {
         Py_DECREF(strings);
         Py_DECREF(client_ip);
@@ -2468,7 +2474,9 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
                 consumed++;
                 self->packets++;
                 int reason, from_client = src_is_a == flow->client_is_a;
-                if (flow->retained_bytes + incl > (size_t)self->max_retained_bytes) reason = R_LIMIT;
+                if (flow->retained_bytes + incl > (size_t)self->max_retained_bytes ||
+                    self->retained_total + incl > (size_t)self->max_total_retained_bytes)
+                    reason = R_LIMIT;
                 else if (flow->udp) reason = flow_datagram(self, flow, from_client, &segment, ts, work);
                 else reason = flow_segment(self, flow, from_client, &segment, ts, work);
                 if (reason == R_NONE) {
@@ -2682,14 +2690,20 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     PyObject *dns_flow_strings = Py_None, *dns_type_text = Py_None, *dns_rcode_text = Py_None,
              *edns_option_opaque = Py_None;
     Py_ssize_t max_body_bytes, max_header_bytes, max_flows, max_retained_bytes, max_pending_requests = 1024;
-    static char *keywords[] = {"header_kind", "param_is_secret", "key_is_secret", "flow_strings", "max_body_bytes",
-                               "max_header_bytes", "max_flows", "max_retained_bytes", "dns_flow_strings",
-                               "dns_type_text", "dns_rcode_text", "edns_option_opaque", "max_pending_requests", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOn:Express", keywords, &header_kind, &param_is_secret,
+    Py_ssize_t max_total_retained_bytes = (Py_ssize_t)256 << 20;
+    static char *keywords[] = {"header_kind",         "param_is_secret",  "key_is_secret",   "flow_strings",
+                               "max_body_bytes",      "max_header_bytes", "max_flows",       "max_retained_bytes",
+                               "dns_flow_strings",    "dns_type_text",    "dns_rcode_text",  "edns_option_opaque",
+                               "max_pending_requests", "max_total_retained_bytes", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOnn:Express", keywords, &header_kind, &param_is_secret,
                                      &key_is_secret, &flow_strings, &max_body_bytes, &max_header_bytes, &max_flows,
                                      &max_retained_bytes, &dns_flow_strings, &dns_type_text, &dns_rcode_text,
-                                     &edns_option_opaque, &max_pending_requests))
+                                     &edns_option_opaque, &max_pending_requests, &max_total_retained_bytes))
         return -1;
+    if (max_total_retained_bytes <= 0) {
+        PyErr_SetString(PyExc_ValueError, "max_total_retained_bytes must be positive");
+        return -1;
+    }
     int dns = dns_flow_strings != Py_None;
     if (dns && (!PyCallable_Check(dns_flow_strings) || !PyCallable_Check(dns_type_text) ||
                 !PyCallable_Check(dns_rcode_text) || !PyCallable_Check(edns_option_opaque))) {
@@ -2741,6 +2755,7 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     self->max_header_bytes = max_header_bytes;
     self->max_flows = max_flows;
     self->max_retained_bytes = max_retained_bytes;
+    self->max_total_retained_bytes = max_total_retained_bytes;
     cache_free(&self->kinds);
     cache_free(&self->params);
     cache_free(&self->keys);

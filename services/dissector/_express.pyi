@@ -23,6 +23,7 @@ class Express:
         dns_rcode_text: Callable[[int], str] | None = None,
         edns_option_opaque: Callable[[int], bool] | None = None,
         max_pending_requests: int = 1024,
+        max_total_retained_bytes: int = ...,
     ) -> None: ...
     def feed(
         self,

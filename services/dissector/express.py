@@ -84,6 +84,8 @@ def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
         dns_rcode_text=dns.rcode_text,
         edns_option_opaque=dns.edns_option_is_opaque,
         max_pending_requests=settings.max_pending_requests,
+        # The lane's copies for a replay count against the same bound as the Python path's buffers.
+        max_total_retained_bytes=settings.max_total_buffered_bytes,
     )
 
 

@@ -42,6 +42,7 @@ def make_lane(
     max_flows: int = 1000,
     max_retained_bytes: int = 1 << 20,
     redactor: Redactor | None = None,
+    max_total_retained_bytes: int = 256 << 20,
     flow_strings: Callable[[str, bytes, int, bytes, int], tuple[str, str, bytes]] = express.flow_strings,
 ) -> Express:
     if redactor is None:
@@ -56,6 +57,7 @@ def make_lane(
         max_header_bytes,
         max_flows,
         max_retained_bytes,
+        max_total_retained_bytes=max_total_retained_bytes,
     )
 
 
@@ -413,6 +415,23 @@ def test_limits_demote() -> None:
     # Four segments of ~1450 bytes after the last exchange: the third passes 4000 retained bytes.
     handover = demoted_by(talk.frames, 8, "limit", make_lane(max_retained_bytes=4000))
     assert handover["state"] is not None and len(handover["records"]) == 3
+
+
+def test_retained_bytes_are_bounded_across_flows() -> None:
+    """Each flow keeps its packets since its last exchange; all flows together stay under
+    max_total_retained_bytes (the Python path's max_total_buffered_bytes): the flow whose packet
+    would pass it goes back to Python."""
+    first = Conversation(client_port=40001, server_port=8080).handshake()
+    first.client_sends(b"PUT /a HTTP/1.1\r\nContent-Length: 3000\r\n\r\n" + b"x" * 1000)  # waits for more
+    second = Conversation(client_port=40002, server_port=8080).handshake()
+    second.client_sends(b"PUT /b HTTP/1.1\r\nContent-Length: 3000\r\n\r\n" + b"y" * 1000)
+    lane = make_lane(max_total_retained_bytes=2200)
+    _, work, _, _ = feed(lane, first.frames + second.frames)
+    handover = only_handover(work)
+    assert handover["client"][1] == 40002 and handover["records"][-1][1] == second.frames[-1][0]
+    assert lane.counters.get("express_demotions_limit") == 1 and lane.active == 1
+    with pytest.raises(ValueError, match="max_total_retained_bytes"):
+        make_lane(max_total_retained_bytes=0)
 
 
 def test_a_packet_of_a_held_flow_it_cannot_decode_gives_the_flow_back_first() -> None:
