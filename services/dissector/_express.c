@@ -10,7 +10,7 @@
  * Correctness rests on one rule: the Python path (engine.py, tcp.py, http1.py, redact.py)
  * stays the single source of truth, and this lane only keeps a flow while it is certain to
  * produce exactly what Python would. The moment a packet is anything else (reordering, a loss,
- * RST/FIN/URG, a zero window, chunked or encoded bodies, pipelining, 1xx, upgrades, odd header
+ * RST/URG, a FIN with a message outstanding, a zero window, chunked or encoded bodies, pipelining, 1xx, upgrades, odd header
  * bytes, a secret in a body, a limit...) the flow is "demoted": Python gets the flow's state as
  * of its last quiescent point (both directions between messages, nothing buffered, no request
  * pending) or none at all (replay from the SYN), plus copies of every packet since, the
@@ -38,6 +38,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <arpa/inet.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -368,6 +369,7 @@ typedef struct {
 typedef struct {
     int64_t next, base, acked, last_start;
     int acked_set;
+    int finished; /* its FIN seen, in order (Python: HalfStream.finished; next is then fin_at + 1) */
     PyObject *last_data; /* bytes: the last in-order segment delivered (Python's HalfStream.last_data) */
 } half_t;
 
@@ -409,7 +411,12 @@ typedef struct {
     buf_t name; /* the question as asked (presentation form, case kept) */
 } dns_pending_t;
 
-enum stage { STAGE_SYN_SENT, STAGE_ESTABLISHED };
+/* CLOSING: a FIN from one side, taken at a quiescent point; CLOSED: both FINs, the flow
+   lingers like tcp.py's closed flows (CLOSED_LINGER_NS) so late packets do not open a new one. */
+enum stage { STAGE_SYN_SENT, STAGE_ESTABLISHED, STAGE_CLOSING, STAGE_CLOSED };
+
+/* tcp.CLOSED_LINGER_NS: a closed flow is forgotten once this long without a packet. */
+#define CLOSED_LINGER_NS 2000000000LL
 enum phase { PHASE_IDLE, PHASE_REQUEST_HEAD, PHASE_REQUEST_BODY, PHASE_WAIT_RESPONSE, PHASE_RESPONSE_HEAD,
              PHASE_RESPONSE_BODY };
 
@@ -520,7 +527,7 @@ typedef struct {
     uint64_t generation;
     cache_t kinds, params, keys;
     int busy;
-    long long packets, tcp_flows, tcp_flows_http, adopted, demotions, calls_http;
+    long long packets, tcp_flows, tcp_flows_http, adopted, demotions, calls_http, closed_forgotten;
     long long udp_flows, udp_flows_dns, dns_adopted, calls_dns, udp_ended;
     long long demotions_by[R_COUNT];
     PyObject *empty_bytes;
@@ -2092,6 +2099,21 @@ static int set_last_data(half_t *half, const uint8_t *data, size_t len) {
 }
 
 /* One segment of a held flow: R_NONE when taken (state advanced), else the demotion reason. */
+/* A FIN (with its ACK already applied): taken only at a quiescent point (no HTTP message in
+   either direction: Http1Parser.finish then reports nothing), without payload, in order, once
+   per side. tcp.TcpTable: the half is finished and its next is fin_at + 1; with both halves
+   finished the flow ends (stream_end: nothing to report for a quiescent HTTP/1 flow, no
+   retransmission or zero window here) and lingers closed. */
+static int fin_segment(flow_t *flow, half_t *own, half_t *peer, const segment_t *segment, size_t len) {
+    if (len || own->finished || flow->exchanges == 0 || flow->phase != PHASE_IDLE) return R_FIN;
+    if (flow->stage != STAGE_ESTABLISHED && flow->stage != STAGE_CLOSING) return R_FIN;
+    if (unwrap(own->next, segment->seq) != own->next) return R_FIN;
+    own->finished = 1;
+    own->next += 1;
+    flow->stage = peer->finished ? STAGE_CLOSED : STAGE_CLOSING;
+    return R_NONE;
+}
+
 static int flow_segment(Express *self, flow_t *flow, int from_client, const segment_t *segment, int64_t ts,
                         PyObject *calls) {
     uint8_t flags = segment->flags;
@@ -2107,8 +2129,14 @@ static int flow_segment(Express *self, flow_t *flow, int from_client, const segm
         flow->stage = STAGE_ESTABLISHED;
         return R_NONE;
     }
+    if (flow->stage == STAGE_CLOSED) {
+        /* tcp.TcpTable.segment on a closed flow: a new SYN reuses the 4-tuple (Python's to do:
+           the flow goes back, replayed, and the SYN after it); anything else only keeps the
+           flow lingering (a late ACK, a repeated FIN, a RST). */
+        if ((flags & (TH_SYN | TH_ACK)) == TH_SYN) return R_SYN;
+        return R_NONE;
+    }
     if (flags & TH_RST) return R_RST;
-    if (flags & TH_FIN) return R_FIN;
     if (flags & TH_SYN) return R_SYN;
     if (flags & TH_URG) return R_URG;
     if (!(flags & TH_ACK)) return R_FLAGS;
@@ -2121,6 +2149,8 @@ static int flow_segment(Express *self, flow_t *flow, int from_client, const segm
         peer->acked_set = 1;
     }
     size_t len = segment->payload_len;
+    if (flags & TH_FIN) return fin_segment(flow, own, peer, segment, len);
+    if (flow->stage == STAGE_CLOSING && len) return R_FIN; /* data after a FIN: Python's to judge */
     if (len == 0) return R_NONE;
     int64_t start = unwrap(own->next, segment->seq);
     if (start != own->next) return (len == 1 && start + 1 == own->next) ? R_KEEPALIVE : R_REORDER;
@@ -2295,6 +2325,45 @@ static int python_has(PyObject *python_flows, PyObject *node, PyObject *src, uin
    datagram Python's _udp_new would make a DNS flow of with its sender as the client (the only
    UDP probe, a plausible query: both orientations score alike and the first one wins), whose
    query _parse_common reads. 1 adopted, 0 not (the packet goes to Python), -1 error. */
+/* The texts of a new flow as the Python path writes them (express.flow_strings): both addresses
+   as layers.ip_text prints them (socket.inet_ntop is this same libc inet_ntop), and the start of
+   the call-id hash input, "node|transport:client:port-server:port|protocol|". Used when the
+   Express was built without flow_strings callbacks: a Python call per new flow cost about 3 us,
+   a DNS exchange's whole budget. tests/unit/test_express_c.py compares the two. */
+static PyObject *native_flow_strings(PyObject *node, const uint8_t *client, int client_port, const uint8_t *server,
+                                     int server_port, size_t size, int udp) {
+    char client_text[INET6_ADDRSTRLEN], server_text[INET6_ADDRSTRLEN];
+    int family = size == 4 ? AF_INET : AF_INET6;
+    if (inet_ntop(family, client, client_text, sizeof(client_text)) == NULL ||
+        inet_ntop(family, server, server_text, sizeof(server_text)) == NULL) {
+        PyErr_SetString(PyExc_ValueError, "inet_ntop failed");
+        return NULL;
+    }
+    const char *node_text = PyUnicode_AsUTF8(node);
+    if (node_text == NULL) return NULL;
+    PyObject *prefix = PyBytes_FromFormat("%s|%s:%s:%d-%s:%d|%s|", node_text, udp ? "udp" : "tcp", client_text,
+                                          client_port, server_text, server_port, udp ? "dns" : "http");
+    if (prefix == NULL) return NULL;
+    return Py_BuildValue("(ssN)", client_text, server_text, prefix);
+}
+
+static PyObject *module_flow_strings(PyObject *module, PyObject *args) {
+    (void)module;
+    PyObject *node;
+    Py_buffer client, server;
+    int client_port, server_port, udp;
+    if (!PyArg_ParseTuple(args, "Uy*iy*ip:flow_strings", &node, &client, &client_port, &server, &server_port, &udp))
+        return NULL;
+    PyObject *result = NULL;
+    if ((client.len == 4 || client.len == 16) && client.len == server.len)
+        result = native_flow_strings(node, client.buf, client_port, server.buf, server_port, (size_t)client.len, udp);
+    else
+        PyErr_SetString(PyExc_ValueError, "addresses of 4 or 16 bytes, both the same size");
+    PyBuffer_Release(&client);
+    PyBuffer_Release(&server);
+    return result;
+}
+
 static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *node, Py_ssize_t shard, int link_type,
                  const segment_t *segment, const uint8_t *frame, size_t frame_len, int64_t ts, PyObject *python_flows,
                  Py_ssize_t python_count, int udp) {
@@ -2330,8 +2399,11 @@ static int adopt(Express *self, const flow_key_t *key, int src_is_a, PyObject *n
         return found < 0 ? -1 : 0;
     }
     PyObject *callback = udp ? self->dns_flow_strings : self->flow_strings;
-    PyObject *strings = PyObject_CallFunction(callback, "OOiOi", node, client_ip, (int)segment->sport, server_ip,
-                                              (int)segment->dport);
+    PyObject *strings = callback == NULL
+                            ? native_flow_strings(node, segment->src, (int)segment->sport, segment->dst,
+                                                  (int)segment->dport, size, udp)
+                            : PyObject_CallFunction(callback, "OOiOi", node, client_ip, (int)segment->sport, server_ip,
+                                                    (int)segment->dport);
     if (strings == NULL || !PyTuple_Check(strings) || PyTuple_GET_SIZE(strings) != 3 ||
         !PyUnicode_Check(PyTuple_GET_ITEM(strings, 0)) || !PyUnicode_Check(PyTuple_GET_ITEM(strings, 1)) ||
         !PyBytes_Check(PyTuple_GET_ITEM(strings, 2)) || PyUnicode_AsUTF8(node) == NULL ||
@@ -2422,7 +2494,7 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
     if (!PyArg_ParseTuple(args, "y*ipUnO|On:feed", &view, &link_type, &nanosecond, &node, &shard, &python_flows,
                           &udp_flows, &udp_count))
         return NULL;
-    int take_udp = udp_flows != Py_None && self->dns_flow_strings != NULL;
+    int take_udp = udp_flows != Py_None && self->dns_type_text != NULL;
     if (!usable(self)) {
         PyBuffer_Release(&view);
         return NULL;
@@ -2568,6 +2640,16 @@ static PyObject *Express_demote_stale(Express *self, PyObject *args) {
             flow = next;
             continue;
         }
+        if (flow->stage == STAGE_CLOSED) {
+            /* tcp.TcpTable.expire: a closed flow lingering that long is forgotten, silently. */
+            if (now - flow->last_ts >= CLOSED_LINGER_NS) {
+                self->closed_forgotten++;
+                flow_unlink(self, flow);
+                flow_free(flow);
+            }
+            flow = next;
+            continue;
+        }
         int waiting = flow->phase != PHASE_IDLE && flow->phase != PHASE_REQUEST_HEAD;
         if (now - flow->last_ts >= idle || (flow->stage == STAGE_SYN_SENT && now - flow->syn_ts >= handshake_timeout) ||
             (waiting && now - flow->request.ts >= request_timeout)) {
@@ -2648,6 +2730,7 @@ static PyObject *Express_get_counters(Express *self, void *closure) {
         set_count(dict, "udp_flows_dns", self->udp_flows_dns) ||
         set_count(dict, "calls", self->calls_http + self->calls_dns) || set_count(dict, "calls_http", self->calls_http) ||
         set_count(dict, "calls_dns", self->calls_dns) || set_count(dict, "express_flows_adopted", self->adopted) ||
+        set_count(dict, "express_closed_flows_forgotten", self->closed_forgotten) ||
         set_count(dict, "express_dns_flows_adopted", self->dns_adopted) ||
         set_count(dict, "express_udp_flows_ended", self->udp_ended) ||
         set_count(dict, "express_demotions", self->demotions))
@@ -2704,11 +2787,13 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
         PyErr_SetString(PyExc_ValueError, "max_total_retained_bytes must be positive");
         return -1;
     }
-    int dns = dns_flow_strings != Py_None;
-    if (dns && (!PyCallable_Check(dns_flow_strings) || !PyCallable_Check(dns_type_text) ||
-                !PyCallable_Check(dns_rcode_text) || !PyCallable_Check(edns_option_opaque))) {
-        PyErr_SetString(PyExc_TypeError, "Express: dns_flow_strings, dns_type_text, dns_rcode_text and "
-                                         "edns_option_opaque must be callable (or dns_flow_strings None)");
+    /* DNS is on with its text callbacks; flow strings callbacks may be None: made here, natively. */
+    int dns = dns_type_text != Py_None;
+    if (dns && ((dns_flow_strings != Py_None && !PyCallable_Check(dns_flow_strings)) ||
+                !PyCallable_Check(dns_type_text) || !PyCallable_Check(dns_rcode_text) ||
+                !PyCallable_Check(edns_option_opaque))) {
+        PyErr_SetString(PyExc_TypeError, "Express: dns_type_text, dns_rcode_text and edns_option_opaque must be "
+                                         "callable (or dns_type_text None), dns_flow_strings callable or None");
         return -1;
     }
     if (max_pending_requests <= 0) {
@@ -2716,8 +2801,9 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
         return -1;
     }
     if (!PyCallable_Check(header_kind) || !PyCallable_Check(param_is_secret) || !PyCallable_Check(key_is_secret) ||
-        !PyCallable_Check(flow_strings)) {
-        PyErr_SetString(PyExc_TypeError, "Express: the four callbacks must be callable");
+        (flow_strings != Py_None && !PyCallable_Check(flow_strings))) {
+        PyErr_SetString(PyExc_TypeError, "Express: the redaction callbacks must be callable, flow_strings callable "
+                                         "or None");
         return -1;
     }
     if (max_body_bytes < 0 || max_header_bytes <= 0 || max_flows < 0 || max_retained_bytes <= 0) {
@@ -2731,13 +2817,14 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     Py_XSETREF(self->header_kind, Py_NewRef(header_kind));
     Py_XSETREF(self->param_is_secret, Py_NewRef(param_is_secret));
     Py_XSETREF(self->key_is_secret, Py_NewRef(key_is_secret));
-    Py_XSETREF(self->flow_strings, Py_NewRef(flow_strings));
+    Py_CLEAR(self->flow_strings);
+    if (flow_strings != Py_None) self->flow_strings = Py_NewRef(flow_strings);
     Py_CLEAR(self->dns_flow_strings);
     Py_CLEAR(self->dns_type_text);
     Py_CLEAR(self->dns_rcode_text);
     Py_CLEAR(self->edns_option_opaque);
     if (dns) {
-        self->dns_flow_strings = Py_NewRef(dns_flow_strings);
+        if (dns_flow_strings != Py_None) self->dns_flow_strings = Py_NewRef(dns_flow_strings);
         self->dns_type_text = Py_NewRef(dns_type_text);
         self->dns_rcode_text = Py_NewRef(dns_rcode_text);
         self->edns_option_opaque = Py_NewRef(edns_option_opaque);
@@ -2864,6 +2951,9 @@ static PyObject *module_blake2b_hex(PyObject *module, PyObject *args) {
 }
 
 static PyMethodDef module_methods[] = {
+    {"flow_strings", module_flow_strings, METH_VARARGS,
+     "flow_strings(node, client_ip, client_port, server_ip, server_port, udp) -> (client_text, server_text, "
+     "call_id_prefix), as the lane makes them when built without flow_strings callbacks"},
     {"blake2b_hex", module_blake2b_hex, METH_VARARGS,
      "blake2b_hex(data, digest_size) -> hashlib.blake2b(data, digest_size=n).hexdigest()"},
     {NULL, NULL, 0, NULL},

@@ -5,6 +5,9 @@ Handover = dict[str, Any]
 WorkItem = tuple[Any, ...]
 
 def blake2b_hex(data: bytes, digest_size: int, /) -> str: ...
+def flow_strings(
+    node: str, client_ip: bytes, client_port: int, server_ip: bytes, server_port: int, udp: bool, /
+) -> tuple[str, str, bytes]: ...
 
 class Express:
     def __init__(
@@ -12,7 +15,7 @@ class Express:
         header_kind: Callable[[str], int],
         param_is_secret: Callable[[str], bool],
         key_is_secret: Callable[[bytes], bool],
-        flow_strings: Callable[[str, bytes, int, bytes, int], tuple[str, str, bytes]],
+        flow_strings: Callable[[str, bytes, int, bytes, int], tuple[str, str, bytes]] | None,
         max_body_bytes: int,
         max_header_bytes: int,
         max_flows: int,

@@ -3,7 +3,7 @@
 `trawl.dissector._express` (C) dissects the common case, in-order HTTP/1.x with Content-Length
 bodies over Ethernet, without a Python call per packet or per call. It keeps a flow only while
 the flow stays that simple; the moment a packet is anything else (a reordering, a loss, a RST
-or FIN, chunked or compressed bodies, pipelining, a secret in a body, a byte it does not
+or a FIN with a request outstanding, chunked or compressed bodies, pipelining, a secret in a body, a byte it does not
 expect...) it gives the flow back ("demotes" it) with:
 
 - the flow's state as of its last quiescent point (both directions between messages, no
@@ -74,12 +74,12 @@ def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
         redactor.header_kind,
         redactor.param_is_secret,
         redactor.key_is_secret,
-        flow_strings,
+        None,  # flow_strings: the lane writes them itself, exactly as `flow_strings` below (tested)
         settings.max_body_bytes,
         settings.max_header_bytes,
         settings.max_flows,
         settings.express_max_retained_bytes,
-        dns_flow_strings=dns_flow_strings,
+        dns_flow_strings=None,
         dns_type_text=dns.type_text,
         dns_rcode_text=dns.rcode_text,
         edns_option_opaque=dns.edns_option_is_opaque,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import ipaddress
 import resource
 import sys
 import tracemalloc
@@ -21,7 +22,7 @@ from hypothesis import strategies as st
 
 from tests.unit.dissector_builders import Conversation, ethernet, ip_packet, tcp_segment, udp_datagram
 from trawl.dissector import express
-from trawl.dissector._express import Express, blake2b_hex
+from trawl.dissector._express import Express, blake2b_hex, flow_strings
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import Dissector
 from trawl.dissector.protocols.http1 import Http1Parser
@@ -293,12 +294,62 @@ def flow_after_exchange() -> Conversation:
     return exchange(Conversation(server_port=8080).handshake())
 
 
-@pytest.mark.parametrize(("flags", "reason"), [("RA", "rst"), ("FA", "fin"), ("SA", "syn"), ("P", "flags")])
+@pytest.mark.parametrize(("flags", "reason"), [("RA", "rst"), ("SA", "syn"), ("P", "flags")])
 def test_tcp_flags_demote(flags: str, reason: str) -> None:
     talk = flow_after_exchange()
     talk.raw(True, talk.client_next, talk.server_next, flags)
     handover = demoted_by(talk.frames, -1, reason)
     assert handover["state"] is not None and len(handover["records"]) == 1
+
+
+def test_a_clean_close_stays_in_the_lane_and_lingers_like_a_closed_python_flow() -> None:
+    """FIN, FIN, ACK between exchanges: Python would report nothing and keep the closed flow
+    2 s for late packets (tcp.CLOSED_LINGER_NS); the lane does the same without giving it back."""
+    talk = flow_after_exchange()
+    talk.close()
+    talk.raw(False, talk.server_next - 1, talk.client_next, "FA")  # a late repeated FIN
+    lane = make_lane()
+    calls, work, consumed, _ = feed(lane, talk.frames)
+    assert work == [] and len(calls) == 1 and consumed == len(talk.frames)
+    assert lane.active == 1  # lingering
+    last = talk.frames[-1][0]
+    assert lane.demote_stale(last + 1_999_999_999, 10**12, 10**12, 10**12) == [] and lane.active == 1
+    assert lane.demote_stale(last + 2_000_000_000, 10**12, 10**12, 10**12) == [] and lane.active == 0
+    assert lane.counters["express_closed_flows_forgotten"] == 1
+    assert "express_demotions" not in lane.counters
+
+
+def test_a_server_closing_an_idle_connection_stays_in_the_lane() -> None:
+    talk = flow_after_exchange()
+    talk.raw(False, talk.server_next, talk.client_next, "FA")
+    talk.server_next += 1
+    talk.raw(True, talk.client_next, talk.server_next, "FA")
+    talk.client_next += 1
+    talk.raw(False, talk.server_next, talk.client_next, "A")
+    lane = make_lane()
+    _, work, _, _ = feed(lane, talk.frames)
+    assert work == [] and lane.active == 1 and "express_demotions" not in lane.counters
+
+
+def test_a_fin_that_is_not_a_clean_close_gives_the_flow_back() -> None:
+    pending = flow_after_exchange()
+    pending.client_sends(GET)
+    pending.raw(True, pending.client_next, pending.server_next, "FA")  # the request is unanswered
+    demoted_by(pending.frames, -1, "fin")
+    half_closed = flow_after_exchange()
+    half_closed.raw(True, half_closed.client_next, half_closed.server_next, "FA")
+    half_closed.client_next += 1
+    half_closed.server_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")  # talks after the FIN
+    handover = demoted_by(half_closed.frames, -1, "fin")
+    assert handover["state"] is not None and len(handover["records"]) == 2  # the FIN, then the data
+
+
+def test_a_new_syn_on_a_closed_flow_gives_it_back_for_python_to_reuse_the_tuple() -> None:
+    talk = flow_after_exchange()
+    talk.close()
+    talk.raw(True, talk.client_isn + 5000, 0, "S")
+    handover = demoted_by(talk.frames, -1, "syn")
+    assert handover["state"] is not None and len(handover["records"]) == 4  # FIN, FIN, ACK, SYN
 
 
 @pytest.mark.parametrize(
@@ -457,7 +508,7 @@ def test_the_handover_state_is_the_python_flow_at_the_quiescent_point() -> None:
     exchange(talk)
     exchange(talk, b"POST /p HTTP/1.1\r\nContent-Length: 4\r\n\r\nbody", OK, segment=30)
     quiescent = len(talk.frames)
-    talk.raw(True, talk.client_next, talk.server_next, "FA")
+    talk.raw(True, talk.client_next, talk.server_next, "RA")  # demotes at once
     lane = make_lane()
     _, work, _, _ = feed(lane, talk.frames)
     handover = only_handover(work)
@@ -939,3 +990,38 @@ def test_feeding_dns_in_a_loop_does_not_grow_memory() -> None:
         tracemalloc.stop()
     assert grown < 16 * 1024  # a leak of 4 bytes a loop shows
     assert lane.active == 0
+
+
+ADDRESS_PAIRS = [
+    ("10.0.0.1", "192.168.255.254"),
+    ("0.0.0.0", "255.255.255.255"),
+    ("fd00::1", "2001:db8::8:800:200c:417a"),
+    ("::", "::1"),
+    ("::ffff:10.1.2.3", "64:ff9b::192.0.2.33"),
+    ("2001:db8:0:0:1:0:0:1", "fe80::1:0:0:0"),
+    ("2001:db8:1:2:3:4:5:6", "1::"),
+]
+
+
+@pytest.mark.parametrize(("client", "server"), ADDRESS_PAIRS)
+@pytest.mark.parametrize("node", ["n1", "node-é"])
+def test_the_lanes_flow_texts_are_the_python_paths(client: str, server: str, node: str) -> None:
+    """Built without flow_strings callbacks (as the engine builds it), the lane writes the
+    addresses and the call-id prefix itself; they must be exactly express.flow_strings'."""
+    client_raw, server_raw = ipaddress.ip_address(client).packed, ipaddress.ip_address(server).packed
+    assert flow_strings(node, client_raw, 40000, server_raw, 8080, False) == express.flow_strings(
+        node, client_raw, 40000, server_raw, 8080
+    )
+    assert flow_strings(node, client_raw, 53000, server_raw, 53, True) == express.dns_flow_strings(
+        node, client_raw, 53000, server_raw, 53
+    )
+    with pytest.raises(ValueError, match="4 or 16 bytes"):
+        flow_strings(node, client_raw[:3], 1, server_raw, 2, False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(client=st.binary(min_size=16, max_size=16), server=st.binary(min_size=16, max_size=16), v4=st.booleans())
+def test_any_address_is_written_as_the_python_path_writes_it(client: bytes, server: bytes, v4: bool) -> None:
+    if v4:
+        client, server = client[:4], server[:4]
+    assert flow_strings("n", client, 1, server, 65535, False) == express.flow_strings("n", client, 1, server, 65535)

@@ -255,11 +255,37 @@ def conversations(draw: st.DrawFn) -> Frames:
             talk.server_sends(draw(responses(method)), segment)
             if draw(st.booleans()):
                 talk.raw(True, talk.client_next, talk.server_next, "A", window=draw(st.sampled_from([65535, 0])))
-        ending = draw(st.sampled_from(["close", "close", "reset", "none"]))
-        if ending == "close":
+        ending = draw(
+            st.sampled_from(
+                ["close", "close", "reset", "none", "server-closes", "close-late", "close-reuse", "fin-data"]
+            )
+        )
+        if ending in ("close", "close-late", "close-reuse"):
             talk.close()
         elif ending == "reset":
             talk.raw(draw(st.booleans()), talk.client_next, talk.server_next, "R")
+        elif ending == "server-closes":  # an idle keep-alive connection closed by the server
+            talk.raw(False, talk.server_next, talk.client_next, "FA")
+            talk.server_next += 1
+            talk.raw(True, talk.client_next, talk.server_next, "A")
+            talk.raw(True, talk.client_next, talk.server_next, "FA")
+            talk.client_next += 1
+            talk.raw(False, talk.server_next, talk.client_next, "A")
+        elif ending == "fin-data":  # half-close, then the other side still talks
+            talk.raw(True, talk.client_next, talk.server_next, "FA")
+            talk.client_next += 1
+            talk.server_sends(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n")
+        if ending == "close-late":  # late packets to the closed flow: a repeated FIN, a RST
+            talk.raw(False, talk.server_next - 1, talk.client_next, "FA")
+            talk.raw(draw(st.booleans()), talk.client_next, talk.server_next, "R")
+        if ending == "close-reuse":  # the same 4-tuple, a new connection
+            talk.client_isn += 77_777
+            talk.server_isn += 99_999
+            talk.client_next, talk.server_next = talk.client_isn + 1, talk.server_isn + 1
+            talk.handshake()
+            request, method = draw(requests())
+            talk.client_sends(request, segment)
+            talk.server_sends(draw(responses(method)), segment)
         frames += talk.frames
     frames.sort(key=lambda frame: frame[0])
     for _ in range(draw(st.integers(min_value=0, max_value=3))):
