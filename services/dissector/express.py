@@ -1,10 +1,11 @@
 """The compiled HTTP/1 lane's Python side: building the lane, and taking flows back from it.
 
-`trawl.dissector._express` (C) dissects the common case, in-order HTTP/1.x with Content-Length
-bodies over Ethernet, without a Python call per packet or per call. It keeps a flow only while
-the flow stays that simple; the moment a packet is anything else (a reordering, a loss, a RST
-or a FIN with a request outstanding, chunked or compressed bodies, pipelining, a secret in a body, a byte it does not
-expect...) it gives the flow back ("demotes" it) with:
+`trawl.dissector._express` (C) dissects the common cases, in-order HTTP/1.x with Content-Length
+bodies and everyday DNS over UDP, over Ethernet, without a Python call per packet or per call.
+It keeps a flow only while the flow stays that simple; the moment a packet is anything else (a
+reordering, a loss, a RST or a FIN with a request outstanding, chunked or compressed bodies,
+pipelining, a secret in a body, a byte it does not expect...) it gives the flow back
+("demotes" it) with:
 
 - the flow's state as of its last quiescent point (both directions between messages, no
   request pending), or none when it never reached one (then the flow is replayed from its SYN);
