@@ -1519,13 +1519,49 @@ static int exchange_done(Express *self, flow_t *flow, PyObject *calls) {
     return R_NONE;
 }
 
+/* One message of an exchange (the request, or the response) as one direction's bytes come:
+   its head up to the blank line, then its Content-Length body. Returns a reason to give the
+   flow back, or R_NONE with *done set once the body's last byte is in; `leftover` is the
+   reason when bytes follow that last byte in the same packet (pipelining, a stray response). */
+static int message_data(Express *self, flow_t *flow, head_t *head, buf_t *body, int64_t *body_size, int head_phase,
+                        int (*head_done)(Express *, flow_t *), int leftover, const uint8_t *data, size_t len,
+                        int64_t ts, int *done) {
+    size_t pos = 0;
+    int reason = R_NONE, complete, failed = 0;
+    *done = 0;
+    if (flow->phase == head_phase - 1) { /* between messages: this packet starts one */
+        if (data[0] == '\r' || data[0] == '\n') return R_CRLF;
+        head->raw.len = 0;
+        head->ts = ts;
+        flow->phase = head_phase;
+    }
+    if (flow->phase == head_phase) {
+        pos = head_add(self, head, data, len, &complete, &reason);
+        if (reason) return reason;
+        if (!complete) return R_NONE;
+        reason = head_done(self, flow);
+        if (reason) return reason;
+        flow->phase = head_phase + 1; /* its body */
+    }
+    if (flow->phase != head_phase + 1) return leftover;
+    size_t take = len - pos;
+    if ((int64_t)take > flow->remaining) take = (size_t)flow->remaining;
+    body_add(self, body, body_size, data + pos, take, &failed);
+    if (failed) return R_MEMORY;
+    pos += take;
+    flow->remaining -= (int64_t)take;
+    if (flow->remaining > 0) return R_NONE;
+    if (pos < len) return leftover;
+    *done = 1;
+    return R_NONE;
+}
+
 /* In-order payload of one direction. A call completes only with the last byte of a packet
    (anything after it would be pipelining or a stray response), so a demotion never follows an
    emitted call within the same packet. */
 static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t *data, size_t len, int64_t ts,
                      PyObject *calls) {
-    size_t pos = 0;
-    int reason = R_NONE, complete, failed = 0;
+    int reason, done;
     if (from_client) {
         if (!flow->client_spoke) {
             /* Python decides the protocol on the first chunk when it holds a whole request line. */
@@ -1533,60 +1569,20 @@ static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t
             if (crlf == NULL || parse_request_line(data, (size_t)(crlf - data), NULL)) return R_NOT_HTTP;
             flow->client_spoke = 1;
         }
-        if (flow->phase == PHASE_IDLE) {
-            if (data[0] == '\r' || data[0] == '\n') return R_CRLF;
-            flow->request.raw.len = 0;
-            flow->request.ts = ts;
-            flow->phase = PHASE_REQUEST_HEAD;
-        }
-        if (flow->phase == PHASE_REQUEST_HEAD) {
-            size_t took = head_add(self, &flow->request, data, len, &complete, &reason);
-            if (reason) return reason;
-            pos += took;
-            if (!complete) return R_NONE;
-            reason = request_head_done(self, flow);
-            if (reason) return reason;
-            flow->phase = PHASE_REQUEST_BODY;
-        }
-        if (flow->phase != PHASE_REQUEST_BODY) return R_PIPELINING;
-        size_t take = len - pos;
-        if ((int64_t)take > flow->remaining) take = (size_t)flow->remaining;
-        body_add(self, &flow->request_body, &flow->request_body_size, data + pos, take, &failed);
-        if (failed) return R_MEMORY;
-        pos += take;
-        flow->remaining -= (int64_t)take;
-        if (flow->remaining > 0) return R_NONE;
-        if (pos < len) return R_PIPELINING;
+        if (flow->phase > PHASE_REQUEST_BODY) return R_PIPELINING;
+        reason = message_data(self, flow, &flow->request, &flow->request_body, &flow->request_body_size,
+                              PHASE_REQUEST_HEAD, request_head_done, R_PIPELINING, data, len, ts, &done);
+        if (reason || !done) return reason;
         reason = check_body(self, &flow->request, &flow->request_body);
         if (reason) return reason;
         flow->request_end_ts = ts;
         flow->phase = PHASE_WAIT_RESPONSE;
         return R_NONE;
     }
-    if (flow->phase == PHASE_WAIT_RESPONSE) {
-        if (data[0] == '\r' || data[0] == '\n') return R_CRLF;
-        flow->response.raw.len = 0;
-        flow->response.ts = ts;
-        flow->phase = PHASE_RESPONSE_HEAD;
-    }
-    if (flow->phase == PHASE_RESPONSE_HEAD) {
-        size_t took = head_add(self, &flow->response, data, len, &complete, &reason);
-        if (reason) return reason;
-        pos += took;
-        if (!complete) return R_NONE;
-        reason = response_head_done(self, flow);
-        if (reason) return reason;
-        flow->phase = PHASE_RESPONSE_BODY;
-    }
-    if (flow->phase != PHASE_RESPONSE_BODY) return R_EARLY;
-    size_t take = len - pos;
-    if ((int64_t)take > flow->remaining) take = (size_t)flow->remaining;
-    body_add(self, &flow->response_body, &flow->response_body_size, data + pos, take, &failed);
-    if (failed) return R_MEMORY;
-    pos += take;
-    flow->remaining -= (int64_t)take;
-    if (flow->remaining > 0) return R_NONE;
-    if (pos < len) return R_EARLY;
+    if (flow->phase < PHASE_WAIT_RESPONSE) return R_EARLY;
+    reason = message_data(self, flow, &flow->response, &flow->response_body, &flow->response_body_size,
+                          PHASE_RESPONSE_HEAD, response_head_done, R_EARLY, data, len, ts, &done);
+    if (reason || !done) return reason;
     flow->response_end_ts = ts;
     return exchange_done(self, flow, calls);
 }
