@@ -1352,6 +1352,29 @@ static int put_message(buf_t *out, unsigned field, buf_t *scratch, const head_t 
     return pb_message(out, field, scratch);
 }
 
+/* What calls.new_call sets on every call: id = blake2b(prefix + b"%d|%d" % (request_ts,
+   ordinal), digest_size=12), protocol, transport, node, capture, src and dst. */
+static int put_call_head(buf_t *out, buf_t *sub, const flow_t *flow, const char *protocol, const char *transport,
+                         int64_t request_ts, int64_t ordinal) {
+    char tail[48], id[24];
+    int tail_len = snprintf(tail, sizeof(tail), "%lld|%lld", (long long)request_ts, (long long)ordinal);
+    const uint8_t *parts[2] = {(const uint8_t *)PyBytes_AS_STRING(flow->prefix), (const uint8_t *)tail};
+    size_t lengths[2] = {(size_t)PyBytes_GET_SIZE(flow->prefix), (size_t)tail_len};
+    blake2b_hex_parts(parts, lengths, 2, 12, id);
+    if (pb_bytes(out, 1, id, 24) || pb_bytes(out, 2, protocol, strlen(protocol)) ||
+        pb_bytes(out, 3, transport, strlen(transport)) || put_str_object(out, 4, flow->node) ||
+        pb_bytes(out, 5, "packet", 6))
+        return -1;
+    PyObject *texts[2] = {flow->client_text, flow->server_text};
+    uint16_t ports[2] = {flow->client_port, flow->server_port};
+    for (int side = 0; side < 2; side++) {
+        sub->len = 0;
+        if (put_str_object(sub, 1, texts[side]) || pb_uint(sub, 2, ports[side]) || pb_message(out, 6 + side, sub))
+            return -1;
+    }
+    return 0;
+}
+
 /* The finished exchange as serialized ApiCall bytes (calls.new_call + Http1Parser + finish_call). */
 static PyObject *build_call(flow_t *flow) {
     buf_t out = {0}, scratch = {0}, sub = {0};
@@ -1359,23 +1382,7 @@ static PyObject *build_call(flow_t *flow) {
     const head_t *request = &flow->request, *response = &flow->response;
     int64_t request_ts = flow->request.ts, response_ts = flow->response.ts;
 
-    /* id: blake2b(prefix + b"%d|%d" % (request_ts, ordinal), digest_size=12) */
-    char tail[48], id[24];
-    int tail_len = snprintf(tail, sizeof(tail), "%lld|%lld", (long long)request_ts, (long long)flow->call_ordinal);
-    const uint8_t *parts[2] = {(const uint8_t *)PyBytes_AS_STRING(flow->prefix), (const uint8_t *)tail};
-    size_t lengths[2] = {(size_t)PyBytes_GET_SIZE(flow->prefix), (size_t)tail_len};
-    blake2b_hex_parts(parts, lengths, 2, 12, id);
-
-    if (pb_bytes(&out, 1, id, 24) || pb_bytes(&out, 2, "http", 4) || pb_bytes(&out, 3, "tcp", 3) ||
-        put_str_object(&out, 4, flow->node) || pb_bytes(&out, 5, "packet", 6))
-        goto done;
-    PyObject *texts[2] = {flow->client_text, flow->server_text};
-    uint16_t ports[2] = {flow->client_port, flow->server_port};
-    for (int side = 0; side < 2; side++) {
-        sub.len = 0;
-        if (put_str_object(&sub, 1, texts[side]) || pb_uint(&sub, 2, ports[side]) || pb_message(&out, 6 + side, &sub))
-            goto done;
-    }
+    if (put_call_head(&out, &sub, flow, "http", "tcp", request_ts, flow->call_ordinal)) goto done;
     /* finish_call: a request at time 0 takes the response's time (after elapsed is computed). */
     if (put_message(&out, 8, &scratch, request, request_ts ? request_ts : response_ts, flow->request_end_ts,
                     &flow->request_body, flow->request_body_size) ||
@@ -1941,21 +1948,7 @@ static PyObject *build_dns_call(Express *self, flow_t *flow, const dns_pending_t
     if (rcode_text == NULL) return NULL;
     buf_t out = {0}, sub = {0}, answer = {0};
     PyObject *result = NULL;
-    char tail[48], id[24];
-    int tail_len = snprintf(tail, sizeof(tail), "%lld|%lld", (long long)query->ts, (long long)query->ordinal);
-    const uint8_t *parts[2] = {(const uint8_t *)PyBytes_AS_STRING(flow->prefix), (const uint8_t *)tail};
-    size_t lengths[2] = {(size_t)PyBytes_GET_SIZE(flow->prefix), (size_t)tail_len};
-    blake2b_hex_parts(parts, lengths, 2, 12, id);
-    if (pb_bytes(&out, 1, id, 24) || pb_bytes(&out, 2, "dns", 3) || pb_bytes(&out, 3, "udp", 3) ||
-        put_str_object(&out, 4, flow->node) || pb_bytes(&out, 5, "packet", 6))
-        goto done;
-    PyObject *texts[2] = {flow->client_text, flow->server_text};
-    uint16_t ports[2] = {flow->client_port, flow->server_port};
-    for (int side = 0; side < 2; side++) {
-        sub.len = 0;
-        if (put_str_object(&sub, 1, texts[side]) || pb_uint(&sub, 2, ports[side]) || pb_message(&out, 6 + side, &sub))
-            goto done;
-    }
+    if (put_call_head(&out, &sub, flow, "dns", "udp", query->ts, query->ordinal)) goto done;
     sub.len = 0;
     if (pb_uint(&sub, 1, (uint64_t)query->ts) || pb_uint(&sub, 2, (uint64_t)query->ts) ||
         pb_uint(&sub, 3, query->size) || pb_message(&out, 8, &sub))
