@@ -4,7 +4,7 @@
  * Why C: the Python path costs about 43 us per HTTP call (decode and TCP per packet, the head
  * parse and the ApiCall build, redaction); issue #3 asks for 100,000 calls/s per core, which
  * the profile says pure Python cannot reach. This lane does the common case, in-order HTTP/1.x
- * keep-alive exchanges with Content-Length bodies over Ethernet, in one pass over a batch's
+ * keep-alive exchanges with Content-Length bodies (and everyday DNS over UDP), in one pass over a batch's
  * pcap records, and writes each finished call as serialized ApiCall bytes.
  *
  * Correctness rests on one rule: the Python path (engine.py, tcp.py, http1.py, redact.py)
@@ -831,7 +831,9 @@ static int decode_ipv6(const uint8_t *ip, size_t len, int takeable, segment_t *o
 static int decode_frame(int link_type, const uint8_t *frame, size_t len, segment_t *out) {
     size_t offset;
     unsigned ethertype;
-    int takeable = 0;
+    /* Past the link header every link type is decoded as layers.PacketDecoder does: the lane
+       takes frames of them all (SLL2 is what an `any` capture gives). */
+    const int takeable = 1;
     switch (link_type) {
     case 1: /* Ethernet */
         if (len < 14) return DEC_OTHER;
@@ -842,7 +844,6 @@ static int decode_frame(int link_type, const uint8_t *frame, size_t len, segment
             ethertype = be16(frame + offset + 2);
             offset += 4;
         }
-        takeable = 1;
         break;
     case 113: /* Linux SLL */
         if (len < 16) return DEC_OTHER;

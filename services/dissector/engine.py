@@ -172,19 +172,18 @@ class Dissector:
         shard = batch.shard
         link_type = batch.link_type
         lane = self.lane
-        if lane is not None and link_type == LINKTYPE_ETHERNET:
-            self._feed_express(lane, batch.records, batch.nanosecond, node, shard)
+        if lane is not None:
+            self._feed_express(lane, batch.records, link_type, batch.nanosecond, node, shard)
             return
         packets, clock = self._walk(batch.records, 0, 1 if batch.nanosecond else 1000, node, shard, link_type)
         self._count("packets", packets)
         self._advance(clock)
 
-    def _feed_express(self, lane: Any, records: bytes, nanosecond: bool, node: str, shard: int) -> None:
+    def _feed_express(self, lane: Any, records: bytes, link_type: int, nanosecond: bool, node: str, shard: int) -> None:
         """The compiled lane takes the packets of the flows it holds; the rest comes back as work
         for the Python path, in order: single frames, flows it gave back (with the packets to
         replay), a damaged tail to walk, and the calls the lane completed, in line so that calls
         leave in the order of their last packets whichever path made them."""
-        link_type = LINKTYPE_ETHERNET
         work, _, newest = lane.feed(
             records, link_type, nanosecond, node, shard, self.tcp.flows, self.udp_flows, len(self.udp_lru)
         )

@@ -1,7 +1,7 @@
 """The compiled HTTP/1 lane's Python side: building the lane, and taking flows back from it.
 
 `trawl.dissector._express` (C) dissects the common cases, in-order HTTP/1.x with Content-Length
-bodies and everyday DNS over UDP, over Ethernet, without a Python call per packet or per call.
+bodies and everyday DNS over UDP, on every link type, without a Python call per packet or call.
 It keeps a flow only while the flow stays that simple; the moment a packet is anything else (a
 reordering, a loss, a RST or a FIN with a request outstanding, chunked or compressed bodies,
 pipelining, a secret in a body, a byte it does not expect...) it gives the flow back
