@@ -3,9 +3,9 @@
  *
  * Why C: the Python path costs about 43 us per HTTP call (decode and TCP per packet, the head
  * parse and the ApiCall build, redaction); issue #3 asks for 100,000 calls/s per core, which
- * the profile says pure Python cannot reach. This lane does the common case, in-order HTTP/1.x
- * keep-alive exchanges with Content-Length bodies (and everyday DNS over UDP), in one pass over a batch's
- * pcap records, and writes each finished call as serialized ApiCall bytes.
+ * the profile says pure Python cannot reach. This lane does the common cases, in-order HTTP/1.x
+ * keep-alive exchanges with Content-Length bodies and everyday DNS over UDP, in one pass over a
+ * batch's pcap records, and writes each finished call as serialized ApiCall bytes.
  *
  * Correctness rests on one rule: the Python path (engine.py, tcp.py, http1.py, redact.py)
  * stays the single source of truth, and this lane only keeps a flow while it is certain to
