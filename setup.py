@@ -12,7 +12,7 @@ setup(
         Extension(
             "trawl.collector._ring",
             sources=["services/collector/_ring.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),
         # services/collector/_pcapfile.c: record boundaries of classic pcap files, so replay and `trawl analyze`
@@ -20,7 +20,7 @@ setup(
         Extension(
             "trawl.collector._pcapfile",
             sources=["services/collector/_pcapfile.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),
         # trawl/_calljson.c: ApiCall -> protobuf JSON text for `trawl analyze --json` (see trawl/render.py,
@@ -28,7 +28,7 @@ setup(
         Extension(
             "trawl._calljson",
             sources=["trawl/_calljson.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),
         # services/dissector/_express.c: the compiled HTTP/1 lane of the dissector (see
@@ -36,7 +36,7 @@ setup(
         Extension(
             "trawl.dissector._express",
             sources=["services/dissector/_express.c"],
-            extra_compile_args=["-O2", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),
     ]
