@@ -377,46 +377,31 @@ class Dissector:
 
     def _take(self) -> list[ApiCall]:
         """The calls completed since the last take, redacted, as Python objects."""
+        parse = ApiCall.FromString
+        return [parse(item) if type(item) is bytes else item for item in self._drain()]
+
+    def _take_encoded(self) -> list[bytes]:
+        """`_take`, as serialized ApiCalls."""
+        return [item if type(item) is bytes else item.SerializeToString() for item in self._drain()]
+
+    def _drain(self) -> list[Any]:
+        """Empty `_out`, redacting and counting the Python path's calls (the lane's bytes are
+        redacted and counted already)."""
         out = self._out
         if not out:
             return []
         items = list(out)
         out.clear()  # the TcpTable appends to this same list
         apply = self.redactor.apply
-        parse = ApiCall.FromString
         counters = self._counters
-        calls: list[ApiCall] = []
         for item in items:
             if type(item) is bytes:
-                calls.append(parse(item))  # the lane's: redacted and counted there
                 continue
             apply(item)
             key = "calls_" + item.protocol
             counters[key] = counters.get(key, 0) + 1
             counters["calls"] = counters.get("calls", 0) + 1
-            calls.append(item)
-        return calls
-
-    def _take_encoded(self) -> list[bytes]:
-        """`_take`, as serialized ApiCalls."""
-        out = self._out
-        if not out:
-            return []
-        items = list(out)
-        out.clear()
-        apply = self.redactor.apply
-        counters = self._counters
-        encoded: list[bytes] = []
-        for item in items:
-            if type(item) is bytes:
-                encoded.append(item)
-                continue
-            apply(item)
-            key = "calls_" + item.protocol
-            counters[key] = counters.get(key, 0) + 1
-            counters["calls"] = counters.get("calls", 0) + 1
-            encoded.append(item.SerializeToString())
-        return encoded
+        return items
 
     def _parse_error(self, protocol: str, where: str, exc: BaseException, log_it: bool = True) -> None:
         self._count("parse_errors")

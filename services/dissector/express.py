@@ -48,20 +48,25 @@ except ImportError:  # pragma: no cover - the extension is built by every instal
 def flow_strings(
     node: str, client_ip: bytes, client_port: int, server_ip: bytes, server_port: int
 ) -> tuple[str, str, bytes]:
-    """The texts the lane cannot make alike by itself: both addresses as the Python path prints
-    them, and the start of the call-id hash input (`calls.new_call`), once per flow."""
-    client, server = ip_text(client_ip), ip_text(server_ip)
-    key = FlowInfo("tcp", client, client_port, server, server_port, node).key
-    return client, server, f"{node}|{key}|http|".encode()
+    """A TCP flow's texts as the Python path writes them: both addresses (`ip_text`) and the
+    start of the call-id hash input (`calls.new_call`). The lane writes them itself
+    (`_express.flow_strings`); this is the reference its tests hold it to."""
+    return _flow_strings("tcp", "http", node, client_ip, client_port, server_ip, server_port)
 
 
 def dns_flow_strings(
     node: str, client_ip: bytes, client_port: int, server_ip: bytes, server_port: int
 ) -> tuple[str, str, bytes]:
     """`flow_strings` for a DNS-over-UDP flow."""
+    return _flow_strings("udp", "dns", node, client_ip, client_port, server_ip, server_port)
+
+
+def _flow_strings(
+    transport: str, protocol: str, node: str, client_ip: bytes, client_port: int, server_ip: bytes, server_port: int
+) -> tuple[str, str, bytes]:
     client, server = ip_text(client_ip), ip_text(server_ip)
-    key = FlowInfo("udp", client, client_port, server, server_port, node).key
-    return client, server, f"{node}|{key}|dns|".encode()
+    key = FlowInfo(transport, client, client_port, server, server_port, node).key
+    return client, server, f"{node}|{key}|{protocol}|".encode()
 
 
 def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
