@@ -73,9 +73,13 @@ class ReceivedPoint:
 
 
 class OtlpReceiver:
-    """gRPC on `grpc_endpoint` (host:port) and HTTP on `http_endpoint` (http://host:port)."""
+    """gRPC on `grpc_endpoint` (host:port) and HTTP on `http_endpoint` (http://host:port).
 
-    def __init__(self) -> None:
+    `trace_delay_s` makes every gRPC trace export take that long before it is answered: a slow
+    endpoint, for tests of what the exporter does while it waits."""
+
+    def __init__(self, trace_delay_s: float = 0.0) -> None:
+        self.trace_delay_s = trace_delay_s
         self.trace_requests: list[trace_service_pb2.ExportTraceServiceRequest] = []
         self.metric_requests: list[metrics_service_pb2.ExportMetricsServiceRequest] = []
         self.http_paths: list[str] = []
@@ -103,6 +107,8 @@ class OtlpReceiver:
             def Export(
                 self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
             ) -> trace_service_pb2.ExportTraceServiceResponse:
+                if receiver.trace_delay_s:
+                    time.sleep(receiver.trace_delay_s)
                 receiver._store(request, dict(context.invocation_metadata()))
                 return trace_service_pb2.ExportTraceServiceResponse()
 

@@ -25,6 +25,7 @@ from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import Dissector
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, build_enricher
+from trawl.enricher.span_totals import SpanCounters
 from trawl.errors import InputError
 from trawl.logs import configure_logging, get_logger
 from trawl.render import JsonLinesWriter, TableWriter, calls_to_json_lines
@@ -136,8 +137,13 @@ def analyze(
     )
     output.feed(dissector, end)
     output.finish(dissector)
+    exporting = enricher.exporting
     enricher.shutdown()
     sys.stdout.flush()
+    if exporting:
+        # What became of every span: exported, dropped or failed (the shutdown settled them all).
+        totals = SpanCounters.of(enricher.metrics).totals()
+        print(totals.line(), file=sys.stderr)  # noqa: T201 - the summary line a user reads
     log.info("analyze_done", file=str(path), packets=packets, calls=output.count)
     if damage is not None:
         raise damage

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -32,6 +33,7 @@ from trawl.collector.replay import CaptureFile
 from trawl.config import NatsSettings, YamlDocument
 from trawl.embedded import EmbeddedNats
 from trawl.enricher.identity import IdentityMap
+from trawl.enricher.span_totals import TOTALS_EVENT, SpanTotals
 from trawl.errors import ConfigError, UserError
 from trawl.logs import configure_logging, get_logger
 from trawl.procs import die_with_parent
@@ -241,7 +243,31 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
     finally:
         await bus.close()
         suite.stop()
+        if "enricher" in suite.processes:
+            _print_span_totals(suite, options)
     return 130 if stop_requested.is_set() else 0
+
+
+def _print_span_totals(suite: Suite, options: UpOptions) -> None:
+    """The enricher's span totals, read back from the last event it logged when it stopped
+    (it runs as its own process; its log is the one channel still there once it has exited)."""
+    path = suite.log_dir / "enricher.log"
+    totals: SpanTotals | None = None
+    lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    for line in reversed(lines):
+        if TOTALS_EVENT not in line:
+            continue
+        with contextlib.suppress(ValueError):
+            record = json.loads(line)
+            if isinstance(record, dict) and record.get("event") == TOTALS_EVENT:
+                totals = SpanTotals.from_log_fields(record)
+                break
+    if totals is not None:
+        print(totals.line(), file=sys.stderr)  # noqa: T201 - the summary line a user reads
+    elif options.otlp_endpoint is not None:
+        print(  # noqa: T201 - the summary line a user reads
+            f"spans: no totals: the enricher did not report them when it stopped (log: {path})", file=sys.stderr
+        )
 
 
 async def _until(work: Any, stop: asyncio.Event) -> None:

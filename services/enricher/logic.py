@@ -1,8 +1,8 @@
 """The enricher without a bus: identity in, spans and RED metrics out.
 
 `Enricher` is what the service's `main` drives per CallBatch and what `trawl analyze` calls
-in-process (`build_enricher`). Span export is asynchronous (the SDK's BatchSpanProcessor
-thread); metric export and `flush`/`shutdown` block, so async callers run them in a thread.
+in-process (`build_enricher`). Span export is asynchronous (the batching thread of
+trawl.enricher.otlp); metric export and `flush`/`shutdown` block, so async callers run them in a thread.
 
 Per call, with no identity snapshot and no OTLP endpoint, enrichment is naming both endpoints
 by their address (about 0.3 us); with a snapshot, a compiled lookup per endpoint (see
@@ -36,8 +36,9 @@ except ImportError:  # not compiled: serialized calls are enriched as objects
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricExporter
-    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter
+    from opentelemetry.sdk.trace.export import SpanExporter
 
+    from trawl.enricher.otlp import CountingBatchSpanProcessor
     from trawl.enricher.red import RedMetrics
 
 log = get_logger(__name__)
@@ -119,14 +120,14 @@ class Enricher:
         self._unknown = self.metrics.counter(
             "trawl_enricher_unknown_peers_total", "Call endpoints with no Kubernetes identity, by side"
         )
-        self._spans_queued = self.metrics.counter("trawl_enricher_spans_queued_total", "Spans handed to the exporter")
         self._failures = self.metrics.counter(
             "trawl_enricher_call_failures_total", "Calls that could not be enriched or turned into spans, by stage"
         )
         # The splicer of `identity` (rebuilt when the map is replaced): it keeps the map's answers.
         self._splicer: Splicer | None = None
         self._splicer_identity: IdentityMap | None = None
-        self._processor: BatchSpanProcessor | None = None
+        # Counts every span it is handed as exported, dropped or failed (trawl.enricher.span_totals).
+        self._processor: CountingBatchSpanProcessor | None = None
         if span_exporter is not None:
             from trawl.enricher.otlp import span_processor
 
@@ -236,7 +237,6 @@ class Enricher:
                 if processor is not None:
                     for span in call_spans(call):
                         processor.on_end(span)
-                    self._spans_queued.inc(2)
                 if red.exporter is not None:
                     red.record(call, shape_call(call))
             except Exception as exc:  # one odd call must not stop the stream
@@ -255,7 +255,7 @@ class Enricher:
     def shutdown(self) -> None:
         """Flush and stop the exporters (blocking); the Enricher cannot export afterwards."""
         if self._processor is not None:
-            self._processor.shutdown()  # type: ignore[no-untyped-call]
+            self._processor.shutdown()
             self._processor = None
         self.red.shutdown()
 

@@ -20,6 +20,7 @@ from nats.js.api import PubAck
 from trawl.bus import STREAM_CALLS, STREAM_ENRICHED, enriched_subject
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, enricher_from_settings
+from trawl.enricher.span_totals import TOTALS_EVENT, SpanCounters, SpanTotals
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
 from trawl.v1.calls_pb2 import ApiCall, CallBatch
@@ -134,7 +135,19 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
             metrics_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await metrics_task
+        exporting = enricher.exporting
         await asyncio.to_thread(enricher.shutdown)
+        if exporting:
+            _log_span_totals(SpanCounters.of(ctx.metrics).totals())
+
+
+def _log_span_totals(totals: SpanTotals) -> None:
+    """The final word on span export (what `trawl up` reads back and prints): after the
+    shutdown every span handed over is exported, dropped or failed."""
+    if totals.lost:
+        log.warning(TOTALS_EVENT, **totals.log_fields())
+    else:
+        log.info(TOTALS_EVENT, **totals.log_fields())
 
 
 def main(config_file: Path | None) -> int:

@@ -128,7 +128,7 @@ def test_unreachable_endpoint_counts_the_loss() -> None:
     enricher.export([enricher.enrich(cluster_call())])
     assert not enricher.flush()
     enricher.shutdown()
-    assert enricher.metrics.counter("trawl_enricher_span_export_failures_total", "").total() == 2
+    assert enricher.metrics.counter("trawl_enricher_spans_failed_total", "").total() == 2
 
 
 def test_build_enricher_for_trawl_analyze(receiver: OtlpReceiver) -> None:
