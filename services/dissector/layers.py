@@ -1,8 +1,9 @@
 """Link and network layers: pcap link types down to an IP packet's transport payload.
 
 Link types: Ethernet (with 802.1Q / 802.1ad / QinQ tags), Linux cooked capture v1 (SLL) and v2
-(SLL2), BSD loopback (NULL, LOOP), raw IP (RAW, IPV4, IPV6). Network: IPv4 with bounded
-fragment reassembly, IPv6 with its extension headers (fragments reassembled the same way).
+(SLL2), BSD loopback (NULL, LOOP), raw IP (RAW, IPV4, IPV6, and the historical DLT_RAW values 12
+and 14 that BSD tools wrote into files). Network: IPv4 with bounded fragment reassembly, IPv6
+with its extension headers (fragments reassembled the same way).
 
 This is the per-packet hot path, so it indexes the bytes directly instead of building dpkt
 objects (dpkt allocates an object per layer and costs about ten times more per packet);
@@ -12,7 +13,8 @@ tests build their packets with dpkt and check this module against it.
 from __future__ import annotations
 
 import socket
-from dataclasses import dataclass, field
+from bisect import bisect_right
+from collections import OrderedDict
 from typing import NamedTuple
 
 from trawl.pcap import (
@@ -24,6 +26,7 @@ from trawl.pcap import (
     LINKTYPE_LOOP,
     LINKTYPE_NULL,
     LINKTYPE_RAW,
+    LINKTYPE_RAW_HISTORICAL,
 )
 
 ETH_IPV4 = 0x0800
@@ -34,6 +37,7 @@ IPV6_OPTION_HEADERS = frozenset({0, 43, 60, 135, 139, 140, 253, 254})
 IPV6_FRAGMENT = 44
 IPV6_AH = 51
 IPV6_NO_NEXT = 59
+RAW_IP_LINK_TYPES = frozenset({LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6, *LINKTYPE_RAW_HISTORICAL})
 # BSD loopback address families meaning IPv6 (the value differs per OS).
 NULL_AF_IPV6 = frozenset({10, 24, 28, 30})
 
@@ -68,77 +72,175 @@ def ip_text(address: bytes) -> str:
     return text
 
 
-@dataclass
+FragmentKey = tuple[bytes, bytes, int, int]  # source, destination, identification, protocol
+MAX_DATAGRAM = 65535  # an IP datagram's largest length (the IPv4 total length field)
+
+
 class _Datagram:
-    first_ts_ns: int
-    pieces: list[tuple[int, bytes]] = field(default_factory=list)
-    size: int = 0
-    total: int = -1  # known once the last fragment arrived
+    """The pieces of one incomplete datagram, kept disjoint and sorted by offset."""
+
+    __slots__ = ("chunks", "first_ts_ns", "size", "starts", "total")
+
+    def __init__(self, first_ts_ns: int) -> None:
+        self.first_ts_ns = first_ts_ns
+        self.starts: list[int] = []  # the offset of each chunk, ascending (bisected, never re-sorted)
+        self.chunks: list[bytes] = []
+        self.size = 0  # bytes held; the chunks never overlap, so complete when size == total
+        self.total = -1  # the datagram's length, known once its last fragment arrived
 
 
 class FragmentReassembler:
-    """Bounded IPv4/IPv6 fragment reassembly: at most `max_datagrams` incomplete datagrams and
-    `max_bytes` buffered in all; an incomplete datagram is dropped after `timeout_ns`."""
+    """Bounded IPv4/IPv6 fragment reassembly: at most `max_datagrams` incomplete datagrams,
+    `max_bytes` held in all and `max_pieces` pieces per datagram; an incomplete datagram is
+    dropped after `timeout_ns`.
 
-    def __init__(self, max_datagrams: int, max_bytes: int, timeout_ns: int, counters: dict[str, int]) -> None:
+    A fragment costs the same however many datagrams are pending and however many pieces they
+    hold, so a flood of fragments costs what ordinary packets cost:
+
+    - pending datagrams sit in an OrderedDict in order of their first fragment, so the oldest is
+      the first: timing out (from the front) and eviction (the oldest incomplete datagram makes
+      room when the table or the byte budget is full) take O(1) a datagram, with no scan;
+    - a datagram's pieces stay disjoint and sorted: a new piece finds its place by bisection and
+      only its bytes not held yet are kept (the first copy wins where pieces overlap, as tshark
+      reassembles), and the datagram is whole when the bytes held reach its length;
+    - a piece with no bytes, one whose bytes are all held already, and one that contradicts the
+      datagram's end are rejected and counted; none of them is held or counts against a bound.
+
+    The oldest-first order is the order of arrival: a datagram whose first fragment carries an
+    older timestamp than one before it waits for that one to time out (or for eviction).
+    """
+
+    def __init__(
+        self,
+        max_datagrams: int,
+        max_bytes: int,
+        timeout_ns: int,
+        counters: dict[str, int],
+        max_pieces: int = 256,
+    ) -> None:
         self.max_datagrams = max_datagrams
         self.max_bytes = max_bytes
         self.timeout_ns = timeout_ns
+        # 64 KiB over the smallest IPv6 MTU (1280) is 52 pieces, over a 576-byte IPv4 path 117.
+        self.max_pieces = max_pieces
         self.counters = counters
-        self.pending: dict[tuple[bytes, bytes, int, int], _Datagram] = {}
+        self.pending: OrderedDict[FragmentKey, _Datagram] = OrderedDict()
         self.buffered = 0
 
-    def add(self, key: tuple[bytes, bytes, int, int], offset: int, more: bool, data: bytes, ts_ns: int) -> bytes | None:
+    def _count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def add(self, key: FragmentKey, offset: int, more: bool, data: bytes, ts_ns: int) -> bytes | None:
         """Store one fragment; return the whole payload once every piece is there."""
         counters = self.counters
         counters["ip_fragments"] = counters.get("ip_fragments", 0) + 1
+        length = len(data)
+        end = offset + length
+        if not length:
+            self._count("ip_fragments_empty")
+            return None
+        if end > MAX_DATAGRAM:
+            self._count("ip_fragments_inconsistent")
+            return None
         datagram = self.pending.get(key)
         if datagram is None:
-            if len(self.pending) >= self.max_datagrams or self.buffered + len(data) > self.max_bytes:
-                self.expire(ts_ns)
-                if len(self.pending) >= self.max_datagrams or self.buffered + len(data) > self.max_bytes:
-                    counters["ip_fragments_dropped_limit"] = counters.get("ip_fragments_dropped_limit", 0) + 1
-                    return None
+            if not self._make_room(length, ts_ns, None):
+                self._count("ip_fragments_dropped_limit")
+                return None
             datagram = self.pending[key] = _Datagram(ts_ns)
-        elif self.buffered + len(data) > self.max_bytes or offset + len(data) > 65535:
-            counters["ip_fragments_dropped_limit"] = counters.get("ip_fragments_dropped_limit", 0) + 1
+        starts, chunks = datagram.starts, datagram.chunks
+        total = datagram.total
+        if (total >= 0 and (end > total or (not more and end != total))) or (
+            not more and total < 0 and starts and starts[-1] + len(chunks[-1]) > end
+        ):
+            # Past the end the last fragment gave, a second and different end, or an end before
+            # bytes already held: the first word on the datagram's length stands.
+            self._count("ip_fragments_inconsistent")
+            return None
+        if not more:
+            datagram.total = end
+        gaps = _uncovered(starts, chunks, offset, end)
+        if not gaps:
+            self._count("ip_fragments_duplicate")
+            return self._complete(key, datagram)
+        new_bytes = 0
+        for _, start, stop in gaps:
+            new_bytes += stop - start
+        if new_bytes < length:
+            self._count("ip_fragments_overlapping")
+        if len(starts) + len(gaps) > self.max_pieces:
+            self._count("ip_fragments_dropped_limit")
+            self._count("ip_fragments_too_many_pieces")
             self._drop(key, datagram)
             return None
-        datagram.pieces.append((offset, data))
-        datagram.size += len(data)
-        self.buffered += len(data)
-        if not more:
-            datagram.total = offset + len(data)
-        if datagram.total < 0:
+        if self.buffered + new_bytes > self.max_bytes and not self._make_room(new_bytes, ts_ns, key):
+            self._count("ip_fragments_dropped_limit")
             return None
-        # Complete when the pieces, sorted by offset, cover [0, total) without a hole.
-        pieces = sorted(datagram.pieces, key=lambda piece: piece[0])
-        covered = 0
-        for start, chunk in pieces:
-            if start > covered:
-                return None
-            covered = max(covered, start + len(chunk))
-        if covered < datagram.total:
-            return None
-        whole = bytearray()
-        for start, chunk in pieces:
-            end = start + len(chunk)
-            if end > len(whole):
-                # First copy (lowest offset) wins where fragments overlap.
-                whole += chunk[len(whole) - start :]
-        self._drop(key, datagram)
-        counters["ip_reassembled"] = counters.get("ip_reassembled", 0) + 1
-        return bytes(whole[: datagram.total])
+        for index, start, stop in reversed(gaps):  # from the right, so each index stays valid
+            starts.insert(index, start)
+            chunks.insert(index, data if stop - start == length else data[start - offset : stop - offset])
+        datagram.size += new_bytes
+        self.buffered += new_bytes
+        return self._complete(key, datagram)
 
-    def _drop(self, key: tuple[bytes, bytes, int, int], datagram: _Datagram) -> None:
+    def _complete(self, key: FragmentKey, datagram: _Datagram) -> bytes | None:
+        if datagram.size != datagram.total:
+            return None
+        self._drop(key, datagram)
+        self._count("ip_reassembled")
+        return b"".join(datagram.chunks)
+
+    def _make_room(self, length: int, now_ns: int, current: FragmentKey | None) -> bool:
+        """Drop the oldest datagrams until a new one (`current` None) or `length` more bytes for
+        `current` fit; False when they cannot (the limits are smaller than that, or `current`
+        itself was the oldest and went)."""
+        pending = self.pending
+        while pending and (
+            (current is None and len(pending) >= self.max_datagrams) or self.buffered + length > self.max_bytes
+        ):
+            oldest_key, oldest = pending.popitem(last=False)
+            self.buffered -= oldest.size
+            stale = now_ns - oldest.first_ts_ns > self.timeout_ns
+            self._count("ip_fragments_timed_out" if stale else "ip_fragments_evicted")
+            if oldest_key == current:
+                return False
+        return (current is not None or len(pending) < self.max_datagrams) and self.buffered + length <= self.max_bytes
+
+    def _drop(self, key: FragmentKey, datagram: _Datagram) -> None:
         self.buffered -= datagram.size
         self.pending.pop(key, None)
 
     def expire(self, now_ns: int) -> None:
-        stale = [key for key, datagram in self.pending.items() if now_ns - datagram.first_ts_ns > self.timeout_ns]
-        for key in stale:
-            self.counters["ip_fragments_timed_out"] = self.counters.get("ip_fragments_timed_out", 0) + 1
-            self._drop(key, self.pending[key])
+        """Drop the datagrams whose first fragment is older than the timeout (from the oldest on)."""
+        pending = self.pending
+        while pending:
+            oldest = next(iter(pending.values()))
+            if now_ns - oldest.first_ts_ns <= self.timeout_ns:
+                return
+            pending.popitem(last=False)
+            self.buffered -= oldest.size
+            self._count("ip_fragments_timed_out")
+
+
+def _uncovered(starts: list[int], chunks: list[bytes], offset: int, end: int) -> list[tuple[int, int, int]]:
+    """The parts of [offset, end) no chunk holds, as (insertion index, start, stop); `starts` is
+    sorted and the chunks are disjoint, so only the chunks that overlap the range are looked at."""
+    index = bisect_right(starts, offset)
+    position = offset
+    if index and (previous_end := starts[index - 1] + len(chunks[index - 1])) > position:
+        position = previous_end
+    gaps: list[tuple[int, int, int]] = []
+    count = len(starts)
+    while position < end:
+        if index < count and starts[index] < end:
+            if starts[index] > position:
+                gaps.append((index, position, starts[index]))
+            position = max(position, starts[index] + len(chunks[index]))
+            index += 1
+        else:
+            gaps.append((index, position, end))
+            break
+    return gaps
 
 
 class PacketDecoder:
@@ -184,7 +286,7 @@ class PacketDecoder:
                 return None
             ethertype = (data[0] << 8) | data[1]
             offset = 20
-        elif link_type in (LINKTYPE_RAW, LINKTYPE_IPV4, LINKTYPE_IPV6):
+        elif link_type in RAW_IP_LINK_TYPES:
             if size < 1:
                 self._skip("malformed_link")
                 return None

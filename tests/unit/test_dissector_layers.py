@@ -127,14 +127,19 @@ def test_overlapping_fragments_first_copy_wins() -> None:
 
 
 def test_incomplete_fragments_are_bounded_and_expire() -> None:
+    """A full table makes room by evicting the oldest incomplete datagram: the newest stay, so
+    a datagram that completes soon after its first fragment still gets through."""
     decoder = PacketDecoder(max_fragments=5, fragment_timeout_ns=1000)
     for ident in range(20):
         assert decoder.decode(LINKTYPE_RAW, fragments_v4(udp_datagram(1, 2, b"x" * 100), 64, ident)[0], 0) is None
-    assert len(decoder.fragments.pending) == 5
-    assert decoder.counters["ip_fragments_dropped_limit"] == 15
+    assert [key[2] for key in decoder.fragments.pending] == [15, 16, 17, 18, 19]
+    assert decoder.counters["ip_fragments_evicted"] == 15
+    assert "ip_fragments_dropped_limit" not in decoder.counters
+    last = decoder.decode(LINKTYPE_RAW, fragments_v4(udp_datagram(1, 2, b"x" * 100), 64, 19)[1], 0)
+    assert last is not None and last.payload == udp_datagram(1, 2, b"x" * 100)
     decoder.fragments.expire(5000)
     assert not decoder.fragments.pending and decoder.fragments.buffered == 0
-    assert decoder.counters["ip_fragments_timed_out"] == 5
+    assert decoder.counters["ip_fragments_timed_out"] == 4
 
 
 def test_ipv6_fragments_are_reassembled() -> None:
