@@ -70,7 +70,9 @@ async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
             sequence += 1
             link_type, snaplen, interface = records.link_type, records.snaplen, records.interface
             nanosecond = records.nanosecond
-            await publisher.publish(records.message(node=settings.node, shard=0, sequence=sequence, source=source))
+            batch = records.message(node=settings.node, shard=0, sequence=sequence, source=source)
+            batch.packets_before = sent
+            await publisher.publish(batch)
             sent += records.packet_count
     finally:
         # Whatever was read before a truncation (or a stop) still goes out, then the end marker.
@@ -85,6 +87,7 @@ async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
             nanosecond=nanosecond,
             end_of_input=True,
             source=source,
+            packets_before=sent,
         )
         await publisher.publish(end)
         log.info("replay_done", file=str(path), packets=sent, batches=sequence)
@@ -93,6 +96,9 @@ async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
 
 async def serve(ctx: ServiceContext[CollectorSettings]) -> None:
     settings = ctx.settings
+    # The window of batches NATS keeps for readers that restart or take a shard over; the
+    # batches themselves go out on core NATS, with no ack to wait for.
+    await ctx.bus.ensure_packet_stream(settings.packet_retention)
     if settings.pcap is None:
         if not settings.interfaces and not settings.pod_loopback:
             raise ConfigError(
@@ -100,6 +106,8 @@ async def serve(ctx: ServiceContext[CollectorSettings]) -> None:
             )
         await serve_live(ctx, settings)
         return
+    # A file that cannot be replayed (not a capture, a link type Trawl cannot decode) fails at start.
+    CaptureFile(settings.pcap)
     await ctx.ready()
     await replay(ctx, settings.pcap)
 

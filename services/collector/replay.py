@@ -10,6 +10,12 @@ classic pcap file already is a run of `PacketBatch.records` (16-byte little-endi
 so it is read in big chunks and cut at record boundaries found by the compiled `_pcapfile.walk`
 (a few ns a record; the per-packet path costs about 2 us a packet). Big-endian pcap and
 pcapng files are converted packet by packet.
+
+Link types are read as libpcap reads them (`trawl.pcap.normalise_link_type`: the historical raw-IP
+values 12 and 14 become LINKTYPE_RAW), and a packet of a link type the dissector cannot decode is
+a `LinkTypeError` naming it, raised where it is met: for a classic pcap file (one link type) and
+for a pcapng file whose first packet has it, when the `CaptureFile` is made, so the CLI and the
+collector's replay fail at start instead of reporting nothing.
 """
 
 from __future__ import annotations
@@ -22,7 +28,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 from trawl.errors import InputError
-from trawl.pcap import MAGIC_NS, MAGIC_US, RECORD_HEADER, pack_record
+from trawl.pcap import (
+    DECODED_LINK_TYPES,
+    MAGIC_NS,
+    MAGIC_US,
+    RECORD_HEADER,
+    link_type_text,
+    normalise_link_type,
+    pack_record,
+)
 from trawl.v1.packets_pb2 import PacketBatch
 
 PCAPNG_SHB = 0x0A0D0D0A
@@ -39,6 +53,18 @@ READ_SIZE = 512 << 10
 MAX_RECORD_TS_NS = (1 << 32) * 1_000_000_000  # a record header holds 32-bit seconds
 
 _Bytes = bytes | bytearray | memoryview
+
+
+class LinkTypeError(InputError):
+    """Packets of a link type the dissector cannot decode: reading on would report nothing."""
+
+    def __init__(self, link_type: int, path: Path) -> None:
+        self.link_type = link_type
+        super().__init__(
+            f"link type {link_type_text(link_type)} is not one Trawl decodes"
+            " (it reads Ethernet, Linux cooked SLL and SLL2, raw IP, BSD loopback/null)",
+            path=path,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,9 +136,10 @@ class CaptureFile:
         self.path = path
         try:
             with path.open("rb") as handle:
-                head = handle.read(4)
+                header = handle.read(24)
         except OSError as exc:
             raise InputError(f"cannot read capture: {exc.strerror}", path=path) from None
+        head = header[:4]
         if len(head) < 4:
             raise InputError("not a pcap or pcapng file: shorter than a file header", path=path)
         magic_le = struct.unpack("<I", head)[0]
@@ -124,6 +151,29 @@ class CaptureFile:
         else:
             raise InputError(f"not a pcap or pcapng file (starts with 0x{head.hex()})", path=path)
         self.nanosecond = MAGIC_NS in (magic_le, magic_be)
+        if self.format == "pcap" and len(header) == 24:
+            # A short header is reported where the packets are read (after nothing).
+            self._check_link_type(struct.unpack("<I" if magic_le in (MAGIC_US, MAGIC_NS) else ">I", header[20:])[0])
+        elif self.format == "pcapng":
+            self._check_first_pcapng_packet()
+
+    def _check_link_type(self, raw_link_type: int) -> int:
+        """The normalised link type of a header field; `LinkTypeError` if the dissector cannot decode it."""
+        link_type = normalise_link_type(raw_link_type)
+        if link_type not in DECODED_LINK_TYPES:
+            raise LinkTypeError(link_type, self.path)
+        return link_type
+
+    def _check_first_pcapng_packet(self) -> None:
+        """Read up to the first packet so that its link type is checked now; damage before it is
+        reported where the packets are read, as for any damage."""
+        try:
+            with self.path.open("rb") as handle:
+                next(self._pcapng(handle), None)
+        except LinkTypeError:
+            raise
+        except InputError:
+            pass
 
     def packets(self) -> Iterator[CapturedPacket]:
         with self.path.open("rb") as handle:
@@ -154,8 +204,8 @@ class CaptureFile:
         self, handle: BufferedReader, header: bytes, max_packets: int, max_bytes: int
     ) -> Iterator[RecordBatch]:
         """A little-endian classic pcap body, cut at record boundaries without touching the records."""
-        _, _, _, _, _, snaplen, link_type = struct.unpack("<IHHiIII", header)
-        link_type &= 0x0FFFFFFF  # the top bits carry FCS information
+        _, _, _, _, _, snaplen, raw_link_type = struct.unpack("<IHHiIII", header)
+        link_type = self._check_link_type(raw_link_type)
         nanosecond = self.nanosecond
         scale = 1 if nanosecond else 1000
         unpack = RECORD_HEADER.unpack_from
@@ -272,8 +322,8 @@ class CaptureFile:
         if len(header) < 24:
             raise self._truncated(0, "file header cut short")
         order = "<" if struct.unpack("<I", header[:4])[0] in (MAGIC_US, MAGIC_NS) else ">"
-        _, _, _, _, _, snaplen, link_type = struct.unpack(order + "IHHiIII", header)
-        link_type &= 0x0FFFFFFF  # the top bits carry FCS information
+        _, _, _, _, _, snaplen, raw_link_type = struct.unpack(order + "IHHiIII", header)
+        link_type = self._check_link_type(raw_link_type)
         scale = 1 if self.nanosecond else 1000
         record = struct.Struct(order + "IIII")
         offset = 24
@@ -333,7 +383,7 @@ class CaptureFile:
         if block_type == PCAPNG_IDB:
             link_type, _, snaplen = struct.unpack_from(order + "HHI", content)
             tsresol, name = _idb_options(content[8:], order)
-            interfaces.append((link_type, snaplen, tsresol, name))
+            interfaces.append((normalise_link_type(link_type), snaplen, tsresol, name))
         elif block_type in (PCAPNG_EPB, PCAPNG_OBSOLETE_PB):
             if block_type == PCAPNG_EPB:
                 if_id, ts_high, ts_low, caplen, orig = struct.unpack_from(order + "IIIII", content)
@@ -342,6 +392,8 @@ class CaptureFile:
             if if_id >= len(interfaces) or 20 + caplen > len(content):
                 raise InputError(f"corrupt pcapng packet block at byte offset {offset}", path=self.path)
             link_type, snaplen, ticks, name = interfaces[if_id]
+            if link_type not in DECODED_LINK_TYPES:
+                raise LinkTypeError(link_type, self.path)
             ts = (ts_high << 32) | ts_low
             return CapturedPacket(
                 ts * 1_000_000_000 // ticks, bytes(content[20 : 20 + caplen]), orig, link_type, snaplen, name
@@ -351,6 +403,8 @@ class CaptureFile:
                 raise InputError(f"pcapng simple packet block before any interface at {offset}", path=self.path)
             orig = struct.unpack_from(order + "I", content)[0]
             link_type, snaplen, _, name = interfaces[0]
+            if link_type not in DECODED_LINK_TYPES:
+                raise LinkTypeError(link_type, self.path)
             caplen = min(orig, snaplen or orig, len(content) - 4)
             return CapturedPacket(0, bytes(content[4 : 4 + caplen]), orig, link_type, snaplen, name)
         return None
