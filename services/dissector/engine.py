@@ -447,6 +447,7 @@ class Dissector:
             if not isinstance(state, _StreamState) or state.parser is None:
                 continue
             if not self._guard(state.protocol, flow_text(flow.info), state.parser.expire, now_ns):
+                self._parser_counts(state.parser)
                 state.parser = None
         stale: list[_UdpFlow] = []
         for udp in self.udp_lru.values():
@@ -455,6 +456,7 @@ class Dissector:
             elif udp.parser is not None and not self._guard(
                 udp.protocol, flow_text(udp.info), udp.parser.expire, now_ns
             ):
+                self._parser_counts(udp.parser)
                 udp.parser = None
         for udp in stale:
             self._udp_end(udp, now_ns)
@@ -505,6 +507,7 @@ class Dissector:
         if parser is not None:
             state.parser = None
             self._guard(state.protocol, flow_text(flow.info), parser.finish, ts_ns)
+            self._parser_counts(parser)
 
     def stream_anomaly(self, flow: TcpFlow, direction: Direction, note: str, offset: int) -> None:
         """Hand a reassembly anomaly to parsers that can place it on a call (an optional
@@ -523,6 +526,7 @@ class Dissector:
         state.parser = None
         self._parse_error(state.protocol, flow_text(flow.info), exc)
         if parser is not None:
+            self._parser_counts(parser)
             # What the parser completed before the bad bytes still counts (lone requests -> no_response).
             try:
                 calls = parser.finish(flow.last_ts_ns)
@@ -633,6 +637,7 @@ class Dissector:
         except Exception as exc:
             self._parse_error(flow.protocol, flow_text(flow.info), exc)
             flow.parser = None
+            self._parser_counts(parser)
             return
         if calls:
             self._out.extend(calls)
@@ -699,6 +704,15 @@ class Dissector:
         if parser is not None:
             flow.parser = None
             self._guard(flow.protocol, flow_text(flow.info), parser.finish, ts_ns)
+            self._parser_counts(parser)
+
+    def _parser_counts(self, parser: object) -> None:
+        """A parser that is done adds what it counted without making calls (its optional
+        `counts`, e.g. DNS duplicate responses)."""
+        counts: dict[str, int] | None = getattr(parser, "counts", None)
+        if counts:
+            for name, value in counts.items():
+                self._count(name, value)
 
     def _udp_remove(self, flow: _UdpFlow) -> None:
         for key in flow.keys:

@@ -17,10 +17,12 @@ client or the response to a pending one that `dns._parse_common` reads; its call
 query is pending (the quiescent point, whose state is the count of calls begun). A quiet flow
 idle past the UDP timeout simply ends there, as Python would end it with nothing to report.
 
-`restore` rebuilds the Python flow (TcpFlow + Http1Parser) from that state (`restore_udp` the
-_UdpFlow's FlowInfo and DnsDatagramParser), and the engine
-replays the packets through its ordinary path: from then on the Python code, which stays the
-reference, is exactly where it would have been had it seen every packet. The differential test
+`restore` rebuilds the Python flow from that state through the parsers' public state interface
+(protocols/base.py: `TcpFlow.from_snapshot(TcpFlowState)`, `Http1Parser.restore(Http1State)`;
+`restore_udp`: the _UdpFlow's FlowInfo and `DnsDatagramParser.restore(DnsState)`), never by
+writing their private fields, and the engine replays the packets through its ordinary path:
+from then on the Python code, which stays the reference, is exactly where it would have been
+had it seen every packet. The differential test
 (tests/unit/test_express_differential.py) holds the two paths to identical calls and counters.
 """
 
@@ -32,9 +34,9 @@ from trawl.dissector.config import DissectorSettings
 from trawl.dissector.layers import ip_text
 from trawl.dissector.protocols import dns
 from trawl.dissector.protocols.base import FlowInfo, ParserLimits
-from trawl.dissector.protocols.http1 import Http1Parser
+from trawl.dissector.protocols.http1 import Http1Parser, Http1State
 from trawl.dissector.redact import Redactor
-from trawl.dissector.tcp import TcpFlow, TcpTable
+from trawl.dissector.tcp import HalfStreamState, TcpFlow, TcpFlowState, TcpTable
 from trawl.logs import get_logger
 
 log = get_logger(__name__)
@@ -96,13 +98,13 @@ def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
 
 
 def restore(table: TcpTable, handover: dict[str, Any], limits: ParserLimits) -> tuple[TcpFlow, Http1Parser]:
-    """Rebuild a demoted flow's Python state as of its last quiescent point; the caller gives
-    the flow its parser (`flow.user` is the engine's)."""
+    """Rebuild a demoted flow's Python state as of its last quiescent point, through the public
+    `TcpFlow.from_snapshot` and `Http1Parser.restore`; the caller gives the flow its parser
+    (`flow.user` is the engine's)."""
     node: str = handover["node"]
     shard: int = handover["shard"]
     client_ip, client_port = handover["client"]
     server_ip, server_port = handover["server"]
-    state: dict[str, Any] = handover["state"]
     c2s_key = (node, client_ip, client_port, server_ip, server_port)
     s2c_key = (node, server_ip, server_port, client_ip, client_port)
     for key in (c2s_key, s2c_key):
@@ -110,31 +112,52 @@ def restore(table: TcpTable, handover: dict[str, Any], limits: ParserLimits) -> 
         if entry is not None:
             table.discard(entry[0])  # a closed flow lingering on the same 4-tuple
     info = FlowInfo("tcp", ip_text(client_ip), client_port, ip_text(server_ip), server_port, node=node, shard=shard)
-    flow = TcpFlow(info, (c2s_key, s2c_key), state["first_ts_ns"])
-    flow.last_ts_ns = state["last_ts_ns"]
-    flow.midstream = False
-    flow.oriented_by_handshake = True
-    flow.syn_count = 1
-    flow.syn_ts_ns = state["syn_ts_ns"]
-    flow.synack_seen = True
-    flow.payload_seen = True
-    for half, (next_seq, base, acked, last_start, last_data) in zip(flow.halves, state["halves"], strict=True):
-        half.next = next_seq
-        half.base = base
-        half.acked = acked
-        half.last_start = last_start
-        half.last_data = last_data
+    flow_state, parser_state = tcp_states(handover["state"])
+    flow = TcpFlow.from_snapshot(info, (c2s_key, s2c_key), flow_state)
     parser = Http1Parser(info, limits)
-    parser.ordinal = state["ordinal"]
-    for reader, offset in zip(parser.readers, state["offsets"], strict=True):
-        reader.offset = offset
+    parser.restore(parser_state)
     table.adopt(flow)
     return flow, parser
 
 
+def tcp_states(state: dict[str, Any]) -> tuple[TcpFlowState, Http1State]:
+    """The states a demoted HTTP/1 flow's handover stands for. The lane holds a flow only from
+    its SYN, through a handshake it saw whole, and gives it back at a quiescent point: an
+    established flow, one SYN, payload seen, nothing held out of order, nothing to report yet."""
+    halves = tuple(
+        HalfStreamState(next=next_seq, base=base, acked=acked, last_start=last_start, last_data=last_data)
+        for next_seq, base, acked, last_start, last_data in state["halves"]
+    )
+    client_half, server_half = halves
+    flow_state = TcpFlowState(
+        halves=(client_half, server_half),
+        first_ts_ns=state["first_ts_ns"],
+        last_ts_ns=state["last_ts_ns"],
+        syn_ts_ns=state["syn_ts_ns"],
+        syn_count=1,
+        synack_seen=True,
+        midstream=False,
+        oriented_by_handshake=True,
+        payload_seen=True,
+    )
+    client_offset, server_offset = state["offsets"]
+    return flow_state, Http1State(ordinal=state["ordinal"], offsets=(client_offset, server_offset))
+
+
+def dns_state(state: dict[str, Any]) -> dns.DnsState:
+    """The state a demoted DNS-over-UDP flow's handover stands for: the calls begun and the
+    questions answered, as of its last quiescent point (no query pending)."""
+    answered = tuple(
+        dns.AnsweredQuery(ident, (name.lower(), qtype, qclass), ts_ns)
+        for ident, name, qtype, qclass, ts_ns in state.get("answered", ())
+    )
+    return dns.DnsState(ordinal=state["ordinal"], answered=answered)
+
+
 def restore_udp(handover: dict[str, Any], limits: ParserLimits) -> tuple[FlowInfo, dns.DnsDatagramParser, int]:
     """A DNS-over-UDP flow given back at a quiescent point: its FlowInfo (the client is the side
-    that asked first), its parser as of then, and its last activity; the engine makes the flow."""
+    that asked first), its parser as of then (`DnsDatagramParser.restore`), and its last
+    activity; the engine makes the flow."""
     client_ip, client_port = handover["client"]
     server_ip, server_port = handover["server"]
     state: dict[str, Any] = handover["state"]
@@ -142,6 +165,6 @@ def restore_udp(handover: dict[str, Any], limits: ParserLimits) -> tuple[FlowInf
         "udp", ip_text(client_ip), client_port, ip_text(server_ip), server_port, handover["node"], handover["shard"]
     )
     parser = dns.DnsDatagramParser(info, limits)
-    parser.restore(state["ordinal"])
+    parser.restore(dns_state(state))
     last_ts_ns: int = state["last_ts_ns"]
     return info, parser, last_ts_ns

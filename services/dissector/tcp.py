@@ -30,11 +30,12 @@ import bisect
 import struct
 from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from trawl.dissector.calls import new_call
 from trawl.dissector.layers import ip_text
-from trawl.dissector.protocols.base import Direction, FlowInfo
+from trawl.dissector.protocols.base import Direction, FlowInfo, NotAtBoundary
 from trawl.v1.calls_pb2 import ApiCall, Outcome
 
 TCP_HEADER = struct.Struct("!HHIIBBH")
@@ -57,6 +58,58 @@ class StreamSink(Protocol):
 
     def stream_anomaly(self, flow: TcpFlow, direction: Direction, note: str, offset: int) -> None:
         """Something odd about the byte at `offset` of this direction's stream (0 = first byte)."""
+
+
+@dataclass(frozen=True, slots=True)
+class HalfStreamState:
+    """One direction of a flow with nothing held out of order. Sequence numbers are unwrapped
+    (64-bit counts, see HalfStream.unwrap), None where the direction has not synchronised yet.
+
+    - `next`: the next expected sequence number;
+    - `base`: the sequence number of the direction's first byte (stream offset 0);
+    - `acked`: the highest sequence number the peer acknowledged, or None;
+    - `last_start`, `last_data`: the last delivered segment, which a retransmission is
+      compared with (a differing copy is a conflicting overlap);
+    - `fin_at`: the sequence number of the direction's FIN once seen; `finished`: every byte
+      up to it was delivered.
+    """
+
+    next: int | None
+    base: int
+    acked: int | None
+    last_start: int = 0
+    last_data: bytes = b""
+    fin_at: int | None = None
+    finished: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TcpFlowState:
+    """A TCP flow with nothing buffered out of order (what an exchange boundary needs of it).
+
+    What a compiled lane must supply: the halves (client -> server, server -> client); the
+    first and last packet times and the first SYN's; how the handshake went (`syn_count` SYNs
+    from the client, `synack_seen`; `midstream` when the start was not captured,
+    `oriented_by_handshake` when a SYN named the client); `payload_seen` once any byte was
+    carried; the per-flow counts reported when the flow ends (`retransmissions`,
+    `zero_windows`, `resets`) and which diagnostics were already reported (`rst_reported`,
+    `handshake_reported`).
+    """
+
+    halves: tuple[HalfStreamState, HalfStreamState]
+    first_ts_ns: int
+    last_ts_ns: int
+    syn_ts_ns: int = 0
+    syn_count: int = 0
+    synack_seen: bool = False
+    midstream: bool = True
+    oriented_by_handshake: bool = False
+    payload_seen: bool = False
+    retransmissions: int = 0
+    zero_windows: int = 0
+    resets: int = 0
+    rst_reported: bool = False
+    handshake_reported: bool = False
 
 
 class HalfStream:
@@ -90,6 +143,25 @@ class HalfStream:
     def unwrap(self, seq: int) -> int:
         reference = self.next if self.next is not None else seq
         return reference + ((seq - (reference & 0xFFFFFFFF) + 0x80000000) & 0xFFFFFFFF) - 0x80000000
+
+    def snapshot(self) -> HalfStreamState:
+        if self.starts:
+            raise NotAtBoundary("TCP: segments are held out of order")
+        return HalfStreamState(
+            self.next, self.base, self.acked, self.last_start, self.last_data, self.fin_at, self.finished
+        )
+
+    @classmethod
+    def from_snapshot(cls, state: HalfStreamState) -> HalfStream:
+        half = cls()
+        half.next = state.next
+        half.base = state.base
+        half.acked = state.acked
+        half.last_start = state.last_start
+        half.last_data = state.last_data
+        half.fin_at = state.fin_at
+        half.finished = state.finished
+        return half
 
 
 class TcpFlow:
@@ -140,6 +212,51 @@ class TcpFlow:
     @property
     def flow_text(self) -> str:
         return flow_text(self.info)
+
+    def snapshot(self) -> TcpFlowState:
+        """The flow's state; NotAtBoundary while segments are held out of order. A closed flow
+        (`closed_ns`) is not one to hand on: it only lingers."""
+        if self.closed_ns is not None:
+            raise NotAtBoundary("TCP: the flow is closed")
+        client, server = self.halves
+        return TcpFlowState(
+            halves=(client.snapshot(), server.snapshot()),
+            first_ts_ns=self.first_ts_ns,
+            last_ts_ns=self.last_ts_ns,
+            syn_ts_ns=self.syn_ts_ns,
+            syn_count=self.syn_count,
+            synack_seen=self.synack_seen,
+            midstream=self.midstream,
+            oriented_by_handshake=self.oriented_by_handshake,
+            payload_seen=self.payload_seen,
+            retransmissions=self.retransmissions,
+            zero_windows=self.zero_windows,
+            resets=self.resets,
+            rst_reported=self.rst_reported,
+            handshake_reported=self.handshake_reported,
+        )
+
+    @classmethod
+    def from_snapshot(
+        cls, info: FlowInfo, keys: tuple[tuple[object, ...], tuple[object, ...]], state: TcpFlowState
+    ) -> TcpFlow:
+        """A flow continuing from `state` (oriented by `info`, looked up by `keys` as
+        TcpTable makes them); hand it to `TcpTable.adopt`."""
+        flow = cls(info, keys, state.first_ts_ns)
+        flow.halves = (HalfStream.from_snapshot(state.halves[0]), HalfStream.from_snapshot(state.halves[1]))
+        flow.last_ts_ns = state.last_ts_ns
+        flow.syn_ts_ns = state.syn_ts_ns
+        flow.syn_count = state.syn_count
+        flow.synack_seen = state.synack_seen
+        flow.midstream = state.midstream
+        flow.oriented_by_handshake = state.oriented_by_handshake
+        flow.payload_seen = state.payload_seen
+        flow.retransmissions = state.retransmissions
+        flow.zero_windows = state.zero_windows
+        flow.resets = state.resets
+        flow.rst_reported = state.rst_reported
+        flow.handshake_reported = state.handshake_reported
+        return flow
 
 
 def endpoint_text(ip: str, port: int) -> str:
@@ -255,6 +372,8 @@ class TcpTable:
         self.lru[id(flow)] = flow
         if flow.last_ts_ns < self.newest_ns:
             self.behind.add(id(flow))
+        if flow.syn_count and not flow.synack_seen:
+            self.handshaking.add(id(flow))
         if self.on_flow_created is not None:
             self.on_flow_created(flow)
 

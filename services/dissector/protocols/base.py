@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Protocol
+from typing import ClassVar, Protocol, TypeVar
 
 from trawl.v1.calls_pb2 import ApiCall
 
@@ -35,6 +35,11 @@ class Direction(IntEnum):
 class ProtocolError(Exception):
     """The one error type a parser raises for bytes it cannot parse; the engine counts it,
     logs the flow once, and stops feeding that flow to the parser."""
+
+
+class NotAtBoundary(Exception):
+    """`snapshot()` was asked of a parser (or TCP flow) that is not at an exchange boundary:
+    something is buffered or pending, so no small state could stand for it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +95,35 @@ class DatagramParser(Protocol):
     def expire(self, now_ns: int) -> list[ApiCall]: ...
 
     def finish(self, ts_ns: int) -> list[ApiCall]: ...
+
+
+# -- state at an exchange boundary ---------------------------------------------------------------
+#
+# Every parser (and tcp.TcpFlow) exposes its state at an exchange boundary (both directions
+# between messages, nothing buffered, no request pending) as a frozen dataclass, the way h11's
+# connection states or Zeek's analyzers expose theirs:
+#
+#     state = parser.snapshot()        # NotAtBoundary when it is not at one
+#     fresh = new_parser(flow, limits)
+#     fresh.restore(state)             # `fresh` now parses the rest exactly as `parser` would
+#
+# This is how the compiled lane (express.py) gives a flow back to the Python path: it supplies
+# the fields of the state dataclass (each dataclass's docstring says what they mean), and the
+# Python parser is rebuilt from them with `restore`, never by writes to its private fields.
+# A state holds what decides the calls still to come (ordinals that call ids hash, stream
+# offsets, remembered answers); cumulative statistics kept for the flow's end are not state.
+
+StateT = TypeVar("StateT")
+
+
+class Snapshotting(Protocol[StateT]):
+    """A parser whose state at an exchange boundary can be taken and given to a fresh one."""
+
+    def snapshot(self) -> StateT:
+        """The state now; raises NotAtBoundary unless between exchanges."""
+
+    def restore(self, state: StateT) -> None:
+        """Continue from `state` (taken from a parser of the same flow, or supplied by the lane)."""
 
 
 # A probe looks at the first bytes seen in each direction (either may be empty) and the

@@ -15,6 +15,20 @@ pairs, and the call's `src` is always the side that asked. A response with no pe
 `no-request-seen`; a repeated query (a client retransmission) counts into the pending one
 (note `retransmitted`).
 
+A second response to a query already answered (a server retransmission, or two answers to a
+retransmitted query; Wireshark marks it `dns.retransmit_response`) is not a second call. The
+first call left when the first response came (holding every answered call back for a window
+would delay every DNS call and the compiled lane's too, for a rare event), so the duplicate
+cannot be noted on it: it is counted instead (`dns_duplicate_responses` in the dissector's
+counters, added when the flow ends). A flow remembers its last `ANSWERED_REMEMBERED` answered
+questions, each for `ParserLimits.request_timeout_ns`; a response to an older one is reported
+as `no-request-seen`, as before.
+
+mDNS (RFC 6762, port 5353 on either side): the top bit of a question's QCLASS asks for a
+unicast response and the top bit of a record's CLASS is the cache-flush bit; neither is part
+of the class. Both are cleared before the message is read (the question pairs as class IN) and
+noted on the call (`unicast-response`, `cache-flush`), where Wireshark shows the same flags.
+
 Outcome: NOERROR and NXDOMAIN are `ok`: NXDOMAIN is a valid, authoritative answer ("no such
 name"), and in Kubernetes every lookup of a short name walks the search path and collects
 several NXDOMAINs before it succeeds, so counting them as errors would drown real failures;
@@ -57,6 +71,7 @@ from trawl.dissector.protocols.base import (
     DatagramParser,
     Direction,
     FlowInfo,
+    NotAtBoundary,
     ParserLimits,
     ProtocolError,
     ProtocolSpec,
@@ -65,7 +80,11 @@ from trawl.dissector.protocols.base import (
 from trawl.v1.calls_pb2 import ApiCall, DnsAnswer, Endpoint
 
 PROTOCOL = "dns"
-DNS_PORTS = frozenset({53, 5353})
+MDNS_PORT = 5353
+DNS_PORTS = frozenset({53, MDNS_PORT})
+# Answered questions a flow remembers, to tell a duplicate response from one whose query was not
+# seen; the compiled lane remembers as many (DNS_ANSWERED in _express.c).
+ANSWERED_REMEMBERED = 16
 # NetBIOS name service speaks the DNS message format but is not DNS: its plausible headers are not ours.
 NOT_DNS_PORTS = frozenset({137})
 HEADER_SIZE = 12
@@ -436,8 +455,59 @@ def _parse_common(wire: bytes, ident: int, flags: int, counts: tuple[int, int, i
     return message
 
 
-def parse_message(wire: bytes) -> DnsMessage:
-    """Decode one DNS message (without any TCP length prefix)."""
+_MDNS_CLASS_BIT = 0x8000
+
+
+def _clear_mdns_class_bits(wire: bytes) -> tuple[bytes, list[str]]:
+    """The message with the mDNS bits cleared from every question's QCLASS (unicast-response)
+    and every record's CLASS (cache-flush; the OPT record's CLASS is a size, left alone), and
+    the notes for the bits found. A message too damaged to walk is returned as it is: reading
+    it will say what is wrong."""
+    if len(wire) < HEADER_SIZE:
+        return wire, []
+    counts = _HEADER.unpack_from(wire)[2:]
+    copy: bytearray | None = None
+    notes: list[str] = []
+    position = HEADER_SIZE
+    try:
+        for section, count in enumerate(counts):
+            for _ in range(count):
+                _name, position = _read_name(wire, position)
+                if section == 0:
+                    if position + 4 > len(wire):
+                        return wire, []
+                    class_at = position + 2
+                    position += 4
+                    note = "unicast-response"
+                else:
+                    if position + 10 > len(wire):
+                        return wire, []
+                    rdtype = (wire[position] << 8) | wire[position + 1]
+                    class_at = position + 2
+                    position += 10 + ((wire[position + 8] << 8) | wire[position + 9])
+                    if rdtype == TYPE_OPT:
+                        continue
+                    note = "cache-flush"
+                if wire[class_at] & 0x80:
+                    if copy is None:
+                        copy = bytearray(wire)
+                    copy[class_at] &= 0x7F
+                    if note not in notes:
+                        notes.append(note)
+    except ProtocolError:
+        return wire, []
+    return (wire if copy is None else bytes(copy)), notes
+
+
+def parse_message(wire: bytes, *, mdns: bool = False) -> DnsMessage:
+    """Decode one DNS message (without any TCP length prefix); `mdns`: an mDNS message, whose
+    class fields carry the unicast-response and cache-flush bits (see the module docstring)."""
+    if mdns:
+        wire, flags = _clear_mdns_class_bits(wire)
+        if flags:
+            message = parse_message(wire)
+            message.notes.extend(flags)
+            return message
     if len(wire) >= HEADER_SIZE:
         ident, flags, questions, answers, authority, additional = _HEADER.unpack_from(wire)
         if questions == 1 and not flags & 0x7800:  # one question, opcode QUERY
@@ -533,6 +603,35 @@ class _Pending:
     message_id: int
 
 
+_Key = tuple[int, tuple[str, int, int] | None]
+
+
+@dataclass(frozen=True, slots=True)
+class AnsweredQuery:
+    """A question a flow saw answered: its id, its question (`name` in lower case, as pairing
+    compares it; None for a query without a question) and when the answer came."""
+
+    id: int
+    question: tuple[str, int, int] | None
+    ts_ns: int
+
+
+@dataclass(frozen=True, slots=True)
+class DnsState:
+    """A DNS flow between transactions: no query pending, no message half read.
+
+    What a compiled lane must supply:
+    - `ordinal`: how many calls the flow has begun (each call id hashes its ordinal);
+    - `answered`: the last questions answered (at most ANSWERED_REMEMBERED, oldest first), so
+      that a duplicate response is counted, not reported as a call;
+    - `gap_seen`: (DNS over TCP) a capture gap was seen, noted on calls left unanswered.
+    """
+
+    ordinal: int
+    answered: tuple[AnsweredQuery, ...] = ()
+    gap_seen: bool = False
+
+
 class DnsTransactions:
     """Query/response pairing for one flow; shared by the UDP and TCP parsers."""
 
@@ -540,15 +639,30 @@ class DnsTransactions:
         self._flow = flow
         self._limits = limits
         self._length_prefix = length_prefix
-        self._pending: dict[tuple[int, tuple[str, int, int] | None], _Pending] = {}
+        self._mdns = MDNS_PORT in (flow.server_port, flow.client_port)
+        self._pending: dict[_Key, _Pending] = {}
+        self._answered: dict[_Key, int] = {}  # question -> when answered, oldest first
         self._ordinal = 0
         self.gap_seen = False
+        self.duplicate_responses = 0
+
+    def snapshot(self) -> DnsState:
+        if self._pending:
+            raise NotAtBoundary("DNS: a query is pending")
+        answered = tuple(AnsweredQuery(ident, question, ts) for (ident, question), ts in self._answered.items())
+        return DnsState(self._ordinal, answered, self.gap_seen)
+
+    def restore(self, state: DnsState) -> None:
+        self._pending.clear()
+        self._ordinal = state.ordinal
+        self._answered = {(query.id, query.question): query.ts_ns for query in state.answered}
+        self.gap_seen = state.gap_seen
 
     def message(self, direction: Direction, wire: bytes, ts_ns: int) -> list[ApiCall]:
-        parsed = parse_message(wire)
+        parsed = parse_message(wire, mdns=self._mdns)
         size = len(wire) + self._length_prefix
         if parsed.is_response:
-            return [self._response(direction, parsed, size, ts_ns)]
+            return self._response(direction, parsed, size, ts_ns)
         return self._query(direction, parsed, size, ts_ns)
 
     def _new_call(self, asker_direction: Direction, ts_ns: int) -> ApiCall:
@@ -580,15 +694,23 @@ class DnsTransactions:
         self._pending[key] = _Pending(call, query.id)
         return emitted
 
-    def _response(self, direction: Direction, response: DnsMessage, size: int, ts_ns: int) -> ApiCall:
-        pending = self._take_pending(response)
-        if pending is None:
+    def _response(self, direction: Direction, response: DnsMessage, size: int, ts_ns: int) -> list[ApiCall]:
+        taken = self._take_pending(response)
+        if taken is None:
+            if self._answered_before(response, ts_ns):
+                self.duplicate_responses += 1
+                return []
             call = self._new_call(direction.reverse, ts_ns)
             _describe(call, response)
             call.dns.id = response.id
             call.notes.append("no-request-seen")
         else:
+            key, pending = taken
             call = pending.call
+            self._answered.pop(key, None)
+            self._answered[key] = ts_ns
+            if len(self._answered) > ANSWERED_REMEMBERED:
+                del self._answered[next(iter(self._answered))]
         call.status = response.rcode
         call.dns.rcode = response.rcode
         call.dns.truncated = response.truncated
@@ -596,16 +718,26 @@ class DnsTransactions:
         call.notes.extend(note for note in response.notes if note not in call.notes)
         call.response.size = size
         call.response.end_ts = ts_ns
-        return finish_call(call, ts_ns, error=response.rcode not in OK_RCODES)
+        return [finish_call(call, ts_ns, error=response.rcode not in OK_RCODES)]
 
-    def _take_pending(self, response: DnsMessage) -> _Pending | None:
+    def _take_pending(self, response: DnsMessage) -> tuple[_Key, _Pending] | None:
         if response.question is not None:
-            return self._pending.pop((response.id, response.question.key), None)
+            key: _Key = (response.id, response.question.key)
+            pending = self._pending.pop(key, None)
+            return None if pending is None else (key, pending)
         for key, pending in self._pending.items():
             if pending.message_id == response.id:
                 del self._pending[key]
-                return pending
+                return key, pending
         return None
+
+    def _answered_before(self, response: DnsMessage, ts_ns: int) -> bool:
+        """The response repeats an answer given within the request timeout."""
+        deadline = ts_ns - self._limits.request_timeout_ns
+        if response.question is not None:
+            answered = self._answered.get((response.id, response.question.key))
+            return answered is not None and answered >= deadline
+        return any(ident == response.id and ts >= deadline for (ident, _question), ts in self._answered.items())
 
     def expire(self, now_ns: int) -> list[ApiCall]:
         expired: list[ApiCall] = []
@@ -653,10 +785,19 @@ class DnsDatagramParser:
     def feed_datagram(self, direction: Direction, data: bytes, ts_ns: int) -> list[ApiCall]:
         return self._transactions.message(direction, data, ts_ns)
 
-    def restore(self, ordinal: int) -> None:
-        """The state of a flow the compiled lane gives back at a quiescent point (no query
-        pending): only the count of calls begun, which their ids hash."""
-        self._transactions._ordinal = ordinal
+    @property
+    def counts(self) -> dict[str, int]:
+        """What the flow counted without making a call (added to the dissector's counters when
+        the flow ends)."""
+        return _counts(self._transactions)
+
+    def snapshot(self) -> DnsState:
+        """The flow's state with no query pending (see DnsState); NotAtBoundary otherwise."""
+        return self._transactions.snapshot()
+
+    def restore(self, state: DnsState) -> None:
+        """Continue from `state`; queries pending here are forgotten."""
+        self._transactions.restore(state)
 
     def expire(self, now_ns: int) -> list[ApiCall]:
         return self._transactions.expire(now_ns)
@@ -673,6 +814,25 @@ class DnsStreamParser:
         self._buffers = (bytearray(), bytearray())
         self._message_ts = [0, 0]
         self._lost = [False, False]
+
+    @property
+    def counts(self) -> dict[str, int]:
+        """As DnsDatagramParser.counts."""
+        return _counts(self._transactions)
+
+    def snapshot(self) -> DnsState:
+        """The connection's state between messages with no query pending; NotAtBoundary
+        otherwise (a message half read, or a direction resynchronising after a gap)."""
+        if any(self._buffers) or any(self._lost):
+            raise NotAtBoundary("DNS over TCP: a message is being read")
+        return self._transactions.snapshot()
+
+    def restore(self, state: DnsState) -> None:
+        """Continue from `state` at a message boundary of both directions."""
+        for buffer in self._buffers:
+            buffer.clear()
+        self._lost = [False, False]
+        self._transactions.restore(state)
 
     def feed(self, direction: Direction, data: bytes, ts_ns: int) -> list[ApiCall]:
         if self._lost[direction]:
@@ -713,6 +873,11 @@ class DnsStreamParser:
 
     def finish(self, ts_ns: int) -> list[ApiCall]:
         return self._transactions.finish()
+
+
+def _counts(transactions: DnsTransactions) -> dict[str, int]:
+    duplicates = transactions.duplicate_responses
+    return {"dns_duplicate_responses": duplicates} if duplicates else {}
 
 
 def _plausible_prefixed(data: bytes) -> bool:
@@ -765,11 +930,14 @@ SPEC_TCP = ProtocolSpec(
 )
 
 __all__ = [
+    "ANSWERED_REMEMBERED",
     "SPEC",
     "SPEC_TCP",
+    "AnsweredQuery",
     "DnsDatagramParser",
     "DnsMessage",
     "DnsQuestion",
+    "DnsState",
     "DnsStreamParser",
     "DnsTransactions",
     "parse_message",

@@ -44,12 +44,20 @@ import re
 import zlib
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import httptools
 
 from trawl.dissector.calls import finish_call, new_call
-from trawl.dissector.protocols.base import Direction, FlowInfo, ParserLimits, ProtocolError, ProtocolSpec
+from trawl.dissector.protocols.base import (
+    Direction,
+    FlowInfo,
+    NotAtBoundary,
+    ParserLimits,
+    ProtocolError,
+    ProtocolSpec,
+)
 from trawl.v1.calls_pb2 import ApiCall, Message, Outcome
 
 HTTP_PORTS = frozenset({80, 591, 3128, 8000, 8008, 8080, 8081, 8088, 8888, 9000, 9080})
@@ -299,6 +307,21 @@ def _collect_headers(raw: list[tuple[bytes, bytes]], message: Message) -> dict[b
     return headers
 
 
+@dataclass(frozen=True, slots=True)
+class Http1State:
+    """An HTTP/1 connection between exchanges: every request answered (or reported), both
+    directions at the start of a message with nothing buffered, no gap being resynchronised.
+
+    What a compiled lane must supply:
+    - `ordinal`: how many calls the connection has begun (each call id hashes its ordinal);
+    - `offsets`: (client -> server, server -> client) stream offsets of the next byte, counted
+      from each direction's first byte (offset 0), which place reassembly anomalies (`mark`).
+    """
+
+    ordinal: int
+    offsets: tuple[int, int]
+
+
 class Http1Parser:
     """One HTTP/1.x connection (both directions); see the module docstring for the rules."""
 
@@ -311,6 +334,30 @@ class Http1Parser:
         self.out: list[ApiCall] = []
         self.resynced = [False, False]
         self.resume_requests = False
+
+    # -- state at an exchange boundary (base.Snapshotting) ---------------------------------------
+
+    def snapshot(self) -> Http1State:
+        """The connection's state between exchanges; NotAtBoundary in the middle of one."""
+        if self.pending or self.out or self.resume_requests or any(self.resynced):
+            raise NotAtBoundary("HTTP/1: an exchange is pending")
+        for reader in self.readers:
+            if reader.state != HEAD or reader.buf or reader.exchange is not None or reader.head_started or reader.marks:
+                raise NotAtBoundary("HTTP/1: a message is being read")
+        request_reader, response_reader = self.readers
+        return Http1State(ordinal=self.ordinal, offsets=(request_reader.offset, response_reader.offset))
+
+    def restore(self, state: Http1State) -> None:
+        """Continue from `state`: what came before it is gone (it was reported by whoever held
+        the connection then), so anomalies placed before its offsets find no call to note."""
+        self.pending.clear()
+        self.out = []
+        self.resynced = [False, False]
+        self.resume_requests = False
+        self.ordinal = state.ordinal
+        self.readers = (_Reader(), _Reader())
+        for reader, offset in zip(self.readers, state.offsets, strict=True):
+            reader.offset = offset
 
     # -- the StreamParser interface -----------------------------------------------------------
 
@@ -816,4 +863,4 @@ def new_stream(flow: FlowInfo, limits: ParserLimits) -> Http1Parser:
 
 SPEC = ProtocolSpec(name="http", transport="tcp", probe=probe, new_stream=new_stream, ports=HTTP_PORTS, probe_bytes=16)
 
-__all__ = ["SPEC", "Http1Parser", "Outcome", "probe"]
+__all__ = ["SPEC", "Http1Parser", "Http1State", "Outcome", "probe"]

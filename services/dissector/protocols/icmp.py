@@ -30,7 +30,7 @@ import struct
 from dataclasses import dataclass
 
 from trawl.dissector.calls import finish_call, new_call
-from trawl.dissector.protocols.base import FlowInfo, ParserLimits, ProtocolError
+from trawl.dissector.protocols.base import FlowInfo, NotAtBoundary, ParserLimits, ProtocolError
 from trawl.v1.calls_pb2 import ApiCall, Outcome
 
 PROTOCOL = "icmp"
@@ -169,6 +169,14 @@ def _protocol_name(number: int) -> str:
 _EchoKey = tuple[bool, str, str, int, int]  # is_v6, requester, target, identifier, sequence
 
 
+@dataclass(frozen=True, slots=True)
+class IcmpState:
+    """A node's ICMP tracker with no echo request pending: nothing else decides the calls to
+    come (an echo call's id hashes its identifier and sequence, not an ordinal), so the state
+    is empty; `ignored` and `evicted` are statistics and are not part of it. No compiled lane
+    takes ICMP yet; a lane that did would hand its tracker back only with no echo pending."""
+
+
 class IcmpTracker:
     """ICMP state for one node: pending echo requests and the calls they and errors make."""
 
@@ -181,6 +189,16 @@ class IcmpTracker:
         self.ignored = 0
         # Echo requests dropped from a full pending table (each still emitted as no_response).
         self.evicted = 0
+
+    def snapshot(self) -> IcmpState:
+        """See IcmpState; NotAtBoundary while an echo request waits for its reply."""
+        if self._pending:
+            raise NotAtBoundary("ICMP: an echo request is pending")
+        return IcmpState()
+
+    def restore(self, state: IcmpState) -> None:
+        """Continue from `state`: echo requests pending here are forgotten."""
+        self._pending.clear()
 
     def feed_packet(self, src_ip: str, dst_ip: str, icmp: bytes, ts_ns: int, is_v6: bool) -> list[ApiCall]:
         if len(icmp) < 4:
@@ -311,4 +329,4 @@ def _error_status(is_v6: bool, icmp_type: int, code: int, icmp: bytes) -> str:
     return code_name(is_v6, icmp_type, code)
 
 
-__all__ = ["IcmpTracker", "QuotedFlow", "code_name", "parse_quoted"]
+__all__ = ["IcmpState", "IcmpTracker", "QuotedFlow", "code_name", "parse_quoted"]

@@ -37,7 +37,15 @@ import struct
 from dataclasses import dataclass, field
 
 from trawl.dissector.calls import finish_call, new_call
-from trawl.dissector.protocols.base import Direction, FlowInfo, ParserLimits, ProtocolError, ProtocolSpec, StreamParser
+from trawl.dissector.protocols.base import (
+    Direction,
+    FlowInfo,
+    NotAtBoundary,
+    ParserLimits,
+    ProtocolError,
+    ProtocolSpec,
+    StreamParser,
+)
 from trawl.v1.calls_pb2 import ApiCall, Endpoint, Outcome
 
 PROTOCOL = "tls"
@@ -363,6 +371,16 @@ class _Side:
     ignored: bool = False  # not parsed any more: capture gap, or a capture that began mid-stream
 
 
+@dataclass(frozen=True, slots=True)
+class TlsState:
+    """A TLS connection at one of its two exchange boundaries: before its first record (nothing
+    buffered, no hello seen), or after its handshake call was reported (`done`: the rest of the
+    connection is encrypted and makes no call). No compiled lane takes TLS yet; a lane that did
+    would supply `done`."""
+
+    done: bool
+
+
 class TlsStreamParser:
     """One TCP connection's TLS handshake."""
 
@@ -376,6 +394,28 @@ class TlsStreamParser:
         self._version = 0
         self._hello_seen = False
         self._done = False
+
+    # -- state at an exchange boundary (base.Snapshotting) ---------------------------------
+
+    def snapshot(self) -> TlsState:
+        """See TlsState; NotAtBoundary while a handshake is under way or bytes are buffered."""
+        if self._done:
+            return TlsState(done=True)
+        if self._hello_seen or self._call is not None:
+            raise NotAtBoundary("TLS: a handshake is under way")
+        if any(side.records or side.handshake or side.ignored for side in self._sides):
+            raise NotAtBoundary("TLS: a record is being read")
+        return TlsState(done=False)
+
+    def restore(self, state: TlsState) -> None:
+        """Continue from `state`: a fresh connection, or one whose handshake was reported."""
+        self._sides = (_Side(), _Side())
+        self._call = None
+        self._client = None
+        self._server_hello_ts = None
+        self._version = 0
+        self._hello_seen = state.done
+        self._done = state.done
 
     # -- StreamParser --------------------------------------------------------------------
 
@@ -657,6 +697,7 @@ __all__ = [
     "SPEC",
     "ClientHello",
     "ServerHello",
+    "TlsState",
     "TlsStreamParser",
     "cipher_name",
     "is_grease",
