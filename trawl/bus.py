@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import re
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
-from nats.errors import NoServersError
+from nats.errors import AuthorizationError as NatsAuthorizationError
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StreamConfig
 from nats.js.errors import BadRequestError
@@ -83,7 +88,7 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, object]:
         "name": name,
         "connect_timeout": settings.connect_timeout_s,
         "max_reconnect_attempts": -1,
-        "reconnect_time_wait": 1,
+        "reconnect_time_wait": RECONNECT_TIME_WAIT_S,
         "allow_reconnect": True,
         "drain_timeout": 10,
     }
@@ -105,6 +110,89 @@ def connect_options(settings: NatsSettings, name: str) -> dict[str, object]:
     return opts
 
 
+# Seconds between two tries of one server, for a first connection and for reconnections.
+RECONNECT_TIME_WAIT_S = 1
+
+
+def display_servers(servers: list[str]) -> str:
+    """The server URLs for a message: a password in a URL's userinfo is never shown."""
+    shown = []
+    for server in servers:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        if parts.password is not None:
+            host = parts.netloc.rpartition("@")[2]
+            server = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+        shown.append(server)
+    return ", ".join(shown)
+
+
+def _host_names(servers: list[str]) -> list[str]:
+    """The servers' host names that are names, not IP literals (those are what DNS resolves)."""
+    names: list[str] = []
+    for server in servers:
+        host = urlsplit(server if "://" in server else f"nats://{server}").hostname or ""
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            if host and host not in names:
+                names.append(host)
+    return names
+
+
+def connect_failure_reason(exc: BaseException, settings: NatsSettings) -> str:
+    """What a failed connection try means, in the user's words (nats-py reports the socket's
+    and the server's errors as they are: ConnectionRefusedError, socket.gaierror, ...)."""
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS handshake failed ({getattr(exc, 'verify_message', None) or exc.reason or exc})"
+    if isinstance(exc, socket.gaierror):
+        names = ", ".join(_host_names(settings.servers)) or "the server's name"
+        if exc.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)):
+            return f"DNS name not found ({names})"
+        return f"DNS lookup of {names} failed ({exc.strerror or exc})"
+    if isinstance(exc, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(exc, TimeoutError | NatsTimeoutError):
+        return f"timeout (no answer within {settings.connect_timeout_s:g} s)"
+    if isinstance(exc, OSError):
+        return (exc.strerror or str(exc) or type(exc).__name__).lower()
+    text = str(exc).removeprefix("nats: ").strip("'\" ")
+    if isinstance(exc, NatsAuthorizationError) or "authorization" in text.lower():
+        return "authorization failed (the server refused the credentials)"
+    return text or type(exc).__name__
+
+
+def _is_final(reason: str) -> bool:
+    return reason.startswith(("authorization", "TLS"))
+
+
+def connect_failure_message(
+    settings: NatsSettings,
+    failures: list[BaseException],
+    elapsed_s: float,
+    *,
+    servers_option: str = "nats.servers",
+    config_file: Path | None = None,
+) -> str:
+    """`cannot reach NATS at URL: REASON (N attempts over T s); FIX` for the failed tries."""
+    reasons: list[str] = []
+    for failure in failures:
+        reason = connect_failure_reason(failure, settings)
+        if reason not in reasons:
+            reasons.append(reason)
+    where = f" in {config_file}" if config_file is not None else ""
+    if all(reason.startswith("authorization") for reason in reasons):
+        fix = f"set nats.user and nats.password, nats.token or nats.creds_file{where} to credentials the server accepts"
+    elif all(reason.startswith("TLS") for reason in reasons):
+        fix = f"set nats.tls_ca (and nats.tls_cert, nats.tls_key){where} to match the server's certificates"
+    else:
+        fix = f"start nats-server or set {servers_option}{where}"
+    tries = len(failures)
+    return (
+        f"cannot reach NATS at {display_servers(settings.servers)}: {'; '.join(reasons)} "
+        f"({tries} attempt{'s' if tries != 1 else ''} over {elapsed_s:.0f} s); {fix}"
+    )
+
+
 @dataclass
 class Bus:
     """A connected client plus its JetStream context."""
@@ -115,44 +203,85 @@ class Bus:
     _pulls: list[JetStreamContext.PullSubscription] = field(default_factory=list)
 
     @classmethod
-    async def connect(cls, settings: NatsSettings, name: str) -> Bus:
-        """Connect; ConfigError when no server answers within `connect_attempts` tries.
+    async def connect(
+        cls,
+        settings: NatsSettings,
+        name: str,
+        *,
+        servers_option: str = "nats.servers",
+        config_file: Path | None = None,
+    ) -> Bus:
+        """Connect; ConfigError after `connect_attempts` failed tries of each server, with one
+        line naming the real reason (refused, DNS, timeout, TLS, authorization) and the fix.
 
         nats-py retries a first connection for ever when reconnects are unlimited (which we
-        want once connected), so the first connection is bounded here by a deadline.
+        want once connected) and reports each failed try to the error callback: the callback
+        counts them (at debug level: a terminal gets the one line, not a warning per try) and
+        the connection is abandoned when they reach the budget. `servers_option` and
+        `config_file` name where the user sets the servers, for the fix in the message.
         """
         opts = connect_options(settings, name)
         nc = NatsClient()
+        attempts = settings.connect_attempts
+        budget = None if attempts == -1 else max(1, attempts) * len(settings.servers)
+        failures: list[BaseException] = []
+        gave_up = asyncio.Event()
+        connecting = True
 
         async def on_error(exc: Exception) -> None:
-            log.warning("nats_error", error=str(exc) or type(exc).__name__)
+            if not connecting:
+                log.warning("nats_error", error=str(exc) or type(exc).__name__)
+                return
+            failures.append(exc)
+            reason = connect_failure_reason(exc, settings)
+            log.debug("nats_connect_attempt_failed", attempt=len(failures), reason=reason)
+            if budget is None and len(failures) == 1:
+                # Unlimited attempts: say once that it is waiting, or a terminal shows nothing at all.
+                log.warning("nats_unreachable_retrying", servers=display_servers(settings.servers), reason=reason)
+            # Credentials or certificates the server rejects do not get better by trying again.
+            if (budget is not None and len(failures) >= budget) or _is_final(reason):
+                gave_up.set()
 
         async def on_disconnected() -> None:
-            if not (nc.is_closed or nc.is_draining):
+            if not (connecting or nc.is_closed or nc.is_draining):
                 log.warning("nats_disconnected")
 
         async def on_reconnected() -> None:
             log.info("nats_reconnected", server=str(nc.connected_url.netloc) if nc.connected_url else "")
 
-        attempts = settings.connect_attempts
-        deadline = None if attempts == -1 else max(1, attempts) * (settings.connect_timeout_s + 1.0)
-        try:
-            await asyncio.wait_for(
-                nc.connect(
-                    **opts,  # type: ignore[arg-type]
-                    error_cb=on_error,
-                    disconnected_cb=on_disconnected,
-                    reconnected_cb=on_reconnected,
-                ),
-                deadline,
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        connect = asyncio.ensure_future(
+            nc.connect(
+                **opts,  # type: ignore[arg-type]
+                error_cb=on_error,
+                disconnected_cb=on_disconnected,
+                reconnected_cb=on_reconnected,
             )
-        except (NoServersError, OSError, TimeoutError) as exc:
-            await nc.close()
-            servers = ", ".join(settings.servers)
-            raise ConfigError(
-                f"cannot reach NATS at {servers} ({type(exc).__name__}): start nats-server or set nats.servers"
-            ) from None
-        return cls(nc=nc, js=nc.jetstream())
+        )
+        giving_up = asyncio.ensure_future(gave_up.wait())
+        # A guard in case a try hangs past its own timeouts (TCP connect, TLS, INFO): each is
+        # bounded by connect_timeout_s, and tries of one server are reconnect_time_wait apart.
+        guard = None if budget is None else budget * (3 * settings.connect_timeout_s + RECONNECT_TIME_WAIT_S + 1)
+        try:
+            await asyncio.wait({connect, giving_up}, timeout=guard, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            giving_up.cancel()
+        if connect.done() and not connect.cancelled() and connect.exception() is None:
+            connecting = False
+            return cls(nc=nc, js=nc.jetstream())
+        elapsed = loop.time() - started
+        if connect.done() and not connect.cancelled() and (error := connect.exception()) is not None:
+            failures.append(error)
+        connect.cancel()
+        with contextlib.suppress(BaseException):
+            await connect
+        await nc.close()
+        if not failures:
+            failures.append(TimeoutError())
+        raise ConfigError(
+            connect_failure_message(settings, failures, elapsed, servers_option=servers_option, config_file=config_file)
+        ) from None
 
     async def ensure_stream(self, name: str, limits: StreamLimits) -> None:
         """Create the stream, or update its limits; idempotent across replicas and restarts."""

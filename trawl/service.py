@@ -85,9 +85,13 @@ async def _start_http(ctx: ServiceContext[SettingsT], port: int) -> web.AppRunne
 
 
 async def run_service(
-    name: str, settings: SettingsT, serve: Callable[[ServiceContext[SettingsT]], Awaitable[None]]
+    name: str,
+    settings: SettingsT,
+    serve: Callable[[ServiceContext[SettingsT]], Awaitable[None]],
+    config_file: Path | None = None,
 ) -> None:
-    bus = await Bus.connect(settings.nats, name=f"trawl-{name}-{settings.node}")
+    # `config_file` only names where nats.servers is set, in the message of an unreachable NATS.
+    bus = await Bus.connect(settings.nats, name=f"trawl-{name}-{settings.node}", config_file=config_file)
     ctx = ServiceContext(name=name, settings=settings, bus=bus)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -113,7 +117,7 @@ def main_for(
     try:
         settings = settings_cls.load(config_file, **overrides)
         configure_logging(settings.log_level, settings.log_format, service=name)
-        asyncio.run(run_service(name, settings, serve))
+        asyncio.run(run_service(name, settings, serve, config_file))
     except UserError as exc:
         print(f"trawl {name}: {exc}", file=sys.stderr)  # noqa: T201 - the one line a user reads
         return exc.exit_code

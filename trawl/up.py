@@ -174,7 +174,7 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
     if options.record_dir is None:
         services.remove("recorder")
     suite = Suite(config_path, log_dir, services)
-    bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="trawl-up")
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="trawl-up", servers_option="--nats-url")
     table = None if options.as_json else TableWriter(sys.stdout)
     shown = 0
 
