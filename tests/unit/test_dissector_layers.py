@@ -55,8 +55,10 @@ def loop_be(ip: bytes) -> bytes:
         (LINKTYPE_NULL, null_le),
         (LINKTYPE_LOOP, loop_be),
         (LINKTYPE_RAW, lambda ip: ip),
+        (12, lambda ip: ip),  # DLT_RAW as most systems numbered it in files
+        (14, lambda ip: ip),  # DLT_RAW as OpenBSD numbered it
     ],
-    ids=["ethernet", "vlan", "qinq", "sll", "sll2", "null", "loop", "raw"],
+    ids=["ethernet", "vlan", "qinq", "sll", "sll2", "null", "loop", "raw", "raw-12", "raw-14"],
 )
 def test_every_link_type_yields_the_ip_packet(link_type: int, wrap: object, ip: bytes) -> None:
     assert callable(wrap)
