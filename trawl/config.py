@@ -60,6 +60,18 @@ class StreamLimits(BaseModel):
     replicas: int = Field(default=1, ge=1, le=5)
 
 
+class PacketRetention(BaseModel):
+    """The bounded window of packet batches NATS keeps (JetStream stream TRAWL_PACKETS, in memory),
+    so a dissector or recorder that restarts or takes a shard over resumes without loss; what
+    ages out of it before it is read is counted by the reader, in batches and packets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_age_s: float = Field(default=60.0, gt=0)
+    max_bytes: int = Field(default=1 << 30, gt=0)
+    replicas: int = Field(default=1, ge=1, le=5)
+
+
 class ServiceSettings(BaseSettings):
     """Keys every service has."""
 
@@ -72,6 +84,7 @@ class ServiceSettings(BaseSettings):
     log_format: LogFormat = "auto"
     nats: NatsSettings = Field(default_factory=NatsSettings)
     streams: StreamLimits = Field(default_factory=StreamLimits)
+    packet_retention: PacketRetention = Field(default_factory=PacketRetention)
     # Port of the /metrics, /healthz and /readyz endpoint; 0 picks a free port, None disables it.
     http_port: int | None = Field(default=None, ge=0, le=65535)
 

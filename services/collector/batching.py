@@ -26,6 +26,7 @@ class ShardBatcher:
     _interface: str = ""
     kernel: KernelStats = field(default_factory=KernelStats)
     dropped_batches: int = 0
+    packets_before: int = 0  # packets in the batches cut before the open one
 
     @property
     def pending(self) -> int:
@@ -62,7 +63,9 @@ class ShardBatcher:
             end_of_input=end_of_input,
             source=self.source,
             dropped_batches=self.dropped_batches,
+            packets_before=self.packets_before,
         )
+        self.packets_before += len(self._parts)
         batch.kernel.CopyFrom(self.kernel)
         self._parts = []
         self._bytes = 0

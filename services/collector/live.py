@@ -66,6 +66,7 @@ class ShardState:
     sequence: int = 0
     dropped_batches: int = 0
     dropped_packets: int = 0
+    packets_cut: int = 0  # packets in the batches cut so far (PacketBatch.packets_before of the next)
     kernel: KernelCounters = field(default_factory=KernelCounters)
 
     def next_sequence(self) -> int:
@@ -129,7 +130,9 @@ class BlockBatcher:
             nanosecond=True,
             source=self.source,
             dropped_batches=self.state.dropped_batches,
+            packets_before=self.state.packets_cut,
         )
+        self.state.packets_cut += self._packets
         batch = FramedBatch(header, self._parts)
         self._parts = []
         self._bytes = 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from trawl.bus import packets_subject
 from trawl.collector.config import CollectorSettings
 from trawl.collector.live import serve_live
 from trawl.collector.replay import CaptureFile
-from trawl.errors import ConfigError
+from trawl.errors import ConfigError, UserError
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
 from trawl.v1.packets_pb2 import PacketBatch
@@ -106,11 +107,18 @@ async def serve(ctx: ServiceContext[CollectorSettings]) -> None:
             )
         await serve_live(ctx, settings)
         return
-    # A file that cannot be replayed (not a capture, a link type Trawl cannot decode) fails at start.
-    CaptureFile(settings.pcap)
     await ctx.ready()
     await replay(ctx, settings.pcap)
 
 
 def main(config_file: Path | None, pcap: Path | None = None) -> int:
+    # A file that cannot be replayed (not a capture, a link type Trawl cannot decode) is one line
+    # and exit 2 before anything connects or logs, as `trawl analyze` and `trawl up --pcap` say it.
+    try:
+        replayed = CollectorSettings.load(config_file, pcap=pcap).pcap
+        if replayed is not None:
+            CaptureFile(replayed)
+    except UserError as exc:
+        print(f"trawl collector: {exc}", file=sys.stderr)  # noqa: T201 - the one line a user reads
+        return exc.exit_code
     return main_for("collector", CollectorSettings, serve, config_file, pcap=pcap)

@@ -85,6 +85,13 @@ class DissectorSettings(ServiceSettings):
     subject: str = Field(default="trawl.v1.packets.>", min_length=1)
     queue_group: str = Field(default="dissector", min_length=1)
     # Calls are carried in CallBatch messages of up to this many calls, or this old.
+    # Resuming (services/dissector/resume.py): where each reader's checkpoint is kept, how much
+    # stream time before it a new owner replays to rebuild flow state (exchanges in flight at the
+    # checkpoint that began earlier than this come out without their start), and the batches
+    # asked for per fetch.
+    checkpoint_bucket: str = Field(default="TRAWL_DISSECTOR_CHECKPOINTS", pattern=r"^[A-Za-z0-9_-]+$")
+    resume_warmup_s: float = Field(default=60.0, ge=0)
+    fetch_batch: int = Field(default=64, gt=0, le=4096)
     calls_per_batch: int = Field(default=500, gt=0, le=100_000)
     batch_age_ms: int = Field(default=200, gt=0)
     # How often timeouts are checked while no packet arrives.

@@ -1,13 +1,18 @@
 """The dissector service: packet batches from NATS in, `CallBatch`es on JetStream out.
 
 - takes `PacketBatch`es of the shards it owns (`shard_assignment: lease`, the default: one
-  subscription per shard, shards leased and rebalanced between replicas by
-  `trawl.dissector.shards.ShardManager`), or of `settings.subject` in the queue group
-  `settings.queue_group` (`shard_assignment: all`, a single replica, as `trawl up` runs it);
-- starts a shard it takes over with fresh flow state, and ends the flows of a shard it gives
-  up (their pending requests become `no_response`) before the lease is freed;
-- counts lost batches per (node, shard) from their sequence numbers (`trawl_bus_gaps_total`)
-  and reports the count in each CallBatch (`lost_packet_batches`);
+  reader per shard, shards leased and rebalanced between replicas by
+  `trawl.dissector.shards.ShardManager`), or of `settings.subject` (`shard_assignment: all`, a
+  single replica, as `trawl up` runs it);
+- reads them from the in-memory stream TRAWL_PACKETS through a durable consumer per shard and
+  commits a checkpoint every `batch_age_ms` (calls published and acked, then the checkpoint,
+  then the consumer's ack): a replica that restarts or takes a shard over replays the window
+  before the checkpoint to rebuild flow state, publishes the calls of every batch after it, and
+  counts in batches and packets what aged out of the window unread (`trawl_bus_gaps_total`,
+  `trawl_bus_lost_packets_total`, the log line `packet_batches_lost`, and each CallBatch's
+  `lost_packet_batches`): see `trawl.dissector.resume`;
+- gives a shard up (rebalance, SIGTERM) after a commit, dropping its flows without emitting them:
+  the next owner rebuilds them and emits their calls whole, never split in two;
 - carries calls in `CallBatch`es of up to `calls_per_batch` calls or `batch_age_ms` old on
   `trawl.v1.calls.<node>.<shard>` (stream TRAWL_CALLS, async acks, Nats-Msg-Id
   "<node>/<shard>/<sequence>"); the sequence of each (node, shard) increases by one per batch
@@ -28,19 +33,21 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
-from nats.aio.msg import Msg
-from nats.aio.subscription import Subscription
+from nats.errors import Error as NatsError
 
 from trawl.bus import STREAM_CALLS, Bus, calls_subject
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import SECOND_NS, Dissector
-from trawl.dissector.shards import ShardManager
+from trawl.dissector.resume import Checkpoint, CheckpointStore, warmup_start
+from trawl.dissector.shards import ShardManager, group_token
 from trawl.logs import get_logger
 from trawl.metrics import Registry
+from trawl.packet_stream import LossCounter, PacketReader
 from trawl.service import ServiceContext, main_for
 from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.packets_pb2 import PacketBatch
@@ -179,8 +186,16 @@ class CallPublisher:
         self.batches.inc()
 
 
+ALL = -1  # the reader key of "all" mode (one reader of `subject`); shards are 0..shards-1
+
+
+def _durable_token(value: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", value)
+
+
 class DissectorService:
-    """The bus side of one dissector replica."""
+    """The bus side of one dissector replica: one `PacketReader` per shard it owns (or one of
+    `subject` in "all" mode), each resuming from its checkpoint (`trawl.dissector.resume`)."""
 
     def __init__(self, ctx: ServiceContext[DissectorSettings]) -> None:
         self.ctx = ctx
@@ -188,22 +203,35 @@ class DissectorService:
         self.leasing = ctx.settings.shard_assignment == "lease"
         self.dissector = Dissector(ctx.settings, ctx.settings.node, ctx.metrics)
         self.publisher = CallPublisher(ctx.bus, ctx.settings, ctx.metrics)
-        self.last_sequence: dict[tuple[str, int], int] = {}
+        self.checkpoints = CheckpointStore(ctx.bus.js, ctx.settings.checkpoint_bucket)
         self.lock = asyncio.Lock()
         self.last_packet_wall = time.monotonic()
-        # "lease": the shards this replica owns, and their subscriptions.
+        # "lease": the shards this replica owns. Per reader key (a shard, or ALL): the reader, the
+        # stream sequence up to which batches only rebuild state (the predecessor published their
+        # calls), where the reader stands (saved at the next commit), and the loss counter.
         self.owned: set[int] = set()
-        self.shard_subscriptions: dict[int, Subscription] = {}
+        self.readers: dict[int, PacketReader] = {}
+        self.floors: dict[int, int] = {}
+        self.positions: dict[int, Checkpoint] = {}
+        self.saved: dict[int, int] = {}
+        self.losses: dict[int, LossCounter] = {}
         self.gaps = ctx.metrics.counter("trawl_bus_gaps_total", "Packet batches lost on the bus, by node and shard")
+        self.lost_packets = ctx.metrics.counter(
+            "trawl_bus_lost_packets_total", "Packets in the batches lost on the bus, by node and shard"
+        )
+        self.warmup_batches = ctx.metrics.counter(
+            "trawl_dissector_warmup_batches_total",
+            "Batches fed only to rebuild flow state after a restart or takeover (their calls were published)",
+        )
+        self.commit_failures = ctx.metrics.counter(
+            "trawl_dissector_checkpoint_failures_total", "Checkpoints not written because the bus failed"
+        )
         self.bad_batches = ctx.metrics.counter("trawl_dissector_bad_batches_total", "Messages that were not batches")
         self.handovers = ctx.metrics.counter(
             "trawl_dissector_shard_handovers_total", "Shards this replica took over (with fresh flow state), by shard"
         )
         self.releases = ctx.metrics.counter(
             "trawl_dissector_shard_releases_total", "Shards this replica gave up or lost, by shard and reason"
-        )
-        self.unowned_batches = ctx.metrics.counter(
-            "trawl_dissector_unowned_batches_total", "Batches dropped because their shard had just been given up"
         )
         ctx.metrics.counter("trawl_parse_errors_total", "Flows skipped because a parser failed")
         self.calls = ctx.metrics.counter("trawl_dissector_calls_total", "Calls published, by protocol")
@@ -220,75 +248,126 @@ class DissectorService:
                 self.calls.inc(value - counted.get(name, 0), protocol=name[6:])
                 counted[name] = value
 
+    def discard(self, calls: list[bytes]) -> None:
+        """Calls derived again from batches whose calls were published before: not published,
+        and not counted again."""
+        del calls
+        for name, value in self.dissector.counters.items():
+            if name.startswith("calls_"):
+                self.calls_counted[name] = value
+
+    def checkpoint_key(self, key: int) -> str:
+        group = group_token(self.settings.queue_group)
+        return f"{group}.shard.{key}" if key != ALL else f"{group}.all.{_durable_token(self.settings.subject)}"
+
+    def durable(self, key: int) -> str:
+        group = _durable_token(self.settings.queue_group)
+        return f"{group}-shard-{key}" if key != ALL else f"{group}-all-{_durable_token(self.settings.subject)}"
+
+    async def open_reader(self, key: int, subject: str, sequences: dict[str, int]) -> None:
+        """Start reading `subject` from the key's checkpoint (or, with none, from the start of
+        the window, counting from the `sequences` a releasing owner left in the lease)."""
+        checkpoint = await self.checkpoints.load(self.checkpoint_key(key))
+        self.floors[key] = checkpoint.stream_seq if checkpoint else 0
+        self.saved[key] = self.floors[key]
+        self.positions[key] = Checkpoint(**vars(checkpoint)) if checkpoint else Checkpoint(sequences=dict(sequences))
+        self.losses[key] = LossCounter(dict(self.positions[key].sequences), dict(self.positions[key].packets))
+
+        async def handle(data: bytes, stream_seq: int, stored_ns: int) -> None:
+            await self.on_stored_batch(key, data, stream_seq, stored_ns)
+
+        reader = PacketReader(
+            self.ctx.bus.js,
+            self.durable(key),
+            subject,
+            handle,
+            ensure_stream=lambda: self.ctx.bus.ensure_packet_stream(self.settings.packet_retention),
+            fetch_batch=self.settings.fetch_batch,
+        )
+        self.readers[key] = reader
+        await reader.start(start_time=warmup_start(checkpoint, self.settings.resume_warmup_s))
+        log.info(
+            "packets_resumed",
+            subject=subject,
+            consumer=self.durable(key),
+            checkpoint=self.floors[key],
+            warmup_s=self.settings.resume_warmup_s if checkpoint else 0,
+            sequences=self.positions[key].sequences,
+        )
+
     async def acquire(self, shard: int, sequences: dict[str, int]) -> None:
-        """This replica owns `shard` now: fresh state for it (counting bus gaps from where the
-        previous owner stopped, per collector node), then subscribe."""
+        """This replica owns `shard` now: read it from its checkpoint."""
         async with self.lock:
-            for key in [key for key in self.last_sequence if key[1] == shard]:
-                del self.last_sequence[key]
-            for node, sequence in sequences.items():
-                self.last_sequence[(node, shard)] = sequence
             self.publisher.restart_shard(shard)
             self.owned.add(shard)
             self.handovers.inc(shard=str(shard))
-        subject = self.settings.shard_subject.format(shard=shard)
-        self.shard_subscriptions[shard] = await self.ctx.bus.nc.subscribe(
-            subject, cb=self.on_batch, pending_bytes_limit=256 * 1024 * 1024, pending_msgs_limit=1_000_000
-        )
-        await self.ctx.bus.nc.flush()  # subscribed at the server before the next round is reported
-        log.info("dissector_subscribed", subject=subject, shard=shard)
+        await self.open_reader(shard, self.settings.shard_subject.format(shard=shard), sequences)
 
     async def release(self, shard: int, reason: str) -> dict[str, int]:
-        """`shard` goes to another replica: stop taking it, end its flows, publish their calls;
-        returns the last batch sequence processed per collector node on that shard."""
-        subscription = self.shard_subscriptions.pop(shard, None)
-        if subscription is not None:
-            try:
-                await subscription.unsubscribe()
-            except Exception as exc:  # a closed connection: nothing arrives any more anyway
-                log.info("shard_unsubscribe_failed", shard=shard, error=str(exc) or type(exc).__name__)
+        """`shard` goes to another replica: stop reading it, commit (unless the lease was lost:
+        the new owner may be ahead), and drop its flows without emitting them (the next owner
+        rebuilds them from the warm-up and emits their calls whole); returns the last batch
+        sequence processed per collector node on that shard."""
+        reader = self.readers.pop(shard, None)
+        if reader is not None:
+            await reader.stop()
         async with self.lock:
             self.owned.discard(shard)
             self.releases.inc(shard=str(shard), reason=reason)
-            await self.publish(self.dissector.finish_encoded(shard=shard))
-            await self.publisher.flush_all()
-            if reason != "lost":
-                # The next owner must not see calls of this shard published after it took over.
-                await self.ctx.bus.flush_durable()
-            return {node: sequence for (node, index), sequence in self.last_sequence.items() if index == shard}
+            if reason != "lost" and reader is not None:
+                await self._commit({shard: reader})
+            self.discard(self.dissector.finish_encoded(shard=shard))
+            position = self.positions.pop(shard, Checkpoint())
+            self.floors.pop(shard, None)
+            self.saved.pop(shard, None)
+            self.losses.pop(shard, None)
+            return dict(position.sequences)
 
-    async def on_batch(self, msg: Msg) -> None:
+    async def on_stored_batch(self, key: int, data: bytes, stream_seq: int, stored_ns: int) -> None:
         batch = PacketBatch()
         try:
-            batch.ParseFromString(msg.data)
+            batch.ParseFromString(data)
         except DecodeError:
             self.bad_batches.inc()
-            log.warning("bad_packet_batch", subject=msg.subject, size=len(msg.data))
+            log.warning("bad_packet_batch", consumer=self.durable(key), stream_seq=stream_seq, size=len(data))
             return
-        key = (batch.node or self.settings.node, batch.shard)
         async with self.lock:
-            if self.leasing and batch.shard not in self.owned:
-                self.unowned_batches.inc(shard=str(batch.shard))
-                return
-            last = self.last_sequence.get(key)
-            if last is not None and batch.sequence > last + 1:
-                lost = batch.sequence - last - 1
-                self.gaps.inc(lost, node=key[0], shard=str(key[1]))
-                self.publisher.lost[key] = self.publisher.lost.get(key, 0) + lost
-                log.warning("packet_batches_lost", node=key[0], shard=key[1], lost=lost)
-            elif last is not None and batch.sequence <= last:
-                # The collector restarted (its sequence starts again at 1): count from here.
-                log.info("packet_sequence_restarted", node=key[0], shard=key[1], sequence=batch.sequence, last=last)
-            self.last_sequence[key] = batch.sequence
+            if key not in self.readers:
+                return  # released while this batch waited for the lock
             self.last_packet_wall = time.monotonic()
+            if stream_seq <= self.floors.get(key, 0):
+                self.warmup_batches.inc()
+                self.discard(self.dissector.feed_encoded(batch))
+                return
+            node = batch.node or self.settings.node
+            lost_batches, lost_packets = self.losses[key].observe(
+                node, batch.sequence, batch.packets_before, batch.packet_count
+            )
+            if lost_batches:
+                shard_key = (node, batch.shard)
+                self.gaps.inc(lost_batches, node=node, shard=str(batch.shard))
+                self.lost_packets.inc(lost_packets, node=node, shard=str(batch.shard))
+                self.publisher.lost[shard_key] = self.publisher.lost.get(shard_key, 0) + lost_batches
+                log.warning(
+                    "packet_batches_lost",
+                    node=node,
+                    shard=batch.shard,
+                    lost_batches=lost_batches,
+                    lost_packets=lost_packets,
+                    after_sequence=batch.sequence - lost_batches - 1,
+                )
+            position = self.positions[key]
+            position.stream_seq, position.stored_ns = stream_seq, stored_ns
+            position.sequences[node] = batch.sequence
+            position.packets[node] = batch.packets_before + batch.packet_count
             await self.publish(self.dissector.feed_encoded(batch))
             if batch.end_of_input:
-                await self.publish(self._end_of_input(*key))
+                await self.publish(self._end_of_input(node, batch.shard))
                 await self.publisher.flush_all()
-                await self.publisher.end_of_input(*key)
-                await self.ctx.bus.flush_durable()
+                await self.publisher.end_of_input(node, batch.shard)
+                await self._commit(self.readers)
                 self._export_counters()
-                log.info("end_of_input", node=key[0], shard=key[1], calls=self.publisher.emitted)
+                log.info("end_of_input", node=node, shard=batch.shard, calls=self.publisher.emitted)
                 await self.ctx.drained(emitted=self.publisher.emitted)
 
     def _end_of_input(self, node: str, shard: int) -> list[bytes]:
@@ -299,10 +378,28 @@ class DissectorService:
             return self.dissector.finish_encoded(node=node)  # this replica has all of the node's shards
         return self.dissector.finish_encoded(node=node, shard=shard)
 
+    async def _commit(self, readers: dict[int, PacketReader]) -> None:
+        """Publish every call derived so far and wait for its acks, then save each reader's
+        checkpoint and ack its batches: a checkpoint never covers a call not yet stored."""
+        try:
+            await self.publisher.flush_all()
+            await self.ctx.bus.flush_durable()
+            for key, reader in list(readers.items()):
+                position = self.positions.get(key)
+                if position is None or position.stream_seq <= self.saved.get(key, 0):
+                    continue
+                await self.checkpoints.save(self.checkpoint_key(key), position)
+                self.saved[key] = position.stream_seq
+                await reader.ack()
+        except (NatsError, OSError) as exc:
+            # The calls stay pending or are re-derived by the next owner: nothing is lost.
+            self.commit_failures.inc()
+            log.warning("checkpoint_failed", error=str(exc) or type(exc).__name__)
+
     async def tick(self) -> None:
-        """Publish batches that are old enough; run timeouts while packets do not come."""
+        """Commit; run timeouts while packets do not come."""
         async with self.lock:
-            await self.publisher.flush_old()
+            await self._commit(self.readers)
             dissector = self.dissector
             if dissector.clock_ns:
                 idle_s = time.monotonic() - self.last_packet_wall
@@ -317,20 +414,25 @@ class DissectorService:
             metrics.gauge(f"trawl_dissector_{name}", f"Dissector counter {name}").set(value)
 
     async def stop(self) -> None:
+        """SIGTERM: stop reading, commit what was read. Flows in progress are not ended: the next
+        process rebuilds them from the warm-up and emits their calls whole."""
+        for reader in self.readers.values():
+            await reader.stop()
         async with self.lock:
-            await self.publisher.flush_all()
-            await self.ctx.bus.flush_durable()
+            await self._commit(self.readers)
+            self.readers.clear()
 
 
 async def serve(ctx: ServiceContext[DissectorSettings]) -> None:
     settings = ctx.settings
     await ctx.bus.ensure_stream(STREAM_CALLS, settings.streams)
+    await ctx.bus.ensure_packet_stream(settings.packet_retention)
     service = DissectorService(ctx)
+    await service.checkpoints.open()
     manager: ShardManager | None = None
     leasing: asyncio.Task[None] | None = None
     if settings.shard_assignment == "all":
-        await ctx.bus.subscribe(settings.subject, service.on_batch, queue=settings.queue_group)
-        log.info("dissector_subscribed", subject=settings.subject, queue=settings.queue_group)
+        await service.open_reader(ALL, settings.subject, {})
     else:
         manager = ShardManager(
             ctx.bus.js,

@@ -30,5 +30,7 @@ class RecorderSettings(ServiceSettings):
     rotate_bytes: int = Field(default=256 * 1024 * 1024, ge=4096)
     rotate_seconds: float = Field(default=3600.0, gt=0)
     retention: RetentionSettings = Field(default_factory=RetentionSettings)
-    # Every recorder records everything published here (a plain subscription, not a queue group).
+    # Every recorder records everything published here, through a durable consumer of its own
+    # of the stream TRAWL_PACKETS (default "recorder-<node>"; two recorders need two names).
     subject: str = Field(default="trawl.v1.packets.>", min_length=1)
+    consumer: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")

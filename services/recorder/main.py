@@ -1,9 +1,16 @@
 """The recorder service: every PacketBatch on the packet subject goes into rotating pcap files.
 
-Each recorder subscribes with a plain subscription (not a queue group): every recorder
-records everything. On a batch marked end_of_input (a replayed file is done) it seals its
-files and announces `trawl.v1.control.drained.recorder.<node>` with the files sealed since
-the previous announcement; on SIGTERM it finishes the batches already received and seals.
+Each recorder reads the in-memory stream TRAWL_PACKETS through a durable consumer of its own
+(`consumer`, "recorder-<node>" by default): every recorder records everything. The writer
+checkpoints after every batch (the stream sequence and each batch sequence in `CHECKPOINT` in
+the recordings directory, beside the sizes of the open files), so a recorder killed at any
+point cuts its partial files back to the checkpoint when it starts again, seals them, and
+resumes with the batch after it: every packet is recorded once. Batches that aged out of the
+stream's window meanwhile are counted from the batch sequences, in batches and packets
+(`trawl_recorder_lost_batches_total`, `trawl_recorder_lost_packets_total`, log line
+`packet_batches_lost`). On a batch marked end_of_input (a replayed file is done) it seals its
+files and announces `trawl.v1.control.drained.recorder.<node>` with the files sealed since the
+previous announcement; on SIGTERM it stops reading and seals.
 """
 
 from __future__ import annotations
@@ -11,13 +18,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
-from nats.aio.msg import Msg
 
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
+from trawl.packet_stream import LossCounter, PacketReader
 from trawl.recorder.config import RecorderSettings
 from trawl.recorder.writer import PcapWriter
 from trawl.service import ServiceContext, main_for
@@ -26,21 +34,6 @@ from trawl.v1 import packets_pb2
 log = get_logger(__name__)
 
 RETENTION_INTERVAL_S = 60.0
-
-
-class SequenceGaps:
-    """Counts batches missing from each (node, shard) sequence; a restart (lower number) starts over."""
-
-    def __init__(self) -> None:
-        self._last: dict[tuple[str, int], int] = {}
-
-    def observe(self, node: str, shard: int, sequence: int) -> int:
-        key = (node, shard)
-        last = self._last.get(key)
-        self._last[key] = sequence
-        if last is None or sequence <= last:
-            return 0
-        return sequence - last - 1
 
 
 def open_directory(directory: Path) -> None:
@@ -69,32 +62,57 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     )
     writer.recover()
     announced = len(writer.sealed)
-    gaps = SequenceGaps()
+    mark = writer.mark or {}
+    gaps = LossCounter(dict(mark.get("sequences", {})), dict(mark.get("packets", {})))
     lost = ctx.metrics.counter("trawl_recorder_lost_batches_total", "Packet batches missing from a shard's sequence")
+    lost_packets = ctx.metrics.counter(
+        "trawl_recorder_lost_packets_total", "Packets in the batches missing from a shard's sequence"
+    )
     undecodable = ctx.metrics.counter("trawl_recorder_undecodable_total", "Messages that were not a PacketBatch")
 
-    async def on_batch(msg: Msg) -> None:
+    async def on_batch(data: bytes, stream_seq: int, stored_ns: int) -> None:
         nonlocal announced
         try:
-            batch = packets_pb2.PacketBatch.FromString(msg.data)
+            batch = packets_pb2.PacketBatch.FromString(data)
         except DecodeError as exc:
             undecodable.inc()
-            log.warning("recorder_undecodable", subject=msg.subject, error=str(exc))
+            log.warning("recorder_undecodable", stream_seq=stream_seq, error=str(exc))
             return
         try:
-            missing = gaps.observe(batch.node, batch.shard, batch.sequence)
+            source = f"{batch.node}/{batch.shard}"
+            missing, missing_packets = gaps.observe(source, batch.sequence, batch.packets_before, batch.packet_count)
             if missing:
                 lost.inc(missing, node=batch.node, shard=str(batch.shard))
-            writer.write(batch)
+                lost_packets.inc(missing_packets, node=batch.node, shard=str(batch.shard))
+                log.warning(
+                    "packet_batches_lost",
+                    node=batch.node,
+                    shard=batch.shard,
+                    lost_batches=missing,
+                    lost_packets=missing_packets,
+                    after_sequence=batch.sequence - missing - 1,
+                )
+            position = {"stream_seq": stream_seq, "sequences": gaps.sequences, "packets": gaps.packets}
+            writer.write(batch, mark=position)
             if batch.end_of_input:
                 writer.seal_all()
                 files = [str(path) for path in writer.sealed[announced:]]
                 announced = len(writer.sealed)
                 await ctx.drained(emitted=writer.packets_written, files=files)
         except Exception:  # one bad batch must not stop the recording
-            log.exception("recorder_batch_failed", subject=msg.subject)
+            log.exception("recorder_batch_failed", stream_seq=stream_seq)
 
-    subscription = await ctx.bus.subscribe(settings.subject, on_batch)
+    await ctx.bus.ensure_packet_stream(settings.packet_retention)
+    reader = PacketReader(
+        ctx.bus.js,
+        settings.consumer or f"recorder-{re.sub(r'[^A-Za-z0-9_-]', '_', settings.node)}",
+        settings.subject,
+        on_batch,
+        ensure_stream=lambda: ctx.bus.ensure_packet_stream(settings.packet_retention),
+    )
+    resume_after = int(mark.get("stream_seq", 0))
+    await reader.start(start_seq=resume_after + 1 if resume_after else None)
+    log.info("recorder_resumed", consumer=reader.durable, after=resume_after, sequences=gaps.sequences)
     await ctx.ready()
     tick = min(1.0, settings.rotate_seconds)
     since_retention = 0.0
@@ -102,14 +120,18 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ctx.stopping.wait(), timeout=tick)
         writer.rotate_due()
+        writer.sync()
+        await reader.ack()
         since_retention += tick
         if since_retention >= RETENTION_INTERVAL_S:
             since_retention = 0.0
             writer.apply_retention()
-    # Write what was already received, then seal: a stopped recorder leaves only sealed files.
-    with contextlib.suppress(Exception):
-        await subscription.drain()  # type: ignore[no-untyped-call]
+    # Stop reading (the batch in hand is written and checkpointed), then seal: a stopped
+    # recorder leaves only sealed files, and the next one resumes after the checkpoint.
+    await reader.stop()
     writer.seal_all()
+    writer.sync()
+    await reader.ack()
 
 
 def main(config_file: Path | None) -> int:

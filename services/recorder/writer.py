@@ -12,6 +12,19 @@ therefore only ever sees complete files. Retention deletes sealed files, oldest 
 never a partial one; partial files left by a crash are truncated to their last complete
 record and sealed by `recover()` at start.
 
+Resuming exactly: after each batch is appended (and before any seal that batch causes), the
+writer replaces `CHECKPOINT` in the directory (write, then atomic rename) with the caller's
+`mark` (where the batch came from: the service keeps the stream sequence there) and the size of
+every open file. A process killed at any point leaves data that is either covered by the last
+checkpoint or not: `recover()` cuts each partial file back to the size the checkpoint names
+(deleting partial files it does not name), so the batches after the mark are written once,
+when the service reads them again from the stream. The page cache survives a killed process;
+the files and the checkpoint are fsynced when sealed and every `sync()` (a host crash loses at
+most that interval, and the cut keeps files and checkpoint consistent).
+
+File names continue the sequence of the files already in the directory, so a restart never
+starts again at `-000001`.
+
 The writer does blocking file IO but no networking: the service feeds it batches and a clock.
 """
 
@@ -19,13 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from trawl.logs import get_logger
 from trawl.metrics import Registry
@@ -37,9 +51,11 @@ log = get_logger(__name__)
 SEALED_SUFFIX = ".pcap"
 PARTIAL_SUFFIX = ".pcap.partial"
 MANIFEST_NAME = "SHA256SUMS"
+CHECKPOINT_NAME = "CHECKPOINT"
 DEFAULT_SNAPLEN = 262144
 # What the writer names its files; retention only ever touches files with this shape.
 SEALED_NAME = re.compile(r"^[A-Za-z0-9_.-]+-\d{8}T\d{6}Z-\d{6,}\.pcap$")
+FILE_SEQUENCE = re.compile(r"-\d{8}T\d{6}Z-(\d{6,})(?:-\d+)?\.pcap(?:\.partial)?$")
 _UNSAFE_NAME = re.compile(r"[^A-Za-z0-9_.-]")
 _CHUNK = 1 << 20
 
@@ -117,7 +133,11 @@ class PcapWriter:
         self.packets_written = 0
         self.sealed: list[Path] = []
         self._open: dict[FileKey, OpenFile] = {}
-        self._sequence = 0
+        self._sequence = max(
+            (int(m.group(1)) for p in directory.glob("*.pcap*") if (m := FILE_SEQUENCE.search(p.name))), default=0
+        )
+        self.checkpoint_path = directory / CHECKPOINT_NAME
+        self.mark: dict[str, Any] | None = None  # the caller's mark of the last checkpoint (read by recover())
         metrics = metrics or Registry()
         self._packets = metrics.counter("trawl_recorder_packets_total", "Packets written to pcap files")
         self._bytes = metrics.counter("trawl_recorder_bytes_total", "Bytes written to pcap files")
@@ -130,8 +150,9 @@ class PcapWriter:
     def open_files(self) -> list[Path]:
         return [f.partial for f in self._open.values()]
 
-    def write(self, batch: packets_pb2.PacketBatch) -> list[Path]:
-        """Append the batch's records; returns the files sealed by rotation meanwhile."""
+    def write(self, batch: packets_pb2.PacketBatch, mark: dict[str, Any] | None = None) -> list[Path]:
+        """Append the batch's records, then checkpoint `mark` (when given); returns the files
+        sealed by rotation meanwhile."""
         try:
             packets = count_records(batch.records)
         except ValueError as exc:
@@ -139,8 +160,12 @@ class PcapWriter:
             log.warning(
                 "recorder_bad_batch", node=batch.node, shard=batch.shard, sequence=batch.sequence, error=str(exc)
             )
+            if mark is not None:
+                self.checkpoint(mark)
             return []
         if packets == 0:
+            if mark is not None:
+                self.checkpoint(mark)
             return []
         key = FileKey(batch.node, batch.link_type, batch.nanosecond)
         snaplen = batch.snaplen or DEFAULT_SNAPLEN
@@ -164,11 +189,45 @@ class PcapWriter:
         self.packets_written += packets
         self._packets.inc(packets, link_type=str(key.link_type))
         self._bytes.inc(len(batch.records))
+        if mark is not None:
+            self.checkpoint(mark)
         if current.size >= self.rotate_bytes:
             sealed.extend(self._seal(current))
         if sealed:
             self.apply_retention()
         return sealed
+
+    def checkpoint(self, mark: dict[str, Any]) -> None:
+        """Record that everything up to `mark` is in the open files, at their current sizes."""
+        for current in self._open.values():
+            current.handle.flush()
+        self.mark = mark
+        document = {"mark": mark, "files": {f.partial.name: f.size for f in self._open.values()}}
+        staging = self.checkpoint_path.with_name(CHECKPOINT_NAME + ".tmp")
+        staging.write_text(json.dumps(document, sort_keys=True), encoding="utf-8")
+        os.replace(staging, self.checkpoint_path)
+
+    def sync(self) -> None:
+        """fsync the open files, then the checkpoint (a host crash loses at most one interval)."""
+        for current in self._open.values():
+            with contextlib.suppress(OSError):
+                current.handle.flush()
+                os.fsync(current.handle.fileno())
+        if self.checkpoint_path.exists():
+            with open(self.checkpoint_path, "rb") as handle:
+                os.fsync(handle.fileno())
+            self._fsync_directory()
+
+    def _read_checkpoint(self) -> tuple[dict[str, Any] | None, dict[str, int] | None]:
+        """(mark, partial file name -> size) of the last checkpoint; (None, None) without one."""
+        try:
+            document = json.loads(self.checkpoint_path.read_text(encoding="utf-8"))
+            return dict(document["mark"]), {str(k): int(v) for k, v in dict(document["files"]).items()}
+        except FileNotFoundError:
+            return None, None
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+            log.warning("recorder_checkpoint_unreadable", file=str(self.checkpoint_path), error=str(exc))
+            return None, None
 
     def rotate_due(self) -> list[Path]:
         """Seal the files that have been open for rotate_seconds or longer."""
@@ -191,14 +250,22 @@ class PcapWriter:
         return sealed
 
     def recover(self) -> list[Path]:
-        """Seal the partial files a previous run left behind, cut after their last complete record."""
+        """Seal the partial files a previous run left behind: cut back to the size the last
+        checkpoint names (a partial file it does not name holds only batches after it, and is
+        deleted), or without a checkpoint after their last complete record. `mark` is then the
+        last checkpoint's mark: where the caller resumes."""
         sealed: list[Path] = []
         mine = {f.partial for f in self._open.values()}
+        self.mark, sizes = self._read_checkpoint()
         for partial in sorted(self.directory.glob("*" + PARTIAL_SUFFIX)):
             if partial in mine or not partial.is_file():
                 continue
             try:
-                path = self._recover_one(partial)
+                if sizes is not None and partial.name not in sizes:
+                    partial.unlink()
+                    log.info("recording_discarded_after_checkpoint", file=str(partial))
+                    continue
+                path = self._recover_one(partial, sizes.get(partial.name) if sizes is not None else None)
             except OSError as exc:
                 self._errors.inc()
                 log.error("recorder_recover_failed", file=str(partial), error=str(exc))
@@ -300,13 +367,15 @@ class PcapWriter:
         self.sealed.append(final)
         return final
 
-    def _recover_one(self, partial: Path) -> Path | None:
+    def _recover_one(self, partial: Path, checkpointed_size: int | None) -> Path | None:
         with open(partial, "r+b") as handle:
             header = handle.read(GLOBAL_HEADER.size)
             if len(header) < GLOBAL_HEADER.size or GLOBAL_HEADER.unpack(header)[0] not in (MAGIC_US, MAGIC_NS):
                 log.warning("recorder_partial_unusable", file=str(partial), reason="no pcap global header")
                 return None
             end = os.fstat(handle.fileno()).st_size
+            if checkpointed_size is not None:
+                end = min(end, checkpointed_size)
             good = GLOBAL_HEADER.size
             while good + RECORD_HEADER.size <= end:
                 handle.seek(good)

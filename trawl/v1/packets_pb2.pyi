@@ -63,6 +63,7 @@ class PacketBatch(_message.Message):
     END_OF_INPUT_FIELD_NUMBER: _builtins.int
     SOURCE_FIELD_NUMBER: _builtins.int
     DROPPED_BATCHES_FIELD_NUMBER: _builtins.int
+    PACKETS_BEFORE_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     interface: _builtins.str
     link_type: _builtins.int
@@ -83,6 +84,11 @@ class PacketBatch(_message.Message):
     """Where the packets come from: "file:<path>" or "iface:<name>"."""
     dropped_batches: _builtins.int
     """Batches the collector dropped on this shard because the bus was slow or away."""
+    packets_before: _builtins.int
+    """Packets carried by the earlier batches of this (node, shard) sequence, since the sequence
+    started: a receiver that misses batches counts the packets it missed from the next one it
+    gets (packets_before - the last packets_before - the last packet_count).
+    """
     @_builtins.property
     def kernel(self) -> Global___KernelStats:
         """Kernel counters at the time the batch was cut (cumulative since the socket opened)."""
@@ -103,10 +109,11 @@ class PacketBatch(_message.Message):
         end_of_input: _builtins.bool = ...,
         source: _builtins.str = ...,
         dropped_batches: _builtins.int = ...,
+        packets_before: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["kernel", b"kernel"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_batches", b"dropped_batches", "end_of_input", b"end_of_input", "interface", b"interface", "kernel", b"kernel", "link_type", b"link_type", "nanosecond", b"nanosecond", "node", b"node", "packet_count", b"packet_count", "records", b"records", "sequence", b"sequence", "shard", b"shard", "snaplen", b"snaplen", "source", b"source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dropped_batches", b"dropped_batches", "end_of_input", b"end_of_input", "interface", b"interface", "kernel", b"kernel", "link_type", b"link_type", "nanosecond", b"nanosecond", "node", b"node", "packet_count", b"packet_count", "packets_before", b"packets_before", "records", b"records", "sequence", b"sequence", "shard", b"shard", "snaplen", b"snaplen", "source", b"source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
