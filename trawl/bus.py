@@ -21,7 +21,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NatsClient
 from nats.aio.msg import Msg
@@ -115,14 +115,17 @@ RECONNECT_TIME_WAIT_S = 1
 
 
 def display_servers(servers: list[str]) -> str:
-    """The server URLs for a message: a password in a URL's userinfo is never shown."""
+    """The server URLs for a message, with any userinfo (which may hold a password) masked.
+
+    Textual on purpose: a password holding '#', '?' or '/' makes urllib split the URL elsewhere."""
     shown = []
     for server in servers:
-        parts = urlsplit(server if "://" in server else f"nats://{server}")
-        if parts.password is not None:
-            host = parts.netloc.rpartition("@")[2]
-            server = urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
-        shown.append(server)
+        scheme, sep, rest = server.partition("://")
+        if not sep:
+            scheme, rest = "", server
+        if "@" in rest:
+            rest = "***@" + rest.rpartition("@")[2]
+        shown.append(f"{scheme}{sep}{rest}")
     return ", ".join(shown)
 
 
@@ -130,7 +133,10 @@ def _host_names(servers: list[str]) -> list[str]:
     """The servers' host names that are names, not IP literals (those are what DNS resolves)."""
     names: list[str] = []
     for server in servers:
-        host = urlsplit(server if "://" in server else f"nats://{server}").hostname or ""
+        try:
+            host = urlsplit(server if "://" in server else f"nats://{server}").hostname or ""
+        except ValueError:
+            continue  # not a URL: nats-py cannot have looked it up either
         try:
             ipaddress.ip_address(host)
         except ValueError:
