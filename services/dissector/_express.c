@@ -464,6 +464,13 @@ typedef struct flow_s {
     size_t pending_count, pending_cap;
     PyObject **held;
     size_t held_count, held_cap;
+    /* The questions of the held calls (pairing order), and the last DNS_ANSWERED questions
+       answered as of the last quiescent point, oldest first (DnsTransactions._answered, handed
+       over so that the Python path tells a duplicate response from an unpaired one). */
+    dns_pending_t *answering;
+    size_t answering_count, answering_cap;
+    dns_pending_t *answered;
+    size_t answered_count;
 } flow_t;
 
 /* One DNS message as dns._parse_common reads it: the question, and for a response the answer
@@ -473,6 +480,7 @@ typedef struct flow_s {
 #define DNS_MAX_ANSWER_DATA 512
 #define DNS_MAX_PENDING 16
 #define DNS_MAX_HELD 64
+#define DNS_ANSWERED 16 /* dns.ANSWERED_REMEMBERED */
 
 typedef struct {
     uint32_t off, len;
@@ -645,6 +653,10 @@ static void flow_free(flow_t *flow) {
     PyMem_Free(flow->pending);
     for (size_t i = 0; i < flow->held_count; i++) Py_DECREF(flow->held[i]);
     PyMem_Free(flow->held);
+    for (size_t i = 0; i < flow->answering_count; i++) buf_free(&flow->answering[i].name);
+    PyMem_Free(flow->answering);
+    for (size_t i = 0; i < flow->answered_count; i++) buf_free(&flow->answered[i].name);
+    PyMem_Free(flow->answered);
     PyMem_Free(flow);
 }
 
@@ -1768,6 +1780,8 @@ static int dns_parse(Express *self, const uint8_t *wire, size_t size, dns_msg_t 
     if (dns_wire_name(wire, 12, size, &name, &position) || position + 4 > size) return -1;
     m->qtype = be16(wire + position);
     m->qclass = be16(wire + position + 2);
+    /* The top bit is mDNS's unicast-response flag on port 5353: the Python path notes it. */
+    if (m->qclass & 0x8000) return -1;
     position += 4;
     m->question_hops = name.hops;
     if (dns_name_text(&m->text, wire, &name, 0)) return -2;
@@ -2013,6 +2027,45 @@ static int dns_add_pending(flow_t *flow, const dns_msg_t *m, int64_t ts, size_t 
     return 0;
 }
 
+/* The held calls left: their questions join the answered ones as DnsTransactions._response
+   records them (a question answered again moves to the end; the oldest past DNS_ANSWERED go). */
+static void dns_remember_answered(flow_t *flow) {
+    if (flow->answered == NULL) {
+        flow->answered = PyMem_Calloc(DNS_ANSWERED + 1, sizeof(dns_pending_t));
+        if (flow->answered == NULL) {
+            /* Out of memory: these questions are forgotten, so a duplicate of their answers
+               would come out of the Python path as a call without its query. */
+            for (size_t a = 0; a < flow->answering_count; a++) buf_free(&flow->answering[a].name);
+            flow->answering_count = 0;
+            return;
+        }
+    }
+    for (size_t a = 0; a < flow->answering_count; a++) {
+        dns_pending_t *entry = &flow->answering[a];
+        for (size_t i = 0; i < flow->answered_count; i++) {
+            dns_pending_t *old = &flow->answered[i];
+            if (old->id == entry->id && old->qtype == entry->qtype && old->qclass == entry->qclass &&
+                old->name.len == entry->name.len) {
+                size_t k = 0;
+                while (k < old->name.len && lower(old->name.data[k]) == lower(entry->name.data[k])) k++;
+                if (k == old->name.len) {
+                    buf_free(&old->name);
+                    memmove(old, old + 1, (flow->answered_count - i - 1) * sizeof(dns_pending_t));
+                    flow->answered_count--;
+                    break;
+                }
+            }
+        }
+        flow->answered[flow->answered_count++] = *entry;
+        if (flow->answered_count > DNS_ANSWERED) {
+            buf_free(&flow->answered[0].name);
+            memmove(flow->answered, flow->answered + 1, (flow->answered_count - 1) * sizeof(dns_pending_t));
+            flow->answered_count--;
+        }
+    }
+    flow->answering_count = 0;
+}
+
 /* One datagram of a held DNS flow: R_NONE when taken, else the demotion reason. Calls leave
    (as (3, call) work items) only when no query is pending any more: that is the quiescent point. */
 static int flow_datagram(Express *self, flow_t *flow, int from_client, const segment_t *segment, int64_t ts,
@@ -2048,7 +2101,15 @@ static int flow_datagram(Express *self, flow_t *flow, int from_client, const seg
         return R_CALLBACK;
     }
     flow->held[flow->held_count++] = call;
-    buf_free(&flow->pending[index].name);
+    if (flow->answering_count == flow->answering_cap) {
+        size_t cap = flow->answering_cap ? flow->answering_cap * 2 : 2;
+        dns_pending_t *answering = PyMem_Realloc(flow->answering, cap * sizeof(dns_pending_t));
+        if (answering == NULL) return R_MEMORY;
+        flow->answering = answering;
+        flow->answering_cap = cap;
+    }
+    flow->pending[index].ts = ts; /* now the time of its answer */
+    flow->answering[flow->answering_count++] = flow->pending[index]; /* the name moves with it */
     memmove(&flow->pending[index], &flow->pending[index + 1], (flow->pending_count - index - 1) * sizeof(dns_pending_t));
     flow->pending_count--;
     if (flow->pending_count) return R_NONE;
@@ -2070,6 +2131,7 @@ static int flow_datagram(Express *self, flow_t *flow, int from_client, const seg
     for (size_t i = 0; i < flow->held_count; i++) Py_CLEAR(flow->held[i]);
     self->calls_dns += (long long)flow->held_count;
     flow->held_count = 0;
+    dns_remember_answered(flow);
     flow->exchanges++;
     return R_NONE;
 }
@@ -2228,8 +2290,22 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
         PyList_SET_ITEM(records, (Py_ssize_t)flow->retained_count, item);
     }
     if (flow->has_snapshot && flow->udp) {
-        state = Py_BuildValue("{sLsL}", "last_ts_ns", (long long)flow->snapshot.last_ts, "ordinal",
-                              (long long)flow->snapshot.ordinal);
+        /* The answered questions change only at quiescent points: they are the snapshot's. */
+        PyObject *answered = PyTuple_New((Py_ssize_t)flow->answered_count);
+        if (answered == NULL) goto done;
+        for (size_t i = 0; i < flow->answered_count; i++) {
+            const dns_pending_t *entry = &flow->answered[i];
+            PyObject *item = Py_BuildValue("(is#iiL)", (int)entry->id, entry->name.data ? (const char *)entry->name.data : "",
+                                           (Py_ssize_t)entry->name.len, (int)entry->qtype, (int)entry->qclass,
+                                           (long long)entry->ts);
+            if (item == NULL) {
+                Py_DECREF(answered);
+                goto done;
+            }
+            PyTuple_SET_ITEM(answered, (Py_ssize_t)i, item);
+        }
+        state = Py_BuildValue("{sLsLsN}", "last_ts_ns", (long long)flow->snapshot.last_ts, "ordinal",
+                              (long long)flow->snapshot.ordinal, "answered", answered);
     } else if (flow->has_snapshot) {
         const snapshot_t *snap = &flow->snapshot;
         PyObject *client = half_tuple(&snap->halves[0]);

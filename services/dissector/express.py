@@ -149,7 +149,7 @@ def dns_state(state: dict[str, Any]) -> dns.DnsState:
     questions answered, as of its last quiescent point (no query pending)."""
     answered = tuple(
         dns.AnsweredQuery(ident, (name.lower(), qtype, qclass), ts_ns)
-        for ident, name, qtype, qclass, ts_ns in state.get("answered", ())
+        for ident, name, qtype, qclass, ts_ns in state["answered"]
     )
     return dns.DnsState(ordinal=state["ordinal"], answered=answered)
 

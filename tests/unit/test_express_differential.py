@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -426,6 +427,7 @@ def dns_traffic(draw: st.DrawFn) -> Frames:
                 st.sampled_from(
                     ["answered"] * 5
                     + ["unanswered", "retransmit", "response-first", "parallel", "malformed", "formerr", "swap-sides"]
+                    + ["duplicate-response", "mdns-class-bits"]
                 )
             )
             records = [
@@ -477,8 +479,35 @@ def dns_traffic(draw: st.DrawFn) -> Frames:
                     reply = reply[: draw(st.integers(min_value=0, max_value=len(reply)))]
             if shape == "formerr":
                 reply = bytes([ident >> 8, ident & 0xFF, 0x81, 0x01]) + bytes(8)
+            if shape == "mdns-class-bits":
+                reply = with_class_top_bits(reply)
             send(False, reply)
+            if shape == "duplicate-response":
+                send(False, reply)  # answered twice: counted, not a second call
     return frames
+
+
+def with_class_top_bits(wire: bytes) -> bytes:
+    """The message with the top bit set in every question's QCLASS and record's CLASS (but
+    OPT's): mDNS's unicast-response and cache-flush bits."""
+    import dns.name
+
+    copy = bytearray(wire)
+    counts = struct.unpack_from("!HHHH", wire, 4)
+    position = 12
+    for section, count in enumerate(counts):
+        for _ in range(count):
+            _name, used = dns.name.from_wire(wire, position)
+            position += used
+            if section == 0:
+                copy[position + 2] |= 0x80
+                position += 4
+                continue
+            rdtype, _rdclass, _ttl, rdlen = struct.unpack_from("!HHIH", wire, position)
+            if rdtype != 41:
+                copy[position + 2] |= 0x80
+            position += 10 + rdlen
+    return bytes(copy)
 
 
 @st.composite
