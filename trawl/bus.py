@@ -2,7 +2,8 @@
 
 Subjects (DESIGN.md, "the bus contract"):
 
-- ``trawl.v1.packets.<node>.<shard>``   PacketBatch, core NATS, per-shard sequence
+- ``trawl.v1.packets.<node>.<shard>``   PacketBatch, published on core NATS (no ack) and kept by
+  the in-memory JetStream stream ``TRAWL_PACKETS`` for a bounded window, per-shard sequence
 - ``trawl.v1.tls.<node>``               TlsChunkBatch, core NATS
 - ``trawl.v1.calls.<node>.<shard>``     CallBatch, JetStream ``TRAWL_CALLS``
 - ``trawl.v1.enriched.<protocol>.<dst_namespace>.<dst_workload>``  ApiCall, JetStream ``TRAWL_ENRICHED``
@@ -29,20 +30,22 @@ from nats.aio.subscription import Subscription
 from nats.errors import AuthorizationError as NatsAuthorizationError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StreamConfig
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StorageType, StreamConfig
 from nats.js.errors import BadRequestError
 
-from trawl.config import NatsSettings, StreamLimits
+from trawl.config import NatsSettings, PacketRetention, StreamLimits
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
 
 log = get_logger(__name__)
 
 PREFIX = "trawl.v1"
+STREAM_PACKETS = "TRAWL_PACKETS"
 STREAM_CALLS = "TRAWL_CALLS"
 STREAM_ENRICHED = "TRAWL_ENRICHED"
 STREAM_ALERTS = "TRAWL_ALERTS"
 STREAM_SUBJECTS = {
+    STREAM_PACKETS: [f"{PREFIX}.packets.>"],
     STREAM_CALLS: [f"{PREFIX}.calls.>"],
     STREAM_ENRICHED: [f"{PREFIX}.enriched.>"],
     STREAM_ALERTS: [f"{PREFIX}.alerts.>"],
@@ -298,6 +301,25 @@ class Bus:
             max_bytes=limits.max_bytes,
             num_replicas=limits.replicas,
             duplicate_window=min(120.0, limits.max_age_s),
+        )
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            await self.js.update_stream(config)
+
+    async def ensure_packet_stream(self, retention: PacketRetention) -> None:
+        """The window of packet batches kept in memory (TRAWL_PACKETS): the collectors publish on
+        core NATS with no ack (their hot path is unchanged) and the server keeps each batch for
+        `retention`, so readers resume after a restart or a shard handover. Every service that
+        reads or writes packets ensures it, so it exists whichever starts first (and again
+        after a restart of a NATS server, which loses in-memory streams)."""
+        config = StreamConfig(
+            name=STREAM_PACKETS,
+            subjects=STREAM_SUBJECTS[STREAM_PACKETS],
+            storage=StorageType.MEMORY,
+            max_age=retention.max_age_s,
+            max_bytes=retention.max_bytes,
+            num_replicas=retention.replicas,
         )
         try:
             await self.js.add_stream(config)

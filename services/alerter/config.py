@@ -37,6 +37,9 @@ class AlerterSettings(ServiceSettings):
     # Durable pull consumer on TRAWL_ENRICHED; replicas sharing the name share the work.
     consumer: str = Field(default="alerter", pattern=r"^[A-Za-z0-9_-]+$")
     fetch_batch: int = Field(default=256, gt=0, le=10_000)
+    # Calls evaluated last, by id (trawl/dedup.py): a redelivery (a NATS restart, an alerter
+    # killed before its ack) is not evaluated twice.
+    recent_call_ids: int = Field(default=200_000, gt=0)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
 
     _rules: list[Rule] = PrivateAttr(default_factory=list)

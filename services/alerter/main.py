@@ -27,6 +27,7 @@ from trawl.alerter.config import AlerterSettings
 from trawl.alerter.logic import Alerter
 from trawl.alerter.rules import WebhookAction
 from trawl.bus import MSG_ID_HEADER, PREFIX, STREAM_ALERTS, STREAM_ENRICHED, alerts_subject, token
+from trawl.dedup import RecentIds
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
 from trawl.v1 import alerts_pb2, calls_pb2, control_pb2
@@ -63,6 +64,10 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
     alerts_sent = 0
     undecodable = ctx.metrics.counter("trawl_alerter_undecodable_total", "Stream messages that were not an ApiCall")
     publish_failures = ctx.metrics.counter("trawl_alerter_publish_failures_total", "Alerts not stored (retried)")
+    duplicates = ctx.metrics.counter(
+        "trawl_alerter_duplicate_calls_total", "Calls not evaluated again: a call with the same id was evaluated"
+    )
+    recent = RecentIds(settings.recent_call_ids)
     await bus.ensure_stream(STREAM_ENRICHED, settings.streams)
     await bus.ensure_stream(STREAM_ALERTS, settings.streams)
     pull = await bus.pull(STREAM_ENRICHED, durable=settings.consumer)
@@ -105,6 +110,10 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
             log.warning("alerter_undecodable", subject=msg.subject)
             await msg.ack()
             return True
+        if call.id and call.id in recent:
+            duplicates.inc()
+            await msg.ack()
+            return True
         alerts = alerter.evaluate(call)
         for index, alert in enumerate(alerts):
             try:
@@ -125,6 +134,8 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 deliveries.add(task)
                 task.add_done_callback(deliveries.discard)
         await msg.ack()
+        if call.id:
+            recent.first_time(call.id)  # once its alerts are stored: a nak'd call is evaluated again
         return True
 
     async def idle_consumer_done() -> bool:

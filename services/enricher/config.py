@@ -86,6 +86,9 @@ class EnricherSettings(ServiceSettings):
     # Restrict this enricher to some call subjects (e.g. one node's: trawl.v1.calls.node-1.>).
     calls_filter_subject: str | None = None
     fetch_batch: int = Field(default=64, gt=0)
+    # Calls handled last, by id (trawl/dedup.py): a redelivered batch, or calls a dissector
+    # derived again after a takeover, are not enriched, exported or published twice.
+    recent_call_ids: int = Field(default=200_000, gt=0)
     fetch_timeout_s: float = Field(default=1.0, gt=0)
     # Publish every enriched call on trawl.v1.enriched.<protocol>.<namespace>.<workload>.
     publish_enriched: bool = True

@@ -18,6 +18,7 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck
 
 from trawl.bus import STREAM_CALLS, STREAM_ENRICHED, enriched_subject
+from trawl.dedup import RecentIds
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, enricher_from_settings
 from trawl.enricher.span_totals import TOTALS_EVENT, SpanCounters, SpanTotals
@@ -42,6 +43,10 @@ class _Pipeline:
         self._publish_failures = metrics.counter(
             "trawl_enricher_publish_failures_total", "Batches redelivered because an enriched call was not stored"
         )
+        self.recent = RecentIds(ctx.settings.recent_call_ids)
+        self._duplicates = metrics.counter(
+            "trawl_enricher_duplicate_calls_total", "Calls skipped because a call with the same id was handled"
+        )
         self._lost_upstream = metrics.gauge(
             "trawl_enricher_upstream_lost_packet_batches", "Packet batches the dissector reported missing, by shard"
         )
@@ -55,19 +60,38 @@ class _Pipeline:
             log.warning("bad_call_batch", subject=msg.subject, size=len(msg.data), error=str(exc))
             await msg.term()
             return
-        self.enricher.enrich_calls(batch.calls)
-        self.enricher.export(batch.calls)
-        if self.ctx.settings.publish_enriched and not await self._publish(batch.calls):
+        calls: Sequence[ApiCall] = batch.calls
+        fresh = self._fresh(calls)
+        if len(fresh) != len(calls):
+            self._duplicates.inc(len(calls) - len(fresh))
+            calls = fresh
+        self.enricher.enrich_calls(calls)
+        self.enricher.export(calls)
+        if self.ctx.settings.publish_enriched and not await self._publish(calls):
             self._publish_failures.inc()
             await msg.nak(delay=1)
             return
         await msg.ack()
+        for call in calls:  # remembered once stored: a batch that is redelivered is handled again
+            self.recent.first_time(call.id)
         self._batches.inc()
-        self.emitted += len(batch.calls)
+        self.emitted += len(calls)
         self._lost_upstream.set(batch.lost_packet_batches, node=batch.node, shard=str(batch.shard))
         if batch.end_of_input:
             await asyncio.to_thread(self.enricher.flush)
             await self.ctx.drained(emitted=self.emitted, last_stream_sequence=self.last_sequence)
+
+    def _fresh(self, calls: Sequence[ApiCall]) -> list[ApiCall]:
+        """The calls whose id was not handled before (nor earlier in the same batch)."""
+        recent = self.recent
+        seen_here: set[str] = set()
+        fresh = []
+        for call in calls:
+            if call.id in recent or call.id in seen_here:
+                continue
+            seen_here.add(call.id)
+            fresh.append(call)
+        return fresh
 
     async def _publish(self, calls: Sequence[ApiCall]) -> bool:
         """Publish every call, wait for all acks; False when any was not stored."""
