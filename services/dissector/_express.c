@@ -21,7 +21,8 @@
  * datagrams engine._udp_new makes a DNS flow of, oriented that way) is held while every datagram
  * is a query from the client or the response to a pending one, each a message dns._parse_common
  * reads (reproduced here with dnspython's rules and text forms); its calls leave once no query is
- * pending, its quiescent point. Anything else gives it back with the count of calls begun and the
+ * pending, its quiescent point. Anything else gives it back with the count of calls begun, the last
+ * questions answered (so that Python counts a duplicate response as it would have) and the
  * datagrams since. A quiet flow idle past the UDP timeout just ends (Python reports nothing).
  *
  * The call id hashes with BLAKE2b (RFC 7693, written here from the RFC) like calls.new_call;

@@ -11,8 +11,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from tests.protocol_replay import read_packets, tcp_connections
+from tests.unit.test_express_differential import with_class_top_bits
 from trawl.dissector.protocols.base import Direction, FlowInfo, ParserLimits, ProtocolError
-from trawl.dissector.protocols.dns import DnsDatagramParser, DnsStreamParser, probe_tcp, probe_udp
+from trawl.dissector.protocols.dns import DnsDatagramParser, DnsStreamParser, parse_message, probe_tcp, probe_udp
 from trawl.v1.calls_pb2 import ApiCall
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
@@ -92,3 +93,29 @@ EXPECTED = feed_split([])
 def test_any_chunking_gives_the_same_calls(cuts: list[int]) -> None:
     assert feed_split(cuts) == EXPECTED
     assert len(EXPECTED) == 3
+
+
+MDNS_FLOW = FlowInfo("udp", "10.0.0.1", 5353, "224.0.0.251", 5353)
+
+
+@FAST
+@given(st.data())
+def test_mdns_class_bits_change_nothing_but_the_notes(data: st.DataObject) -> None:
+    """Any real message with mDNS's class bits set reads, on an mDNS flow, as the message without
+    them plus the notes; mutated copies give calls or ProtocolError, nothing else."""
+    for message in UDP_MESSAGES:
+        flagged = with_class_top_bits(message)
+        clean = parse_message(message)
+        read = parse_message(flagged, mdns=True)
+        assert read.notes[: len(clean.notes)] == clean.notes
+        assert set(read.notes[len(clean.notes) :]) <= {"cache-flush", "unicast-response"}
+        assert "unicast-response" in read.notes  # every fixture message has a question
+        read.notes = clean.notes
+        assert read == clean
+        mutated = bytearray(flagged)
+        for _ in range(data.draw(st.integers(0, 4))):
+            mutated[data.draw(st.integers(0, len(mutated) - 1))] = data.draw(st.integers(0, 255))
+        parser = DnsDatagramParser(MDNS_FLOW, ParserLimits())
+        with contextlib.suppress(ProtocolError):
+            for call in parser.feed_datagram(Direction.SERVER_TO_CLIENT, bytes(mutated), 1):
+                assert call.protocol == "dns"
