@@ -1,27 +1,42 @@
-"""Capture speed: tcpdump -w /dev/null versus Trawl's collector publishing to NATS.
+"""Capture speed: tcpdump -w /dev/null versus Trawl's collector publishing to NATS, with the
+packet stream TRAWL_PACKETS absent (core NATS only) and present (the durable path).
 
     sudo .venv/bin/python bench/capture.py [--packets 1000000] [--sizes 64,1500] [--flows 16]
+                                           [--retention-max-bytes 1073741824]
 
 For each frame size, a pcap of `--flows` TCP flows is written, then replayed with
 `tcpreplay --topspeed` from a network namespace into a veth pair whose other end is on the
 host, where the capture tool listens. The frames carry a destination MAC that is not the
-veth's, so the host stack ignores them (only packet sockets see them). Each tool runs alone
-over the same replay, one after the other:
+veth's, so the host stack ignores them (only packet sockets see them). Each run has the
+capture alone over the same replay, one after the other:
 
-- tcpdump -w /dev/null (its own "captured" and "dropped by kernel" report);
+- tcpdump -w /dev/null (its own "captured" and "dropped by kernel" report), the peer;
 - the collector service (`python -m trawl collector`, live on the veth) publishing batches
-  to an embedded NATS, its figures read from its /metrics.
+  to an embedded NATS on core NATS, its figures read from its /metrics, twice:
+  "core NATS": the stream TRAWL_PACKETS deleted once the collector has created it, so the
+  server takes each batch and drops it (no subscriber), what the collector cost before
+  the durable path; "durable": the stream present (fresh, with `--retention-max-bytes`,
+  default the production `packet_retention.max_bytes`), so the server keeps every batch
+  in memory, as it does in production.
 
-CPU is the capture process's own user+system time (from /proc/<pid>/stat) between the start
-and the end of the replay; the kernel's copy into the ring is not in it, for either tool.
-Prints, per size: packets sent, captured, kernel drops, CPU seconds (and its user+system
-split), CPU seconds per million packets captured, and the collector/tcpdump ratio. Needs
-root and tcpreplay (apt-get install tcpreplay).
+CPU is a process's own user+system time (from /proc/<pid>/stat, every thread) between the
+start and the end of the replay (for the durable run, once the stream has stopped growing);
+the kernel's copy into the ring is not in it, for either capture tool. Readers of the stream
+(dissector, recorder) are not running: their cost is not here.
+
+Prints, per size: packets sent, captured, kernel drops, packets the collector dropped (queue
+full or publish failed), CPU seconds (and its user+system split), CPU microseconds per
+captured packet of the capture tool and of nats-server, and the collector/tcpdump ratio;
+then whether the stream held every batch (its state, from the JetStream API, against the
+batches the collector published) and what the durable path added. Needs root and tcpreplay
+(apt-get install tcpreplay).
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import os
 import re
 import secrets
@@ -38,12 +53,25 @@ from pathlib import Path
 
 import dpkt
 import yaml
+from nats.js.errors import NotFoundError
 
+from trawl.bus import STREAM_PACKETS, Bus
+from trawl.config import NatsSettings, PacketRetention
 from trawl.embedded import EmbeddedNats, free_port
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 COLLECTOR_COMMAND = [sys.executable, "-m", "trawl", "collector"]
 STRANGER_MAC = b"\x02\x00\x00\x00\x99\x99"  # not the veth's: the host stack drops the frames as "other host"
+
+
+@dataclass(frozen=True)
+class StreamState:
+    """TRAWL_PACKETS as the JetStream API reports it."""
+
+    messages: int
+    bytes: int
+    first_seq: int
+    last_seq: int
 
 
 @dataclass
@@ -55,6 +83,10 @@ class Result:
     cpu_user_s: float
     cpu_sys_s: float
     replay_pps: float
+    dropped_packets: int = 0  # the collector's own losses: queue full or publish failed
+    published_batches: int = 0
+    nats_cpu_s: float | None = None  # nats-server's user+system time over the same window
+    stream: StreamState | None = None  # TRAWL_PACKETS at the end of the run (None: absent)
 
     @property
     def cpu_s(self) -> float:
@@ -62,7 +94,14 @@ class Result:
 
     @property
     def cpu_us_per_packet(self) -> float:
-        return self.cpu_s / self.captured * 1e6 if self.captured else float("nan")
+        return self.per_packet_us(self.cpu_s)
+
+    @property
+    def nats_us_per_packet(self) -> float:
+        return float("nan") if self.nats_cpu_s is None else self.per_packet_us(self.nats_cpu_s)
+
+    def per_packet_us(self, cpu_s: float) -> float:
+        return cpu_s / self.captured * 1e6 if self.captured else float("nan")
 
 
 def run(*args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
@@ -99,6 +138,45 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     """User and system CPU seconds of the process (utime, stime)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[11]) / CLOCK_TICKS, int(fields[12]) / CLOCK_TICKS
+
+
+async def _on_packet_stream(nats_url: str, delete: bool) -> StreamState | None:
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), "trawl-bench")
+    try:
+        if delete:
+            with contextlib.suppress(NotFoundError):
+                await bus.js.delete_stream(STREAM_PACKETS)
+            return None
+        try:
+            state = (await bus.js.stream_info(STREAM_PACKETS)).state
+        except NotFoundError:
+            return None
+        return StreamState(state.messages, state.bytes, state.first_seq, state.last_seq)
+    finally:
+        await bus.close()
+
+
+def packet_stream_state(nats_url: str) -> StreamState | None:
+    """TRAWL_PACKETS's state, or None when there is no such stream."""
+    return asyncio.run(_on_packet_stream(nats_url, delete=False))
+
+
+def delete_packet_stream(nats_url: str) -> None:
+    asyncio.run(_on_packet_stream(nats_url, delete=True))
+
+
+def settled_packet_stream(nats_url: str, timeout_s: float = 10.0) -> StreamState | None:
+    """The stream's state once its last sequence stops moving: nats-server may still be
+    storing what the collector sent when the replay ends, and that work is the durable path's."""
+    state = packet_stream_state(nats_url)
+    deadline = time.monotonic() + timeout_s
+    while state is not None and time.monotonic() < deadline:
+        time.sleep(0.25)
+        later = packet_stream_state(nats_url)
+        if later is not None and later.last_seq == state.last_seq:
+            return later
+        state = later
+    return state
 
 
 class Veth:
@@ -153,9 +231,31 @@ def metric(text: str, name: str) -> int:
     return int(sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)))
 
 
-def bench_collector(veth: Veth, pcap: Path, loops: int, nats_url: str, workdir: Path, shards: int) -> Result:
+@dataclass(frozen=True)
+class CollectorRun:
+    """What one collector run is given: where it captures and publishes, and in which mode."""
+
+    veth: Veth
+    pcap: Path
+    loops: int
+    nats: EmbeddedNats
+    workdir: Path
+    shards: int
+    retention_max_bytes: int
+
+
+def bench_collector(run_: CollectorRun, durable: bool) -> Result:
+    """One replay captured by the collector; `durable` keeps TRAWL_PACKETS, else it is deleted
+    once the collector has created it (the collector ensures it only at start), so the batches
+    go through core NATS alone, as before the durable path."""
+    nats_url = run_.nats.url
+    if run_.nats.process is None:
+        raise RuntimeError("the embedded NATS server is not running")
+    nats_pid = run_.nats.process.pid
+    # A fresh stream for each durable run: its sequence then counts this run's batches from 1.
+    delete_packet_stream(nats_url)
     port = free_port()
-    config = workdir / "collector.yaml"
+    config = run_.workdir / "collector.yaml"
     config.write_text(
         yaml.safe_dump(
             {
@@ -163,9 +263,10 @@ def bench_collector(veth: Veth, pcap: Path, loops: int, nats_url: str, workdir: 
                 "log_level": "warning",
                 "http_port": port,
                 "nats": {"servers": [nats_url]},
+                "packet_retention": {"max_bytes": run_.retention_max_bytes},
                 "collector": {
-                    "interfaces": [veth.capture],
-                    "shards": shards,
+                    "interfaces": [run_.veth.capture],
+                    "shards": run_.shards,
                     "ring": {"block_size": 1 << 19, "block_count": 128, "retire_timeout_ms": 50},
                     "batch_max_bytes": 1 << 19,
                 },
@@ -183,48 +284,118 @@ def bench_collector(veth: Veth, pcap: Path, loops: int, nats_url: str, workdir: 
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
             return str(response.read().decode())
 
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).close()
-            break
-        except OSError as exc:
-            if process.poll() is not None or time.monotonic() > deadline:
-                detail = process.stderr.read() if process.stderr else ""
-                raise RuntimeError(f"the collector did not start: {detail}") from exc
-            time.sleep(0.2)
-    time.sleep(0.5)
-    before = cpu_seconds(process.pid)
-    sent, rate = veth.replay(pcap, loops)
-    time.sleep(1.0)
-    after = cpu_seconds(process.pid)
-    text = scrape()
-    process.send_signal(signal.SIGTERM)
-    process.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1).close()
+                break
+            except OSError as exc:
+                if process.poll() is not None or time.monotonic() > deadline:
+                    detail = process.stderr.read() if process.stderr else ""
+                    raise RuntimeError(f"the collector did not start: {detail}") from exc
+                time.sleep(0.2)
+        if packet_stream_state(nats_url) is None:
+            raise RuntimeError(f"the collector did not create {STREAM_PACKETS}")
+        if not durable:
+            delete_packet_stream(nats_url)
+        time.sleep(0.5)
+        before, nats_before = cpu_seconds(process.pid), cpu_seconds(nats_pid)
+        sent, rate = run_.veth.replay(run_.pcap, run_.loops)
+        time.sleep(1.0)
+        stream = settled_packet_stream(nats_url)
+        after, nats_after = cpu_seconds(process.pid), cpu_seconds(nats_pid)
+        text = scrape()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=30)
+    if durable:
+        delete_packet_stream(nats_url)  # frees its memory before the next run
+    elif stream is not None:
+        raise RuntimeError(f"{STREAM_PACKETS} came back during the core NATS run")
     return Result(
-        "trawl collector",
+        "collector durable" if durable else "collector core",
         sent,
         metric(text, "trawl_collector_captured_packets_total"),
         metric(text, "trawl_collector_kernel_drops_total"),
         after[0] - before[0],
         after[1] - before[1],
         rate,
+        dropped_packets=metric(text, "trawl_collector_dropped_packets_total"),
+        published_batches=metric(text, "trawl_collector_published_batches_total"),
+        nats_cpu_s=sum(nats_after) - sum(nats_before),
+        stream=stream,
     )
 
 
-def report(size: int, results: list[Result]) -> None:
-    header = ("tool", "sent", "captured", "k.drops", "CPU s", "user+sys", "CPU s/Mpkt", "replay pps")
-    lines = [f"\n{size}-byte frames", "  {:<16} {:>10} {:>10} {:>8} {:>7} {:>11} {:>10} {:>11}".format(*header)]
+def stream_verdict(result: Result, retention_max_bytes: int) -> str:
+    """Did TRAWL_PACKETS hold every batch the collector published in this run?"""
+    stream = result.stream
+    if stream is None:
+        return f"{STREAM_PACKETS} absent during the run (checked at its end)"
+    published = result.published_batches
+    figures = (
+        f"{published} batches published, stream received {stream.last_seq}, holds {stream.messages} "
+        f"({stream.bytes / 1e6:.1f} MB, seq {stream.first_seq}-{stream.last_seq})"
+    )
+    if stream.last_seq != published:
+        return f"{figures}: {published - stream.last_seq} batches never reached the stream"
+    if stream.messages == published and stream.first_seq == 1:
+        return f"{figures}: held every batch"
+    removed = stream.first_seq - 1
+    return (
+        f"{figures}: received every batch; the oldest {removed} were removed by the limit "
+        f"max_bytes={retention_max_bytes} (window at this rate: the newest {stream.bytes / 1e6:.0f} MB)"
+    )
+
+
+def report(size: int, results: list[Result], retention_max_bytes: int) -> None:
+    header = (
+        "tool",
+        "sent",
+        "captured",
+        "k.drops",
+        "c.drops",
+        "CPU s",
+        "user+sys",
+        "µs/pkt",
+        "nats µs/pkt",
+        "replay pps",
+    )
+    row = "  {:<18} {:>9} {:>9} {:>7} {:>7} {:>6} {:>10} {:>7} {:>11} {:>10}"
+    lines = [f"\n{size}-byte frames", row.format(*header)]
     for r in results:
         split = f"{r.cpu_user_s:.2f}+{r.cpu_sys_s:.2f}"
+        nats = "-" if r.nats_cpu_s is None else f"{r.nats_us_per_packet:.3f}"
         lines.append(
-            f"  {r.tool:<16} {r.sent:>10} {r.captured:>10} {r.kernel_drops:>8} {r.cpu_s:>7.2f} {split:>11} "
-            f"{r.cpu_us_per_packet:>10.3f} {r.replay_pps:>11.0f}"
+            row.format(
+                r.tool,
+                r.sent,
+                r.captured,
+                r.kernel_drops,
+                r.dropped_packets,
+                f"{r.cpu_s:.2f}",
+                split,
+                f"{r.cpu_us_per_packet:.3f}",
+                nats,
+                f"{r.replay_pps:.0f}",
+            )
         )
-    tcpdump, trawl = results
+    tcpdump, core, durable = results
+    for r in (core, durable):
+        lines.append(f"  {r.tool}: {stream_verdict(r, retention_max_bytes)}")
     if tcpdump.cpu_us_per_packet > 0:
-        ratio = trawl.cpu_us_per_packet / tcpdump.cpu_us_per_packet
-        lines.append(f"  collector / tcpdump CPU per packet: {ratio:.1f}x (CPU s/Mpkt = microseconds per packet)")
+        lines.append(
+            "  collector / tcpdump CPU per packet: "
+            f"core {core.cpu_us_per_packet / tcpdump.cpu_us_per_packet:.1f}x, "
+            f"durable {durable.cpu_us_per_packet / tcpdump.cpu_us_per_packet:.1f}x"
+        )
+    lines.append(
+        "  durable - core, µs per packet: "
+        f"collector {durable.cpu_us_per_packet - core.cpu_us_per_packet:+.3f}, "
+        f"nats-server {durable.nats_us_per_packet - core.nats_us_per_packet:+.3f} "
+        "(µs/pkt = CPU s per million captured packets; c.drops = packets the collector dropped)"
+    )
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its figures
 
 
@@ -234,6 +405,12 @@ def main() -> int:
     parser.add_argument("--sizes", default="64,1500", help="frame sizes, comma-separated")
     parser.add_argument("--flows", type=int, default=16)
     parser.add_argument("--shards", type=int, default=1, help="collector shards (fanout sockets)")
+    parser.add_argument(
+        "--retention-max-bytes",
+        type=int,
+        default=PacketRetention().max_bytes,
+        help="packet_retention.max_bytes of the durable run (default: the production default)",
+    )
     args = parser.parse_args()
     if os.geteuid() != 0 or shutil.which("tcpreplay") is None or shutil.which("tcpdump") is None:
         print("needs root, tcpreplay and tcpdump (apt-get install tcpreplay tcpdump)", file=sys.stderr)  # noqa: T201
@@ -247,11 +424,15 @@ def main() -> int:
                     pcap = workdir / f"traffic-{size}.pcap"
                     per_file = write_traffic(pcap, size, args.flows, packets_per_flow=max(2, 20_000 // args.flows))
                     loops = max(1, args.packets // per_file)
+                    collector_run = CollectorRun(
+                        veth, pcap, loops, nats, workdir, args.shards, args.retention_max_bytes
+                    )
                     results = [
                         bench_tcpdump(veth, pcap, loops),
-                        bench_collector(veth, pcap, loops, nats.url, workdir, args.shards),
+                        bench_collector(collector_run, durable=False),
+                        bench_collector(collector_run, durable=True),
                     ]
-                    report(size, results)
+                    report(size, results, args.retention_max_bytes)
         finally:
             veth.close()
     return 0
