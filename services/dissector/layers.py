@@ -104,7 +104,9 @@ class FragmentReassembler:
       only its bytes not held yet are kept (the first copy wins where pieces overlap, as tshark
       reassembles), and the datagram is whole when the bytes held reach its length;
     - a piece with no bytes, one whose bytes are all held already, and one that contradicts the
-      datagram's end are rejected and counted; none of them is held or counts against a bound.
+      datagram's end are rejected and counted; none of them is held or counts against a bound;
+    - a datagram that needs more than `max_pieces` pieces or, alone, more than `max_bytes` is
+      dropped (counted), without evicting the others.
 
     The oldest-first order is the order of arrival: a datagram whose first fragment carries an
     older timestamp than one before it waits for that one to time out (or for eviction).
@@ -144,6 +146,9 @@ class FragmentReassembler:
             return None
         datagram = self.pending.get(key)
         if datagram is None:
+            if length > self.max_bytes:  # could never be held: refused without evicting anyone
+                self._count("ip_fragments_dropped_limit")
+                return None
             if not self._make_room(length, ts_ns, None):
                 self._count("ip_fragments_dropped_limit")
                 return None
@@ -171,6 +176,12 @@ class FragmentReassembler:
         if len(starts) + len(gaps) > self.max_pieces:
             self._count("ip_fragments_dropped_limit")
             self._count("ip_fragments_too_many_pieces")
+            self._drop(key, datagram)
+            return None
+        if datagram.size + new_bytes > self.max_bytes:
+            # This datagram alone would pass the byte budget: it goes, not the others.
+            self._count("ip_fragments_dropped_limit")
+            self._count("ip_fragments_too_large")
             self._drop(key, datagram)
             return None
         if self.buffered + new_bytes > self.max_bytes and not self._make_room(new_bytes, ts_ns, key):

@@ -185,10 +185,14 @@ def test_the_byte_budget_evicts_the_oldest_datagrams() -> None:
         assert decoder.fragments.buffered <= 1000
     assert [key[2] for key in decoder.fragments.pending] == [8, 9]
     assert decoder.counters["ip_fragments_evicted"] == 8
-    # A piece bigger than the whole budget cannot be held: the table empties, the piece is counted.
-    decoder.decode(LINKTYPE_RAW, v4_fragment(_addr("10.3.0.1"), 9, 400, True, b"b" * 1200), T0)
-    assert not decoder.fragments.pending and decoder.fragments.buffered == 0
-    assert decoder.counters["ip_fragments_dropped_limit"] == 1
+    # A datagram that alone would pass the budget goes (counted); the others stay.
+    decoder.decode(LINKTYPE_RAW, v4_fragment(_addr("10.3.0.1"), 9, 400, True, b"b" * 800), T0)
+    assert [key[2] for key in decoder.fragments.pending] == [8] and decoder.fragments.buffered == 400
+    assert decoder.counters["ip_fragments_too_large"] == 1
+    # A first piece bigger than the whole budget is refused without evicting anyone.
+    decoder.decode(LINKTYPE_RAW, v4_fragment(_addr("10.3.0.1"), 10, 0, True, b"b" * 1200), T0)
+    assert [key[2] for key in decoder.fragments.pending] == [8]
+    assert decoder.counters["ip_fragments_dropped_limit"] == 2 and decoder.counters["ip_fragments_evicted"] == 8
 
 
 def test_stale_datagrams_making_room_count_as_timed_out() -> None:
