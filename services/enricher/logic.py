@@ -252,11 +252,16 @@ class Enricher:
         spans_ok = self._processor.force_flush(int(self.settings.otlp_timeout_s * 1000)) if self._processor else True
         return self.export_metrics() and spans_ok
 
-    def shutdown(self) -> None:
-        """Flush and stop the exporters (blocking); the Enricher cannot export afterwards."""
+    def shutdown_spans(self) -> None:
+        """Flush and stop the span export (blocking): after it, every span handed over is counted
+        as exported, dropped or failed (trawl.enricher.span_totals)."""
         if self._processor is not None:
             self._processor.shutdown()
             self._processor = None
+
+    def shutdown(self) -> None:
+        """Flush and stop the exporters (blocking); the Enricher cannot export afterwards."""
+        self.shutdown_spans()
         self.red.shutdown()
 
 

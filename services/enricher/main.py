@@ -159,10 +159,12 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
             metrics_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await metrics_task
-        exporting = enricher.exporting
-        await asyncio.to_thread(enricher.shutdown)
-        if exporting:
+        if enricher.exporting:
+            # Spans first, and their totals logged at once: the metric exporter's own shutdown
+            # can take its whole timeout, and `trawl up` stops waiting for a child after a while.
+            await asyncio.to_thread(enricher.shutdown_spans)
             _log_span_totals(SpanCounters.of(ctx.metrics).totals())
+        await asyncio.to_thread(enricher.shutdown)
 
 
 def _log_span_totals(totals: SpanTotals) -> None:

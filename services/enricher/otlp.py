@@ -32,6 +32,7 @@ log = get_logger(__name__)
 # A worker that does not come back from an export this long after the exporter was shut down
 # is left behind; its batch is then counted as dropped at shutdown.
 _WORKER_GRACE_S = 2.0
+SHUTDOWN_TIMEOUT_S = 5.0
 
 
 class CountingBatchSpanProcessor(SpanProcessor):
@@ -208,5 +209,8 @@ def span_processor(exporter: SpanExporter, settings: EnricherSettings, metrics: 
         max_queue_size=settings.export_max_queue_size,
         max_export_batch_size=settings.export_max_batch_size,
         schedule_delay_s=settings.export_schedule_delay_ms / 1000,
-        shutdown_timeout_s=settings.otlp_timeout_s,
+        # What a shutdown may spend sending the queue: one export's timeout, at most 5 s (a
+        # healthy endpoint takes a full default queue in well under that), so the enricher
+        # stops within the time `trawl up` or an orchestrator gives it; the rest is counted.
+        shutdown_timeout_s=min(settings.otlp_timeout_s, SHUTDOWN_TIMEOUT_S),
     )

@@ -132,6 +132,23 @@ def test_up_prints_the_totals_and_they_match_the_receiver(flood: Path, tmp_path:
         assert len(receiver.spans()) == totals.exported
 
 
+def test_up_with_nothing_listening_prints_totals_that_add_up(flood: Path, tmp_path: Path) -> None:
+    """The enricher's shutdown settles and logs its span totals before anything slower (the
+    metric exporter's own shutdown), so `trawl up` has them even when the endpoint is gone."""
+    config = tmp_path / "trawl.yaml"
+    config.write_text(SMALL_QUEUE + "  otlp_timeout_s: 1\n")
+    result = trawl(
+        "up", "--pcap", str(flood), "--json", "--otlp-endpoint", f"127.0.0.1:{free_port()}",
+        "--config", str(config), "--state-dir", str(tmp_path / "state"),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "service_killed" not in result.stderr
+    totals = printed_totals(result.stderr)
+    assert totals.handed == SPANS
+    assert totals.exported == 0
+    assert totals.dropped + totals.failed == SPANS
+
+
 def scrape(port: int) -> dict[str, float]:
     """The /metrics samples by name and labels, as `name{labels}` -> value."""
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
