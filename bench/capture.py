@@ -231,6 +231,28 @@ def metric(text: str, name: str) -> int:
     return int(sum(float(value) for value in re.findall(rf"^{name}(?:{{[^}}]*}})? (\S+)$", text, re.MULTILINE)))
 
 
+def profile(directory: Path | None, label: str, pids: dict[str, int]) -> list[subprocess.Popen[bytes]]:
+    """`perf record -g` of each process (all its threads) into `directory`, or nothing."""
+    if directory is None:
+        return []
+    directory.mkdir(parents=True, exist_ok=True)
+    return [
+        subprocess.Popen(
+            ["perf", "record", "-g", "-F", "999", "-p", str(pid), "-o", str(directory / f"{label}-{name}.data")],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for name, pid in pids.items()
+    ]
+
+
+def stop_profiles(profiles: list[subprocess.Popen[bytes]]) -> None:
+    for process in profiles:
+        process.send_signal(signal.SIGINT)
+    for process in profiles:
+        process.wait(timeout=60)
+
+
 @dataclass(frozen=True)
 class CollectorRun:
     """What one collector run is given: where it captures and publishes, and in which mode."""
@@ -242,6 +264,7 @@ class CollectorRun:
     workdir: Path
     shards: int
     retention_max_bytes: int
+    profile_dir: Path | None = None  # perf profiles of the collector and nats-server over the replay
 
 
 def bench_collector(run_: CollectorRun, durable: bool) -> Result:
@@ -300,11 +323,14 @@ def bench_collector(run_: CollectorRun, durable: bool) -> Result:
         if not durable:
             delete_packet_stream(nats_url)
         time.sleep(0.5)
+        label = f"{run_.pcap.stem}-{'durable' if durable else 'core'}"
+        profiles = profile(run_.profile_dir, label, {"collector": process.pid, "nats-server": nats_pid})
         before, nats_before = cpu_seconds(process.pid), cpu_seconds(nats_pid)
         sent, rate = run_.veth.replay(run_.pcap, run_.loops)
         time.sleep(1.0)
         stream = settled_packet_stream(nats_url)
         after, nats_after = cpu_seconds(process.pid), cpu_seconds(nats_pid)
+        stop_profiles(profiles)
         text = scrape()
     finally:
         process.send_signal(signal.SIGTERM)
@@ -411,7 +437,18 @@ def main() -> int:
         default=PacketRetention().max_bytes,
         help="packet_retention.max_bytes of the durable run (default: the production default)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="perf record -g the collector and nats-server over each replay into DIR (to see where the CPU goes; "
+        "the sampling costs a little CPU itself, so quote the figures of a run without it)",
+    )
     args = parser.parse_args()
+    if args.profile is not None and shutil.which("perf") is None:
+        print("--profile needs perf (apt-get install linux-perf)", file=sys.stderr)  # noqa: T201
+        return 2
     if os.geteuid() != 0 or shutil.which("tcpreplay") is None or shutil.which("tcpdump") is None:
         print("needs root, tcpreplay and tcpdump (apt-get install tcpreplay tcpdump)", file=sys.stderr)  # noqa: T201
         return 2
@@ -425,7 +462,7 @@ def main() -> int:
                     per_file = write_traffic(pcap, size, args.flows, packets_per_flow=max(2, 20_000 // args.flows))
                     loops = max(1, args.packets // per_file)
                     collector_run = CollectorRun(
-                        veth, pcap, loops, nats, workdir, args.shards, args.retention_max_bytes
+                        veth, pcap, loops, nats, workdir, args.shards, args.retention_max_bytes, args.profile
                     )
                     results = [
                         bench_tcpdump(veth, pcap, loops),
