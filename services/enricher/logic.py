@@ -36,6 +36,7 @@ except ImportError:  # not compiled: serialized calls are enriched as objects
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import MetricExporter
+    from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
 
     from trawl.enricher.otlp import CountingBatchSpanProcessor
@@ -230,18 +231,20 @@ class Enricher:
             return  # nothing configured: not even a walk over the calls
         from trawl.enricher.spans import call_spans, shape_call
 
+        spans: list[ReadableSpan] = []
         for call in calls:
             if not call.request.ts:
                 continue  # no time, no span: a span needs a start
             try:
                 if processor is not None:
-                    for span in call_spans(call):
-                        processor.on_end(span)
+                    spans.extend(call_spans(call))
                 if red.exporter is not None:
                     red.record(call, shape_call(call))
             except Exception as exc:  # one odd call must not stop the stream
                 self._failures.inc(stage="export")
                 log.warning("span_build_failed", call_id=call.id, error=repr(exc))
+        if processor is not None:
+            processor.hand_over(spans)  # one hand-over per batch: the processor counts each span
 
     def export_metrics(self) -> bool:
         """Push the RED histograms now (blocking)."""

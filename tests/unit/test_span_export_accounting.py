@@ -65,8 +65,12 @@ def test_every_span_handed_over_is_counted_once(
                 assert totals.unaccounted == 0
                 continue
             assert isinstance(operation, int)
-            for index in range(operation):
-                spans_processor.on_end(SPANS[index % len(SPANS)])
+            spans = [SPANS[index % len(SPANS)] for index in range(operation)]
+            if operation % 2:  # one at a time, as the SDK hands spans over
+                for span in spans:
+                    spans_processor.on_end(span)
+            else:  # a CallBatch's spans at once, as the enricher does
+                spans_processor.hand_over(spans)
             handed += operation
             totals = spans_processor.totals()
             assert totals.handed == handed
@@ -83,6 +87,20 @@ def test_every_span_handed_over_is_counted_once(
         assert totals.exported == 0
     # The registry (what /metrics shows) says the same as the processor.
     assert SpanCounters.of(registry).totals() == totals
+
+
+def test_a_hand_over_larger_than_the_room_keeps_the_oldest_and_counts_the_rest() -> None:
+    registry = Registry()
+    memory = InMemorySpanExporter()
+    spans_processor = processor(memory, queue=5, batch=5, registry=registry)
+    spans_processor.hand_over(SPANS[:3])
+    spans_processor.hand_over(SPANS[3:9])  # room for 2 of these 6, unless the thread sent a batch already
+    spans_processor.shutdown()
+    totals = spans_processor.totals()
+    assert totals.handed == 9
+    assert totals.exported + totals.dropped_queue_full == 9
+    exported_ids = [span.context.span_id for span in memory.get_finished_spans()]
+    assert exported_ids == [span.context.span_id for span in SPANS[: totals.exported]]
 
 
 def test_a_full_queue_drops_the_new_span_and_counts_it() -> None:
