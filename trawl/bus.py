@@ -274,6 +274,9 @@ class Bus:
         guard = None if budget is None else budget * (3 * settings.connect_timeout_s + RECONNECT_TIME_WAIT_S + 1)
         try:
             await asyncio.wait({connect, giving_up}, timeout=guard, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # the caller was cancelled: the connection must not go on without it
+            connect.cancel()
+            raise
         finally:
             giving_up.cancel()
         if connect.done() and not connect.cancelled() and connect.exception() is None:
