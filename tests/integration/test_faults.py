@@ -44,6 +44,8 @@ NODE = "fault-node"
 PACKET_GAP_S = 0.0025  # packet time between frames: 2,400 frames last 6 s
 BATCH_PACKETS = 16
 CALLS = 800
+PER_CONNECTION = 20
+FRAMES_PER_CONNECTION = 3 + 3 * PER_CONNECTION + 3  # handshake, exchanges, close
 ERROR_EVERY = 10  # every tenth response is a 503 (what the alert rule fires on)
 RULES = """rules:
   - name: unavailable
@@ -53,7 +55,7 @@ RULES = """rules:
 """
 
 
-def write_capture(path: Path, calls: int = CALLS, per_connection: int = 20) -> None:
+def write_capture(path: Path, calls: int = CALLS, per_connection: int = PER_CONNECTION) -> None:
     """Keep-alive connections of `per_connection` exchanges, one after the other; each exchange is
     a request, its response and an ACK (3 frames), so exchanges straddle batch boundaries."""
     ts = 1_700_000_000.0
@@ -298,11 +300,12 @@ async def test_dissector_outage_beyond_the_window_is_counted_exactly(
     are counted in batches and in packets, exactly (the file's own batches say how many packets
     each held), and nothing else is lost or doubled."""
     expected = analyze_ids(capture)
-    suite = Suite(tmp_path, server.url, capture, packet_retention={"max_age_s": 1.0})
+    # Half speed (12 s): the end of the input comes well after the replacement started reading.
+    suite = Suite(tmp_path, server.url, capture, packet_retention={"max_age_s": 1.0}, collector={"replay_speed": 0.5})
     probe = await Probe.connect(server.url)
     try:
         await run_suite(suite, probe, ["enricher", "dissector"])
-        await probe.until_count(STREAM_ENRICHED, len(expected) // 4, 60)
+        await probe.until_count(STREAM_ENRICHED, len(expected) // 6, 60)
         suite.kill("dissector")
         await asyncio.sleep(4.0)
         suite.start("dissector", TRAWL_DISSECTOR_REPLICA_ID=f"late-{uuid.uuid4().hex[:6]}")
@@ -314,11 +317,16 @@ async def test_dissector_outage_beyond_the_window_is_counted_exactly(
         packets_in_lost = sum(
             b.packet_count for b in batches[first_lost - 1 : first_lost - 1 + lost[0]["lost_batches"]]
         )
-        assert lost[0]["lost_batches"] >= 4 / (BATCH_PACKETS * PACKET_GAP_S) / 2  # most of 4 s of batches
+        assert lost[0]["lost_batches"] >= 0.5 * 4 / (BATCH_PACKETS * PACKET_GAP_S) / 2  # most of 4 s of batches
         assert lost[0]["lost_packets"] == packets_in_lost
         assert not [key for key, count in Counter(got).items() if count > 1]
-        assert set(got) <= set(expected)
-        assert len(got) < len(expected)
+        # The connection in progress when packets come again is seen from the middle: its later
+        # calls count from 0 again (another id than analyze's), at most a connection's worth;
+        # every other call is analyze's, except those whose frames were in the lost batches.
+        missing, extra = set(expected) - set(got), set(got) - set(expected)
+        assert len(extra) <= PER_CONNECTION
+        in_lost_packets = lost[0]["lost_packets"] * PER_CONNECTION / FRAMES_PER_CONNECTION
+        assert abs(len(missing) - len(extra) - in_lost_packets) <= 4, (len(missing), len(extra), in_lost_packets)
     finally:
         suite.stop_all()
         await probe.bus.close()
@@ -366,6 +374,17 @@ async def test_alerter_sigkill_mid_replay_stores_every_alert_once(
         await probe.bus.close()
 
 
+def tshark_count(path: Path) -> int:
+    numbers = subprocess.run(
+        ["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"], capture_output=True, text=True, check=True
+    ).stdout.split()
+    return len(numbers)
+
+
+def manifest_verifies(directory: Path) -> bool:
+    return subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=directory, capture_output=True).returncode == 0
+
+
 def _packets(path: Path) -> list[tuple[float, bytes]]:
     with path.open("rb") as handle:
         return [(round(ts, 6), bytes(data)) for ts, data in dpkt.pcap.Reader(handle)]
@@ -393,16 +412,10 @@ async def test_recorder_sigkill_mid_replay_records_every_packet_once(
         assert len(set(sequences)) == len(sequences)
         recorded = [packet for path in files for packet in _packets(path)]
         assert recorded == _packets(capture)
-        counted = sum(
-            int(subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"],
-                               capture_output=True, text=True, check=True).stdout.split()[-1] or 0)
-            for path in files
-        )  # fmt: skip
+        counted = sum(tshark_count(path) for path in files)
         assert counted == len(recorded)
         assert not suite.events("recorder", "packet_batches_lost")
-        assert (
-            subprocess.run(["sha256sum", "-c", "SHA256SUMS"], cwd=suite.recordings, capture_output=True).returncode == 0
-        )
+        assert manifest_verifies(suite.recordings)
     finally:
         suite.stop_all()
         await probe.bus.close()
