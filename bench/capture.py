@@ -43,11 +43,13 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,7 +269,7 @@ class CollectorRun:
     profile_dir: Path | None = None  # perf profiles of the collector and nats-server over the replay
 
 
-def bench_collector(run_: CollectorRun, durable: bool) -> Result:
+def bench_collector(run_: CollectorRun, durable: bool, round_number: int = 1) -> Result:
     """One replay captured by the collector; `durable` keeps TRAWL_PACKETS, else it is deleted
     once the collector has created it (the collector ensures it only at start), so the batches
     go through core NATS alone, as before the durable path."""
@@ -323,7 +325,7 @@ def bench_collector(run_: CollectorRun, durable: bool) -> Result:
         if not durable:
             delete_packet_stream(nats_url)
         time.sleep(0.5)
-        label = f"{run_.pcap.stem}-{'durable' if durable else 'core'}"
+        label = f"{run_.pcap.stem}-{'durable' if durable else 'core'}-{round_number}"
         profiles = profile(run_.profile_dir, label, {"collector": process.pid, "nats-server": nats_pid})
         before, nats_before = cpu_seconds(process.pid), cpu_seconds(nats_pid)
         sent, rate = run_.veth.replay(run_.pcap, run_.loops)
@@ -375,9 +377,11 @@ def stream_verdict(result: Result, retention_max_bytes: int) -> str:
     )
 
 
-def report(size: int, results: list[Result], retention_max_bytes: int) -> None:
+def report(size: int, rounds: list[list[Result]], retention_max_bytes: int) -> None:
+    """Every run of every round, then the medians over the rounds (the machine is shared, so
+    single runs vary; the order of the two collector runs alternates between rounds)."""
     header = (
-        "tool",
+        "round tool",
         "sent",
         "captured",
         "k.drops",
@@ -388,16 +392,13 @@ def report(size: int, results: list[Result], retention_max_bytes: int) -> None:
         "nats µs/pkt",
         "replay pps",
     )
-    row = "  {:<18} {:>9} {:>9} {:>7} {:>7} {:>6} {:>10} {:>7} {:>11} {:>10}"
+    row = "  {:<22} {:>9} {:>9} {:>7} {:>7} {:>6} {:>10} {:>7} {:>11} {:>10}"
     lines = [f"\n{size}-byte frames", row.format(*header)]
-    for r in results:
-        split = f"{r.cpu_user_s:.2f}+{r.cpu_sys_s:.2f}"
-        nats = "-" if r.nats_cpu_s is None else f"{r.nats_us_per_packet:.3f}"
-        lines.append(
-            row.format(
-                r.tool,
-                r.sent,
-                r.captured,
+    for number, results in enumerate(rounds, 1):
+        for r in results:
+            nats = "-" if r.nats_cpu_s is None else f"{r.nats_us_per_packet:.3f}"
+            split = f"{r.cpu_user_s:.2f}+{r.cpu_sys_s:.2f}"
+            cells = (
                 r.kernel_drops,
                 r.dropped_packets,
                 f"{r.cpu_s:.2f}",
@@ -406,22 +407,32 @@ def report(size: int, results: list[Result], retention_max_bytes: int) -> None:
                 nats,
                 f"{r.replay_pps:.0f}",
             )
-        )
-    tcpdump, core, durable = results
-    for r in (core, durable):
-        lines.append(f"  {r.tool}: {stream_verdict(r, retention_max_bytes)}")
-    if tcpdump.cpu_us_per_packet > 0:
-        lines.append(
-            "  collector / tcpdump CPU per packet: "
-            f"core {core.cpu_us_per_packet / tcpdump.cpu_us_per_packet:.1f}x, "
-            f"durable {durable.cpu_us_per_packet / tcpdump.cpu_us_per_packet:.1f}x"
-        )
+            lines.append(row.format(f"{number} {r.tool}", r.sent, r.captured, *cells))
+    for number, results in enumerate(rounds, 1):
+        for r in results[1:]:
+            lines.append(f"  {number} {r.tool}: {stream_verdict(r, retention_max_bytes)}")
+
+    def median_of(index: int, figure: Callable[[Result], float]) -> float:
+        return statistics.median(figure(results[index]) for results in rounds)
+
+    tcpdump_us = median_of(0, lambda r: r.cpu_us_per_packet)
+    core_us, durable_us = median_of(1, lambda r: r.cpu_us_per_packet), median_of(2, lambda r: r.cpu_us_per_packet)
+    core_nats, durable_nats = median_of(1, lambda r: r.nats_us_per_packet), median_of(2, lambda r: r.nats_us_per_packet)
     lines.append(
-        "  durable - core, µs per packet: "
-        f"collector {durable.cpu_us_per_packet - core.cpu_us_per_packet:+.3f}, "
-        f"nats-server {durable.nats_us_per_packet - core.nats_us_per_packet:+.3f} "
-        "(µs/pkt = CPU s per million captured packets; c.drops = packets the collector dropped)"
+        f"  median of {len(rounds)}, µs per packet: tcpdump {tcpdump_us:.3f}; "
+        f"collector core {core_us:.3f} + nats-server {core_nats:.3f}; "
+        f"collector durable {durable_us:.3f} + nats-server {durable_nats:.3f}"
     )
+    ratios = (
+        f"; collector / tcpdump: core {core_us / tcpdump_us:.1f}x, durable {durable_us / tcpdump_us:.1f}x"
+        if tcpdump_us > 0
+        else ""
+    )
+    lines.append(
+        f"  durable - core: collector {durable_us - core_us:+.3f}, nats-server {durable_nats - core_nats:+.3f} µs/pkt"
+        + ratios
+    )
+    lines.append("  (µs/pkt = CPU s per million captured packets; c.drops = packets the collector dropped)")
     print("\n".join(lines))  # noqa: T201 - a benchmark prints its figures
 
 
@@ -431,6 +442,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="64,1500", help="frame sizes, comma-separated")
     parser.add_argument("--flows", type=int, default=16)
     parser.add_argument("--shards", type=int, default=1, help="collector shards (fanout sockets)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of the three runs per size (medians printed)")
     parser.add_argument(
         "--retention-max-bytes",
         type=int,
@@ -464,12 +476,15 @@ def main() -> int:
                     collector_run = CollectorRun(
                         veth, pcap, loops, nats, workdir, args.shards, args.retention_max_bytes, args.profile
                     )
-                    results = [
-                        bench_tcpdump(veth, pcap, loops),
-                        bench_collector(collector_run, durable=False),
-                        bench_collector(collector_run, durable=True),
-                    ]
-                    report(size, results, args.retention_max_bytes)
+                    rounds = []
+                    for number in range(1, args.rounds + 1):
+                        tcpdump = bench_tcpdump(veth, pcap, loops)
+                        # Alternate which collector run goes first, so neither always has the
+                        # warmer machine (or the other's leftovers).
+                        order = (False, True) if number % 2 else (True, False)
+                        by_mode = {durable: bench_collector(collector_run, durable, number) for durable in order}
+                        rounds.append([tcpdump, by_mode[False], by_mode[True]])
+                    report(size, rounds, args.retention_max_bytes)
         finally:
             veth.close()
     return 0
