@@ -471,7 +471,7 @@ typedef struct flow_s {
     dns_pending_t *answering;
     size_t answering_count, answering_cap;
     dns_pending_t *answered;
-    size_t answered_count;
+    size_t answered_count, answered_cap;
 } flow_t;
 
 /* One DNS message as dns._parse_common reads it: the question, and for a response the answer
@@ -2031,15 +2031,19 @@ static int dns_add_pending(flow_t *flow, const dns_msg_t *m, int64_t ts, size_t 
 /* The held calls left: their questions join the answered ones as DnsTransactions._response
    records them (a question answered again moves to the end; the oldest past DNS_ANSWERED go). */
 static void dns_remember_answered(flow_t *flow) {
-    if (flow->answered == NULL) {
-        flow->answered = PyMem_Calloc(DNS_ANSWERED + 1, sizeof(dns_pending_t));
-        if (flow->answered == NULL) {
+    size_t room = flow->answered_count + flow->answering_count;
+    if (room > DNS_ANSWERED + 1) room = DNS_ANSWERED + 1;
+    if (room > flow->answered_cap) {
+        dns_pending_t *answered = PyMem_Realloc(flow->answered, room * sizeof(dns_pending_t));
+        if (answered == NULL) {
             /* Out of memory: these questions are forgotten, so a duplicate of their answers
                would come out of the Python path as a call without its query. */
             for (size_t a = 0; a < flow->answering_count; a++) buf_free(&flow->answering[a].name);
             flow->answering_count = 0;
             return;
         }
+        flow->answered = answered;
+        flow->answered_cap = room;
     }
     for (size_t a = 0; a < flow->answering_count; a++) {
         dns_pending_t *entry = &flow->answering[a];
