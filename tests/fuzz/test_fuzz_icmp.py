@@ -6,10 +6,11 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from trawl.dissector.protocols.base import ParserLimits, ProtocolError
 from trawl.dissector.protocols.icmp import IcmpTracker
 
-FAST = settings(max_examples=400, deadline=None)
+FAST = settings(max_examples=scaled(400), deadline=None)
 INTERESTING_TYPES = [0, 3, 4, 5, 8, 11, 12, 1, 2, 128, 129, 135]
 packets = st.tuples(
     st.sampled_from(["10.0.0.1", "10.0.0.2", "fd00::1"]),

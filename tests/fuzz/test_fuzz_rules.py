@@ -7,6 +7,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from trawl.alerter.logic import Alerter
 from trawl.alerter.rules import RULE_KEYS, WEBHOOK_KEYS, parse_rules
 from trawl.errors import ConfigError
@@ -128,25 +129,25 @@ def load(text: str) -> None:
     alerter.evaluate(calls_pb2.ApiCall())
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(documents)
 def test_structured_documents(document: object) -> None:
     load(yaml.safe_dump(document, allow_unicode=True))
 
 
-@settings(max_examples=100, deadline=None)
+@settings(max_examples=scaled(100), deadline=None)
 @given(odd_documents)
 def test_odd_document_shapes(document: object) -> None:
     load(yaml.safe_dump(document, allow_unicode=True))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.text(max_size=300))
 def test_arbitrary_text(text: str) -> None:
     load(text)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(
     st.lists(
         st.sampled_from(

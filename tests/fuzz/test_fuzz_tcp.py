@@ -6,6 +6,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from tests.unit.dissector_builders import Conversation, batch, ethernet, ip_packet, tcp_segment
 from tests.unit.dissector_builders import settings as dissector_settings
 from trawl.dissector.engine import Dissector
@@ -21,7 +22,7 @@ from trawl.pcap import (
 )
 from trawl.v1.packets_pb2 import PacketBatch
 
-FUZZ = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=scaled(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 LINK_TYPES = [LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL, LINKTYPE_LINUX_SLL2, LINKTYPE_NULL, LINKTYPE_LOOP, LINKTYPE_RAW]
 
 

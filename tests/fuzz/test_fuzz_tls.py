@@ -17,7 +17,7 @@ from trawl.v1.calls_pb2 import ApiCall
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 FLOW = FlowInfo("tcp", "10.0.0.1", 50000, "10.0.0.2", 443)
-FAST = settings(max_examples=300, deadline=None)
+FAST = settings(deadline=None)
 PCAP = FIXTURES / "tls_handshakes.pcap"
 CONNECTIONS = tcp_connections(PCAP)
 INDEXES = list(range(len(CONNECTIONS)))

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from trawl.collector import afpacket
 from trawl.collector.afpacket import drain_blocks_py
 from trawl.pcap import iter_records
@@ -169,7 +170,7 @@ def test_bad_geometry_is_a_value_error() -> None:
         compiled.drain(ring_of(block_bytes([])), BLOCK, 2, 0, 1, False)
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=scaled(150), deadline=None)
 @given(
     st.lists(st.binary(max_size=700), min_size=1, max_size=3),
     st.booleans(),
@@ -192,7 +193,7 @@ def test_arbitrary_ring_memory_converts_identically_and_safely(raw: list[bytes],
     assert len(records) <= taken * BLOCK
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=scaled(60), deadline=None)
 @given(
     st.lists(
         st.tuples(

@@ -24,7 +24,7 @@ from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FIXTURES, ROOT
+from tests.conftest import FIXTURES, ROOT, scaled
 from trawl import _calljson, analyze
 from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
@@ -208,7 +208,7 @@ def _counts(enricher: Enricher) -> dict[str, dict[Any, float]]:
     return {name: dict(enricher.metrics.counter(name, "").values) for name in names}
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(batch=st.lists(calls(), max_size=12), with_snapshot=st.booleans())
 def test_enrich_encoded_is_enrich_calls_serialized(batch: list[ApiCall], with_snapshot: bool) -> None:
     identity = IDENTITY if with_snapshot else IdentityMap.empty()
@@ -270,7 +270,7 @@ def test_a_failing_describe_falls_back_to_objects_for_the_batch() -> None:
     assert enricher.enrich_encoded([call.SerializeToString()]) == [enricher.enrich(call).SerializeToString()]
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=scaled(500), deadline=None)
 @given(st.lists(st.binary(max_size=64), max_size=8))
 def test_the_splicer_takes_any_bytes(data: list[bytes]) -> None:
     enriched, unknown_sources, unknown_destinations, protocols, odd = _calljson.Splicer(
@@ -289,7 +289,7 @@ def _mutations(encoded: bytes) -> st.SearchStrategy[bytes]:
     )
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(400), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.data())
 def test_damaged_calls_are_spliced_as_a_parser_reads_them_or_left_alone(data: st.DataObject) -> None:
     encoded = data.draw(calls()).SerializeToString()
@@ -341,14 +341,14 @@ def test_route_calls_groups_runs_of_node_and_shard_as_a_parser_reads_them() -> N
     assert _calljson.route_calls([]) == []
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(st.lists(calls(), max_size=10))
 def test_route_calls_on_generated_calls(batch: list[ApiCall]) -> None:
     encoded = [call.SerializeToString() for call in batch]
     assert _calljson.route_calls(encoded) == _route_by_parsing(encoded)
 
 
-@settings(max_examples=500, deadline=None)
+@settings(max_examples=scaled(500), deadline=None)
 @given(st.lists(st.binary(max_size=48), max_size=6))
 def test_route_calls_takes_any_bytes(data: list[bytes]) -> None:
     try:
@@ -358,7 +358,7 @@ def test_route_calls_takes_any_bytes(data: list[bytes]) -> None:
     assert [item for _, _, members in runs for item in members] == data
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(
     node=st.text(max_size=8),
     shard=st.integers(0, 2**32 - 1),

@@ -16,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from trawl.collector.bpf_filter import SKF_AD_OFF, FilterProgram, compile_filter, reject_all
 from trawl.errors import ConfigError
 
@@ -152,7 +153,7 @@ def test_expressions_select_what_they_say() -> None:
     assert decide("udp port 53", dns) == (True, True)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=scaled(80), deadline=None)
 @given(
     st.sampled_from(EXPRESSIONS),
     st.sampled_from(["10.213.0.1", "10.213.0.9", "10.99.0.1"]),

@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FIXTURES, needs_binary
+from tests.conftest import FIXTURES, needs_binary, scaled
 from trawl.collector import replay
 from trawl.collector.batching import FramedBatch, ShardBatcher
 from trawl.collector.replay import CaptureFile, RecordBatch
@@ -87,7 +87,7 @@ def test_missing_file(tmp_path: Path) -> None:
 
 
 @given(st.binary(max_size=2048))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 def test_arbitrary_bytes_after_a_valid_header_never_crash(tail: bytes) -> None:
     import tempfile
 
@@ -131,7 +131,7 @@ def test_batch_cut_on_link_type_change() -> None:
     st.integers(min_value=0, max_value=2**64 - 1),
     st.integers(min_value=0, max_value=2**32 - 1),
 )
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 def test_framed_batch_encodes_exactly_like_protobuf(parts: list[bytes], sequence: int, count: int) -> None:
     header = PacketBatch(node="n1", interface="eth0", link_type=1, shard=2, sequence=sequence, packet_count=count)
     header.kernel.drops = 3
@@ -299,7 +299,7 @@ def test_pcapng_block_too_short_for_its_fields(tmp_path: Path) -> None:
 
 
 @given(st.binary(max_size=400), st.integers(0, 420), st.integers(1, 6), st.integers(1, 300))
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 def test_compiled_walker_matches_python(buffer: bytes, start: int, max_packets: int, max_bytes: int) -> None:
     start = min(start, len(buffer))
     assert replay.walk_records(buffer, start, max_packets, max_bytes) == replay.walk_records_python(
@@ -313,7 +313,7 @@ def test_walker_rejects_a_start_outside_the_buffer() -> None:
 
 
 @given(st.binary(max_size=1500), st.sampled_from([b"", b"\x00" * 16]))
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 def test_batches_of_arbitrary_bytes_match_the_packet_reader(tail: bytes, prefix: bytes) -> None:
     """Whatever follows a valid header: the same packets, then the same error, as `packets()`."""
     with tempfile.NamedTemporaryFile(suffix=".pcap") as handle:

@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from tests.unit.dissector_builders import Conversation, batch
 from tests.unit.dissector_builders import settings as dissector_settings
 from trawl.dissector.engine import Dissector
@@ -77,7 +78,7 @@ def _settle(shards: int, members: list[str], owners: dict[int, str], rounds: int
     return owners
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(
     shards=st.integers(1, 16),
     before=st.integers(1, 5),
@@ -128,7 +129,7 @@ def test_finish_of_a_node_ends_its_icmp_state_and_a_shard_does_not() -> None:
     assert call.protocol == "icmp" and call.outcome == Outcome.OUTCOME_NO_RESPONSE
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.binary(max_size=64) | st.builds(lambda depth: b'{"sequences": ' + b"[" * depth, st.integers(0, 5000)))
 def test_any_lease_value_parses_to_an_owner_or_a_free_shard(value: bytes) -> None:
     owner, sequences = parse_lease(value)

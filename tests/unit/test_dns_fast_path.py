@@ -22,11 +22,12 @@ import dns.rrset
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from tests.fuzz.test_fuzz_dns import UDP_MESSAGES
 from trawl.dissector.protocols import dns as dns_protocol
 from trawl.dissector.protocols.base import ProtocolError
 
-FAST = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FAST = settings(max_examples=scaled(500), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 labels = st.one_of(
     st.sampled_from(["svc", "Default", "cluster", "local", "a-b", "x_y", "WWW"]),

@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from tests.unit.dissector_builders import Conversation, ethernet, ip_packet, tcp_segment, udp_datagram
 from trawl.dissector import express
 from trawl.dissector._express import Express, blake2b_hex, flow_strings
@@ -659,7 +660,7 @@ def check_work(work: list[tuple[Any, ...]], size: int) -> None:
             assert kind == 2 and 0 <= item[1] < size
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.binary(max_size=600), link_type=st.sampled_from([LINKTYPE_ETHERNET, LINKTYPE_RAW, 0, 113, 276, 9]))
 def test_arbitrary_records_never_crash(data: bytes, link_type: int) -> None:
     lane = make_lane()
@@ -680,7 +681,7 @@ def conversation_frames() -> Frames:
 FUZZ_BASE = conversation_frames()
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     edits=st.lists(st.tuples(st.integers(0, len(FUZZ_BASE) - 1), st.integers(0, 400), st.integers(0, 255)), max_size=6),
     cut=st.integers(0, len(FUZZ_BASE)),
@@ -940,7 +941,7 @@ def test_demote_all_ends_quiet_dns_flows_and_gives_back_pending_ones() -> None:
     assert lane.active == 0
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=scaled(150), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     payloads=st.lists(st.tuples(st.booleans(), st.binary(max_size=80)), max_size=6),
     edit=st.tuples(st.integers(0, 60), st.integers(0, 255)),
@@ -1022,7 +1023,7 @@ def test_the_lanes_flow_texts_are_the_python_paths(client: str, server: str, nod
         flow_strings(node, client_raw[:3], 1, server_raw, 2, False)
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(client=st.binary(min_size=16, max_size=16), server=st.binary(min_size=16, max_size=16), v4=st.booleans())
 def test_any_address_is_written_as_the_python_path_writes_it(client: bytes, server: bytes, v4: bool) -> None:
     if v4:

@@ -22,6 +22,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from tests.unit.dissector_builders import Conversation, batch
 from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
@@ -306,7 +307,9 @@ def conversations(draw: st.DrawFn) -> Frames:
     return frames
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=scaled(200), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(frames=conversations(), data=st.data())
 def test_generated_conversations_give_the_same_calls(frames: Frames, data: st.DataObject) -> None:
     cuts = data.draw(st.lists(st.integers(min_value=1, max_value=max(1, len(frames) - 1)), max_size=4))
@@ -519,7 +522,7 @@ def mixed_traffic(draw: st.DrawFn) -> Frames:
     return frames
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(frames=mixed_traffic(), data=st.data())
 def test_generated_dns_traffic_gives_the_same_calls(frames: Frames, data: st.DataObject) -> None:
     cuts = data.draw(st.lists(st.integers(min_value=1, max_value=max(1, len(frames) - 1)), max_size=4))

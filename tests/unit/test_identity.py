@@ -379,7 +379,7 @@ _k8s_like = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(document=_json | _k8s_like | st.builds(lambda items: {"kind": "List", "items": items}, st.lists(_k8s_like)))
 def test_fuzz_snapshot_loader(document: object) -> None:
     """Any JSON document: a map or an InputError, never another exception."""
@@ -411,7 +411,7 @@ def test_times_are_utc_nanoseconds() -> None:
     assert identity.lookup("10.5.0.1", start - 1) is None
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_mutated_fixture(data: st.DataObject) -> None:
     """The realistic snapshot with one field anywhere replaced by arbitrary JSON: a map or an InputError."""
@@ -471,7 +471,7 @@ def claims_strategy(draw: st.DrawFn) -> IpClaim:
     )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(
     st.lists(claims_strategy(), max_size=6),
     st.lists(st.tuples(st.integers(0, 40), st.sampled_from([0, 53, 80, 443])), max_size=12),

@@ -253,7 +253,7 @@ _protocols = st.sampled_from(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(
     protocol=_protocols,
     method=_text,

@@ -16,7 +16,7 @@ from google.protobuf.message import Message
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import FIXTURES
+from tests.conftest import FIXTURES, scaled
 from tests.unit.dissector_builders import dissect_capture
 from trawl import render
 from trawl.render import call_to_json
@@ -112,7 +112,7 @@ def filled(draw: st.DrawFn, message: Message, depth: int = 0) -> Message:
 
 
 @encoders
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.builds(ApiCall).flatmap(filled))
 def test_generated_calls_encode_as_json_format_does(encode: Callable[[ApiCall], str], call: ApiCall) -> None:
     assert encode(call) == reference(call)
@@ -126,13 +126,13 @@ def check_native(serialized: bytes) -> None:
         assert text == reference(ApiCall.FromString(serialized))
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.binary(max_size=200))
 def test_compiled_encoder_on_arbitrary_bytes(serialized: bytes) -> None:
     check_native(serialized)
 
 
-@settings(max_examples=300, deadline=None)
+@settings(deadline=None)
 @given(st.builds(ApiCall).flatmap(filled), st.data())
 def test_compiled_encoder_on_damaged_calls(call: ApiCall, data: st.DataObject) -> None:
     damaged = bytearray(call.SerializeToString())
@@ -161,7 +161,7 @@ def test_lines_of_fixture_calls_and_of_calls_the_compiled_encoder_leaves_to_pyth
     assert render.calls_to_json_lines([]) == b""
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=scaled(150), deadline=None)
 @given(st.lists(st.builds(ApiCall).flatmap(filled), max_size=5))
 def test_lines_of_generated_calls(calls: list[ApiCall]) -> None:
     assert render.calls_to_json_lines(calls) == reference_lines(calls)

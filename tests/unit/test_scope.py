@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import scaled
 from tests.unit.test_bpf_filter import run_bpf, tcp_packet
 from trawl.collector.scope import PodDirectory, Scope, plan, scope_program
 from trawl.errors import ConfigError, InputError
@@ -153,7 +154,7 @@ POD_LIKE = st.fixed_dictionaries(
 SNAPSHOTS = st.fixed_dictionaries({"items": st.lists(POD_LIKE | JSON_VALUES, max_size=4)})
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=scaled(200), deadline=None)
 @given(
     st.binary(max_size=300)
     | JSON_VALUES.map(lambda value: json.dumps(value).encode())
