@@ -11,7 +11,7 @@ RULES       ?= tests/fixtures/sample_rules.yaml
 APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test bench setup system-deps proto clean
+.PHONY: run test sanitize sanitize-tests sanitize-fuzz bench setup system-deps proto clean
 
 run: setup
 	$(VENV)/bin/trawl up --pcap $(SAMPLE) --identity $(IDENTITY) --rules $(RULES) --record-dir recordings
@@ -21,6 +21,27 @@ test: setup system-deps
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy -p trawl
 	$(VENV)/bin/pytest
+	@$(MAKE) --no-print-directory sanitize
+
+# The four C extensions built with AddressSanitizer + UBSan into build/asan/ (never over the
+# in-tree builds the tests above import), then, side by side on the two cores: the tests whose
+# imports reach them, and a bounded mutation fuzz of `trawl analyze --json` over every committed
+# capture (TRAWL_FUZZ_SECONDS, default 180; TRAWL_FUZZ_SEED). CPython is not built with ASan, so
+# the runtime is preloaded; PYTHONMALLOC=malloc gives every Python object its own red zones.
+SANITIZE_ENV := LD_PRELOAD=$$(gcc -print-file-name=libasan.so) PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
+TRAWL_FUZZ_SECONDS ?= 180
+
+sanitize: setup system-deps
+	$(PY) -m tests.sanitize.asan build
+	$(SANITIZE_ENV) $(PY) -m tests.sanitize.asan verify
+	@$(MAKE) --no-print-directory -j2 --output-sync=target sanitize-tests sanitize-fuzz
+
+sanitize-tests:
+	$(SANITIZE_ENV) $(PY) -m pytest -p tests.sanitize.plugin -q $$($(PY) -m tests.sanitize.asan tests)
+
+sanitize-fuzz:
+	$(SANITIZE_ENV) $(PY) -m tests.sanitize.fuzz_analyze --jobs 1 --seconds $(TRAWL_FUZZ_SECONDS)
 
 setup: $(VENV)/.installed
 
