@@ -319,7 +319,7 @@ class Bus:
         config = StreamConfig(
             name=STREAM_PACKETS,
             subjects=STREAM_SUBJECTS[STREAM_PACKETS],
-            storage=StorageType.MEMORY,
+            storage=StorageType.MEMORY if retention.storage == "memory" else StorageType.FILE,
             max_age=retention.max_age_s,
             max_bytes=retention.max_bytes,
             num_replicas=retention.replicas,

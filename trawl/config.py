@@ -18,7 +18,7 @@ import os
 import socket
 from contextvars import ContextVar
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Self, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Self, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
@@ -70,6 +70,9 @@ class PacketRetention(BaseModel):
     max_age_s: float = Field(default=60.0, gt=0)
     max_bytes: int = Field(default=1 << 30, gt=0)
     replicas: int = Field(default=1, ge=1, le=5)
+    # "memory": the window is lost with a NATS server that restarts (what it held unread is
+    # counted as lost); "file": it survives the restart, at the cost of the server's disk writes.
+    storage: Literal["memory", "file"] = "memory"
 
 
 class ServiceSettings(BaseSettings):

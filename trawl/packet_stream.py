@@ -85,16 +85,22 @@ class PacketReader:
         self._to_ack: object | None = None  # the last message handled (AckPolicy.ALL)
         self.stream_created: datetime | None = None  # tells a re-created stream (NATS restarted) from ours
 
-    async def start(self, start_time: datetime | None = None, start_seq: int | None = None) -> None:
+    @property
+    def stream_id(self) -> str:
+        """Which incarnation of the stream this reader reads (its creation time): a position
+        (a stream sequence) only means something in the stream it was taken in."""
+        return self.stream_created.isoformat() if self.stream_created else ""
+
+    async def start(
+        self, start_time: datetime | None = None, start_seq: int | None = None, stream_id: str = ""
+    ) -> None:
         """Read from the first batch stored at or after `start_time`, or from stream sequence
-        `start_seq`, or (neither) from the start of the window."""
-        if start_time is not None:
-            await self._open(DeliverPolicy.BY_START_TIME, start_time=start_time)
-        elif start_seq is not None:
-            await self._open(DeliverPolicy.BY_START_SEQUENCE, start_seq=start_seq)
-        else:
-            await self._open(DeliverPolicy.ALL)
-        self.task = asyncio.create_task(self._run(), name=f"packets:{self.durable}")
+        `start_seq`, or (neither) from the start of the window; a position taken in another
+        incarnation of the stream than today's (`stream_id`: a NATS server that restarted lost
+        the in-memory stream) means nothing here, and reading starts at the window's start. The
+        consumer is made by the reading task, which retries until the bus lets it (the stream is
+        ensured first: after a restart of the server it is gone until someone makes it again)."""
+        self.task = asyncio.create_task(self._run(start_time, start_seq, stream_id), name=f"packets:{self.durable}")
 
     async def _open(
         self, policy: DeliverPolicy, start_time: datetime | None = None, start_seq: int | None = None
@@ -115,11 +121,29 @@ class PacketReader:
         self.stream_created = (await self.js.stream_info(STREAM_PACKETS)).created
         self.subscription = await self.js.pull_subscribe_bind(durable=self.durable, stream=STREAM_PACKETS)
 
-    async def _run(self) -> None:
+    async def _first_open(self, start_time: datetime | None, start_seq: int | None, stream_id: str) -> None:
+        await self.ensure_stream()
+        created = (await self.js.stream_info(STREAM_PACKETS)).created
+        if stream_id and created is not None and stream_id != created.isoformat():
+            log.warning("packet_stream_replaced", durable=self.durable, was=stream_id, now=created.isoformat())
+            start_time = start_seq = None
+        if start_time is not None:
+            await self._open(DeliverPolicy.BY_START_TIME, start_time=start_time)
+        elif start_seq is not None:
+            await self._open(DeliverPolicy.BY_START_SEQUENCE, start_seq=start_seq)
+        else:
+            await self._open(DeliverPolicy.ALL)
+
+    async def _run(self, start_time: datetime | None, start_seq: int | None, stream_id: str) -> None:
         failures = 0
+        opened = False
         while True:
             subscription = self.subscription
             try:
+                if not opened:
+                    await self._first_open(start_time, start_seq, stream_id)
+                    opened = True
+                    continue
                 if subscription is None:
                     await self._reopen()
                     continue

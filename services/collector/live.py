@@ -658,7 +658,7 @@ def open_live(ctx: ServiceContext[Any], settings: LiveCaptureSettings) -> LiveCa
         log.info("mallopt_unavailable")
     bus = ctx.bus
     node = ctx.settings.node
-    sink = batch_sink(ctx.settings.nats, f"trawl-{ctx.name}-{node}-packets", bus, node)
+    sink = batch_sink(ctx.settings.nats, f"trawl-{ctx.name}-{node}-packets", bus, node, ctx.settings.packet_retention)
     capture = LiveCapture(
         settings,
         node,

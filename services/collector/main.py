@@ -8,7 +8,9 @@ import sys
 import time
 from pathlib import Path
 
-from trawl.bus import packets_subject
+from nats.errors import Error as NatsError
+
+from trawl.bus import MSG_ID_HEADER, packets_subject
 from trawl.collector.config import CollectorSettings
 from trawl.collector.live import serve_live
 from trawl.collector.replay import CaptureFile
@@ -21,23 +23,49 @@ log = get_logger(__name__)
 
 
 class Publisher:
-    """Publishes batches and counts them; a flush every few batches keeps the replay from
-    racing ahead of the server's buffers."""
+    """Publishes a replayed file's batches into the packet stream, each acknowledged by it, and
+    counts them.
+
+    A file has no deadline, so each batch is stored or tried again: a NATS server that
+    restarts mid-replay (taking the in-memory stream with it) gets the stream made again and
+    the batch re-sent, and the stream's duplicate window (Nats-Msg-Id "<node>/<shard>/<start
+    time>/<sequence>") stores a re-sent batch once. One round trip per batch of up to
+    `batch_max_packets` packets; the replay is paced by the acks, so it cannot outrun the
+    server either. (Live capture cannot wait: it publishes on core NATS, see live.py.)"""
 
     def __init__(self, ctx: ServiceContext[CollectorSettings]) -> None:
         self.ctx = ctx
+        self.started_us = time.time_ns() // 1000
         self.batches = ctx.metrics.counter("trawl_collector_batches_total", "Packet batches published")
         self.packets = ctx.metrics.counter("trawl_collector_packets_total", "Packets published")
         self.bytes = ctx.metrics.counter("trawl_collector_bytes_total", "Record bytes published")
+        self.retries = ctx.metrics.counter(
+            "trawl_collector_publish_retries_total", "Replayed batches sent again because NATS did not store them"
+        )
 
     async def publish(self, batch: PacketBatch) -> None:
         shard = str(batch.shard)
-        await self.ctx.bus.publish(packets_subject(batch.node, batch.shard), batch.SerializeToString())
+        subject = packets_subject(batch.node, batch.shard)
+        payload = batch.SerializeToString()
+        msg_id = f"{batch.node}/{batch.shard}/{self.started_us}/{batch.sequence}"
+        bus, failures = self.ctx.bus, 0
+        while True:
+            try:
+                await bus.js.publish(subject, payload, timeout=5.0, headers={MSG_ID_HEADER: msg_id})
+                break
+            except (NatsError, OSError, TimeoutError) as exc:
+                if self.ctx.stopping.is_set():
+                    raise
+                failures += 1
+                self.retries.inc(shard=shard)
+                if failures == 1 or failures % 20 == 0:
+                    log.warning("replay_publish_retry", sequence=batch.sequence, error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(min(2.0, 0.1 * failures))
+                with contextlib.suppress(NatsError, OSError, TimeoutError):
+                    await bus.ensure_packet_stream(self.ctx.settings.packet_retention)
         self.batches.inc(shard=shard)
         self.packets.inc(batch.packet_count, shard=shard)
         self.bytes.inc(len(batch.records), shard=shard)
-        if batch.sequence % 16 == 0 or batch.end_of_input:
-            await self.ctx.bus.nc.flush()
 
 
 async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
@@ -48,6 +76,8 @@ async def replay(ctx: ServiceContext[CollectorSettings], path: Path) -> int:
     settings = ctx.settings
     capture = CaptureFile(path)
     source = f"file:{path}"
+    # Each batch is stored with an ack (see Publisher): the stream must exist before the first.
+    await ctx.bus.ensure_packet_stream(settings.packet_retention)
     publisher = Publisher(ctx)
     sent = 0
     sequence = 0

@@ -28,7 +28,7 @@ import itertools
 import os
 import socket
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from urllib.parse import SplitResult, unquote, urlsplit
 
 from trawl.collector.natsproto import (
@@ -86,6 +86,7 @@ class NatsPublisher:
         reconnect_wait_s: float = 1.0,
         ping_interval_s: float = 120.0,
         max_outstanding_pings: int = 2,
+        before_reconnect: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         if not self.supports(settings):
             raise ConfigError("the socket publisher speaks plain TCP only: use nats-py for TLS or a creds_file")
@@ -94,6 +95,9 @@ class NatsPublisher:
         self.reconnect_wait_s = reconnect_wait_s
         self.ping_interval_s = ping_interval_s
         self.max_outstanding_pings = max_outstanding_pings
+        # Awaited before each reconnection, which waits until it succeeds: the collector makes
+        # sure the packet stream exists again (a restarted server lost it) before any batch goes.
+        self.before_reconnect = before_reconnect
         self.info = Info()
         self.server = ""
         self._sock: socket.socket | None = None
@@ -407,6 +411,12 @@ class NatsPublisher:
     async def _reconnect(self) -> None:
         while not self._closed:
             await asyncio.sleep(self.reconnect_wait_s)
+            if self.before_reconnect is not None:
+                try:
+                    await self.before_reconnect()
+                except Exception as exc:  # the server is not back yet, or not ready: try again
+                    log.debug("nats_publisher_not_ready", error=str(exc) or type(exc).__name__)
+                    continue
             server = self._next_server()
             try:
                 await self._open(server)

@@ -10,7 +10,7 @@ from typing import Protocol
 from trawl.bus import Bus, packets_subject
 from trawl.collector.batching import FramedBatch
 from trawl.collector.publisher import NatsPublisher, TlsRequiredError
-from trawl.config import NatsSettings
+from trawl.config import NatsSettings, PacketRetention
 from trawl.logs import get_logger
 
 log = get_logger(__name__)
@@ -63,9 +63,19 @@ class SocketSink:
     """Batches through a NatsPublisher of their own, handed to the kernel without a copy;
     falls back to the nats-py client when the server turns out to require TLS."""
 
-    def __init__(self, settings: NatsSettings, name: str, bus: Bus, node: str) -> None:
+    def __init__(
+        self, settings: NatsSettings, name: str, bus: Bus, node: str, retention: PacketRetention | None = None
+    ) -> None:
         self.node = node
-        self.publisher = NatsPublisher(settings, name, reconnect_wait_s=1.0)
+
+        async def ensure_stream() -> None:
+            if retention is not None:
+                await bus.ensure_packet_stream(retention)
+
+        # After a reconnection no batch goes before the packet stream exists again: a NATS
+        # server that restarted lost it (in memory), and batches sent before it is back would
+        # be taken by nobody.
+        self.publisher = NatsPublisher(settings, name, reconnect_wait_s=1.0, before_reconnect=ensure_stream)
         self.fallback: ClientSink | None = None
         self._bus = bus
         self._subjects: dict[int, str] = {}
@@ -109,8 +119,10 @@ class SocketSink:
         await self.publisher.close()
 
 
-def batch_sink(settings: NatsSettings, name: str, bus: Bus, node: str) -> BatchSink:
+def batch_sink(
+    settings: NatsSettings, name: str, bus: Bus, node: str, retention: PacketRetention | None = None
+) -> BatchSink:
     """The zero-copy socket sink where the settings allow plain TCP, else the nats-py client."""
     if NatsPublisher.supports(settings):
-        return SocketSink(settings, name, bus, node)
+        return SocketSink(settings, name, bus, node, retention)
     return ClientSink(bus, node)

@@ -67,10 +67,11 @@ class DissectorSettings(ServiceSettings):
     # - "lease": the replicas of `queue_group` share the shards through leases in the JetStream
     #   KV bucket `shard_bucket`; each shard has one owner at a time, taken over when the owner
     #   dies (within about two `shard_lease_ttl_s`) and rebalanced when replicas come and go; the
-    #   owner of shard k subscribes to `shard_subject` with k filled in;
-    # - "all": this replica takes `subject` in the queue group `queue_group` (`trawl up`, a single
-    #   dissector, or one replica per shard subject); two replicas of one queue group on one
-    #   subject would split a flow's batches between them.
+    #   owner of shard k reads `shard_subject` with k filled in from the packet stream, through
+    #   the durable consumer "<queue_group>-shard-<k>", from the shard's checkpoint;
+    # - "all": this replica reads `subject` (`trawl up`, a single dissector, or one replica per
+    #   shard subject) through the consumer "<queue_group>-all-<subject>"; two replicas of one
+    #   group on one subject would take the consumer from each other.
     # The default is "lease" whatever else is set: a replica meant to take `subject` says "all"
     # (in "lease" mode `subject` is not read).
     shard_assignment: Literal["lease", "all"] = "lease"
@@ -80,11 +81,10 @@ class DissectorSettings(ServiceSettings):
     replica_id: str = Field(default_factory=lambda: default_replica_id(), pattern=r"^[A-Za-z0-9_-]+$")
     shard_bucket: str = Field(default="TRAWL_DISSECTOR_SHARDS", pattern=r"^[A-Za-z0-9_-]+$")
     shard_subject: str = Field(default="trawl.v1.packets.*.{shard}", min_length=1)
-    # "all": the subject taken. Both modes: the replicas that share the work (a NATS queue group
-    # in "all", the scope of the leases in "lease").
+    # "all": the subject taken. Both modes: the replicas that share the work (the scope of the
+    # leases, consumer names and checkpoints).
     subject: str = Field(default="trawl.v1.packets.>", min_length=1)
     queue_group: str = Field(default="dissector", min_length=1)
-    # Calls are carried in CallBatch messages of up to this many calls, or this old.
     # Resuming (services/dissector/resume.py): where each reader's checkpoint is kept, how much
     # stream time before it a new owner replays to rebuild flow state (exchanges in flight at the
     # checkpoint that began earlier than this come out without their start), and the batches
@@ -92,6 +92,7 @@ class DissectorSettings(ServiceSettings):
     checkpoint_bucket: str = Field(default="TRAWL_DISSECTOR_CHECKPOINTS", pattern=r"^[A-Za-z0-9_-]+$")
     resume_warmup_s: float = Field(default=60.0, ge=0)
     fetch_batch: int = Field(default=64, gt=0, le=4096)
+    # Calls are carried in CallBatch messages of up to this many calls, or this old.
     calls_per_batch: int = Field(default=500, gt=0, le=100_000)
     batch_age_ms: int = Field(default=200, gt=0)
     # How often timeouts are checked while no packet arrives.

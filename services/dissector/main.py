@@ -285,7 +285,10 @@ class DissectorService:
             fetch_batch=self.settings.fetch_batch,
         )
         self.readers[key] = reader
-        await reader.start(start_time=warmup_start(checkpoint, self.settings.resume_warmup_s))
+        await reader.start(
+            start_time=warmup_start(checkpoint, self.settings.resume_warmup_s),
+            stream_id=checkpoint.stream if checkpoint else "",
+        )
         log.info(
             "packets_resumed",
             subject=subject,
@@ -335,6 +338,14 @@ class DissectorService:
             if key not in self.readers:
                 return  # released while this batch waited for the lock
             self.last_packet_wall = time.monotonic()
+            reader = self.readers[key]
+            position = self.positions[key]
+            if position.stream != reader.stream_id:
+                # The first batch read (or the first since the NATS server restarted): a floor
+                # counted in another incarnation of the stream does not apply to this one.
+                if position.stream:
+                    self.floors[key] = self.saved[key] = 0
+                position.stream = reader.stream_id
             if stream_seq <= self.floors.get(key, 0):
                 self.warmup_batches.inc()
                 self.discard(self.dissector.feed_encoded(batch))
@@ -356,7 +367,6 @@ class DissectorService:
                     lost_packets=lost_packets,
                     after_sequence=batch.sequence - lost_batches - 1,
                 )
-            position = self.positions[key]
             position.stream_seq, position.stored_ns = stream_seq, stored_ns
             position.sequences[node] = batch.sequence
             position.packets[node] = batch.packets_before + batch.packet_count

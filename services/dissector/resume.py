@@ -51,6 +51,7 @@ class Checkpoint:
 
     stream_seq: int = 0
     stored_ns: int = 0  # when the stream stored that batch (the warm-up is measured from it)
+    stream: str = ""  # the incarnation of the stream `stream_seq` counts in (`PacketReader.stream_id`)
     sequences: dict[str, int] = field(default_factory=dict)
     packets: dict[str, int] = field(default_factory=dict)
 
@@ -67,6 +68,7 @@ class Checkpoint:
                 stored_ns=int(document["stored_ns"]),
                 sequences={str(k): int(v) for k, v in dict(document["sequences"]).items()},
                 packets={str(k): int(v) for k, v in dict(document["packets"]).items()},
+                stream=str(document.get("stream", "")),
             )
         except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
             return None

@@ -92,7 +92,12 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
                     lost_packets=missing_packets,
                     after_sequence=batch.sequence - missing - 1,
                 )
-            position = {"stream_seq": stream_seq, "sequences": gaps.sequences, "packets": gaps.packets}
+            position = {
+                "stream_seq": stream_seq,
+                "stream": reader.stream_id,
+                "sequences": gaps.sequences,
+                "packets": gaps.packets,
+            }
             writer.write(batch, mark=position)
             if batch.end_of_input:
                 writer.seal_all()
@@ -111,7 +116,7 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         ensure_stream=lambda: ctx.bus.ensure_packet_stream(settings.packet_retention),
     )
     resume_after = int(mark.get("stream_seq", 0))
-    await reader.start(start_seq=resume_after + 1 if resume_after else None)
+    await reader.start(start_seq=resume_after + 1 if resume_after else None, stream_id=str(mark.get("stream", "")))
     log.info("recorder_resumed", consumer=reader.durable, after=resume_after, sequences=gaps.sequences)
     await ctx.ready()
     tick = min(1.0, settings.rotate_seconds)
