@@ -21,7 +21,7 @@ UBSan build of the C extensions (tests/sanitize/asan.py) and check that they did
 fuzzes the ordinary build. This lives beside the sanitizer build under tests/ rather than in
 bench/ because it is a pass/fail check that `make test` runs, not a figure against a peer.
 
-Budget: `--seconds` (default `TRAWL_FUZZ_SECONDS`, else 150) and optionally `--mutants`
+Budget: `--seconds` (default `TRAWL_FUZZ_SECONDS`, else 180) and optionally `--mutants`
 (default `TRAWL_FUZZ_MUTANTS`, else unbounded): whichever is reached first.
 """
 
@@ -46,7 +46,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_OUT = ROOT / "build" / "asan" / "fuzz"
-DEFAULT_SECONDS = 150.0
+DEFAULT_SECONDS = 180.0
 # A worker still running this long after the budget is stuck in one mutant.
 HANG_GRACE_S = 120.0
 # A worker stops after this many contract failures (a crash stops it at once).
