@@ -2,13 +2,15 @@
 packet stream TRAWL_PACKETS absent (core NATS only) and present (the durable path).
 
     sudo .venv/bin/python bench/capture.py [--packets 1000000] [--sizes 64,1500] [--flows 16]
-                                           [--retention-max-bytes 1073741824]
+                                           [--rounds 3] [--retention-max-bytes 1073741824]
+                                           [--profile DIR]
 
 For each frame size, a pcap of `--flows` TCP flows is written, then replayed with
 `tcpreplay --topspeed` from a network namespace into a veth pair whose other end is on the
 host, where the capture tool listens. The frames carry a destination MAC that is not the
-veth's, so the host stack ignores them (only packet sockets see them). Each run has the
-capture alone over the same replay, one after the other:
+veth's, so the host stack ignores them (only packet sockets see them). Each round has each
+capture alone over the same replay, one after the other (the two collector runs swap order
+from round to round):
 
 - tcpdump -w /dev/null (its own "captured" and "dropped by kernel" report), the peer;
 - the collector service (`python -m trawl collector`, live on the veth) publishing batches
@@ -17,7 +19,7 @@ capture alone over the same replay, one after the other:
   server takes each batch and drops it (no subscriber), what the collector cost before
   the durable path; "durable": the stream present (fresh, with `--retention-max-bytes`,
   default the production `packet_retention.max_bytes`), so the server keeps every batch
-  in memory, as it does in production.
+  in memory, as it does in production (a limit that is reached removes the oldest).
 
 CPU is a process's own user+system time (from /proc/<pid>/stat, every thread) between the
 start and the end of the replay (for the durable run, once the stream has stopped growing);
@@ -26,10 +28,12 @@ the kernel's copy into the ring is not in it, for either capture tool. Readers o
 
 Prints, per size: packets sent, captured, kernel drops, packets the collector dropped (queue
 full or publish failed), CPU seconds (and its user+system split), CPU microseconds per
-captured packet of the capture tool and of nats-server, and the collector/tcpdump ratio;
-then whether the stream held every batch (its state, from the JetStream API, against the
-batches the collector published) and what the durable path added. Needs root and tcpreplay
-(apt-get install tcpreplay).
+captured packet of the capture tool and of nats-server, for every run; whether the stream
+held every batch (its state, from the JetStream API, against the batches the collector
+published); then the medians over the rounds, what the durable path added and the
+collector/tcpdump ratios. `--profile DIR` also writes a `perf record -g` of the collector and
+of nats-server for each collector run (read with `perf report -i FILE`). Needs root and
+tcpreplay (apt-get install tcpreplay).
 """
 
 from __future__ import annotations
