@@ -46,7 +46,7 @@ class NatsSettings(BaseModel):
     tls_cert: Path | None = None
     tls_key: Path | None = None
     connect_timeout_s: float = Field(default=5.0, gt=0)
-    # Retry the first connection this many times (2 s apart) before giving up; -1 = forever.
+    # Try the first connection this many times (1 s apart) before giving up with one line; -1 = forever.
     connect_attempts: int = Field(default=3, ge=-1)
 
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from nats.js.errors import APIError, ServiceUnavailableError
+
 from trawl.bus import Bus, packets_subject
 from trawl.collector.batching import FramedBatch
 from trawl.collector.publisher import NatsPublisher, TlsRequiredError
@@ -69,8 +71,16 @@ class SocketSink:
         self.node = node
 
         async def ensure_stream() -> None:
-            if retention is not None:
+            if retention is None:
+                return
+            try:
                 await bus.ensure_packet_stream(retention)
+            except APIError as exc:
+                if isinstance(exc, ServiceUnavailableError):
+                    raise  # JetStream is still starting: try again
+                # The server answered but will not have the stream (another stream already takes
+                # these subjects, JetStream is off...): publishing beats waiting for ever.
+                log.warning("packet_stream_not_ensured", error=str(exc) or type(exc).__name__)
 
         # After a reconnection no batch goes before the packet stream exists again: a NATS
         # server that restarted lost it (in memory), and batches sent before it is back would

@@ -35,10 +35,12 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
 from nats.errors import Error as NatsError
+from nats.js.api import PubAck
 
 from trawl.bus import STREAM_CALLS, Bus, calls_subject
 from trawl.dissector.config import DissectorSettings
@@ -125,7 +127,12 @@ class CallPublisher:
         self.sequences: dict[tuple[str, int], int] = {}
         self.lost: dict[tuple[str, int], int] = {}
         self.emitted = 0
+        # Sent and not yet acked by the stream: (subject, CallBatch, Nats-Msg-Id, ack future).
+        self.in_flight: list[tuple[str, bytes, str, asyncio.Future[PubAck]]] = []
         self.batches = metrics.counter("trawl_dissector_call_batches_total", "CallBatches published")
+        self.resent = metrics.counter(
+            "trawl_dissector_call_batches_resent_total", "CallBatches sent again because the stream did not ack them"
+        )
 
     async def add(self, calls: list[bytes]) -> None:
         """Serialized ApiCalls, as `Dissector.feed_encoded` returns them."""
@@ -181,16 +188,51 @@ class CallPublisher:
         sequence = self.sequences.get(key, time.time_ns() // 1000 - 1) + 1
         self.sequences[key] = sequence
         batch = frame_call_batch(node, shard, sequence, calls, end_of_input, self.lost.get(key, 0))
-        await self.bus.publish_durable_async(calls_subject(node, shard), batch, msg_id=f"{node}/{shard}/{sequence}")
+        subject, msg_id = calls_subject(node, shard), f"{node}/{shard}/{sequence}"
+        self.in_flight.append((subject, batch, msg_id, await self.bus.publish_durable_async(subject, batch, msg_id)))
         self.emitted += len(calls)
         self.batches.inc()
 
+    async def confirm(self, timeout_s: float = 5.0) -> bool:
+        """Wait (at most `timeout_s`) for TRAWL_CALLS to ack every CallBatch sent; send again the
+        ones it did not (an ack lost with a NATS server that died never comes: nats-py's future
+        would wait for ever). True when all are stored; the rest stay in flight, to be confirmed
+        or sent again by the next call (the stream stores a re-sent batch once: same Nats-Msg-Id)."""
+        pending, self.in_flight = self.in_flight, []
+        futures = [future for *_, future in pending]
+        if futures:
+            await asyncio.wait(futures, timeout=timeout_s)
+        for subject, batch, msg_id, future in pending:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                continue
+            if not future.done():
+                future.cancel()  # frees nats-py's slot for it
+            self.resent.inc()
+            try:
+                again = await self.bus.publish_durable_async(subject, batch, msg_id)
+            except Exception as exc:  # the bus is away: try at the next confirm
+                log.info("call_batch_not_sent", msg_id=msg_id, error=str(exc) or type(exc).__name__)
+                again = asyncio.get_running_loop().create_future()
+                again.cancel()
+            self.in_flight.append((subject, batch, msg_id, again))
+        return not self.in_flight
 
+
+END_OF_INPUT_CONFIRMS = 24  # of up to 5 s each
+SUSPENDED_GRACE_TTLS = 4  # a lost shard's flows are kept this many lease TTLs for a quick re-take
 ALL = -1  # the reader key of "all" mode (one reader of `subject`); shards are 0..shards-1
 
 
 def _durable_token(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", value)
+
+
+@dataclass
+class _Suspended:
+    position: Checkpoint
+    last_saved: bytes
+    losses: LossCounter
+    since: float
 
 
 class DissectorService:
@@ -214,7 +256,12 @@ class DissectorService:
         self.floors: dict[int, int] = {}
         self.positions: dict[int, Checkpoint] = {}
         self.saved: dict[int, int] = {}
+        self.last_saved: dict[int, bytes] = {}  # the checkpoint as this replica last saved (or found) it
         self.losses: dict[int, LossCounter] = {}
+        # Shards whose lease was lost while the bus was away: their flows are kept for a while,
+        # and if this replica takes the shard again before anyone else committed, it goes on in
+        # place (a NATS restart then loses nothing); otherwise they are dropped.
+        self.suspended: dict[int, _Suspended] = {}
         self.gaps = ctx.metrics.counter("trawl_bus_gaps_total", "Packet batches lost on the bus, by node and shard")
         self.lost_packets = ctx.metrics.counter(
             "trawl_bus_lost_packets_total", "Packets in the batches lost on the bus, by node and shard"
@@ -270,21 +317,11 @@ class DissectorService:
         checkpoint = await self.checkpoints.load(self.checkpoint_key(key))
         self.floors[key] = checkpoint.stream_seq if checkpoint else 0
         self.saved[key] = self.floors[key]
+        self.last_saved[key] = checkpoint.encode() if checkpoint else b""
         self.positions[key] = Checkpoint(**vars(checkpoint)) if checkpoint else Checkpoint(sequences=dict(sequences))
         self.losses[key] = LossCounter(dict(self.positions[key].sequences), dict(self.positions[key].packets))
 
-        async def handle(data: bytes, stream_seq: int, stored_ns: int) -> None:
-            await self.on_stored_batch(key, data, stream_seq, stored_ns)
-
-        reader = PacketReader(
-            self.ctx.bus.js,
-            self.durable(key),
-            subject,
-            handle,
-            ensure_stream=lambda: self.ctx.bus.ensure_packet_stream(self.settings.packet_retention),
-            fetch_batch=self.settings.fetch_batch,
-        )
-        self.readers[key] = reader
+        reader = self._reader(key, subject)
         await reader.start(
             start_time=warmup_start(checkpoint, self.settings.resume_warmup_s),
             stream_id=checkpoint.stream if checkpoint else "",
@@ -298,13 +335,49 @@ class DissectorService:
             sequences=self.positions[key].sequences,
         )
 
+    def _reader(self, key: int, subject: str) -> PacketReader:
+        async def handle(data: bytes, stream_seq: int, stored_ns: int) -> None:
+            await self.on_stored_batch(key, data, stream_seq, stored_ns)
+
+        reader = PacketReader(
+            self.ctx.bus.js,
+            self.durable(key),
+            subject,
+            handle,
+            ensure_stream=lambda: self.ctx.bus.ensure_packet_stream(self.settings.packet_retention),
+            fetch_batch=self.settings.fetch_batch,
+        )
+        self.readers[key] = reader
+        return reader
+
+    async def resume_in_place(self, key: int, subject: str, suspended: _Suspended) -> None:
+        """Take a shard again with the flows kept since its lease was lost: read on after the
+        last batch fed (from the start of the stream if a restarted server made it anew)."""
+        position = suspended.position
+        self.positions[key], self.losses[key] = position, suspended.losses
+        self.floors[key], self.saved[key], self.last_saved[key] = 0, 0, suspended.last_saved
+        reader = self._reader(key, subject)
+        await reader.start(
+            start_seq=position.stream_seq + 1 if position.stream_seq else None, stream_id=position.stream
+        )
+        log.info("packets_resumed_in_place", subject=subject, consumer=self.durable(key), after=position.stream_seq)
+
     async def acquire(self, shard: int, sequences: dict[str, int]) -> None:
         """This replica owns `shard` now: read it from its checkpoint."""
         async with self.lock:
             self.publisher.restart_shard(shard)
             self.owned.add(shard)
             self.handovers.inc(shard=str(shard))
-        await self.open_reader(shard, self.settings.shard_subject.format(shard=shard), sequences)
+        subject = self.settings.shard_subject.format(shard=shard)
+        suspended = self.suspended.pop(shard, None)
+        if suspended is not None:
+            checkpoint = await self.checkpoints.load(self.checkpoint_key(shard))
+            if (checkpoint.encode() if checkpoint else b"") == suspended.last_saved:
+                await self.resume_in_place(shard, subject, suspended)
+                return
+            async with self.lock:  # another replica went on meanwhile: its checkpoint rules
+                self.discard(self.dissector.finish_encoded(shard=shard))
+        await self.open_reader(shard, subject, sequences)
 
     async def release(self, shard: int, reason: str) -> dict[str, int]:
         """`shard` goes to another replica: stop reading it, commit (unless the lease was lost:
@@ -317,13 +390,20 @@ class DissectorService:
         async with self.lock:
             self.owned.discard(shard)
             self.releases.inc(shard=str(shard), reason=reason)
-            if reason != "lost" and reader is not None:
-                await self._commit({shard: reader})
-            self.discard(self.dissector.finish_encoded(shard=shard))
             position = self.positions.pop(shard, Checkpoint())
+            losses = self.losses.pop(shard, LossCounter())
+            last_saved = self.last_saved.pop(shard, b"")
             self.floors.pop(shard, None)
             self.saved.pop(shard, None)
-            self.losses.pop(shard, None)
+            if reason == "lost":
+                self.suspended[shard] = _Suspended(position, last_saved, losses, time.monotonic())
+                log.info("shard_suspended", shard=shard, after=position.stream_seq)
+                return dict(position.sequences)
+            if reader is not None:
+                self.positions[shard] = position  # what _commit saves
+                await self._commit({shard: reader})
+                self.positions.pop(shard, None)
+            self.discard(self.dissector.finish_encoded(shard=shard))
             return dict(position.sequences)
 
     async def on_stored_batch(self, key: int, data: bytes, stream_seq: int, stored_ns: int) -> None:
@@ -375,6 +455,9 @@ class DissectorService:
                 await self.publish(self._end_of_input(node, batch.shard))
                 await self.publisher.flush_all()
                 await self.publisher.end_of_input(node, batch.shard)
+                for _ in range(END_OF_INPUT_CONFIRMS):  # drained means stored: wait out a bus restart
+                    if await self.publisher.confirm() or self.ctx.stopping.is_set():
+                        break
                 await self._commit(self.readers)
                 self._export_counters()
                 log.info("end_of_input", node=node, shard=batch.shard, calls=self.publisher.emitted)
@@ -393,13 +476,17 @@ class DissectorService:
         checkpoint and ack its batches: a checkpoint never covers a call not yet stored."""
         try:
             await self.publisher.flush_all()
-            await self.ctx.bus.flush_durable()
+            if not await self.publisher.confirm():
+                self.commit_failures.inc()
+                log.warning("checkpoint_deferred", unacked_call_batches=len(self.publisher.in_flight))
+                return
             for key, reader in list(readers.items()):
                 position = self.positions.get(key)
                 if position is None or position.stream_seq <= self.saved.get(key, 0):
                     continue
                 await self.checkpoints.save(self.checkpoint_key(key), position)
                 self.saved[key] = position.stream_seq
+                self.last_saved[key] = position.encode()
                 await reader.ack()
         except (NatsError, OSError) as exc:
             # The calls stay pending or are re-derived by the next owner: nothing is lost.
@@ -410,6 +497,12 @@ class DissectorService:
         """Commit; run timeouts while packets do not come."""
         async with self.lock:
             await self._commit(self.readers)
+            grace_s = SUSPENDED_GRACE_TTLS * self.settings.shard_lease_ttl_s
+            for shard, suspended in list(self.suspended.items()):
+                if time.monotonic() - suspended.since >= grace_s:
+                    del self.suspended[shard]
+                    self.discard(self.dissector.finish_encoded(shard=shard))
+                    log.info("shard_suspension_ended", shard=shard)
             dissector = self.dissector
             if dissector.clock_ns:
                 idle_s = time.monotonic() - self.last_packet_wall

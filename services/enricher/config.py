@@ -73,7 +73,8 @@ class EnricherSettings(ServiceSettings):
     # None: decided by the endpoint's scheme (http:// is plaintext, https:// is TLS, host:port is plaintext).
     otlp_insecure: bool | None = None
     otlp_timeout_s: float = Field(default=10.0, gt=0)
-    # Span batching (the SDK's BatchSpanProcessor): spans beyond the queue are dropped and counted.
+    # Span batching (otlp.CountingBatchSpanProcessor, the SDK's shape): every span handed over ends
+    # exported, dropped (queue full, shutdown) or failed, each counted.
     export_max_queue_size: int = Field(default=8192, gt=0)
     export_max_batch_size: int = Field(default=512, gt=0)
     export_schedule_delay_ms: int = Field(default=1000, gt=0)
