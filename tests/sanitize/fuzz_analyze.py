@@ -32,6 +32,7 @@ import contextlib
 import gc
 import io
 import json
+import logging
 import os
 import random
 import shutil
@@ -43,6 +44,8 @@ import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+import structlog
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 DEFAULT_OUT = ROOT / "build" / "asan" / "fuzz"
@@ -384,6 +387,9 @@ class InProcessAnalyzer:
         escaped: str | None = None
         exit_code: int | str | None
         saved = sys.stdout, sys.stderr
+        # analyze configures logging to the stderr it finds: put the caller's back afterwards,
+        # or every later log event of this process would go into this buffer.
+        saved_structlog, saved_handlers = structlog.get_config(), list(logging.getLogger().handlers)
         sys.stdout, sys.stderr = stdout, self.stderr
         try:
             exit_code = trawl_main(["analyze", str(path), "--json"])
@@ -395,6 +401,8 @@ class InProcessAnalyzer:
         finally:
             stdout.flush()
             sys.stdout, sys.stderr = saved
+            structlog.configure(**saved_structlog)
+            logging.getLogger().handlers[:] = saved_handlers
             analyze.BATCH_MAX_PACKETS = default_batch_packets
             # analyze freezes the heap into the permanent generation on every run: give it back.
             gc.unfreeze()
