@@ -285,6 +285,11 @@ class Bus:
         elapsed = loop.time() - started
         if connect.done() and not connect.cancelled() and (error := connect.exception()) is not None:
             failures.append(error)
+        # The server closes the socket after refusing credentials: the reset that follows is the
+        # same try, not another reason.
+        final = next((i for i, f in enumerate(failures) if _is_final(connect_failure_reason(f, settings))), None)
+        if final is not None:
+            del failures[final + 1 :]
         connect.cancel()
         with contextlib.suppress(BaseException):
             await connect
