@@ -8,7 +8,7 @@ SAMPLE      ?= tests/fixtures/sample.pcap
 IDENTITY    ?= tests/fixtures/http1_identity.json
 RULES       ?= tests/fixtures/sample_rules.yaml
 # Debian packages the tests use as real peers and oracles.
-APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc
+APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc nghttp2-client nghttp2-server
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: run test sanitize sanitize-tests sanitize-fuzz bench setup system-deps proto clean
