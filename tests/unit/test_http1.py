@@ -364,3 +364,34 @@ def test_protocol_errors_do_not_quote_the_bytes() -> None:
     with pytest.raises(ProtocolError) as caught:
         parser.feed(C2S, b"GET /a?token=XK9secret&q=a b HTTP/1.1\r\nHost: x\r\n\r\n", 1)
     assert "XK9secret" not in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "terminator", [[b"0\r\n\r\n"], [b"0\r\n", b"\r\n"], [b"0", b"\r\n\r", b"\n"]], ids=["whole", "two", "three"]
+)
+def test_a_stray_chunk_terminator_after_a_chunked_head_response_is_skipped_and_counted(
+    terminator: list[bytes],
+) -> None:
+    """A server that says "chunked" to HEAD and then sends the empty body's terminator anyway:
+    the next exchange on the connection still pairs."""
+    parser = Http1Parser(FLOW, ParserLimits())
+    steps = [
+        (C2S, b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (S2C, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"),
+        *((S2C, piece) for piece in terminator),
+        (C2S, b"GET /b HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (S2C, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nB"),
+    ]
+    calls = [call for ts, (direction, data) in enumerate(steps, 1) for call in parser.feed(direction, data, ts)]
+    assert triple(calls) == [("HEAD", "/a", "200"), ("GET", "/b", "200")]
+    assert calls[1].response.body == b"B"
+    assert parser.counts == {"http_stray_chunk_terminators": 1}
+
+
+def test_after_a_chunked_head_response_a_response_that_starts_with_0_is_not_eaten() -> None:
+    """Only the exact terminator is skipped, once: the next response head is read as it is."""
+    calls = run(
+        (C2S, b"HEAD /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\n\r\n"),
+        (S2C, b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nHTTP/1.1 204 No Content\r\n\r\n"),
+    )
+    assert triple(calls) == [("HEAD", "/a", "200"), ("GET", "/b", "204")]

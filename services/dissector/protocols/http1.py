@@ -79,6 +79,7 @@ HEX_DIGITS = "0123456789abcdef"
 MAX_LINE = 8192  # a request/status line or a chunk-size line longer than this is not HTTP
 
 # Reader states.
+STRAY_TERMINATOR = b"0\r\n\r\n"
 HEAD, BODY, CHUNK_SIZE, CHUNK_DATA, CHUNK_CRLF, TRAILER, CLOSE, RESYNC, WAIT, STOP = range(10)
 
 
@@ -178,6 +179,7 @@ class _Reader:
         "remaining",
         "spans",
         "state",
+        "stray_terminator",
         "trailer_bytes",
         "wire",
     )
@@ -185,6 +187,9 @@ class _Reader:
     def __init__(self) -> None:
         self.buf = b""
         self.state = HEAD
+        # A response to HEAD said "chunked": some servers then send the empty body's "0\r\n\r\n"
+        # anyway (its body has no bytes, RFC 9112 section 6.3); skipped once, counted.
+        self.stray_terminator = False
         self.remaining = 0
         self.msg_ts = 0
         self.head_started = False
@@ -330,6 +335,7 @@ class Http1Parser:
         self.limits = limits
         self.pending: deque[_Exchange] = deque()
         self.ordinal = 0
+        self.counts: dict[str, int] = {}  # what it counted without making calls (engine._parser_counts)
         self.readers = (_Reader(), _Reader())
         self.out: list[ApiCall] = []
         self.resynced = [False, False]
@@ -470,6 +476,15 @@ class Http1Parser:
                     pos += 2  # stray CRLF between messages (RFC 9112 section 2.2)
                 if pos >= size:
                     break
+                if reader.stray_terminator and not reader.head_started:
+                    if STRAY_TERMINATOR.startswith(buf[pos : pos + len(STRAY_TERMINATOR)]):
+                        if size - pos < len(STRAY_TERMINATOR):
+                            break  # wait for the rest of it
+                        pos += len(STRAY_TERMINATOR)
+                        counted = self.counts.get("http_stray_chunk_terminators", 0)
+                        self.counts["http_stray_chunk_terminators"] = counted + 1
+                    reader.stray_terminator = False
+                    continue
                 if not reader.head_started:
                     reader.head_started = True
                     reader.msg_ts = ts_ns
@@ -725,6 +740,7 @@ class Http1Parser:
             request_reader.state = HEAD  # the upgrade was refused: keep reading HTTP/1
             self.resume_requests = bool(request_reader.buf)
         if exchange.head or status in (204, 304):
+            reader.stray_terminator = exchange.head and _chunked(headers)
             self._response_done(reader, ts_ns)
         elif _chunked(headers):
             detail.chunked_response = True
