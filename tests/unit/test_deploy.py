@@ -689,6 +689,11 @@ def test_services_reach_nats_and_streams_fit_its_volume(manifests: Manifests, tm
     match = re.search(r"max_file_store:\s*(\S+)", store)
     assert match, f"{manifests}: nats.conf sets no JetStream max_file_store"
     max_file_store = _quantity(match.group(1))
+    memory = re.search(r"max_memory_store:\s*(\S+)", store)
+    assert memory, f"{manifests}: nats.conf sets no JetStream max_memory_store (the packet window lives there)"
+    max_memory_store = _quantity(memory.group(1))
+    memory_limit = _quantity(nats_pod["spec"]["containers"][0]["resources"]["limits"]["memory"])
+    assert max_memory_store < memory_limit, f"{manifests}: the packet window would outgrow the NATS pod"
     volume = _quantity(nats["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"])
     assert max_file_store <= volume, f"{manifests}: JetStream may store {max_file_store} on a {volume} volume"
     container_ports = [p for c in nats_pod["spec"]["containers"] for p in c["ports"]]
@@ -697,6 +702,10 @@ def test_services_reach_nats_and_streams_fit_its_volume(manifests: Manifests, tm
         settings = pod.settings(tmp_path)
         # The three streams (calls, enriched calls, alerts) each up to streams.max_bytes.
         assert 3 * settings.streams.max_bytes <= max_file_store, f"{pod}: streams outgrow max_file_store"
+        # The packet window (TRAWL_PACKETS), in memory unless packet_retention.storage says file.
+        window = settings.packet_retention
+        store_limit = max_memory_store if window.storage == "memory" else max_file_store
+        assert window.max_bytes <= store_limit, f"{pod}: packet_retention.max_bytes outgrows the JetStream store"
         for server in settings.nats.servers:
             url = urlsplit(server)
             name, _, rest = (url.hostname or "").partition(".")
