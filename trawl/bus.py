@@ -31,7 +31,7 @@ from nats.errors import AuthorizationError as NatsAuthorizationError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck, StorageType, StreamConfig
-from nats.js.errors import BadRequestError
+from nats.js.errors import APIError, BadRequestError, ServiceUnavailableError
 
 from trawl.config import NatsSettings, PacketRetention, StreamLimits
 from trawl.errors import ConfigError
@@ -330,9 +330,19 @@ class Bus:
             num_replicas=retention.replicas,
         )
         try:
-            await self.js.add_stream(config)
-        except BadRequestError:
-            await self.js.update_stream(config)
+            try:
+                await self.js.add_stream(config)
+            except BadRequestError:
+                await self.js.update_stream(config)
+        except APIError as exc:
+            if isinstance(exc, ServiceUnavailableError):
+                raise  # JetStream is starting (or off): a caller may try again
+            raise ConfigError(
+                f"NATS refused the packet stream {STREAM_PACKETS} ({exc.description or exc}): lower "
+                f"packet_retention.max_bytes ({retention.max_bytes}) below the server's JetStream "
+                f"max_{retention.storage}_store, or free the subjects {STREAM_SUBJECTS[STREAM_PACKETS][0]} "
+                "from another stream"
+            ) from None
 
     async def pull(
         self, stream: str, durable: str, filter_subject: str | None = None, deliver_new: bool = False

@@ -25,6 +25,7 @@ from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
 from trawl.bus import STREAM_PACKETS
+from trawl.errors import ConfigError
 from trawl.logs import get_logger
 
 log = get_logger(__name__)
@@ -151,7 +152,7 @@ class PacketReader:
                 failures = 0
             except (TimeoutError, NatsTimeoutError):
                 continue
-            except (NatsError, OSError) as exc:
+            except (NatsError, OSError, ConfigError) as exc:
                 # NATS restarted (an in-memory stream and its consumers are gone) or is away:
                 # go on after the last batch handled; the sequences count what did not survive.
                 failures += 1

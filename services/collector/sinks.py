@@ -7,12 +7,11 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from nats.js.errors import APIError, ServiceUnavailableError
-
 from trawl.bus import Bus, packets_subject
 from trawl.collector.batching import FramedBatch
 from trawl.collector.publisher import NatsPublisher, TlsRequiredError
 from trawl.config import NatsSettings, PacketRetention
+from trawl.errors import ConfigError
 from trawl.logs import get_logger
 
 log = get_logger(__name__)
@@ -75,9 +74,7 @@ class SocketSink:
                 return
             try:
                 await bus.ensure_packet_stream(retention)
-            except APIError as exc:
-                if isinstance(exc, ServiceUnavailableError):
-                    raise  # JetStream is still starting: try again
+            except ConfigError as exc:
                 # The server answered but will not have the stream (another stream already takes
                 # these subjects, JetStream is off...): publishing beats waiting for ever.
                 log.warning("packet_stream_not_ensured", error=str(exc) or type(exc).__name__)

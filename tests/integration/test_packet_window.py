@@ -1,0 +1,80 @@
+"""The packet window (stream TRAWL_PACKETS) against a real nats-server whose JetStream memory is
+smaller than the window asked for: every service that makes the stream stops at start with one
+line naming the key to change, and exits 2, instead of running with no window."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from trawl.embedded import free_port, nats_server_binary
+
+
+@pytest.fixture
+def small_nats(tmp_path: Path) -> Iterator[str]:
+    """A nats-server with 1 MB of JetStream memory."""
+    port = free_port()
+    config = tmp_path / "nats.conf"
+    config.write_text(f"jetstream {{\n  store_dir: {tmp_path / 'js'}\n  max_memory_store: 1MB\n}}\n")
+    log_file = tmp_path / "nats.log"
+    process = subprocess.Popen(
+        [nats_server_binary(), "-c", str(config), "--addr", "127.0.0.1", "--port", str(port), "--log", str(log_file)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 15
+        while not (log_file.exists() and "Server is ready" in log_file.read_text()):
+            assert process.poll() is None and time.monotonic() < deadline, "nats-server did not start"
+            time.sleep(0.05)
+        yield f"nats://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("service", ["dissector", "recorder"])
+def test_a_window_larger_than_the_servers_memory_is_one_line_and_exit_2(
+    small_nats: str, tmp_path: Path, service: str
+) -> None:
+    config = tmp_path / "trawl.yaml"
+    config.write_text(
+        f"nats:\n  servers: ['{small_nats}']\npacket_retention:\n  max_bytes: 1073741824\n"
+        f"recorder:\n  directory: {tmp_path / 'recordings'}\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "trawl", service, "--config", str(config)],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith(f"trawl {service}:")]
+    assert len(errors) == 1, result.stderr
+    assert "NATS refused the packet stream TRAWL_PACKETS" in errors[0]
+    assert "lower packet_retention.max_bytes (1073741824) below the server's JetStream max_memory_store" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_window_that_fits_starts(small_nats: str, tmp_path: Path) -> None:
+    """The same server takes a window within its memory: the service gets ready (and is stopped)."""
+    config = tmp_path / "trawl.yaml"
+    config.write_text(f"nats:\n  servers: ['{small_nats}']\npacket_retention:\n  max_bytes: 524288\n")
+    log = tmp_path / "dissector.log"
+    with log.open("wb") as sink:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "trawl", "dissector", "--config", str(config)], stdout=sink, stderr=subprocess.STDOUT
+        )
+    try:
+        deadline = time.monotonic() + 30
+        while "service_ready" not in log.read_text():
+            assert process.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+    finally:
+        process.terminate()
+        assert process.wait(timeout=30) == 0, log.read_text()
+    assert "NATS refused" not in log.read_text()
