@@ -200,8 +200,8 @@ def test_tshark_finds_what_the_script_recorded(name: str) -> None:
 
 
 def test_the_large_grpc_message_spans_frames_and_segments() -> None:
-    """The 200 KiB request and its echo: tshark reassembles each into one gRPC message, and the
-    bytes came in several TCP segments (loopback's MSS is 65483, so at least four)."""
+    """The 200 KiB request and its echo: tshark reassembles each into one gRPC message out of more
+    than two full-size loopback TCP segments (MSS 65483)."""
     fields = subprocess.run(
         ["tshark", "-r", str(HTTP2_FIXTURES / "grpc_unary.pcap"), "-d", "tcp.port==39501,http2",
          "-T", "fields", "-e", "grpc.message_length", "-e", "tcp.reassembled.length"],
@@ -211,6 +211,18 @@ def test_the_large_grpc_message_spans_frames_and_segments() -> None:
     assert sum(1 for length in lengths if length > 200 * 1024) == 2
     reassembled = [int(value) for line in fields.splitlines() for value in line.split("\t")[1].split(",") if value]
     assert max(reassembled) > 4 * 65483 // 2
+    frames = subprocess.run(
+        ["tshark", "-r", str(HTTP2_FIXTURES / "grpc_unary.pcap"), "-d", "tcp.port==39501,http2",
+         "-T", "fields", "-e", "http2.streamid", "-e", "http2.type", "-e", "http2.length"],
+        capture_output=True, text=True, check=True, timeout=120,
+    ).stdout  # fmt: skip
+    large_data_frames = [
+        (stream, kind, length)
+        for line in frames.splitlines()
+        for stream, kind, length in zip(*(column.split(",") for column in line.split("\t")), strict=True)
+        if stream == "11" and kind == "0" and int(length) > 16384
+    ]
+    assert len(large_data_frames) == 4  # two each way: the stream of the 200 KiB call
 
 
 @pytest.mark.parametrize("name", ["graphql_http1", "graphql_http2"])
