@@ -30,6 +30,8 @@ from trawl.logs import get_logger
 
 log = get_logger(__name__)
 
+STOP_TIMEOUT_S = 5.0
+
 
 @dataclass
 class LossCounter:
@@ -85,6 +87,7 @@ class PacketReader:
         self.last_stream_seq = 0  # of the last batch handed to the handler
         self._to_ack: object | None = None  # the last message handled (AckPolicy.ALL)
         self.stream_created: datetime | None = None  # tells a re-created stream (NATS restarted) from ours
+        self._stopping = False
 
     @property
     def stream_id(self) -> str:
@@ -138,7 +141,9 @@ class PacketReader:
     async def _run(self, start_time: datetime | None, start_seq: int | None, stream_id: str) -> None:
         failures = 0
         opened = False
-        while True:
+        # Not `while True`: nats-py turns a cancellation inside next_msg into ConnectionClosedError
+        # when the connection is closed, so a cancel alone may not end this loop.
+        while not self._stopping:
             subscription = self.subscription
             try:
                 if not opened:
@@ -188,10 +193,12 @@ class PacketReader:
                 await message.ack()  # type: ignore[attr-defined]
 
     async def stop(self) -> None:
+        self._stopping = True
         if self.task is not None:
             self.task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self.task
+            done, _ = await asyncio.wait({self.task}, timeout=STOP_TIMEOUT_S)
+            if not done:  # a library swallowed the cancel: the flag ends the loop at its next turn
+                log.warning("packet_reader_stop_slow", durable=self.durable)
             self.task = None
         if self.subscription is not None:
             with contextlib.suppress(Exception):

@@ -1,9 +1,10 @@
-"""The packet window (stream TRAWL_PACKETS) against a real nats-server whose JetStream memory is
-smaller than the window asked for: every service that makes the stream stops at start with one
-line naming the key to change, and exits 2, instead of running with no window."""
+"""The packet window (stream TRAWL_PACKETS) against a real nats-server: a window larger than the
+server's JetStream memory stops every service that makes it at start with one line naming the
+key to change (exit 2), instead of running with no window; a reader of the window stops at once."""
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 import time
@@ -12,7 +13,10 @@ from pathlib import Path
 
 import pytest
 
+from trawl.bus import Bus
+from trawl.config import NatsSettings, PacketRetention
 from trawl.embedded import free_port, nats_server_binary
+from trawl.packet_stream import STOP_TIMEOUT_S, PacketReader
 
 
 @pytest.fixture
@@ -78,3 +82,30 @@ def test_a_window_that_fits_starts(small_nats: str, tmp_path: Path) -> None:
         process.terminate()
         assert process.wait(timeout=30) == 0, log.read_text()
     assert "NATS refused" not in log.read_text()
+
+
+async def test_a_reader_stops_at_once_even_with_its_connection_closed(nats_url: str) -> None:
+    """nats-py turns the cancel of a fetch into ConnectionClosedError once the connection is
+    closed; the reader's loop must still end (a dissector stuck here never exits on SIGTERM)."""
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), "reader-test")
+    retention = PacketRetention(max_bytes=1 << 20)
+    await bus.ensure_packet_stream(retention)
+    handled: list[int] = []
+
+    async def handle(data: bytes, stream_seq: int, stored_ns: int) -> None:
+        handled.append(stream_seq)
+
+    reader = PacketReader(
+        bus.js, "reader-test", "trawl.v1.packets.reader-test.>", handle, lambda: bus.ensure_packet_stream(retention)
+    )
+    await reader.start()
+    await bus.nc.publish("trawl.v1.packets.reader-test.0", b"one")
+    deadline = time.monotonic() + 10
+    while not handled:
+        assert time.monotonic() < deadline, "the reader read nothing"
+        await asyncio.sleep(0.05)
+    await bus.nc.close()
+    started = time.monotonic()
+    await reader.stop()
+    assert time.monotonic() - started < STOP_TIMEOUT_S
+    assert handled == [1]
