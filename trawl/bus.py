@@ -60,6 +60,14 @@ def token(value: str) -> str:
     return _UNSAFE.sub("_", value) or "_"
 
 
+_NOT_IN_CONSUMER = re.compile(r"[^A-Za-z0-9_-]")
+
+
+def consumer_token(value: str) -> str:
+    """A piece of a JetStream consumer name (letters, digits, '-' and '_'); empty becomes '_'."""
+    return _NOT_IN_CONSUMER.sub("_", value) or "_"
+
+
 def packets_subject(node: str, shard: int | str) -> str:
     return f"{PREFIX}.packets.{token(node)}.{shard}"
 

@@ -33,7 +33,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ from google.protobuf.message import DecodeError
 from nats.errors import Error as NatsError
 from nats.js.api import PubAck
 
-from trawl.bus import STREAM_CALLS, Bus, calls_subject
+from trawl.bus import STREAM_CALLS, Bus, calls_subject, consumer_token
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import SECOND_NS, Dissector
 from trawl.dissector.resume import Checkpoint, CheckpointStore, warmup_start
@@ -223,10 +222,6 @@ SUSPENDED_GRACE_TTLS = 4  # a lost shard's flows are kept this many lease TTLs f
 ALL = -1  # the reader key of "all" mode (one reader of `subject`); shards are 0..shards-1
 
 
-def _durable_token(value: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", value)
-
-
 @dataclass
 class _Suspended:
     position: Checkpoint
@@ -305,11 +300,11 @@ class DissectorService:
 
     def checkpoint_key(self, key: int) -> str:
         group = group_token(self.settings.queue_group)
-        return f"{group}.shard.{key}" if key != ALL else f"{group}.all.{_durable_token(self.settings.subject)}"
+        return f"{group}.shard.{key}" if key != ALL else f"{group}.all.{consumer_token(self.settings.subject)}"
 
     def durable(self, key: int) -> str:
-        group = _durable_token(self.settings.queue_group)
-        return f"{group}-shard-{key}" if key != ALL else f"{group}-all-{_durable_token(self.settings.subject)}"
+        group = consumer_token(self.settings.queue_group)
+        return f"{group}-shard-{key}" if key != ALL else f"{group}-all-{consumer_token(self.settings.subject)}"
 
     async def open_reader(self, key: int, subject: str, sequences: dict[str, int]) -> None:
         """Start reading `subject` from the key's checkpoint (or, with none, from the start of
@@ -390,6 +385,8 @@ class DissectorService:
         async with self.lock:
             self.owned.discard(shard)
             self.releases.inc(shard=str(shard), reason=reason)
+            if reason != "lost" and reader is not None:
+                await self._commit({shard: reader})
             position = self.positions.pop(shard, Checkpoint())
             losses = self.losses.pop(shard, LossCounter())
             last_saved = self.last_saved.pop(shard, b"")
@@ -398,12 +395,8 @@ class DissectorService:
             if reason == "lost":
                 self.suspended[shard] = _Suspended(position, last_saved, losses, time.monotonic())
                 log.info("shard_suspended", shard=shard, after=position.stream_seq)
-                return dict(position.sequences)
-            if reader is not None:
-                self.positions[shard] = position  # what _commit saves
-                await self._commit({shard: reader})
-                self.positions.pop(shard, None)
-            self.discard(self.dissector.finish_encoded(shard=shard))
+            else:
+                self.discard(self.dissector.finish_encoded(shard=shard))
             return dict(position.sequences)
 
     async def on_stored_batch(self, key: int, data: bytes, stream_seq: int, stored_ns: int) -> None:

@@ -18,11 +18,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import re
 from pathlib import Path
 
 from google.protobuf.message import DecodeError
 
+from trawl.bus import consumer_token
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
 from trawl.packet_stream import LossCounter, PacketReader
@@ -110,7 +110,7 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     await ctx.bus.ensure_packet_stream(settings.packet_retention)
     reader = PacketReader(
         ctx.bus.js,
-        settings.consumer or f"recorder-{re.sub(r'[^A-Za-z0-9_-]', '_', settings.node)}",
+        settings.consumer or f"recorder-{consumer_token(settings.node)}",
         settings.subject,
         on_batch,
         ensure_stream=lambda: ctx.bus.ensure_packet_stream(settings.packet_retention),
