@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -40,8 +41,15 @@ def free_port() -> int:
 class EmbeddedNats:
     """`with EmbeddedNats() as server: server.url`."""
 
-    def __init__(self, state_dir: Path | None = None, port: int | None = None, ready_timeout_s: float = 15.0) -> None:
+    def __init__(
+        self,
+        state_dir: Path | None = None,
+        port: int | None = None,
+        ready_timeout_s: float = 15.0,
+        extra_args: Sequence[str] = (),
+    ) -> None:
         self._own_state = state_dir is None
+        self.extra_args = list(extra_args)  # more nats-server flags (a config file, credentials)
         self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="trawl-nats-"))
         self.port = port or free_port()
         self.ready_timeout_s = ready_timeout_s
@@ -65,7 +73,10 @@ class EmbeddedNats:
             str(self.port),
             "--log",
             str(log_file),
+            *self.extra_args,
         ]
+        # A restart in the same state_dir appends to the log: only what this start writes counts.
+        logged_before = log_file.stat().st_size if log_file.exists() else 0
         # Its own session: a terminal's Ctrl-C must reach `trawl up` only, which stops the
         # services first and the server last, so they can drain through it.
         self.process = subprocess.Popen(
@@ -79,9 +90,9 @@ class EmbeddedNats:
         deadline = time.monotonic() + self.ready_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                tail = log_file.read_text()[-500:] if log_file.exists() else ""
+                tail = log_file.read_text(errors="replace")[-500:] if log_file.exists() else ""
                 raise ConfigError(f"nats-server exited with {self.process.returncode}: {tail.strip()}")
-            if log_file.exists() and "Server is ready" in log_file.read_text():
+            if log_file.exists() and b"Server is ready" in log_file.read_bytes()[logged_before:]:
                 log.info("nats_embedded_ready", url=self.url, state_dir=str(self.state_dir))
                 return self
             time.sleep(0.05)

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from trawl.bus import connect_failure_reason, display_servers
 from trawl.config import NatsSettings
-from trawl.embedded import free_port, nats_server_binary
+from trawl.embedded import EmbeddedNats, free_port
 
 
 def trawl(*args: str) -> subprocess.CompletedProcess[str]:
@@ -81,23 +81,8 @@ def test_a_server_that_never_answers_is_a_timeout(tmp_path: Path, silent_listene
 @pytest.fixture
 def nats_with_password(tmp_path: Path) -> Iterator[str]:
     """A real nats-server that requires user `trawl`, password `right`."""
-    port = free_port()
-    log_file = tmp_path / "nats-auth.log"
-    process = subprocess.Popen(
-        [nats_server_binary(), "--addr", "127.0.0.1", "--port", str(port), "--user", "trawl", "--pass", "right",
-         "--log", str(log_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )  # fmt: skip
-    try:
-        deadline = time.monotonic() + 15
-        while not (log_file.exists() and "Server is ready" in log_file.read_text()):
-            assert process.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    with EmbeddedNats(state_dir=tmp_path / "nats-auth", extra_args=["--user", "trawl", "--pass", "right"]) as server:
+        yield server.url
 
 
 def test_refused_credentials_fail_at_once_and_say_which_keys_to_set(tmp_path: Path, nats_with_password: str) -> None:

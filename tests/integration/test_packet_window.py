@@ -15,31 +15,17 @@ import pytest
 
 from trawl.bus import Bus
 from trawl.config import NatsSettings, PacketRetention
-from trawl.embedded import free_port, nats_server_binary
+from trawl.embedded import EmbeddedNats
 from trawl.packet_stream import STOP_TIMEOUT_S, PacketReader
 
 
 @pytest.fixture
 def small_nats(tmp_path: Path) -> Iterator[str]:
     """A nats-server with 1 MB of JetStream memory."""
-    port = free_port()
     config = tmp_path / "nats.conf"
-    config.write_text(f"jetstream {{\n  store_dir: {tmp_path / 'js'}\n  max_memory_store: 1MB\n}}\n")
-    log_file = tmp_path / "nats.log"
-    process = subprocess.Popen(
-        [nats_server_binary(), "-c", str(config), "--addr", "127.0.0.1", "--port", str(port), "--log", str(log_file)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 15
-        while not (log_file.exists() and "Server is ready" in log_file.read_text()):
-            assert process.poll() is None and time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-        yield f"nats://127.0.0.1:{port}"
-    finally:
-        process.terminate()
-        process.wait(timeout=10)
+    config.write_text("jetstream {\n  max_memory_store: 1MB\n}\n")
+    with EmbeddedNats(state_dir=tmp_path / "nats", extra_args=["-c", str(config)]) as server:
+        yield server.url
 
 
 @pytest.mark.parametrize("service", ["dissector", "recorder"])
