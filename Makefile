@@ -37,8 +37,10 @@ sanitize: setup system-deps
 	$(SANITIZE_ENV) $(PY) -m tests.sanitize.asan verify
 	@$(MAKE) --no-print-directory -j2 --output-sync=target sanitize-tests sanitize-fuzz
 
+# --capture=sys: a sanitizer writes its report to file descriptor 2 and ends the process; under
+# pytest's default fd capture that report died with it, and the run stopped with no word.
 sanitize-tests:
-	$(SANITIZE_ENV) $(PY) -m pytest -p tests.sanitize.plugin -q $$($(PY) -m tests.sanitize.asan tests)
+	$(SANITIZE_ENV) $(PY) -m pytest -p tests.sanitize.plugin -q --capture=sys $$($(PY) -m tests.sanitize.asan tests)
 
 sanitize-fuzz:
 	$(SANITIZE_ENV) $(PY) -m tests.sanitize.fuzz_analyze --jobs 1 --seconds $(TRAWL_FUZZ_SECONDS)

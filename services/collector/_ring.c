@@ -35,7 +35,7 @@ typedef struct {
     uint32_t status;
     uint16_t vlan_tci;
     uint16_t vlan_tpid;
-    const struct sockaddr_ll *addr;
+    struct sockaddr_ll addr;
 } frame_t;
 
 /* Validate a frame against its block; 0 when it does not fit (the walk of that block stops). */
@@ -43,21 +43,24 @@ static int frame_at(const uint8_t *block, size_t block_size, size_t offset, fram
     if (offset + FRAME_SOCKADDR_OFFSET + sizeof(struct sockaddr_ll) > block_size) {
         return 0;
     }
-    const struct tpacket3_hdr *hdr = (const struct tpacket3_hdr *)(block + offset);
-    if ((size_t)hdr->tp_mac + hdr->tp_snaplen > block_size - offset) {
+    /* Copied, not cast: the kernel aligns frames, but the offsets come from the block itself and a
+     * damaged one need not be (a misaligned struct access is undefined; UBSan reports it). */
+    struct tpacket3_hdr hdr;
+    memcpy(&hdr, block + offset, sizeof hdr);
+    if ((size_t)hdr.tp_mac + hdr.tp_snaplen > block_size - offset) {
         return 0;
     }
-    out->data = block + offset + hdr->tp_mac;
-    out->snaplen = hdr->tp_snaplen;
-    out->len = hdr->tp_len;
-    out->sec = hdr->tp_sec;
-    out->nsec = hdr->tp_nsec;
-    out->status = hdr->tp_status;
-    out->vlan_tci = hdr->hv1.tp_vlan_tci;
-    out->vlan_tpid = hdr->hv1.tp_vlan_tpid;
-    out->addr = (const struct sockaddr_ll *)(block + offset + FRAME_SOCKADDR_OFFSET);
+    out->data = block + offset + hdr.tp_mac;
+    out->snaplen = hdr.tp_snaplen;
+    out->len = hdr.tp_len;
+    out->sec = hdr.tp_sec;
+    out->nsec = hdr.tp_nsec;
+    out->status = hdr.tp_status;
+    out->vlan_tci = hdr.hv1.tp_vlan_tci;
+    out->vlan_tpid = hdr.hv1.tp_vlan_tpid;
+    memcpy(&out->addr, block + offset + FRAME_SOCKADDR_OFFSET, sizeof out->addr);
     /* Frames never overlap; a next offset inside this frame ends the walk (keeps the output within the block). */
-    *next = hdr->tp_next_offset >= (uint32_t)hdr->tp_mac + hdr->tp_snaplen ? hdr->tp_next_offset : 0;
+    *next = hdr.tp_next_offset >= (uint32_t)hdr.tp_mac + hdr.tp_snaplen ? hdr.tp_next_offset : 0;
     return 1;
 }
 
@@ -112,7 +115,7 @@ static uint8_t *write_record(uint8_t *out, const frame_t *f, int cooked) {
     put_le32(out + 12, (uint32_t)(f->len + extra));
     out += RECORD_HEADER_LEN;
     if (cooked) {
-        const struct sockaddr_ll *a = f->addr;
+        const struct sockaddr_ll *a = &f->addr;
         /* sll_protocol is already in network order. */
         if (vlan) {
             put_be16(out, vlan_tpid(f));
