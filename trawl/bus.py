@@ -156,6 +156,16 @@ def _host_names(servers: list[str]) -> list[str]:
     return names
 
 
+def raise_if_cancelled() -> None:
+    """Raise CancelledError when the running task was asked to stop. nats-py turns a
+    cancellation inside some of its awaits (fetch, flush, publish on a closing connection)
+    into ConnectionClosedError or a timeout, which a loop that retries bus errors would then
+    swallow for ever; the task itself still knows (`Task.cancelling`, Python 3.11)."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 def connect_failure_reason(exc: BaseException, settings: NatsSettings) -> str:
     """What a failed connection try means, in the user's words (nats-py reports the socket's
     and the server's errors as they are: ConnectionRefusedError, socket.gaierror, ...)."""

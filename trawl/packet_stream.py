@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from trawl.bus import STREAM_PACKETS
+from trawl.bus import STREAM_PACKETS, raise_if_cancelled
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
 
@@ -144,6 +144,7 @@ class PacketReader:
         # Not `while True`: nats-py turns a cancellation inside next_msg into ConnectionClosedError
         # when the connection is closed, so a cancel alone may not end this loop.
         while not self._stopping:
+            raise_if_cancelled()
             subscription = self.subscription
             try:
                 if not opened:

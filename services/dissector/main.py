@@ -41,7 +41,7 @@ from google.protobuf.message import DecodeError
 from nats.errors import Error as NatsError
 from nats.js.api import PubAck
 
-from trawl.bus import STREAM_CALLS, Bus, calls_subject, consumer_token
+from trawl.bus import STREAM_CALLS, Bus, calls_subject, consumer_token, raise_if_cancelled
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import SECOND_NS, Dissector
 from trawl.dissector.resume import Checkpoint, CheckpointStore, warmup_start
@@ -210,6 +210,7 @@ class CallPublisher:
             try:
                 again = await self.bus.publish_durable_async(subject, batch, msg_id)
             except Exception as exc:  # the bus is away: try at the next confirm
+                raise_if_cancelled()
                 log.info("call_batch_not_sent", msg_id=msg_id, error=str(exc) or type(exc).__name__)
                 again = asyncio.get_running_loop().create_future()
                 again.cancel()
@@ -482,6 +483,7 @@ class DissectorService:
                 self.last_saved[key] = position.encode()
                 await reader.ack()
         except (NatsError, OSError) as exc:
+            raise_if_cancelled()
             # The calls stay pending or are re-derived by the next owner: nothing is lost.
             self.commit_failures.inc()
             log.warning("checkpoint_failed", error=str(exc) or type(exc).__name__)
@@ -508,6 +510,12 @@ class DissectorService:
         metrics = self.ctx.metrics
         for name, value in self.dissector.counters.items():
             metrics.gauge(f"trawl_dissector_{name}", f"Dissector counter {name}").set(value)
+
+    def abandon(self) -> None:
+        """Cancelled: the readers stop where they are; nothing is committed."""
+        for reader in self.readers.values():
+            if reader.task is not None:
+                reader.task.cancel()
 
     async def stop(self) -> None:
         """SIGTERM: stop reading, commit what was read. Flows in progress are not ended: the next
@@ -548,6 +556,7 @@ async def serve(ctx: ServiceContext[DissectorSettings]) -> None:
         await ctx.ready()
         period = min(settings.batch_age_ms / 1000, settings.expire_interval_s)
         while not ctx.stopping.is_set():
+            raise_if_cancelled()
             try:
                 await asyncio.wait_for(ctx.stopping.wait(), timeout=period)
             except TimeoutError:
@@ -557,9 +566,11 @@ async def serve(ctx: ServiceContext[DissectorSettings]) -> None:
             await manager.close()
         await service.stop()
     finally:
-        # Cancelled (not stopped): the leases are left to expire, as if the process had died.
+        # Cancelled (not stopped): the leases are left to expire and nothing is committed, as if
+        # the process had died; the reading tasks end with it.
         if leasing is not None and not leasing.done():
             leasing.cancel()
+        service.abandon()
 
 
 def main(config_file: Path | None) -> int:

@@ -49,6 +49,7 @@ from nats.js import JetStreamContext
 from nats.js.errors import BadRequestError, KeyWrongLastSequenceError
 from nats.js.kv import KeyValue
 
+from trawl.bus import raise_if_cancelled
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 
@@ -218,6 +219,7 @@ class ShardManager:
                 try:
                     await self.tick()
                 except (NatsError, OSError) as exc:
+                    raise_if_cancelled()
                     self.m_lease_errors.inc()
                     log.warning("shard_round_failed", error=str(exc) or type(exc).__name__)
         finally:
