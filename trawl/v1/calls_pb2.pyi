@@ -214,10 +214,52 @@ class GrpcDetail(_message.Message):
     METHOD_FIELD_NUMBER: _builtins.int
     STATUS_CODE_FIELD_NUMBER: _builtins.int
     STATUS_MESSAGE_FIELD_NUMBER: _builtins.int
+    CONTENT_TYPE_FIELD_NUMBER: _builtins.int
+    REQUEST_ENCODING_FIELD_NUMBER: _builtins.int
+    RESPONSE_ENCODING_FIELD_NUMBER: _builtins.int
+    REQUEST_MESSAGES_FIELD_NUMBER: _builtins.int
+    RESPONSE_MESSAGES_FIELD_NUMBER: _builtins.int
+    REQUEST_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    RESPONSE_MESSAGE_BYTES_FIELD_NUMBER: _builtins.int
+    REQUEST_COMPRESSED_FIELD_NUMBER: _builtins.int
+    RESPONSE_COMPRESSED_FIELD_NUMBER: _builtins.int
+    TIMEOUT_NS_FIELD_NUMBER: _builtins.int
+    CALL_TYPE_FIELD_NUMBER: _builtins.int
+    REQUEST_MESSAGE_FIELD_NUMBER: _builtins.int
+    RESPONSE_MESSAGE_FIELD_NUMBER: _builtins.int
+    TRAILERS_ONLY_FIELD_NUMBER: _builtins.int
     service: _builtins.str
     method: _builtins.str
     status_code: _builtins.int
+    """grpc-status (0 = OK); with `status_message`, grpc-message percent-decoded."""
     status_message: _builtins.str
+    content_type: _builtins.str
+    """The request's content-type: application/grpc, application/grpc+proto, +json..."""
+    request_encoding: _builtins.str
+    """grpc-encoding of each direction's messages ("" = identity)."""
+    response_encoding: _builtins.str
+    request_messages: _builtins.int
+    """Length-prefixed messages seen in each direction."""
+    response_messages: _builtins.int
+    request_message_bytes: _builtins.int
+    """Their sizes as sent (the 5-byte prefixes excluded; compressed size when compressed)."""
+    response_message_bytes: _builtins.int
+    request_compressed: _builtins.int
+    """How many of those messages had the compressed flag set."""
+    response_compressed: _builtins.int
+    timeout_ns: _builtins.int
+    """grpc-timeout of the request, in nanoseconds (0 = no deadline)."""
+    call_type: _builtins.str
+    """unary, client_streaming, server_streaming or bidi_streaming: from the descriptor set when
+    one names the method, else from the message counts.
+    """
+    request_message: _builtins.str
+    """The first message of each direction decoded, as JSON text: with field names when a
+    descriptor set knows the type, else schemaless ({"1": ..., "2": {...}} by field number).
+    """
+    response_message: _builtins.str
+    trailers_only: _builtins.bool
+    """The response was Trailers-Only (grpc-status in the one HEADERS frame)."""
     def __init__(
         self,
         *,
@@ -225,14 +267,150 @@ class GrpcDetail(_message.Message):
         method: _builtins.str = ...,
         status_code: _builtins.int = ...,
         status_message: _builtins.str = ...,
+        content_type: _builtins.str = ...,
+        request_encoding: _builtins.str = ...,
+        response_encoding: _builtins.str = ...,
+        request_messages: _builtins.int = ...,
+        response_messages: _builtins.int = ...,
+        request_message_bytes: _builtins.int = ...,
+        response_message_bytes: _builtins.int = ...,
+        request_compressed: _builtins.int = ...,
+        response_compressed: _builtins.int = ...,
+        timeout_ns: _builtins.int = ...,
+        call_type: _builtins.str = ...,
+        request_message: _builtins.str = ...,
+        response_message: _builtins.str = ...,
+        trailers_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["method", b"method", "service", b"service", "status_code", b"status_code", "status_message", b"status_message"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call_type", b"call_type", "content_type", b"content_type", "method", b"method", "request_compressed", b"request_compressed", "request_encoding", b"request_encoding", "request_message", b"request_message", "request_message_bytes", b"request_message_bytes", "request_messages", b"request_messages", "response_compressed", b"response_compressed", "response_encoding", b"response_encoding", "response_message", b"response_message", "response_message_bytes", b"response_message_bytes", "response_messages", b"response_messages", "service", b"service", "status_code", b"status_code", "status_message", b"status_message", "timeout_ns", b"timeout_ns", "trailers_only", b"trailers_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GrpcDetail: _TypeAlias = GrpcDetail  # noqa: Y015
+
+@_typing.final
+class GraphqlDetail(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    OPERATION_TYPE_FIELD_NUMBER: _builtins.int
+    OPERATION_NAME_FIELD_NUMBER: _builtins.int
+    PERSISTED_QUERY_HASH_FIELD_NUMBER: _builtins.int
+    OPERATIONS_FIELD_NUMBER: _builtins.int
+    BATCH_FIELD_NUMBER: _builtins.int
+    ERRORS_FIELD_NUMBER: _builtins.int
+    FIRST_ERROR_FIELD_NUMBER: _builtins.int
+    HTTP_VERSION_FIELD_NUMBER: _builtins.int
+    HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    operation_type: _builtins.str
+    """The (first) operation's type and name, as in `method` and `path`."""
+    operation_name: _builtins.str
+    persisted_query_hash: _builtins.str
+    """sha256Hash of an automatic persisted query (extensions.persistedQuery)."""
+    operations: _builtins.int
+    """Operations in the request (more than one when batched), each "type name"."""
+    errors: _builtins.int
+    """The response's `errors`: how many, and the first one's message."""
+    first_error: _builtins.str
+    http_version: _builtins.str
+    """HTTP version the operation travelled on ("1.1", "2")."""
+    http_status: _builtins.int
+    """The HTTP status (also `status`)."""
+    @_builtins.property
+    def batch(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        operation_type: _builtins.str = ...,
+        operation_name: _builtins.str = ...,
+        persisted_query_hash: _builtins.str = ...,
+        operations: _builtins.int = ...,
+        batch: _abc.Iterable[_builtins.str] | None = ...,
+        errors: _builtins.int = ...,
+        first_error: _builtins.str = ...,
+        http_version: _builtins.str = ...,
+        http_status: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "errors", b"errors", "first_error", b"first_error", "http_status", b"http_status", "http_version", b"http_version", "operation_name", b"operation_name", "operation_type", b"operation_type", "operations", b"operations", "persisted_query_hash", b"persisted_query_hash"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GraphqlDetail: _TypeAlias = GraphqlDetail  # noqa: Y015
+
+@_typing.final
+class Http2Stream(_message.Message):
+    """The HTTP/2 stream a call travelled on (http2, grpc and graphql over HTTP/2)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STREAM_ID_FIELD_NUMBER: _builtins.int
+    PUSHED_FIELD_NUMBER: _builtins.int
+    PARENT_STREAM_ID_FIELD_NUMBER: _builtins.int
+    RESET_ERROR_FIELD_NUMBER: _builtins.int
+    RESET_BY_FIELD_NUMBER: _builtins.int
+    GOAWAY_ERROR_FIELD_NUMBER: _builtins.int
+    REQUEST_END_STREAM_FIELD_NUMBER: _builtins.int
+    RESPONSE_END_STREAM_FIELD_NUMBER: _builtins.int
+    REQUEST_FRAMES_FIELD_NUMBER: _builtins.int
+    RESPONSE_FRAMES_FIELD_NUMBER: _builtins.int
+    REQUEST_HEADER_BYTES_FIELD_NUMBER: _builtins.int
+    RESPONSE_HEADER_BYTES_FIELD_NUMBER: _builtins.int
+    TRAILERS_FIELD_NUMBER: _builtins.int
+    PADDING_FIELD_NUMBER: _builtins.int
+    UPGRADED_FIELD_NUMBER: _builtins.int
+    stream_id: _builtins.int
+    pushed: _builtins.bool
+    """A server push: the response of a PUSH_PROMISE sent on `parent_stream_id`."""
+    parent_stream_id: _builtins.int
+    reset_error: _builtins.str
+    """RST_STREAM: its error code name (CANCEL, REFUSED_STREAM...) and who sent it (client/server)."""
+    reset_by: _builtins.str
+    goaway_error: _builtins.str
+    """GOAWAY refused this stream (its id was above the last stream id): GOAWAY's error code name."""
+    request_end_stream: _builtins.bool
+    """END_STREAM seen from each side."""
+    response_end_stream: _builtins.bool
+    request_frames: _builtins.int
+    """HEADERS, CONTINUATION and DATA frames of the stream, per direction."""
+    response_frames: _builtins.int
+    request_header_bytes: _builtins.int
+    """HPACK-compressed header block bytes per direction (trailers included)."""
+    response_header_bytes: _builtins.int
+    trailers: _builtins.bool
+    """The response ended with a trailers HEADERS frame."""
+    padding: _builtins.int
+    """Padding bytes seen on the stream's frames."""
+    upgraded: _builtins.bool
+    """Stream 1 of a connection upgraded from HTTP/1.1 (h2c): the request was the HTTP/1.1 one."""
+    def __init__(
+        self,
+        *,
+        stream_id: _builtins.int = ...,
+        pushed: _builtins.bool = ...,
+        parent_stream_id: _builtins.int = ...,
+        reset_error: _builtins.str = ...,
+        reset_by: _builtins.str = ...,
+        goaway_error: _builtins.str = ...,
+        request_end_stream: _builtins.bool = ...,
+        response_end_stream: _builtins.bool = ...,
+        request_frames: _builtins.int = ...,
+        response_frames: _builtins.int = ...,
+        request_header_bytes: _builtins.int = ...,
+        response_header_bytes: _builtins.int = ...,
+        trailers: _builtins.bool = ...,
+        padding: _builtins.int = ...,
+        upgraded: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["goaway_error", b"goaway_error", "padding", b"padding", "parent_stream_id", b"parent_stream_id", "pushed", b"pushed", "request_end_stream", b"request_end_stream", "request_frames", b"request_frames", "request_header_bytes", b"request_header_bytes", "reset_by", b"reset_by", "reset_error", b"reset_error", "response_end_stream", b"response_end_stream", "response_frames", b"response_frames", "response_header_bytes", b"response_header_bytes", "stream_id", b"stream_id", "trailers", b"trailers", "upgraded", b"upgraded"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Http2Stream: _TypeAlias = Http2Stream  # noqa: Y015
 
 @_typing.final
 class DnsAnswer(_message.Message):
@@ -545,8 +723,10 @@ class ApiCall(_message.Message):
     ICMP_FIELD_NUMBER: _builtins.int
     TCP_FIELD_NUMBER: _builtins.int
     TLS_FIELD_NUMBER: _builtins.int
+    GRAPHQL_FIELD_NUMBER: _builtins.int
     NOTES_FIELD_NUMBER: _builtins.int
     SHARD_FIELD_NUMBER: _builtins.int
+    HTTP2_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable for the same call: derived from the flow, the request's timestamp and position."""
     protocol: _builtins.str
@@ -594,8 +774,14 @@ class ApiCall(_message.Message):
     @_builtins.property
     def tls(self) -> Global___TlsDetail: ...
     @_builtins.property
+    def graphql(self) -> Global___GraphqlDetail: ...
+    @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Anomalies the dissector noticed on this call (gap, overlap conflict, truncated...)."""
+
+    @_builtins.property
+    def http2(self) -> Global___Http2Stream:
+        """HTTP/2 stream details (http2, grpc, graphql over HTTP/2); absent for HTTP/1."""
 
     def __init__(
         self,
@@ -626,14 +812,16 @@ class ApiCall(_message.Message):
         icmp: Global___IcmpDetail | None = ...,
         tcp: Global___TcpDetail | None = ...,
         tls: Global___TlsDetail | None = ...,
+        graphql: Global___GraphqlDetail | None = ...,
         notes: _abc.Iterable[_builtins.str] | None = ...,
         shard: _builtins.int = ...,
+        http2: Global___Http2Stream | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["amqp", b"amqp", "detail", b"detail", "dns", b"dns", "dst", b"dst", "grpc", b"grpc", "http", b"http", "icmp", b"icmp", "kafka", b"kafka", "redis", b"redis", "request", b"request", "response", b"response", "src", b"src", "tcp", b"tcp", "tls", b"tls"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["amqp", b"amqp", "detail", b"detail", "dns", b"dns", "dst", b"dst", "graphql", b"graphql", "grpc", b"grpc", "http", b"http", "http2", b"http2", "icmp", b"icmp", "kafka", b"kafka", "redis", b"redis", "request", b"request", "response", b"response", "src", b"src", "tcp", b"tcp", "tls", b"tls"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amqp", b"amqp", "capture", b"capture", "detail", b"detail", "dns", b"dns", "dst", b"dst", "elapsed_ns", b"elapsed_ns", "grpc", b"grpc", "http", b"http", "icmp", b"icmp", "id", b"id", "kafka", b"kafka", "method", b"method", "node", b"node", "notes", b"notes", "outcome", b"outcome", "parent_span_id", b"parent_span_id", "path", b"path", "protocol", b"protocol", "redis", b"redis", "request", b"request", "response", b"response", "shard", b"shard", "src", b"src", "status", b"status", "tcp", b"tcp", "tls", b"tls", "trace_id", b"trace_id", "trace_state", b"trace_state", "transport", b"transport"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amqp", b"amqp", "capture", b"capture", "detail", b"detail", "dns", b"dns", "dst", b"dst", "elapsed_ns", b"elapsed_ns", "graphql", b"graphql", "grpc", b"grpc", "http", b"http", "http2", b"http2", "icmp", b"icmp", "id", b"id", "kafka", b"kafka", "method", b"method", "node", b"node", "notes", b"notes", "outcome", b"outcome", "parent_span_id", b"parent_span_id", "path", b"path", "protocol", b"protocol", "redis", b"redis", "request", b"request", "response", b"response", "shard", b"shard", "src", b"src", "status", b"status", "tcp", b"tcp", "tls", b"tls", "trace_id", b"trace_id", "trace_state", b"trace_state", "transport", b"transport"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["http", "grpc", "dns", "kafka", "amqp", "redis", "icmp", "tcp", "tls"]  # noqa: Y015
+    _WhichOneofReturnType_detail: _TypeAlias = _typing.Literal["http", "grpc", "dns", "kafka", "amqp", "redis", "icmp", "tcp", "tls", "graphql"]  # noqa: Y015
     _WhichOneofArgType_detail: _TypeAlias = _typing.Literal["detail", b"detail"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_detail) -> _WhichOneofReturnType_detail | None: ...
 
