@@ -58,6 +58,7 @@ from trawl.dissector.protocols.base import (
     ProtocolError,
     ProtocolSpec,
 )
+from trawl.dissector.protocols.trace import trace_context
 from trawl.v1.calls_pb2 import ApiCall, Message, Outcome
 
 HTTP_PORTS = frozenset({80, 591, 3128, 8000, 8008, 8080, 8081, 8088, 8888, 9000, 9080})
@@ -74,7 +75,6 @@ REQUEST_RESYNC = re.compile(rb"((?:" + METHODS + rb") [^ \r\n]+ HTTP/1\.[01]\r\n
 STATUS_LINE = re.compile(rb"HTTP/1\.[01] [1-9]\d\d[ \r]")
 STATUS_RESYNC = re.compile(rb"(HTTP/1\.[01] [1-9]\d\d[ \r])")
 TOKEN_START = frozenset(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
-HEX_DIGITS = "0123456789abcdef"
 
 MAX_LINE = 8192  # a request/status line or a chunk-size line longer than this is not HTTP
 
@@ -246,43 +246,6 @@ def _decoders() -> dict[str, Callable[[bytes, int], bytes]]:
 
 
 DECODERS = _decoders()
-
-
-def _trace_context(call: ApiCall, headers: dict[bytes, bytes]) -> None:
-    traceparent = headers.get(b"traceparent")
-    if traceparent is not None:
-        parts = traceparent.decode("latin-1").strip().lower().split("-")
-        if len(parts) >= 4 and _hex(parts[1], 32) and _hex(parts[2], 16) and parts[1] != "0" * 32:
-            call.trace_id = parts[1]
-            call.parent_span_id = parts[2]
-            state = headers.get(b"tracestate")
-            if state is not None:
-                call.trace_state = state.decode("latin-1").strip()
-            return
-    b3 = headers.get(b"b3")
-    if b3 is not None:
-        parts = b3.decode("latin-1").strip().lower().split("-")
-        if len(parts) >= 2 and _b3_ids(call, parts[0], parts[1]):
-            return
-    trace = headers.get(b"x-b3-traceid")
-    span = headers.get(b"x-b3-spanid")
-    if trace is not None and span is not None:
-        _b3_ids(call, trace.decode("latin-1").strip().lower(), span.decode("latin-1").strip().lower())
-
-
-def _hex(text: str, size: int) -> bool:
-    """`size` lower-case hex digits (str.strip is a C loop; a regex per id cost more per request)."""
-    return len(text) == size and not text.strip(HEX_DIGITS)
-
-
-def _b3_ids(call: ApiCall, trace: str, span: str) -> bool:
-    if len(trace) == 16:
-        trace = "0" * 16 + trace
-    if _hex(trace, 32) and _hex(span, 16):
-        call.trace_id = trace
-        call.parent_span_id = span
-        return True
-    return False
 
 
 def _text(value: bytes) -> str:
@@ -637,7 +600,7 @@ class Http1Parser:
         if value is not None:
             detail.request_content_type = value.decode("utf-8", "replace")
         if b"traceparent" in headers or b"b3" in headers or b"x-b3-traceid" in headers:
-            _trace_context(call, headers)
+            trace_context(call, headers)
         if self.resynced[Direction.CLIENT_TO_SERVER]:
             self._note(call, "gap")
             self.resynced[Direction.CLIENT_TO_SERVER] = False
