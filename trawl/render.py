@@ -38,6 +38,8 @@ OUTCOME_WORDS = {
     Outcome.OUTCOME_OK: "ok",
     Outcome.OUTCOME_ERROR: "error",
     Outcome.OUTCOME_NO_RESPONSE: "no_response",
+    Outcome.OUTCOME_CANCELLED: "cancelled",
+    Outcome.OUTCOME_DEADLINE_EXCEEDED: "deadline_exceeded",
 }
 
 _Encode = Callable[[Any], str]

@@ -289,7 +289,16 @@ def shape_call(call: ApiCall) -> SpanShape:
     if call.outcome == Outcome.OUTCOME_NO_RESPONSE:
         shape.client["error.type"] = shape.server["error.type"] = "no_response"
         shape.client_error = shape.server_error = "no response"
+    elif call.outcome in GAVE_UP:
+        # The client gave up (cancel) or ran out of time: a failure of the client's call; the
+        # server side is in error only when its own status says so (set by the mapper).
+        reason = GAVE_UP[call.outcome]
+        shape.client.setdefault("error.type", reason)
+        shape.client_error = shape.client_error or reason
     return shape
+
+
+GAVE_UP = {Outcome.OUTCOME_CANCELLED: "cancelled", Outcome.OUTCOME_DEADLINE_EXCEEDED: "deadline_exceeded"}
 
 
 def _status_int(text: str) -> int | None:

@@ -33,6 +33,12 @@ class _OutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Outcome.Value
     OUTCOME_OK: _Outcome.ValueType  # 1
     OUTCOME_ERROR: _Outcome.ValueType  # 2
     OUTCOME_NO_RESPONSE: _Outcome.ValueType  # 3
+    OUTCOME_CANCELLED: _Outcome.ValueType  # 4
+    """The client gave the call up (gRPC: RST_STREAM CANCEL, grpc-status CANCELLED)."""
+    OUTCOME_DEADLINE_EXCEEDED: _Outcome.ValueType  # 5
+    """The call's deadline passed (gRPC: grpc-status DEADLINE_EXCEEDED, or the client reset the
+    stream once its grpc-timeout had elapsed).
+    """
 
 class Outcome(_Outcome, metaclass=_OutcomeEnumTypeWrapper): ...
 
@@ -40,6 +46,12 @@ OUTCOME_UNSPECIFIED: Outcome.ValueType  # 0
 OUTCOME_OK: Outcome.ValueType  # 1
 OUTCOME_ERROR: Outcome.ValueType  # 2
 OUTCOME_NO_RESPONSE: Outcome.ValueType  # 3
+OUTCOME_CANCELLED: Outcome.ValueType  # 4
+"""The client gave the call up (gRPC: RST_STREAM CANCEL, grpc-status CANCELLED)."""
+OUTCOME_DEADLINE_EXCEEDED: Outcome.ValueType  # 5
+"""The call's deadline passed (gRPC: grpc-status DEADLINE_EXCEEDED, or the client reset the
+stream once its grpc-timeout had elapsed).
+"""
 Global___Outcome: _TypeAlias = Outcome  # noqa: Y015
 
 @_typing.final
