@@ -40,6 +40,7 @@ from trawl.dissector.protocols.base import (
     ProtocolSpec,
     StreamParser,
 )
+from trawl.dissector.protocols.http1 import Upgrade
 from trawl.dissector.redact import Redactor
 from trawl.dissector.tcp import TcpFlow, TcpTable, flow_text
 from trawl.logs import get_logger
@@ -104,6 +105,8 @@ class Dissector:
         )
         self.redactor = Redactor(settings.redacted_headers, settings.redacted_fields)
         self.tcp_specs = registry.tcp_specs()
+        # What takes a flow on after an accepted `Upgrade: h2c` (None until HTTP/2 is registered).
+        self.h2c_spec = next((spec for spec in self.tcp_specs if spec.name == "http2"), None)
         self.udp_specs = registry.udp_specs()
         self.decoder = PacketDecoder(
             max_fragments=settings.max_ip_fragments,
@@ -480,10 +483,43 @@ class Dissector:
                 return
             if calls:
                 self._out.extend(calls)
+                if state.protocol == "http" and parser.upgrade is not None:  # type: ignore[attr-defined]
+                    self._upgrade(flow, state, parser.upgrade, ts_ns)  # type: ignore[attr-defined]
         elif state.detecting:
             state.chunks.append((direction, data, ts_ns))
             state.sizes[direction] += len(data)
             self._detect(flow, state, final=False)
+
+    def _upgrade(self, flow: TcpFlow, state: _StreamState, upgrade: Upgrade, ts_ns: int) -> None:
+        """The server accepted `Upgrade: h2c`: the HTTP/1 parser is done with the flow and the
+        HTTP/2 parser takes it on, with the upgrade request as stream 1 and the bytes each side
+        sent after the HTTP/1 messages."""
+        old = state.parser
+        if old is not None:
+            self._parser_counts(old)
+        where = flow_text(flow.info)
+        if self.h2c_spec is None or self.h2c_spec.new_stream is None:
+            state.parser = None
+            return
+        try:
+            parser = self.h2c_spec.new_stream(flow.info, self.limits)
+            parser.start_upgraded(  # type: ignore[attr-defined]
+                upgrade.request_headers,
+                upgrade.request_ts_ns,
+                upgrade.request_end_ts_ns,
+                upgrade.request_size,
+                upgrade.settings,
+            )
+        except Exception as exc:
+            state.parser = None
+            self._parse_error("http2", where, exc)
+            return
+        state.parser = parser
+        state.protocol = "http2"
+        self._count("tcp_flows_h2c")
+        for direction, rest in ((C2S, upgrade.client_rest), (S2C, upgrade.server_rest)):
+            if rest and state.parser is parser:
+                self.stream_data(flow, direction, rest, ts_ns)
 
     def stream_gap(self, flow: TcpFlow, direction: Direction, size: int, ts_ns: int) -> None:
         state: _StreamState = flow.user  # type: ignore[assignment]

@@ -151,6 +151,39 @@ def test_h2c_upgrade_is_noted() -> None:
     assert call.http.upgrade == "h2c" and "h2c" in call.notes
 
 
+def test_an_accepted_h2c_upgrade_hands_over_the_request_and_the_bytes_after_it() -> None:
+    """What the engine gives the HTTP/2 parser: the upgrade request as HTTP/2 headers (stream
+    1), the client's SETTINGS from HTTP2-Settings, and each side's bytes after HTTP/1."""
+    parser = Http1Parser(FLOW, ParserLimits())
+    request = (
+        b"GET /index HTTP/1.1\r\nHost: example:8080\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nUser-Agent: curl/8\r\n\r\n"
+    )
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    server_settings = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    assert parser.feed(C2S, request, 1000) == []
+    assert parser.upgrade is None
+    # The client does not wait for the 101 here: its preface is held until the answer comes.
+    assert parser.feed(C2S, preface, 1500) == []
+    (call,) = parser.feed(S2C, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n" + server_settings, 2000)
+    assert call.status == "101" and "h2c" in call.notes
+    upgrade = parser.upgrade
+    assert upgrade is not None
+    assert upgrade.request_headers == [
+        (b":method", b"GET"),
+        (b":path", b"/index"),
+        (b":scheme", b"http"),
+        (b":authority", b"example:8080"),
+        (b"user-agent", b"curl/8"),
+    ]
+    # SETTINGS_MAX_CONCURRENT_STREAMS = 100, SETTINGS_INITIAL_WINDOW_SIZE = 65535 (base64url, unpadded).
+    assert upgrade.settings == bytes.fromhex("000300000064000400 00ffff".replace(" ", ""))
+    assert (upgrade.client_rest, upgrade.server_rest) == (preface, server_settings)
+    assert (upgrade.request_ts_ns, upgrade.request_size) == (1000, len(request))
+    # HTTP/1 is done with the flow.
+    assert parser.feed(C2S, b"\x00\x00\x00\x04\x01\x00\x00\x00\x00", 3000) == []
+
+
 def test_refused_upgrade_keeps_parsing_http() -> None:
     calls = run(
         (C2S, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\r\nGET /next HTTP/1.1\r\n\r\n"),

@@ -38,13 +38,14 @@ whose message holds that byte.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import io
 import re
 import zlib
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httptools
@@ -276,6 +277,54 @@ def _collect_headers(raw: list[tuple[bytes, bytes]], message: Message) -> dict[b
 
 
 @dataclass(frozen=True, slots=True)
+class Upgrade:
+    """A server accepted `Upgrade: h2c` (101): the rest of the connection is HTTP/2, and the
+    engine gives it to the HTTP/2 parser. The upgrade request is HTTP/2 stream 1, whose
+    response comes as HTTP/2 (RFC 7540 section 3.2): `request_headers` are its headers as
+    HTTP/2 would carry them (pseudo-headers first, connection-specific ones left out)."""
+
+    request_headers: list[tuple[bytes, bytes]]
+    request_ts_ns: int
+    request_end_ts_ns: int
+    request_size: int
+    # The client's SETTINGS, from the HTTP2-Settings header (base64url), when it decoded.
+    settings: bytes | None
+    # Bytes each side sent after the HTTP/1 messages (the client's preface, the server's first frames).
+    client_rest: bytes
+    server_rest: bytes
+
+
+# Headers that belong to the HTTP/1.1 connection, not to the request (RFC 9113 section 8.2.2).
+_CONNECTION_HEADERS = frozenset(
+    {"connection", "upgrade", "http2-settings", "keep-alive", "proxy-connection", "transfer-encoding", "host"}
+)
+
+
+def _upgrade_request(call: ApiCall) -> tuple[list[tuple[bytes, bytes]], bytes | None]:
+    """The HTTP/1.1 request of an h2c upgrade as HTTP/2 headers, and its HTTP2-Settings payload."""
+    host = ""
+    settings: bytes | None = None
+    regular: list[tuple[bytes, bytes]] = []
+    for header in call.request.headers:
+        name = header.name.lower()
+        if name == "host":
+            host = header.value
+        elif name == "http2-settings":
+            with contextlib.suppress(ValueError):
+                value = header.value.strip()
+                settings = base64.urlsafe_b64decode(value + "=" * (-len(value) % 4))
+        if name not in _CONNECTION_HEADERS:
+            regular.append((name.encode("latin-1", "replace"), header.value.encode("utf-8", "replace")))
+    pseudo = [
+        (b":method", call.method.encode("latin-1", "replace")),
+        (b":path", call.path.encode("utf-8", "replace")),
+        (b":scheme", b"http"),
+        (b":authority", host.encode("utf-8", "replace")),
+    ]
+    return pseudo + regular, settings
+
+
+@dataclass(frozen=True, slots=True)
 class Http1State:
     """An HTTP/1 connection between exchanges: every request answered (or reported), both
     directions at the start of a message with nothing buffered, no gap being resynchronised.
@@ -303,6 +352,8 @@ class Http1Parser:
         self.out: list[ApiCall] = []
         self.resynced = [False, False]
         self.resume_requests = False
+        # Set when the server accepted an h2c upgrade: the engine hands the flow to HTTP/2.
+        self.upgrade: Upgrade | None = None
 
     # -- state at an exchange boundary (base.Snapshotting) ---------------------------------------
 
@@ -552,6 +603,8 @@ class Http1Parser:
         reader.offset += pos
         reader.buf = buf[pos:] if pos < size else b""
         if reader.state == STOP:
+            if self.upgrade is not None and not request:
+                self.upgrade = replace(self.upgrade, server_rest=reader.buf)
             reader.buf = b""
 
     def _check_partial_head(self, buf: bytes, pos: int, request: bool) -> None:
@@ -692,12 +745,24 @@ class Http1Parser:
         if status == 101 or (exchange.connect and 200 <= status < 300):
             protocol = _text(headers.get(b"upgrade", b"")).strip()
             detail.upgrade = protocol or ("tunnel" if exchange.connect else "")
-            if protocol.lower() == "h2c":
+            h2c = status == 101 and protocol.lower() == "h2c"
+            if h2c:
                 self._note(call, "h2c")
+                headers_h2, settings = _upgrade_request(call)
+                self.upgrade = Upgrade(
+                    request_headers=headers_h2,
+                    request_ts_ns=call.request.ts,
+                    request_end_ts_ns=call.request.end_ts or call.request.ts,
+                    request_size=call.request.size,
+                    settings=settings,
+                    client_rest=request_reader.buf,
+                    server_rest=b"",  # set by _run: the bytes after this head
+                )
             self._response_done(reader, ts_ns)
             for side in self.readers:
                 side.state = STOP
-                side.buf = b""
+                if side is not reader:
+                    side.buf = b""
             return
         if request_reader.state == WAIT and request_reader.exchange is None:
             request_reader.state = HEAD  # the upgrade was refused: keep reading HTTP/1
