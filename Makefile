@@ -53,7 +53,7 @@ sanitize-fuzz:
 setup: $(VENV)/.installed
 
 # Re-installs when pyproject.toml changes; the stamp keeps the second run instant.
-$(VENV)/.installed: pyproject.toml setup.py services/collector/_ring.c trawl/_calljson.c
+$(VENV)/.installed: pyproject.toml setup.py services/collector/_ring.c trawl/_calljson.c services/dissector/_express.c
 	@# venv/ensurepip, a C compiler and Python.h (the collector's ring reader and the JSON encoder are C).
 	@$(PYTHON) -c 'import ensurepip, venv, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null \
 		&& command -v gcc >/dev/null || { $(SUDO) apt-get update -qq && \

@@ -1235,6 +1235,13 @@ static void trace_context(flow_t *flow, const head_t *head) {
 
 /* -- the target's query, as Redactor.query ------------------------------------------------ */
 
+/* A value Redactor._pairs parses as JSON (redact.JSON_PARAM_STARTS): '{', '[', or their %-escapes. */
+static int json_param(const uint8_t *value, size_t len) {
+    if (len >= 1 && (value[0] == '{' || value[0] == '[')) return 1;
+    return len >= 3 && value[0] == '%' &&
+           ((value[1] == '7' && (value[2] == 'B' || value[2] == 'b')) || (value[1] == '5' && (value[2] == 'B' || value[2] == 'b')));
+}
+
 static int redact_path(Express *self, flow_t *flow, const uint8_t *target, size_t len) {
     buf_t *out = &flow->path;
     out->len = 0;
@@ -1259,6 +1266,8 @@ static int redact_path(Express *self, flow_t *flow, const uint8_t *target, size_
         if (start > 0 && buf_put(out, "&", 1)) return R_MEMORY;
         if (eq && hit) {
             if (buf_put(out, pair, name_len + 1) || buf_put(out, "[REDACTED]", 10)) return R_MEMORY;
+        } else if (eq && json_param(eq + 1, pair_len - name_len - 1)) {
+            return R_URL; /* a JSON document as a value (GraphQL's GET variables): Redactor._pairs reads its keys */
         } else if (buf_put(out, pair, pair_len)) {
             return R_MEMORY;
         }

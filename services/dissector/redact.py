@@ -18,19 +18,24 @@ import json
 import re
 from collections.abc import Iterable
 from typing import Any
-from urllib.parse import unquote_plus
+from urllib.parse import quote, unquote_plus
 
 from trawl.v1.calls_pb2 import ApiCall, Message
 
 REDACTED = "[REDACTED]"
 _KEEP, _REDACT, _URL = 0, 1, 2
-URL_HEADERS = frozenset({"referer", "location", "content-location", "origin", "x-original-url", "x-rewrite-url"})
+# Header values that are URLs (or request targets, HTTP/2's `:path`) whose query may hold secrets.
+URL_HEADERS = frozenset(
+    {"referer", "location", "content-location", "origin", "x-original-url", "x-rewrite-url", ":path"}
+)
 # scheme://user:password@ (or //user:password@): group 1 up to the user, group 2 the password.
 URL_USERINFO = re.compile(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//[^/?#@:]*):([^/?#@]*)@")
 MULTIPART_FIELD = re.compile(
     rb'(Content-Disposition:[^\r\n]*?\bname="([^"\r\n]*)"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)(.*?)(?=\r\n--|\Z)',
     re.IGNORECASE | re.DOTALL,
 )
+# A query parameter value that is a JSON object or array, raw or percent-encoded.
+JSON_PARAM_STARTS = ("{", "[", "%7B", "%7b", "%5B", "%5b")
 JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.){1,256})"\s*:')
 JSON_PAIR = re.compile(rb'"((?:[^"\\]|\\.){1,256})"\s*:\s*("(?:[^"\\]|\\.)*"?|[^,}\]\s]*)')
 
@@ -127,7 +132,14 @@ class Redactor:
                 if http is not None:
                     content_type = http.request_content_type if message is call.request else http.response_content_type
                 self._body(message, content_type)
-        if call.protocol == "redis" and call.HasField("redis"):
+        protocol = call.protocol
+        if protocol == "grpc" and call.HasField("grpc"):
+            self._grpc(call)
+        elif protocol == "graphql" and call.HasField("graphql"):
+            target = call.graphql.target
+            if "?" in target or "@" in target:
+                call.graphql.target = self.url(target)
+        if protocol == "redis" and call.HasField("redis"):
             args = call.redis.args
             if args and args[0].upper() in ("AUTH", "HELLO") and len(args) > 1:
                 for index in range(1, len(args)):
@@ -157,13 +169,21 @@ class Redactor:
         changed = False
         hits = self._param_hit
         for pair in encoded.split("&"):
-            name, eq, _ = pair.partition("=")
+            name, eq, value = pair.partition("=")
             hit = hits.get(name)
             if hit is None:
                 hit = self.param_is_secret(name)
             if eq and hit:
                 parts.append(f"{name}={REDACTED}")
                 changed = True
+            elif value.startswith(JSON_PARAM_STARTS):
+                # A JSON document as a parameter (GraphQL's GET `variables=`): its keys, too.
+                redacted = self._json_bytes(unquote_plus(value).encode())
+                if redacted is None:
+                    parts.append(pair)
+                else:
+                    parts.append(f"{name}={quote(redacted.decode(), safe='')}")
+                    changed = True
             else:
                 parts.append(pair)
         return "&".join(parts) if changed else encoded
@@ -209,7 +229,34 @@ class Redactor:
                 self._key_hit[key] = hit
         return hit
 
+    def _grpc(self, call: ApiCall) -> None:
+        """The decoded gRPC messages (JSON text) are redacted by field name, as JSON bodies are.
+        Their raw bytes hold the same secret in protobuf's binary form, where no rule can find
+        it: when a decoded message had a field redacted, the body it came from is dropped."""
+        grpc = call.grpc
+        for message, text in ((call.request, grpc.request_message), (call.response, grpc.response_message)):
+            if not text:
+                continue
+            redacted = self._json_bytes(text.encode())
+            if redacted is None:
+                continue
+            if message is call.request:
+                grpc.request_message = redacted.decode()
+            else:
+                grpc.response_message = redacted.decode()
+            if message.body:
+                message.body_truncated += len(message.body)
+                message.body = b""
+                if "body-redacted" not in call.notes:
+                    call.notes.append("body-redacted")
+
     def _json(self, message: Message, body: bytes) -> None:
+        redacted = self._json_bytes(body)
+        if redacted is not None:
+            message.body = redacted
+
+    def _json_bytes(self, body: bytes) -> bytes | None:
+        """JSON text with the values of secret keys redacted; None when nothing changed."""
         # Most bodies hold no secret key: look at the keys before paying for a parse.
         hits = self._key_hit
         for key in JSON_KEY.findall(body):
@@ -217,19 +264,20 @@ class Redactor:
             if hit or (hit is None and self._key_is_secret(key)):
                 break
         else:
-            return
+            return None
         try:
             document = json.loads(body)
         except (ValueError, RecursionError):
-            message.body = self._json_fallback(body)
-            return
+            fallback = self._json_fallback(body)
+            return fallback if fallback != body else None
         try:
             changed = self._walk(document)
         except RecursionError:
-            message.body = self._json_fallback(body)
-            return
+            fallback = self._json_fallback(body)
+            return fallback if fallback != body else None
         if changed:
-            message.body = json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+            return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
+        return None
 
     def _walk(self, node: Any) -> bool:
         changed = False

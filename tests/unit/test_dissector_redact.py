@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from urllib.parse import unquote
 
 from trawl.dissector.config import DEFAULT_REDACT_FIELDS, DEFAULT_REDACT_HEADERS, DissectorSettings
 from trawl.dissector.redact import REDACTED, Redactor
@@ -131,3 +132,56 @@ def test_extra_names_add_to_the_defaults() -> None:
     assert header(call, "X-Internal-Id") == REDACTED
     assert header(call, "Authorization") == REDACTED  # the defaults still hold
     assert call.path == f"/p?ssn={REDACTED}&token={REDACTED}"
+
+
+def test_http2_path_pseudo_header_query_is_redacted_like_the_path() -> None:
+    call = ApiCall(protocol="http2", path="/search?q=cats&access_token=s3cr3t")
+    call.request.headers.add(name=":path", value="/search?q=cats&access_token=s3cr3t")
+    call.request.headers.add(name="authorization", value="Bearer abc")
+    DEFAULT.apply(call)
+    assert call.path == f"/search?q=cats&access_token={REDACTED}"
+    assert header(call, ":path") == f"/search?q=cats&access_token={REDACTED}"
+    assert header(call, "authorization") == REDACTED
+
+
+def test_grpc_decoded_message_fields_are_redacted_and_their_raw_body_dropped() -> None:
+    """With a descriptor set the decoded message has field names: a secret one is redacted, and
+    the protobuf bytes holding the same value leave nothing behind."""
+    call = ApiCall(protocol="grpc")
+    call.grpc.request_message = json.dumps({"user": "ann", "password": "hunter2", "nested": {"api_key": "k"}})
+    call.grpc.response_message = json.dumps({"ok": True})
+    call.request.body = b"\x00\x00\x00\x00\x0e\n\x03ann\x12\x07hunter2"
+    call.response.body = b"\x00\x00\x00\x00\x02\x08\x01"
+    DEFAULT.apply(call)
+    assert json.loads(call.grpc.request_message) == {
+        "user": "ann",
+        "password": REDACTED,
+        "nested": {"api_key": REDACTED},
+    }
+    assert call.request.body == b"" and call.request.body_truncated == 19
+    assert "body-redacted" in call.notes
+    # Nothing secret in the response: its body stays.
+    assert json.loads(call.grpc.response_message) == {"ok": True} and call.response.body.endswith(b"\x08\x01")
+
+
+def test_graphql_target_query_is_redacted() -> None:
+    call = ApiCall(protocol="graphql", path="GetUser")
+    call.graphql.target = '/graphql?query={me{id}}&variables={"token":"x"}&api_key=abc'
+    DEFAULT.apply(call)
+    assert call.graphql.target.endswith(f"&api_key={REDACTED}")
+    assert call.path == "GetUser"
+
+
+def test_json_in_a_query_parameter_has_its_secret_keys_redacted() -> None:
+    """GraphQL over GET carries its variables as a JSON query parameter (raw or encoded)."""
+    for target in (
+        '/graphql?query={me{id}}&variables={"input":{"password":"p","name":"n"}}',
+        "/graphql?query=%7Bme%7Bid%7D%7D&variables=%7B%22input%22%3A%7B%22password%22%3A%22p%22%2C%22name%22%3A%22n%22%7D%7D",
+    ):
+        call = DEFAULT.apply(http_call(path=target))
+        query = call.path.partition("?")[2]
+        params = dict(pair.split("=", 1) for pair in query.split("&"))
+        assert json.loads(unquote(params["variables"])) == {"input": {"password": REDACTED, "name": "n"}}
+        assert unquote(params["query"]) == "{me{id}}"
+    untouched = "/graphql?query={me{id}}&variables={}"
+    assert DEFAULT.apply(http_call(path=untouched)).path == untouched

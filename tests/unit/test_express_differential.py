@@ -131,7 +131,21 @@ TOKEN = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-", min_size=1, ma
 def requests(draw: st.DrawFn) -> tuple[bytes, str]:
     method = draw(st.sampled_from(["GET", "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH"]))
     path = "/" + draw(TOKEN)
-    params = draw(st.lists(st.tuples(st.sampled_from(["page", "token", "q", "api_key", "x"]), TOKEN), max_size=3))
+    params = draw(
+        st.lists(
+            st.tuples(st.sampled_from(["page", "token", "q", "api_key", "x"]), TOKEN)
+            # JSON as a value (GraphQL's GET variables), raw or %-encoded, with and without a secret key.
+            | st.sampled_from(
+                [
+                    ("variables", '{"password":"p","id":1}'),
+                    ("variables", "%7B%22token%22%3A%22t%22%7D"),
+                    ("variables", '{"id":1}'),
+                    ("ids", "[1,2]"),
+                ]
+            ),
+            max_size=3,
+        )
+    )
     if params:
         path += "?" + "&".join(f"{name}={value}" for name, value in params)
     headers = [("Host", "svc:8080")]

@@ -315,6 +315,7 @@ class GraphqlDetail(_message.Message):
     FIRST_ERROR_FIELD_NUMBER: _builtins.int
     HTTP_VERSION_FIELD_NUMBER: _builtins.int
     HTTP_STATUS_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
     operation_type: _builtins.str
     """The (first) operation's type and name, as in `method` and `path`."""
     operation_name: _builtins.str
@@ -329,6 +330,10 @@ class GraphqlDetail(_message.Message):
     """HTTP version the operation travelled on ("1.1", "2")."""
     http_status: _builtins.int
     """The HTTP status (also `status`)."""
+    target: _builtins.str
+    """The HTTP request target (path and query; `path` holds the operation name), redacted as
+    an HTTP path is.
+    """
     @_builtins.property
     def batch(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -343,10 +348,11 @@ class GraphqlDetail(_message.Message):
         first_error: _builtins.str = ...,
         http_version: _builtins.str = ...,
         http_status: _builtins.int = ...,
+        target: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "errors", b"errors", "first_error", b"first_error", "http_status", b"http_status", "http_version", b"http_version", "operation_name", b"operation_name", "operation_type", b"operation_type", "operations", b"operations", "persisted_query_hash", b"persisted_query_hash"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch", b"batch", "errors", b"errors", "first_error", b"first_error", "http_status", b"http_status", "http_version", b"http_version", "operation_name", b"operation_name", "operation_type", b"operation_type", "operations", b"operations", "persisted_query_hash", b"persisted_query_hash", "target", b"target"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
