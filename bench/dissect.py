@@ -14,6 +14,13 @@ share of DNS over UDP), then times on the same file, in the same run:
 
 It prints packets/s and calls/s of each and the ratios. `--profile` runs the dissection stage
 under cProfile and prints the top functions instead.
+
+    python bench/dissect.py --grpc 50000 [--keep FILE] [--profile]
+
+does the same on a capture of real grpcio unary calls on one connection, recorded first
+(bench/grpc_capture.py: grpcio server and client on loopback, tcpdump; needs root), against
+`tshark -d tcp.port==PORT,http2 -Y grpc -T fields ...`. The Python path only: no compiled
+lane takes HTTP/2 yet, so the two dissector rows agree.
 """
 
 from __future__ import annotations
@@ -183,12 +190,24 @@ def main() -> int:
     parser.add_argument("--dns-share", type=float, default=0.1, help="share of the frames that are DNS")
     parser.add_argument("--keep", type=Path, help="write the generated capture here (and keep it)")
     parser.add_argument("--profile", action="store_true", help="profile the dissection stage instead")
+    parser.add_argument(
+        "--grpc",
+        type=int,
+        metavar="CALLS",
+        help="instead: record this many real grpcio unary calls on one connection (needs root) and time those",
+    )
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="trawl-bench-"))
     path = args.keep or workdir / "bench.pcap"
     try:
         started = time.perf_counter()
-        generate(path, args.packets, dns_share=args.dns_share)
+        grpc_port = None
+        if args.grpc:
+            from grpc_capture import record
+
+            grpc_port = record(path, args.grpc)
+        else:
+            generate(path, args.packets, dns_share=args.dns_share)
         batches, packets = read_batches(path)
         say(
             f"capture: {path} ({packets} packets, {path.stat().st_size >> 20} MiB), made in "
@@ -203,20 +222,34 @@ def main() -> int:
             return 0
         elapsed, counters = dissect(batches)
         calls = counters["returned"]
-        http_calls = counters.get("calls_http", 0)
+        http_calls = counters.get("calls_grpc" if grpc_port else "calls_http", 0)
         rows = [("dissector stage (Dissector.feed)", elapsed)]
         python_elapsed, python_counters = dissect(batches, express=False)
         if python_counters["returned"] != calls:
             say(f"  the Python path found {python_counters['returned']} calls, the compiled lane {calls}")
         rows.append(("  the same, Python path only", python_elapsed))
-        say(f"calls: {calls} ({http_calls} http, {counters.get('calls_dns', 0)} dns)")
+        if grpc_port:
+            say(f"calls: {calls} ({http_calls} grpc)")
+        else:
+            say(f"calls: {calls} ({http_calls} http, {counters.get('calls_dns', 0)} dns)")
         trawl = shutil.which("trawl") or str(Path(sys.executable).parent / "trawl")
         if Path(trawl).exists():
             analyze = run_command(["sh", "-c", f"{trawl} analyze {path} --json > /dev/null"])
             if analyze is not None:
                 rows.append(("trawl analyze --json > /dev/null", analyze))
         tshark_time = None
-        if shutil.which("tshark"):
+        if shutil.which("tshark") and grpc_port:
+            # tshark does not take the port for HTTP/2 by itself: the decode-as rule of the fixtures' README.
+            tshark_time = run_command(
+                [
+                    "tshark", "-r", str(path), "-d", f"tcp.port=={grpc_port},http2", "-Y", "grpc", "-T", "fields",
+                    "-e", "http2.streamid", "-e", "http2.headers.path", "-e", "http2.headers.status",
+                    "-e", "http2.header.value",
+                ]
+            )  # fmt: skip
+            if tshark_time is not None:
+                rows.append(("tshark -Y grpc -T fields", tshark_time))
+        elif shutil.which("tshark"):
             tshark_time = run_command(
                 [
                     "tshark", "-r", str(path), "-Y", "http or dns", "-T", "fields",
@@ -226,7 +259,8 @@ def main() -> int:
             )  # fmt: skip
             if tshark_time is not None:
                 rows.append(("tshark -Y 'http or dns' -T fields", tshark_time))
-        say(f"{'':36} {'seconds':>8} {'packets/s':>11} {'calls/s':>10} {'http calls/s':>13} {'vs tshark':>9}")
+        kind = "grpc" if grpc_port else "http"
+        say(f"{'':36} {'seconds':>8} {'packets/s':>11} {'calls/s':>10} {kind + ' calls/s':>13} {'vs tshark':>9}")
         for name, seconds in rows:
             ratio = f"{tshark_time / seconds:8.1f}x" if tshark_time else "        -"
             say(

@@ -283,7 +283,8 @@ class TableWriter:
         ("path", 36),
         ("status", 9),
         ("ms", 9),
-        ("outcome", 11),
+        ("outcome", 17),
+        ("info", 60),
     )
 
     def __init__(self, out: TextIO) -> None:
@@ -322,8 +323,52 @@ class TableWriter:
                     call.status,
                     elapsed,
                     OUTCOME_WORDS.get(call.outcome, ""),
+                    info_text(call),
                 ]
             )
             + "\n"
         )
         self.out.flush()
+
+
+def _size(count: int) -> str:
+    return f"{count}B" if count < 10_000 else f"{count >> 10}KiB"
+
+
+def info_text(call: ApiCall) -> str:
+    """What Wireshark's Info column would add to the summary triple: the HTTP/2 stream and what
+    happened to it, gRPC messages and status message, GraphQL errors, the dissector's notes."""
+    parts: list[str] = []
+    if call.HasField("http2"):
+        stream = call.http2
+        parts.append(f"stream {stream.stream_id}")
+        if stream.pushed:
+            parts.append(f"pushed on {stream.parent_stream_id}")
+        if stream.reset_error:
+            parts.append(f"RST_STREAM {stream.reset_error} by {stream.reset_by}")
+        if stream.goaway_error:
+            parts.append(f"GOAWAY {stream.goaway_error}")
+    detail = call.WhichOneof("detail")
+    if detail == "grpc":
+        grpc = call.grpc
+        parts.append(
+            f"msgs {grpc.request_messages}/{grpc.response_messages} "
+            f"{_size(grpc.request_message_bytes)}/{_size(grpc.response_message_bytes)}"
+        )
+        if grpc.request_encoding or grpc.response_encoding:
+            parts.append(grpc.request_encoding or grpc.response_encoding)
+        if grpc.timeout_ns:
+            parts.append(f"timeout {grpc.timeout_ns / 1e6:g}ms")
+        if grpc.status_message:
+            parts.append(repr(grpc.status_message))
+    elif detail == "graphql":
+        graphql = call.graphql
+        if graphql.operations > 1:
+            parts.append(f"batch of {graphql.operations}")
+        if graphql.persisted_query_hash:
+            parts.append(f"persisted {graphql.persisted_query_hash[:12]}")
+        if graphql.errors:
+            parts.append(f"{graphql.errors} error{'s' if graphql.errors > 1 else ''}: {graphql.first_error!r}")
+    if call.notes:
+        parts.append("[" + ", ".join(call.notes) + "]")
+    return "; ".join(parts)

@@ -211,3 +211,33 @@ def test_encode_lines_into_grows_a_small_buffer_and_refuses_an_exported_one() ->
         render._NATIVE.encode_lines_into(calls * 50, render._message_json, buffer)
     with pytest.raises(TypeError):
         render._NATIVE.encode_lines_into(calls, render._message_json, b"bytes")  # type: ignore[arg-type]
+
+
+def test_the_table_info_column_shows_stream_grpc_and_graphql_details() -> None:
+    from trawl.render import info_text
+
+    call = ApiCall(protocol="grpc", method="POST", path="/trawl.fixtures.Orders/GetOrder", status="4")
+    call.http2.stream_id = 7
+    call.http2.reset_error = "CANCEL"
+    call.http2.reset_by = "client"
+    call.grpc.request_messages = 1
+    call.grpc.request_message_bytes = 12
+    call.grpc.response_message_bytes = 20480
+    call.grpc.request_encoding = "gzip"
+    call.grpc.timeout_ns = 201_000_000
+    call.grpc.status_message = "Deadline Exceeded"
+    call.notes.append("gap")
+    assert info_text(call) == (
+        "stream 7; RST_STREAM CANCEL by client; msgs 1/0 12B/20KiB; gzip; timeout 201ms; 'Deadline Exceeded'; [gap]"
+    )
+    pushed = ApiCall(protocol="http2")
+    pushed.http2.stream_id = 2
+    pushed.http2.pushed = True
+    pushed.http2.parent_stream_id = 1
+    assert info_text(pushed) == "stream 2; pushed on 1"
+    graphql = ApiCall(protocol="graphql")
+    graphql.graphql.operations = 2
+    graphql.graphql.errors = 1
+    graphql.graphql.first_error = "boom"
+    assert info_text(graphql) == "batch of 2; 1 error: 'boom'"
+    assert info_text(ApiCall(protocol="http")) == ""
