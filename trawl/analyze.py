@@ -97,10 +97,13 @@ def analyze(
     otlp_endpoint: str | None = None,
     config_file: Path | None = None,
     node: str | None = None,
+    proto_descriptors: Sequence[Path] = (),
 ) -> int:
     """Print the calls of a capture; returns the exit code (2 if the file is damaged, after
     printing every call found before the damage)."""
     dissector_settings = DissectorSettings.load(config_file, node=node)
+    if proto_descriptors:
+        dissector_settings.proto_descriptors = [*dissector_settings.proto_descriptors, *proto_descriptors]
     enricher_settings = EnricherSettings.load(
         config_file, node=node, identity_snapshot=identity, otlp_endpoint=otlp_endpoint
     )

@@ -26,6 +26,13 @@ def _parser() -> argparse.ArgumentParser:
     analyze.add_argument("--otlp-endpoint", help="also export spans to this OTLP endpoint")
     analyze.add_argument("--config", type=Path, help="YAML config (dissector/enricher sections apply)")
     analyze.add_argument("--node", help="node name to stamp on the calls (default: this host)")
+    analyze.add_argument(
+        "--proto-descriptors",
+        type=Path,
+        action="append",
+        metavar="FILE",
+        help="protoc --descriptor_set_out file: decode the gRPC messages of its methods by name (repeatable)",
+    )
 
     up = commands.add_parser("up", help="run the whole suite on this machine with an embedded NATS server")
     source = up.add_mutually_exclusive_group()
@@ -59,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 otlp_endpoint=args.otlp_endpoint,
                 config_file=args.config,
                 node=args.node,
+                proto_descriptors=args.proto_descriptors or [],
             )
         if args.command == "up":
             from trawl.up import UpOptions, up

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+from pathlib import Path
 from typing import ClassVar, Literal
 
 from pydantic import Field, field_validator
@@ -124,6 +125,12 @@ class DissectorSettings(ServiceSettings):
     max_header_bytes: int = Field(default=64 * 1024, gt=0)
     max_pending_requests: int = Field(default=1024, gt=0)
     request_timeout_s: float = Field(default=30.0, gt=0)
+
+    # gRPC: descriptor sets (`protoc --descriptor_set_out`, best with --include_imports) whose
+    # types decode the messages of the methods they describe, with field names; messages of
+    # other methods are decoded without a schema (field numbers). `trawl analyze
+    # --proto-descriptors FILE` adds to this list.
+    proto_descriptors: list[Path] = Field(default_factory=list)
 
     # Redaction (case-insensitive; `*` and `?` wildcards allowed). `redact_*` replace the
     # default lists (to drop a default); `redact_*_extra` add to them, so adding one name does

@@ -30,6 +30,7 @@ from typing import Any
 from trawl.dissector import express
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.layers import PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, PacketDecoder, ip_text
+from trawl.dissector.protobuf import DescriptorSet
 from trawl.dissector.protocols import registry
 from trawl.dissector.protocols.base import (
     DatagramParser,
@@ -95,7 +96,12 @@ class Dissector:
         # Completed calls until the next take: ApiCall objects from the Python path, serialized
         # bytes (already redacted and counted) from the compiled lane, in completion order.
         self._out: list[Any] = []
+        descriptors = DescriptorSet.load(settings.proto_descriptors) if settings.proto_descriptors else None
+        if descriptors is not None:
+            for warning in descriptors.warnings():
+                log.warning("proto_descriptors_incomplete", problem=warning)
         self.limits = ParserLimits(
+            grpc_descriptors=descriptors,
             max_body_bytes=settings.max_body_bytes,
             max_header_bytes=settings.max_header_bytes,
             max_pending_requests=settings.max_pending_requests,

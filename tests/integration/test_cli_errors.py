@@ -106,3 +106,16 @@ def test_a_reader_that_stops_early_ends_analyze_quietly(tmp_path: Path) -> None:
     stderr = process.stderr.read().decode()
     assert process.wait(timeout=120) == 0, stderr
     assert "Traceback" not in stderr and "BrokenPipe" not in stderr
+
+
+def test_a_file_that_is_not_a_descriptor_set_is_named_with_the_fix(tmp_path: Path) -> None:
+    bogus = tmp_path / "orders.proto"
+    bogus.write_text('syntax = "proto3";\nmessage Order { string id = 1; }\n')
+    assert_one_line_error(
+        trawl("analyze", str(HTTP1), "--proto-descriptors", str(bogus)),
+        str(bogus),
+        "not a protobuf descriptor set",
+        "--descriptor_set_out",
+    )
+    missing = tmp_path / "missing.desc"
+    assert_one_line_error(trawl("analyze", str(HTTP1), "--proto-descriptors", str(missing)), str(missing))

@@ -16,9 +16,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import ClassVar, Protocol, TypeVar
+from typing import TYPE_CHECKING, ClassVar, Protocol, TypeVar
 
 from trawl.v1.calls_pb2 import ApiCall
+
+if TYPE_CHECKING:
+    from trawl.dissector.protobuf import DescriptorSet
 
 
 class Direction(IntEnum):
@@ -61,7 +64,7 @@ class FlowInfo:
 
 @dataclass(frozen=True, slots=True)
 class ParserLimits:
-    """Bounds every parser honours; built from the dissector's config."""
+    """Bounds every parser honours, and what else of the dissector's config parsers read."""
 
     max_body_bytes: int = 64 * 1024
     max_header_bytes: int = 64 * 1024
@@ -69,6 +72,8 @@ class ParserLimits:
     request_timeout_ns: int = 30_000_000_000
     redact_headers: frozenset[str] = frozenset()
     redact_fields: frozenset[str] = frozenset()
+    # gRPC message types from the configured descriptor sets (`proto_descriptors`), if any.
+    grpc_descriptors: DescriptorSet | None = None
 
 
 class StreamParser(Protocol):
