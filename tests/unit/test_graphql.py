@@ -539,11 +539,13 @@ def test_a_huge_document_stops_at_the_token_limit() -> None:
     named from its first tokens."""
     fields = " ".join(f"f{index}" for index in range(120_000))
     body = json.dumps({"query": f"query Huge {{ {fields} }}"}).encode()
-    started = time.perf_counter()
-    request = parse_request("POST", "/graphql", "application/json", body, True)
-    elapsed = time.perf_counter() - started
-    assert request == GraphqlRequest((Operation("query", "Huge", ""),), False, ("graphql-token-limit",))
-    assert elapsed < 0.5  # MAX_TOKENS tokens at ~6 us, against ~0.7 s for the whole document
+    elapsed = []
+    for _ in range(3):  # best of three: a busy machine does not decide
+        started = time.perf_counter()
+        request = parse_request("POST", "/graphql", "application/json", body, True)
+        elapsed.append(time.perf_counter() - started)
+        assert request == GraphqlRequest((Operation("query", "Huge", ""),), False, ("graphql-token-limit",))
+    assert min(elapsed) < 0.35  # MAX_TOKENS tokens at ~6 us, against ~0.7 s for the whole document
     # A limit the caller chooses.
     small = json.dumps({"query": "query Small { a b c d e f }"}).encode()
     assert parse_request("POST", "/graphql", "application/json", small, True, max_tokens=4) == GraphqlRequest(
