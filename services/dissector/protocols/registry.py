@@ -7,11 +7,12 @@ not a TCP/UDP protocol: its tracker is wired by the engine separately (`ICMP`).
 
 from __future__ import annotations
 
-from trawl.dissector.protocols import dns, http1, icmp, tls
+from trawl.dissector.protocols import dns, http1, http2, icmp, tls
 from trawl.dissector.protocols.base import ProtocolSpec
 
 SPECS: tuple[ProtocolSpec, ...] = (
     http1.SPEC,
+    http2.SPEC,
     tls.SPEC,
     dns.SPEC,
     dns.SPEC_TCP,
