@@ -704,3 +704,70 @@ def test_variables_in_a_get_query_string_are_redacted() -> None:
     assert "pw-get" not in redacted
     variables = dict(pair.split("=", 1) for pair in redacted.partition("?")[2].split("&"))["variables"]
     assert json.loads(unquote(variables)) == {"password": REDACTED, "name": "ada"}
+
+
+# Gaps found in redaction (redact.py is not this module's): each test fails the day it is closed
+# (strict xfail), so that its marker goes with the gap.
+
+
+@pytest.mark.xfail(strict=True, reason="redact.py: arguments written inline in a document are not redacted")
+def test_inline_secret_arguments_in_a_document_are_redacted() -> None:
+    document = 'mutation { login(username: "ada", password: "inline-secret") { token } }'
+    for content_type, body in (
+        ("application/json", json.dumps({"query": document}).encode()),
+        ("application/graphql", document.encode()),
+    ):
+        call = http_call("POST", "/graphql", content_type, body)
+        request = parse_request("POST", "/graphql", content_type, body, True)
+        assert request is not None
+        apply(call, request, None, "1.1", 200)
+        REDACTOR.apply(call)
+        assert b"inline-secret" not in call.request.body
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="redact.py: a graphql call has no http detail, so a form body is not known as a form and its "
+    "variables= parameter is left as it is (as an http call it is redacted)",
+)
+def test_variables_of_a_form_body_are_redacted_in_the_graphql_call() -> None:
+    method, target, content_type, body = httpx_request(
+        "POST",
+        data={
+            "query": "mutation L($password: String!) { login(password: $password) }",
+            "variables": json.dumps({"password": "form-secret"}),
+        },
+    )
+    as_http = http_call(method, target, content_type, body)
+    REDACTOR.apply(as_http)
+    assert b"form-secret" not in as_http.request.body
+    call = http_call(method, target, content_type, body)
+    request = parse_request(method, target, content_type, body, True)
+    assert request == GraphqlRequest((Operation("mutation", "L", ""),), False, ())
+    apply(call, request, None, "1.1", 200)
+    REDACTOR.apply(call)
+    assert b"form-secret" not in call.request.body
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="redact.py: a server's error message that quotes a secret variable's value (graphql-core's "
+    "`Variable '$password' has invalid value`) keeps it, in the response body and GraphqlDetail.first_error",
+)
+def test_an_error_quoting_a_secret_variable_is_redacted() -> None:
+    login = "mutation L($password: Int!) { login(password: $password) }"
+    body = json.dumps({"query": login, "variables": {"password": "echoed-secret"}}).encode()
+    answer = graphql_sync(SCHEMA_INT, login, variable_values={"password": "echoed-secret"})
+    response_body = json.dumps(answer.formatted).encode()
+    call = http_call("POST", "/graphql", "application/json", body)
+    call.response.body = response_body
+    request = parse_request("POST", "/graphql", "application/json", body, True)
+    response = parse_response("application/json", response_body, True)
+    assert request is not None and response is not None and "echoed-secret" in response.first_error
+    apply(call, request, response, "1.1", 200)
+    REDACTOR.apply(call)
+    assert b"echoed-secret" not in call.request.body  # the variable itself is redacted
+    assert "echoed-secret" not in call.graphql.first_error and b"echoed-secret" not in call.response.body
+
+
+SCHEMA_INT = build_schema("type Query { a: Int } type Mutation { login(password: Int!): String }")
