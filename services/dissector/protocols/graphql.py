@@ -619,7 +619,8 @@ def apply(
     type, path = its label, status kept (the HTTP status); GraphqlDetail replaces the http detail
     (the oneof holds one) and carries the target, HTTP version and status over. The outcome turns
     to error when the result has errors (even under HTTP 200) or the status is 5xx; a call
-    without a response (or cancelled) keeps its outcome."""
+    without a response (or cancelled) keeps its outcome. Call it after `finish_call` (which would
+    set the outcome from the HTTP status alone) and while `path` still holds the target."""
     first = request.operations[0] if request.operations else Operation("", "", "")
     target = call.path
     call.protocol = "graphql"
