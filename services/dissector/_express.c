@@ -1242,6 +1242,16 @@ static int json_param(const uint8_t *value, size_t len) {
            ((value[1] == '7' && (value[2] == 'B' || value[2] == 'b')) || (value[1] == '5' && (value[2] == 'B' || value[2] == 'b')));
 }
 
+/* `query=` holding a GraphQL document ('{' raw or %-escaped), which Redactor._pairs reads for
+   secret arguments; a %-escaped name might unquote to "query", so it is not decided here either. */
+static int graphql_query_param(const uint8_t *name, size_t name_len, const uint8_t *value, size_t len) {
+    if (!equals_lower(name, name_len, "query") && !memchr(name, '%', name_len)) return 0;
+    if (memchr(value, '{', len)) return 1;
+    for (size_t i = 0; i + 2 < len; i++)
+        if (value[i] == '%' && value[i + 1] == '7' && (value[i + 2] == 'B' || value[i + 2] == 'b')) return 1;
+    return 0;
+}
+
 static int redact_path(Express *self, flow_t *flow, const uint8_t *target, size_t len) {
     buf_t *out = &flow->path;
     out->len = 0;
@@ -1266,7 +1276,8 @@ static int redact_path(Express *self, flow_t *flow, const uint8_t *target, size_
         if (start > 0 && buf_put(out, "&", 1)) return R_MEMORY;
         if (eq && hit) {
             if (buf_put(out, pair, name_len + 1) || buf_put(out, "[REDACTED]", 10)) return R_MEMORY;
-        } else if (eq && json_param(eq + 1, pair_len - name_len - 1)) {
+        } else if (eq && (json_param(eq + 1, pair_len - name_len - 1) ||
+                          graphql_query_param(pair, name_len, eq + 1, pair_len - name_len - 1))) {
             return R_URL; /* a JSON document as a value (GraphQL's GET variables): Redactor._pairs reads its keys */
         } else if (buf_put(out, pair, pair_len)) {
             return R_MEMORY;

@@ -34,6 +34,15 @@ MULTIPART_FIELD = re.compile(
     rb'(Content-Disposition:[^\r\n]*?\bname="([^"\r\n]*)"[^\r\n]*\r\n(?:[^\r\n]+\r\n)*\r\n)(.*?)(?=\r\n--|\Z)',
     re.IGNORECASE | re.DOTALL,
 )
+# GraphQL: an argument or input field with a string value (`password: "x"`, `key: """x"""`);
+# the same inside a JSON string (quotes escaped); a `$variable` named in a message; an error's
+# message in a result cut short.
+GRAPHQL_ARGUMENT = re.compile(r'([_A-Za-z][_0-9A-Za-z]*)(\s*:\s*)("""(?:[^"\\]|\\.|"(?!""))*"""|"(?:[^"\\\n]|\\.)*")')
+GRAPHQL_ESCAPED_ARGUMENT = re.compile(rb'([_A-Za-z][_0-9A-Za-z]*)(\s*:\s*)\\"(?:[^"\\]|\\[^"])*\\"')
+GRAPHQL_VARIABLE = re.compile(r"\$([_A-Za-z][_0-9A-Za-z]*)")
+GRAPHQL_ERROR_MESSAGE = re.compile(rb'("message"\s*:\s*)"((?:[^"\\]|\\.)*)"?')
+# A form body (`name=value&...`) as opposed to a GraphQL document or JSON.
+FORM_BODY = re.compile(rb"\s*[\w.%+\-\[\]]+=")
 # A query parameter value that is a JSON object or array, raw or percent-encoded.
 JSON_PARAM_STARTS = ("{", "[", "%7B", "%7b", "%5B", "%5b")
 JSON_KEY = re.compile(rb'"((?:[^"\\]|\\.){1,256})"\s*:')
@@ -136,9 +145,7 @@ class Redactor:
         if protocol == "grpc" and call.HasField("grpc"):
             self._grpc(call)
         elif protocol == "graphql" and call.HasField("graphql"):
-            target = call.graphql.target
-            if "?" in target or "@" in target:
-                call.graphql.target = self.url(target)
+            self._graphql(call)
         if protocol == "redis" and call.HasField("redis"):
             args = call.redis.args
             if args and args[0].upper() in ("AUTH", "HELLO") and len(args) > 1:
@@ -176,6 +183,14 @@ class Redactor:
             if eq and hit:
                 parts.append(f"{name}={REDACTED}")
                 changed = True
+            elif eq and unquote_plus(name).lower() == "query" and ("{" in value or "%7B" in value.upper()):
+                # GraphQL over GET: the document's secret arguments.
+                document = self.graphql_document(unquote_plus(value))
+                if document is None:
+                    parts.append(pair)
+                else:
+                    parts.append(f"{name}={quote(document, safe='')}")
+                    changed = True
             elif value.startswith(JSON_PARAM_STARTS):
                 # A JSON document as a parameter (GraphQL's GET `variables=`): its keys, too.
                 redacted = self._json_bytes(unquote_plus(value).encode())
@@ -228,6 +243,120 @@ class Redactor:
             if len(self._key_hit) < 4096:
                 self._key_hit[key] = hit
         return hit
+
+    # -- GraphQL ---------------------------------------------------------------------------------
+
+    def _graphql(self, call: ApiCall) -> None:
+        """A GraphQL call lost its HTTP detail (content types): its bodies are told apart by
+        their shape. On top of the JSON keys (variables), the documents' own arguments
+        (`login(password: "x")`) and the server's error messages that quote a secret variable
+        are redacted; the request target's `query=` is a document too."""
+        graphql = call.graphql
+        target = graphql.target
+        if "?" in target or "@" in target:
+            graphql.target = self.url(target)
+        request = call.request
+        body = request.body
+        if body:
+            stripped = body.lstrip()
+            start = stripped[:1]
+            # `{ me { id } }` is a document (application/graphql), `{"query": ...}` JSON.
+            if start == b"[" or (start == b"{" and stripped[1:].lstrip()[:1] in (b'"', b"}", b"")):
+                redacted = self._graphql_json(body)
+                if redacted is not None:
+                    request.body = redacted
+            elif FORM_BODY.match(body):
+                text = body.decode("utf-8", "replace").strip()
+                pairs = self._pairs(text)
+                if pairs != text:
+                    request.body = pairs.encode()
+            else:  # application/graphql: the document itself
+                document = self.graphql_document(body.decode("utf-8", "replace"))
+                if document is not None:
+                    request.body = document.encode()
+        response = call.response
+        if response.body and response.body.lstrip()[:1] in (b"{", b"["):
+            redacted = self._graphql_errors(response.body)
+            if redacted is not None:
+                response.body = redacted
+        if graphql.first_error and self._quotes_secret_variable(graphql.first_error):
+            graphql.first_error = REDACTED
+
+    def graphql_document(self, text: str) -> str | None:
+        """A GraphQL document with the string values of secret arguments and input fields
+        (`password: "x"`, block strings too) redacted; None when nothing changed."""
+        changed = False
+
+        def replace(match: re.Match[str]) -> str:
+            nonlocal changed
+            if self.field(match.group(1)):
+                changed = True
+                return f'{match.group(1)}{match.group(2)}"{REDACTED}"'
+            return match.group(0)
+
+        redacted = GRAPHQL_ARGUMENT.sub(replace, text)
+        return redacted if changed else None
+
+    def _graphql_json(self, body: bytes) -> bytes | None:
+        """A JSON request (one operation or a batch): `query` documents and `variables` keys."""
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            # Cut by the body limit: the pairs it shows, and arguments in the escaped document.
+            fallback = self._json_fallback(body)
+            escaped = GRAPHQL_ESCAPED_ARGUMENT.sub(self._escaped_argument, fallback)
+            return escaped if escaped != body else None
+        operations = document if isinstance(document, list) else [document]
+        changed = False
+        for operation in operations:
+            if isinstance(operation, dict) and isinstance(operation.get("query"), str):
+                query = self.graphql_document(operation["query"])
+                if query is not None:
+                    operation["query"] = query
+                    changed = True
+        try:
+            changed = self._walk(document) or changed
+        except RecursionError:
+            return self._json_fallback(body)
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode() if changed else None
+
+    def _escaped_argument(self, match: re.Match[bytes]) -> bytes:
+        if self._key_is_secret(match.group(1)):
+            return match.group(1) + match.group(2) + b'\\"' + REDACTED.encode() + b'\\"'
+        return match.group(0)
+
+    def _quotes_secret_variable(self, message: str) -> bool:
+        return any(self.field(name) for name in GRAPHQL_VARIABLE.findall(message))
+
+    def _graphql_errors(self, body: bytes) -> bytes | None:
+        """A result whose error messages name a secret variable (graphql-core's `Variable
+        '$password' got invalid value ...` quotes the value): those messages are redacted."""
+        if b"$" not in body:
+            return None
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            return None if b'"errors"' not in body else self._graphql_errors_fallback(body)
+        changed = False
+        for result in document if isinstance(document, list) else [document]:
+            errors = result.get("errors") if isinstance(result, dict) else None
+            for error in errors if isinstance(errors, list) else []:
+                message = error.get("message") if isinstance(error, dict) else None
+                if isinstance(message, str) and self._quotes_secret_variable(message):
+                    error["message"] = REDACTED
+                    changed = True
+        return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode() if changed else None
+
+    def _graphql_errors_fallback(self, body: bytes) -> bytes | None:
+        def replace(match: re.Match[bytes]) -> bytes:
+            if self._quotes_secret_variable(match.group(2).decode("utf-8", "replace")):
+                return match.group(1) + b'"' + REDACTED.encode() + b'"'
+            return match.group(0)
+
+        redacted = GRAPHQL_ERROR_MESSAGE.sub(replace, body)
+        return redacted if redacted != body else None
+
+    # -- gRPC ------------------------------------------------------------------------------------
 
     def _grpc(self, call: ApiCall) -> None:
         """The decoded gRPC messages (JSON text) are redacted by field name, as JSON bodies are.

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from urllib.parse import unquote
+from urllib.parse import quote, unquote
 
 from trawl.dissector.config import DEFAULT_REDACT_FIELDS, DEFAULT_REDACT_HEADERS, DissectorSettings
 from trawl.dissector.redact import REDACTED, Redactor
@@ -185,3 +185,46 @@ def test_json_in_a_query_parameter_has_its_secret_keys_redacted() -> None:
         assert unquote(params["query"]) == "{me{id}}"
     untouched = "/graphql?query={me{id}}&variables={}"
     assert DEFAULT.apply(http_call(path=untouched)).path == untouched
+
+
+def graphql_call(body: bytes = b"", target: str = "/graphql", response: bytes = b"") -> ApiCall:
+    call = ApiCall(protocol="graphql", path="Op")
+    call.graphql.target = target
+    call.request.body = body
+    call.response.body = response
+    return call
+
+
+def test_graphql_inline_secret_arguments_are_redacted_wherever_the_document_travels() -> None:
+    document = 'mutation { login(user: "ann", password: "s1", input: {apiKey: """k2"""}) { token } }'
+    expected = f'mutation {{ login(user: "ann", password: "{REDACTED}", input: {{apiKey: "{REDACTED}"}}) {{ token }} }}'
+    # As a JSON request, a batch, an application/graphql body and a shorthand query.
+    call = DEFAULT.apply(graphql_call(json.dumps({"query": document, "variables": {"pin": 1}}).encode()))
+    assert json.loads(call.request.body) == {"query": expected, "variables": {"pin": 1}}
+    call = DEFAULT.apply(graphql_call(json.dumps([{"query": document}, {"query": "{ a }"}]).encode()))
+    assert json.loads(call.request.body) == [{"query": expected}, {"query": "{ a }"}]
+    assert DEFAULT.apply(graphql_call(document.encode())).request.body == expected.encode()
+    shorthand = DEFAULT.apply(graphql_call(b'{ me(token: "t3") { id } }')).request.body
+    assert shorthand == f'{{ me(token: "{REDACTED}") {{ id }} }}'.encode()
+    # Cut by the body limit: the escaped document still loses its secret.
+    cut = json.dumps({"query": document})[:-20].encode()
+    assert b"s1" not in DEFAULT.apply(graphql_call(cut)).request.body
+    # Over GET: the query parameter.
+    target = "/graphql?query=" + quote(document, safe="")
+    redacted = DEFAULT.apply(graphql_call(target=target)).graphql.target
+    assert unquote(redacted.partition("=")[2]) == expected
+
+
+def test_graphql_form_body_and_errors_quoting_a_secret_variable_are_redacted() -> None:
+    form = b"query=mutation+L%28%24password%3A+String%21%29+%7B+login%28password%3A+%24password%29+%7D&password=x"
+    assert DEFAULT.apply(graphql_call(form)).request.body.endswith(f"&password={REDACTED}".encode())
+    response = json.dumps(
+        {"errors": [{"message": "Variable '$password' got invalid value 'hunter2'; Int cannot represent it"}]}
+    ).encode()
+    call = graphql_call(response=response)
+    call.graphql.first_error = "Variable '$password' got invalid value 'hunter2'; Int cannot represent it"
+    DEFAULT.apply(call)
+    assert json.loads(call.response.body) == {"errors": [{"message": REDACTED}]}
+    assert call.graphql.first_error == REDACTED
+    harmless = json.dumps({"errors": [{"message": "Variable '$id' of required type 'ID!' was not provided."}]})
+    assert DEFAULT.apply(graphql_call(response=harmless.encode())).response.body == harmless.encode()

@@ -141,6 +141,10 @@ def requests(draw: st.DrawFn) -> tuple[bytes, str]:
                     ("variables", "%7B%22token%22%3A%22t%22%7D"),
                     ("variables", '{"id":1}'),
                     ("ids", "[1,2]"),
+                    # GraphQL over GET: a document whose argument is a secret.
+                    ("query", 'mutation{login(password:"p"){token}}'),
+                    ("query", "query%20Q%7Bme(token%3A%22t%22)%7Bid%7D%7D"),
+                    ("query", "red+shoes"),
                 ]
             ),
             max_size=3,

@@ -706,11 +706,10 @@ def test_variables_in_a_get_query_string_are_redacted() -> None:
     assert json.loads(unquote(variables)) == {"password": REDACTED, "name": "ada"}
 
 
-# Gaps found in redaction (redact.py is not this module's): each test fails the day it is closed
-# (strict xfail), so that its marker goes with the gap.
+# Redaction of what is particular to GraphQL (redact.Redactor._graphql): arguments written in
+# the document, a form body once the call has no HTTP detail, errors that quote a variable.
 
 
-@pytest.mark.xfail(strict=True, reason="redact.py: arguments written inline in a document are not redacted")
 def test_inline_secret_arguments_in_a_document_are_redacted() -> None:
     document = 'mutation { login(username: "ada", password: "inline-secret") { token } }'
     for content_type, body in (
@@ -725,11 +724,6 @@ def test_inline_secret_arguments_in_a_document_are_redacted() -> None:
         assert b"inline-secret" not in call.request.body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redact.py: a graphql call has no http detail, so a form body is not known as a form and its "
-    "variables= parameter is left as it is (as an http call it is redacted)",
-)
 def test_variables_of_a_form_body_are_redacted_in_the_graphql_call() -> None:
     method, target, content_type, body = httpx_request(
         "POST",
@@ -749,11 +743,6 @@ def test_variables_of_a_form_body_are_redacted_in_the_graphql_call() -> None:
     assert b"form-secret" not in call.request.body
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="redact.py: a server's error message that quotes a secret variable's value (graphql-core's "
-    "`Variable '$password' has invalid value`) keeps it, in the response body and GraphqlDetail.first_error",
-)
 def test_an_error_quoting_a_secret_variable_is_redacted() -> None:
     login = "mutation L($password: Int!) { login(password: $password) }"
     body = json.dumps({"query": login, "variables": {"password": "echoed-secret"}}).encode()
