@@ -343,6 +343,7 @@ enum reason {
     R_DNS_SIDE,   /* a query from the server's side, a response from the client's */
     R_RETRANSMIT, /* a query equal to a pending one */
     R_UNPAIRED,   /* a response without its pending query */
+    R_GRAPHQL,    /* a body graphql.parse_request might take: the Python path makes the call graphql */
     R_COUNT
 };
 
@@ -351,7 +352,7 @@ static const char *const reason_names[R_COUNT] = {
     "keepalive", "ack_unseen", "window", "packet",   "not_http", "header",  "chunked",   "encoding",
     "upgrade", "expect",  "status",  "close",     "pipelining", "early",  "crlf",      "url",
     "form",   "body_secret", "limit", "callback",  "memory", "stale",      "finish", "room",
-    "dns",    "dns_side", "retransmit", "unpaired",
+    "dns",    "dns_side", "retransmit", "unpaired", "graphql",
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -1314,11 +1315,15 @@ static int check_body(Express *self, const head_t *head, const buf_t *body) {
     }
     if (contains_lower(type, type_len, "x-www-form-urlencoded") || contains_lower(type, type_len, "multipart/form-data"))
         return R_FORM;
+    if (contains_lower(type, type_len, "graphql")) return R_GRAPHQL;
     const uint8_t *data = body->data;
     size_t len = body->len, first = 0;
     while (first < len && is_space(data[first])) first++;
     if (!contains_lower(type, type_len, "json") && !(first < len && (data[first] == '{' || data[first] == '[')))
         return R_NONE;
+    /* A superset of the JSON bodies graphql.parse_request takes: a "query" member or an
+       automatic persisted query's extension. */
+    if (memmem(data, len, "\"query\"", 7) || memmem(data, len, "persistedQuery", 14)) return R_GRAPHQL;
     if (memchr(data, '\\', len)) return R_BODY_SECRET;
     /* Every '"' p whose next '"' q encloses 1..256 bytes and is followed by optional whitespace
        and ':' is asked about: a superset of redact.JSON_KEY's matches. */

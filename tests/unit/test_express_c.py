@@ -415,6 +415,12 @@ CLIENT_DEMOTIONS = [
     (b'POST /j HTTP/1.1\r\nContent-Length: 9\r\n\r\n{"a": "\\""}'[:-2], "body_secret"),
     (GET + GET, "pipelining"),
     (b"\r\n" + GET, "not_http"),
+    # GraphQL is the Python path's (graphql.parse_request): a "query" member, a persisted query,
+    # an application/graphql document, a query= parameter holding a document.
+    (b'POST /g HTTP/1.1\r\nContent-Length: 17\r\n\r\n{"query": "{ a }"}'[:-1], "graphql"),
+    (b'POST /g HTTP/1.1\r\nContent-Length: 36\r\n\r\n{"extensions":{"persistedQuery":{}}}', "graphql"),
+    (b"POST /g HTTP/1.1\r\nContent-Type: application/graphql\r\nContent-Length: 5\r\n\r\n{ a }", "graphql"),
+    (b"GET /g?query=%7Ba%7D HTTP/1.1\r\n\r\n", "url"),
 ]
 
 

@@ -178,7 +178,11 @@ def requests(draw: st.DrawFn) -> tuple[bytes, str]:
     )
     headers += extra
     body = b""
-    kind = draw(st.sampled_from(["none", "json", "secret-json", "form", "chunked", "escaped-json"]))
+    kind = draw(
+        st.sampled_from(
+            ["none", "json", "secret-json", "form", "chunked", "escaped-json", "graphql", "graphql-document"]
+        )
+    )
     if method in ("POST", "PUT", "PATCH") and kind != "none":
         if kind == "json":
             body = b'{"name": "a", "items": [1, 2]}'
@@ -191,6 +195,12 @@ def requests(draw: st.DrawFn) -> tuple[bytes, str]:
         elif kind == "form":
             body = b"user=a&password=p"
             headers.append(("Content-Type", "application/x-www-form-urlencoded"))
+        elif kind == "graphql":
+            body = b'{"query": "mutation Login { login(password: \\"p\\") { token } }", "variables": {"x": 1}}'
+            headers.append(("Content-Type", "application/json"))
+        elif kind == "graphql-document":
+            body = b"query Q { me { id } }"
+            headers.append(("Content-Type", "application/graphql"))
         if kind == "chunked":
             headers.append(("Transfer-Encoding", "chunked"))
             wire_body = b"5\r\nhello\r\n0\r\n\r\n"

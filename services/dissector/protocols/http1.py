@@ -51,6 +51,7 @@ from typing import Any
 import httptools
 
 from trawl.dissector.calls import finish_call, new_call
+from trawl.dissector.protocols import graphql
 from trawl.dissector.protocols.base import (
     Direction,
     FlowInfo,
@@ -800,6 +801,8 @@ class Http1Parser:
             call.request.ts = response_ts
         exchange.emitted = True
         if not exchange.late:
+            if call.request.body or "?" in call.path:
+                _graphql(call, status)
             self.out.append(call)
 
     # -- reassembly anomalies -----------------------------------------------------------------
@@ -872,12 +875,30 @@ class Http1Parser:
                 self._fill_message(call, call.request, reader, reader.msg_ts)
         finish_call(call, None, error=False)
         exchange.emitted = True
+        if call.request.body or "?" in call.path:
+            _graphql(call, 0)
         self.out.append(call)
 
     @staticmethod
     def _note(call: ApiCall, note: str) -> None:
         if note not in call.notes:
             call.notes.append(note)
+
+
+def _graphql(call: ApiCall, status: int) -> None:
+    """A GraphQL operation over HTTP/1.1 becomes a `graphql` call (protocols/graphql.py)."""
+    detail = call.http
+    request = graphql.parse_request(
+        call.method, call.path, detail.request_content_type, call.request.body, call.request.body_truncated == 0
+    )
+    if request is None:
+        return
+    response = None
+    if call.response.body:
+        response = graphql.parse_response(
+            detail.response_content_type, call.response.body, call.response.body_truncated == 0
+        )
+    graphql.apply(call, request, response, detail.version or "1.1", status)
 
 
 def _coding(headers: dict[bytes, bytes]) -> str:
