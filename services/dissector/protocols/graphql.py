@@ -668,3 +668,19 @@ __all__ = [
     "parse_request",
     "parse_response",
 ]
+
+
+def from_http(call: ApiCall, status: int) -> None:
+    """Offer a finished HTTP call (HTTP/1.1 or HTTP/2, `call.http` filled, `path` the target)
+    to GraphQL: a GraphQL operation becomes a `graphql` call, anything else stays as it is.
+    `status` is the HTTP status (0 when no response came)."""
+    detail = call.http
+    request = parse_request(
+        call.method, call.path, detail.request_content_type, call.request.body, call.request.body_truncated == 0
+    )
+    if request is None:
+        return
+    response = None
+    if call.response.body:
+        response = parse_response(detail.response_content_type, call.response.body, call.response.body_truncated == 0)
+    apply(call, request, response, detail.version or "1.1", status)

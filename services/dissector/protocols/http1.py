@@ -802,7 +802,7 @@ class Http1Parser:
         exchange.emitted = True
         if not exchange.late:
             if call.request.body or "?" in call.path:
-                _graphql(call, status)
+                graphql.from_http(call, status)
             self.out.append(call)
 
     # -- reassembly anomalies -----------------------------------------------------------------
@@ -876,29 +876,13 @@ class Http1Parser:
         finish_call(call, None, error=False)
         exchange.emitted = True
         if call.request.body or "?" in call.path:
-            _graphql(call, 0)
+            graphql.from_http(call, 0)
         self.out.append(call)
 
     @staticmethod
     def _note(call: ApiCall, note: str) -> None:
         if note not in call.notes:
             call.notes.append(note)
-
-
-def _graphql(call: ApiCall, status: int) -> None:
-    """A GraphQL operation over HTTP/1.1 becomes a `graphql` call (protocols/graphql.py)."""
-    detail = call.http
-    request = graphql.parse_request(
-        call.method, call.path, detail.request_content_type, call.request.body, call.request.body_truncated == 0
-    )
-    if request is None:
-        return
-    response = None
-    if call.response.body:
-        response = graphql.parse_response(
-            detail.response_content_type, call.response.body, call.response.body_truncated == 0
-        )
-    graphql.apply(call, request, response, detail.version or "1.1", status)
 
 
 def _coding(headers: dict[bytes, bytes]) -> str:

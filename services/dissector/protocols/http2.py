@@ -113,6 +113,7 @@ from hyperframe.exceptions import HyperframeError
 from hyperframe.frame import Frame, GoAwayFrame, HeadersFrame, PushPromiseFrame, RstStreamFrame, SettingsFrame
 
 from trawl.dissector.calls import finish_call, new_call
+from trawl.dissector.protocols import graphql, grpc
 from trawl.dissector.protocols.base import (
     Direction,
     FlowInfo,
@@ -285,6 +286,7 @@ class H2Stream:
         "first_ts",
         "frames",
         "goaway_code",
+        "grpc",
         "header_bytes",
         "interim",
         "last_ts",
@@ -342,6 +344,9 @@ class H2Stream:
         self.goaway_code: int | None = None
         # Every DATA payload piece of both directions, in order (a gRPC message reader).
         self.data_sink: Callable[[Direction, bytes], None] | None = None
+        # A gRPC call: each direction's message reader (the response's made at its first DATA,
+        # once the response headers have said its grpc-encoding).
+        self.grpc: list[grpc.MessageStream | None] | None = None
 
     def on_data(self, direction: Direction, payload: bytes) -> None:
         """A piece of DATA payload (padding removed) of this stream, in order."""
@@ -670,6 +675,8 @@ class Http2Parser:
         return self._take()
 
     def finish(self, ts_ns: int) -> list[ApiCall]:
+        for direction, reader in zip((C2S, S2C), self.readers, strict=True):
+            self._last_resync(direction, reader, ts_ns)
         for stream in list(self.streams.values()):
             self._complete(stream, FLOW_END, ts_ns)
         for reader in self.readers:
@@ -842,6 +849,29 @@ class Http2Parser:
         if waiting != 0:
             reader.aligned = False
         return waiting if waiting >= 0 else max(pos, size - 8)
+
+    def _last_resync(self, direction: Direction, reader: _Reader, ts_ns: int) -> None:
+        """At the flow's end, bytes still waiting for a chain of frames get a last look: when
+        they start where a segment started, with a frame on a stream known to be open, and every
+        frame header in them is plausible up to where the capture stops (the last frame cut
+        short), they are read. A capture of a few packets (one request, the start of its answer)
+        has no three frames in a row to offer."""
+        buf = reader.buf
+        if reader.state != RESYNC or not reader.aligned or len(buf) < 9:
+            return
+        bound = reader.max_frame if reader.limit_known else DEFAULT_MAX_FRAME
+        step = _plausible(buf, 0, direction, bound)
+        if step < 0 or FRAME_HEADER.unpack_from(buf, 0)[4] not in self.streams:
+            return
+        pos = step
+        while pos + 9 <= len(buf):
+            step = _plausible(buf, pos, direction, bound)
+            if step < 0:
+                return
+            pos += step
+        reader.state = HEADER
+        self._count("http2_resyncs")
+        self._run(direction, reader, ts_ns)
 
     def _known_streams(self, buf: bytes, at: int, on_chains: set[int]) -> int:
         """How many of the first three frames from `at` are on an open stream; adds the frame
@@ -1290,14 +1320,33 @@ class Http2Parser:
     # -- calls ---------------------------------------------------------------------------------
 
     def _request_started(self, stream: H2Stream) -> None:
-        """A stream's request headers are known (HEADERS, PUSH_PROMISE or the h2c upgrade): where
-        a layer above attaches its DATA reader (`stream.data_sink`). Nothing for plain HTTP/2."""
+        """A stream's request headers are known (HEADERS, PUSH_PROMISE or the h2c upgrade): a
+        gRPC request (its content-type) gets a message reader per direction on its DATA."""
+        content_type = stream.request.get(b"content-type")
+        if content_type is None or stream.pushed or not grpc.is_grpc(content_type.decode("latin-1")):
+            return
+        max_body = self.limits.max_body_bytes
+        readers: list[grpc.MessageStream | None] = [
+            grpc.MessageStream(grpc.message_encoding(stream.request), max_body),
+            None,
+        ]
+        stream.grpc = readers
+
+        def feed(direction: Direction, payload: bytes) -> None:
+            reader = readers[direction]
+            if reader is None:
+                reader = readers[direction] = grpc.MessageStream(grpc.message_encoding(stream.response), max_body)
+            reader.feed(payload)
+
+        stream.data_sink = feed
 
     def _complete(self, stream: H2Stream, end: int, ts_ns: int) -> None:
         """The stream is over (`end`: ENDED, RESET, REFUSED, FLOW_END or TIMEOUT): its call."""
         if self.streams.get(stream.stream_id) is stream:
             del self.streams[stream.stream_id]
-        protocol = "http2"  # the one place a call's protocol is chosen
+        if stream.grpc is None and not stream.pushed and _grpc_answer(stream):
+            self._late_grpc(stream)
+        protocol = "http2" if stream.grpc is None else "grpc"  # the one place a call's protocol is chosen
         call = new_call(self.flow, protocol, stream.first_ts[C2S], stream.ordinal)
         request, response = stream.request, stream.response
         value = request.get(b":method")
@@ -1375,7 +1424,64 @@ class Http2Parser:
         else:
             finish_call(call, None, error=False)
         call.notes.extend(stream.notes)
+        if stream.grpc is not None:
+            self._grpc(call, stream, end, ts_ns)
+        elif call.request.body or "?" in call.path:
+            graphql.from_http(call, status)
         self.out.append(call)
+
+    def _late_grpc(self, stream: H2Stream) -> None:
+        """The request's content-type was not read (an HPACK entry from before a mid-connection
+        start) but the answer is gRPC's: its messages are read from the DATA kept, and counted
+        as far as that goes."""
+        max_body = self.limits.max_body_bytes
+        readers: list[grpc.MessageStream | None] = [
+            grpc.MessageStream(grpc.message_encoding(stream.request), max_body),
+            grpc.MessageStream(grpc.message_encoding(stream.response), max_body),
+        ]
+        for direction in (C2S, S2C):
+            cast(grpc.MessageStream, readers[direction]).feed(bytes(stream.bodies[direction]))
+        stream.grpc = readers
+        stream.note("grpc-from-response")
+        if any(stream.data_bytes[direction] > len(stream.bodies[direction]) for direction in (C2S, S2C)):
+            stream.note("grpc-messages-counted-in-kept-body")
+
+    def _grpc(self, call: ApiCall, stream: H2Stream, end: int, ts_ns: int) -> None:
+        """The gRPC layer on a finished stream: status, messages, outcome (protocols/grpc.py)."""
+        readers = cast(list[grpc.MessageStream | None], stream.grpc)
+        max_body = self.limits.max_body_bytes
+        request = readers[C2S] or grpc.MessageStream(grpc.message_encoding(stream.request), max_body)
+        response = readers[S2C] or grpc.MessageStream(grpc.message_encoding(stream.response), max_body)
+        if end == ENDED:
+            request.finish()
+            response.finish()
+        grpc.apply(
+            call,
+            stream.request,
+            stream.response,
+            stream.trailers,
+            request,
+            response,
+            self.limits.grpc_descriptors,
+            stream.response_started,
+        )
+        if stream.reset_code is not None:
+            grpc.reset_outcome(
+                call,
+                error_name(stream.reset_code),
+                stream.reset_by == "client",
+                stream.first_ts[C2S],
+                ts_ns,
+                call.grpc.timeout_ns,
+            )
+        # Compressed messages in a body cannot be redacted: that body is not published (the
+        # first message, decompressed and decoded, is in the GrpcDetail).
+        for message, compressed in ((call.request, request.compressed), (call.response, response.compressed)):
+            if compressed and message.body:
+                message.body_truncated = message.body_size
+                message.body = b""
+                if "body-not-decoded" not in call.notes:
+                    call.notes.append("body-not-decoded")
 
     def _fill_message(
         self,
@@ -1409,6 +1515,15 @@ class Http2Parser:
                 return
             kept = decoded
         message.body = kept
+
+
+def _grpc_answer(stream: H2Stream) -> bool:
+    """The response says gRPC (its content-type, or a grpc-status) though the request's
+    content-type was not read."""
+    content_type = stream.response.get(b"content-type")
+    if content_type is not None and grpc.is_grpc(content_type.decode("latin-1")):
+        return True
+    return b"grpc-status" in stream.trailers or b"grpc-status" in stream.response
 
 
 def _coding(headers: dict[bytes, bytes]) -> str:
