@@ -57,7 +57,7 @@ def record(path: Path, calls: int, window: int = 16) -> int:
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     try:
-        with capture(path, f"tcp port {port}"):
+        with capture(path, f"tcp port {port}", buffer_kib=256 * 1024):
             channel = grpc.insecure_channel(f"127.0.0.1:{port}")
             grpc.channel_ready_future(channel).result(timeout=5)
             method = channel.unary_unary(
