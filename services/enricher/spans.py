@@ -381,15 +381,34 @@ def _split_host(host: str) -> tuple[str, int | None]:
 def _graphql(call: ApiCall) -> SpanShape:
     shape = _http(call)
     operation_type = call.method.lower()
-    shape.name = f"{operation_type} {call.path}".strip() if call.path else operation_type
+    shape.name = f"{operation_type} {call.path}".strip() if call.path else (operation_type or "graphql")
     shape.common.pop("http.request.method", None)
     shape.common.pop("http.request.method_original", None)
-    shape.common["graphql.operation.type"] = operation_type
+    if operation_type:
+        shape.common["graphql.operation.type"] = operation_type
     if call.path:
         shape.common["graphql.operation.name"] = call.path
     shape.client.pop("url.full", None)
     shape.client.pop("url.template", None)
     shape.server.pop("url.path", None)
+    if call.HasField("graphql"):
+        detail = call.graphql
+        if detail.http_version:
+            shape.common["network.protocol.name"] = "http"
+            shape.common["network.protocol.version"] = detail.http_version
+        target, _, query = detail.target.partition("?")
+        if target:
+            shape.server["url.path"] = target
+        if query:
+            shape.server["url.query"] = query
+        if detail.persisted_query_hash:
+            shape.common["trawl.graphql.persisted_query_hash"] = detail.persisted_query_hash
+        if detail.operations > 1:
+            shape.common["trawl.graphql.operations"] = detail.operations
+        if detail.errors and not shape.client_error:
+            # The errors array of a 200 answer: the operation failed, as the call's outcome says.
+            shape.client["error.type"] = shape.server["error.type"] = "graphql_error"
+            shape.client_error = shape.server_error = detail.first_error or "GraphQL error"
     return shape
 
 

@@ -183,6 +183,35 @@ def test_grpc_mapping() -> None:
     assert server.status.status_code == StatusCode.ERROR
 
 
+def test_grpc_cancel_and_deadline_fail_the_client_side_only() -> None:
+    for outcome, reason in (
+        (Outcome.OUTCOME_CANCELLED, "cancelled"),
+        (Outcome.OUTCOME_DEADLINE_EXCEEDED, "deadline_exceeded"),
+    ):
+        call = make_call(protocol="grpc", method="POST", path="/shop.v1.Users/Get", status="", outcome=outcome)
+        client, server = spans_of(call)
+        assert client.status.status_code == StatusCode.ERROR and client.attributes is not None
+        assert client.attributes["error.type"] == reason
+        assert server.status.status_code == StatusCode.UNSET
+
+
+def test_graphql_mapping_names_the_operation_and_fails_on_an_errors_array() -> None:
+    call = make_call(protocol="graphql", method="query", path="GetOrder", status="200", outcome=Outcome.OUTCOME_ERROR)
+    call.graphql.operation_type, call.graphql.operation_name = "query", "GetOrder"
+    call.graphql.http_version, call.graphql.target = "2", "/graphql?op=1"
+    call.graphql.errors, call.graphql.first_error = 1, "the broken field always fails"
+    client, server = spans_of(call)
+    assert client.name == server.name == "query GetOrder"
+    assert client.attributes is not None and server.attributes is not None
+    assert client.attributes["graphql.operation.type"] == "query"
+    assert client.attributes["graphql.operation.name"] == "GetOrder"
+    assert client.attributes["network.protocol.version"] == "2"
+    assert "http.request.method" not in client.attributes
+    assert (server.attributes["url.path"], server.attributes["url.query"]) == ("/graphql", "op=1")
+    assert client.status.status_code == server.status.status_code == StatusCode.ERROR
+    assert client.status.description == "the broken field always fails"
+
+
 def test_redis_kafka_amqp_dns_and_tcp_mappings() -> None:
     redis = make_call(protocol="redis", method="GET", path="session:1", status="ok")
     redis.redis.db = 2
