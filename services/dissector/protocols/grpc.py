@@ -36,6 +36,13 @@ counts (request <= 1 and response <= 1: unary; request > 1 and response <= 1: cl
 request <= 1 and response > 1: server_streaming; both > 1: bidi_streaming; no message either way:
 ""). The inference only sees what was sent: a streaming call that sent one message (or was
 cancelled after one) reads as unary, and a stream cut by the capture's end reads as smaller.
+
+Speed (50,000 grpcio unary calls on one connection, bench/dissect.py's capture, the HTTP/2
+parser fed as TCP delivered it, python 3.11): `MessageStream.feed` reads whole messages at the
+start of a piece without its byte-by-byte state (a unary call's message is one DATA payload), and
+`split_path`, `is_grpc` and `codec` remember their answers for the few values a connection
+repeats; with protobuf.py's encoder kept and one-byte varints read inline, the parser went from
+83 to 74 us per call.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import io
 import json
 import re
@@ -90,6 +98,12 @@ HTTP_TO_STATUS = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503: 14, 
 RESET_TO_STATUS = {"REFUSED_STREAM": 14, "CANCEL": 1, "ENHANCE_YOUR_CALM": 8, "INADEQUATE_SECURITY": 7}
 
 TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
+# What makes a :path not a method's: whitespace (as str.isspace, checked on every code point), a
+# query or a fragment.
+NOT_IN_PATH = re.compile(r"[\s?#]")
+# The pure functions below answer for the few distinct values a connection repeats (its paths,
+# its content-types): they remember that many answers.
+MEMO = 1024
 TIMEOUT_UNITS_NS = {"H": 3_600_000_000_000, "M": 60_000_000_000, "S": 1_000_000_000, "m": 1_000_000, "u": 1_000, "n": 1}
 
 OUTCOMES = {
@@ -99,6 +113,7 @@ OUTCOMES = {
 }
 
 
+@functools.lru_cache(maxsize=MEMO)
 def is_grpc(content_type: str) -> bool:
     """application/grpc, optionally with a codec subtype (+proto, +json, ...) and parameters;
     not gRPC-Web (see the module docstring)."""
@@ -106,6 +121,7 @@ def is_grpc(content_type: str) -> bool:
     return media == GRPC_CONTENT_TYPE or (media.startswith("application/grpc+") and len(media) > 17)
 
 
+@functools.lru_cache(maxsize=MEMO)
 def codec(content_type: str) -> str:
     """The message codec of a gRPC content-type: "proto" (also for plain application/grpc),
     "json", or the subtype as written."""
@@ -114,12 +130,13 @@ def codec(content_type: str) -> str:
     return subtype if plus else "proto"
 
 
+@functools.lru_cache(maxsize=MEMO)
 def split_path(path: str) -> tuple[str, str]:
     """The :path "/pkg.Service/Method" -> ("pkg.Service", "Method"); anything else ("", "")."""
     if not path.startswith("/"):
         return "", ""
     service, slash, method = path[1:].partition("/")
-    if not slash or not service or not method or "/" in method or any(ch.isspace() or ch in "?#" for ch in path):
+    if not slash or not service or not method or "/" in method or NOT_IN_PATH.search(path):
         return "", ""
     return service, method
 
@@ -173,7 +190,10 @@ def trace_bin(value: bytes) -> tuple[str, str] | None:
 
 def message_encoding(headers: dict[bytes, bytes]) -> str:
     """grpc-encoding of a headers block, lower-cased; "" for none or identity."""
-    value = headers.get(b"grpc-encoding", b"").decode("latin-1").strip().lower()
+    raw = headers.get(b"grpc-encoding")
+    if raw is None:
+        return ""
+    value = raw.decode("latin-1").strip().lower()
     return "" if value == "identity" else value
 
 
@@ -326,8 +346,40 @@ class MessageStream:
     def feed(self, data: bytes) -> None:
         if self.stopped or self.finished:
             return
+        position, size = 0, len(data)
+        if not self._in_message and not self._prefix:
+            # The usual piece: whole messages from its start (a unary call's one message in its
+            # DATA frame), read without the byte-by-byte state below. A message that goes on past
+            # this piece, or a compressed first message, is left to it.
+            while size - position >= PREFIX_SIZE:
+                flag = data[position]
+                length = int.from_bytes(data[position + 1 : position + PREFIX_SIZE], "big")
+                if flag > 1:
+                    self._stop("grpc-bad-prefix")
+                    return
+                if length > MAX_MESSAGE_LENGTH:
+                    self._stop("grpc-impossible-length")
+                    return
+                start = position + PREFIX_SIZE
+                if length > size - start:
+                    break
+                first = self.messages == 0 and self.first_message is None
+                if first and flag:
+                    break
+                if first:
+                    limit = self.max_body_bytes
+                    self.first_message = bytes(data[start : start + min(length, limit)])
+                    if length > limit:
+                        self.first_truncated = True
+                        self._note("grpc-message-truncated")
+                self.messages += 1
+                self.message_bytes += length
+                if flag:
+                    self.compressed += 1
+                position = start + length
+            if position == size:
+                return
         view = memoryview(data)
-        position, size = 0, len(view)
         while position < size:
             if not self._in_message:
                 take = min(PREFIX_SIZE - len(self._prefix), size - position)
