@@ -65,7 +65,10 @@ Repeated blocks: a header block that leaves the table unchanged (only indexed fi
 literals without indexing, typical of a connection's second and later responses and trailers)
 decodes to the same fields while the table is unchanged, so each direction keeps the last few
 such blocks and their fields, valid while the table's newest entry (held, so compared by
-identity), its entry count and size are those it was decoded with.
+identity), its entry count and size are those it was decoded with. A remembered block also
+carries what a stream takes from it (the fields as shown, the dict by lower-case name), worked
+out once; the call's header fields go into the record as protobuf bytes remembered per field
+(`_header_wire`), one MergeFromString per message.
 
 Gaps: a hole inside a DATA payload or its padding only shortens the body (note "gap"); anywhere
 else the direction resynchronises on a chain of plausible frame headers (known type, defined
@@ -486,6 +489,64 @@ def _name(name: bytes) -> tuple[str, bytes]:
         if len(_NAMES) < 4096:
             _NAMES[name] = entry
     return entry
+
+
+class _Fields(list[tuple[bytes, bytes]]):
+    """A remembered header block's fields (module docstring, Repeated blocks), with what a
+    stream takes from them worked out once: the fields as shown (placeholders as "[unknown]"),
+    the dict by lower-case name, whether a placeholder was among them."""
+
+    __slots__ = ("shown", "table", "unknown")
+
+    def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
+        super().__init__(fields)
+        self.shown: list[tuple[bytes, bytes]] = []
+        self.table: dict[bytes, bytes] = {}
+        self.unknown = False
+        for name, value in fields:
+            if not name:
+                self.unknown = True
+                self.shown.append((UNKNOWN, value or UNKNOWN))
+                continue
+            lower = _name(name)[1]
+            self.shown.append((name, value))
+            previous = self.table.get(lower)
+            self.table[lower] = value if previous is None else previous + b", " + value
+
+
+# Message.headers entries as protobuf wire bytes (field 4, a Header of name 1 and value 2, text
+# as the fields decode), per (name, value) field up to HEADER_WIRE_FIELD bytes: a call's header
+# fields are a few dozen distinct ones repeated call after call, and one MergeFromString of their
+# bytes costs less than a `headers.add` per field.
+_HEADER_WIRE: dict[tuple[bytes, bytes], bytes] = {}
+HEADER_WIRE_FIELD = 256
+HEADER_WIRE_ENTRIES = 4096
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _header_wire(field: tuple[bytes, bytes]) -> bytes:
+    name, value = field
+    name_text = _name(name)[0].encode()
+    value_text = value.decode("utf-8", "replace").encode()
+    entry = b""
+    if name_text:  # proto3: an empty string is not written
+        entry += b"\x0a" + _varint(len(name_text)) + name_text
+    if value_text:
+        entry += b"\x12" + _varint(len(value_text)) + value_text
+    wire = b"\x22" + _varint(len(entry)) + entry
+    if len(name) + len(value) <= HEADER_WIRE_FIELD:
+        if len(_HEADER_WIRE) >= HEADER_WIRE_ENTRIES:
+            _HEADER_WIRE.clear()
+        _HEADER_WIRE[field] = wire
+    return wire
 
 
 def h2c_request_headers(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -1151,7 +1212,7 @@ class Http2Parser:
         ):
             if len(reader.cache) >= REPEAT_CACHE:
                 reader.cache.clear()
-            reader.cache[block] = fields
+            fields = reader.cache[block] = _Fields(fields)
         return fields
 
     def _header_block(self, direction: Direction, reader: _Reader, block: _Block, ts_ns: int) -> None:
@@ -1313,6 +1374,13 @@ class Http2Parser:
             listing, table = stream.trailer_headers, stream.trailers
         else:
             listing, table = stream.response_headers, stream.response
+        if not listing and not table and isinstance(fields, _Fields) and len(fields) <= MAX_FIELDS:
+            # A remembered block into an empty list and dict (the usual case): worked out already.
+            if fields.unknown:
+                stream.note("hpack-unknown-entry")
+            listing.extend(fields.shown)
+            table.update(fields.table)
+            return
         if len(listing) + len(fields) > MAX_FIELDS:
             # Endless trailers or 1xx blocks on one stream: what fits is kept.
             stream.note("headers-dropped")
@@ -1562,9 +1630,9 @@ class Http2Parser:
         message.ts = stream.first_ts[direction]
         message.end_ts = stream.last_ts[direction]
         message.size = stream.wire[direction]
-        add = message.headers.add
-        for name, value in fields:
-            add(name=_name(name)[0], value=value.decode("utf-8", "replace"))
+        if fields:
+            known = _HEADER_WIRE
+            message.MergeFromString(b"".join([known.get(field) or _header_wire(field) for field in fields]))
         body_size = stream.data_bytes[direction]
         message.body_size = body_size
         kept = bytes(stream.bodies[direction])
