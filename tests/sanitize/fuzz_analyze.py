@@ -1,7 +1,7 @@
 """Bounded mutation fuzz of `trawl analyze --json` over every committed capture.
 
-Each mutant is a committed capture (tests/fixtures/*.pcap, tests/fixtures/hard/*, and
-../shared/pcaps/**/*.pcap* when present) changed by one to three operations: byte flips
+Each mutant is a committed capture (tests/fixtures/*.pcap, tests/fixtures/hard/*,
+tests/fixtures/http2/*.pcap and ../shared/pcaps/**/*.pcap* when present) changed by one to three operations: byte flips
 anywhere, byte flips and boundary values inside one packet, truncation, a record length
 (pcap `incl_len`/`orig_len`, pcapng block and captured lengths) set to a boundary value, and
 records spliced in from another capture, duplicated, dropped or swapped. Mutant `i` of seed `s`
@@ -81,6 +81,7 @@ def committed_captures(root: Path = ROOT) -> list[Path]:
     """The captures to mutate, in a fixed order (the mutant numbering depends on it)."""
     found = sorted((root / "tests" / "fixtures").glob("*.pcap"))
     found += sorted(path for path in (root / "tests" / "fixtures" / "hard").iterdir() if path.is_file())
+    found += sorted((root / "tests" / "fixtures" / "http2").glob("*.pcap"))
     shared = root.parent / "shared" / "pcaps"
     if shared.is_dir():
         found += sorted(path for path in shared.rglob("*.pcap*") if path.is_file())
