@@ -593,7 +593,9 @@ def _status(
     http_status = _text(response_headers.get(b":status", b"")).strip()
     if response_seen and http_status and http_status != "200":
         call.outcome = Outcome.OUTCOME_ERROR
-        detail.status_code = HTTP_TO_STATUS.get(int(http_status) if http_status.isdigit() else 0, UNKNOWN)
+        # isascii: str.isdigit also takes "²" (a latin-1 byte 0xb2), which int() refuses.
+        digits = http_status.isascii() and http_status.isdigit()
+        detail.status_code = HTTP_TO_STATUS.get(int(http_status) if digits else 0, UNKNOWN)
         _note(call, "grpc-status-from-http")
     elif response_seen and call.HasField("http2") and call.http2.response_end_stream:
         call.outcome = Outcome.OUTCOME_ERROR
