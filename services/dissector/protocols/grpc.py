@@ -493,11 +493,14 @@ def apply(
     response never came or never ended (then status_code stays 0).
     """
     detail = call.grpc
-    path = _text(request_headers.get(b":path", b""))
-    call.method = _text(request_headers.get(b":method", b"POST")) or "POST"
+    path = request_headers.get(b":path", b"").decode("latin-1")
+    call.method = request_headers.get(b":method", b"POST").decode("latin-1") or "POST"
     call.path = path
-    detail.service, detail.method = split_path(path)
-    detail.content_type = _text(request_headers.get(b"content-type", b""))
+    service, method = split_path(path)
+    detail.service = service
+    detail.method = method
+    content_type = request_headers.get(b"content-type", b"").decode("latin-1")
+    detail.content_type = content_type
     detail.request_encoding = message_encoding(request_headers)
     detail.response_encoding = message_encoding(response_headers)
     detail.request_messages = request.messages
@@ -514,9 +517,9 @@ def apply(
         else:
             detail.timeout_ns = timeout_ns
 
-    method_info = descriptors.method(detail.service, detail.method) if descriptors is not None else None
+    method_info = descriptors.method(service, method) if descriptors is not None else None
     detail.call_type = method_info.call_type if method_info is not None else _call_type(request, response)
-    message_codec = codec(detail.content_type)
+    message_codec = codec(content_type)
     if request.first_message is not None:
         detail.request_message = _message_text(
             request, message_codec, descriptors, method_info.input_type if method_info else None
@@ -531,7 +534,7 @@ def apply(
 
     _status(call, response_headers, trailers, response_seen)
 
-    if not call.trace_id and (value := request_headers.get(b"grpc-trace-bin")) is not None:
+    if (value := request_headers.get(b"grpc-trace-bin")) is not None and not call.trace_id:
         ids = trace_bin(value)
         if ids is not None:
             call.trace_id, call.parent_span_id = ids
@@ -577,16 +580,11 @@ def _status(
     if message is not None:
         detail.status_message = status_message(message.decode("utf-8", "replace"))
     if raw is not None:
-        text = _text(raw).strip()
-        if text.isascii() and text.isdigit() and len(text) <= 10:
-            code = int(text)
-            call.status = str(code)
-            detail.status_code = code
-            call.outcome = OUTCOMES.get(code, Outcome.OUTCOME_ERROR)
-        else:
-            call.status = text[:32]
-            detail.status_code = UNKNOWN
-            call.outcome = Outcome.OUTCOME_ERROR
+        status, code, outcome, valid = _grpc_status(raw)
+        call.status = status
+        detail.status_code = code
+        call.outcome = outcome
+        if not valid:
             _note(call, "grpc-bad-status")
         return
     call.status = ""
@@ -603,6 +601,18 @@ def _status(
         _note(call, "grpc-status-missing")
     else:
         call.outcome = Outcome.OUTCOME_NO_RESPONSE
+
+
+@functools.lru_cache(maxsize=MEMO)
+def _grpc_status(raw: bytes) -> tuple[str, int, Outcome.ValueType, bool]:
+    """A grpc-status value: (the call's status, grpc.status_code, outcome, whether it is a
+    number); not a number is UNKNOWN with the text as written (at most 32 characters) as the
+    status."""
+    text = raw.decode("latin-1").strip()
+    if text.isascii() and text.isdigit() and len(text) <= 10:
+        code = int(text)
+        return str(code), code, OUTCOMES.get(code, Outcome.OUTCOME_ERROR), True
+    return text[:32], UNKNOWN, Outcome.OUTCOME_ERROR, False
 
 
 def _call_type(request: MessageStream, response: MessageStream) -> str:

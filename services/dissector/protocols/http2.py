@@ -1429,8 +1429,9 @@ class Http2Parser:
             self._complete(stream, REFUSED, ts_ns)
 
     def _end_stream(self, stream: H2Stream, direction: Direction, ts_ns: int) -> None:
-        stream.end_stream[direction] = True
-        if stream.end_stream[direction.reverse]:
+        end_stream = stream.end_stream
+        end_stream[direction] = True
+        if end_stream[1 - direction]:
             self._complete(stream, ENDED, ts_ns)
 
     def _forget_table(self, reader: _Reader) -> None:
@@ -1484,16 +1485,17 @@ class Http2Parser:
         protocol = "http2" if stream.grpc is None else "grpc"  # the one place a call's protocol is chosen
         call = new_call(self.flow, protocol, stream.first_ts[C2S], stream.ordinal)
         request, response = stream.request, stream.response
-        value = request.get(b":method")
-        if value is not None:
-            call.method = value.decode("latin-1")
-        value = request.get(b":path")
-        if value is not None:
-            call.path = value.decode("utf-8", "replace")
         status_text = response.get(b":status", b"")
         status = int(status_text) if status_text.isdigit() and len(status_text) == 3 else 0
-        if status_text:
-            call.status = status_text.decode("latin-1")
+        if stream.grpc is None:  # grpc.apply sets these three its own way
+            value = request.get(b":method")
+            if value is not None:
+                call.method = value.decode("latin-1")
+            value = request.get(b":path")
+            if value is not None:
+                call.path = value.decode("utf-8", "replace")
+            if status_text:
+                call.status = status_text.decode("latin-1")
         detail = call.http
         detail.version = "2"
         value = request.get(b":authority") or request.get(b"host")
@@ -1525,23 +1527,33 @@ class Http2Parser:
         for status_value in stream.interim:
             call.response.headers.add(name=":status", value=status_value.decode("latin-1"))
         h2 = call.http2
-        h2.stream_id = stream.stream_id
-        h2.pushed = stream.pushed
-        h2.parent_stream_id = stream.parent_stream_id
+        h2.stream_id = stream.stream_id  # never 0: the detail is present
+        # Zeros and False are proto3's defaults: left unset, the record is the same.
+        if stream.pushed:
+            h2.pushed = True
+            h2.parent_stream_id = stream.parent_stream_id
         if stream.reset_code is not None:
             h2.reset_error = error_name(stream.reset_code)
             h2.reset_by = stream.reset_by
         if stream.goaway_code is not None:
             h2.goaway_error = error_name(stream.goaway_code)
-        h2.request_end_stream = stream.end_stream[C2S]
-        h2.response_end_stream = stream.end_stream[S2C]
-        h2.request_frames = stream.frames[C2S]
-        h2.response_frames = stream.frames[S2C]
-        h2.request_header_bytes = stream.header_bytes[C2S]
-        h2.response_header_bytes = stream.header_bytes[S2C]
-        h2.trailers = stream.trailers_seen
-        h2.padding = stream.padding
-        h2.upgraded = stream.upgraded
+        end_stream, frames, header_bytes = stream.end_stream, stream.frames, stream.header_bytes
+        if end_stream[C2S]:
+            h2.request_end_stream = True
+        if end_stream[S2C]:
+            h2.response_end_stream = True
+        h2.request_frames = frames[C2S]
+        if frames[S2C]:
+            h2.response_frames = frames[S2C]
+        h2.request_header_bytes = header_bytes[C2S]
+        if header_bytes[S2C]:
+            h2.response_header_bytes = header_bytes[S2C]
+        if stream.trailers_seen:
+            h2.trailers = True
+        if stream.padding:
+            h2.padding = stream.padding
+        if stream.upgraded:
+            h2.upgraded = True
         response_ts = stream.first_ts[S2C] if stream.response_started else None
         if end == ENDED or (end == RESET and stream.end_stream[S2C] and stream.response_started):
             finish_call(call, response_ts, error=status >= 500)
@@ -1611,6 +1623,8 @@ class Http2Parser:
             )
         # Compressed messages in a body cannot be redacted: that body is not published (the
         # first message, decompressed and decoded, is in the GrpcDetail).
+        if not request.compressed and not response.compressed:
+            return
         for message, compressed in ((call.request, request.compressed), (call.response, response.compressed)):
             if compressed and message.body:
                 message.body_truncated = message.body_size
