@@ -58,7 +58,7 @@ import zlib
 from collections.abc import Callable
 from urllib.parse import unquote
 
-from trawl.dissector.protobuf import DescriptorSet, decode_schemaless, to_json_text
+from trawl.dissector.protobuf import DescriptorSet, schemaless_json_text, to_json_text
 from trawl.v1.calls_pb2 import ApiCall, Outcome
 
 GRPC_CONTENT_TYPE = "application/grpc"
@@ -323,6 +323,25 @@ class MessageStream:
     message), grpc-compressed-unknown-encoding, grpc-compressed-without-encoding (the flag set
     without a grpc-encoding), grpc-decompress-failed, grpc-message-truncated (the first message,
     after decompression, is longer than max_body_bytes)."""
+
+    __slots__ = (
+        "_collector",
+        "_flag",
+        "_in_message",
+        "_length",
+        "_prefix",
+        "_remaining",
+        "compressed",
+        "encoding",
+        "finished",
+        "first_message",
+        "first_truncated",
+        "max_body_bytes",
+        "message_bytes",
+        "messages",
+        "notes",
+        "stopped",
+    )
 
     def __init__(self, encoding: str, max_body_bytes: int) -> None:
         encoding = encoding.strip().lower()
@@ -629,6 +648,7 @@ def _message_text(
 ) -> str:
     """The first message as JSON text, bounded by the stream's max_body_bytes."""
     data = stream.first_message or b""
+    max_chars = max(64, stream.max_body_bytes)
     value: object
     if message_codec == "json":
         try:
@@ -639,10 +659,12 @@ def _message_text(
         decoded = None
         if descriptors is not None and type_name and not stream.first_truncated:
             decoded = descriptors.decode(type_name, data)
-        value = decoded if decoded is not None else decode_schemaless(data)
+        if decoded is None:
+            return schemaless_json_text(data, max_chars)
+        value = decoded
     else:
         return ""  # a codec Trawl cannot read (thrift, flatbuffers...)
-    return to_json_text(value, max(64, stream.max_body_bytes))
+    return to_json_text(value, max_chars)
 
 
 def _text(value: bytes) -> str:

@@ -496,13 +496,15 @@ class _Fields(list[tuple[bytes, bytes]]):
     stream takes from them worked out once: the fields as shown (placeholders as "[unknown]"),
     the dict by lower-case name, whether a placeholder was among them."""
 
-    __slots__ = ("shown", "table", "unknown")
+    __slots__ = ("has_method", "shown", "status", "table", "unknown")
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         super().__init__(fields)
         self.shown: list[tuple[bytes, bytes]] = []
         self.table: dict[bytes, bytes] = {}
         self.unknown = False
+        self.has_method = any(name == b":method" for name, _ in fields)
+        self.status = _status_field(fields)
         for name, value in fields:
             if not name:
                 self.unknown = True
@@ -512,6 +514,14 @@ class _Fields(list[tuple[bytes, bytes]]):
             self.shown.append((name, value))
             previous = self.table.get(lower)
             self.table[lower] = value if previous is None else previous + b", " + value
+
+
+def _status_field(fields: list[tuple[bytes, bytes]]) -> bytes:
+    """The first :status field's value, b"" without one."""
+    for name, value in fields:
+        if name == b":status":
+            return value
+    return b""
 
 
 # Message.headers entries as protobuf wire bytes (field 4, a Header of name 1 and value 2, text
@@ -1263,7 +1273,9 @@ class Http2Parser:
                 if self.ids_uncertain:
                     self._count("http2_unknown_stream_frames")
                     return
-            elif not any(name == b":method" for name, _ in fields):
+            elif not (
+                fields.has_method if isinstance(fields, _Fields) else any(name == b":method" for name, _ in fields)
+            ):
                 self._count("http2_unknown_stream_frames")
                 return
             if len(self.streams) >= self.limits.max_pending_requests:
@@ -1333,10 +1345,7 @@ class Http2Parser:
         if not stream.response_started:
             status = b""
             if fields is not None:
-                for name, value in fields:
-                    if name == b":status":
-                        status = value
-                        break
+                status = fields.status if isinstance(fields, _Fields) else _status_field(fields)
             if len(status) == 3 and status[:1] == b"1" and status != b"101" and not block.end_stream:
                 # An interim response (100 Continue, 103 Early Hints): noted, not the answer.
                 if len(stream.interim) < MAX_INTERIM:
