@@ -295,6 +295,7 @@ class H2Stream:
         "goaway_code",
         "grpc",
         "header_bytes",
+        "header_wire",
         "interim",
         "last_ts",
         "max_body",
@@ -335,6 +336,9 @@ class H2Stream:
         self.first_ts = [request_ts_ns, 0]
         self.last_ts = [request_ts_ns, 0]
         self.wire = [0, 0]  # frame bytes on the wire, 9-byte headers included
+        # Per direction, the record's header entries as protobuf bytes, one piece per remembered
+        # block taken whole (`_Fields.wire`); None once a block was taken field by field.
+        self.header_wire: list[list[bytes] | None] = [[], []]
         self.frames = [0, 0]  # HEADERS, CONTINUATION and DATA frames
         self.header_bytes = [0, 0]  # HPACK block bytes, trailers included
         self.end_stream = [False, False]
@@ -496,7 +500,7 @@ class _Fields(list[tuple[bytes, bytes]]):
     stream takes from them worked out once: the fields as shown (placeholders as "[unknown]"),
     the dict by lower-case name, whether a placeholder was among them."""
 
-    __slots__ = ("has_method", "shown", "status", "table", "unknown")
+    __slots__ = ("has_method", "shown", "status", "table", "unknown", "wire")
 
     def __init__(self, fields: list[tuple[bytes, bytes]]) -> None:
         super().__init__(fields)
@@ -505,6 +509,7 @@ class _Fields(list[tuple[bytes, bytes]]):
         self.unknown = False
         self.has_method = any(name == b":method" for name, _ in fields)
         self.status = _status_field(fields)
+        self.wire: bytes | None = None  # the shown fields as Message.headers bytes, once asked for
         for name, value in fields:
             if not name:
                 self.unknown = True
@@ -1389,7 +1394,15 @@ class Http2Parser:
                 stream.note("hpack-unknown-entry")
             listing.extend(fields.shown)
             table.update(fields.table)
+            pieces = stream.header_wire[direction]
+            if pieces is not None:
+                wire = fields.wire
+                if wire is None:
+                    known = _HEADER_WIRE
+                    wire = fields.wire = b"".join([known.get(field) or _header_wire(field) for field in fields.shown])
+                pieces.append(wire)
             return
+        stream.header_wire[direction] = None
         if len(listing) + len(fields) > MAX_FIELDS:
             # Endless trailers or 1xx blocks on one stream: what fits is kept.
             stream.note("headers-dropped")
@@ -1653,7 +1666,11 @@ class Http2Parser:
         message.ts = stream.first_ts[direction]
         message.end_ts = stream.last_ts[direction]
         message.size = stream.wire[direction]
-        if fields:
+        pieces = stream.header_wire[direction]
+        if pieces is not None:
+            if pieces:
+                message.MergeFromString(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        elif fields:
             known = _HEADER_WIRE
             message.MergeFromString(b"".join([known.get(field) or _header_wire(field) for field in fields]))
         body_size = stream.data_bytes[direction]
