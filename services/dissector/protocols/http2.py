@@ -336,9 +336,10 @@ class H2Stream:
         self.first_ts = [request_ts_ns, 0]
         self.last_ts = [request_ts_ns, 0]
         self.wire = [0, 0]  # frame bytes on the wire, 9-byte headers included
-        # Per direction, the record's header entries as protobuf bytes, one piece per remembered
-        # block taken whole (`_Fields.wire`); None once a block was taken field by field.
-        self.header_wire: list[list[bytes] | None] = [[], []]
+        # Per direction, the record's header entries as protobuf bytes, the remembered blocks
+        # taken whole (`_Fields.wire`) one after the other; None once a block was taken field by
+        # field.
+        self.header_wire: list[bytes | None] = [b"", b""]
         self.frames = [0, 0]  # HEADERS, CONTINUATION and DATA frames
         self.header_bytes = [0, 0]  # HPACK block bytes, trailers included
         self.end_stream = [False, False]
@@ -1122,7 +1123,16 @@ class Http2Parser:
         fragment = buf[start + 5 if flags & PRIORITY_FLAG else start : end - pad]
         block = _Block(HEADERS, stream_id, 0, bool(flags & END_STREAM), ts_ns)
         block.padding = pad
-        self._fragment(direction, reader, block, fragment, length, bool(flags & END_HEADERS), ts_ns)
+        if flags & END_HEADERS:
+            # The whole block in this frame (the usual case): what _fragment would do, within the
+            # hard bound since the frame is (the reader skips larger ones).
+            block.frames = 1
+            block.wire = 9 + length
+            block.size = len(fragment)
+            block.fragments.append(fragment)
+            self._header_block(direction, reader, block, ts_ns)
+            return
+        self._fragment(direction, reader, block, fragment, length, False, ts_ns)
 
     def _frame(
         self,
@@ -1209,21 +1219,23 @@ class Http2Parser:
         """hpack's decoding, with the direction's repeated blocks remembered (module docstring)."""
         table = reader.decoder.header_table
         entries = table.dynamic_entries
-        state = (entries[0] if entries else None, len(entries), table.maxsize)
+        newest = entries[0] if entries else None
+        count = len(entries)
+        size = table.maxsize
         cached = reader.cache_state
-        if state[0] is cached[0] and state[1] == cached[1] and state[2] == cached[2]:
+        if newest is cached[0] and count == cached[1] and size == cached[2]:
             fields = reader.cache.get(block)
             if fields is not None:
                 return fields
         else:
             reader.cache.clear()
-            reader.cache_state = state
+            reader.cache_state = (newest, count, size)
         fields = cast(list[tuple[bytes, bytes]], reader.decoder.decode(block, raw=True))
         if (
             len(block) <= REPEAT_BLOCK
-            and (entries[0] if entries else None) is state[0]
-            and len(entries) == state[1]
-            and table.maxsize == state[2]
+            and (entries[0] if entries else None) is newest
+            and len(entries) == count
+            and table.maxsize == size
         ):
             if len(reader.cache) >= REPEAT_CACHE:
                 reader.cache.clear()
@@ -1394,13 +1406,13 @@ class Http2Parser:
                 stream.note("hpack-unknown-entry")
             listing.extend(fields.shown)
             table.update(fields.table)
-            pieces = stream.header_wire[direction]
-            if pieces is not None:
+            taken = stream.header_wire[direction]
+            if taken is not None:
                 wire = fields.wire
                 if wire is None:
                     known = _HEADER_WIRE
                     wire = fields.wire = b"".join([known.get(field) or _header_wire(field) for field in fields.shown])
-                pieces.append(wire)
+                stream.header_wire[direction] = taken + wire  # b"" + wire is wire itself
             return
         stream.header_wire[direction] = None
         if len(listing) + len(fields) > MAX_FIELDS:
@@ -1666,10 +1678,10 @@ class Http2Parser:
         message.ts = stream.first_ts[direction]
         message.end_ts = stream.last_ts[direction]
         message.size = stream.wire[direction]
-        pieces = stream.header_wire[direction]
-        if pieces is not None:
-            if pieces:
-                message.MergeFromString(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        taken = stream.header_wire[direction]
+        if taken is not None:
+            if taken:
+                message.MergeFromString(taken)
         elif fields:
             known = _HEADER_WIRE
             message.MergeFromString(b"".join([known.get(field) or _header_wire(field) for field in fields]))
