@@ -1501,11 +1501,15 @@ class Http2Parser:
             None,
         ]
         stream.grpc = readers
+        # The response's dict, not the stream: a closure holding the stream would make a cycle
+        # (stream -> data_sink -> stream) that only the garbage collector frees, and every call
+        # would wait for it (the dict is filled in place, never replaced).
+        response = stream.response
 
         def feed(direction: Direction, payload: bytes) -> None:
             reader = readers[direction]
             if reader is None:
-                reader = readers[direction] = grpc.MessageStream(grpc.message_encoding(stream.response), max_body)
+                reader = readers[direction] = grpc.MessageStream(grpc.message_encoding(response), max_body)
             reader.feed(payload)
 
         stream.data_sink = feed
