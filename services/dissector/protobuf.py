@@ -112,19 +112,19 @@ def _schemaless_text(data: bytes, max_depth: int, max_fields: int) -> str:
     return text
 
 
+# '"n":' for the field numbers most messages use.
+_KEYS = tuple(f'"{number}":' for number in range(64))
+
+
 def _object(values: dict[int, str | list[str]]) -> str:
     """A message's fields (JSON texts by field number) as a JSON object: a field seen more than
     once is the list of its values."""
-    return (
-        "{"
-        + ",".join(
-            [
-                f'"{number}":{value}' if type(value) is str else f'"{number}":[{",".join(value)}]'
-                for number, value in values.items()
-            ]
-        )
-        + "}"
-    )
+    keys = _KEYS
+    parts = []
+    for number, value in values.items():
+        key = keys[number] if number < 64 else f'"{number}":'
+        parts.append(key + value if type(value) is str else key + "[" + ",".join(value) + "]")
+    return "{" + ",".join(parts) + "}"
 
 
 def _fields(
@@ -164,7 +164,22 @@ def _fields(
                     size, offset = _varint(data, offset, end)
                 if size > end - offset:
                     raise _Stop
-                value = _length_delimited(data, offset, offset + size, depth, max_depth, budget)
+                if size:
+                    # Read here, not in a function: most length-delimited fields are strings.
+                    stop = offset + size
+                    raw = data[offset:stop]
+                    try:
+                        text = raw.decode("utf-8")
+                    except UnicodeDecodeError:
+                        text = None
+                    if text is not None and (
+                        text.isprintable() or all(ch.isprintable() or ch in _TEXT_CONTROLS for ch in text)
+                    ):
+                        value = encode_basestring(text)
+                    else:
+                        value = _nested_or_bytes(data, raw, offset, stop, depth, max_depth, budget)
+                else:
+                    value = '""'
                 offset += size
             elif wire_type == 0:
                 if offset < end and data[offset] < 0x80:
@@ -223,16 +238,9 @@ def _varint(data: bytes, offset: int, end: int) -> tuple[int, int]:
         shift += 7
 
 
-def _length_delimited(data: bytes, start: int, end: int, depth: int, max_depth: int, budget: _Budget) -> str:
-    if start == end:
-        return '""'
-    raw = data[start:end]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        text = None
-    if text is not None and (text.isprintable() or all(ch.isprintable() or ch in _TEXT_CONTROLS for ch in text)):
-        return encode_basestring(text)
+def _nested_or_bytes(data: bytes, raw: bytes, start: int, end: int, depth: int, max_depth: int, budget: _Budget) -> str:
+    """A length-delimited value `raw` (= data[start:end]) that is not text: a nested message
+    when it parses as one to its end and the depth allows, else its bytes."""
     if depth < max_depth:
         nested: dict[int, str | list[str]] = {}
         try:

@@ -55,6 +55,7 @@ import functools
 import io
 import json
 import re
+import struct
 import zlib
 from collections.abc import Callable
 from urllib.parse import unquote
@@ -64,6 +65,7 @@ from trawl.v1.calls_pb2 import ApiCall, Outcome
 
 GRPC_CONTENT_TYPE = "application/grpc"
 PREFIX_SIZE = 5
+PREFIX = struct.Struct(">BL")  # compressed flag, message length
 # grpc-core, grpc-go and grpc-java take message lengths as signed 32-bit: larger is not gRPC.
 MAX_MESSAGE_LENGTH = (1 << 31) - 1
 
@@ -372,8 +374,7 @@ class MessageStream:
             # DATA frame), read without the byte-by-byte state below. A message that goes on past
             # this piece, or a compressed first message, is left to it.
             while size - position >= PREFIX_SIZE:
-                flag = data[position]
-                length = int.from_bytes(data[position + 1 : position + PREFIX_SIZE], "big")
+                flag, length = PREFIX.unpack_from(data, position)
                 if flag > 1:
                     self._stop("grpc-bad-prefix")
                     return
