@@ -701,7 +701,10 @@ class Http2Parser:
         else:
             reader.buf = data
         self._run(direction, reader, ts_ns)
-        return self._take()
+        out = self.out
+        if out:
+            self.out = []
+        return out
 
     def gap(self, direction: Direction, size: int, ts_ns: int) -> list[ApiCall]:
         reader = self.readers[direction]
@@ -1564,11 +1567,11 @@ class Http2Parser:
                 trace_context(call, request)
                 break
         self._fill_message(
-            call, call.request, stream, C2S, stream.request_headers + stream.request_trailer_headers, _coding(request)
+            call, call.request, stream, C2S, (stream.request_headers, stream.request_trailer_headers), _coding(request)
         )
         if stream.first_ts[S2C]:
             self._fill_message(
-                call, call.response, stream, S2C, stream.response_headers + stream.trailer_headers, response_coding
+                call, call.response, stream, S2C, (stream.response_headers, stream.trailer_headers), response_coding
             )
         for status_value in stream.interim:
             call.response.headers.add(name=":status", value=status_value.decode("latin-1"))
@@ -1684,9 +1687,10 @@ class Http2Parser:
         message: Message,
         stream: H2Stream,
         direction: Direction,
-        fields: list[tuple[bytes, bytes]],
+        header_lists: tuple[list[tuple[bytes, bytes]], list[tuple[bytes, bytes]]],
         encoding: str,
     ) -> None:
+        """`header_lists`: the headers and the trailers, in that order."""
         message.ts = stream.first_ts[direction]
         message.end_ts = stream.last_ts[direction]
         message.size = stream.wire[direction]
@@ -1694,9 +1698,11 @@ class Http2Parser:
         if taken is not None:
             if taken:
                 message.MergeFromString(taken)
-        elif fields:
+        elif header_lists[0] or header_lists[1]:
             known = _HEADER_WIRE
-            message.MergeFromString(b"".join([known.get(field) or _header_wire(field) for field in fields]))
+            message.MergeFromString(
+                b"".join([known.get(field) or _header_wire(field) for fields in header_lists for field in fields])
+            )
         body_size = stream.data_bytes[direction]
         message.body_size = body_size
         kept = bytes(stream.bodies[direction])
