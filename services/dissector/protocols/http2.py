@@ -98,20 +98,22 @@ headers are known (the place to attach one).
 
 Speed (this shared 2-core machine, python 3.11, best of 5, the parser alone fed the bytes as
 TCP delivered them, calls built). 50,000 grpcio unary calls on one connection (the capture of
-bench/dissect.py --grpc): 40 us per call, about 25,000 calls/s (98 us before the work listed
-below); the whole dissection stage there (Dissector.feed, bench/dissect.py) 62 us per call
-(130 before). 1000 GETs with small JSON answers on one h2-made connection: 20 us per call (36
-before). h2_hypercorn_httpx.pcap, five calls whose blocks are all new: 104 us per call, most of
-it hpack's decoding of new blocks (14 us for an 8-field block of indexed fields, 38 us for a
-first block of literals). What paid, on the gRPC capture: HEADERS, CONTINUATION and whole DATA
-frames read without hyperframe objects or the reader's state machine (98 -> 83 us); the gRPC
-layer's shortcuts (grpc.py, protobuf.py: 83 -> 74, later 50 -> 49); a remembered block
-carrying a stream's dict and list and the record's header bytes (74 -> 60, later 49 -> 48);
-fewer steps building the record (60 -> 50); a HEADERS frame straight to its decoding (48 ->
-46); and no reference cycle per gRPC stream (46 -> 40.5: the garbage collector's whole share,
-the time is the same with it disabled). Where the rest goes (py-spy): the first messages as JSON
-text about 15%, new_call and finish_call (calls.py) about 8%, then a flat spread of frame and
-block reading, stream and message-reader set-up and the record's fields.
+bench/dissect.py --grpc): 39 us per call, about 25,000 calls/s (98 us before the work listed
+below); the whole dissection stage there (Dissector.feed, bench/dissect.py) 62 us per call,
+about 16,000 calls/s (128 before), and `trawl analyze --json` of that capture 3.7 s (8.6
+before; tshark -Y grpc -T fields 5.6 s). 1000 GETs with small JSON answers on one h2-made
+connection: 20 us per call (36 before). h2_hypercorn_httpx.pcap, five calls whose blocks are all
+new: 104 us per call, most of it hpack's decoding of new blocks (14 us for an 8-field block of
+indexed fields, 38 us for a first block of literals). What paid, on the gRPC capture: HEADERS,
+CONTINUATION and whole DATA frames read without hyperframe objects or the reader's state
+machine (98 -> 83 us); the gRPC layer's shortcuts (grpc.py, protobuf.py: 83 -> 74, later 50 ->
+49 and 40.5 -> 39.7); a remembered block carrying a stream's dict and list and the record's
+header bytes (74 -> 60, later 49 -> 48); fewer steps building the record (60 -> 50); a HEADERS
+frame straight to its decoding (48 -> 46); no reference cycle per gRPC stream (46 -> 40.5: the
+garbage collector's whole share, the time is the same with it disabled); header lists joined
+only when needed (39.7 -> 38.9). Where the rest goes (py-spy): the first messages as JSON text
+about 15%, new_call and finish_call (calls.py) about 8%, then a flat spread of frame and block
+reading, stream and message-reader set-up and the record's fields.
 """
 
 from __future__ import annotations
