@@ -58,6 +58,7 @@ import re
 import struct
 import zlib
 from collections.abc import Callable
+from typing import TypeVar
 from urllib.parse import unquote
 
 from trawl.dissector.protobuf import DescriptorSet, schemaless_json_text, to_json_text
@@ -105,9 +106,35 @@ TIMEOUT = re.compile(r"([0-9]{1,8})([HMSmun])")
 # query or a fragment.
 NOT_IN_PATH = re.compile(r"[\s?#]")
 # The pure functions below answer for the few distinct values a connection repeats (its paths,
-# its content-types): they remember that many answers.
+# its content-types, its grpc-status values): they remember that many answers, for values no
+# longer than MEMO_LENGTH (a header value may be kilobytes long: memory stays small).
 MEMO = 1024
+MEMO_LENGTH = 256
 TIMEOUT_UNITS_NS = {"H": 3_600_000_000_000, "M": 60_000_000_000, "S": 1_000_000_000, "m": 1_000_000, "u": 1_000, "n": 1}
+
+_Key = TypeVar("_Key", str, bytes)
+_Answer = TypeVar("_Answer")
+_MISSING = object()
+
+
+def _remembered(function: Callable[[_Key], _Answer]) -> Callable[[_Key], _Answer]:
+    """`function` (pure, of one str or bytes) with its answers for values of at most MEMO_LENGTH
+    remembered, at most MEMO of them (all forgotten when full)."""
+    answers: dict[_Key, _Answer] = {}
+
+    @functools.wraps(function)
+    def remembered(value: _Key) -> _Answer:
+        answer = answers.get(value, _MISSING)
+        if answer is _MISSING:
+            answer = function(value)
+            if len(value) <= MEMO_LENGTH:
+                if len(answers) >= MEMO:
+                    answers.clear()
+                answers[value] = answer
+        return answer  # type: ignore[return-value]
+
+    return remembered
+
 
 OUTCOMES = {
     0: Outcome.OUTCOME_OK,
@@ -116,7 +143,7 @@ OUTCOMES = {
 }
 
 
-@functools.lru_cache(maxsize=MEMO)
+@_remembered
 def is_grpc(content_type: str) -> bool:
     """application/grpc, optionally with a codec subtype (+proto, +json, ...) and parameters;
     not gRPC-Web (see the module docstring)."""
@@ -124,7 +151,7 @@ def is_grpc(content_type: str) -> bool:
     return media == GRPC_CONTENT_TYPE or (media.startswith("application/grpc+") and len(media) > 17)
 
 
-@functools.lru_cache(maxsize=MEMO)
+@_remembered
 def codec(content_type: str) -> str:
     """The message codec of a gRPC content-type: "proto" (also for plain application/grpc),
     "json", or the subtype as written."""
@@ -133,7 +160,7 @@ def codec(content_type: str) -> str:
     return subtype if plus else "proto"
 
 
-@functools.lru_cache(maxsize=MEMO)
+@_remembered
 def split_path(path: str) -> tuple[str, str]:
     """The :path "/pkg.Service/Method" -> ("pkg.Service", "Method"); anything else ("", "")."""
     if not path.startswith("/"):
@@ -624,7 +651,7 @@ def _status(
         call.outcome = Outcome.OUTCOME_NO_RESPONSE
 
 
-@functools.lru_cache(maxsize=MEMO)
+@_remembered
 def _grpc_status(raw: bytes) -> tuple[str, int, Outcome.ValueType, bool]:
     """A grpc-status value: (the call's status, grpc.status_code, outcome, whether it is a
     number); not a number is UNKNOWN with the text as written (at most 32 characters) as the

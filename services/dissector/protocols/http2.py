@@ -169,6 +169,10 @@ MAX_CONTROL_FRAME = 64 * 1024  # SETTINGS, RST_STREAM, GOAWAY bodies larger are 
 RESYNC_WINDOW = 64 * 1024  # bytes a resynchronisation may hold while a chain completes
 REPEAT_CACHE = 4  # repeated header blocks remembered per direction...
 REPEAT_BLOCK = 1024  # ...if no longer than this
+# A remembered block's fields get what a stream takes from them worked out (`_Fields`, about
+# three times their size) up to this many bytes of names and values; larger ones are taken field
+# by field each time (a short block may index table entries of kilobytes).
+REPEAT_FIELDS = 16 * 1024
 MAX_FIELDS = 1024  # header fields kept per stream and list (request, response, trailers)
 MAX_INTERIM = 8  # 1xx responses kept per stream
 
@@ -1252,7 +1256,9 @@ class Http2Parser:
         ):
             if len(reader.cache) >= REPEAT_CACHE:
                 reader.cache.clear()
-            fields = reader.cache[block] = _Fields(fields)
+            if sum(len(name) + len(value) for name, value in fields) <= REPEAT_FIELDS:
+                fields = _Fields(fields)
+            reader.cache[block] = fields
         return fields
 
     def _header_block(self, direction: Direction, reader: _Reader, block: _Block, ts_ns: int) -> None:
