@@ -8,6 +8,7 @@ CONTINUATION, table size changes, trailers, resets, GOAWAY, push)."""
 from __future__ import annotations
 
 import base64
+import gc
 import gzip
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -795,3 +796,19 @@ def test_spec_is_registered() -> None:
     assert http2.SPEC in registry.tcp_specs()
     assert http2.SPEC.name == "http2" and 50051 in http2.SPEC.ports
     assert Path(http2.__file__).name == "http2.py"
+
+
+def test_finished_streams_are_freed_without_the_garbage_collector() -> None:
+    """A stream, its message readers and header lists go when its call is made: a reference
+    cycle per stream (a data sink holding its stream) left them all to the collector, which
+    then cost about a tenth of the dissection time."""
+    chunks = capture_chunks("grpc_unary")
+    run(chunks)  # warm the per-process caches
+    gc.collect()
+    gc.disable()
+    try:
+        calls, _ = run(chunks)
+        assert len(calls) == 56
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
