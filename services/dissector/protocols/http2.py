@@ -1314,23 +1314,10 @@ class Http2Parser:
             ):
                 self._count("http2_unknown_stream_frames")
                 return
-            if len(self.streams) >= self.limits.max_pending_requests:
-                self._count("http2_streams_over_limit")
+            opened = self._open_stream(stream_id, block, fields, note, ts_ns, pushed_on=0)
+            if opened is None or opened.goaway_code is not None:
                 return
-            stream = H2Stream(stream_id, self.ordinal, block.ts, self.limits.max_body_bytes)
-            self.ordinal += 1
-            self._account(stream, C2S, block, ts_ns)
-            if note:
-                stream.note(note)
-            if fields is not None:
-                self._take_headers(stream, fields, C2S, trailers=False)
-            self.streams[stream_id] = stream
-            self._request_started(stream)
-            goaway = self.goaways[S2C]
-            if goaway is not None and stream_id > goaway[0]:
-                stream.goaway_code = goaway[1]
-                self._complete(stream, REFUSED, ts_ns)
-                return
+            stream = opened
         else:
             self._account(stream, C2S, block, ts_ns)
             if note:
@@ -1350,25 +1337,43 @@ class Http2Parser:
         if parent is None and fields is None:
             self._count("http2_unknown_stream_frames")
             return
+        self._open_stream(promised, block, fields, note, ts_ns, pushed_on=block.stream_id)
+
+    def _open_stream(
+        self,
+        stream_id: int,
+        block: _Block,
+        fields: list[tuple[bytes, bytes]] | None,
+        note: str,
+        ts_ns: int,
+        pushed_on: int,
+    ) -> H2Stream | None:
+        """A new stream from a request's HEADERS, or (`pushed_on`: its parent) a PUSH_PROMISE;
+        None past the open-stream limit. A stream above the last id of the receiver's GOAWAY is
+        refused at once (its goaway_code set)."""
         if len(self.streams) >= self.limits.max_pending_requests:
             self._count("http2_streams_over_limit")
-            return
-        stream = H2Stream(promised, self.ordinal, block.ts, self.limits.max_body_bytes)
+            return None
+        stream = H2Stream(stream_id, self.ordinal, block.ts, self.limits.max_body_bytes)
         self.ordinal += 1
-        stream.pushed = True
-        stream.parent_stream_id = block.stream_id
+        if pushed_on:
+            stream.pushed = True
+            stream.parent_stream_id = pushed_on
         self._account(stream, C2S, block, ts_ns)
-        stream.end_stream[C2S] = True
+        if pushed_on:
+            stream.end_stream[C2S] = True  # a promised request has no body
         if note:
             stream.note(note)
         if fields is not None:
             self._take_headers(stream, fields, C2S, trailers=False)
-        self.streams[promised] = stream
+        self.streams[stream_id] = stream
         self._request_started(stream)
-        goaway = self.goaways[C2S]
-        if goaway is not None and promised > goaway[0]:
+        # The GOAWAY that refuses it is the one from the side that would have answered.
+        goaway = self.goaways[C2S if pushed_on else S2C]
+        if goaway is not None and stream_id > goaway[0]:
             stream.goaway_code = goaway[1]
             self._complete(stream, REFUSED, ts_ns)
+        return stream
 
     def _server_block(self, block: _Block, fields: list[tuple[bytes, bytes]] | None, note: str, ts_ns: int) -> None:
         stream = self.streams.get(block.stream_id)
