@@ -23,6 +23,14 @@ def call_id(flow: FlowInfo, protocol: str, request_ts_ns: int, ordinal: int) -> 
     return digest
 
 
+# The outcomes as plain ints: `Outcome.OUTCOME_OK` goes through protobuf's enum wrapper, about
+# 0.9 us a lookup against 0.06 for a module constant, a few times per call on the hot path.
+OUTCOME_OK: Outcome.ValueType = Outcome.OUTCOME_OK
+OUTCOME_ERROR: Outcome.ValueType = Outcome.OUTCOME_ERROR
+OUTCOME_NO_RESPONSE: Outcome.ValueType = Outcome.OUTCOME_NO_RESPONSE
+OUTCOME_CANCELLED: Outcome.ValueType = Outcome.OUTCOME_CANCELLED
+OUTCOME_DEADLINE_EXCEEDED: Outcome.ValueType = Outcome.OUTCOME_DEADLINE_EXCEEDED
+
 # (id(flow), protocol) -> (flow, template call, id hash prefix); the flow is kept so that an id
 # reused by a later object is noticed. Bounded: cleared when full (it refills as calls come).
 _TEMPLATES: dict[tuple[int, str], tuple[FlowInfo, ApiCall, bytes]] = {}
@@ -57,9 +65,9 @@ def new_call(flow: FlowInfo, protocol: str, request_ts_ns: int, ordinal: int) ->
 def finish_call(call: ApiCall, response_ts_ns: int | None, error: bool) -> ApiCall:
     """Set elapsed_ns and outcome once the response (or its absence) is known."""
     if response_ts_ns is None:
-        call.outcome = Outcome.OUTCOME_NO_RESPONSE
+        call.outcome = OUTCOME_NO_RESPONSE
         return call
     call.response.ts = response_ts_ns
     call.elapsed_ns = max(0, response_ts_ns - call.request.ts)
-    call.outcome = Outcome.OUTCOME_ERROR if error else Outcome.OUTCOME_OK
+    call.outcome = OUTCOME_ERROR if error else OUTCOME_OK
     return call
