@@ -836,16 +836,8 @@ class Http2Parser:
                         self._data_start(direction, reader, stream_id, flags, length, pad, ts_ns)
                         continue
                     # The whole frame is here (the usual case): read at once, no reader state.
-                    stream = self.streams.get(stream_id) if stream_id else None
-                    if stream is None:
-                        self._count("http2_unknown_stream_frames" if stream_id else "http2_malformed_frames")
-                    else:
-                        stream.frames[direction] += 1
-                        stream.wire[direction] += 9 + length + (1 + pad if flags & PADDED else 0)
-                        stream.padding += pad
-                        if not stream.first_ts[direction]:
-                            stream.first_ts[direction] = ts_ns
-                        stream.last_ts[direction] = ts_ns
+                    stream = self._data_frame(direction, stream_id, flags, length, pad, ts_ns)
+                    if stream is not None:
                         if length:
                             stream.on_data(direction, buf[pos:end] if pos or end < size else buf)
                         if flags & END_STREAM and self.streams.get(stream_id) is stream:
@@ -1014,22 +1006,27 @@ class Http2Parser:
             on_chains.add(at)
         return known
 
+    def _data_frame(
+        self, direction: Direction, stream_id: int, flags: int, length: int, pad: int, ts_ns: int
+    ) -> H2Stream | None:
+        """A DATA frame's header: its stream's frame, wire and padding accounting; None (counted)
+        for a stream not open (or stream 0, which DATA may not use)."""
+        stream = self.streams.get(stream_id) if stream_id else None
+        if stream is None:
+            self._count("http2_unknown_stream_frames" if stream_id else "http2_malformed_frames")
+            return None
+        stream.frames[direction] += 1
+        stream.wire[direction] += 9 + length + (1 + pad if flags & PADDED else 0)
+        stream.padding += pad
+        if not stream.first_ts[direction]:
+            stream.first_ts[direction] = ts_ns
+        stream.last_ts[direction] = ts_ns
+        return stream
+
     def _data_start(
         self, direction: Direction, reader: _Reader, stream_id: int, flags: int, length: int, pad: int, ts_ns: int
     ) -> None:
-        stream = self.streams.get(stream_id) if stream_id else None
-        if stream is None:
-            if stream_id:
-                self._count("http2_unknown_stream_frames")
-            else:
-                self._count("http2_malformed_frames")
-        else:
-            stream.frames[direction] += 1
-            stream.wire[direction] += 9 + length + (1 + pad if flags & PADDED else 0)
-            stream.padding += pad
-            if not stream.first_ts[direction]:
-                stream.first_ts[direction] = ts_ns
-            stream.last_ts[direction] = ts_ns
+        stream = self._data_frame(direction, stream_id, flags, length, pad, ts_ns)
         reader.stream = stream
         reader.kind = DATA
         reader.flags = flags
