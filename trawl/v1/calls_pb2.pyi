@@ -554,12 +554,44 @@ class AmqpDetail(_message.Message):
     ROUTING_KEY_FIELD_NUMBER: _builtins.int
     QUEUE_FIELD_NUMBER: _builtins.int
     PROPERTIES_FIELD_NUMBER: _builtins.int
+    REPLY_CODE_FIELD_NUMBER: _builtins.int
+    REPLY_TEXT_FIELD_NUMBER: _builtins.int
+    DELIVERY_TAG_FIELD_NUMBER: _builtins.int
+    MULTIPLE_FIELD_NUMBER: _builtins.int
+    REQUEUE_FIELD_NUMBER: _builtins.int
+    CONSUMER_TAG_FIELD_NUMBER: _builtins.int
+    RESPONSE_METHOD_FIELD_NUMBER: _builtins.int
+    FROM_SERVER_FIELD_NUMBER: _builtins.int
+    ONE_WAY_FIELD_NUMBER: _builtins.int
     channel: _builtins.int
     class_name: _builtins.str
     method_name: _builtins.str
     exchange: _builtins.str
     routing_key: _builtins.str
     queue: _builtins.str
+    reply_code: _builtins.int
+    """Reply code and text of the connection.close / channel.close that answered (or was) the
+    call, or of a basic.return (312 NO_ROUTE...); 0 when none.
+    """
+    reply_text: _builtins.str
+    delivery_tag: _builtins.int
+    """basic.deliver / get-ok / ack / nack / reject: the delivery tag, and ack/nack's "multiple"."""
+    multiple: _builtins.bool
+    requeue: _builtins.bool
+    """basic.nack / reject: the message goes back to the queue."""
+    consumer_tag: _builtins.str
+    response_method: _builtins.str
+    """The answer that paired with the method ("queue.declare-ok", "basic.get-empty", or the
+    "channel.close" that refused it); empty for one-way messages.
+    """
+    from_server: _builtins.bool
+    """The method was sent by the broker (connection.start, basic.deliver, basic.return, a
+    publisher confirm's basic.ack / nack, a broker-initiated close).
+    """
+    one_way: _builtins.bool
+    """A one-way message (basic.publish, deliver, return, ack, nack, reject, a nowait method):
+    no response is expected.
+    """
     @_builtins.property
     def properties(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -572,10 +604,19 @@ class AmqpDetail(_message.Message):
         routing_key: _builtins.str = ...,
         queue: _builtins.str = ...,
         properties: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        reply_code: _builtins.int = ...,
+        reply_text: _builtins.str = ...,
+        delivery_tag: _builtins.int = ...,
+        multiple: _builtins.bool = ...,
+        requeue: _builtins.bool = ...,
+        consumer_tag: _builtins.str = ...,
+        response_method: _builtins.str = ...,
+        from_server: _builtins.bool = ...,
+        one_way: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "class_name", b"class_name", "exchange", b"exchange", "method_name", b"method_name", "properties", b"properties", "queue", b"queue", "routing_key", b"routing_key"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "class_name", b"class_name", "consumer_tag", b"consumer_tag", "delivery_tag", b"delivery_tag", "exchange", b"exchange", "from_server", b"from_server", "method_name", b"method_name", "multiple", b"multiple", "one_way", b"one_way", "properties", b"properties", "queue", b"queue", "reply_code", b"reply_code", "reply_text", b"reply_text", "requeue", b"requeue", "response_method", b"response_method", "routing_key", b"routing_key"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
