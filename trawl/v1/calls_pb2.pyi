@@ -628,7 +628,29 @@ class RedisDetail(_message.Message):
 
     ARGS_FIELD_NUMBER: _builtins.int
     DB_FIELD_NUMBER: _builtins.int
+    RESP_VERSION_FIELD_NUMBER: _builtins.int
+    REPLY_TYPE_FIELD_NUMBER: _builtins.int
+    ARG_COUNT_FIELD_NUMBER: _builtins.int
+    PIPELINE_DEPTH_FIELD_NUMBER: _builtins.int
+    ONE_WAY_FIELD_NUMBER: _builtins.int
+    FROM_SERVER_FIELD_NUMBER: _builtins.int
     db: _builtins.int
+    resp_version: _builtins.int
+    """Fields 3-8: the Redis parser of issue 10.
+    RESP version the connection spoke when the command was sent: 2, or 3 after `HELLO 3`.
+    """
+    reply_type: _builtins.str
+    """RESP type of the reply: simple, error, integer, bulk, array, nil, map, set, double, boolean,
+    big_number, verbatim, push.
+    """
+    arg_count: _builtins.int
+    """Arguments the command had, command name included (`args` keeps at most a bounded number)."""
+    pipeline_depth: _builtins.int
+    """Commands of this connection sent before this one and not yet answered when it was sent."""
+    one_way: _builtins.bool
+    """No reply expected: a command sent under CLIENT REPLY OFF/SKIP, or a message the server pushed."""
+    from_server: _builtins.bool
+    """The message went server -> client (pub/sub messages, RESP3 push frames)."""
     @_builtins.property
     def args(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -636,10 +658,16 @@ class RedisDetail(_message.Message):
         *,
         args: _abc.Iterable[_builtins.str] | None = ...,
         db: _builtins.int = ...,
+        resp_version: _builtins.int = ...,
+        reply_type: _builtins.str = ...,
+        arg_count: _builtins.int = ...,
+        pipeline_depth: _builtins.int = ...,
+        one_way: _builtins.bool = ...,
+        from_server: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["args", b"args", "db", b"db"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["arg_count", b"arg_count", "args", b"args", "db", b"db", "from_server", b"from_server", "one_way", b"one_way", "pipeline_depth", b"pipeline_depth", "reply_type", b"reply_type", "resp_version", b"resp_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
