@@ -497,10 +497,35 @@ class KafkaDetail(_message.Message):
     CLIENT_ID_FIELD_NUMBER: _builtins.int
     TOPICS_FIELD_NUMBER: _builtins.int
     PARTITIONS_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_NAME_FIELD_NUMBER: _builtins.int
+    RECORD_COUNT_FIELD_NUMBER: _builtins.int
+    RECORD_BYTES_FIELD_NUMBER: _builtins.int
+    COMPRESSION_FIELD_NUMBER: _builtins.int
+    ACKS_FIELD_NUMBER: _builtins.int
+    GROUP_ID_FIELD_NUMBER: _builtins.int
+    SASL_MECHANISM_FIELD_NUMBER: _builtins.int
     api_key: _builtins.int
     api_version: _builtins.int
     correlation_id: _builtins.int
     client_id: _builtins.str
+    error_code: _builtins.int
+    """The response's error code (top-level, else the first non-zero of a topic or partition)
+    and its name from Kafka's Errors table ("NONE" for 0); unset without a decoded response.
+    """
+    error_name: _builtins.str
+    record_count: _builtins.int
+    """Produce requests and Fetch responses: records and bytes of their record batches (from the
+    batch headers), and the compression codec(s) of the batches ("none", "gzip", "lz4"...).
+    """
+    record_bytes: _builtins.int
+    compression: _builtins.str
+    acks: _builtins.int
+    """Produce: required acks (-1 all, 0 none: a one-way message, 1 leader)."""
+    group_id: _builtins.str
+    """Group APIs (JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch)."""
+    sasl_mechanism: _builtins.str
+    """SaslHandshake: the mechanism asked for (the credentials of SaslAuthenticate are never kept)."""
     @_builtins.property
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -514,12 +539,22 @@ class KafkaDetail(_message.Message):
         client_id: _builtins.str = ...,
         topics: _abc.Iterable[_builtins.str] | None = ...,
         partitions: _abc.Iterable[_builtins.int] | None = ...,
+        error_code: _builtins.int = ...,
+        error_name: _builtins.str = ...,
+        record_count: _builtins.int = ...,
+        record_bytes: _builtins.int = ...,
+        compression: _builtins.str = ...,
+        acks: _builtins.int | None = ...,
+        group_id: _builtins.str = ...,
+        sasl_mechanism: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_acks", b"_acks", "acks", b"acks"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "api_version", b"api_version", "client_id", b"client_id", "correlation_id", b"correlation_id", "partitions", b"partitions", "topics", b"topics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_acks", b"_acks", "acks", b"acks", "api_key", b"api_key", "api_version", b"api_version", "client_id", b"client_id", "compression", b"compression", "correlation_id", b"correlation_id", "error_code", b"error_code", "error_name", b"error_name", "group_id", b"group_id", "partitions", b"partitions", "record_bytes", b"record_bytes", "record_count", b"record_count", "sasl_mechanism", b"sasl_mechanism", "topics", b"topics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__acks: _TypeAlias = _typing.Literal["acks"]  # noqa: Y015
+    _WhichOneofArgType__acks: _TypeAlias = _typing.Literal["_acks", b"_acks"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__acks) -> _WhichOneofReturnType__acks | None: ...
 
 Global___KafkaDetail: _TypeAlias = KafkaDetail  # noqa: Y015
 
