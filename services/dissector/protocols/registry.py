@@ -7,7 +7,7 @@ not a TCP/UDP protocol: its tracker is wired by the engine separately (`ICMP`).
 
 from __future__ import annotations
 
-from trawl.dissector.protocols import amqp, dns, http1, http2, icmp, tls
+from trawl.dissector.protocols import amqp, dns, http1, http2, icmp, redis, tls
 from trawl.dissector.protocols.base import ProtocolSpec
 
 SPECS: tuple[ProtocolSpec, ...] = (
@@ -17,6 +17,7 @@ SPECS: tuple[ProtocolSpec, ...] = (
     dns.SPEC,
     dns.SPEC_TCP,
     amqp.SPEC,
+    redis.SPEC,
 )
 
 # The ICMP/ICMPv6 tracker class: IcmpTracker(...).feed_packet(src_ip, dst_ip, icmp_bytes, ts_ns, is_v6).
