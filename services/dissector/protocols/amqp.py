@@ -354,9 +354,9 @@ class AmqpParser:
         return self._take()
 
     def _take(self) -> list[ApiCall]:
+        """The calls completed so far; never the parser's own list (a caller may extend what it got)."""
         out = self.out
-        if out:
-            self.out = []
+        self.out = []
         return out
 
     def _count(self, name: str, amount: int = 1) -> None:
