@@ -741,7 +741,8 @@ class AmqpParser:
             if not detail.queue:
                 detail.queue = self.consumers.get(method.consumer_tag, "")
         if "delivery_tag" in fields:
-            detail.delivery_tag = method.delivery_tag
+            # A longlong on the wire, unsigned by the specification; pamqp reads it signed.
+            detail.delivery_tag = method.delivery_tag & 0xFFFF_FFFF_FFFF_FFFF
         if "multiple" in fields:
             detail.multiple = bool(method.multiple)
         if "requeue" in fields:
