@@ -4,7 +4,8 @@ Applied to every call, whatever its protocol: header values whose name matches t
 list; query parameters (in the path and in URL-valued headers such as Referer and Location)
 and the password of a URL's user information (`http://user:[REDACTED]@host/`); form fields,
 multipart/form-data fields and JSON object keys (also when written with `\\u` escapes) that
-match the field list; Redis AUTH/HELLO arguments. Names compare case-insensitively and may
+match the field list; Redis credentials (AUTH, HELLO's AUTH, MIGRATE's AUTH/AUTH2, CONFIG SET of
+passwords, ACL SETUSER password rules: `redis.redact_args`). Names compare case-insensitively and may
 use shell wildcards (`*token*`). A JSON body cut short by the body limit is still redacted:
 keys are then found by pattern rather than by parsing. (A body whose Content-Encoding the
 parser could not decode never gets here: the HTTP parser drops it, since what cannot be read
@@ -20,6 +21,7 @@ from collections.abc import Iterable
 from typing import Any
 from urllib.parse import quote, unquote_plus
 
+from trawl.dissector.protocols.redis import redact_args as redact_redis_args
 from trawl.v1.calls_pb2 import ApiCall, Message
 
 REDACTED = "[REDACTED]"
@@ -147,10 +149,7 @@ class Redactor:
         elif protocol == "graphql" and call.HasField("graphql"):
             self._graphql(call)
         if protocol == "redis" and call.HasField("redis"):
-            args = call.redis.args
-            if args and args[0].upper() in ("AUTH", "HELLO") and len(args) > 1:
-                for index in range(1, len(args)):
-                    args[index] = REDACTED
+            redact_redis_args(call.redis.args)
         return call
 
     def url(self, target: str) -> str:

@@ -161,8 +161,11 @@ def redact_args(args: MutableSequence[str]) -> None:
 
 
 def _text(value: object) -> str:
+    """An argument (or a pushed message's element) as bounded text; nested arrays as `[a, b]`."""
     if isinstance(value, bytes):
         return value[:MAX_ARG_BYTES].decode("utf-8", "replace")
+    if isinstance(value, list):
+        return ("[" + ", ".join(_text(item) for item in value[:MAX_ARGS]) + "]")[:MAX_ARG_BYTES]
     return str(value)[:MAX_ARG_BYTES]
 
 
@@ -549,7 +552,8 @@ class RedisParser:
         detail.arg_count = len(args)
         detail.db = self.db
         detail.resp_version = self.resp_version
-        detail.pipeline_depth = len(self.pending)
+        if self.pending:  # answered pub/sub commands still absorbing confirmations are not outstanding
+            detail.pipeline_depth = sum(1 for entry in self.pending if not entry.answered)
 
         pending = _Pending(call, name, blocking, self.in_multi and name not in ("EXEC", "DISCARD", "MULTI"))
         if name == "MULTI":
