@@ -521,7 +521,9 @@ class KafkaDetail(_message.Message):
     record_bytes: _builtins.int
     compression: _builtins.str
     acks: _builtins.int
-    """Produce: required acks (-1 all, 0 none: a one-way message, 1 leader)."""
+    """Produce: required acks (-1 all, 1 leader; 0, none, is the default and so absent from
+    JSON: such a Produce is a one-way message and carries the note "one-way").
+    """
     group_id: _builtins.str
     """Group APIs (JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch)."""
     sasl_mechanism: _builtins.str
@@ -544,17 +546,15 @@ class KafkaDetail(_message.Message):
         record_count: _builtins.int = ...,
         record_bytes: _builtins.int = ...,
         compression: _builtins.str = ...,
-        acks: _builtins.int | None = ...,
+        acks: _builtins.int = ...,
         group_id: _builtins.str = ...,
         sasl_mechanism: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["_acks", b"_acks", "acks", b"acks"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_acks", b"_acks", "acks", b"acks", "api_key", b"api_key", "api_version", b"api_version", "client_id", b"client_id", "compression", b"compression", "correlation_id", b"correlation_id", "error_code", b"error_code", "error_name", b"error_name", "group_id", b"group_id", "partitions", b"partitions", "record_bytes", b"record_bytes", "record_count", b"record_count", "sasl_mechanism", b"sasl_mechanism", "topics", b"topics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "api_key", b"api_key", "api_version", b"api_version", "client_id", b"client_id", "compression", b"compression", "correlation_id", b"correlation_id", "error_code", b"error_code", "error_name", b"error_name", "group_id", b"group_id", "partitions", b"partitions", "record_bytes", b"record_bytes", "record_count", b"record_count", "sasl_mechanism", b"sasl_mechanism", "topics", b"topics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType__acks: _TypeAlias = _typing.Literal["acks"]  # noqa: Y015
-    _WhichOneofArgType__acks: _TypeAlias = _typing.Literal["_acks", b"_acks"]  # noqa: Y015
-    def WhichOneof(self, oneof_group: _WhichOneofArgType__acks) -> _WhichOneofReturnType__acks | None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___KafkaDetail: _TypeAlias = KafkaDetail  # noqa: Y015
 
