@@ -120,10 +120,12 @@ TYPE_NAMES = {
 _REPLY_START = frozenset(TYPE_NAMES) | {_ATTRIBUTE}
 _COMMAND_ARRAY = re.compile(rb"\*[1-9][0-9]{0,6}\r\n\$[0-9]")
 _COMMAND_ARRAY_PREFIX = re.compile(rb"\*(?:[1-9][0-9]{0,6}(?:\r(?:\n\$?)?)?)?")
+_HTTP_LINE = re.compile(rb"[A-Z]+ [^ \r\n]+ HTTP/[0-9]")
 _INLINE_WORD = re.compile(rb"([A-Za-z][A-Za-z_|-]{1,31})( |\r?\n)")
 _CONFIRMATIONS = frozenset(
     {b"subscribe", b"psubscribe", b"ssubscribe", b"unsubscribe", b"punsubscribe", b"sunsubscribe"}
 )
+_SHARD_CONFIRMATIONS = frozenset({b"ssubscribe", b"sunsubscribe"})
 _MESSAGES = frozenset({b"message", b"pmessage", b"smessage"})
 _PUBSUB_COMMANDS = frozenset(name.decode().upper() for name in _CONFIRMATIONS)
 _CHANNEL_COMMANDS = _PUBSUB_COMMANDS | {"PUBLISH"}
@@ -724,7 +726,7 @@ class RedisParser:
 
     def _confirmation(self, kind: bytes, value: list[Any], frame: _Frame, head: _Pending | None) -> None:
         count = value[2] if len(value) > 2 and isinstance(value[2], int) else 0
-        if kind.startswith(b"s"):
+        if kind in _SHARD_CONFIRMATIONS:
             self.shard_subscriptions = count
         else:
             self.subscriptions = count
@@ -788,7 +790,7 @@ def probe(client: bytes, server: bytes, flow: FlowInfo) -> int:
         if _COMMAND_ARRAY_PREFIX.fullmatch(client):
             return 2 if port else 0  # cut short by the end of the flow before the probe window
         word = _INLINE_WORD.match(client)
-        if word is not None and word.group(1).upper().decode() in COMMANDS:
+        if word is not None and word.group(1).upper().decode() in COMMANDS and not _HTTP_LINE.match(client):
             if port or (server[:1] and server[0] in _REPLY_START):
                 return 2
             return 0
