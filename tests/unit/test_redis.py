@@ -185,7 +185,9 @@ def test_pubsub_resp2_confirmations_messages_and_leaving_subscribed_mode() -> No
     talk.server(b"*4\r\n$8\r\npmessage\r\n$7\r\naudit.*\r\n$11\r\naudit.login\r\n$5\r\nalice\r\n")
     talk.client(command("PING")).server(b"*2\r\n$4\r\npong\r\n$0\r\n\r\n")
     talk.client(command("UNSUBSCRIBE"))
-    talk.server(b"*3\r\n$11\r\nunsubscribe\r\n$6\r\norders\r\n:2\r\n*3\r\n$11\r\nunsubscribe\r\n$8\r\npayments\r\n:1\r\n")
+    talk.server(
+        b"*3\r\n$11\r\nunsubscribe\r\n$6\r\norders\r\n:2\r\n*3\r\n$11\r\nunsubscribe\r\n$8\r\npayments\r\n:1\r\n"
+    )
     talk.client(command("PUNSUBSCRIBE")).server(b"*3\r\n$12\r\npunsubscribe\r\n$7\r\naudit.*\r\n:0\r\n")
     # Out of subscribed mode, an array that starts with "message" is an ordinary reply.
     talk.client(command("LRANGE", "l", "0", "-1")).server(b"*2\r\n$7\r\nmessage\r\n$1\r\nx\r\n")
@@ -210,7 +212,12 @@ def test_pubsub_resp3_pushes_are_never_replies() -> None:
     talk.client(command("SUBSCRIBE", "news")).server(b">3\r\n$9\r\nsubscribe\r\n$4\r\nnews\r\n:1\r\n")
     talk.client(command("GET", "k"))
     talk.server(b">3\r\n$7\r\nmessage\r\n$4\r\nnews\r\n$2\r\nhi\r\n$1\r\nv\r\n")
-    assert talk.summary() == [("HELLO", "", "ok"), ("SUBSCRIBE", "news", "ok"), ("MESSAGE", "news", "ok"), ("GET", "k", "ok")]
+    assert talk.summary() == [
+        ("HELLO", "", "ok"),
+        ("SUBSCRIBE", "news", "ok"),
+        ("MESSAGE", "news", "ok"),
+        ("GET", "k", "ok"),
+    ]
 
 
 def test_multi_exec_gives_queued_commands_their_real_results() -> None:

@@ -526,7 +526,7 @@ class RedisParser:
         self.held = []
 
     def _command(self, frame: _Frame) -> None:
-        value, _first, size, start_ts, end_ts = frame
+        value, first, size, start_ts, end_ts = frame
         if not isinstance(value, list) or not value:
             return  # `*0` / `*-1`: redis-server runs nothing and answers nothing
         args: list[bytes] = [item if isinstance(item, bytes) else str(item).encode() for item in value]
@@ -551,6 +551,8 @@ class RedisParser:
         detail.args.extend([_text(arg) for arg in args[:MAX_ARGS]])
         if len(args) > MAX_ARGS or any(len(arg) > MAX_ARG_BYTES for arg in args[:MAX_ARGS]):
             call.notes.append("args-truncated")
+        if first == _INLINE:
+            call.notes.append("inline")
         detail.arg_count = len(args)
         detail.db = self.db
         detail.resp_version = self.resp_version
