@@ -7,7 +7,7 @@ not a TCP/UDP protocol: its tracker is wired by the engine separately (`ICMP`).
 
 from __future__ import annotations
 
-from trawl.dissector.protocols import amqp, dns, http1, http2, icmp, redis, tls
+from trawl.dissector.protocols import amqp, dns, http1, http2, icmp, kafka, redis, tls
 from trawl.dissector.protocols.base import ProtocolSpec
 
 SPECS: tuple[ProtocolSpec, ...] = (
@@ -18,6 +18,7 @@ SPECS: tuple[ProtocolSpec, ...] = (
     dns.SPEC_TCP,
     amqp.SPEC,
     redis.SPEC,
+    kafka.SPEC,
 )
 
 # The ICMP/ICMPv6 tracker class: IcmpTracker(...).feed_packet(src_ip, dst_ip, icmp_bytes, ts_ns, is_v6).
