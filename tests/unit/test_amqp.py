@@ -470,3 +470,22 @@ def test_finish_reports_what_is_pending_and_a_message_cut_short() -> None:
     assert by_method["channel.open"].outcome == Outcome.OUTCOME_NO_RESPONSE
     assert set(by_method["basic.publish"].notes) == {"truncated", "truncated-content"}
     assert parser.counts["amqp_truncated_content"] == 1
+
+
+def test_a_state_taken_before_any_byte_still_reads_the_protocol_header() -> None:
+    fresh = new()
+    fresh.restore(new().snapshot())
+    calls = fresh.feed(C2S, PROTOCOL_HEADER + method(commands.Tx.Select()), T0)
+    calls += fresh.feed(S2C, method(commands.Tx.SelectOk()), T0 + 1)
+    assert [c.method for c in calls] == ["tx.select"]
+
+
+def test_the_late_get_ok_of_a_timed_out_get_is_framed_not_reported() -> None:
+    parser = new(ParserLimits(request_timeout_ns=10))
+    parser.feed(C2S, method(commands.Basic.Get(queue="slow")), T0)
+    [late] = parser.expire(T0 + 100)
+    assert late.outcome == Outcome.OUTCOME_NO_RESPONSE
+    get_ok = commands.Basic.GetOk(delivery_tag=1, exchange="", routing_key="slow", message_count=0)
+    assert parser.feed(S2C, method(get_ok) + content(b"late"), T0 + 200) == []
+    assert "amqp_orphan_content" not in parser.counts
+    assert parser.snapshot().ordinal == 1

@@ -93,8 +93,6 @@ FRAME_END = 0xCE
 FRAME_HEAD = struct.Struct(">BHI")
 METHOD_INDEX = struct.Struct(">I")
 
-# Until tune-ok, peers accept frames of 4096 octets (frame-min-size); RabbitMQ negotiates 128 KiB.
-FRAME_MIN_SIZE = 4096
 # No broker negotiates frames this large; a size beyond it is misframed bytes, not a frame.
 HARD_FRAME_MAX = 16 * 1024 * 1024
 # Method and content-header frames are decoded whole, so buffered: this is the most one may take.
@@ -189,11 +187,12 @@ def _text(value: Any) -> str:
 class _Content:
     """A message being assembled from a content method, its content header and body frames."""
 
-    __slots__ = ("body", "call", "expected", "message", "received", "wire")
+    __slots__ = ("body", "call", "expected", "message", "received", "report", "wire")
 
-    def __init__(self, call: ApiCall, message: Message, wire: int) -> None:
+    def __init__(self, call: ApiCall, message: Message, wire: int, report: bool = True) -> None:
         self.call = call
         self.message = message
+        self.report = report  # False: the late answer of a call already reported, framed only
         self.expected = -1  # body size from the content header; -1 until it came
         self.received = 0
         self.body = bytearray()
@@ -291,7 +290,7 @@ class AmqpParser:
         self.readers = (_Reader(), _Reader())
         for reader, offset in zip(self.readers, state.offsets, strict=True):
             reader.offset = offset
-            reader.started = True
+            reader.started = offset > 0  # at offset 0 the protocol header may still come
         self.pending.clear()
         self.contents = {}
         self.out = []
@@ -555,6 +554,8 @@ class AmqpParser:
 
     def _content_done(self, key: tuple[int, int], ts_ns: int) -> None:
         content = self.contents.pop(key)
+        if not content.report:
+            return
         message = content.message
         call = content.call
         message.size = content.wire
@@ -649,7 +650,11 @@ class AmqpParser:
         else:
             self.pending.remove(pending)
             if pending.emitted:
-                return  # already reported as no_response; its late answer closes it
+                # Already reported as no_response; its late answer closes it (and a get-ok's
+                # message is framed, not reported, rather than counted as orphan content).
+                if name == "Basic.GetOk":
+                    self.contents[(direction, channel)] = _Content(ApiCall(), Message(), wire, report=False)
+                return
             call = pending.call
             call.amqp.response_method = SPEC_NAMES[name]
         call.response.ts = start_ts
@@ -665,8 +670,7 @@ class AmqpParser:
             self._channel_gone(channel, ts_ns)
         elif name == "Connection.CloseOk":
             self._channel_gone(None, ts_ns)
-        error = bool(call.amqp.reply_code) and call.amqp.reply_code != REPLY_SUCCESS
-        finish_call(call, start_ts, error=error)
+        finish_call(call, start_ts, error=_is_error(call.amqp.reply_code))
         self.out.append(call)
 
     def _answered(self, call: ApiCall, method: Any) -> None:
@@ -711,7 +715,7 @@ class AmqpParser:
             failed_call.response.ts = call.request.ts
             failed_call.response.end_ts = ts_ns
             failed_call.response.size = call.request.size
-            finish_call(failed_call, call.request.ts, error=code != REPLY_SUCCESS)
+            finish_call(failed_call, call.request.ts, error=_is_error(code))
             self.out.append(failed_call)
 
     def _channel_gone(self, channel: int | None, ts_ns: int) -> None:
@@ -735,7 +739,7 @@ class AmqpParser:
         if note:
             _note(call, note)
         finish_call(call, None, error=False)
-        if call.amqp.reply_code not in (0, REPLY_SUCCESS) and call.method in ("connection.close", "channel.close"):
+        if _is_error(call.amqp.reply_code) and call.method in ("connection.close", "channel.close"):
             # A close for an error is the error, whether or not its close-ok was seen (a peer
             # refused at login often just drops the connection).
             call.outcome = OUTCOME_ERROR
@@ -793,6 +797,11 @@ class AmqpParser:
             properties["prefetch-count"] = str(method.prefetch_count)
         if "nowait" in fields and method.nowait:
             properties["nowait"] = "true"
+
+
+def _is_error(reply_code: int) -> bool:
+    """200 is reply-success; 0 is no code at all (pika closes with 0 and "Normal shutdown")."""
+    return reply_code not in (0, REPLY_SUCCESS)
 
 
 def _path(method: Any) -> str:
