@@ -361,6 +361,8 @@ def test_malformed_streams_raise_protocol_error_without_quoting_them() -> None:
     assert "secret" not in str(refused.value)
     with pytest.raises(ProtocolError):
         Conversation().client(b"x" * (redis.MAX_INLINE + 1))
+    with pytest.raises(ProtocolError):  # RESP3 allows a map keyed by an array; hiredis cannot build it
+        Conversation().client(command("HGETALL", "h")).server(b"%1\r\n*1\r\n:1\r\n+v\r\n")
     with pytest.raises(ProtocolError):
         Conversation(ParserLimits(max_body_bytes=1024)).client(b"*1\r\n$9999999\r\n" + b"x" * 1_100_000)
 

@@ -262,9 +262,10 @@ class _Side:
             self.resyncing = True
         try:
             self._read(data, ts_ns, out)
-        except hiredis.ProtocolError:
+        except (hiredis.ProtocolError, TypeError, ValueError) as exc:
+            # TypeError: a RESP3 map whose key is an aggregate, which hiredis cannot make a dict of.
             if not self.resyncing:
-                raise ProtocolError("Redis: hiredis refused the stream") from None
+                raise ProtocolError(f"Redis: hiredis refused the stream ({type(exc).__name__})") from None
             self.reset()  # the chunk only looked like a message start: keep looking
             self.lost = True
 
