@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from pamqp import body as amqp_body
 from pamqp import commands, frame, header
 from pamqp.base import Frame
+from pamqp.common import FieldTable
 
 from tests.conftest import scaled
 from trawl.dissector.protocols.amqp import MAX_BUFFERED_FRAME, PROTOCOL_HEADER, RESYNC_FRAME_MAX, AmqpParser
@@ -24,6 +25,7 @@ FLOW = FlowInfo("tcp", "10.0.0.1", 40000, "10.0.0.2", 5672)
 LIMITS = ParserLimits(max_body_bytes=64, max_pending_requests=4, request_timeout_ns=10**9)
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 T0 = 1_700_000_000_000_000_000
+TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 
 
@@ -32,7 +34,7 @@ def method(value: Frame, channel: int) -> bytes:
 
 
 def message(body: bytes, channel: int, frame_size: int, traceparent: bool) -> bytes:
-    headers = {"traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"} if traceparent else {}
+    headers: FieldTable = {"traceparent": TRACEPARENT} if traceparent else {}
     properties = commands.Basic.Properties(content_type="text/plain", message_id="m", headers=headers)
     parts = [frame.marshal(header.ContentHeader(0, len(body), properties), channel)]
     parts += [
