@@ -816,6 +816,7 @@ class Facts:
     record_bytes: int = 0
     codecs: set[str] = field(default_factory=set)
     named_ids: list[tuple[str, str]] = field(default_factory=list)  # (topic id, name) from Metadata
+    trailing: int = 0  # bytes after the last field the layout knows (a newer minor field, or damage)
 
 
 class _Walker:
@@ -1016,7 +1017,8 @@ def decode_body(
     walker = _Walker(body, compact, topic_names or {})
     pos = walker.walk(ops, 0, 0)
     if compact:
-        walker.skip_tags(pos)
+        pos = walker.skip_tags(pos)
+    walker.facts.trailing = len(body) - pos
     return walker.facts
 
 
@@ -1267,7 +1269,8 @@ class KafkaParser:
     def _decode(self, call: ApiCall, api_key: int, api_version: int, response: bool, body: bytes) -> Facts | None:
         entry = APIS.get(api_key)
         if entry is None:
-            call.notes.append("unknown-api-key")
+            if "unknown-api-key" not in call.notes:
+                call.notes.append("unknown-api-key")
             return None
         if api_version > entry[1]:
             if "unknown-version" not in call.notes:
