@@ -36,6 +36,9 @@ setup(
         Extension(
             "trawl.dissector._express",
             sources=["services/dissector/_express.c"],
+            depends=["services/dissector/_express_h2.h", "services/dissector/_pbjson.h"],
+            # HTTP/2 header blocks are decoded by libnghttp2's HPACK inflater (Debian: libnghttp2-dev).
+            libraries=["nghttp2"],
             extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),

@@ -1,5 +1,6 @@
 /*
- * trawl.dissector._express: the compiled HTTP/1 "express lane" of the dissector.
+ * trawl.dissector._express: the compiled "express lane" of the dissector (HTTP/1, gRPC over HTTP/2
+ * in _express_h2.h, DNS over UDP).
  *
  * Why C: the Python path costs about 43 us per HTTP call (decode and TCP per packet, the head
  * parse and the ApiCall build, redaction); issue #3 asks for 100,000 calls/s per core, which
@@ -302,6 +303,8 @@ static void cache_free(cache_t *cache) {
     cache->count = 0;
 }
 
+#include "_pbjson.h"
+
 /* ------------------------------------------------------------------------------------------ */
 /* Demotion reasons (counter names: express_demotions_<name>)                                  */
 /* ------------------------------------------------------------------------------------------ */
@@ -344,6 +347,9 @@ enum reason {
     R_RETRANSMIT, /* a query equal to a pending one */
     R_UNPAIRED,   /* a response without its pending query */
     R_GRAPHQL,    /* a body graphql.parse_request might take: the Python path makes the call graphql */
+    R_H2,         /* an HTTP/2 frame outside the held subset (_express_h2.h) */
+    R_H2_STREAM,  /* an HTTP/2 stream event the Python path handles (reset, GOAWAY, push, unknown stream) */
+    R_GRPC,       /* a stream that is not a gRPC call the lane reads whole (codec, compression, status...) */
     R_COUNT
 };
 
@@ -352,7 +358,7 @@ static const char *const reason_names[R_COUNT] = {
     "keepalive", "ack_unseen", "window", "packet",   "not_http", "header",  "chunked",   "encoding",
     "upgrade", "expect",  "status",  "close",     "pipelining", "early",  "crlf",      "url",
     "form",   "body_secret", "limit", "callback",  "memory", "stale",      "finish", "room",
-    "dns",    "dns_side", "retransmit", "unpaired", "graphql",
+    "dns",    "dns_side", "retransmit", "unpaired", "graphql", "http2", "http2_stream", "grpc",
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -385,7 +391,10 @@ typedef struct {
 
 enum { HDR_OTHER = 0, HDR_HOST, HDR_USER_AGENT, HDR_CONTENT_TYPE, HDR_CONTENT_LENGTH, HDR_TRACEPARENT,
        HDR_TRACESTATE, HDR_B3, HDR_B3_TRACE, HDR_B3_SPAN, HDR_TRANSFER_ENCODING, HDR_CONTENT_ENCODING,
-       HDR_UPGRADE, HDR_EXPECT, HDR_SPECIAL_COUNT };
+       HDR_UPGRADE, HDR_EXPECT,
+       /* HTTP/2 and gRPC (_express_h2.h) */
+       HDR_H2_METHOD, HDR_H2_PATH, HDR_H2_AUTHORITY, HDR_H2_STATUS, HDR_GRPC_ENCODING, HDR_GRPC_TIMEOUT,
+       HDR_GRPC_STATUS, HDR_GRPC_MESSAGE, HDR_GRPC_TRACE_BIN, HDR_SPECIAL_COUNT };
 
 typedef struct {
     uint32_t name_off, name_len, value_off, value_len;
@@ -473,6 +482,9 @@ typedef struct flow_s {
     size_t answering_count, answering_cap;
     dns_pending_t *answered;
     size_t answered_count, answered_cap;
+    /* HTTP/2 (prior knowledge): set once the client's preface came (_express_h2.h). Its calls
+       use `held` as DNS does, until no stream is open. */
+    struct h2conn_s *h2;
 } flow_t;
 
 /* One DNS message as dns._parse_common reads it: the question, and for a response the answer
@@ -539,6 +551,8 @@ typedef struct {
     int busy;
     long long packets, tcp_flows, tcp_flows_http, adopted, demotions, calls_http, closed_forgotten;
     long long udp_flows, udp_flows_dns, dns_adopted, calls_dns, udp_ended;
+    int http2; /* hold HTTP/2 flows (off when gRPC descriptor sets are configured: Python decodes with them) */
+    long long tcp_flows_http2, calls_grpc;
     long long demotions_by[R_COUNT];
     PyObject *empty_bytes;
     size_t tcp_active, udp_active;
@@ -632,7 +646,11 @@ static void retained_clear(flow_t *flow) {
     }
 }
 
+struct h2conn_s;
+static void h2conn_free(struct h2conn_s *h2);
+
 static void flow_free(flow_t *flow) {
+    h2conn_free(flow->h2);
     retained_clear(flow);
     PyMem_Free(flow->retained);
     PyMem_Free(flow->retained_ts);
@@ -1364,13 +1382,8 @@ static int put_header_value(buf_t *out, unsigned field, const head_t *head, int 
     return pb_bytes(out, field, head->raw.data + h->value_off, h->value_len);
 }
 
-/* Message: ts, end_ts, size, headers (values redacted), body, body_truncated, body_size. */
-static int put_message(buf_t *out, unsigned field, buf_t *scratch, const head_t *head, int64_t ts, int64_t end_ts,
-                       const buf_t *body, int64_t body_size) {
-    scratch->len = 0;
-    if (pb_uint(scratch, 1, (uint64_t)ts) || pb_uint(scratch, 2, (uint64_t)end_ts) ||
-        pb_uint(scratch, 3, (uint64_t)(head->raw.len + (size_t)body_size)))
-        return -1;
+/* Message.headers (field 4) of a head, values of kind 1 redacted as Redactor.apply does. */
+static int put_headers(buf_t *out, const head_t *head) {
     for (uint32_t i = 0; i < head->count; i++) {
         const header_t *h = &head->headers[i];
         const uint8_t *value = head->raw.data + h->value_off;
@@ -1381,10 +1394,20 @@ static int put_message(buf_t *out, unsigned field, buf_t *scratch, const head_t 
         }
         size_t size = 1 + varint_size(h->name_len) + h->name_len;
         if (value_len) size += 1 + varint_size(value_len) + value_len;
-        if (pb_varint(scratch, (4 << 3) | 2) || pb_varint(scratch, size) ||
-            pb_bytes(scratch, 1, head->raw.data + h->name_off, h->name_len) || pb_bytes(scratch, 2, value, value_len))
+        if (pb_varint(out, (4 << 3) | 2) || pb_varint(out, size) ||
+            pb_bytes(out, 1, head->raw.data + h->name_off, h->name_len) || pb_bytes(out, 2, value, value_len))
             return -1;
     }
+    return 0;
+}
+
+/* Message: ts, end_ts, size, headers (values redacted), body, body_truncated, body_size. */
+static int put_message(buf_t *out, unsigned field, buf_t *scratch, const head_t *head, int64_t ts, int64_t end_ts,
+                       const buf_t *body, int64_t body_size) {
+    scratch->len = 0;
+    if (pb_uint(scratch, 1, (uint64_t)ts) || pb_uint(scratch, 2, (uint64_t)end_ts) ||
+        pb_uint(scratch, 3, (uint64_t)(head->raw.len + (size_t)body_size)) || put_headers(scratch, head))
+        return -1;
     if (pb_bytes(scratch, 5, body->data, body->len) ||
         pb_uint(scratch, 6, (uint64_t)(body_size - (int64_t)body->len)) || pb_uint(scratch, 7, (uint64_t)body_size))
         return -1;
@@ -1393,13 +1416,14 @@ static int put_message(buf_t *out, unsigned field, buf_t *scratch, const head_t 
 
 /* What calls.new_call sets on every call: id = blake2b(prefix + b"%d|%d" % (request_ts,
    ordinal), digest_size=12), protocol, transport, node, capture, src and dst. */
-static int put_call_head(buf_t *out, buf_t *sub, const flow_t *flow, const char *protocol, const char *transport,
-                         int64_t request_ts, int64_t ordinal) {
+static int put_call_head(buf_t *out, buf_t *sub, const flow_t *flow, PyObject *prefix, const char *protocol,
+                         const char *transport, int64_t request_ts, int64_t ordinal, char *id_out) {
     char tail[48], id[24];
     int tail_len = snprintf(tail, sizeof(tail), "%lld|%lld", (long long)request_ts, (long long)ordinal);
-    const uint8_t *parts[2] = {(const uint8_t *)PyBytes_AS_STRING(flow->prefix), (const uint8_t *)tail};
-    size_t lengths[2] = {(size_t)PyBytes_GET_SIZE(flow->prefix), (size_t)tail_len};
+    const uint8_t *parts[2] = {(const uint8_t *)PyBytes_AS_STRING(prefix), (const uint8_t *)tail};
+    size_t lengths[2] = {(size_t)PyBytes_GET_SIZE(prefix), (size_t)tail_len};
     blake2b_hex_parts(parts, lengths, 2, 12, id);
+    if (id_out != NULL) memcpy(id_out, id, 24);
     if (pb_bytes(out, 1, id, 24) || pb_bytes(out, 2, protocol, strlen(protocol)) ||
         pb_bytes(out, 3, transport, strlen(transport)) || put_str_object(out, 4, flow->node) ||
         pb_bytes(out, 5, "packet", 6))
@@ -1421,7 +1445,7 @@ static PyObject *build_call(flow_t *flow) {
     const head_t *request = &flow->request, *response = &flow->response;
     int64_t request_ts = flow->request.ts, response_ts = flow->response.ts;
 
-    if (put_call_head(&out, &sub, flow, "http", "tcp", request_ts, flow->call_ordinal)) goto done;
+    if (put_call_head(&out, &sub, flow, flow->prefix, "http", "tcp", request_ts, flow->call_ordinal, NULL)) goto done;
     /* finish_call: a request at time 0 takes the response's time (after elapsed is computed). */
     if (put_message(&out, 8, &scratch, request, request_ts ? request_ts : response_ts, flow->request_end_ts,
                     &flow->request_body, flow->request_body_size) ||
@@ -1602,13 +1626,25 @@ static int message_data(Express *self, flow_t *flow, head_t *head, buf_t *body, 
     return R_NONE;
 }
 
+#include "_express_h2.h"
+
 /* In-order payload of one direction. A call completes only with the last byte of a packet
    (anything after it would be pipelining or a stray response), so a demotion never follows an
    emitted call within the same packet. */
 static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t *data, size_t len, int64_t ts,
                      PyObject *calls) {
     int reason, done;
+    if (flow->h2 != NULL) return h2_data(self, flow, from_client ? 0 : 1, data, len, ts, calls);
     if (from_client) {
+        if (!flow->client_spoke && self->http2 && len >= 3 &&
+            memcmp(data, H2_PREFACE, len < H2_PREFACE_LEN ? len : H2_PREFACE_LEN) == 0) {
+            /* http2.probe: the whole preface is certain; a part of it waits there for more. */
+            if (len < H2_PREFACE_LEN) return R_NOT_HTTP;
+            reason = h2_start(flow);
+            if (reason) return reason;
+            flow->client_spoke = 1;
+            return h2_data(self, flow, 0, data + H2_PREFACE_LEN, len - H2_PREFACE_LEN, ts, calls);
+        }
         if (!flow->client_spoke) {
             /* Python decides the protocol on the first chunk when it holds a whole request line. */
             const uint8_t *crlf = find_crlf(data, len);
@@ -1989,7 +2025,7 @@ static PyObject *build_dns_call(Express *self, flow_t *flow, const dns_pending_t
     if (rcode_text == NULL) return NULL;
     buf_t out = {0}, sub = {0}, answer = {0};
     PyObject *result = NULL;
-    if (put_call_head(&out, &sub, flow, "dns", "udp", query->ts, query->ordinal)) goto done;
+    if (put_call_head(&out, &sub, flow, flow->prefix, "dns", "udp", query->ts, query->ordinal, NULL)) goto done;
     sub.len = 0;
     if (pb_uint(&sub, 1, (uint64_t)query->ts) || pb_uint(&sub, 2, (uint64_t)query->ts) ||
         pb_uint(&sub, 3, query->size) || pb_message(&out, 8, &sub))
@@ -2188,6 +2224,7 @@ static int set_last_data(half_t *half, const uint8_t *data, size_t len) {
    retransmission or zero window here) and lingers closed. */
 static int fin_segment(flow_t *flow, half_t *own, half_t *peer, const segment_t *segment, size_t len) {
     if (len || own->finished || flow->exchanges == 0 || flow->phase != PHASE_IDLE) return R_FIN;
+    if (flow->h2 != NULL && !h2_idle(flow->h2)) return R_FIN;
     if (flow->stage != STAGE_ESTABLISHED && flow->stage != STAGE_CLOSING) return R_FIN;
     if (unwrap(own->next, segment->seq) != own->next) return R_FIN;
     own->finished = 1;
@@ -2243,8 +2280,10 @@ static int flow_segment(Express *self, flow_t *flow, int from_client, const segm
     return http_data(self, flow, from_client, segment->payload, len, ts, calls);
 }
 
-static void take_snapshot(Express *self, flow_t *flow) {
+static int take_snapshot(Express *self, flow_t *flow) {
     snapshot_t *snap = &flow->snapshot;
+    /* The HTTP/2 part first: when it fails, the previous snapshot stands whole. */
+    if (flow->h2 != NULL && h2_snapshot(flow->h2)) return -1;
     if (!flow->has_snapshot) {
         /* Python counts the flow when it makes it; a flow given back before this point is
            replayed from its first packet, and counted there. */
@@ -2254,7 +2293,8 @@ static void take_snapshot(Express *self, flow_t *flow) {
             self->udp_flows_dns++;
         } else {
             self->tcp_flows++;
-            self->tcp_flows_http++;
+            if (flow->h2 != NULL) self->tcp_flows_http2++;
+            else self->tcp_flows_http++;
         }
     }
     snap->first_ts = flow->first_ts;
@@ -2269,6 +2309,7 @@ static void take_snapshot(Express *self, flow_t *flow) {
     snap->ordinal = flow->ordinal;
     snap->offsets[0] = flow->offsets[0];
     snap->offsets[1] = flow->offsets[1];
+    return 0;
 }
 
 static int retain(flow_t *flow, const uint8_t *frame, size_t len, int64_t ts) {
@@ -2348,6 +2389,12 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
                               (long long)snap->last_ts, "syn_ts_ns", (long long)snap->syn_ts, "halves", client, server,
                               "ordinal", (long long)snap->ordinal, "offsets", (long long)snap->offsets[0],
                               (long long)snap->offsets[1]);
+        if (state != NULL && flow->h2 != NULL) {
+            /* An HTTP/2 flow: the fields of http2.Http2State besides the ordinal (express.py). */
+            PyObject *h2 = h2_state(flow->h2);
+            if (h2 == NULL || PyDict_SetItemString(state, "http2", h2)) Py_CLEAR(state);
+            Py_XDECREF(h2);
+        }
     } else {
         state = Py_NewRef(Py_None);
     }
@@ -2356,6 +2403,12 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
                            flow->link_type, "client", flow->client_ip, (int)flow->client_port, "server",
                            flow->server_ip, (int)flow->server_port, "state", state, "records", records,
                            "transport", flow->udp ? "udp" : "tcp");
+    if (result != NULL && flow->h2 != NULL) {
+        /* The calls this lane sent that the replay makes again: the engine drops them. */
+        PyObject *emitted = h2_emitted(flow->h2);
+        if (emitted == NULL || PyDict_SetItemString(result, "emitted", emitted)) Py_CLEAR(result);
+        Py_XDECREF(emitted);
+    }
 done:
     Py_XDECREF(records);
     Py_XDECREF(state);
@@ -2374,6 +2427,7 @@ done:
 
 static int quiescent(const flow_t *flow) {
     if (flow->udp) return flow->pending_count == 0 && flow->held_count == 0;
+    if (flow->h2 != NULL) return flow->stage == STAGE_ESTABLISHED && h2_snapshot_due(flow);
     return flow->stage == STAGE_ESTABLISHED && flow->phase == PHASE_IDLE && flow->exchanges > 0;
 }
 
@@ -2648,8 +2702,7 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
                 else if (flow->udp) reason = flow_datagram(self, flow, from_client, &segment, ts, work);
                 else reason = flow_segment(self, flow, from_client, &segment, ts, work);
                 if (reason == R_NONE) {
-                    if (quiescent(flow)) {
-                        take_snapshot(self, flow);
+                    if (quiescent(flow) && take_snapshot(self, flow) == 0) {
                         retained_clear(flow);
                         continue;
                     }
@@ -2747,8 +2800,11 @@ static PyObject *Express_demote_stale(Express *self, PyObject *args) {
             continue;
         }
         int waiting = flow->phase != PHASE_IDLE && flow->phase != PHASE_REQUEST_HEAD;
+        if (flow->h2 != NULL) /* Http2Parser.expire: a stream open that long is the Python path's to time out */
+            for (int i = 0; i < flow->h2->open_count && !waiting; i++)
+                waiting = now - flow->h2->open[i]->first_ts[0] >= request_timeout;
         if (now - flow->last_ts >= idle || (flow->stage == STAGE_SYN_SENT && now - flow->syn_ts >= handshake_timeout) ||
-            (waiting && now - flow->request.ts >= request_timeout)) {
+            (waiting && (flow->h2 != NULL || now - flow->request.ts >= request_timeout))) {
             if (add_work(out, demote(self, flow, R_STALE, NULL, 0, 0))) {
                 Py_DECREF(out);
                 return NULL;
@@ -2824,7 +2880,9 @@ static PyObject *Express_get_counters(Express *self, void *closure) {
     if (set_count(dict, "packets", self->packets) || set_count(dict, "tcp_flows", self->tcp_flows) ||
         set_count(dict, "tcp_flows_http", self->tcp_flows_http) || set_count(dict, "udp_flows", self->udp_flows) ||
         set_count(dict, "udp_flows_dns", self->udp_flows_dns) ||
-        set_count(dict, "calls", self->calls_http + self->calls_dns) || set_count(dict, "calls_http", self->calls_http) ||
+        set_count(dict, "tcp_flows_http2", self->tcp_flows_http2) || set_count(dict, "calls_grpc", self->calls_grpc) ||
+        set_count(dict, "calls", self->calls_http + self->calls_dns + self->calls_grpc) ||
+        set_count(dict, "calls_http", self->calls_http) ||
         set_count(dict, "calls_dns", self->calls_dns) || set_count(dict, "express_flows_adopted", self->adopted) ||
         set_count(dict, "express_closed_flows_forgotten", self->closed_forgotten) ||
         set_count(dict, "express_dns_flows_adopted", self->dns_adopted) ||
@@ -2873,11 +2931,13 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"header_kind",         "param_is_secret",  "key_is_secret",   "flow_strings",
                                "max_body_bytes",      "max_header_bytes", "max_flows",       "max_retained_bytes",
                                "dns_flow_strings",    "dns_type_text",    "dns_rcode_text",  "edns_option_opaque",
-                               "max_pending_requests", "max_total_retained_bytes", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOnn:Express", keywords, &header_kind, &param_is_secret,
-                                     &key_is_secret, &flow_strings, &max_body_bytes, &max_header_bytes, &max_flows,
-                                     &max_retained_bytes, &dns_flow_strings, &dns_type_text, &dns_rcode_text,
-                                     &edns_option_opaque, &max_pending_requests, &max_total_retained_bytes))
+                               "max_pending_requests", "max_total_retained_bytes", "http2", NULL};
+    int http2 = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOnnp:Express", keywords, &header_kind,
+                                     &param_is_secret, &key_is_secret, &flow_strings, &max_body_bytes,
+                                     &max_header_bytes, &max_flows, &max_retained_bytes, &dns_flow_strings,
+                                     &dns_type_text, &dns_rcode_text, &edns_option_opaque, &max_pending_requests,
+                                     &max_total_retained_bytes, &http2))
         return -1;
     if (max_total_retained_bytes <= 0) {
         PyErr_SetString(PyExc_ValueError, "max_total_retained_bytes must be positive");
@@ -2926,6 +2986,7 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
         self->edns_option_opaque = Py_NewRef(edns_option_opaque);
     }
     self->max_pending_requests = max_pending_requests;
+    self->http2 = http2;
     free_texts(&self->type_texts, 65536);
     free_texts(&self->rcode_texts, 4096);
     memset(self->option_known, 0, sizeof(self->option_known));
@@ -3046,12 +3107,31 @@ static PyObject *module_blake2b_hex(PyObject *module, PyObject *args) {
     return PyUnicode_FromStringAndSize(hex, 2 * digest_size);
 }
 
+static PyObject *module_schemaless_json(PyObject *module, PyObject *args) {
+    (void)module;
+    Py_buffer view;
+    int max_depth = 8, max_fields = 512;
+    if (!PyArg_ParseTuple(args, "y*|ii:schemaless_json", &view, &max_depth, &max_fields)) return NULL;
+    buf_t out = {0};
+    size_t chars = 0;
+    int failed = pbjson_schemaless(view.buf, (size_t)view.len, max_depth, max_fields, &out, &chars);
+    PyBuffer_Release(&view);
+    PyObject *result = NULL;
+    if (failed) PyErr_NoMemory();
+    else result = Py_BuildValue("(s#n)", out.data ? (const char *)out.data : "", (Py_ssize_t)out.len, (Py_ssize_t)chars);
+    buf_free(&out);
+    return result;
+}
+
 static PyMethodDef module_methods[] = {
     {"flow_strings", module_flow_strings, METH_VARARGS,
      "flow_strings(node, client_ip, client_port, server_ip, server_port, udp) -> (client_text, server_text, "
      "call_id_prefix), as the lane makes them when built without flow_strings callbacks"},
     {"blake2b_hex", module_blake2b_hex, METH_VARARGS,
      "blake2b_hex(data, digest_size) -> hashlib.blake2b(data, digest_size=n).hexdigest()"},
+    {"schemaless_json", module_schemaless_json, METH_VARARGS,
+     "schemaless_json(data, max_depth=8, max_fields=512) -> (text, code points): the lane's "
+     "protobuf._schemaless_text"},
     {NULL, NULL, 0, NULL},
 };
 

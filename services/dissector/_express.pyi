@@ -4,6 +4,7 @@ from typing import Any
 Handover = dict[str, Any]
 WorkItem = tuple[Any, ...]
 
+def schemaless_json(data: bytes, max_depth: int = 8, max_fields: int = 512, /) -> tuple[str, int]: ...
 def blake2b_hex(data: bytes, digest_size: int, /) -> str: ...
 def flow_strings(
     node: str, client_ip: bytes, client_port: int, server_ip: bytes, server_port: int, udp: bool, /
@@ -27,6 +28,7 @@ class Express:
         edns_option_opaque: Callable[[int], bool] | None = None,
         max_pending_requests: int = 1024,
         max_total_retained_bytes: int = ...,
+        http2: bool = True,
     ) -> None: ...
     def feed(
         self,

@@ -285,16 +285,24 @@ class Dissector:
             if handover["state"] is not None:
                 self._udp_restore(handover)
         elif handover["state"] is not None:
-            flow, parser = express.restore(self.tcp, handover, self.limits)
+            flow, parser, protocol = express.restore(self.tcp, handover, self.limits)
             state: _StreamState = flow.user  # type: ignore[assignment]
             state.detecting = False
             state.parser = parser
-            state.protocol = "http"
+            state.protocol = protocol
         node, shard, link_type = handover["node"], handover["shard"], handover["link_type"]
         frames = handover["records"]
         frame = self._frame
+        out = self._out
+        start = len(out)
         for data, ts_ns in frames:
             frame(data, 0, len(data), ts_ns, node, shard, link_type)
+        emitted = handover.get("emitted")
+        if emitted:
+            # An HTTP/2 flow's lane sent these calls already (redacted and counted there); the
+            # replay from its last snapshot makes them again, the same calls with the same ids.
+            sent = set(emitted)
+            out[start:] = [call for call in out[start:] if type(call) is bytes or call.id not in sent]
         return len(frames)
 
     def _udp_restore(self, handover: dict[str, Any]) -> None:

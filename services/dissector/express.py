@@ -1,7 +1,8 @@
-"""The compiled HTTP/1 lane's Python side: building the lane, and taking flows back from it.
+"""The compiled lane's Python side: building the lane, and taking flows back from it.
 
 `trawl.dissector._express` (C) dissects the common cases, in-order HTTP/1.x with Content-Length
-bodies and everyday DNS over UDP, on every link type, without a Python call per packet or call.
+bodies, gRPC over HTTP/2 with prior knowledge (_express_h2.h) and everyday DNS over UDP, on every
+link type, without a Python call per packet or call.
 It keeps a flow only while the flow stays that simple; the moment a packet is anything else (a
 reordering, a loss, a RST or a FIN with a request outstanding, chunked or compressed bodies,
 pipelining, a secret in a body, a byte it does not expect...) it gives the flow back
@@ -11,6 +12,13 @@ pipelining, a secret in a body, a byte it does not expect...) it gives the flow 
   request pending), or none when it never reached one (then the flow is replayed from its SYN);
 - copies of the flow's packets since that point, the one that caused the demotion included.
 
+HTTP/2 differs in one way: calls finish while other streams are open, so its quiescent points
+are frame boundaries in both directions, taken with no stream open or, on a connection with
+calls always in flight, every 64 KiB of packets with the open streams in the state
+(`http2.Http2StreamState`). The lane sends each call as it finishes and lists in the handover
+the ids of those sent since the state (`emitted`): the replay makes them again, the same calls
+with the same ids, and the engine drops them (`engine._take_back`).
+
 DNS over UDP takes the lane too: a flow opened by a plain query (one Python's `_udp_new` would
 make a DNS flow of, its sender the client) stays there while every datagram is a query from the
 client or the response to a pending one that `dns._parse_common` reads; its calls leave when no
@@ -18,7 +26,8 @@ query is pending (the quiescent point, whose state is the count of calls begun).
 idle past the UDP timeout simply ends there, as Python would end it with nothing to report.
 
 `restore` rebuilds the Python flow from that state through the parsers' public state interface
-(protocols/base.py: `TcpFlow.from_snapshot(TcpFlowState)`, `Http1Parser.restore(Http1State)`;
+(protocols/base.py: `TcpFlow.from_snapshot(TcpFlowState)`, `Http1Parser.restore(Http1State)`,
+`Http2Parser.restore(Http2State)`;
 `restore_udp`: the _UdpFlow's FlowInfo and `DnsDatagramParser.restore(DnsState)`), never by
 writing their private fields, and the engine replays the packets through its ordinary path:
 from then on the Python code, which stays the reference, is exactly where it would have been
@@ -32,9 +41,10 @@ from typing import Any
 
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.layers import ip_text
-from trawl.dissector.protocols import dns
+from trawl.dissector.protocols import dns, grpc
 from trawl.dissector.protocols.base import FlowInfo, ParserLimits
 from trawl.dissector.protocols.http1 import Http1Parser, Http1State
+from trawl.dissector.protocols.http2 import Http2Parser, Http2State, Http2StreamState
 from trawl.dissector.redact import Redactor
 from trawl.dissector.tcp import HalfStreamState, TcpFlow, TcpFlowState, TcpTable
 from trawl.logs import get_logger
@@ -94,13 +104,18 @@ def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
         max_pending_requests=settings.max_pending_requests,
         # The lane's copies for a replay count against the same bound as the Python path's buffers.
         max_total_retained_bytes=settings.max_total_buffered_bytes,
+        # With descriptor sets the first gRPC messages are decoded with their schema: Python's work.
+        http2=not settings.proto_descriptors,
     )
 
 
-def restore(table: TcpTable, handover: dict[str, Any], limits: ParserLimits) -> tuple[TcpFlow, Http1Parser]:
+def restore(
+    table: TcpTable, handover: dict[str, Any], limits: ParserLimits
+) -> tuple[TcpFlow, Http1Parser | Http2Parser, str]:
     """Rebuild a demoted flow's Python state as of its last quiescent point, through the public
-    `TcpFlow.from_snapshot` and `Http1Parser.restore`; the caller gives the flow its parser
-    (`flow.user` is the engine's)."""
+    `TcpFlow.from_snapshot` and `Http1Parser.restore` (or `Http2Parser.restore` for an HTTP/2
+    flow); returns the flow, its parser and the protocol's name. The caller gives the flow its
+    parser (`flow.user` is the engine's)."""
     node: str = handover["node"]
     shard: int = handover["shard"]
     client_ip, client_port = handover["client"]
@@ -112,12 +127,20 @@ def restore(table: TcpTable, handover: dict[str, Any], limits: ParserLimits) -> 
         if entry is not None:
             table.discard(entry[0])  # a closed flow lingering on the same 4-tuple
     info = FlowInfo("tcp", ip_text(client_ip), client_port, ip_text(server_ip), server_port, node=node, shard=shard)
-    flow_state, parser_state = tcp_states(handover["state"])
+    state: dict[str, Any] = handover["state"]
+    flow_state, http1_state = tcp_states(state)
     flow = TcpFlow.from_snapshot(info, (c2s_key, s2c_key), flow_state)
-    parser = Http1Parser(info, limits)
-    parser.restore(parser_state)
+    parser: Http1Parser | Http2Parser
+    if "http2" in state:
+        parser = Http2Parser(info, limits)
+        parser.restore(http2_state(state["ordinal"], state["http2"]))
+        protocol = "http2"
+    else:
+        parser = Http1Parser(info, limits)
+        parser.restore(http1_state)
+        protocol = "http"
     table.adopt(flow)
-    return flow, parser
+    return flow, parser, protocol
 
 
 def tcp_states(state: dict[str, Any]) -> tuple[TcpFlowState, Http1State]:
@@ -142,6 +165,38 @@ def tcp_states(state: dict[str, Any]) -> tuple[TcpFlowState, Http1State]:
     )
     client_offset, server_offset = state["offsets"]
     return flow_state, Http1State(ordinal=state["ordinal"], offsets=(client_offset, server_offset))
+
+
+def http2_state(ordinal: int, fields: dict[str, Any]) -> Http2State:
+    """The Http2State a demoted HTTP/2 flow's handover stands for (_express_h2.h): a connection
+    the lane held from its SYN and its preface, so nothing was ever unknown, no GOAWAY, no push;
+    its open streams are gRPC calls (Http2StreamState, their readers grpc.MessageState)."""
+    streams = tuple(
+        Http2StreamState(
+            **{name: value for name, value in stream.items() if name != "messages"},
+            messages=(_message_state(stream["messages"][0]), _message_state(stream["messages"][1])),
+        )
+        for stream in fields["streams"]
+    )
+    return Http2State(
+        ordinal=ordinal,
+        tables=fields["tables"],
+        table_sizes=fields["table_sizes"],
+        allowed_table_sizes=fields["allowed_table_sizes"],
+        max_frame_sizes=fields["max_frame_sizes"],
+        settings=fields["settings"],
+        last_stream_ids=(fields["last_client_id"], 0),
+        ids_uncertain=False,
+        goaways=(None, None),
+        streams=streams,
+    )
+
+
+def _message_state(fields: tuple[Any, ...] | None) -> grpc.MessageState | None:
+    if fields is None:
+        return None
+    messages, message_bytes, first_message, prefix, length, remaining, collected = fields
+    return grpc.MessageState(messages, message_bytes, first_message, prefix, length, remaining, collected)
 
 
 def dns_state(state: dict[str, Any]) -> dns.DnsState:

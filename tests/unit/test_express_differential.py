@@ -30,7 +30,7 @@ from trawl.dissector.engine import Dissector
 from trawl.pcap import LINKTYPE_ETHERNET, LINKTYPE_LINUX_SLL2, LINKTYPE_RAW
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-CAPTURES = sorted([*FIXTURES.glob("*.pcap"), *(FIXTURES / "hard").glob("*.pcap")])
+CAPTURES = sorted([*FIXTURES.glob("*.pcap"), *(FIXTURES / "hard").glob("*.pcap"), *(FIXTURES / "http2").glob("*.pcap")])
 
 Frames = list[tuple[int, bytes]]
 

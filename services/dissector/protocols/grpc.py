@@ -58,10 +58,12 @@ import re
 import struct
 import zlib
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 from urllib.parse import unquote
 
 from trawl.dissector.protobuf import DescriptorSet, schemaless_json_text, to_json_text
+from trawl.dissector.protocols.base import NotAtBoundary
 from trawl.v1.calls_pb2 import ApiCall, Outcome
 
 GRPC_CONTENT_TYPE = "application/grpc"
@@ -343,6 +345,25 @@ if _zstd_available():
     DECOMPRESSORS["zstd"] = _Zstd
 
 
+@dataclass(frozen=True, slots=True)
+class MessageState:
+    """A MessageStream of uncompressed messages between two pieces of DATA (base.Snapshotting):
+    - `messages`, `message_bytes`: the whole messages counted so far;
+    - `first_message`: the first message once whole (None before);
+    - `prefix`: a message prefix cut short by the piece's end (0 to 4 bytes);
+    - `length`, `remaining`: the message being read (its length, and its bytes still to come;
+      `remaining` 0 between messages);
+    - `collected`: that message's bytes so far when it is the first one (None otherwise)."""
+
+    messages: int
+    message_bytes: int
+    first_message: bytes | None
+    prefix: bytes = b""
+    length: int = 0
+    remaining: int = 0
+    collected: bytes | None = None
+
+
 class MessageStream:
     """One direction's gRPC messages, from the DATA payloads in order (split anywhere).
 
@@ -447,6 +468,39 @@ class MessageStream:
             self._remaining -= take
             if self._remaining == 0:
                 self._end_message()
+
+    def snapshot(self) -> MessageState:
+        """The state between two pieces; NotAtBoundary for what a MessageState does not hold
+        (compressed messages, notes, a stopped or finished stream, a first message over the bound)."""
+        if self.compressed or self.notes or self.stopped or self.finished or self._flag or self.first_truncated:
+            raise NotAtBoundary("gRPC: a message stream a MessageState does not describe")
+        collector = self._collector
+        if collector is not None and (type(collector) is not _Collector or collector.truncated):
+            raise NotAtBoundary("gRPC: the first message is being decompressed")
+        return MessageState(
+            messages=self.messages,
+            message_bytes=self.message_bytes,
+            first_message=self.first_message,
+            prefix=bytes(self._prefix),
+            length=self._length if self._in_message else 0,
+            remaining=self._remaining if self._in_message else 0,
+            collected=bytes(collector.out) if collector is not None else None,
+        )
+
+    def restore(self, state: MessageState) -> None:
+        """Continue from `state` (of a stream of the same encoding and bound)."""
+        self.messages = state.messages
+        self.message_bytes = state.message_bytes
+        self.first_message = state.first_message
+        self._prefix = bytearray(state.prefix)
+        self._in_message = state.remaining > 0
+        self._flag = 0
+        self._length = state.length if self._in_message else 0
+        self._remaining = state.remaining
+        self._collector = None
+        if state.collected is not None and self._in_message:
+            self._collector = _Collector(self.max_body_bytes)
+            self._collector.out += state.collected
 
     def finish(self) -> None:
         """The stream ended: a message cut short is noted (and not counted)."""

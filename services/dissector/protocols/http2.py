@@ -463,10 +463,44 @@ class _Reader:
         self.cache_state: tuple[object, int, int] = (None, -1, -1)
 
 
+Fields = tuple[tuple[bytes, bytes], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Http2StreamState:
+    """A stream open at a frame boundary (both directions between frames), as `Http2State`
+    carries it: what H2Stream holds for a request (not pushed, not upgraded, no interim
+    response, no note, no reset or GOAWAY code). Pairs are (client -> server, server ->
+    client). `request_headers`, `response_headers` and `trailer_headers` are the fields as
+    decoded (the response's empty until `response_started`, the trailers' until
+    `trailers_seen`); `bodies` the DATA payload kept; `messages` each direction's gRPC message
+    reader (grpc.MessageState) when `is_grpc`, None where the stream has none (not gRPC, or no response DATA
+    yet: the response's reader is made at its first DATA, from the response's grpc-encoding)."""
+
+    stream_id: int
+    ordinal: int
+    request_headers: Fields
+    response_headers: Fields
+    trailer_headers: Fields
+    response_started: bool
+    trailers_seen: bool
+    end_stream: tuple[bool, bool]
+    bodies: tuple[bytes, bytes]
+    data_bytes: tuple[int, int]
+    first_ts: tuple[int, int]
+    last_ts: tuple[int, int]
+    wire: tuple[int, int]
+    frames: tuple[int, int]
+    header_bytes: tuple[int, int]
+    is_grpc: bool
+    messages: tuple[grpc.MessageState | None, grpc.MessageState | None]
+
+
 @dataclass(frozen=True, slots=True)
 class Http2State:
-    """An HTTP/2 connection between exchanges: no stream open, nothing buffered, no header
-    block half gathered, both directions at a frame boundary (the client's preface read).
+    """An HTTP/2 connection at a frame boundary: nothing buffered, no header block half
+    gathered, both directions between frames (the client's preface read); streams may be open
+    (`streams`, in the order they opened).
 
     What a compiled lane must supply:
     - `ordinal`: how many calls the connection has begun (each call id hashes its ordinal);
@@ -483,7 +517,8 @@ class Http2State:
     - `last_stream_ids`: the highest stream id the client opened, and the server promised;
       `ids_uncertain`: a gap hid some of the client's HEADERS (so a new stream id whose fields
       were lost may be trailers of a stream never seen, and opens no call);
-    - `goaways`: the GOAWAY each side sent as (last stream id, error code), or None.
+    - `goaways`: the GOAWAY each side sent as (last stream id, error code), or None;
+    - `streams`: the streams open (Http2StreamState), oldest first.
     """
 
     ordinal: int
@@ -495,6 +530,7 @@ class Http2State:
     last_stream_ids: tuple[int, int]
     ids_uncertain: bool
     goaways: tuple[tuple[int, int] | None, tuple[int, int] | None]
+    streams: tuple[Http2StreamState, ...] = ()
 
 
 # Header name -> (as text, lower-cased): the same few dozen names recur on every block.
@@ -613,10 +649,10 @@ class Http2Parser:
     # -- state at an exchange boundary (base.Snapshotting) ---------------------------------------
 
     def snapshot(self) -> Http2State:
-        """The connection's state between exchanges; NotAtBoundary while a stream is open or
-        bytes are held."""
-        if self.streams or self.out:
-            raise NotAtBoundary("HTTP/2: a stream is open")
+        """The connection's state at a frame boundary; NotAtBoundary while bytes are held, a
+        call waits to be taken, or an open stream is one Http2StreamState does not describe."""
+        if self.out:
+            raise NotAtBoundary("HTTP/2: a call waits to be taken")
         for reader in self.readers:
             if reader.buf or reader.block is not None or reader.state != HEADER:
                 raise NotAtBoundary("HTTP/2: a frame is being read")
@@ -637,6 +673,7 @@ class Http2Parser:
             last_stream_ids=(self.last_ids[0], self.last_ids[1]),
             ids_uncertain=self.ids_uncertain,
             goaways=(self.goaways[0], self.goaways[1]),
+            streams=tuple(_stream_state(stream) for stream in self.streams.values()),
         )
 
     def restore(self, state: Http2State) -> None:
@@ -659,6 +696,30 @@ class Http2Parser:
         self.last_ids = [state.last_stream_ids[0], state.last_stream_ids[1]]
         self.ids_uncertain = state.ids_uncertain
         self.goaways = [state.goaways[0], state.goaways[1]]
+        for stream_state in state.streams:
+            self.streams[stream_state.stream_id] = self._restored_stream(stream_state)
+
+    def _restored_stream(self, state: Http2StreamState) -> H2Stream:
+        stream = H2Stream(state.stream_id, state.ordinal, state.first_ts[C2S], self.limits.max_body_bytes)
+        self._take_headers(stream, list(state.request_headers), C2S, trailers=False)
+        if state.response_started:
+            stream.response_started = True
+            self._take_headers(stream, list(state.response_headers), S2C, trailers=False)
+        if state.trailers_seen:
+            stream.trailers_seen = True
+            self._take_headers(stream, list(state.trailer_headers), S2C, trailers=True)
+        for direction in (C2S, S2C):
+            stream.end_stream[direction] = state.end_stream[direction]
+            stream.bodies[direction][:] = state.bodies[direction]
+            stream.data_bytes[direction] = state.data_bytes[direction]
+            stream.first_ts[direction] = state.first_ts[direction]
+            stream.last_ts[direction] = state.last_ts[direction]
+            stream.wire[direction] = state.wire[direction]
+            stream.frames[direction] = state.frames[direction]
+            stream.header_bytes[direction] = state.header_bytes[direction]
+        if state.is_grpc:
+            self._request_started(stream, state.messages)
+        return stream
 
     # -- h2c -------------------------------------------------------------------------------------
 
@@ -1510,9 +1571,14 @@ class Http2Parser:
 
     # -- calls ---------------------------------------------------------------------------------
 
-    def _request_started(self, stream: H2Stream) -> None:
+    def _request_started(
+        self,
+        stream: H2Stream,
+        restored: tuple[grpc.MessageState | None, grpc.MessageState | None] | None = None,
+    ) -> None:
         """A stream's request headers are known (HEADERS, PUSH_PROMISE or the h2c upgrade): a
-        gRPC request (its content-type) gets a message reader per direction on its DATA."""
+        gRPC request (its content-type) gets a message reader per direction on its DATA.
+        `restored`: the readers' states of a stream restored open (Http2StreamState.messages)."""
         content_type = stream.request.get(b"content-type")
         if content_type is None or stream.pushed or not grpc.is_grpc(content_type.decode("latin-1")):
             return
@@ -1521,6 +1587,13 @@ class Http2Parser:
             grpc.MessageStream(grpc.message_encoding(stream.request), max_body),
             None,
         ]
+        if restored is not None:
+            for direction, message_state in ((C2S, restored[0]), (S2C, restored[1])):
+                if message_state is None:
+                    continue
+                headers = stream.request if direction == C2S else stream.response
+                reader = readers[direction] = grpc.MessageStream(grpc.message_encoding(headers), max_body)
+                reader.restore(message_state)
         stream.grpc = readers
         # The response's dict, not the stream: a closure holding the stream would make a cycle
         # (stream -> data_sink -> stream) that only the garbage collector frees, and every call
@@ -1732,6 +1805,48 @@ class Http2Parser:
         message.body = kept
 
 
+def _stream_state(stream: H2Stream) -> Http2StreamState:
+    """An open stream's state (Http2Parser.snapshot); NotAtBoundary for what the state does not
+    describe."""
+    if (
+        stream.pushed
+        or stream.upgraded
+        or stream.interim
+        or stream.notes
+        or stream.padding
+        or stream.reset_code is not None
+        or stream.goaway_code is not None
+        or stream.request_trailer_headers
+    ):
+        raise NotAtBoundary("HTTP/2: an open stream a Http2StreamState does not describe")
+    messages: tuple[grpc.MessageState | None, grpc.MessageState | None] = (None, None)
+    if stream.grpc is not None:
+        request, response = stream.grpc
+        messages = (
+            request.snapshot() if request is not None else None,
+            response.snapshot() if response is not None else None,
+        )
+    return Http2StreamState(
+        stream_id=stream.stream_id,
+        ordinal=stream.ordinal,
+        request_headers=tuple(stream.request_headers),
+        response_headers=tuple(stream.response_headers),
+        trailer_headers=tuple(stream.trailer_headers),
+        response_started=stream.response_started,
+        trailers_seen=stream.trailers_seen,
+        end_stream=(stream.end_stream[C2S], stream.end_stream[S2C]),
+        bodies=(bytes(stream.bodies[C2S]), bytes(stream.bodies[S2C])),
+        data_bytes=(stream.data_bytes[C2S], stream.data_bytes[S2C]),
+        first_ts=(stream.first_ts[C2S], stream.first_ts[S2C]),
+        last_ts=(stream.last_ts[C2S], stream.last_ts[S2C]),
+        wire=(stream.wire[C2S], stream.wire[S2C]),
+        frames=(stream.frames[C2S], stream.frames[S2C]),
+        header_bytes=(stream.header_bytes[C2S], stream.header_bytes[S2C]),
+        is_grpc=stream.grpc is not None,
+        messages=messages,
+    )
+
+
 def _grpc_answer(stream: H2Stream) -> bool:
     """The response says gRPC (its content-type, or a grpc-status) though the request's
     content-type was not read."""
@@ -1754,4 +1869,13 @@ SPEC = ProtocolSpec(
     name="http2", transport="tcp", probe=probe, new_stream=new_stream, ports=H2_PORTS, probe_bytes=len(PREFACE)
 )
 
-__all__ = ["SPEC", "H2Stream", "Http2Parser", "Http2State", "error_name", "h2c_request_headers", "probe"]
+__all__ = [
+    "SPEC",
+    "H2Stream",
+    "Http2Parser",
+    "Http2State",
+    "Http2StreamState",
+    "error_name",
+    "h2c_request_headers",
+    "probe",
+]
