@@ -21,6 +21,12 @@ does the same on a capture of real grpcio unary calls on one connection, recorde
 (bench/grpc_capture.py: grpcio server and client on loopback, tcpdump; needs root), against
 `tshark -d tcp.port==PORT,http2 -Y grpc -T fields ...`. The Python path only: no compiled
 lane takes HTTP/2 yet, so the two dissector rows agree.
+
+    python bench/dissect.py --redis 200000 [--keep FILE]
+
+does the same on a capture of `redis-benchmark -t set,get -P 16` (pipelined SET and GET against
+Debian's redis-server, bench/redis_capture.py; needs root), against
+`tshark -d tcp.port==PORT,resp -Y resp -T fields ...`: the Python path only.
 """
 
 from __future__ import annotations
@@ -182,6 +188,45 @@ def run_command(command: list[str]) -> float | None:
     return time.perf_counter() - started
 
 
+def redis_bench(commands: int, keep: Path | None) -> int:
+    """--redis: the dissection stage (Python path), `trawl analyze` and tshark on one capture."""
+    from redis_capture import record
+
+    workdir = Path(tempfile.mkdtemp(prefix="trawl-bench-"))
+    path = keep or workdir / "redis.pcap"
+    try:
+        port = record(path, commands)
+        batches, packets = read_batches(path)
+        say(f"capture: {path} ({packets} packets, {path.stat().st_size >> 20} MiB)")
+        elapsed, counters = dissect(batches, express=False)
+        calls = counters.get("calls_redis", 0)
+        rows = [("dissector stage (Python path)", elapsed)]
+        trawl = shutil.which("trawl") or str(Path(sys.executable).parent / "trawl")
+        if Path(trawl).exists():
+            analyze = run_command(["sh", "-c", f"{trawl} analyze {path} --json > /dev/null"])
+            if analyze is not None:
+                rows.append(("trawl analyze --json > /dev/null", analyze))
+        tshark_time = None
+        if shutil.which("tshark"):
+            tshark_time = run_command(
+                [
+                    "tshark", "-r", str(path), "-d", f"tcp.port=={port},resp", "-Y", "resp", "-T", "fields",
+                    "-e", "resp.bulk_string.value", "-e", "resp.string", "-e", "resp.error", "-e", "resp.integer",
+                ]
+            )  # fmt: skip
+            if tshark_time is not None:
+                rows.append(("tshark -Y resp -T fields", tshark_time))
+        say(f"calls: {calls} redis")
+        say(f"{'':36} {'seconds':>8} {'packets/s':>11} {'commands/s':>11} {'vs tshark':>9}")
+        for name, seconds in rows:
+            ratio = f"{tshark_time / seconds:8.1f}x" if tshark_time else "        -"
+            say(f"{name:36} {seconds:8.2f} {packets / seconds:11,.0f} {calls / seconds:11,.0f} {ratio}")
+        return 0
+    finally:
+        if keep is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     # A million packets: `trawl analyze` starts in about 0.25 s (imports), tshark in about 0.2 s;
@@ -196,7 +241,15 @@ def main() -> int:
         metavar="CALLS",
         help="instead: record this many real grpcio unary calls on one connection (needs root) and time those",
     )
+    parser.add_argument(
+        "--redis",
+        type=int,
+        metavar="COMMANDS",
+        help="instead: record this many redis-benchmark commands (pipelined SET/GET; needs root) and time those",
+    )
     args = parser.parse_args()
+    if args.redis:
+        return redis_bench(args.redis, args.keep)
     workdir = Path(tempfile.mkdtemp(prefix="trawl-bench-"))
     path = args.keep or workdir / "bench.pcap"
     try:
