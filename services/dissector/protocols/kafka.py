@@ -1036,6 +1036,8 @@ def read_request_header(frame: bytes) -> RequestHeader:
     if len(frame) < 8:
         raise ProtocolError(f"Kafka request of {len(frame)} bytes is shorter than its header")
     api_key, api_version, correlation_id = _HEADER.unpack_from(frame)
+    if api_key < 0 or api_version < 0:
+        raise ProtocolError(f"Kafka request with api key {api_key}, version {api_version}")
     version = request_header_version(api_key, api_version)
     if version == 0:
         return RequestHeader(api_key, api_version, correlation_id, None, 8)
