@@ -127,7 +127,7 @@ def test_acks_zero_is_a_one_way_message_reported_at_once() -> None:
     (call,) = state.feed(C2S, framed(produce(9, acks=0), 7), 1000)
     assert call.method == "Produce" and list(call.notes) == ["one-way"]
     assert call.outcome == Outcome.OUTCOME_OK and not call.HasField("response") and call.status == ""
-    assert call.kafka.acks == 0 and call.kafka.record_count == 3
+    assert call.kafka.acks == 0 and call.kafka.one_way and call.kafka.record_count == 3
     # Nothing waits for it: no timeout, and the next exchange pairs as usual.
     assert state.expire(10**15) == [] and state.snapshot().ordinal == 1
     state.feed(C2S, framed(heartbeat(4), 8), 2000)

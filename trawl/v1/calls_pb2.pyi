@@ -505,6 +505,7 @@ class KafkaDetail(_message.Message):
     ACKS_FIELD_NUMBER: _builtins.int
     GROUP_ID_FIELD_NUMBER: _builtins.int
     SASL_MECHANISM_FIELD_NUMBER: _builtins.int
+    ONE_WAY_FIELD_NUMBER: _builtins.int
     api_key: _builtins.int
     api_version: _builtins.int
     correlation_id: _builtins.int
@@ -522,12 +523,14 @@ class KafkaDetail(_message.Message):
     compression: _builtins.str
     acks: _builtins.int
     """Produce: required acks (-1 all, 1 leader; 0, none, is the default and so absent from
-    JSON: such a Produce is a one-way message and carries the note "one-way").
+    JSON: such a Produce is a one-way message, `one_way` below).
     """
     group_id: _builtins.str
     """Group APIs (JoinGroup, SyncGroup, Heartbeat, LeaveGroup, OffsetCommit, OffsetFetch)."""
     sasl_mechanism: _builtins.str
     """SaslHandshake: the mechanism asked for (the credentials of SaslAuthenticate are never kept)."""
+    one_way: _builtins.bool
+    """A one-way message (Produce with acks=0): no response is expected, as AmqpDetail.one_way."""
     @_builtins.property
     def topics(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -549,10 +552,11 @@ class KafkaDetail(_message.Message):
         acks: _builtins.int = ...,
         group_id: _builtins.str = ...,
         sasl_mechanism: _builtins.str = ...,
+        one_way: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "api_key", b"api_key", "api_version", b"api_version", "client_id", b"client_id", "compression", b"compression", "correlation_id", b"correlation_id", "error_code", b"error_code", "error_name", b"error_name", "group_id", b"group_id", "partitions", b"partitions", "record_bytes", b"record_bytes", "record_count", b"record_count", "sasl_mechanism", b"sasl_mechanism", "topics", b"topics"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acks", b"acks", "api_key", b"api_key", "api_version", b"api_version", "client_id", b"client_id", "compression", b"compression", "correlation_id", b"correlation_id", "error_code", b"error_code", "error_name", b"error_name", "group_id", b"group_id", "one_way", b"one_way", "partitions", b"partitions", "record_bytes", b"record_bytes", "record_count", b"record_count", "sasl_mechanism", b"sasl_mechanism", "topics", b"topics"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -42,7 +42,8 @@ the response's top-level error if it has one and it is not 0, else its first non
 topic, partition or member. Any error but NONE makes the outcome `error`.
 
 A Produce with acks=0 gets no response: it is reported as soon as it is read, as a one-way
-message (note `one-way`, outcome ok, no status), never as a timeout.
+message (`one_way` in the detail and the note `one-way`, outcome ok, no status), never as a
+timeout.
 
 Secrets: SaslAuthenticate's auth bytes (SASL/PLAIN's password, SCRAM's proofs) are never read
 into a call; after a SaslHandshake v0 the raw SASL tokens that follow (not Kafka requests) are
@@ -1254,6 +1255,7 @@ class KafkaParser:
                 detail.acks = facts.acks
         if header.api_key == PRODUCE and facts is not None and facts.acks == 0:
             call.notes.append("one-way")  # acks=0: the broker sends nothing back
+            detail.one_way = True
             call.outcome = OUTCOME_OK
             calls.append(call)
             return
