@@ -413,6 +413,7 @@ def test_snapshot_and_restore_at_an_exchange_boundary() -> None:
         (b"PING\r\n", b"+PONG\r\n", 7000, 2),
         (b"PING\r\n", b"", 6379, 2),
         (b"PING\r\n", b"", 7000, 0),
+        (b"AUTH PLAIN\r\n", b"+OK POP3 ready\r\n", 110, 0),
         (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", b"", 6379, 0),
         (b"\x16\x03\x01\x02\x00", b"", 6379, 0),
         (b"", b"+OK\r\n", 6379, 1),

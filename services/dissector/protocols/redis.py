@@ -24,7 +24,8 @@ by what hiredis accepts, never by reading RESP lengths here:
   returns a message is its last, and the bytes fed since the previous one are its size. This
   costs a C call per line (about 0.5 us) where the whole chunk costs 0.2 us per message; it is
   exact for any RESP hiredis reads, where re-encoding a value would guess (`+OK` and `$2 OK` decode
-  alike).
+  alike). hiredis accepts only canonical lengths and integers (no sign, no leading zero), so
+  the least encoding differs from another only in the types it chose.
 A message is held whole by hiredis until it ends; one longer than `1024 * max_body_bytes`
 (64 MiB by default) ends the parse of the flow (a `ProtocolError`, which the dissector counts
 and logs), the bound on memory.
@@ -101,6 +102,8 @@ from trawl.v1.calls_pb2 import ApiCall
 
 PROTOCOL = "redis"
 REDIS_PORTS = frozenset({6379, 26379})
+# Line protocols whose commands and `+OK` replies look like inline Redis (FTP, SMTP, POP3, NNTP, IMAP, ManageSieve).
+TEXT_PROTOCOL_PORTS = frozenset({21, 25, 110, 119, 143, 465, 587, 993, 995, 4190})
 MAX_ARGS = 16  # arguments kept per call (the command name included)
 MAX_ARG_BYTES = 128  # bytes of one argument kept (as text)
 MAX_INLINE = 64 * 1024  # redis-server's PROTO_INLINE_MAX_SIZE: a longer inline line is refused
@@ -890,6 +893,8 @@ def probe(client: bytes, server: bytes, flow: FlowInfo) -> int:
         if _COMMAND_ARRAY_PREFIX.fullmatch(client):
             return 2 if port else 0  # cut short by the end of the flow before the probe window
         word = _INLINE_WORD.match(client)
+        if flow.server_port in TEXT_PROTOCOL_PORTS:
+            return 0  # `QUIT`, `AUTH PLAIN` answered `+OK`: POP3, SMTP, FTP... speak like inline Redis
         if word is not None and word.group(1).upper().decode() in COMMANDS and not _HTTP_LINE.match(client):
             if port or (server[:1] and server[0] in _REPLY_START):
                 return 2
