@@ -1661,6 +1661,12 @@ static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t
         flow->phase = PHASE_WAIT_RESPONSE;
         return R_NONE;
     }
+    if (!flow->client_spoke && self->http2 && h2_server_preface(data, len)) {
+        reason = h2_start(flow);
+        if (reason) return reason;
+        flow->h2->preface_pending = 1;
+        return h2_data(self, flow, 1, data, len, ts, calls);
+    }
     if (flow->phase < PHASE_WAIT_RESPONSE) return R_EARLY;
     reason = message_data(self, flow, &flow->response, &flow->response_body, &flow->response_body_size,
                           PHASE_RESPONSE_HEAD, response_head_done, R_EARLY, data, len, ts, &done);

@@ -116,6 +116,7 @@ typedef struct {
 } h2_snapshot_t;
 
 typedef struct h2conn_s {
+    int preface_pending; /* the server spoke first (its SETTINGS): the client's preface is still to come */
     nghttp2_hd_inflater *inflater[2]; /* [0] reads the client's blocks */
     size_t allowed[2];                /* each inflater's allowed table size (hpack's max_allowed_table_size) */
     uint32_t max_frame[2];            /* the largest frame each direction may carry */
@@ -190,6 +191,17 @@ static int h2_start(flow_t *flow) {
     memcpy(out, prefix, (size_t)size - 5);
     memcpy(out + size - 5, "grpc|", 5);
     return R_NONE;
+}
+
+/* The server's first bytes on a flow whose client has not spoken: the start of an HTTP/2
+   server's connection preface, a SETTINGS frame on stream 0 (grpc-core servers send theirs
+   as soon as they accept, racing the client's preface). http2.probe takes it as HTTP/2, and
+   the client's preface then confirms it; the lane requires that preface next. */
+static int h2_server_preface(const uint8_t *data, size_t len) {
+    if (len < 9) return 0;
+    uint32_t length = ((uint32_t)data[0] << 16) | ((uint32_t)data[1] << 8) | data[2];
+    return data[3] == H2_SETTINGS && data[4] == 0 && be32(data + 5) == 0 && length % 6 == 0 &&
+           length <= H2_DEFAULT_MAX_FRAME;
 }
 
 static int h2_idle(const h2conn_t *h2) {
@@ -794,6 +806,13 @@ static int h2_frame(Express *self, flow_t *flow, int dir, int type, uint8_t flag
 static int h2_data(Express *self, flow_t *flow, int dir, const uint8_t *data, size_t len, int64_t ts,
                    PyObject *work) {
     h2conn_t *h2 = flow->h2;
+    if (dir == 0 && h2->preface_pending) {
+        if (len < H2_PREFACE_LEN || memcmp(data, H2_PREFACE, H2_PREFACE_LEN) != 0) return R_NOT_HTTP;
+        h2->preface_pending = 0;
+        flow->client_spoke = 1;
+        data += H2_PREFACE_LEN;
+        len -= H2_PREFACE_LEN;
+    }
     buf_t *pending = &h2->pending[dir];
     size_t carried = pending->len;
     const uint8_t *p = data;
@@ -833,7 +852,7 @@ static int h2_data(Express *self, flow_t *flow, int dir, const uint8_t *data, si
 /* Is the flow at a point to take a snapshot at (quiescent() for HTTP/2)? */
 static int h2_snapshot_due(const flow_t *flow) {
     const h2conn_t *h2 = flow->h2;
-    if (h2->pending[0].len || h2->pending[1].len) return 0;
+    if (h2->preface_pending || h2->pending[0].len || h2->pending[1].len) return 0;
     return h2->open_count == 0 || flow->retained_bytes >= H2_SNAPSHOT_BYTES;
 }
 

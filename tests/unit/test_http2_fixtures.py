@@ -144,6 +144,14 @@ EXPECTED = {
         frames_at_least={"Magic": 1},
         header_names=frozenset({"grpc-timeout"}),
     ),
+    "grpc_busy": Expected(
+        39505, "http2",
+        # 300 unary calls, 16 always in flight on the one connection.
+        requests={("POST", GRPC + "GetOrder"): 300},
+        statuses={"200": 300},
+        grpc_statuses={"0": 300},
+        frames_at_least={"Magic": 1, "DATA": 600},
+    ),
     "h2_nghttp": Expected(
         39510, "http2",
         requests={("GET", path): 1 for path in ("/index.html", "/orders.json", "/large.bin", "/missing.txt")},

@@ -50,14 +50,16 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_plus
 
-from graphql.error import GraphQLError
-from graphql.language import Lexer, OperationDefinitionNode, Source, TokenKind
-from graphql.language.parser import Parser
-
 from trawl.v1.calls_pb2 import ApiCall, GraphqlDetail, Outcome
+
+if TYPE_CHECKING:
+    from graphql.language.parser import Parser
+
+# graphql-core is imported where a document is read, not with this module: it costs about 70 ms
+# to import (a third of `trawl analyze`'s start-up), and most captures hold no GraphQL at all.
 
 # Parser tokens one request may cost (all the documents of a batch together): graphql-core
 # parses about 6 us a token here, so the default bounds a request at some 30 ms. Real documents
@@ -292,6 +294,10 @@ class _Reader:
 
     def document(self, text: str, name: str, digest: str, cut: bool) -> Operation:
         """The executed operation of a document: the one `name` names, else the only one."""
+        from graphql.error import GraphQLError
+        from graphql.language import OperationDefinitionNode, Source
+        from graphql.language.parser import Parser
+
         if cut:
             return _pick(_scan(text, cut=True), name, digest)
         operations: list[tuple[str, str]] | None = None
@@ -347,6 +353,9 @@ def _scan(text: str, cut: bool) -> list[tuple[str, str]]:
     """(type, name) of the operations defined in the first SCAN_TOKENS tokens of a document cut
     short (`cut`) or refused by the parser, read with graphql-core's lexer: an operation starts
     at the outermost level with `query`/`mutation`/`subscription` (its name follows) or `{`."""
+    from graphql.error import GraphQLError
+    from graphql.language import Lexer, Source, TokenKind
+
     source = text[:SCAN_CHARS]
     # A token that ends where a cut text ends may be part of a longer one (`GetOr|der`).
     end = len(source) if cut or len(source) < len(text) else len(source) + 1
@@ -393,6 +402,9 @@ def _scan(text: str, cut: bool) -> list[tuple[str, str]]:
 
 def _starts_document(text: str) -> bool:
     """The text's first token starts an executable GraphQL definition."""
+    from graphql.error import GraphQLError
+    from graphql.language import Lexer, Source, TokenKind
+
     try:
         token = Lexer(Source(text[:SCAN_CHARS])).advance()
     except GraphQLError:
