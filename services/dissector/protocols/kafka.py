@@ -820,6 +820,34 @@ class Facts:
     trailing: int = 0  # bytes after the last field the layout knows (a newer minor field, or damage)
 
 
+def _uvarint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    """An unsigned varint at data[pos:end] and the offset after it; _Short if cut or too long."""
+    value = shift = 0
+    while True:
+        if pos >= end or shift > 28:
+            raise _Short
+        byte = data[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+
+
+def _skip_tags(data: bytes, pos: int, end: int) -> int:
+    """The offset after a tagged-field section (KIP-482) starting at pos."""
+    if pos < end and data[pos] == 0:  # no tagged field: nearly always
+        return pos + 1
+    count, pos = _uvarint(data, pos, end)
+    for _ in range(count):
+        _tag, pos = _uvarint(data, pos, end)
+        size, pos = _uvarint(data, pos, end)
+        pos += size
+        if pos > end:
+            raise _Short
+    return pos
+
+
 class _Walker:
     """Reads one body along its layout into a Facts; `_Short` when the bytes do not fit."""
 
@@ -834,22 +862,14 @@ class _Walker:
         self.last_topic = ""
 
     def uvarint(self, pos: int) -> tuple[int, int]:
-        data = self.data
-        value = shift = 0
-        while True:
-            if pos >= self.end or shift > 28:
-                raise _Short
-            byte = data[pos]
-            pos += 1
-            value |= (byte & 0x7F) << shift
-            if not byte & 0x80:
-                return value, pos
-            shift += 7
+        return _uvarint(self.data, pos, self.end)
 
     def length(self, pos: int, wide: bool) -> tuple[int, int]:
         """A string's, bytes' or array's length (-1 for null), in this encoding."""
         if self.compact:
-            value, pos = self.uvarint(pos)
+            if pos < self.end and self.data[pos] < 0x80:  # the one-byte length of most fields
+                return self.data[pos] - 1, pos + 1
+            value, pos = _uvarint(self.data, pos, self.end)
             return value - 1, pos
         if wide:
             if pos + 4 > self.end:
@@ -869,14 +889,7 @@ class _Walker:
         return self.data[pos:stop].decode("utf-8", "replace"), stop
 
     def skip_tags(self, pos: int) -> int:
-        count, pos = self.uvarint(pos)
-        for _ in range(count):
-            _tag, pos = self.uvarint(pos)
-            size, pos = self.uvarint(pos)
-            pos += size
-            if pos > self.end:
-                raise _Short
-        return pos
+        return _skip_tags(self.data, pos, self.end)
 
     def count(self, pos: int, item_size: int) -> tuple[int, int]:
         count, pos = self.length(pos, True)
@@ -1053,9 +1066,8 @@ def read_request_header(frame: bytes) -> RequestHeader:
         client_id = frame[pos : pos + min(size, MAX_CLIENT_ID)].decode("utf-8", "replace")
         pos += size
     if version == 2:
-        walker = _Walker(frame, True, {})
         try:
-            pos = walker.skip_tags(pos)
+            pos = _skip_tags(frame, pos, len(frame))
         except _Short:
             raise ProtocolError("Kafka request header's tagged fields run past the request") from None
     return RequestHeader(api_key, api_version, correlation_id, client_id, pos)
@@ -1309,7 +1321,7 @@ class KafkaParser:
         start = 4
         if response_header_version(pending.api_key, pending.api_version) == 1:
             try:
-                start = _Walker(frame, True, {}).skip_tags(4)
+                start = _skip_tags(frame, 4, len(frame))
             except _Short:
                 call.notes.append("body-not-decoded")
                 calls.append(finish_call(call, ts_ns, error=False))
