@@ -473,9 +473,12 @@ class Http1Parser:
     # -- framing -------------------------------------------------------------------------------
 
     def _take(self) -> list[ApiCall]:
+        """The calls made since the last take, in a list the caller owns (never `self.out`
+        itself, which a caller's `+=` would then change)."""
         out = self.out
-        if out:
-            self.out = []
+        if not out:
+            return []
+        self.out = []
         return out
 
     def _run(self, direction: Direction, ts_ns: int) -> None:

@@ -772,10 +772,7 @@ class Http2Parser:
         else:
             reader.buf = data
         self._run(direction, reader, ts_ns)
-        out = self.out
-        if out:
-            self.out = []
-        return out
+        return self._take()
 
     def gap(self, direction: Direction, size: int, ts_ns: int) -> list[ApiCall]:
         reader = self.readers[direction]
@@ -853,9 +850,12 @@ class Http2Parser:
     # -- framing -------------------------------------------------------------------------------
 
     def _take(self) -> list[ApiCall]:
+        """The calls made since the last take, in a list the caller owns (never `self.out`
+        itself, which a caller's `+=` would then change)."""
         out = self.out
-        if out:
-            self.out = []
+        if not out:
+            return []
+        self.out = []
         return out
 
     def _count(self, name: str, amount: int = 1) -> None:
