@@ -12,7 +12,11 @@ version of each API and the error names are the tables below, transcribed from K
 definitions (apache/kafka `clients/src/main/resources/common/message/*Request.json`,
 `validVersions` and `flexibleVersions`) and `clients/src/main/java/org/apache/kafka/common/
 protocol/Errors.java`, at commit 1eb7644349cb07139d6a3c1ad1986979647cac99 (October 2024: api
-keys 0-87). Kafka headers and the few fields Trawl reports are small enough to decode directly
+keys 0-87), and for the versions Kafka 4.1 added since (Produce 12-13, Fetch 18, Metadata 13,
+OffsetCommit and OffsetFetch 10, ..., and key 74's new name ListConfigResources) from the copy of
+those definitions that kafka-python 3.0.12 ships (`kafka/protocol/schemas/resources/`, 55 of
+the APIs). Keys Kafka added after 87 are named `ApiKey<n>`. Kafka headers and the few fields
+Trawl reports are small enough to decode directly
 (../shared/DESIGN.md); kafka-python's protocol classes, which decode whole messages into Python
 objects, are the tests' encoder and oracle (tests/kafka_broker.py, tests/unit/test_kafka.py).
 
@@ -23,7 +27,8 @@ and the response is written below as a small schema (`_SCHEMAS`: a field's role,
 versions that carry it, as in the JSON definitions), read by one walker that knows the wire types
 (int16-prefixed strings and int32-prefixed arrays, or their compact uvarint forms and the tagged
 fields that end each structure in flexible versions). It collects the topics (names, or ids in
-Fetch v13+ which a Metadata response seen on the connection maps back to names), the partition
+Fetch v13+, Produce v13+, OffsetCommit/OffsetFetch v10+, which a Metadata response seen on the
+connection maps back to names; an id never seen stays as its UUID text), the partition
 indexes, the group id, the acks of a Produce, the SASL mechanism, and every error code. Record
 batches (magic 2) in Produce requests and Fetch responses are counted from their 61-byte headers:
 records, bytes and the compression codec from the attributes; nothing is decompressed. Legacy
@@ -86,48 +91,49 @@ MAX_FRAME_SIZE = 100 * 1024 * 1024
 MAX_PATH = 256  # characters of `path`
 MAX_TOPICS = 64  # topic names kept in a call's detail
 MAX_PARTITIONS = 256  # partition indexes kept in a call's detail
-MAX_TOPIC_IDS = 1024  # topic id -> name pairs a connection remembers (Fetch v13+)
+MAX_TOPIC_IDS = 1024  # topic id -> name pairs a connection remembers (topics named by id)
 MAX_CLIENT_ID = 256
 
 # api key -> (name, newest version, first flexible version or None), from the message
-# definitions cited in the module docstring.
+# definitions cited in the module docstring (tests/unit/test_kafka_schemas.py compares them with
+# kafka-python's copy).
 APIS: dict[int, tuple[str, int, int | None]] = {
-    0: ("Produce", 11, 9),
-    1: ("Fetch", 17, 12),
-    2: ("ListOffsets", 10, 6),
-    3: ("Metadata", 12, 9),
+    0: ("Produce", 13, 9),
+    1: ("Fetch", 18, 12),
+    2: ("ListOffsets", 11, 6),
+    3: ("Metadata", 13, 9),
     4: ("LeaderAndIsr", 7, 4),
     5: ("StopReplica", 4, 2),
     6: ("UpdateMetadata", 8, 6),
     7: ("ControlledShutdown", 3, 3),
-    8: ("OffsetCommit", 9, 8),
-    9: ("OffsetFetch", 9, 6),
+    8: ("OffsetCommit", 10, 8),
+    9: ("OffsetFetch", 10, 6),
     10: ("FindCoordinator", 6, 3),
     11: ("JoinGroup", 9, 6),
     12: ("Heartbeat", 4, 4),
     13: ("LeaveGroup", 5, 4),
     14: ("SyncGroup", 5, 4),
-    15: ("DescribeGroups", 5, 5),
+    15: ("DescribeGroups", 6, 5),
     16: ("ListGroups", 5, 3),
     17: ("SaslHandshake", 1, None),
     18: ("ApiVersions", 4, 3),
     19: ("CreateTopics", 7, 5),
     20: ("DeleteTopics", 6, 4),
     21: ("DeleteRecords", 2, 2),
-    22: ("InitProducerId", 5, 2),
+    22: ("InitProducerId", 6, 2),
     23: ("OffsetForLeaderEpoch", 4, 4),
     24: ("AddPartitionsToTxn", 5, 3),
     25: ("AddOffsetsToTxn", 4, 3),
     26: ("EndTxn", 5, 3),
-    27: ("WriteTxnMarkers", 1, 1),
-    28: ("TxnOffsetCommit", 4, 3),
+    27: ("WriteTxnMarkers", 2, 1),
+    28: ("TxnOffsetCommit", 5, 3),
     29: ("DescribeAcls", 3, 2),
     30: ("CreateAcls", 3, 2),
     31: ("DeleteAcls", 3, 2),
     32: ("DescribeConfigs", 4, 4),
     33: ("AlterConfigs", 2, 2),
     34: ("AlterReplicaLogDirs", 2, 2),
-    35: ("DescribeLogDirs", 4, 2),
+    35: ("DescribeLogDirs", 5, 2),
     36: ("SaslAuthenticate", 2, 2),
     37: ("CreatePartitions", 3, 2),
     38: ("CreateDelegationToken", 3, 2),
@@ -137,7 +143,7 @@ APIS: dict[int, tuple[str, int, int | None]] = {
     42: ("DeleteGroups", 2, 2),
     43: ("ElectLeaders", 2, 2),
     44: ("IncrementalAlterConfigs", 1, 1),
-    45: ("AlterPartitionReassignments", 0, 0),
+    45: ("AlterPartitionReassignments", 1, 0),
     46: ("ListPartitionReassignments", 0, 0),
     47: ("OffsetDelete", 0, None),
     48: ("DescribeClientQuotas", 1, 1),
@@ -152,13 +158,13 @@ APIS: dict[int, tuple[str, int, int | None]] = {
     57: ("UpdateFeatures", 2, 0),
     58: ("Envelope", 0, 0),
     59: ("FetchSnapshot", 1, 0),
-    60: ("DescribeCluster", 1, 0),
+    60: ("DescribeCluster", 2, 0),
     61: ("DescribeProducers", 0, 0),
     62: ("BrokerRegistration", 4, 0),
     63: ("BrokerHeartbeat", 1, 0),
     64: ("UnregisterBroker", 0, 0),
     65: ("DescribeTransactions", 0, 0),
-    66: ("ListTransactions", 1, 0),
+    66: ("ListTransactions", 2, 0),
     67: ("AllocateProducerIds", 0, 0),
     68: ("ConsumerGroupHeartbeat", 1, 0),
     69: ("ConsumerGroupDescribe", 0, 0),
@@ -166,7 +172,7 @@ APIS: dict[int, tuple[str, int, int | None]] = {
     71: ("GetTelemetrySubscriptions", 0, 0),
     72: ("PushTelemetry", 0, 0),
     73: ("AssignReplicasToDirs", 0, 0),
-    74: ("ListClientMetricsResources", 0, 0),
+    74: ("ListConfigResources", 1, 0),
     75: ("DescribeTopicPartitions", 0, 0),
     76: ("ShareGroupHeartbeat", 0, 0),
     77: ("ShareGroupDescribe", 0, 0),
@@ -375,13 +381,20 @@ _PRODUCE_REQUEST = (
     _T("str", "3+"),  # TransactionalId
     _T("acks", "0+"),
     _T("i32", "0+"),  # TimeoutMs
-    _T("[]", "0+", _T("topic", "0+"), _T("[]", "0+", _T("partition", "0+"), _T("records", "0+"))),
+    _T(
+        "[]",
+        "0+",
+        _T("topic", "0-12"),
+        _T("topic_id", "13+"),
+        _T("[]", "0+", _T("partition", "0+"), _T("records", "0+")),
+    ),
 )
 _PRODUCE_RESPONSE = (
     _T(
         "[]",
         "0+",
-        _T("topic", "0+"),
+        _T("topic", "0-12"),
+        _T("topic_id", "13+"),
         _T(
             "[]",
             "0+",
@@ -514,6 +527,7 @@ _METADATA_RESPONSE = (
         _T("i32", "8+"),  # TopicAuthorizedOperations
     ),
     _T("i32", "8-10"),  # ClusterAuthorizedOperations
+    _T("error", "13+"),
 )
 _OFFSET_COMMIT_REQUEST = (
     _T("group", "0+"),
@@ -524,7 +538,8 @@ _OFFSET_COMMIT_REQUEST = (
     _T(
         "[]",
         "0+",
-        _T("topic", "0+"),
+        _T("topic", "0-9"),
+        _T("topic_id", "10+"),
         _T(
             "[]",
             "0+",
@@ -538,7 +553,13 @@ _OFFSET_COMMIT_REQUEST = (
 )
 _OFFSET_COMMIT_RESPONSE = (
     _T("i32", "3+"),  # ThrottleTimeMs
-    _T("[]", "0+", _T("topic", "0+"), _T("[]", "0+", _T("partition", "0+"), _T("error", "0+"))),
+    _T(
+        "[]",
+        "0+",
+        _T("topic", "0-9"),
+        _T("topic_id", "10+"),
+        _T("[]", "0+", _T("partition", "0+"), _T("error", "0+")),
+    ),
 )
 _OFFSET_FETCH_REQUEST = (
     _T("group", "0-7"),
@@ -549,7 +570,7 @@ _OFFSET_FETCH_REQUEST = (
         _T("group", "8+"),
         _T("str", "9+"),  # MemberId
         _T("i32", "9+"),  # MemberEpoch
-        _T("[]", "8+", _T("topic", "8+"), _T("[]partition", "8+")),
+        _T("[]", "8+", _T("topic", "8-9"), _T("topic_id", "10+"), _T("[]partition", "8+")),
     ),
     _T("bool", "7+"),  # RequireStable
 )
@@ -568,7 +589,7 @@ _OFFSET_FETCH_RESPONSE = (
         "[]",
         "8+",
         _T("group", "8+"),
-        _T("[]", "8+", _T("topic", "8+"), _T("[]", "8+", *_OFFSET_FETCH_PARTITION)),
+        _T("[]", "8+", _T("topic", "8-9"), _T("topic_id", "10+"), _T("[]", "8+", *_OFFSET_FETCH_PARTITION)),
         _T("error", "8+"),
     ),
 )
@@ -704,8 +725,17 @@ _INIT_PRODUCER_ID_REQUEST = (
     _T("i32", "0+"),  # TransactionTimeoutMs
     _T("i64", "3+"),  # ProducerId
     _T("i16", "3+"),  # ProducerEpoch
+    _T("bool", "6+"),  # Enable2Pc
+    _T("bool", "6+"),  # KeepPreparedTxn
 )
-_INIT_PRODUCER_ID_RESPONSE = (_T("i32", "0+"), _T("error", "0+"), _T("i64", "0+"), _T("i16", "0+"))
+_INIT_PRODUCER_ID_RESPONSE = (
+    _T("i32", "0+"),  # ThrottleTimeMs
+    _T("error", "0+"),
+    _T("i64", "0+"),  # ProducerId
+    _T("i16", "0+"),  # ProducerEpoch
+    _T("i64", "6+"),  # OngoingTxnProducerId
+    _T("i16", "6+"),  # OngoingTxnProducerEpoch
+)
 _SASL_HANDSHAKE_REQUEST = (_T("mechanism", "0+"),)
 _SASL_HANDSHAKE_RESPONSE = (_T("error", "0+"), _T("[]str", "0+"))
 # The auth bytes are skipped unread (credentials: see the module docstring).
@@ -1101,7 +1131,7 @@ class KafkaState:
     What a compiled lane must supply:
     - `ordinal`: how many calls the connection has begun (each call id hashes its ordinal);
     - `topic_names`: (topic id, name) pairs learnt from Metadata responses, oldest first (at most
-      MAX_TOPIC_IDS), which name the topics of Fetch v13+;
+      MAX_TOPIC_IDS), which name the topics of messages that carry ids (Fetch v13+...);
     - `sasl_tokens`: a SaslHandshake v0 succeeded and raw SASL tokens, not requests, follow.
     """
 
