@@ -418,7 +418,7 @@ class KafkaStandIn:
                 generation_id=-1,
                 protocol_name=None if version >= 7 else "",
                 leader="",
-                member_id=f"{request.client_id if hasattr(request, 'client_id') else 'member'}-{uuid.uuid4()}",
+                member_id=f"member-{uuid.uuid4()}",
                 members=[],
             )
         if not member_id:
