@@ -180,6 +180,9 @@ class SpanShape:
     common: Attributes = field(default_factory=dict)
     client_error: str = ""
     server_error: str = ""
+    # The calling side's kind: CLIENT, or PRODUCER / CONSUMER for messaging (the issue #10 rule:
+    # a produce or publish is the producer's span, a fetch, get or delivery the consumer's).
+    client_kind: SpanKind = SpanKind.CLIENT
 
 
 def span_times(call: ApiCall) -> tuple[int, int]:
@@ -209,7 +212,7 @@ def call_spans(call: ApiCall) -> tuple[ReadableSpan, ReadableSpan]:
         parent=parent,
         resource=resource_for(call.src),
         attributes={**shape.common, **_peer_attributes(call, SpanKind.CLIENT), **shape.client},
-        kind=SpanKind.CLIENT,
+        kind=shape.client_kind,
         status=_status(shape.client_error),
         start_time=start,
         end_time=end,
@@ -463,17 +466,20 @@ def _redis(call: ApiCall) -> SpanShape:
     return shape
 
 
+# messaging.operation.type per the current semantic conventions ("process" for a delivery the
+# broker pushes, "receive" for one the consumer asks for).
 _MESSAGING_OPERATION_TYPES = {
     "Produce": "send",
     "Fetch": "receive",
     "basic.publish": "send",
     "basic.get": "receive",
-    "basic.deliver": "receive",
+    "basic.deliver": "process",
     "basic.consume": "receive",
     "basic.ack": "settle",
     "basic.nack": "settle",
     "basic.reject": "settle",
 }
+_MESSAGING_KINDS = {"send": SpanKind.PRODUCER, "receive": SpanKind.CONSUMER, "process": SpanKind.CONSUMER}
 
 
 def _messaging(call: ApiCall, system: str, destination: str) -> SpanShape:
@@ -483,7 +489,9 @@ def _messaging(call: ApiCall, system: str, destination: str) -> SpanShape:
     if operation:
         shape.common["messaging.operation.name"] = operation
     if operation in _MESSAGING_OPERATION_TYPES:
-        shape.common["messaging.operation.type"] = _MESSAGING_OPERATION_TYPES[operation]
+        operation_type = _MESSAGING_OPERATION_TYPES[operation]
+        shape.common["messaging.operation.type"] = operation_type
+        shape.client_kind = _MESSAGING_KINDS.get(operation_type, SpanKind.CLIENT)
     if destination:
         shape.common["messaging.destination.name"] = destination
     return shape
@@ -496,7 +504,8 @@ def _kafka(call: ApiCall) -> SpanShape:
         shape.common["messaging.client.id"] = call.kafka.client_id
     if call.HasField("kafka") and len(call.kafka.partitions) == 1:
         shape.common["messaging.destination.partition.id"] = str(call.kafka.partitions[0])
-    error = call.status if call.status not in ("", "0") else ""
+    # The status is the error code's name (NONE for none); "0" in records from before it was.
+    error = call.status if call.status not in ("", "0", "NONE") else ""
     if error:
         shape.client["error.type"] = shape.server["error.type"] = error
         shape.client_error = shape.server_error = f"kafka error {error}"

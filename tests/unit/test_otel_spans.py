@@ -44,9 +44,13 @@ def make_call(**fields: Any) -> ApiCall:
     return call
 
 
+MESSAGING_KINDS = {SpanKind.PRODUCER, SpanKind.CONSUMER}
+
+
 def spans_of(call: ApiCall) -> tuple[ReadableSpan, ReadableSpan]:
     client, server = call_spans(call)
-    assert client.kind == SpanKind.CLIENT
+    messaging = call.protocol in ("kafka", "amqp")
+    assert client.kind == SpanKind.CLIENT or (messaging and client.kind in MESSAGING_KINDS)
     assert server.kind == SpanKind.SERVER
     return client, server
 
@@ -212,6 +216,33 @@ def test_graphql_mapping_names_the_operation_and_fails_on_an_errors_array() -> N
     assert client.status.description == "the broken field always fails"
 
 
+@pytest.mark.parametrize(
+    ("protocol", "method", "status", "kind"),
+    [
+        ("kafka", "Produce", "NONE", SpanKind.PRODUCER),
+        ("kafka", "Fetch", "NONE", SpanKind.CONSUMER),
+        ("kafka", "Metadata", "NONE", SpanKind.CLIENT),
+        ("amqp", "basic.publish", "ok", SpanKind.PRODUCER),
+        ("amqp", "basic.deliver", "ok", SpanKind.CONSUMER),
+        ("amqp", "basic.get", "ok", SpanKind.CONSUMER),
+        ("amqp", "basic.ack", "ok", SpanKind.CLIENT),
+        ("amqp", "queue.declare", "ok", SpanKind.CLIENT),
+        ("redis", "GET", "ok", SpanKind.CLIENT),
+    ],
+)
+def test_messaging_calls_are_producer_and_consumer_spans(
+    protocol: str, method: str, status: str, kind: SpanKind
+) -> None:
+    """Issue #10: a produce or publish is the producer's span, a fetch, get or delivery the
+    consumer's; the broker's side stays SERVER, and everything else (Redis included) CLIENT."""
+    client, server = spans_of(make_call(protocol=protocol, method=method, path="orders", status=status))
+    assert client.kind == kind
+    assert server.kind == SpanKind.SERVER
+    assert client.status.status_code == StatusCode.UNSET  # NONE and ok are not errors
+    failed, _ = spans_of(make_call(protocol="kafka", method="Produce", path="orders", status="NOT_LEADER_OR_FOLLOWER"))
+    assert failed.status.status_code == StatusCode.ERROR
+
+
 def test_redis_kafka_amqp_dns_and_tcp_mappings() -> None:
     redis = make_call(protocol="redis", method="GET", path="session:1", status="ok")
     redis.redis.db = 2
@@ -246,6 +277,7 @@ def test_redis_kafka_amqp_dns_and_tcp_mappings() -> None:
 
     dns = make_call(protocol="dns", method="A", path="users.shop.svc.cluster.local", status="NXDOMAIN")
     client, server = spans_of(dns)
+    assert client.kind == SpanKind.CLIENT
     assert client.name == "DNS A"
     assert client.attributes is not None
     assert client.attributes["dns.question.name"] == "users.shop.svc.cluster.local"
