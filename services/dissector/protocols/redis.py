@@ -14,7 +14,9 @@ by what hiredis accepts, never by reading RESP lengths here:
 - at a message boundary, the rest of the chunk is fed whole; if hiredis returns one message and
   `has_data()` is false, that message is exactly the rest of the chunk (the everyday case: one
   command or one reply per TCP segment);
-- when it holds several whole messages (pipelining), their sizes are known at once if the
+- when it holds several messages (pipelining): a scalar reply's type byte (at the offset the
+  previous sizes give) and its value fix its encoding (`$` + length + bytes, `+` + text, `:` +
+  digits, `_`...), so such replies are sized one after the other; for the rest, when the
   least RESP encodings of their values (a command as an array of bulk strings, which is all
   redis-server runs; a reply's simple string, plain integer...) add up to the bytes hiredis
   consumed: no message can be shorter than its least encoding, so each is exactly that;
@@ -109,7 +111,8 @@ MAX_ARG_BYTES = 128  # bytes of one argument kept (as text)
 MAX_INLINE = 64 * 1024  # redis-server's PROTO_INLINE_MAX_SIZE: a longer inline line is refused
 REDACTED = "[REDACTED]"
 
-_STAR, _NL, _PUSH, _ATTRIBUTE, _STATUS = 0x2A, 0x0A, 0x3E, 0x7C, 0x2B
+_STAR, _PUSH, _ATTRIBUTE, _STATUS = 0x2A, 0x3E, 0x7C, 0x2B
+_BULK, _INTEGER, _NULL, _BOOLEAN = 0x24, 0x3A, 0x5F, 0x23
 TYPE_NAMES = {
     ord("+"): "simple",
     ord("-"): "error",
@@ -257,6 +260,26 @@ def _least_command(value: Any) -> int | None:
     return size
 
 
+def _exact_reply(first: int, value: Any) -> int | None:
+    """The size of a scalar reply whose type byte fixes its encoding; None for any other."""
+    kind = type(value)
+    if first == _BULK:
+        if kind is bytes:
+            return 5 + len(str(len(value))) + len(value)
+        return 5 if value is None else None  # `$-1`
+    if first == _STATUS:
+        return 3 + len(value) if kind is bytes else None
+    if first == _INTEGER:
+        return 3 + len(str(value)) if kind is int else None
+    if first == _NULL:
+        return 3
+    if first == _STAR and value is None:
+        return 5  # `*-1`
+    if first == _BOOLEAN:
+        return 4
+    return None
+
+
 def _least_reply(value: Any) -> int | None:
     """The least RESP encoding of a reply value (bytes as a simple string when they can be
     one, integers in plain digits, nil as RESP3's `_`); None for values whose least encoding
@@ -366,46 +389,62 @@ class _Side:
                         out.append((value, first, end - position, ts_ns, ts_ns))
                         self.resyncing = False
                         return
-                    if self._whole_messages(value, data, position, ts_ns, out):
+                    position = self._whole_messages(value, data, position, ts_ns, out)
+                    if position == end:
                         return
-                    # Not provably sized at once: measure each message from the start again.
+                    # The rest is not provably sized at once: measure each message by stepping.
                     self.reader = hiredis.Reader()
                     stepping = True
+                    continue
             elif self.first == _INLINE:
                 position = self._inline(data, position, ts_ns, out)
                 continue
             position = self._step(data, position, ts_ns, out)
 
-    def _whole_messages(self, value: Any, data: bytes, position: int, ts_ns: int, out: list[_Frame]) -> bool:
-        """The chunk from `position` holds several whole messages, `value` the first: when the
-        least encodings of their values add up to the bytes hiredis consumed, each message is
-        exactly its least encoding (none can be shorter), so the sizes are known without
-        stepping. False (nothing emitted, the reader to be replaced) otherwise."""
+    def _whole_messages(self, value: Any, data: bytes, position: int, ts_ns: int, out: list[_Frame]) -> int:
+        """The chunk from `position` holds several messages, `value` the first: frame those whose
+        size is certain without stepping (see "Message sizes" in the module docstring) and return
+        the offset after the last one framed; the caller steps from there with a fresh reader."""
         reader = self.reader
         values = [value]
+        complete = True
         try:
             while (value := reader.gets()) is not False:
                 values.append(value)
         except (hiredis.ProtocolError, TypeError, ValueError):
-            return False  # e.g. an inline command after a RESP one: stepping reads it
-        if reader.has_data():
-            return False  # the chunk ends inside a message
+            complete = False  # e.g. an inline command after a RESP one: stepping reads it
+        complete = complete and not reader.has_data()  # else the chunk ends inside a message
+        if not self.client:
+            # A scalar reply's type byte and value fix its encoding (hiredis takes only canonical
+            # lengths and integers): sized one after the other while they are such.
+            for index, item in enumerate(values):
+                size = _exact_reply(data[position], item)
+                if size is None:
+                    values = values[index:]
+                    break
+                out.append((item, data[position], size, ts_ns, ts_ns))
+                position += size
+            else:
+                self.resyncing = False
+                return position
+        if not complete:
+            return position
         least = _least_command if self.client else _least_reply
         sizes = []
         total = 0
         for item in values:
             size = least(item)
             if size is None:
-                return False
+                return position
             sizes.append(size)
             total += size
         if total != len(data) - position:
-            return False
+            return position
         for item, size in zip(values, sizes, strict=True):
             out.append((item, data[position], size, ts_ns, ts_ns))
             position += size
         self.resyncing = False
-        return True
+        return position
 
     def _grow(self, size: int) -> None:
         self.size += size
@@ -629,10 +668,10 @@ class RedisParser:
         if not isinstance(value, list) or not value:
             return  # `*0` / `*-1`: redis-server runs nothing and answers nothing
         args: list[bytes] = [item if type(item) is bytes else str(item).encode() for item in value]
-        name = args[0].decode("latin-1").upper()
+        name = args[0][:MAX_ARG_BYTES].decode("latin-1").upper()
         method = name
         if name in CONTAINERS and len(args) > 1:
-            method = name + " " + args[1].decode("latin-1").upper()
+            method = name + " " + args[1][:MAX_ARG_BYTES].decode("latin-1").upper()
         entry = COMMANDS.get(method) or COMMANDS.get(name)
         blocking, specs = entry if entry is not None else (False, ())
         call = new_call(self.flow, PROTOCOL, start_ts, self.ordinal)
