@@ -45,6 +45,27 @@ def test_every_client_byte_is_in_one_request(name: str) -> None:
     assert {port: counted[port] + empty_lines.get(port, 0) for port in sent} == dict(sent)
 
 
+@pytest.mark.parametrize("name", ["resp2.pcap", "resp3.pcap", "auth.pcap", "blocking.pcap", "benchmark.pcap"])
+def test_every_server_byte_is_in_one_reply_or_pushed_message(name: str) -> None:
+    # (pubsub.pcap and misc.pcap hold confirmations absorbed by their command and MONITOR lines,
+    # which are in no call.)
+    sent: Counter[int] = Counter()
+    seen: set[tuple[int, int]] = set()
+    for packet in read_packets(REDIS / name):
+        if (
+            packet.protocol == 6
+            and packet.sport in range(39601, 39609)
+            and packet.payload
+            and (packet.dport, packet.seq) not in seen
+        ):
+            seen.add((packet.dport, packet.seq))  # resp3.pcap holds a retransmitted push frame
+            sent[packet.dport] += len(packet.payload)
+    counted: Counter[int] = Counter()
+    for call in redis_calls(name):
+        counted[call.src.port] += call.request.size if call.redis.from_server else call.response.size
+    assert {port: counted[port] for port in sent} == dict(sent)
+
+
 def test_resp2_everyday_commands_pipeline_and_transactions() -> None:
     calls = redis_calls("resp2.pcap")
     counts = methods(calls)
