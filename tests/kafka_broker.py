@@ -133,6 +133,7 @@ class KafkaStandIn:
         self.host = host
         self.port = port
         self.users = users  # SASL/PLAIN users; None: no authentication asked
+        self.advertise = 0  # a port to advertise instead of this one (0: this one)
         self.topics: dict[str, Partition] = {}
         self.topic_ids: dict[str, uuid.UUID] = {}
         self.groups: dict[str, Group] = {}
@@ -146,6 +147,12 @@ class KafkaStandIn:
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def advertised_port(self) -> int:
+        """The port Metadata and FindCoordinator give clients (Kafka's advertised.listeners):
+        `advertise` sets another, for a relay in front of the broker."""
+        return self.advertise or self.port
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -290,7 +297,7 @@ class KafkaStandIn:
                     partitions=partitions,
                 )
             )
-        broker = response.MetadataResponseBroker(node_id=NODE_ID, host=self.host, port=self.port, rack=None)
+        broker = response.MetadataResponseBroker(node_id=NODE_ID, host=self.host, port=self.advertised_port, rack=None)
         return response(
             throttle_time_ms=0,
             brokers=[broker],
@@ -400,12 +407,19 @@ class KafkaStandIn:
     def _api_10(self, request: Any, response: Any, version: int) -> Any:
         if version >= 4:
             coordinators = [
-                response.Coordinator(key=key, node_id=NODE_ID, host=self.host, port=self.port, error_code=NONE)
+                response.Coordinator(
+                    key=key, node_id=NODE_ID, host=self.host, port=self.advertised_port, error_code=NONE
+                )
                 for key in request.coordinator_keys
             ]
             return response(throttle_time_ms=0, coordinators=coordinators)
         return response(
-            throttle_time_ms=0, error_code=NONE, error_message=None, node_id=NODE_ID, host=self.host, port=self.port
+            throttle_time_ms=0,
+            error_code=NONE,
+            error_message=None,
+            node_id=NODE_ID,
+            host=self.host,
+            port=self.advertised_port,
         )
 
     def _api_11(self, request: Any, response: Any, version: int) -> Any:
