@@ -1,13 +1,15 @@
 """Property tests of the Kafka parser: garbage, random frames and mutated real messages give calls
 or ProtocolError and nothing else, with pending requests and buffers bounded; a conversation built
 by kafka-python's encoders cut anywhere gives the same calls and counts; every request frame that
-reads as one becomes exactly one call."""
+reads as one becomes exactly one call; `restore(snapshot())` at any exchange boundary continues
+exactly as the uninterrupted parser (base.Snapshotting), and no state is given mid-exchange."""
 
 from __future__ import annotations
 
 import itertools
 import struct
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka.protocol.consumer import FetchRequest, FetchResponse, HeartbeatRequest, HeartbeatResponse
@@ -17,7 +19,7 @@ from kafka.protocol.sasl import SaslAuthenticateRequest, SaslAuthenticateRespons
 from kafka.record.memory_records import MemoryRecordsBuilder
 
 from tests.conftest import scaled
-from trawl.dissector.protocols.base import Direction, FlowInfo, ParserLimits, ProtocolError
+from trawl.dissector.protocols.base import Direction, FlowInfo, NotAtBoundary, ParserLimits, ProtocolError
 from trawl.dissector.protocols.kafka import KafkaParser
 from trawl.v1.calls_pb2 import ApiCall
 
@@ -217,3 +219,52 @@ def test_every_request_frame_becomes_one_call(picked: list[bytes], cuts: list[in
     assert len(calls) == len(requests)
     reused = len(requests) - len({frame for frame in requests})
     assert sum("correlation-id-reused" in call.notes for call in calls) <= reused
+
+
+def _exchanges() -> list[list[tuple[Direction, bytes]]]:
+    """Exchanges that leave nothing pending: a request and its response, or a one-way produce."""
+    found: list[list[tuple[Direction, bytes]]] = []
+    answers = {data[4:8]: data for direction, data in CONVERSATION if direction is S2C}
+    for direction, data in CONVERSATION:
+        if direction is not C2S:
+            continue
+        answer = answers.get(data[8:12])
+        found.append([(C2S, data)] if answer is None else [(C2S, data), (S2C, answer)])
+    return found
+
+
+EXCHANGES = _exchanges()
+
+
+@settings(FUZZ, max_examples=scaled(200))
+@given(st.lists(st.integers(0, len(EXCHANGES) - 1), min_size=1, max_size=10), st.data())
+def test_restore_at_an_exchange_boundary_continues_as_the_original(picked: list[int], data: st.DataObject) -> None:
+    steps = [EXCHANGES[index] for index in picked]
+    cut = data.draw(st.integers(0, len(steps)))
+    original = KafkaParser(FLOW, LIMITS)
+    before = [
+        call
+        for exchange in steps[:cut]
+        for direction, chunk in exchange
+        for call in original.feed(direction, chunk, T0)
+    ]
+    state = original.snapshot()
+    restored = KafkaParser(FLOW, LIMITS)
+    restored.restore(state)
+    rest = [(direction, chunk) for exchange in steps[cut:] for direction, chunk in exchange]
+    calls_a = [
+        call.SerializeToString() for direction, chunk in rest for call in original.feed(direction, chunk, T0 + 1)
+    ]
+    calls_b = [
+        call.SerializeToString() for direction, chunk in rest for call in restored.feed(direction, chunk, T0 + 1)
+    ]
+    assert calls_a == calls_b
+    assert len(before) + len(calls_a) == len(steps)
+    if rest:
+        # In the middle of an exchange (a frame half read, or a request pending) there is no state.
+        half = KafkaParser(FLOW, LIMITS)
+        direction, chunk = rest[0]
+        half.feed(direction, chunk[: data.draw(st.integers(1, len(chunk)))], T0)
+        if half._pending or any(side.buffer or side.skip for side in half._sides):
+            with pytest.raises(NotAtBoundary):
+                half.snapshot()
