@@ -54,9 +54,13 @@ Pairing (in order, as Redis answers one client):
   (`one_way`, note `no-reply`);
 - MONITOR's feed lines are counted (`redis_monitor_lines`), not reported; after SYNC/PSYNC
   the connection carries a replication stream (an RDB file is not RESP) and parsing stops.
-A request reported `no_response` by `expire` or by the pending limit stays in the queue as a
-placeholder, so its late reply is skipped (`redis_late_replies`) instead of answering the next
-command; a reply with nothing pending is counted (`redis_unpaired_replies`).
+A command reported `no_response` by `expire` stays in the queue as a placeholder, so its late
+reply is skipped (`redis_late_replies`) instead of answering the next command. Pending commands
+(and transaction commands held for EXEC) are bounded by `ParserLimits.max_pending_requests`:
+past it the oldest is reported `no_response` with the note `pending-limit`
+(`redis_pending_limit`), and calls paired until the queue next empties carry that note. A reply
+with nothing pending is counted (`redis_unpaired_replies`). These counts reach the dissector's
+counters when the flow ends.
 
 Summary triple: `method` = the command in upper case, two words for container commands
 (`CLIENT SETNAME`, `CONFIG GET`, `XINFO STREAM`); `path` = the first key, found with the key
