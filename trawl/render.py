@@ -279,7 +279,7 @@ class TableWriter:
         ("proto", 8),
         ("source", 28),
         ("destination", 28),
-        ("method", 8),
+        ("method", 16),  # AMQP class.method, Kafka API names, two-word Redis commands
         ("path", 36),
         ("status", 9),
         ("ms", 9),
@@ -337,7 +337,8 @@ def _size(count: int) -> str:
 
 def info_text(call: ApiCall) -> str:
     """What Wireshark's Info column would add to the summary triple: the HTTP/2 stream and what
-    happened to it, gRPC messages and status message, GraphQL errors, the dissector's notes."""
+    happened to it, gRPC messages and status message, GraphQL errors, Redis arguments, Kafka
+    versions and record batches, AMQP channels and answers, the dissector's notes."""
     parts: list[str] = []
     if call.HasField("http2"):
         stream = call.http2
@@ -369,6 +370,39 @@ def info_text(call: ApiCall) -> str:
             parts.append(f"persisted {graphql.persisted_query_hash[:12]}")
         if graphql.errors:
             parts.append(f"{graphql.errors} error{'s' if graphql.errors > 1 else ''}: {graphql.first_error!r}")
+    elif detail == "redis":
+        redis = call.redis
+        if redis.from_server:
+            parts.append("push")
+        if len(redis.args) > 1:
+            parts.append(" ".join(redis.args[1:5]) + (" …" if redis.arg_count > 5 else ""))
+        if redis.pipeline_depth > 1:
+            parts.append(f"pipelined {redis.pipeline_depth}")
+        if redis.resp_version == 3:
+            parts.append("RESP3")
+    elif detail == "kafka":
+        kafka = call.kafka
+        parts.append(f"v{kafka.api_version} corr {kafka.correlation_id}")
+        if kafka.record_count:
+            parts.append(f"{kafka.record_count} records {_size(kafka.record_bytes)}")
+        if kafka.compression and kafka.compression != "none":
+            parts.append(kafka.compression)
+        if kafka.one_way:
+            parts.append("acks=0")
+        if kafka.group_id:
+            parts.append(f"group {kafka.group_id}")
+    elif detail == "amqp":
+        amqp = call.amqp
+        parts.append(f"ch {amqp.channel}")
+        if amqp.response_method:
+            parts.append(f"-> {amqp.response_method}")
+        if amqp.routing_key:
+            parts.append(f"key {amqp.routing_key}")
+        if amqp.reply_text:
+            parts.append(repr(amqp.reply_text))
+        body = call.request.body_size or call.response.body_size
+        if body:
+            parts.append(_size(body))
     if call.notes:
         parts.append("[" + ", ".join(call.notes) + "]")
     return "; ".join(parts)

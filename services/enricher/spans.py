@@ -451,11 +451,25 @@ def _failed(call: ApiCall, shape: SpanShape, error_type: str) -> SpanShape:
 
 def _redis(call: ApiCall) -> SpanShape:
     command = call.method.upper()
+    detail = call.redis if call.HasField("redis") else None
+    if detail is not None and detail.from_server:
+        # A pub/sub message the server pushed (MESSAGE, PMESSAGE, SMESSAGE, INVALIDATE): a
+        # delivery to the subscriber, not a database operation.
+        shape = _messaging(call, "redis", call.path)
+        shape.common["messaging.operation.type"] = "process"
+        shape.client_kind = SpanKind.CONSUMER
+        return shape
+    if command in ("PUBLISH", "SPUBLISH"):
+        shape = _messaging(call, "redis", call.path)
+        shape.common["messaging.operation.type"] = "send"
+        shape.client_kind = SpanKind.PRODUCER
+        return _failed(call, shape, call.status if call.status not in ("", "ok", "nil") else "")
     shape = SpanShape(name=command or "redis", common={"db.system.name": "redis"})
     if command:
         shape.common["db.operation.name"] = command
-    if call.HasField("redis"):
-        shape.common["db.namespace"] = str(call.redis.db)
+    if detail is not None:
+        shape.common["db.namespace"] = str(detail.db)
+    # A command sent under CLIENT REPLY OFF/SKIP has no reply, so no status: not a failure.
     failed = call.outcome == Outcome.OUTCOME_ERROR or call.status not in ("", "ok", "nil")
     if failed and call.status:
         shape.common["db.response.status_code"] = call.status
@@ -504,6 +518,10 @@ def _kafka(call: ApiCall) -> SpanShape:
         shape.common["messaging.client.id"] = call.kafka.client_id
     if call.HasField("kafka") and len(call.kafka.partitions) == 1:
         shape.common["messaging.destination.partition.id"] = str(call.kafka.partitions[0])
+    if call.HasField("kafka") and call.kafka.group_id:
+        shape.common["messaging.consumer.group.name"] = call.kafka.group_id
+    if call.HasField("kafka") and call.kafka.record_count:
+        shape.common["messaging.batch.message_count"] = call.kafka.record_count
     # The status is the error code's name (NONE for none); "0" in records from before it was.
     error = call.status if call.status not in ("", "0", "NONE") else ""
     if error:
@@ -518,6 +536,15 @@ def _amqp(call: ApiCall) -> SpanShape:
     shape = _messaging(call, "rabbitmq", destination)
     if call.HasField("amqp") and detail.routing_key:
         shape.common["messaging.rabbitmq.destination.routing_key"] = detail.routing_key
+    if call.HasField("amqp"):
+        properties = detail.properties
+        if "message-id" in properties:
+            shape.common["messaging.message.id"] = properties["message-id"]
+        if "correlation-id" in properties:
+            shape.common["messaging.message.conversation_id"] = properties["correlation-id"]
+    body_size = call.request.body_size or call.response.body_size
+    if body_size:
+        shape.common["messaging.message.body.size"] = body_size
     error = call.status if call.status not in ("", "ok", "200") else ""
     return _failed(call, shape, error)
 

@@ -49,7 +49,7 @@ MESSAGING_KINDS = {SpanKind.PRODUCER, SpanKind.CONSUMER}
 
 def spans_of(call: ApiCall) -> tuple[ReadableSpan, ReadableSpan]:
     client, server = call_spans(call)
-    messaging = call.protocol in ("kafka", "amqp")
+    messaging = call.protocol in ("kafka", "amqp", "redis")
     assert client.kind == SpanKind.CLIENT or (messaging and client.kind in MESSAGING_KINDS)
     assert server.kind == SpanKind.SERVER
     return client, server
@@ -228,6 +228,8 @@ def test_graphql_mapping_names_the_operation_and_fails_on_an_errors_array() -> N
         ("amqp", "basic.ack", "ok", SpanKind.CLIENT),
         ("amqp", "queue.declare", "ok", SpanKind.CLIENT),
         ("redis", "GET", "ok", SpanKind.CLIENT),
+        ("redis", "PUBLISH", "ok", SpanKind.PRODUCER),
+        ("redis", "MESSAGE", "ok", SpanKind.CONSUMER),
     ],
 )
 def test_messaging_calls_are_producer_and_consumer_spans(
@@ -235,7 +237,10 @@ def test_messaging_calls_are_producer_and_consumer_spans(
 ) -> None:
     """Issue #10: a produce or publish is the producer's span, a fetch, get or delivery the
     consumer's; the broker's side stays SERVER, and everything else (Redis included) CLIENT."""
-    client, server = spans_of(make_call(protocol=protocol, method=method, path="orders", status=status))
+    call = make_call(protocol=protocol, method=method, path="orders", status=status)
+    if method == "MESSAGE":
+        call.redis.from_server = True  # a pub/sub message the server pushed
+    client, server = spans_of(call)
     assert client.kind == kind
     assert server.kind == SpanKind.SERVER
     assert client.status.status_code == StatusCode.UNSET  # NONE and ok are not errors

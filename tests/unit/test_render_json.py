@@ -243,3 +243,27 @@ def test_the_table_info_column_shows_stream_grpc_and_graphql_details() -> None:
     graphql.graphql.first_error = "boom"
     assert info_text(graphql) == "batch of 2; 1 error: 'boom'"
     assert info_text(ApiCall(protocol="http")) == ""
+
+
+def test_the_table_info_column_shows_redis_kafka_and_amqp_details() -> None:
+    from trawl.render import info_text
+
+    redis = ApiCall(protocol="redis", method="SET", path="session:1", status="ok")
+    redis.redis.args.extend(["SET", "session:1", "[REDACTED]", "EX", "60", "NX"])
+    redis.redis.arg_count = 6
+    redis.redis.pipeline_depth = 16
+    redis.redis.resp_version = 3
+    assert info_text(redis) == "session:1 [REDACTED] EX 60 …; pipelined 16; RESP3"
+    kafka = ApiCall(protocol="kafka", method="Produce", path="orders", status="NONE")
+    kafka.kafka.api_version = 9
+    kafka.kafka.correlation_id = 41
+    kafka.kafka.record_count = 3
+    kafka.kafka.record_bytes = 210
+    kafka.kafka.compression = "gzip"
+    kafka.kafka.one_way = True
+    assert info_text(kafka) == "v9 corr 41; 3 records 210B; gzip; acks=0"
+    amqp = ApiCall(protocol="amqp", method="queue.declare", path="missing", status="404")
+    amqp.amqp.channel = 1
+    amqp.amqp.response_method = "channel.close"
+    amqp.amqp.reply_text = "NOT_FOUND - no queue 'missing'"
+    assert info_text(amqp) == "ch 1; -> channel.close; \"NOT_FOUND - no queue 'missing'\""
