@@ -54,12 +54,14 @@ setup: $(VENV)/.installed
 
 # Re-installs when pyproject.toml changes; the stamp keeps the second run instant.
 $(VENV)/.installed: pyproject.toml setup.py services/collector/_ring.c trawl/_calljson.c services/dissector/_express.c \
-		services/dissector/_express_h2.h services/dissector/_pbjson.h
-	@# venv/ensurepip, a C compiler, Python.h and nghttp2.h (the collector's ring reader, the JSON encoder
-	@# and the dissector's compiled lane are C; the lane decodes HPACK with libnghttp2).
+		services/dissector/_express_h2.h services/dissector/_express_redis.h services/dissector/_pbjson.h
+	@# venv/ensurepip, a C compiler, Python.h, nghttp2.h and hiredis/read.h (the collector's ring reader,
+	@# the JSON encoder and the dissector's compiled lane are C; the lane decodes HPACK with libnghttp2
+	@# and reads RESP with libhiredis).
 	@$(PYTHON) -c 'import ensurepip, venv, os, sysconfig; assert os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h"))' 2>/dev/null \
-		&& command -v gcc >/dev/null && [ -f /usr/include/nghttp2/nghttp2.h ] || { $(SUDO) apt-get update -qq && \
-		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq python3-venv python3-dev gcc libnghttp2-dev; }
+		&& command -v gcc >/dev/null && [ -f /usr/include/nghttp2/nghttp2.h ] && [ -f /usr/include/hiredis/read.h ] || { \
+		$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq \
+		python3-venv python3-dev gcc libnghttp2-dev libhiredis-dev; }
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[dev]'

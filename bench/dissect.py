@@ -201,7 +201,8 @@ def run_command(command: list[str], runs: int = 3) -> float | None:
 
 
 def redis_bench(commands: int, keep: Path | None) -> int:
-    """--redis: the dissection stage (Python path), `trawl analyze` and tshark on one capture."""
+    """--redis: the dissection stage (compiled lane, then the Python path alone), `trawl analyze`
+    and tshark on one capture."""
     from redis_capture import record
 
     workdir = Path(tempfile.mkdtemp(prefix="trawl-bench-"))
@@ -210,9 +211,13 @@ def redis_bench(commands: int, keep: Path | None) -> int:
         port = record(path, commands)
         batches, packets = read_batches(path)
         say(f"capture: {path} ({packets} packets, {path.stat().st_size >> 20} MiB)")
-        elapsed, counters = dissect(batches, express=False)
+        elapsed, counters = dissect(batches)
         calls = counters.get("calls_redis", 0)
-        rows = [("dissector stage (Python path)", elapsed)]
+        rows = [("dissector stage (Dissector.feed)", elapsed)]
+        python_elapsed, python_counters = dissect(batches, express=False)
+        if python_counters.get("calls_redis", 0) != calls:
+            say(f"  the Python path found {python_counters.get('calls_redis', 0)} calls, the compiled lane {calls}")
+        rows.append(("  the same, Python path only", python_elapsed))
         trawl = shutil.which("trawl") or str(Path(sys.executable).parent / "trawl")
         if Path(trawl).exists():
             analyze = run_command(["sh", "-c", f"{trawl} analyze {path} --json > /dev/null"])

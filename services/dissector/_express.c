@@ -350,6 +350,7 @@ enum reason {
     R_H2,         /* an HTTP/2 frame outside the held subset (_express_h2.h) */
     R_H2_STREAM,  /* an HTTP/2 stream event the Python path handles (reset, GOAWAY, push, unknown stream) */
     R_GRPC,       /* a stream that is not a gRPC call the lane reads whole (codec, compression, status...) */
+    R_REDIS,      /* a Redis message or command outside the held subset (_express_redis.h) */
     R_COUNT
 };
 
@@ -358,7 +359,7 @@ static const char *const reason_names[R_COUNT] = {
     "keepalive", "ack_unseen", "window", "packet",   "not_http", "header",  "chunked",   "encoding",
     "upgrade", "expect",  "status",  "close",     "pipelining", "early",  "crlf",      "url",
     "form",   "body_secret", "limit", "callback",  "memory", "stale",      "finish", "room",
-    "dns",    "dns_side", "retransmit", "unpaired", "graphql", "http2", "http2_stream", "grpc",
+    "dns",    "dns_side", "retransmit", "unpaired", "graphql", "http2", "http2_stream", "grpc", "redis",
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -482,9 +483,14 @@ typedef struct flow_s {
     size_t answering_count, answering_cap;
     dns_pending_t *answered;
     size_t answered_count, answered_cap;
-    /* HTTP/2 (prior knowledge): set once the client's preface came (_express_h2.h). Its calls
-       use `held` as DNS does, until no stream is open. */
+    /* HTTP/2 (prior knowledge): set once the client's preface came (_express_h2.h). */
     struct h2conn_s *h2;
+    /* Redis (_express_redis.h): set once the client's first command came. */
+    struct redisconn_s *redis;
+    /* HTTP/2 and Redis send each call as it finishes, with others outstanding: the ids of those
+       sent since the snapshot (24 hex digits each), which a replay in Python makes again and the
+       engine drops (engine._take_back). */
+    buf_t emitted;
 } flow_t;
 
 /* One DNS message as dns._parse_common reads it: the question, and for a response the answer
@@ -553,6 +559,9 @@ typedef struct {
     long long udp_flows, udp_flows_dns, dns_adopted, calls_dns, udp_ended;
     int http2; /* hold HTTP/2 flows (off when gRPC descriptor sets are configured: Python decodes with them) */
     long long tcp_flows_http2, calls_grpc;
+    PyObject *redis_rule; /* redis.lane_rule; NULL: Redis flows are Python's */
+    cache_t redis_rules;
+    long long tcp_flows_redis, calls_redis;
     long long demotions_by[R_COUNT];
     PyObject *empty_bytes;
     size_t tcp_active, udp_active;
@@ -648,9 +657,13 @@ static void retained_clear(flow_t *flow) {
 
 struct h2conn_s;
 static void h2conn_free(struct h2conn_s *h2);
+struct redisconn_s;
+static void redisconn_free(struct redisconn_s *redis);
 
 static void flow_free(flow_t *flow) {
     h2conn_free(flow->h2);
+    redisconn_free(flow->redis);
+    buf_free(&flow->emitted);
     retained_clear(flow);
     PyMem_Free(flow->retained);
     PyMem_Free(flow->retained_ts);
@@ -1627,6 +1640,7 @@ static int message_data(Express *self, flow_t *flow, head_t *head, buf_t *body, 
 }
 
 #include "_express_h2.h"
+#include "_express_redis.h"
 
 /* In-order payload of one direction. A call completes only with the last byte of a packet
    (anything after it would be pipelining or a stray response), so a demotion never follows an
@@ -1635,7 +1649,14 @@ static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t
                      PyObject *calls) {
     int reason, done;
     if (flow->h2 != NULL) return h2_data(self, flow, from_client ? 0 : 1, data, len, ts, calls);
+    if (flow->redis != NULL) return redis_data(self, flow, from_client ? 0 : 1, data, len, ts, calls);
     if (from_client) {
+        if (!flow->client_spoke && self->redis_rule != NULL && redis_command_start(data, len)) {
+            reason = redis_start(flow);
+            if (reason) return reason;
+            flow->client_spoke = 1;
+            return redis_data(self, flow, 0, data, len, ts, calls);
+        }
         if (!flow->client_spoke && self->http2 && len >= 3 &&
             memcmp(data, H2_PREFACE, len < H2_PREFACE_LEN ? len : H2_PREFACE_LEN) == 0) {
             /* http2.probe: the whole preface is certain; a part of it waits there for more. */
@@ -2231,6 +2252,7 @@ static int set_last_data(half_t *half, const uint8_t *data, size_t len) {
 static int fin_segment(flow_t *flow, half_t *own, half_t *peer, const segment_t *segment, size_t len) {
     if (len || own->finished || flow->exchanges == 0 || flow->phase != PHASE_IDLE) return R_FIN;
     if (flow->h2 != NULL && !h2_idle(flow->h2)) return R_FIN;
+    if (flow->redis != NULL && !redis_idle(flow->redis)) return R_FIN;
     if (flow->stage != STAGE_ESTABLISHED && flow->stage != STAGE_CLOSING) return R_FIN;
     if (unwrap(own->next, segment->seq) != own->next) return R_FIN;
     own->finished = 1;
@@ -2300,6 +2322,7 @@ static int take_snapshot(Express *self, flow_t *flow) {
         } else {
             self->tcp_flows++;
             if (flow->h2 != NULL) self->tcp_flows_http2++;
+            else if (flow->redis != NULL) self->tcp_flows_redis++;
             else self->tcp_flows_http++;
         }
     }
@@ -2315,6 +2338,7 @@ static int take_snapshot(Express *self, flow_t *flow) {
     snap->ordinal = flow->ordinal;
     snap->offsets[0] = flow->offsets[0];
     snap->offsets[1] = flow->offsets[1];
+    flow->emitted.len = 0; /* a replay starts here: the calls sent before it are not made again */
     return 0;
 }
 
@@ -2347,6 +2371,22 @@ static PyObject *half_tuple(const half_t *half) {
     if (acked == NULL) return NULL;
     return Py_BuildValue("(LLNLO)", (long long)half->next, (long long)half->base, acked, (long long)half->last_start,
                          half->last_data);
+}
+
+/* The ids of the calls sent since the snapshot (or the SYN), for engine._take_back to drop. */
+static PyObject *flow_emitted(const flow_t *flow) {
+    Py_ssize_t count = (Py_ssize_t)(flow->emitted.len / 24);
+    PyObject *ids = PyTuple_New(count);
+    if (ids == NULL) return NULL;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *id = PyUnicode_DecodeASCII((const char *)flow->emitted.data + 24 * i, 24, NULL);
+        if (id == NULL) {
+            Py_DECREF(ids);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(ids, i, id);
+    }
+    return ids;
 }
 
 /* Give the flow back: the handover dict (see express.py), the flow freed. `frame` (if any) is
@@ -2395,6 +2435,12 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
                               (long long)snap->last_ts, "syn_ts_ns", (long long)snap->syn_ts, "halves", client, server,
                               "ordinal", (long long)snap->ordinal, "offsets", (long long)snap->offsets[0],
                               (long long)snap->offsets[1]);
+        if (state != NULL && flow->redis != NULL) {
+            /* A Redis flow: RedisState is its ordinal (above) and a fresh connection's rest. */
+            PyObject *redis = PyDict_New();
+            if (redis == NULL || PyDict_SetItemString(state, "redis", redis)) Py_CLEAR(state);
+            Py_XDECREF(redis);
+        }
         if (state != NULL && flow->h2 != NULL) {
             /* An HTTP/2 flow: the fields of http2.Http2State besides the ordinal (express.py). */
             PyObject *h2 = h2_state(flow->h2);
@@ -2409,9 +2455,9 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
                            flow->link_type, "client", flow->client_ip, (int)flow->client_port, "server",
                            flow->server_ip, (int)flow->server_port, "state", state, "records", records,
                            "transport", flow->udp ? "udp" : "tcp");
-    if (result != NULL && flow->h2 != NULL) {
+    if (result != NULL && (flow->h2 != NULL || flow->redis != NULL)) {
         /* The calls this lane sent that the replay makes again: the engine drops them. */
-        PyObject *emitted = h2_emitted(flow->h2);
+        PyObject *emitted = flow_emitted(flow);
         if (emitted == NULL || PyDict_SetItemString(result, "emitted", emitted)) Py_CLEAR(result);
         Py_XDECREF(emitted);
     }
@@ -2434,6 +2480,7 @@ done:
 static int quiescent(const flow_t *flow) {
     if (flow->udp) return flow->pending_count == 0 && flow->held_count == 0;
     if (flow->h2 != NULL) return flow->stage == STAGE_ESTABLISHED && h2_snapshot_due(flow);
+    if (flow->redis != NULL) return flow->stage == STAGE_ESTABLISHED && flow->exchanges > 0 && redis_idle(flow->redis);
     return flow->stage == STAGE_ESTABLISHED && flow->phase == PHASE_IDLE && flow->exchanges > 0;
 }
 
@@ -2806,11 +2853,13 @@ static PyObject *Express_demote_stale(Express *self, PyObject *args) {
             continue;
         }
         int waiting = flow->phase != PHASE_IDLE && flow->phase != PHASE_REQUEST_HEAD;
+        if (flow->redis != NULL && flow->redis->count) /* RedisParser.expire's to judge */
+            waiting = now - flow->redis->pending[flow->redis->first].ts >= request_timeout;
         if (flow->h2 != NULL) /* Http2Parser.expire: a stream open that long is the Python path's to time out */
             for (int i = 0; i < flow->h2->open_count && !waiting; i++)
                 waiting = now - flow->h2->open[i]->first_ts[0] >= request_timeout;
         if (now - flow->last_ts >= idle || (flow->stage == STAGE_SYN_SENT && now - flow->syn_ts >= handshake_timeout) ||
-            (waiting && (flow->h2 != NULL || now - flow->request.ts >= request_timeout))) {
+            (waiting && (flow->h2 != NULL || flow->redis != NULL || now - flow->request.ts >= request_timeout))) {
             if (add_work(out, demote(self, flow, R_STALE, NULL, 0, 0))) {
                 Py_DECREF(out);
                 return NULL;
@@ -2887,7 +2936,8 @@ static PyObject *Express_get_counters(Express *self, void *closure) {
         set_count(dict, "tcp_flows_http", self->tcp_flows_http) || set_count(dict, "udp_flows", self->udp_flows) ||
         set_count(dict, "udp_flows_dns", self->udp_flows_dns) ||
         set_count(dict, "tcp_flows_http2", self->tcp_flows_http2) || set_count(dict, "calls_grpc", self->calls_grpc) ||
-        set_count(dict, "calls", self->calls_http + self->calls_dns + self->calls_grpc) ||
+        set_count(dict, "tcp_flows_redis", self->tcp_flows_redis) || set_count(dict, "calls_redis", self->calls_redis) ||
+        set_count(dict, "calls", self->calls_http + self->calls_dns + self->calls_grpc + self->calls_redis) ||
         set_count(dict, "calls_http", self->calls_http) ||
         set_count(dict, "calls_dns", self->calls_dns) || set_count(dict, "express_flows_adopted", self->adopted) ||
         set_count(dict, "express_closed_flows_forgotten", self->closed_forgotten) ||
@@ -2937,13 +2987,14 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"header_kind",         "param_is_secret",  "key_is_secret",   "flow_strings",
                                "max_body_bytes",      "max_header_bytes", "max_flows",       "max_retained_bytes",
                                "dns_flow_strings",    "dns_type_text",    "dns_rcode_text",  "edns_option_opaque",
-                               "max_pending_requests", "max_total_retained_bytes", "http2", NULL};
+                               "max_pending_requests", "max_total_retained_bytes", "http2", "redis_rule", NULL};
     int http2 = 1;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOnnp:Express", keywords, &header_kind,
+    PyObject *redis_rule = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOnnpO:Express", keywords, &header_kind,
                                      &param_is_secret, &key_is_secret, &flow_strings, &max_body_bytes,
                                      &max_header_bytes, &max_flows, &max_retained_bytes, &dns_flow_strings,
                                      &dns_type_text, &dns_rcode_text, &edns_option_opaque, &max_pending_requests,
-                                     &max_total_retained_bytes, &http2))
+                                     &max_total_retained_bytes, &http2, &redis_rule))
         return -1;
     if (max_total_retained_bytes <= 0) {
         PyErr_SetString(PyExc_ValueError, "max_total_retained_bytes must be positive");
@@ -2993,6 +3044,13 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     }
     self->max_pending_requests = max_pending_requests;
     self->http2 = http2;
+    if (redis_rule != Py_None && !PyCallable_Check(redis_rule)) {
+        PyErr_SetString(PyExc_TypeError, "Express: redis_rule must be callable or None");
+        return -1;
+    }
+    Py_CLEAR(self->redis_rule);
+    if (redis_rule != Py_None) self->redis_rule = Py_NewRef(redis_rule);
+    cache_free(&self->redis_rules);
     free_texts(&self->type_texts, 65536);
     free_texts(&self->rcode_texts, 4096);
     memset(self->option_known, 0, sizeof(self->option_known));
@@ -3021,6 +3079,7 @@ static int Express_traverse(Express *self, visitproc visit, void *arg) {
     Py_VISIT(self->param_is_secret);
     Py_VISIT(self->key_is_secret);
     Py_VISIT(self->flow_strings);
+    Py_VISIT(self->redis_rule);
     return 0;
 }
 
@@ -3033,6 +3092,7 @@ static int Express_clear(Express *self) {
     Py_CLEAR(self->param_is_secret);
     Py_CLEAR(self->key_is_secret);
     Py_CLEAR(self->flow_strings);
+    Py_CLEAR(self->redis_rule);
     return 0;
 }
 
@@ -3052,6 +3112,7 @@ static void Express_dealloc(Express *self) {
     cache_free(&self->kinds);
     cache_free(&self->params);
     cache_free(&self->keys);
+    cache_free(&self->redis_rules);
     Py_XDECREF(self->empty_bytes);
     free_texts(&self->type_texts, 65536);
     free_texts(&self->rcode_texts, 4096);

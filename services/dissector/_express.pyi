@@ -29,6 +29,7 @@ class Express:
         max_pending_requests: int = 1024,
         max_total_retained_bytes: int = ...,
         http2: bool = True,
+        redis_rule: Callable[[str], int] | None = None,
     ) -> None: ...
     def feed(
         self,

@@ -130,9 +130,6 @@ typedef struct h2conn_s {
     h2_stream_t *spare[H2_MAX_STREAMS]; /* finished streams kept for reuse (their buffers) */
     int spare_count;
     PyObject *prefix; /* the call-id hash input's start, protocol "grpc" */
-    /* The ids of the calls this lane sent since the snapshot (24 hex digits each): a replay in
-       Python makes them again, and the engine drops them (engine._take_back). */
-    buf_t emitted;
     buf_t scratch, sub, text[2]; /* text: each direction's first message as JSON */
     h2_snapshot_t snapshot;
 } h2conn_t;
@@ -158,7 +155,6 @@ static void h2conn_free(h2conn_t *h2) {
     }
     for (int i = 0; i < h2->open_count; i++) h2_stream_free(h2->open[i]);
     for (int i = 0; i < h2->snapshot.stream_count; i++) h2_stream_free(h2->snapshot.streams[i]);
-    buf_free(&h2->emitted);
     for (int i = 0; i < h2->spare_count; i++) h2_stream_free(h2->spare[i]);
     Py_XDECREF(h2->prefix);
     buf_free(&h2->scratch);
@@ -650,7 +646,7 @@ static int h2_complete(Express *self, flow_t *flow, h2_stream_t *stream, PyObjec
     int reason = h2_build_call(self, flow, stream, &call, id);
     if (reason) return reason;
     PyObject *item = Py_BuildValue("(iN)", 3, call);
-    if (item == NULL || buf_put(&h2->emitted, id, 24) || PyList_Append(work, item)) {
+    if (item == NULL || buf_put(&flow->emitted, id, 24) || PyList_Append(work, item)) {
         Py_XDECREF(item);
         PyErr_Clear();
         return R_MEMORY;
@@ -943,7 +939,6 @@ static int h2_snapshot(h2conn_t *h2) {
         memcpy(snap->settings[d], h2->settings[d], sizeof(h2->settings[d]));
     }
     snap->last_client_id = h2->last_client_id;
-    h2->emitted.len = 0;
     return 0;
 fail:
     buf_free(&tables[0]);
@@ -1014,22 +1009,6 @@ fail:
     for (int i = 0; i < 3; i++) Py_XDECREF(heads[i]);
     for (int d = 0; d < 2; d++) Py_XDECREF(messages[d]);
     return NULL;
-}
-
-/* The ids of the calls sent since the snapshot (or the SYN), for engine._take_back to drop. */
-static PyObject *h2_emitted(const h2conn_t *h2) {
-    Py_ssize_t count = (Py_ssize_t)(h2->emitted.len / 24);
-    PyObject *ids = PyTuple_New(count);
-    if (ids == NULL) return NULL;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *id = PyUnicode_DecodeASCII((const char *)h2->emitted.data + 24 * i, 24, NULL);
-        if (id == NULL) {
-            Py_DECREF(ids);
-            return NULL;
-        }
-        PyTuple_SET_ITEM(ids, i, id);
-    }
-    return ids;
 }
 
 /* The snapshot as the fields of http2.Http2State (express.py builds it), "ordinal" aside. */

@@ -1,8 +1,9 @@
 """The compiled lane's Python side: building the lane, and taking flows back from it.
 
 `trawl.dissector._express` (C) dissects the common cases, in-order HTTP/1.x with Content-Length
-bodies, gRPC over HTTP/2 with prior knowledge (_express_h2.h) and everyday DNS over UDP, on every
-link type, without a Python call per packet or call.
+bodies, gRPC over HTTP/2 with prior knowledge (_express_h2.h), RESP2 Redis commands
+(_express_redis.h) and everyday DNS over UDP, on every link type, without a Python call per
+packet or call.
 It keeps a flow only while the flow stays that simple; the moment a packet is anything else (a
 reordering, a loss, a RST or a FIN with a request outstanding, chunked or compressed bodies,
 pipelining, a secret in a body, a byte it does not expect...) it gives the flow back
@@ -11,6 +12,9 @@ pipelining, a secret in a body, a byte it does not expect...) it gives the flow 
 - the flow's state as of its last quiescent point (both directions between messages, no
   request pending), or none when it never reached one (then the flow is replayed from its SYN);
 - copies of the flow's packets since that point, the one that caused the demotion included.
+
+Redis, like HTTP/2, sends each call as its reply comes while others may be pending (pipelining),
+with the same `emitted` ids; its state is RedisState's ordinal.
 
 HTTP/2 differs in one way: calls finish while other streams are open, so its quiescent points
 are frame boundaries in both directions, taken with no stream open or, on a connection with
@@ -41,7 +45,7 @@ from typing import Any
 
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.layers import ip_text
-from trawl.dissector.protocols import dns, grpc
+from trawl.dissector.protocols import dns, grpc, redis
 from trawl.dissector.protocols.base import FlowInfo, ParserLimits
 from trawl.dissector.protocols.http1 import Http1Parser, Http1State
 from trawl.dissector.protocols.http2 import Http2Parser, Http2State, Http2StreamState
@@ -106,12 +110,13 @@ def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
         max_total_retained_bytes=settings.max_total_buffered_bytes,
         # With descriptor sets the first gRPC messages are decoded with their schema: Python's work.
         http2=not settings.proto_descriptors,
+        redis_rule=redis.lane_rule,
     )
 
 
 def restore(
     table: TcpTable, handover: dict[str, Any], limits: ParserLimits
-) -> tuple[TcpFlow, Http1Parser | Http2Parser, str]:
+) -> tuple[TcpFlow, Http1Parser | Http2Parser | redis.RedisParser, str]:
     """Rebuild a demoted flow's Python state as of its last quiescent point, through the public
     `TcpFlow.from_snapshot` and `Http1Parser.restore` (or `Http2Parser.restore` for an HTTP/2
     flow); returns the flow, its parser and the protocol's name. The caller gives the flow its
@@ -130,8 +135,12 @@ def restore(
     state: dict[str, Any] = handover["state"]
     flow_state, http1_state = tcp_states(state)
     flow = TcpFlow.from_snapshot(info, (c2s_key, s2c_key), flow_state)
-    parser: Http1Parser | Http2Parser
-    if "http2" in state:
+    parser: Http1Parser | Http2Parser | redis.RedisParser
+    if "redis" in state:
+        parser = redis.RedisParser(info, limits)
+        parser.restore(redis.RedisState(ordinal=state["ordinal"]))
+        protocol = "redis"
+    elif "http2" in state:
         parser = Http2Parser(info, limits)
         parser.restore(http2_state(state["ordinal"], state["http2"]))
         protocol = "http2"

@@ -762,9 +762,9 @@ def test_dockerfile_builds_one_runnable_image() -> None:
     assert 'ENTRYPOINT ["trawl"]' in runtime
     packages = set(re.findall(r"[a-z0-9][a-z0-9.+-]*", " ".join(i for i in runtime if "apt-get install" in i)))
     assert {"libpcap0.8", "iproute2"} <= packages, "the collector needs libpcap0.8 and iproute2"
-    assert "libnghttp2-14" in packages, "the dissector's compiled lane links libnghttp2"
+    assert {"libnghttp2-14", "libhiredis0.14"} <= packages, "the dissector's compiled lane links libnghttp2, libhiredis"
     build = "\n".join(i for stage in stages[:-1] for i in stage)
-    assert "libnghttp2-dev" in build, "the lane's build needs nghttp2.h"
+    assert "libnghttp2-dev" in build and "libhiredis-dev" in build, "the lane's build needs their headers"
     all_text = "\n".join(i for stage in stages for i in stage)
     assert re.search(r"pip (install|wheel)\b.*(\s\.|kubetrawl)", all_text), "the package is not installed"
     assert not re.search(r"pip install[^\n]*\bbcc\b", all_text), "PyPI's bcc is an unrelated package"

@@ -177,6 +177,43 @@ def redact_args(args: MutableSequence[str]) -> None:
                 args[index] = args[index][0] + REDACTED
 
 
+# Commands the compiled lane leaves to this parser (its `lane_rule`): what changes how the
+# connection is read (the db, the RESP version, transactions, pub/sub, replies turned off, a
+# monitor or replication stream) and what carries credentials in its arguments.
+LANE_REFUSED = frozenset(
+    {
+        "AUTH", "HELLO", "MIGRATE", "SELECT", "RESET", "MULTI", "EXEC", "DISCARD", "MONITOR", "SYNC", "PSYNC",
+        "QUIT", *_PUBSUB_COMMANDS, "CONFIG SET", "ACL SETUSER", "CLIENT REPLY",
+    }
+)  # fmt: skip
+LANE_CONTAINER = -2
+LANE_REFUSE = -1
+
+
+def lane_rule(method: str) -> int:
+    """How the compiled lane (_express_redis.h) may take a command, asked once per distinct
+    `method` (upper case): LANE_CONTAINER when it is a container command's name alone (the lane
+    asks again with "NAME SUB", or "NAME " when no subcommand was sent); LANE_REFUSE when this
+    parser must see it (LANE_REFUSED, or a first key its key specs find other than at a fixed
+    index); else where its first key is, as `first_key` would find it for this command (the
+    argument index, or 0 for none)."""
+    alone = method.endswith(" ")
+    method = method.rstrip(" ")
+    name = method.split(" ", 1)[0]
+    if " " not in method and not alone and name in CONTAINERS:
+        return LANE_CONTAINER
+    if name in LANE_REFUSED or method in LANE_REFUSED:
+        return LANE_REFUSE
+    entry = COMMANDS.get(method) or COMMANDS.get(name)
+    specs = entry[1] if entry is not None else ()
+    if specs:
+        begin, where, _startfrom, find, _keynumidx, _firstkey = specs[0]
+        if len(specs) == 1 and begin == "index" and find == "range" and isinstance(where, int):
+            return where
+        return LANE_REFUSE
+    return 1 if name in _CHANNEL_COMMANDS else 0
+
+
 def _text(value: object) -> str:
     """An argument (or a pushed message's element) as bounded text; nested arrays as `[a, b]`."""
     if isinstance(value, bytes):
@@ -954,4 +991,4 @@ SPEC = ProtocolSpec(
     name=PROTOCOL, transport="tcp", probe=probe, new_stream=new_stream, ports=REDIS_PORTS, probe_bytes=8
 )
 
-__all__ = ["SPEC", "RedisParser", "RedisState", "first_key", "probe", "redact_args"]
+__all__ = ["SPEC", "RedisParser", "RedisState", "first_key", "lane_rule", "probe", "redact_args"]
