@@ -18,8 +18,19 @@ Lookups are on every call's two endpoints, so an address's claims are compiled o
 first lookup, into `_Owners`: the winner for every interval between claim boundaries (the
 valid set is constant between them) and for every port a claim declares. A lookup is then a
 dict get, a bisect and a dict get. `describe_address` hands the same compiled answer, as
-serialized Endpoint fields, to the enricher's splicer, which keeps it for the map's lifetime:
-a map is never changed once built (a new snapshot is a new map).
+serialized Endpoint fields, to the enricher's splicer, which keeps it. A map built from a
+snapshot never changes; a live one (trawl.enricher.cluster, fed by the API server's watch)
+replaces an address's claims and drops its compiled answer, moves `generation` on and logs the
+address, and the enricher makes a new splicer as soon as an address it described has changed
+(`changed_since`; see Enricher.enrich_encoded).
+
+`service.name` (the identity's `name`) follows OpenTelemetry's Kubernetes conventions: the
+container's OTEL_SERVICE_NAME, the pod annotation resource.opentelemetry.io/service.name, the
+label app.kubernetes.io/name, then the workload's name. `mesh` names the service mesh whose
+sidecar or injector annotation the pod carries (Istio, Linkerd, Consul, Kuma, other Envoy).
+
+A snapshot may also hold `claims`: the claims themselves, with nanosecond `from`/`to`, as
+`to_document` writes them (`trawl identity dump` from a live cluster, history included).
 
 A pod's workload follows its controlling ownerReference: ReplicaSet -> Deployment (through the
 ReplicaSet item when present, else by removing the pod's exact `pod-template-hash` suffix),
@@ -32,8 +43,10 @@ from __future__ import annotations
 
 import json
 import re
+import threading
 from bisect import bisect_right
-from collections.abc import Iterable, Mapping, Sequence
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
@@ -62,9 +75,10 @@ _CRONJOB_JOB_NAME = re.compile(r"^(?P<cronjob>.+)-(?P<minute>\d{8,9})$")
 _SNAPSHOT_HINT = "expected the output of `kubectl get pods,services,nodes -A -o json`"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Identity:
-    """What an address is, in the Endpoint's terms."""
+    """What an address is, in the Endpoint's terms. `name` is the OpenTelemetry `service.name`
+    (see `service_name`); `mesh` the service mesh whose sidecar the pod runs (see `mesh_of`)."""
 
     kind: ClaimKind
     name: str
@@ -75,6 +89,7 @@ class Identity:
     service: str = ""
     node: str = ""
     cluster: str = ""
+    mesh: str = ""
     # What the enricher counts as a known peer on each side (see Enricher.enrich).
     known_as_source: bool = field(init=False, repr=False, compare=False)
     known_as_destination: bool = field(init=False, repr=False, compare=False)
@@ -92,9 +107,10 @@ class Identity:
         endpoint.service = self.service
         endpoint.node = self.node
         endpoint.cluster = self.cluster
+        endpoint.mesh = self.mesh
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IpClaim:
     """One identity holding one address from `start_ns` (0 = since ever) to `end_ns` (None = still)."""
 
@@ -104,6 +120,11 @@ class IpClaim:
     end_ns: int | None = None
     ports: frozenset[int] = frozenset()
     host_network: bool = False
+
+    @property
+    def holder(self) -> tuple[str, Identity, frozenset[int], bool]:
+        """What the claim says apart from its times: two claims with one holder are one assignment."""
+        return self.ip, self.identity, self.ports, self.host_network
 
     def valid_at(self, ts_ns: int) -> bool:
         return self.start_ns <= ts_ns and (self.end_ns is None or ts_ns < self.end_ns)
@@ -159,7 +180,19 @@ class _Owners:
 
 
 class IdentityMap:
-    """Time-aware IP -> Identity lookups."""
+    """Time-aware IP -> Identity lookups.
+
+    A map built from a snapshot never changes. A live one (trawl.enricher.cluster.ClusterHistory
+    feeds it from the API server's watch) changes through `add_claim`, `replace_claim` and
+    `remove_claim`, from other threads than the lookups': an address's claim list is replaced,
+    never edited in place, and its compiled `_Owners` dropped after, so a lookup sees the old
+    or the new claims, never half of a change. Each change moves `generation` on and notes the
+    address, so a holder of compiled answers (the enricher's splicer) asks `changed_since` which
+    addresses it must forget."""
+
+    # How many changed addresses are remembered for `changed_since`; a reader further behind
+    # than this is told "everything may have changed" (None).
+    CHANGE_LOG = 65_536
 
     def __init__(self, claims: Iterable[IpClaim] = (), cluster: str = "") -> None:
         self.cluster = cluster
@@ -167,6 +200,9 @@ class IdentityMap:
         for claim in claims:
             self._claims.setdefault(claim.ip, []).append(claim)
         self._owners: dict[str, _Owners] = {}  # compiled on an address's first lookup
+        self.generation = 0
+        self._changes: deque[tuple[int, str]] = deque(maxlen=self.CHANGE_LOG)
+        self._changes_lock = threading.Lock()
 
     @classmethod
     def empty(cls, cluster: str = "") -> IdentityMap:
@@ -193,6 +229,61 @@ class IdentityMap:
     def __len__(self) -> int:
         return sum(len(claims) for claims in self._claims.values())
 
+    def claims(self) -> Iterator[IpClaim]:
+        """Every claim, address by address (a copy of each address's list is walked)."""
+        for claims in list(self._claims.values()):
+            yield from claims
+
+    def claims_of(self, ip: str) -> tuple[IpClaim, ...]:
+        return tuple(self._claims.get(ip, ()))
+
+    # --- changes (a live map) ------------------------------------------------------------------------
+    def add_claim(self, claim: IpClaim) -> None:
+        self._set_address(claim.ip, [*self._claims.get(claim.ip, ()), claim])
+
+    def replace_claim(self, old: IpClaim, new: IpClaim) -> None:
+        """`new` in the place of `old` (same address: a claim's end or start moved)."""
+        claims = self._claims.get(old.ip, [])
+        self._set_address(old.ip, [new if claim is old else claim for claim in claims])
+
+    def remove_claim(self, claim: IpClaim) -> None:
+        self._set_address(claim.ip, [kept for kept in self._claims.get(claim.ip, ()) if kept is not claim])
+
+    def _set_address(self, ip: str, claims: list[IpClaim]) -> None:
+        if claims:
+            self._claims[ip] = claims
+        else:
+            self._claims.pop(ip, None)
+        self._owners.pop(ip, None)  # after the new list is in place: see `lookup`
+        with self._changes_lock:
+            self.generation += 1
+            self._changes.append((self.generation, ip))
+
+    def changed_since(self, generation: int) -> set[str] | None:
+        """The addresses whose claims changed after `generation`; None when that is further back
+        than the change log reaches (treat every address as changed)."""
+        with self._changes_lock:
+            if generation >= self.generation:
+                return set()
+            if not self._changes or self._changes[0][0] > generation + 1:
+                return None
+            changed = set()
+            for moment, ip in reversed(self._changes):
+                if moment <= generation:
+                    break
+                changed.add(ip)
+            return changed
+
+    def to_document(self) -> dict[str, object]:
+        """The map as a snapshot `from_document` reads back to the same answers: a List with no
+        items and every claim (open and closed) under `claims` (what `trawl identity dump` writes)."""
+        return {
+            "apiVersion": "v1",
+            "kind": "List",
+            "items": [],
+            "claims": [_claim_document(claim) for claim in self.claims()],
+        }
+
     @property
     def addresses(self) -> int:
         return len(self._claims)
@@ -201,23 +292,28 @@ class IdentityMap:
         """Who held `ip` at `ts_ns` (0 = now: the claims still open), seen on `port` (0 = unknown)."""
         owners = self._owners.get(ip)
         if owners is None:
-            claims = self._claims.get(ip)
-            if not claims:
+            owners = self._compile(ip)
+            if owners is None:
                 return None
-            owners = self._owners[ip] = _Owners(claims)
         return owners.at(ts_ns, port)
+
+    def _compile(self, ip: str) -> _Owners | None:
+        claims = self._claims.get(ip)
+        if not claims:
+            return None
+        owners = self._owners[ip] = _Owners(claims)
+        if self._claims.get(ip) is not claims:  # changed while compiling: the writer's drop may have come first
+            self._owners.pop(ip, None)
+        return owners
 
     def describe_address(self, ip: str) -> AddressPlan:
         """Everything `lookup(ip, ts_ns, port)` can answer, for any time and port, as the fields
         `enrich_calls` would set: (claim boundaries, the winners of each interval between them
         (one more than boundaries: bisect_right picks it), the winners "now" (time 0))."""
         unknown: SpliceWinners = ((Endpoint(name=ip).SerializeToString(), False, False), ())
-        claims = self._claims.get(ip)
-        if not claims:
-            return (), (unknown,), unknown
-        owners = self._owners.get(ip)
+        owners = self._owners.get(ip) or self._compile(ip)
         if owners is None:
-            owners = self._owners[ip] = _Owners(claims)
+            return (), (unknown,), unknown
         entries: dict[Identity, SpliceEntry] = {}
 
         def entry(identity: Identity) -> SpliceEntry:
@@ -306,6 +402,77 @@ class _PodRecord:
     start_ns: int
     end_ns: int | None
     services: list[str] = field(default_factory=list)
+    service_name: str = ""  # OpenTelemetry's service.name from the pod's own spec; "" = the workload's name
+    mesh: str = ""
+    uid: str = ""
+
+    def identity(self, services: Iterable[str], cluster: str) -> Identity:
+        """The pod's identity when `services` select it (the first by name is the one named)."""
+        return Identity(
+            kind="pod",
+            name=self.service_name or self.workload.name,
+            namespace=self.namespace,
+            pod=self.name,
+            workload=self.workload.name,
+            workload_kind=self.workload.kind,
+            service=min(services, default=""),
+            node=self.node,
+            cluster=cluster,
+            mesh=self.mesh,
+        )
+
+    def claims(self, identity: Identity) -> list[IpClaim]:
+        return [IpClaim(ip, identity, self.start_ns, self.end_ns, self.ports, self.host_network) for ip in self.ips]
+
+
+# The OpenTelemetry Kubernetes conventions for service.name, in their order: the container's
+# OTEL_SERVICE_NAME, this annotation, this label, then the top owner's (the workload's) name.
+SERVICE_NAME_ENV = "OTEL_SERVICE_NAME"
+SERVICE_NAME_ANNOTATION = "resource.opentelemetry.io/service.name"
+SERVICE_NAME_LABEL = "app.kubernetes.io/name"
+
+# Sidecar containers by mesh: recognised by container name or image, or by the injector's annotation.
+_MESH_CONTAINERS = {
+    "istio-proxy": "istio",
+    "linkerd-proxy": "linkerd",
+    "consul-dataplane": "consul",
+    "consul-connect-envoy-sidecar": "consul",
+    "kuma-sidecar": "kuma",
+    "envoy": "envoy",
+    "envoy-sidecar": "envoy",
+}
+_MESH_IMAGES = (
+    ("istio/proxyv2", "istio"),
+    ("linkerd/proxy", "linkerd"),
+    ("consul-dataplane", "consul"),
+    ("kuma-dp", "kuma"),
+    ("aws-appmesh-envoy", "envoy"),
+    ("envoyproxy/envoy", "envoy"),
+)
+_MESH_ANNOTATIONS = (
+    ("sidecar.istio.io/status", "istio"),
+    ("ambient.istio.io/redirection", "istio"),
+    ("linkerd.io/proxy-version", "linkerd"),
+    ("consul.hashicorp.com/connect-inject-status", "consul"),
+    ("kuma.io/sidecar-injected", "kuma"),
+)
+
+
+def mesh_of(containers: Iterable[tuple[str, str]], annotations: Mapping[str, str]) -> str:
+    """The service mesh a pod is in, from its (container name, image) pairs (init containers
+    included: native sidecars are init containers) and annotations; "" when none."""
+    pairs = list(containers)
+    for name, _ in pairs:
+        if name in _MESH_CONTAINERS:
+            return _MESH_CONTAINERS[name]
+    for _, image in pairs:
+        for fragment, mesh in _MESH_IMAGES:
+            if fragment in image:
+                return mesh
+    for annotation, mesh in _MESH_ANNOTATIONS:
+        if annotations.get(annotation, "") not in ("", "disabled", "false"):
+            return mesh
+    return ""
 
 
 @dataclass
@@ -316,6 +483,17 @@ class _ServiceRecord:
     ips: list[str]
     start_ns: int
     end_ns: int | None
+
+    def claims(self, workloads: Iterable[tuple[str, str]], cluster: str) -> list[IpClaim]:
+        """The service's addresses; named after the workload behind it when exactly one is."""
+        identity = Identity(
+            kind="service", name=self.name, namespace=self.namespace, service=self.name, cluster=cluster
+        )
+        behind = set(workloads)
+        if len(behind) == 1:
+            kind, name = next(iter(behind))
+            identity = replace(identity, name=name, workload=name, workload_kind=kind)
+        return [IpClaim(ip, identity, self.start_ns, self.end_ns) for ip in self.ips]
 
 
 class _SnapshotReader:
@@ -428,6 +606,7 @@ class _SnapshotReader:
         self.where = ""
 
         claims: list[IpClaim] = []
+        claims.extend(self._recorded_claims(document))
         claims.extend(self._pod_claims(pods, services, slice_pods))
         claims.extend(self._service_claims(services, pods))
         for where, item in by_kind["Node"]:
@@ -504,6 +683,25 @@ class _SnapshotReader:
                         if port is not None:
                             ports.add(port)
         host_network = spec.get("hostNetwork") is True
+        annotations = self.string_map(metadata, "annotations")
+        container_specs = [
+            (self.text(container, "name"), self.text(container, "image"), container)
+            for key in ("containers", "initContainers")
+            for container in self.objects(spec, key)
+        ]
+        service_name = ""
+        for name, _, container in container_specs:  # the app's containers, not a mesh's sidecar
+            if name in _MESH_CONTAINERS:
+                continue
+            for variable in self.objects(container, "env"):
+                if self.text(variable, "name") == SERVICE_NAME_ENV and self.text(variable, "value"):
+                    service_name = self.text(variable, "value")
+                    break
+            if service_name:
+                break
+        service_name = (
+            service_name or annotations.get(SERVICE_NAME_ANNOTATION, "") or labels.get(SERVICE_NAME_LABEL, "")
+        )
         created = self.timestamp(metadata, "creationTimestamp")
         started = self.timestamp(status, "startTime")
         start_ns = created if created is not None else (started or 0)
@@ -528,6 +726,9 @@ class _SnapshotReader:
             host_network=host_network,
             start_ns=start_ns,
             end_ns=end_ns,
+            service_name=service_name,
+            mesh=mesh_of(((name, image) for name, image, _ in container_specs), annotations),
+            uid=self.text(metadata, "uid"),
         )
 
     def _service(self, where: str, item: dict[str, object]) -> _ServiceRecord:
@@ -583,50 +784,17 @@ class _SnapshotReader:
             sliced = slice_pods.pop((pod.namespace, pod.name), None)
             if sliced is not None:
                 pod.services.extend(name for name in sliced.services if name not in pod.services)
-            identity = Identity(
-                kind="pod",
-                name=pod.workload.name,
-                namespace=pod.namespace,
-                pod=pod.name,
-                workload=pod.workload.name,
-                workload_kind=pod.workload.kind,
-                service=min(pod.services) if pod.services else "",
-                node=pod.node,
-                cluster=self.cluster,
-            )
-            for ip in pod.ips:
-                yield IpClaim(ip, identity, pod.start_ns, pod.end_ns, pod.ports, pod.host_network)
+            yield from pod.claims(pod.identity(pod.services, self.cluster))
         # Pods an EndpointSlice lists but the snapshot does not hold: known by name and service only.
         for (namespace, name), sliced in sorted(slice_pods.items()):
-            identity = Identity(
-                kind="pod",
-                name=name,
-                namespace=namespace,
-                pod=name,
-                service=min(sliced.services) if sliced.services else "",
-                node=sliced.node,
-                cluster=self.cluster,
-            )
-            for ip in dict.fromkeys(sliced.addresses):
-                yield IpClaim(ip, identity)
+            yield from sliced.claims(namespace, name, self.cluster)
 
     def _service_claims(self, services: list[_ServiceRecord], pods: list[_PodRecord]) -> Iterable[IpClaim]:
         for service in services:
             workloads = {(pod.workload.kind, pod.workload.name) for pod in pods if _selects(service, pod)}
-            identity = Identity(
-                kind="service",
-                name=service.name,
-                namespace=service.namespace,
-                service=service.name,
-                cluster=self.cluster,
-            )
-            if len(workloads) == 1:
-                kind, name = next(iter(workloads))
-                identity = replace(identity, name=name, workload=name, workload_kind=kind)
-            for ip in service.ips:
-                yield IpClaim(ip, identity, service.start_ns, service.end_ns)
+            yield from service.claims(workloads, self.cluster)
 
-    def _node_claims(self, where: str, item: dict[str, object]) -> Iterable[IpClaim]:
+    def _node_claims(self, where: str, item: dict[str, object]) -> list[IpClaim]:
         self.where = where
         metadata, status = self.obj(item, "metadata"), self.obj(item, "status")
         name = self.text(metadata, "name")
@@ -641,12 +809,73 @@ class _SnapshotReader:
         self.where = ""
         return claims
 
+    def _recorded_claims(self, document: Mapping[str, object]) -> list[IpClaim]:
+        """The `claims` of a snapshot `IdentityMap.to_document` wrote (a live map's history)."""
+        claims = []
+        for index, entry in enumerate(self.objects(document, "claims")):
+            self.where = f"claims[{index}]"
+            kind = self.text(entry, "kind")
+            if kind not in ("pod", "service", "node"):
+                raise self.fail(f"kind: expected pod, service or node, got {kind!r}")
+            start, end = entry.get("from", 0), entry.get("to")
+            if not isinstance(start, int) or not (end is None or isinstance(end, int)):
+                raise self.fail("from/to: expected nanoseconds since the epoch (to may be null)")
+            ports = [self.port({"port": port}, "port") for port in self.array(entry, "ports")]
+            identity = Identity(
+                kind=kind,  # type: ignore[arg-type]  # checked just above
+                cluster=self.cluster or self.text(entry, "cluster"),
+                **{name: self.text(entry, name) for name in _IDENTITY_TEXT},
+            )
+            claims.append(
+                IpClaim(
+                    self.text(entry, "ip"),
+                    identity,
+                    start,
+                    end,
+                    frozenset(port for port in ports if port is not None),
+                    entry.get("hostNetwork") is True,
+                )
+            )
+        self.where = ""
+        return claims
+
 
 @dataclass
 class _SlicePod:
     node: str
     addresses: list[str] = field(default_factory=list)
     services: list[str] = field(default_factory=list)
+
+    def claims(self, namespace: str, name: str, cluster: str) -> list[IpClaim]:
+        """A pod known only from EndpointSlices: by name, service and node."""
+        identity = Identity(
+            kind="pod",
+            name=name,
+            namespace=namespace,
+            pod=name,
+            service=min(self.services, default=""),
+            node=self.node,
+            cluster=cluster,
+        )
+        return [IpClaim(ip, identity) for ip in dict.fromkeys(self.addresses)]
+
+
+_IDENTITY_TEXT = ("name", "namespace", "pod", "workload", "workload_kind", "service", "node", "mesh")
+
+
+def _claim_document(claim: IpClaim) -> dict[str, object]:
+    identity = claim.identity
+    document: dict[str, object] = {"ip": claim.ip, "kind": identity.kind}
+    document.update({name: getattr(identity, name) for name in _IDENTITY_TEXT if getattr(identity, name)})
+    if identity.cluster:
+        document["cluster"] = identity.cluster
+    document["from"] = claim.start_ns
+    document["to"] = claim.end_ns
+    if claim.ports:
+        document["ports"] = sorted(claim.ports)
+    if claim.host_network:
+        document["hostNetwork"] = True
+    return document
 
 
 def _selects(service: _ServiceRecord, pod: _PodRecord) -> bool:

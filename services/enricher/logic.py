@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from trawl.enricher.config import EnricherSettings
-from trawl.enricher.identity import IdentityMap
+from trawl.enricher.identity import AddressPlan, IdentityMap
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall
@@ -124,9 +124,12 @@ class Enricher:
         self._failures = self.metrics.counter(
             "trawl_enricher_call_failures_total", "Calls that could not be enriched or turned into spans, by stage"
         )
-        # The splicer of `identity` (rebuilt when the map is replaced): it keeps the map's answers.
+        # The splicer of `identity` (rebuilt when the map is replaced, or when an address it
+        # described has changed since: a live map): it keeps the map's answers.
         self._splicer: Splicer | None = None
         self._splicer_identity: IdentityMap | None = None
+        self._splicer_generation = 0
+        self._described: set[str] = set()
         # Counts every span it is handed as exported, dropped or failed (trawl.enricher.span_totals).
         self._processor: CountingBatchSpanProcessor | None = None
         if span_exporter is not None:
@@ -182,11 +185,11 @@ class Enricher:
         if not calls:
             return []
         splicer = self._splicer
-        if splicer is None or self._splicer_identity is not self.identity:
+        identity = self.identity
+        if splicer is None or self._splicer_identity is not identity or self._stale(identity):
             if Splicer is None:
                 return self._enrich_as_objects(calls)
-            splicer = self._splicer = Splicer(self.identity.describe_address)
-            self._splicer_identity = self.identity
+            splicer = self._splicer = self._new_splicer(identity)
         try:
             enriched, unknown_sources, unknown_destinations, protocols, odd = splicer.enrich(calls)
         except Exception as exc:  # a bug on the compiled side must not lose the batch
@@ -204,6 +207,31 @@ class Enricher:
         if unknown_destinations:
             self._unknown.inc(unknown_destinations, side="dst")
         return enriched
+
+    def _new_splicer(self, identity: IdentityMap) -> Splicer:
+        """A splicer asking `identity`, which notes every address it describes (see `_stale`)."""
+        described = self._described = set()
+        describe_address = identity.describe_address
+
+        def describe(ip: str) -> AddressPlan:
+            described.add(ip)
+            return describe_address(ip)
+
+        self._splicer_identity = identity
+        self._splicer_generation = identity.generation
+        return Splicer(describe)
+
+    def _stale(self, identity: IdentityMap) -> bool:
+        """Whether the splicer may hold an answer the (live) map has changed since: an address it
+        described changed. Changes to addresses it never asked about keep it (and its cache)."""
+        generation = identity.generation
+        if generation == self._splicer_generation:
+            return False
+        changed = identity.changed_since(self._splicer_generation)
+        if changed is None or not changed.isdisjoint(self._described):
+            return True
+        self._splicer_generation = generation
+        return False
 
     def _enrich_as_objects(self, calls: Sequence[bytes]) -> list[bytes]:
         objects = [ApiCall.FromString(call) for call in calls]

@@ -1,8 +1,8 @@
 """ApiCall -> a CLIENT span in the caller's service and a SERVER span in the callee's.
 
 Spans are built directly as SDK `ReadableSpan`s, not through a Tracer, because every span
-carries its own Resource: the caller's or the callee's workload (`service.name`), namespace and
-`k8s.*` attributes, while a Tracer is bound to one Resource.
+carries its own Resource: the caller's or the callee's service (`service.name`: the identity's
+name, see identity.py), namespace and `k8s.*` attributes, while a Tracer is bound to one Resource.
 
 Trace context. When the request carried W3C `traceparent` (ApiCall.trace_id and
 ApiCall.parent_span_id = the header's span id, i.e. the span the calling application was in
@@ -137,7 +137,7 @@ def span_ids(call: ApiCall) -> SpanIds:
 def resource_for(endpoint: Endpoint) -> Resource:
     """The Resource of the service at one end of a call; unknown peers are their IP address."""
     return _resource(
-        endpoint.workload or endpoint.name or endpoint.ip or "unknown",
+        endpoint.name or endpoint.workload or endpoint.ip or "unknown",
         endpoint.namespace,
         endpoint.pod,
         endpoint.workload,

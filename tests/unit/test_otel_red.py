@@ -53,7 +53,7 @@ def test_resources_are_bounded() -> None:
     red = RedMetrics(None, max_resources=2, registry=registry)
     for index in range(5):
         call = make_call(id=f"c{index}")
-        call.src.workload = f"caller-{index}"
+        call.src.name = call.src.workload = f"caller-{index}"
         red.record(call)
     services = {p[0] for p in points(red.collect())}
     assert services == {"caller-0", "users", "trawl.overflow"}
