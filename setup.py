@@ -36,7 +36,11 @@ setup(
         Extension(
             "trawl.dissector._express",
             sources=["services/dissector/_express.c"],
-            depends=["services/dissector/_express_h2.h", "services/dissector/_express_redis.h", "services/dissector/_pbjson.h"],
+            depends=[
+                "services/dissector/_express_h2.h",
+                "services/dissector/_express_redis.h",
+                "services/dissector/_pbjson.h",
+            ],
             # HTTP/2 header blocks are decoded by libnghttp2's HPACK inflater (Debian: libnghttp2-dev),
             # RESP by libhiredis's reader (libhiredis-dev).
             libraries=["nghttp2", "hiredis"],
