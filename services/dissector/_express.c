@@ -2749,6 +2749,14 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
                 consumed++;
                 self->packets++;
                 int reason, from_client = src_is_a == flow->client_is_a;
+                /* Calls this packet completes leave only if the whole packet is taken: a Python
+                   parser reads a segment whole or not at all (a RESP or framing error later in it
+                   loses the replies before it too), so a packet that demotes is replayed in
+                   Python and makes its calls there, as Python makes them. */
+                Py_ssize_t work_mark = PyList_GET_SIZE(work);
+                size_t emitted_mark = flow->emitted.len;
+                long long grpc_mark = self->calls_grpc, redis_mark = self->calls_redis;
+                long long http_mark = self->calls_http, dns_mark = self->calls_dns;
                 if (flow->retained_bytes + incl > (size_t)self->max_retained_bytes ||
                     self->retained_total + incl > (size_t)self->max_total_retained_bytes)
                     reason = R_LIMIT;
@@ -2761,6 +2769,14 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
                     }
                     if (retain(flow, frame, incl, ts) == 0) continue;
                     reason = R_MEMORY;
+                }
+                if (PyList_GET_SIZE(work) > work_mark) {
+                    if (PyList_SetSlice(work, work_mark, PyList_GET_SIZE(work), NULL)) goto fail;
+                    flow->emitted.len = emitted_mark;
+                    self->calls_grpc = grpc_mark;
+                    self->calls_redis = redis_mark;
+                    self->calls_http = http_mark;
+                    self->calls_dns = dns_mark;
                 }
                 if (add_work(work, Py_BuildValue("(iN)", 1, demote(self, flow, reason, frame, incl, ts))) ||
                     routed_add(self, &key))

@@ -136,3 +136,18 @@ def test_pipelined_benchmark_traffic_is_made_by_the_lane() -> None:
     assert counters["calls_redis"] >= 700
     demotions = {name for name, value in counters.items() if name.startswith("express_demotions_") and value}
     assert demotions <= {"express_demotions", "express_demotions_finish", "express_demotions_not_http"}
+
+
+def test_a_segment_python_refuses_whole_is_replayed_whole() -> None:
+    """Two replies in one segment, the second malformed (`$05`): hiredis-py refuses the segment
+    whole, so Python never pairs the first reply either (the commands end with the note
+    parse-error). The lane, which read the first reply before the error, must not have sent its
+    call: a packet's calls leave only once the whole packet is taken."""
+    talk = Conversation(client="10.5.0.9", server="10.6.0.1", client_port=43100, server_port=6379)
+    talk.handshake()
+    talk.client_sends(command(b"GET", b"") + command(b"GET", b"k"))
+    talk.server_sends(b"+OK\r\n$05\r\nhello\r\n")
+    dissector = assert_same(talk.frames)
+    counters: dict[str, Any] = dissector.lane.counters  # type: ignore[union-attr]
+    assert counters.get("calls_redis", 0) == 0
+    assert counters["express_demotions_redis"] == 1
