@@ -83,8 +83,18 @@ def test_a_service_starting_to_select_a_pod_changes_its_identity_from_then_on() 
     cluster.apply(
         "Pod", "ADDED", pod("api-x", "10.1.0.2", labels=labels, owner=("ReplicaSet", "api-6d4f"), created=at(0))
     )
-    cluster.apply("ReplicaSet", "ADDED", {"kind": "ReplicaSet", "metadata": {"name": "api-6d4f", "namespace": "default",
-        "ownerReferences": [{"kind": "Deployment", "name": "api", "controller": True}]}})  # fmt: skip
+    cluster.apply(
+        "ReplicaSet",
+        "ADDED",
+        {
+            "kind": "ReplicaSet",
+            "metadata": {
+                "name": "api-6d4f",
+                "namespace": "default",
+                "ownerReferences": [{"kind": "Deployment", "name": "api", "controller": True}],
+            },
+        },
+    )
     clock.to(100)
     cluster.apply("Service", "ADDED", service("api", "10.96.0.10", labels, created=100))
     before = cluster.identity.lookup("10.1.0.2", T0 + 50 * SECOND)
@@ -118,17 +128,47 @@ def test_endpoint_slices_name_pods_the_watch_does_not_hold() -> None:
 def test_service_name_follows_the_opentelemetry_order_and_meshes_are_recognised() -> None:
     cluster, _ = history()
     owner = ("StatefulSet", "top")
-    cluster.apply("Pod", "ADDED", pod("a", "10.2.0.1", owner=owner, env={"OTEL_SERVICE_NAME": "from-env"},
-        annotations={"resource.opentelemetry.io/service.name": "from-annotation"},
-        labels={"app.kubernetes.io/name": "from-label"}))  # fmt: skip
-    cluster.apply("Pod", "ADDED", pod("b", "10.2.0.2", owner=owner,
-        annotations={"resource.opentelemetry.io/service.name": "from-annotation"},
-        labels={"app.kubernetes.io/name": "from-label"}, containers=("app", "istio-proxy")))  # fmt: skip
-    cluster.apply("Pod", "ADDED", pod("c", "10.2.0.3", owner=owner, labels={"app.kubernetes.io/name": "from-label"},
-        annotations={"linkerd.io/proxy-version": "stable-2.14"}))  # fmt: skip
+    cluster.apply(
+        "Pod",
+        "ADDED",
+        pod(
+            "a",
+            "10.2.0.1",
+            owner=owner,
+            env={"OTEL_SERVICE_NAME": "from-env"},
+            annotations={"resource.opentelemetry.io/service.name": "from-annotation"},
+            labels={"app.kubernetes.io/name": "from-label"},
+        ),
+    )
+    cluster.apply(
+        "Pod",
+        "ADDED",
+        pod(
+            "b",
+            "10.2.0.2",
+            owner=owner,
+            annotations={"resource.opentelemetry.io/service.name": "from-annotation"},
+            labels={"app.kubernetes.io/name": "from-label"},
+            containers=("app", "istio-proxy"),
+        ),
+    )
+    cluster.apply(
+        "Pod",
+        "ADDED",
+        pod(
+            "c",
+            "10.2.0.3",
+            owner=owner,
+            labels={"app.kubernetes.io/name": "from-label"},
+            annotations={"linkerd.io/proxy-version": "stable-2.14"},
+        ),
+    )
     cluster.apply("Pod", "ADDED", pod("d", "10.2.0.4", owner=owner))
-    names = [(found.name, found.workload, found.mesh) for ip in ("10.2.0.1", "10.2.0.2", "10.2.0.3", "10.2.0.4")
-             if (found := cluster.identity.lookup(ip)) is not None]  # fmt: skip
+    names = [
+        (found.name, found.workload, found.mesh)
+        for ip in ("10.2.0.1", "10.2.0.2", "10.2.0.3", "10.2.0.4")
+        if (found := cluster.identity.lookup(ip)) is not None
+    ]
     assert names == [
         ("from-env", "top", ""),
         ("from-annotation", "top", "istio"),
@@ -145,8 +185,13 @@ def test_a_relist_ends_what_was_deleted_while_the_watch_was_away() -> None:
     cluster.apply("Pod", "ADDED", pod("a", "10.3.0.1", created=at(0)))
     cluster.apply("Pod", "ADDED", pod("b", "10.3.0.2", created=at(0)))
     clock.to(100)
-    faults = cluster.replace_all("Pod", [pod("b", "10.3.0.2", created=at(0)), {"kind": "Pod", "metadata": {
-        "name": "bad", "namespace": "default"}, "spec": {"containers": "nope"}}])  # fmt: skip
+    faults = cluster.replace_all(
+        "Pod",
+        [
+            pod("b", "10.3.0.2", created=at(0)),
+            {"kind": "Pod", "metadata": {"name": "bad", "namespace": "default"}, "spec": {"containers": "nope"}},
+        ],
+    )
     assert len(faults) == 1 and "containers" in faults[0]
     assert cluster.identity.lookup("10.3.0.1", T0 + 50 * SECOND).pod == "a"  # type: ignore[union-attr]
     assert cluster.identity.lookup("10.3.0.1", T0 + 150 * SECOND) is None
