@@ -39,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--pcap", type=Path, help="replay this capture file and exit when it is processed")
     source.add_argument("--interface", action="append", help="capture live on this interface (repeatable)")
     up.add_argument("--identity", type=Path, help="identity snapshot for the enricher")
+    up.add_argument(
+        "--kubeconfig",
+        type=Path,
+        help="watch this cluster for identities (default: the KUBECONFIG variable, when set)",
+    )
     up.add_argument("--rules", type=Path, help="alert rules YAML file")
     up.add_argument("--record-dir", type=Path, help="record packets to PCAP files in this directory")
     up.add_argument("--nats-url", help="use this NATS server instead of starting an embedded one")
@@ -46,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--json", action="store_true", help="print enriched calls as NDJSON instead of a table")
     up.add_argument("--config", type=Path, help="YAML config shared by the services")
     up.add_argument("--state-dir", type=Path, help="where NATS state and service logs go (default: a temp dir)")
+
+    identity = commands.add_parser("identity", help="Kubernetes identity snapshots")
+    identity_commands = identity.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
+    dump = identity_commands.add_parser(
+        "dump", help="write a snapshot (every IP claim, with its history) from a live cluster, for --identity"
+    )
+    dump.add_argument("--kubeconfig", type=Path, help="kubeconfig file (default: KUBECONFIG, ~/.kube/config)")
+    dump.add_argument("--output", "-o", type=Path, help="write here (default: standard output)")
+    dump.add_argument("--cluster", default="", help="cluster name to write into the identities")
+    dump.add_argument(
+        "--watch-s", type=float, default=0.0, help="watch this many seconds more before writing (churn as history)"
+    )
+    dump.add_argument("--timeout-s", type=float, default=60.0, help="give up listing after this long")
 
     for service in SERVICES:
         sub = commands.add_parser(service, help=f"run the {service} service (what its container runs)")
@@ -76,6 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     pcap=args.pcap,
                     interfaces=args.interface or [],
                     identity=args.identity,
+                    kubeconfig=args.kubeconfig,
                     rules=args.rules,
                     record_dir=args.record_dir,
                     nats_url=args.nats_url,
@@ -85,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     state_dir=args.state_dir,
                 )
             )
+        if args.command == "identity":
+            return _identity_dump(args)
         module = importlib.import_module(f"trawl.{args.command}.main")
         code: int = module.main(args.config)
         return code
@@ -99,6 +120,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def _identity_dump(args: argparse.Namespace) -> int:
+    import json
+
+    from trawl.enricher.k8s_watch import dump_identity
+    from trawl.logs import configure_logging
+
+    configure_logging("warning", "auto")
+    document = dump_identity(args.kubeconfig, args.cluster, args.watch_s, args.timeout_s)
+    text = json.dumps(document, indent=1) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+    return 0
 
 
 if __name__ == "__main__":

@@ -39,6 +39,9 @@ class ServiceContext(Generic[SettingsT]):
     metrics: Registry = field(default_factory=Registry)
     stopping: asyncio.Event = field(default_factory=asyncio.Event)
     is_ready: bool = False
+    # Lines /readyz adds to its answer (the state of what the service depends on beside NATS,
+    # e.g. the enricher's Kubernetes watch); they inform, the status code stays the service's.
+    status_lines: list[Callable[[], str]] = field(default_factory=list)
 
     async def ready(self) -> None:
         """Mark the service ready (/readyz) and announce it on trawl.v1.control.ready.<service>.<node>."""
@@ -71,7 +74,9 @@ async def _start_http(ctx: ServiceContext[SettingsT], port: int) -> web.AppRunne
 
     async def readyz(_: web.Request) -> web.Response:
         ok = ctx.is_ready and ctx.bus.nc.is_connected
-        return web.Response(status=200 if ok else 503, text="ready\n" if ok else "not ready\n")
+        text = "ready\n" if ok else "not ready\n"
+        text += "".join(f"{line()}\n" for line in ctx.status_lines)
+        return web.Response(status=200 if ok else 503, text=text)
 
     app = web.Application()
     app.add_routes([web.get("/metrics", metrics), web.get("/healthz", healthz), web.get("/readyz", readyz)])

@@ -53,6 +53,8 @@ class UpOptions:
     pcap: Path | None = None
     interfaces: list[str] = field(default_factory=list)
     identity: Path | None = None
+    # Watch this cluster for identities; None: the KUBECONFIG variable's, when it is set.
+    kubeconfig: Path | None = None
     rules: Path | None = None
     record_dir: Path | None = None
     nats_url: str | None = None
@@ -84,6 +86,11 @@ def suite_config(options: UpOptions, nats_url: str) -> dict[str, Any]:
         section("collector")["interfaces"] = options.interfaces
     if options.identity is not None:
         section("enricher")["identity_snapshot"] = str(options.identity.resolve())
+    if options.kubeconfig is not None:
+        section("enricher")["kube_watch"] = True
+        section("enricher")["kubeconfig"] = str(options.kubeconfig.resolve())
+    elif os.environ.get("KUBECONFIG"):  # like kubectl: the enricher inherits the variable
+        section("enricher")["kube_watch"] = True
     if options.otlp_endpoint is not None:
         section("enricher")["otlp_endpoint"] = options.otlp_endpoint
     if options.rules is not None:
@@ -291,6 +298,10 @@ def up(options: UpOptions) -> int:
         load_rules(options.rules)
     if options.identity is not None:
         IdentityMap.from_snapshot(options.identity)
+    if options.kubeconfig is not None or os.environ.get("KUBECONFIG"):
+        from trawl.enricher.k8s_watch import kube_api_client
+
+        kube_api_client(options.kubeconfig)  # a kubeconfig that cannot be used fails here, named
     state_dir = options.state_dir or Path(tempfile.mkdtemp(prefix="trawl-up-"))
     state_dir.mkdir(parents=True, exist_ok=True)
     try:

@@ -65,6 +65,20 @@ class EnricherSettings(ServiceSettings):
     identity_snapshot: Path | None = None
     # The cluster name written into every identity and span resource (k8s.cluster.name).
     cluster: str = ""
+    # Watch the Kubernetes API for identities (trawl.enricher.k8s_watch): pods, services,
+    # endpointslices, nodes, replicasets, jobs; get/list/watch RBAC (deploy/base/enricher.yaml).
+    # With a snapshot too, the snapshot's claims are the history the watch goes on from.
+    kube_watch: bool = False
+    # A kubeconfig file; None: in a pod its service account, else KUBECONFIG or ~/.kube/config.
+    kubeconfig: Path | None = None
+    # How long the enricher waits for the first lists before consuming calls (it goes on
+    # without them, enriching what it knows, when the API server is away).
+    kube_sync_wait_s: float = Field(default=30.0, ge=0)
+    kube_watch_timeout_s: int = Field(default=300, gt=0)
+    kube_request_timeout_s: float = Field(default=30.0, gt=0)
+    kube_backoff_max_s: float = Field(default=30.0, gt=0)
+    # Ended IP claims kept (pod churn history); the oldest ended are forgotten past it.
+    max_history_claims: int = Field(default=1_000_000, gt=0)
 
     # OTLP export; None falls back to the OTEL_EXPORTER_OTLP_* environment (see module docstring).
     otlp_endpoint: str | None = None

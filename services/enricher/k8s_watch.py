@@ -44,13 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from trawl.enricher.cluster import ClusterHistory
-from trawl.errors import ConfigError
+from trawl.errors import ConfigError, UserError
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 
 log = get_logger(__name__)
 
-RBAC_FILE = "deploy/base/enricher-rbac.yaml"
+RBAC_FILE = "deploy/base/enricher.yaml"
 
 
 @dataclass(frozen=True)
@@ -386,6 +386,25 @@ class KubeWatcher:
         if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
             return "slow", f"the API server at {self.server} did not answer in {self.request_timeout_s:g} s"
         return "unreachable", f"check that the API server at {self.server} is up and reachable from the enricher"
+
+
+def dump_identity(
+    kubeconfig: Path | None, cluster: str = "", watch_s: float = 0.0, timeout_s: float = 60.0
+) -> dict[str, object]:
+    """What `trawl identity dump` writes: the cluster listed (and watched `watch_s` more seconds,
+    so churn in that time is history too) as a snapshot with every claim (IdentityMap.to_document).
+    UserError when the lists cannot be had within `timeout_s` (the reason and the fix in it)."""
+    history = ClusterHistory(cluster=cluster)
+    watcher = KubeWatcher(history, kube_api_client(kubeconfig), request_timeout_s=min(30.0, timeout_s), backoff_max_s=2)
+    watcher.start()
+    try:
+        if not watcher.wait_synced(timeout_s):
+            raise UserError(f"cannot list the cluster in {timeout_s:g} s: {watcher.status_line()}")
+        if watch_s > 0:
+            time.sleep(watch_s)
+        return history.identity.to_document()
+    finally:
+        watcher.stop()
 
 
 def _is_gone(exc: Exception) -> bool:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.trace import ReadableSpan
     from opentelemetry.sdk.trace.export import SpanExporter
 
+    from trawl.enricher.k8s_watch import KubeWatcher
     from trawl.enricher.otlp import CountingBatchSpanProcessor
     from trawl.enricher.red import RedMetrics
 
@@ -302,6 +303,27 @@ def load_identity(settings: EnricherSettings) -> IdentityMap:
     identity = IdentityMap.from_snapshot(settings.identity_snapshot, settings.cluster)
     log.info("identity_loaded", snapshot=str(settings.identity_snapshot), claims=len(identity))
     return identity
+
+
+def start_kube_watch(settings: EnricherSettings, identity: IdentityMap, metrics: Registry) -> KubeWatcher | None:
+    """The Kubernetes watch feeding `identity`, started, when the settings ask for one (None
+    otherwise). Raises ConfigError when no Kubernetes client configuration can be found."""
+    if not settings.kube_watch:
+        return None
+    from trawl.enricher.cluster import ClusterHistory
+    from trawl.enricher.k8s_watch import KubeWatcher, kube_api_client
+
+    history = ClusterHistory(identity, settings.cluster, max_closed_claims=settings.max_history_claims)
+    watcher = KubeWatcher(
+        history,
+        kube_api_client(settings.kubeconfig),
+        metrics,
+        watch_timeout_s=settings.kube_watch_timeout_s,
+        request_timeout_s=settings.kube_request_timeout_s,
+        backoff_max_s=settings.kube_backoff_max_s,
+    )
+    log.info("kube_watch_starting", server=watcher.server, kubeconfig=str(settings.kubeconfig or ""))
+    return watcher.start()
 
 
 def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None = None) -> Enricher:

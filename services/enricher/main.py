@@ -20,7 +20,7 @@ from nats.js.api import PubAck
 from trawl.bus import STREAM_CALLS, STREAM_ENRICHED, enriched_subject
 from trawl.dedup import RecentIds
 from trawl.enricher.config import EnricherSettings
-from trawl.enricher.logic import Enricher, enricher_from_settings
+from trawl.enricher.logic import Enricher, enricher_from_settings, start_kube_watch
 from trawl.enricher.span_totals import TOTALS_EVENT, SpanCounters, SpanTotals
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
@@ -123,10 +123,20 @@ async def _export_metrics_periodically(enricher: Enricher, interval_s: float) ->
 async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
     settings = ctx.settings
     enricher = enricher_from_settings(settings, ctx.metrics)
+    watcher = start_kube_watch(settings, enricher.identity, ctx.metrics)
     pipeline = _Pipeline(ctx, enricher)
     metrics_task: asyncio.Task[None] | None = None
     subscription: JetStreamContext.PullSubscription | None = None
     try:
+        if watcher is not None:
+            ctx.status_lines.append(watcher.status_line)
+            if not await asyncio.to_thread(watcher.wait_synced, settings.kube_sync_wait_s):
+                log.warning(
+                    "kube_watch_not_synced",
+                    waited_s=settings.kube_sync_wait_s,
+                    state=watcher.status_line(),
+                    enriching="from what is known, catching up as the watch does",
+                )
         await ctx.bus.ensure_stream(STREAM_CALLS, settings.streams)
         await ctx.bus.ensure_stream(STREAM_ENRICHED, settings.streams)
         subscription = await ctx.bus.pull(STREAM_CALLS, settings.durable, settings.calls_filter_subject)
@@ -150,6 +160,8 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
             for msg in messages:
                 await pipeline.handle(msg)
     finally:
+        if watcher is not None:
+            await asyncio.to_thread(watcher.stop)
         if subscription is not None:
             # A pull subscription keeps the replies of expired fetches queued with no reader;
             # left subscribed, the connection's drain would wait its full timeout for them.

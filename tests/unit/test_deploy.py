@@ -41,6 +41,7 @@ from trawl.collector.config import CollectorSettings
 from trawl.config import SERVICES, ServiceSettings
 from trawl.dissector.config import DissectorSettings
 from trawl.enricher.config import EnricherSettings
+from trawl.enricher.k8s_watch import WATCHED
 from trawl.errors import ConfigError
 from trawl.recorder.config import RecorderSettings
 
@@ -675,10 +676,21 @@ def test_enricher_may_read_what_it_maps(manifests: Manifests) -> None:
         for resource in rule.get("resources", [])
         for verb in rule.get("verbs", [])
     }
+    watched = {(resource.group, resource.plural) for resource in WATCHED}
+    assert watched <= set(ENRICHER_READS), "the enricher watches a resource this test does not require"
     for group, resource in ENRICHER_READS:
         for verb in READ_VERBS:
             assert (group, resource, verb) in granted, f"{manifests}: the enricher cannot {verb} {group}/{resource}"
     assert {verb for _, _, verb in granted} <= READ_VERBS, f"{manifests}: the enricher may change objects"
+
+
+def test_the_deployed_enricher_watches_the_cluster(manifests: Manifests, tmp_path: Path) -> None:
+    pod = manifests.pod("enricher")
+    settings = pod.settings(tmp_path)
+    assert settings.kube_watch, f"{pod}: the enricher does not watch the cluster: every peer would be a bare IP"
+    assert settings.kubeconfig is None, f"{pod}: a kubeconfig in a pod; the in-cluster service account is the way"
+    readiness = next(c for c in pod.spec["containers"] if c["name"] == "enricher").get("readinessProbe", {})
+    assert readiness.get("httpGet", {}).get("path") == "/readyz", f"{pod}: /readyz (the watch's state) unused"
 
 
 def test_services_reach_nats_and_streams_fit_its_volume(manifests: Manifests, tmp_path: Path) -> None:
