@@ -90,6 +90,9 @@ class ClusterHistory:
         self._nodes: set[str] = set()
         self._open: dict[SourceKey, list[IpClaim]] = {}
         self._closed: deque[IpClaim] = deque()
+        # Claims the map held before the watch (a snapshot, or the history another replica
+        # wrote to Redis): the open ones are reconciled with the first lists (`mark_synced`).
+        self._seed_open = [claim for claim in self.identity.claims() if claim.end_ns is None]
 
     # --- what the watch calls ----------------------------------------------------------------------
     def apply(self, kind: str, event: str, obj: Mapping[str, object]) -> None:
@@ -116,9 +119,38 @@ class ClusterHistory:
         return faults
 
     def mark_synced(self) -> None:
-        """Every resource's first list is in: from now on changes are history (see the module docstring)."""
+        """Every resource's first list is in: from now on changes are history (see the module
+        docstring). A seed's open claims that the lists confirm become the watch's (keeping the
+        earlier start); the others end now: what they named is gone from the cluster."""
         with self._lock:
+            if not self.synced:
+                self._adopt_seed()
             self.synced = True
+
+    def _adopt_seed(self) -> None:
+        identity = self.identity
+        watched: dict[tuple[object, ...], tuple[SourceKey, int]] = {}
+        for source, claims in self._open.items():
+            for index, claim in enumerate(claims):
+                watched.setdefault(claim.holder, (source, index))
+        now = self.clock()
+        for seed in self._seed_open:
+            if seed not in identity.claims_of(seed.ip):
+                continue  # changed or gone since
+            match = watched.get(seed.holder)
+            if match is None:
+                ended = replace(seed, end_ns=max(seed.start_ns, now))
+                identity.replace_claim(seed, ended)
+                self._closed.append(ended)
+                continue
+            source, index = match
+            claim = self._open[source][index]
+            identity.remove_claim(seed)
+            if seed.start_ns < claim.start_ns:
+                earlier = replace(claim, start_ns=seed.start_ns)
+                identity.replace_claim(claim, earlier)
+                self._open[source][index] = earlier
+        self._seed_open = []
 
     def counts(self) -> dict[str, int]:
         with self._lock:

@@ -248,3 +248,20 @@ def test_the_compiled_splicer_sees_a_live_map_change() -> None:
     cluster.apply("Pod", "ADDED", pod("other", "10.6.0.3", created=at(0)))
     spliced("10.6.0.1", "10.6.0.2")
     assert enricher._splicer is kept  # an address it never described changed: the cache stays
+
+
+def test_a_seeded_history_is_reconciled_with_the_first_lists() -> None:
+    clock = Clock()
+    seeded = ClusterHistory(cluster="c1", clock=clock)
+    seeded.apply("Pod", "ADDED", pod("kept", "10.7.0.1", created=at(0)))
+    seeded.apply("Pod", "ADDED", pod("gone", "10.7.0.2", created=at(0)))
+    seeded.mark_synced()
+    clock.to(100)
+    history = ClusterHistory(IdentityMap.from_document(seeded.identity.to_document(), cluster="c1"), "c1", clock)
+    history.replace_all("Pod", [pod("kept", "10.7.0.1", created=at(50))])  # the list says it started later
+    clock.to(200)
+    history.mark_synced()
+    kept = history.identity.claims_of("10.7.0.1")
+    assert [(claim.identity.pod, claim.start_ns, claim.end_ns) for claim in kept] == [("kept", T0, None)]
+    gone = history.identity.claims_of("10.7.0.2")
+    assert [(claim.identity.pod, claim.end_ns) for claim in gone] == [("gone", T0 + 200 * SECOND)]
