@@ -79,6 +79,15 @@ class EnricherSettings(ServiceSettings):
     kube_backoff_max_s: float = Field(default=30.0, gt=0)
     # Ended IP claims kept (pod churn history); the oldest ended are forgotten past it.
     max_history_claims: int = Field(default=1_000_000, gt=0)
+    # Identity shared between replicas through Redis (trawl.enricher.shared): one replica,
+    # elected through a coordination.k8s.io Lease, watches and writes; the others read. None:
+    # every replica keeps its own (in-process). The Lease needs get/create/update on leases.
+    identity_redis_url: str | None = None
+    lease_namespace: str = ""  # "": the pod's own namespace (POD_NAMESPACE, the service account's)
+    lease_name: str = Field(default="trawl-enricher", min_length=1)
+    lease_holder: str = ""  # "": the pod's name and the process id
+    lease_duration_s: float = Field(default=15.0, gt=0)
+    lease_renew_s: float = Field(default=5.0, gt=0)
 
     # OTLP export; None falls back to the OTEL_EXPORTER_OTLP_* environment (see module docstring).
     otlp_endpoint: str | None = None

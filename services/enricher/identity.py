@@ -246,6 +246,10 @@ class IdentityMap:
         claims = self._claims.get(old.ip, [])
         self._set_address(old.ip, [new if claim is old else claim for claim in claims])
 
+    def set_claims(self, ip: str, claims: Sequence[IpClaim]) -> None:
+        """Everything known about `ip` replaced (what a replica reading another's history does)."""
+        self._set_address(ip, list(claims))
+
     def remove_claim(self, claim: IpClaim) -> None:
         self._set_address(claim.ip, [kept for kept in self._claims.get(claim.ip, ()) if kept is not claim])
 
@@ -861,6 +865,20 @@ class _SlicePod:
 
 
 _IDENTITY_TEXT = ("name", "namespace", "pod", "workload", "workload_kind", "service", "node", "mesh")
+
+
+def claims_to_json(claims: Iterable[IpClaim]) -> bytes:
+    """Claims as the JSON array a snapshot's `claims` holds (what replicas share through Redis)."""
+    return json.dumps([_claim_document(claim) for claim in claims], separators=(",", ":")).encode()
+
+
+def claims_from_json(data: bytes | str, source: str, cluster: str = "") -> list[IpClaim]:
+    """`claims_to_json` read back; InputError naming `source` when it is not that."""
+    try:
+        entries = json.loads(data)
+    except ValueError as exc:
+        raise InputError(f"not JSON ({exc})", path=source) from None
+    return _SnapshotReader(source, cluster)._recorded_claims({"claims": entries})
 
 
 def _claim_document(claim: IpClaim) -> dict[str, object]:

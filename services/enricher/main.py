@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -25,6 +26,9 @@ from trawl.enricher.span_totals import TOTALS_EVENT, SpanCounters, SpanTotals
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
 from trawl.v1.calls_pb2 import ApiCall, CallBatch
+
+if TYPE_CHECKING:
+    from trawl.enricher.shared import SharedIdentity
 
 log = get_logger(__name__)
 
@@ -123,7 +127,15 @@ async def _export_metrics_periodically(enricher: Enricher, interval_s: float) ->
 async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
     settings = ctx.settings
     enricher = enricher_from_settings(settings, ctx.metrics)
-    watcher = start_kube_watch(settings, enricher.identity, ctx.metrics)
+    shared: SharedIdentity | None = None
+    watcher = None
+    if settings.identity_redis_url:
+        from trawl.enricher.shared import SharedIdentity
+
+        shared = SharedIdentity(settings, enricher.identity, ctx.metrics).start()
+        ctx.status_lines.append(shared.status_line)
+    else:
+        watcher = start_kube_watch(settings, enricher.identity, ctx.metrics)
     pipeline = _Pipeline(ctx, enricher)
     metrics_task: asyncio.Task[None] | None = None
     subscription: JetStreamContext.PullSubscription | None = None
@@ -162,6 +174,8 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
     finally:
         if watcher is not None:
             await asyncio.to_thread(watcher.stop)
+        if shared is not None:
+            await asyncio.to_thread(shared.stop)
         if subscription is not None:
             # A pull subscription keeps the replies of expired fetches queued with no reader;
             # left subscribed, the connection's drain would wait its full timeout for them.
