@@ -1,12 +1,12 @@
 """Bounded mutation fuzz of `trawl analyze --json` over every committed capture.
 
 Each mutant is a committed capture (tests/fixtures/*.pcap, tests/fixtures/hard/*,
-tests/fixtures/http2/*.pcap and ../shared/pcaps/**/*.pcap* when present) changed by one to three operations: byte flips
-anywhere, byte flips and boundary values inside one packet, truncation, a record length
-(pcap `incl_len`/`orig_len`, pcapng block and captured lengths) set to a boundary value, and
-records spliced in from another capture, duplicated, dropped or swapped. Mutant `i` of seed `s`
-is a function of `(s, i)` alone, so any one can be rebuilt (`--seed s --index i`) whatever
-the budget, job count or order was.
+tests/fixtures/{http2,redis,amqp,kafka}/*.pcap and ../shared/pcaps/**/*.pcap* when present)
+changed by one to three operations: byte flips anywhere, byte flips and boundary values inside
+one packet, truncation, a record length (pcap `incl_len`/`orig_len`, pcapng block and captured
+lengths) set to a boundary value, and records spliced in from another capture, duplicated,
+dropped or swapped. Mutant `i` of seed `s` is a function of `(s, i)` alone, so any one can be
+rebuilt (`--seed s --index i`) whatever the budget, job count or order was.
 
 Every run must end with exit code 0, or 2 and one `trawl analyze: ...` line last on stderr;
 besides that line stderr may hold warning-level log events (a stream that cannot be parsed is
@@ -81,7 +81,8 @@ def committed_captures(root: Path = ROOT) -> list[Path]:
     """The captures to mutate, in a fixed order (the mutant numbering depends on it)."""
     found = sorted((root / "tests" / "fixtures").glob("*.pcap"))
     found += sorted(path for path in (root / "tests" / "fixtures" / "hard").iterdir() if path.is_file())
-    found += sorted((root / "tests" / "fixtures" / "http2").glob("*.pcap"))
+    for protocol in ("http2", "redis", "amqp", "kafka"):  # the protocols recorded into their own folders
+        found += sorted((root / "tests" / "fixtures" / protocol).glob("*.pcap"))
     shared = root.parent / "shared" / "pcaps"
     if shared.is_dir():
         found += sorted(path for path in shared.rglob("*.pcap*") if path.is_file())
