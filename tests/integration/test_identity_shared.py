@@ -148,3 +148,70 @@ def test_two_replicas_agree_and_survive_the_leader_and_redis(
     finally:
         one.stop()
         two.stop()
+
+
+def test_churn_of_a_thousand_pods_across_two_replicas_with_the_leader_killed(
+    api: KubeApiServer, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    """1,000 pods created and deleted over 50 reused IPs (pod i holds 10.21.0.<i % 50> for
+    [T + 10 i s, T + 10 i s + 9 s)), the leader killed half-way; then calls at the middle of
+    every pod's life, enriched by the surviving replica and by a fresh one reading Redis,
+    each name the pod that had the address then."""
+    from trawl.enricher.logic import Enricher
+    from trawl.v1.calls_pb2 import ApiCall
+
+    start_ns = 1_700_000_000 * 1_000_000_000
+    second = 1_000_000_000
+
+    def window(index: int) -> tuple[str, int, int]:
+        begin = start_ns + index * 10 * second
+        return f"10.21.0.{index % 50}", begin, begin + 9 * second
+
+    def live_and_die(indexes: range) -> None:
+        for index in indexes:
+            ip, begin, end = window(index)
+            made = pod(f"churn-{index}", ip, namespace="churn", owner=("StatefulSet", f"set-{index % 7}"),
+                       created=iso_ns(begin))  # fmt: skip
+            api.create(made)
+            made["metadata"]["deletionTimestamp"] = iso_ns(end)
+            api.modify(made)
+            api.delete("Pod", "churn", f"churn-{index}")
+
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    one = replica("one", redis_server, kubeconfig)
+    wait_for(lambda: one.election is not None and one.election.is_leader, "a leader")
+    two = replica("two", redis_server, kubeconfig)
+    three: SharedIdentity | None = None
+    try:
+        wait_for(lambda: two.reader is not None and two.reader.loads >= 1, "the reader's first read")
+        wait_for(lambda: one.watcher is not None and one.watcher.synced, "the leader's first lists")
+        live_and_die(range(500))
+        wait_for(lambda: len(two.identity.claims_of("10.21.0.49")) == 10, "the first half through Redis")
+        one.stop(release=False)  # killed: its Lease left to expire
+        wait_for(lambda: two.watcher is not None and two.watcher.synced, "the takeover", timeout_s=15)
+        live_and_die(range(500, 1000))
+        wait_for(lambda: len(two.identity.claims_of("10.21.0.49")) == 20, "the second half")
+        three = replica("three", redis_server, kubeconfig)
+        wait_for(lambda: len(three.identity.claims_of("10.21.0.49")) == 20, "a fresh reader")
+        calls = []
+        for index in range(1000):
+            ip, begin, _ = window(index)
+            call = ApiCall(id=f"c{index}", protocol="http")
+            call.src.ip, call.src.port = "192.0.2.1", 40000
+            call.dst.ip, call.dst.port = ip, 8080
+            call.request.ts = begin + 5 * second
+            calls.append(call.SerializeToString())
+        for survivor in (two, three):
+            enriched = Enricher(EnricherSettings(), survivor.identity).enrich_encoded(calls)
+            pods = [ApiCall.FromString(data).dst.pod for data in enriched]
+            assert pods == [f"churn-{index}" for index in range(1000)]
+    finally:
+        for shared in (one, two, three):
+            if shared is not None:
+                shared.stop()
+
+
+def iso_ns(ns: int) -> str:
+    from datetime import UTC, datetime
+
+    return datetime.fromtimestamp(ns / 1_000_000_000, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
