@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+# The splicer's own bound on the addresses it keeps (Splicer's max_addresses default).
+SPLICER_ADDRESSES = 65_536
+
 _protocol_of = attrgetter("protocol")
 
 
@@ -225,6 +228,8 @@ class Enricher:
     def _stale(self, identity: IdentityMap) -> bool:
         """Whether the splicer may hold an answer the (live) map has changed since: an address it
         described changed. Changes to addresses it never asked about keep it (and its cache)."""
+        if len(self._described) > SPLICER_ADDRESSES:
+            return True  # the splicer emptied its cache by now; a new one starts a new record
         generation = identity.generation
         if generation == self._splicer_generation:
             return False
