@@ -195,3 +195,21 @@ def test_denied_garbled_and_down_keep_what_is_known(api: KubeApiServer, watcher:
     errors = watcher._errors
     assert errors.get(resource="pods", reason="forbidden") >= 1
     assert errors.get(resource="nodes", reason="unreachable") >= 1
+
+
+def test_a_slow_api_server_is_named_slow_and_caught_up_with(api: KubeApiServer, tmp_path: Path) -> None:
+    kubeconfig = api.write_kubeconfig(tmp_path / "kubeconfig")
+    api.delay(1.0)
+    slow = KubeWatcher(
+        ClusterHistory(), kube_api_client(kubeconfig), Registry(), request_timeout_s=0.3, backoff_max_s=0.5
+    ).start()
+    try:
+        wait_for(lambda: slow.states["Pod"].failing == "slow", "the timeout noticed")
+        assert "did not answer in 0.3 s" in slow.status_line()
+        assert not slow.synced
+        api.delay(0)
+        assert slow.wait_synced(15)
+        wait_for(lambda: not slow.degraded, "every resource current")
+        assert now_identity(slow, "10.8.0.11") is not None
+    finally:
+        slow.stop()

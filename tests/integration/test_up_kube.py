@@ -84,3 +84,14 @@ def test_identity_dump_says_why_it_cannot_list(api: KubeApiServer, tmp_path: Pat
     dumped = run("identity", "dump", "--kubeconfig", str(kubeconfig), "--timeout-s", "3")
     assert dumped.returncode == 2
     assert "pods: forbidden" in dumped.stderr and "grant get, list and watch on pods" in dumped.stderr
+
+
+def test_up_watches_the_kubeconfig_variable_like_kubectl(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from trawl.up import UpOptions, suite_config
+
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    assert "kube_watch" not in suite_config(UpOptions(), "nats://127.0.0.1:4222").get("enricher", {})
+    given = suite_config(UpOptions(kubeconfig=tmp_path / "kc"), "nats://127.0.0.1:4222")["enricher"]
+    assert given == {"kube_watch": True, "kubeconfig": str((tmp_path / "kc").resolve())}
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "from-env"))
+    assert suite_config(UpOptions(), "nats://127.0.0.1:4222")["enricher"] == {"kube_watch": True}
