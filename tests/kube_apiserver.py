@@ -29,7 +29,8 @@ accepted), admission, defaulting and validation beyond a name, server-side apply
 The tests drive the cluster's life directly: `create`, `modify`, `delete` (each advancing the
 resourceVersion and waking watches), `bookmark` (a BOOKMARK to every open watch),
 `break_watches` (open watch connections cut without the chunked stream's end, as a dropped
-TCP connection), `expire_watches` (an ERROR 410 to every open watch), `compact`, and faults:
+TCP connection), `expire_watches` (an ERROR 410 to every open watch), `fail_watches` (an ERROR
+event with another Status), `compact`, and faults:
 `deny` (403 Forbidden with the real server's message), `garbage` (200 with a body that is not
 JSON), `delay` (every answer held back), `stop` (the server gone: connection refused).
 """
@@ -119,6 +120,7 @@ class _Watch:
         self.connection = connection
         self.broken = False
         self.expired = False
+        self.error: tuple[int, str] | None = None  # an ERROR event to send, then the end
         self.bookmarks = 0
 
 
@@ -271,6 +273,14 @@ class KubeApiServer:
             self._lock.notify_all()
             return len(self._watches)
 
+    def fail_watches(self, code: int, reason: str, message: str) -> int:
+        """Send every open watch an ERROR event with this Status and end it; returns how many."""
+        with self._lock:
+            for watch in self._watches:
+                watch.error = (code, f"{reason}\0{message}")
+            self._lock.notify_all()
+            return len(self._watches)
+
     def compact(self) -> None:
         """Forget every event so far: a watch or Exact list from an earlier resourceVersion gets 410."""
         with self._lock:
@@ -366,6 +376,10 @@ class KubeApiServer:
                 with self._lock:
                     if watch.broken:
                         yield None
+                        return
+                    if watch.error is not None:
+                        reason, _, message = watch.error[1].partition("\0")
+                        yield {"type": "ERROR", "object": _status(watch.error[0], reason, message)}
                         return
                     if watch.expired or position + 1 < self._oldest_kept:
                         yield {"type": "ERROR", "object": _status(410, "Expired", "too old resource version")}

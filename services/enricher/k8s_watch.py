@@ -86,6 +86,14 @@ class _Garbage(Exception):
     """An answer that is not what the API server sends."""
 
 
+class _WatchError(Exception):
+    """An ERROR event other than 410: the API server's Status, mid-stream."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+
+
 @dataclass
 class ResourceState:
     """One resource's watch, as /readyz and the logs tell it."""
@@ -317,6 +325,9 @@ class KubeWatcher:
         if kind == "ERROR":
             if obj.get("code") == 410:
                 raise _Gone()
+            code = obj.get("code")
+            if isinstance(code, int) and not isinstance(code, bool):
+                raise _WatchError(code, str(obj.get("message", "")))
             raise _Garbage(f"the watch of {resource.plural} failed: {obj.get('message', obj)}")
         metadata = obj.get("metadata")
         version = metadata.get("resourceVersion") if isinstance(metadata, dict) else None
@@ -369,17 +380,16 @@ class KubeWatcher:
         from kubernetes.client.exceptions import ApiException
 
         group = resource.group or '"" (core)'
-        if isinstance(exc, ApiException):
-            if exc.status == 403:
+        if isinstance(exc, ApiException | _WatchError):
+            status = exc.status if isinstance(exc, ApiException) else exc.code
+            if status == 403:
                 return "forbidden", (
                     f"grant get, list and watch on {resource.plural} in API group {group} to the enricher's "
                     f"ServiceAccount (the ClusterRole in {RBAC_FILE})"
                 )
-            if exc.status == 401:
+            if status == 401:
                 return "unauthorized", "check the kubeconfig's credentials or the pod's service account token"
-            if exc.status == 410:
-                return "expired", "none needed: listing again"
-            return f"http {exc.status}", f"see the API server's answer: {exc.reason}"
+            return f"http {status}", f"see the API server's answer: {_describe(exc)}"
         if isinstance(exc, _Garbage):
             return "garbage", f"check that {self.server} is a Kubernetes API server (not a proxy's error page)"
         text = _describe(exc)

@@ -213,3 +213,14 @@ def test_a_slow_api_server_is_named_slow_and_caught_up_with(api: KubeApiServer, 
         assert now_identity(slow, "10.8.0.11") is not None
     finally:
         slow.stop()
+
+
+def test_an_error_event_is_reported_with_its_status_and_the_watch_resumes(
+    api: KubeApiServer, watcher: KubeWatcher
+) -> None:
+    assert api.fail_watches(500, "InternalError", "etcdserver: request timed out") == 6
+    wait_for(lambda: watcher.states["Pod"].failing == "http 500", "the ERROR event noticed")
+    assert "etcdserver: request timed out" in watcher.status_line()
+    api.create(pod("after-error", "10.8.0.70", namespace="shop"))
+    wait_for(lambda: now_identity(watcher, "10.8.0.70") is not None, "the watch resumed")
+    wait_for(lambda: not watcher.degraded, "every resource current")
