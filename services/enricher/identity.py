@@ -29,6 +29,10 @@ container's OTEL_SERVICE_NAME, the pod annotation resource.opentelemetry.io/serv
 label app.kubernetes.io/name, then the workload's name. `mesh` names the service mesh whose
 sidecar or injector annotation the pod carries (Istio, Linkerd, Consul, Kuma, other Envoy).
 
+An address no claim names is named after the DNS question whose A/AAAA answer gave it
+(`note_dns`, fed with the `dns` calls the enricher sees: a batch's answers name the calls of
+later batches), for calls from that answer's time on; bounded to MAX_DNS_NAMES addresses.
+
 A snapshot may also hold `claims`: the claims themselves, with nanosecond `from`/`to`, as
 `to_document` writes them (`trawl identity dump` from a live cluster, history included).
 
@@ -193,6 +197,8 @@ class IdentityMap:
     # How many changed addresses are remembered for `changed_since`; a reader further behind
     # than this is told "everything may have changed" (None).
     CHANGE_LOG = 65_536
+    # Addresses named from DNS answers (`note_dns`); past it the longest-named is forgotten.
+    MAX_DNS_NAMES = 100_000
 
     def __init__(self, claims: Iterable[IpClaim] = (), cluster: str = "") -> None:
         self.cluster = cluster
@@ -200,6 +206,7 @@ class IdentityMap:
         for claim in claims:
             self._claims.setdefault(claim.ip, []).append(claim)
         self._owners: dict[str, _Owners] = {}  # compiled on an address's first lookup
+        self._dns_names: dict[str, tuple[int, str]] = {}  # address -> (named since, name)
         self.generation = 0
         self._changes: deque[tuple[int, str]] = deque(maxlen=self.CHANGE_LOG)
         self._changes_lock = threading.Lock()
@@ -259,9 +266,41 @@ class IdentityMap:
         else:
             self._claims.pop(ip, None)
         self._owners.pop(ip, None)  # after the new list is in place: see `lookup`
+        self._changed(ip)
+
+    def _changed(self, ip: str) -> None:
         with self._changes_lock:
             self.generation += 1
             self._changes.append((self.generation, ip))
+
+    def note_dns(self, call: ApiCall) -> int:
+        """Name addresses from a `dns` call's A and AAAA answers: the question's name (what the
+        client asked for, before any CNAME), for calls from the response's time on, to an
+        address no claim names. Returns how many addresses got a new name."""
+        if call.protocol != "dns" or not call.HasField("dns"):
+            return 0
+        since = call.response.ts or call.request.ts
+        named = 0
+        for answer in call.dns.answers:
+            if answer.type not in ("A", "AAAA") or not answer.data:
+                continue
+            name = call.path or answer.name
+            known = self._dns_names.get(answer.data)
+            if known is not None and known[1] == name and known[0] <= since:
+                continue
+            if known is None and len(self._dns_names) >= self.MAX_DNS_NAMES:
+                self._dns_names.pop(next(iter(self._dns_names)))
+            self._dns_names[answer.data] = (since, name)
+            self._changed(answer.data)
+            named += 1
+        return named
+
+    def dns_name(self, ip: str, ts_ns: int) -> str:
+        """The DNS name seen for `ip` by `ts_ns` (0 = now), else ""."""
+        known = self._dns_names.get(ip)
+        if known is None or (ts_ns and ts_ns < known[0]):
+            return ""
+        return known[1]
 
     def changed_since(self, generation: int) -> set[str] | None:
         """The addresses whose claims changed after `generation`; None when that is further back
@@ -317,7 +356,11 @@ class IdentityMap:
         unknown: SpliceWinners = ((Endpoint(name=ip).SerializeToString(), False, False), ())
         owners = self._owners.get(ip) or self._compile(ip)
         if owners is None:
-            return (), (unknown,), unknown
+            known = self._dns_names.get(ip)
+            if known is None:
+                return (), (unknown,), unknown
+            named: SpliceWinners = ((Endpoint(name=known[1]).SerializeToString(), False, False), ())
+            return (known[0],), (unknown, named), named
         entries: dict[Identity, SpliceEntry] = {}
 
         def entry(identity: Identity) -> SpliceEntry:
@@ -343,7 +386,7 @@ class IdentityMap:
     def enrich_endpoint(self, endpoint: Endpoint, ts_ns: int) -> Identity | None:
         identity = self.lookup(endpoint.ip, ts_ns, endpoint.port)
         if identity is None:
-            endpoint.name = endpoint.ip
+            endpoint.name = self.dns_name(endpoint.ip, ts_ns) or endpoint.ip
             return None
         identity.fill(endpoint)
         return identity
@@ -359,27 +402,27 @@ class IdentityMap:
         """`enrich` every call; returns how many sources and destinations are unknown peers (no
         identity, or one naming no workload or node, nor service for a destination)."""
         unknown_sources = unknown_destinations = 0
-        if not self._claims:  # no snapshot: every peer is named by its address
+        if not self._claims and not self._dns_names:  # no identity: every peer is named by its address
             for call in calls:
                 source, destination = call.src, call.dst
                 source.name = source.ip
                 destination.name = destination.ip
                 unknown_sources += 1
             return unknown_sources, unknown_sources
-        lookup = self.lookup
+        lookup, dns_name = self.lookup, self.dns_name
         for call in calls:
             ts_ns = call.request.ts
             source, destination = call.src, call.dst
             identity = lookup(source.ip, ts_ns, source.port)
             if identity is None:
-                source.name = source.ip
+                source.name = dns_name(source.ip, ts_ns) or source.ip
                 unknown_sources += 1
             else:
                 identity.fill(source)
                 unknown_sources += not identity.known_as_source
             identity = lookup(destination.ip, ts_ns, destination.port)
             if identity is None:
-                destination.name = destination.ip
+                destination.name = dns_name(destination.ip, ts_ns) or destination.ip
                 unknown_destinations += 1
             else:
                 identity.fill(destination)

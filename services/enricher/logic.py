@@ -45,6 +45,9 @@ if TYPE_CHECKING:
 
 log = get_logger(__name__)
 
+# ApiCall.protocol (field 2, length 3) "dns", within a serialized call's first bytes (after the id).
+_DNS_PROTOCOL = b"\x12\x03dns"
+
 # The splicer's own bound on the addresses it keeps (Splicer's max_addresses default).
 SPLICER_ADDRESSES = 65_536
 
@@ -170,6 +173,7 @@ class Enricher:
             unknown_sources, unknown_destinations = self.identity.enrich_calls(calls)
         except Exception:  # one odd call must not stop the stream: find it, enrich the others
             unknown_sources, unknown_destinations = self._enrich_one_by_one(calls)
+        self._note_dns(call for call in calls if call.protocol == "dns")
         if len(calls) == 1:
             self._calls.inc(protocol=calls[0].protocol or "unknown")
         else:
@@ -204,6 +208,8 @@ class Enricher:
             self.enrich_calls(objects)
             for index, call in zip(odd, objects, strict=True):
                 enriched[index] = call.SerializeToString()
+        if b"dns" in protocols:  # their answers name addresses (the splicer counted them: no scan otherwise)
+            self._note_dns(ApiCall.FromString(call) for call in enriched if _DNS_PROTOCOL in call[:64])
         for protocol, count in protocols.items():
             self._calls.inc(count, protocol=protocol.decode("utf-8", "replace") or "unknown")
         if unknown_sources:
@@ -238,6 +244,16 @@ class Enricher:
             return True
         self._splicer_generation = generation
         return False
+
+    def _note_dns(self, calls: Iterable[ApiCall]) -> None:
+        """Names from the DNS answers of a batch, for the calls after it (IdentityMap.note_dns)."""
+        identity = self.identity
+        for call in calls:
+            try:
+                identity.note_dns(call)
+            except Exception as exc:  # naming is a bonus: never lose the batch over it
+                self._failures.inc(stage="dns_names")
+                log.warning("dns_names_failed", call_id=call.id, error=repr(exc))
 
     def _enrich_as_objects(self, calls: Sequence[bytes]) -> list[bytes]:
         objects = [ApiCall.FromString(call) for call in calls]

@@ -265,3 +265,40 @@ def test_a_seeded_history_is_reconciled_with_the_first_lists() -> None:
     assert [(claim.identity.pod, claim.start_ns, claim.end_ns) for claim in kept] == [("kept", T0, None)]
     gone = history.identity.claims_of("10.7.0.2")
     assert [(claim.identity.pod, claim.end_ns) for claim in gone] == [("gone", T0 + 200 * SECOND)]
+
+
+def test_dns_answers_name_addresses_no_claim_names_from_then_on() -> None:
+    from trawl.enricher.config import EnricherSettings
+    from trawl.enricher.logic import Enricher
+    from trawl.v1.calls_pb2 import ApiCall
+
+    answered = T0 + 100 * SECOND
+    question = ApiCall(id="d" * 24, protocol="dns", method="A", path="api.example.com")
+    question.src.ip, question.dst.ip = "10.9.0.1", "10.96.0.10"
+    question.request.ts, question.response.ts = answered - 1000, answered
+    for data in ("203.0.113.7", "10.9.0.1"):  # the second is a pod's: its claim names it, not DNS
+        question.dns.answers.add(name="edge.cdn.example.net", type="A", data=data)
+    question.dns.answers.add(name="api.example.com", type="CNAME", data="edge.cdn.example.net")
+
+    def later(at_ns: int) -> ApiCall:
+        made = ApiCall(id=f"{at_ns:024x}", protocol="http")
+        made.src.ip, made.dst.ip, made.dst.port = "10.9.0.1", "203.0.113.7", 443
+        made.request.ts = at_ns
+        return made
+
+    for encoded in (False, True):  # the object path (the service) and the splicer's (analyze --json)
+        cluster, _ = history()
+        cluster.apply("Pod", "ADDED", pod("client", "10.9.0.1", owner=("DaemonSet", "agent"), created=at(0)))
+        enricher = Enricher(EnricherSettings(), cluster.identity)
+        calls = [later(answered + SECOND), later(answered - SECOND)]
+        if encoded:
+            enricher.enrich_encoded([question.SerializeToString()])
+            enriched = [
+                ApiCall.FromString(data) for data in enricher.enrich_encoded([c.SerializeToString() for c in calls])
+            ]
+        else:
+            enricher.enrich_calls([question])
+            enriched = enricher.enrich_calls(calls)
+        assert enriched[0].dst.name == "api.example.com", encoded
+        assert enriched[1].dst.name == "203.0.113.7", encoded  # before the answer
+        assert enriched[0].src.workload == "agent" and enriched[0].src.name == "agent", encoded
