@@ -1,7 +1,7 @@
 """Identity from a watched cluster: the history's memory, and the enrichment cost per call.
 
     .venv/bin/python bench/identity.py [--history-pods 100000] [--live-pods 10000]
-                                       [--calls 200000] [--batch 1000] [--rounds 5]
+                                       [--calls 200000] [--batch 1000] [--rounds 5] [--resident]
 
 1. Memory: `--history-pods` pods go through trawl.enricher.cluster.ClusterHistory as a watch
    delivers them (ADDED, then DELETED), at most `--live-pods` alive at once, their IPs reused
@@ -9,7 +9,8 @@
    their ReplicaSets), with a Service per Deployment and 20 nodes: every pod's claim is kept
    as history ([from, to)). Printed: the Python heap the history holds (tracemalloc, after a
    collection), the process's resident size before and after, and the same once every
-   address's answers are compiled (a lookup on each).
+   address's answers are compiled (a lookup on each). `--resident` first builds the same
+   history without tracemalloc and prints how much the resident size grew.
 2. Enrichment: `--live-pods` pods alive (the same cluster, no history), and `--calls`
    serialized calls between random pod and service addresses at random times inside the
    pods' lives, enriched by the enricher's compiled splicer (Enricher.enrich_encoded) in
@@ -156,6 +157,20 @@ def build_history(pods: int, live: int, pool: int) -> tuple[ClusterHistory, Cloc
     return history, clock
 
 
+def resident(pods: int, live: int) -> None:
+    """The same history without tracemalloc: what the process's resident size grows by."""
+    gc.collect()
+    before = rss_mib()
+    history, _ = build_history(pods, live, pool=16384)
+    gc.collect()
+    after = rss_mib()
+    say(
+        f"  untraced: resident {before:.0f} MiB before, {after:.0f} MiB with the history "
+        f"({after - before:.0f} MiB for {history.counts()['closed_claims']:,} ended and "
+        f"{history.counts()['open_claims']:,} open claims)"
+    )
+
+
 def memory(pods: int, live: int) -> None:
     gc.collect()
     before_rss = rss_mib()
@@ -256,7 +271,10 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=200_000)
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--resident", action="store_true", help="also build the history untraced, for its RSS")
     args = parser.parse_args()
+    if args.resident:
+        resident(args.history_pods, args.live_pods)
     memory(args.history_pods, args.live_pods)
     enrichment(args.live_pods, args.calls, args.batch, args.rounds)
 
