@@ -75,6 +75,17 @@ ENRICHER_READS = [
     *[("batch", r) for r in ("jobs", "cronjobs")],
 ]
 READ_VERBS = {"get", "list", "watch"}
+# The kubernetes client's CoordinationV1Api methods and the RBAC verb each is authorized as.
+LEASE_CALL_VERBS = {
+    "read": "get",
+    "create": "create",
+    "replace": "update",
+    "patch": "patch",
+    "delete": "delete",
+    "delete_collection": "deletecollection",
+    "list": "list",
+}
+LEASE_SOURCE = ROOT / "services" / "enricher" / "shared.py"
 
 Doc = dict[str, Any]
 
@@ -691,6 +702,109 @@ def test_the_deployed_enricher_watches_the_cluster(manifests: Manifests, tmp_pat
     assert settings.kubeconfig is None, f"{pod}: a kubeconfig in a pod; the in-cluster service account is the way"
     readiness = next(c for c in pod.spec["containers"] if c["name"] == "enricher").get("readinessProbe", {})
     assert readiness.get("httpGet", {}).get("path") == "/readyz", f"{pod}: /readyz (the watch's state) unused"
+
+
+def _lease_verbs_called() -> set[str]:
+    """The RBAC verbs of the Lease calls services/enricher/shared.py makes (a watch is a list
+    with watch=True, so `list` stands for both)."""
+    calls = re.findall(r"\.(\w+?)_(?:namespaced_lease|lease_for_all_namespaces)\b", LEASE_SOURCE.read_text())
+    unknown = sorted(set(calls) - set(LEASE_CALL_VERBS))
+    assert not unknown, f"{LEASE_SOURCE}: Lease calls this test cannot map to RBAC verbs: {unknown}"
+    verbs = {LEASE_CALL_VERBS[call] for call in calls}
+    if "list" in verbs and re.search(r"\bWatch\(\)", LEASE_SOURCE.read_text()):
+        verbs.add("watch")
+    return verbs
+
+
+def _rules_bound_to(manifests: Manifests, account: str, namespace: str) -> Iterator[Doc]:
+    """The RBAC rules that apply to ServiceAccount namespace/account in `namespace`: Roles there
+    through RoleBindings there, and ClusterRoles through either binding."""
+    subject = {"kind": "ServiceAccount", "name": account, "namespace": namespace}
+    for binding in manifests.docs:
+        if subject not in binding.get("subjects", []):
+            continue
+        ref = binding["roleRef"]
+        if binding["kind"] == "RoleBinding" and binding["metadata"].get("namespace") == namespace:
+            role_namespace = namespace if ref["kind"] == "Role" else None
+            yield from manifests.named(ref["kind"], ref["name"], role_namespace)["rules"]
+        elif binding["kind"] == "ClusterRoleBinding" and ref["kind"] == "ClusterRole":
+            yield from manifests.named("ClusterRole", ref["name"])["rules"]
+
+
+def _redis_workloads(manifests: Manifests) -> list[Doc]:
+    return [
+        doc
+        for doc in manifests.docs
+        if doc["kind"] in WORKLOAD_KINDS
+        and any(_image_name(c["image"]) == "redis" for c in doc["spec"]["template"]["spec"]["containers"])
+    ]
+
+
+def test_enricher_replicas_share_one_watch_through_redis_and_a_lease(manifests: Manifests, tmp_path: Path) -> None:
+    """More than one enricher only with identity shared through Redis (one watch on the API
+    server, shared.py): production runs several, with a Redis Service of its own and a Role for
+    exactly the Lease calls shared.py makes; the base and dev run one, with neither."""
+    pod = manifests.pod("enricher")
+    settings = pod.settings(tmp_path)
+    account = pod.spec["serviceAccountName"]
+    namespace = str(pod.workload["metadata"].get("namespace"))
+    lease_namespace = settings.lease_namespace or pod.env().get("POD_NAMESPACE") or namespace
+    lease_rules = [
+        rule
+        for rule in _rules_bound_to(manifests, account, lease_namespace)
+        if {"coordination.k8s.io", "*"} & set(rule.get("apiGroups", []))
+        and {"leases", "*"} & set(rule.get("resources", []))
+    ]
+    if manifests.target == "overlays/production":
+        assert pod.replicas > 1, f"{pod}: one enricher replica; production runs a standby"
+    if pod.replicas == 1:
+        assert settings.identity_redis_url is None, f"{pod}: one replica shares identity through Redis"
+        assert not _redis_workloads(manifests), f"{manifests}: a Redis no enricher needs"
+        assert not lease_rules, f"{manifests}: the single enricher may change Leases"
+        return
+    # Several replicas: without Redis each would watch the cluster on its own.
+    assert settings.identity_redis_url, f"{pod}: {pod.replicas} replicas, each watching the API server"
+    url = urlsplit(settings.identity_redis_url)
+    assert url.scheme in ("redis", "rediss"), f"{pod}: identity_redis_url {url.geturl()} is not a Redis URL"
+    name, _, rest = (url.hostname or "").partition(".")
+    service = manifests.named("Service", name, rest.split(".")[0] if rest else namespace)
+    port = url.port or 6379
+    (target_port,) = [p.get("targetPort", p["port"]) for p in service["spec"]["ports"] if p["port"] == port]
+    selected = [
+        doc
+        for doc in _redis_workloads(manifests)
+        if service["spec"]["selector"].items() <= doc["spec"]["template"]["metadata"]["labels"].items()
+    ]
+    assert len(selected) == 1, f"{manifests}: Service {name} leads to {len(selected)} Redis workloads"
+    redis = selected[0]
+    (container,) = [c for c in redis["spec"]["template"]["spec"]["containers"] if _image_name(c["image"]) == "redis"]
+    ports = {p.get("name", p["containerPort"]): p["containerPort"] for p in container["ports"]}
+    assert target_port in ports or target_port in ports.values(), (
+        f"{manifests}: Service {name} port {port} leads to no Redis port"
+    )
+    # One server, never two behind the Service (a surge would split writes from reads).
+    assert redis["spec"].get("replicas", 1) == 1, f"{manifests}: more than one Redis behind one Service"
+    if redis["kind"] == "Deployment":
+        assert redis["spec"].get("strategy", {}).get("type") == "Recreate", f"{manifests}: Redis surges in updates"
+    tag = container["image"].split("@")[0].rsplit(":", 1)[-1] if ":" in container["image"] else ""
+    assert "@sha256:" in container["image"] or re.match(r"\d+\.\d+\.\d+", tag), f"{container['image']}: not pinned"
+    limits = container.get("resources", {}).get("limits", {})
+    assert {"cpu", "memory"} <= set(limits), f"{manifests}: Redis without cpu and memory limits"
+    args = container.get("args", [])
+    assert "--maxmemory" in args, f"{manifests}: Redis grows until the kubelet kills it"
+    maxmemory = _quantity(args[args.index("--maxmemory") + 1])
+    assert maxmemory < _quantity(limits["memory"]), f"{manifests}: Redis's maxmemory is above its memory limit"
+    # The Lease: exactly the verbs of shared.py's calls, get/update at least on its name.
+    called = _lease_verbs_called()
+    assert {"get", "create", "update"} <= called, f"{LEASE_SOURCE}: the Lease calls were not found"
+    granted: set[str] = set()
+    for rule in lease_rules:
+        names = rule.get("resourceNames")
+        for verb in rule.get("verbs", []):
+            granted.add(verb)
+            assert names is None or verb != "create", f"{manifests}: create with resourceNames is never allowed"
+            assert names is None or settings.lease_name in names, f"{manifests}: {verb} on other Leases than ours"
+    assert granted == called, f"{manifests}: Lease verbs granted {sorted(granted)}, shared.py calls {sorted(called)}"
 
 
 def test_services_reach_nats_and_streams_fit_its_volume(manifests: Manifests, tmp_path: Path) -> None:
