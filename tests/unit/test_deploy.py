@@ -788,6 +788,28 @@ def test_enricher_replicas_share_one_watch_through_redis_and_a_lease(manifests: 
         assert redis["spec"].get("strategy", {}).get("type") == "Recreate", f"{manifests}: Redis surges in updates"
     tag = container["image"].split("@")[0].rsplit(":", 1)[-1] if ":" in container["image"] else ""
     assert "@sha256:" in container["image"] or re.match(r"\d+\.\d+\.\d+", tag), f"{container['image']}: not pinned"
+    # No password: a NetworkPolicy lets only the enrichers reach its port.
+    redis_labels = redis["spec"]["template"]["metadata"]["labels"]
+    enricher_labels = pod.workload["spec"]["template"]["metadata"]["labels"]
+    policies = [
+        doc
+        for doc in manifests.docs
+        if doc["kind"] == "NetworkPolicy"
+        and doc["spec"]["podSelector"].get("matchLabels", {}).items() <= redis_labels.items()
+    ]
+    assert policies, f"{manifests}: every pod in the namespace may write the identity Redis"
+    for policy in policies:
+        assert "Ingress" in policy["spec"].get("policyTypes", ["Ingress"])
+        for rule in policy["spec"].get("ingress", []):
+            sources = rule.get("from", [])
+            assert sources, f"{manifests}: NetworkPolicy {policy['metadata']['name']} admits every source"
+            for source in sources:
+                selector = source.get("podSelector", {}).get("matchLabels")
+                assert selector is not None and set(source) == {"podSelector"}, f"{manifests}: {source} is not a pod"
+                assert selector.items() <= enricher_labels.items(), f"{manifests}: {selector} are not the enrichers"
+            assert {p["port"] for p in rule.get("ports", [])} <= {target_port, *ports.values()}, (
+                f"{manifests}: NetworkPolicy {policy['metadata']['name']} opens other ports"
+            )
     limits = container.get("resources", {}).get("limits", {})
     assert {"cpu", "memory"} <= set(limits), f"{manifests}: Redis without cpu and memory limits"
     args = container.get("args", [])
