@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -19,17 +18,11 @@ from pathlib import Path
 
 from nats.js.errors import NotFoundError
 
+from tests.fixtures.tcpdump_capture import free_port
 from tests.integration.test_enricher_service import RUN_MAIN
 from tests.kube_apiserver import KubeApiServer, pod
 from trawl.bus import STREAM_CALLS, Bus, control_subject
 from trawl.config import NatsSettings
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 def get(url: str) -> tuple[int, str]:

@@ -5,7 +5,6 @@ the leader killed (its Lease left to expire), the other takes over; Redis away a
 
 from __future__ import annotations
 
-import socket
 import subprocess
 import tempfile
 import time
@@ -16,6 +15,7 @@ import pytest
 import redis
 
 from tests.conftest import needs_binary
+from tests.fixtures.tcpdump_capture import free_port
 from tests.kube_apiserver import KubeApiServer, pod
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.identity import IdentityMap
@@ -23,13 +23,6 @@ from trawl.enricher.shared import SharedIdentity
 from trawl.metrics import Registry
 
 pytestmark = [needs_binary("redis-server")]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
 
 
 class RedisServer:

@@ -5,10 +5,6 @@ included. Needs root (tcpdump), tcpdump and redis-server, which `make test` inst
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,6 +12,7 @@ import pytest
 import redis
 
 from tests.conftest import needs_binary, needs_root
+from tests.fixtures.redis.make_redis_fixtures import server
 from tests.fixtures.tcpdump_capture import capture, free_port
 from tests.unit.dissector_builders import dissect_capture
 
@@ -26,26 +23,8 @@ pytestmark = [needs_root(), needs_binary("tcpdump"), needs_binary("redis-server"
 def redis_port() -> Iterator[int]:
     """One redis-server for the whole session (no persistence), on a free loopback port."""
     port = free_port()
-    with tempfile.TemporaryDirectory() as folder:
-        process = subprocess.Popen(
-            ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--dir", folder],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            deadline = time.monotonic() + 10
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                    break
-                except OSError:
-                    if time.monotonic() > deadline:
-                        pytest.fail("redis-server did not start")
-                    time.sleep(0.05)
-            yield port
-        finally:
-            process.terminate()
-            process.wait(timeout=10)
+    with server(port):
+        yield port
 
 
 def test_every_command_redis_py_sends_is_a_paired_call(redis_port: int, tmp_path: Path) -> None:
