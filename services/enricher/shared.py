@@ -100,6 +100,26 @@ class _RedisState:
         self.failing = reason
 
 
+class _Loop:
+    """A daemon thread running one role's loop until stopped: the publisher, the reader and
+    the election below are each one."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, run: Callable[[], None]) -> None:
+        self.stopping.clear()
+        self._thread = threading.Thread(target=run, name=self.name, daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
 class RedisPublisher:
     """The leader's side: changed addresses written to Redis and announced (see the module docstring)."""
 
@@ -113,8 +133,8 @@ class RedisPublisher:
         self.state = _RedisState("publisher", metrics)
         self._published: int | None = None  # the map's generation in Redis; None: rewrite it all
         self._run_id = ""  # the Redis server's run_id at the last publication: a restart loses the hash
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = _Loop("identity-publisher")
+        self._stopping = self._loop.stopping
 
     def publish_once(self) -> int:
         """Write what changed since the last publication; returns how many addresses were written."""
@@ -150,15 +170,11 @@ class RedisPublisher:
         return len(addresses)
 
     def start(self) -> RedisPublisher:
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="identity-publisher", daemon=True)
-        self._thread.start()
+        self._loop.start(self._run)
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._loop.stop()
 
     def _run(self) -> None:
         while not self._stopping.is_set():
@@ -184,8 +200,8 @@ class RedisReader:
         self.state = _RedisState("reader", metrics)
         self._bad = metrics.counter("trawl_enricher_identity_redis_bad_entries_total", "Redis entries not read")
         self.loads = 0  # whole-hash reads
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = _Loop("identity-reader")
+        self._stopping = self._loop.stopping
 
     def load_all(self) -> None:
         entries: dict[bytes, bytes] = self.client.hgetall(self.keys.claims)  # type: ignore[assignment]
@@ -215,15 +231,11 @@ class RedisReader:
         self.identity.set_claims(ip, claims)
 
     def start(self) -> RedisReader:
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name="identity-reader", daemon=True)
-        self._thread.start()
+        self._loop.start(self._run)
         return self
 
     def stop(self) -> None:
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._loop.stop()
 
     def _run(self) -> None:
         backoff = 0.2
@@ -293,8 +305,8 @@ class LeaseElection:
         self.clock = clock
         self.is_leader = False
         self._renewed = 0.0
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = _Loop("identity-election")
+        self._stopping = self._loop.stopping
 
     def step(self) -> bool:
         """One try to take or keep the Lease; returns whether this replica holds it."""
@@ -344,15 +356,12 @@ class LeaseElection:
         }
 
     def start(self) -> LeaseElection:
-        self._thread = threading.Thread(target=self._run, name="identity-election", daemon=True)
-        self._thread.start()
+        self._loop.start(self._run)
         return self
 
     def stop(self, release: bool = True) -> None:
         """Stop contending; `release`: a leader empties the Lease so another takes over at once."""
-        self._stopping.set()
-        if self._thread is not None:
-            self._thread.join(5)
+        self._loop.stop()
         if release and self.is_leader:
             try:
                 response = self.api.read_namespaced_lease(self.name, self.namespace, _preload_content=False)
