@@ -1335,6 +1335,42 @@ static int contains_lower(const uint8_t *text, size_t len, const char *needle) {
 
 static int is_space(uint8_t c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f'; }
 
+/* redact.JSON_KEY.findall over `text` (`"((?:[^"\\]|\\.){1,256})"\s*:`), each raw key asked of
+   Redactor.key_is_secret: 1 when one is secret, 0 when none is, -1 when the callback failed. A
+   key's group is forced (an unescaped quote ends it, a backslash takes the next byte unless it
+   is a newline), so a match is: 1..256 units, the quote, whitespace, a colon. */
+static int json_keys_secret(Express *self, const uint8_t *text, size_t len) {
+    size_t i = 0;
+    while (i < len) {
+        const uint8_t *quote = memchr(text + i, '"', len - i);
+        if (quote == NULL) return 0;
+        size_t start = (size_t)(quote - text) + 1, j = start, units = 0;
+        int matched = 0;
+        while (j < len && units <= 256) {
+            if (text[j] == '"') break;
+            if (text[j] == '\\') {
+                if (j + 1 >= len || text[j + 1] == '\n') break;
+                j += 2;
+            } else {
+                j += 1;
+            }
+            units++;
+        }
+        if (j < len && text[j] == '"' && units >= 1 && units <= 256) {
+            size_t k = j + 1;
+            while (k < len && is_space(text[k])) k++; /* regex \s on bytes */
+            if (k < len && text[k] == ':') {
+                int hit = secret_of(self->key_is_secret, &self->keys, text + start, j - start, 0);
+                if (hit) return hit;
+                matched = 1;
+                i = k + 1;
+            }
+        }
+        if (!matched) i = start;
+    }
+    return 0;
+}
+
 static int check_body(Express *self, const head_t *head, const buf_t *body) {
     if (body->len == 0) return R_NONE;
     const uint8_t *type = NULL;
@@ -1356,26 +1392,9 @@ static int check_body(Express *self, const head_t *head, const buf_t *body) {
        automatic persisted query's extension. */
     if (memmem(data, len, "\"query\"", 7) || memmem(data, len, "persistedQuery", 14)) return R_GRAPHQL;
     if (memchr(data, '\\', len)) return R_BODY_SECRET;
-    /* Every '"' p whose next '"' q encloses 1..256 bytes and is followed by optional whitespace
-       and ':' is asked about: a superset of redact.JSON_KEY's matches. */
-    const uint8_t *p = memchr(data, '"', len);
-    while (p != NULL) {
-        const uint8_t *end = data + len;
-        const uint8_t *q = memchr(p + 1, '"', (size_t)(end - p - 1));
-        if (q == NULL) break;
-        size_t key_len = (size_t)(q - p - 1);
-        if (key_len >= 1 && key_len <= 256) {
-            const uint8_t *r = q + 1;
-            while (r < end && is_space(*r)) r++;
-            if (r < end && *r == ':') {
-                int hit = secret_of(self->key_is_secret, &self->keys, p + 1, key_len, 0);
-                if (hit < 0) return R_CALLBACK;
-                if (hit) return R_BODY_SECRET;
-            }
-        }
-        p = q;
-    }
-    return R_NONE;
+    int hit = json_keys_secret(self, data, len);
+    if (hit < 0) return R_CALLBACK;
+    return hit ? R_BODY_SECRET : R_NONE;
 }
 
 /* ------------------------------------------------------------------------------------------ */

@@ -415,44 +415,6 @@ static int grpc_feed(Express *self, grpc_reader_t *reader, const uint8_t *data, 
     return R_NONE;
 }
 
-/* redact.JSON_KEY.findall over `text` (`"((?:[^"\\]|\\.){1,256})"\s*:`), each raw key asked of
-   Redactor.key_is_secret: 1 when one is secret, 0 when none is, -1 when the callback failed. A
-   key's group is forced (an unescaped quote ends it, a backslash takes the next byte unless it
-   is a newline), so a match is: 1..256 units, the quote, whitespace, a colon. */
-static int json_keys_secret(Express *self, const uint8_t *text, size_t len) {
-    size_t i = 0;
-    while (i < len) {
-        const uint8_t *quote = memchr(text + i, '"', len - i);
-        if (quote == NULL) return 0;
-        size_t start = (size_t)(quote - text) + 1, j = start, units = 0;
-        int matched = 0;
-        while (j < len && units <= 256) {
-            if (text[j] == '"') break;
-            if (text[j] == '\\') {
-                if (j + 1 >= len || text[j + 1] == '\n') break;
-                j += 2;
-            } else {
-                j += 1;
-            }
-            units++;
-        }
-        if (j < len && text[j] == '"' && units >= 1 && units <= 256) {
-            size_t k = j + 1;
-            while (k < len && (text[k] == ' ' || text[k] == '\t' || text[k] == '\n' || text[k] == '\r' ||
-                               text[k] == '\f' || text[k] == '\v'))
-                k++;
-            if (k < len && text[k] == ':') {
-                int hit = secret_of(self->key_is_secret, &self->keys, text + start, j - start, 0);
-                if (hit) return hit;
-                matched = 1;
-                i = k + 1;
-            }
-        }
-        if (!matched) i = start;
-    }
-    return 0;
-}
-
 /* -- the call ----------------------------------------------------------------------------- */
 
 /* Message (http2.Http2Parser._fill_message): ts, end_ts, size (frame bytes), the headers then
