@@ -39,6 +39,7 @@ setup(
             depends=[
                 "services/dissector/_express_h2.h",
                 "services/dissector/_express_redis.h",
+                "services/dissector/_express_kafka.h",
                 "services/dissector/_pbjson.h",
             ],
             # HTTP/2 header blocks are decoded by libnghttp2's HPACK inflater (Debian: libnghttp2-dev),
