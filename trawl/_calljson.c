@@ -612,15 +612,24 @@ static PyTypeObject EncoderType = {
  * kept: the owners of an address over time (claim boundaries, the winner of every interval and
  * of "now", per declared port), so the per-call work here is a bisect and a copy.
  *
+ * Two more edits of the object path (trawl.enricher.identity.IdentityMap.enrich_calls): a call
+ * whose node is `<node>/<pod address>` (captured on a pod's loopback, trawl.collector.loopback)
+ * gets node(4) back as `<node>`, and an endpoint of it at 127.0.0.0/8 or ::1 takes the identity
+ * of the pod address; a `tls` call between two different pods of one mesh (the entries' mesh,
+ * their suffixes unequal) without such an endpoint gets the note(30) "mesh-mtls", written after
+ * the notes it has, before the fields numbered above 30, where a serializer puts it.
+ *
  * A call this does not cover (an endpoint holding fields other than ip and port, src or dst
- * absent, repeated or out of order, a field of the wrong wire type, an address that is not
- * UTF-8) comes back unchanged with its index listed: the caller enriches it as an object.
+ * absent, repeated or out of order, node repeated or after src, a field of the wrong wire
+ * type, an address that is not UTF-8, a note to add behind fields numbered above 30) comes back
+ * unchanged with its index listed: the caller enriches it as an object.
  * ------------------------------------------------------------------------------------------- */
 
 typedef struct {
     PyObject *suffix; /* bytes: serialized Endpoint fields 3.. (owned) */
     int known_as_source;
     int known_as_destination;
+    PyObject *mesh; /* bytes: the mesh of a pod in one, else b"" (owned) */
 } entry_t;
 
 typedef struct {
@@ -639,7 +648,11 @@ typedef struct {
 
 static void winners_clear(winners_t *winners) {
     Py_CLEAR(winners->fallback.suffix);
-    for (Py_ssize_t index = 0; index < winners->count; index++) Py_CLEAR(winners->entries[index].suffix);
+    Py_CLEAR(winners->fallback.mesh);
+    for (Py_ssize_t index = 0; index < winners->count; index++) {
+        Py_CLEAR(winners->entries[index].suffix);
+        Py_CLEAR(winners->entries[index].mesh);
+    }
     PyMem_Free(winners->ports);
     PyMem_Free(winners->entries);
     winners->ports = NULL;
@@ -659,15 +672,17 @@ static void owners_free(owners_t *owners) {
 
 static void owners_capsule_free(PyObject *capsule) { owners_free(PyCapsule_GetPointer(capsule, "trawl.owners")); }
 
-/* (suffix: bytes, known_as_source: bool, known_as_destination: bool) */
+/* (suffix: bytes, known_as_source: bool, known_as_destination: bool, mesh: bytes) */
 static int read_entry(PyObject *spec, entry_t *entry) {
-    PyObject *suffix;
+    PyObject *suffix, *mesh;
     int source, destination;
-    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "O!pp", &PyBytes_Type, &suffix, &source, &destination)) {
-        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "an entry is (bytes, bool, bool)");
+    if (!PyTuple_Check(spec) || !PyArg_ParseTuple(spec, "O!ppO!", &PyBytes_Type, &suffix, &source, &destination,
+                                                  &PyBytes_Type, &mesh)) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "an entry is (bytes, bool, bool, bytes)");
         return FAILED;
     }
     entry->suffix = Py_NewRef(suffix);
+    entry->mesh = Py_NewRef(mesh);
     entry->known_as_source = source;
     entry->known_as_destination = destination;
     return OK;
@@ -836,13 +851,32 @@ static int scan_request_ts(const unsigned char *pos, const unsigned char *end, u
     return OK;
 }
 
-/* The parts of a serialized ApiCall the enricher reads: src, dst, request.ts, protocol. */
-static int scan_call(const unsigned char *pos, const unsigned char *end, endpoint_ref endpoints[2], uint64_t *ts,
-                     const unsigned char **protocol, size_t *protocol_len) {
-    int seen_request = 0;
-    *ts = 0;
-    *protocol = pos;
-    *protocol_len = 0;
+/* The parts of a serialized ApiCall the enricher reads and writes. */
+typedef struct {
+    endpoint_ref endpoints[2];
+    uint64_t ts; /* request.ts */
+    const unsigned char *protocol;
+    size_t protocol_len;
+    /* node(4) when it holds a '/' (captured on a pod's loopback): the record, its content, the
+       '/' and the record's end; node_record is NULL otherwise. */
+    const unsigned char *node_record, *node_content, *node_slash, *node_end;
+    const unsigned char *after_notes; /* the first record numbered above 30 (the end when none) */
+    int disordered;                   /* a record numbered up to 30 follows one above 30 */
+    int marked;                       /* a "mesh-mtls" note is there already */
+} call_ref;
+
+#define NOTE_FIELD 30
+static const char MESH_MTLS[] = "mesh-mtls";
+
+static int scan_call(const unsigned char *pos, const unsigned char *end, call_ref *call) {
+    int seen_request = 0, seen_node = 0;
+    endpoint_ref *endpoints = call->endpoints;
+    call->ts = 0;
+    call->protocol = pos;
+    call->protocol_len = 0;
+    call->node_record = NULL;
+    call->after_notes = NULL;
+    call->disordered = call->marked = 0;
     endpoints[0].record = endpoints[1].record = NULL;
     while (pos < end) {
         const unsigned char *record = pos;
@@ -850,8 +884,13 @@ static int scan_call(const unsigned char *pos, const unsigned char *end, endpoin
         if (read_varint(&pos, end, &tag)) return FALLBACK;
         uint64_t number = tag >> 3;
         int wire_type = (int)(tag & 7);
-        int read_here = number == 2 || number == 6 || number == 7 || number == 8;
+        int read_here = number == 2 || number == 4 || number == 6 || number == 7 || number == 8;
         if (number == 0 || (read_here && wire_type != 2)) return FALLBACK;
+        if (number > NOTE_FIELD) {
+            if (call->after_notes == NULL) call->after_notes = record;
+        } else if (call->after_notes != NULL) {
+            call->disordered = 1;
+        }
         switch (wire_type) {
         case 0:
             if (read_varint(&pos, end, &value)) return FALLBACK;
@@ -869,8 +908,19 @@ static int scan_call(const unsigned char *pos, const unsigned char *end, endpoin
             const unsigned char *content = pos;
             pos += value;
             if (number == 2) {
-                *protocol = content;
-                *protocol_len = (size_t)value;
+                call->protocol = content;
+                call->protocol_len = (size_t)value;
+            } else if (number == 4) {
+                /* Once, before the endpoints: the node edit comes first in the spliced call. */
+                if (seen_node || endpoints[0].record != NULL || endpoints[1].record != NULL) return FALLBACK;
+                seen_node = 1;
+                const unsigned char *slash = memchr(content, '/', (size_t)value);
+                if (slash != NULL) {
+                    call->node_record = record;
+                    call->node_content = content;
+                    call->node_slash = slash;
+                    call->node_end = pos;
+                }
             } else if (number == 6 || number == 7) {
                 endpoint_ref *ref = &endpoints[number - 6];
                 /* Once each, src before dst: what a parser would merge is the object path's. */
@@ -882,7 +932,10 @@ static int scan_call(const unsigned char *pos, const unsigned char *end, endpoin
             } else if (number == 8) {
                 if (seen_request) return FALLBACK;
                 seen_request = 1;
-                if (scan_request_ts(content, pos, ts)) return FALLBACK;
+                if (scan_request_ts(content, pos, &call->ts)) return FALLBACK;
+            } else if (number == NOTE_FIELD && value == sizeof(MESH_MTLS) - 1 &&
+                       memcmp(content, MESH_MTLS, sizeof(MESH_MTLS) - 1) == 0) {
+                call->marked = 1;
             }
             break;
         }
@@ -890,16 +943,24 @@ static int scan_call(const unsigned char *pos, const unsigned char *end, endpoin
             return FALLBACK;
         }
     }
+    if (call->after_notes == NULL) call->after_notes = end;
     return endpoints[0].record != NULL && endpoints[1].record != NULL ? OK : FALLBACK;
 }
 
-static size_t varint_size(uint64_t value) {
-    size_t size = 1;
-    while (value >= 0x80) {
-        value >>= 7;
-        size++;
-    }
-    return size;
+/* 127.0.0.0/8 and ::1 as text (trawl.collector.loopback.is_loopback). */
+static int is_loopback(const unsigned char *ip, size_t size) {
+    return (size >= 4 && memcmp(ip, "127.", 4) == 0) || (size == 3 && memcmp(ip, "::1", 3) == 0);
+}
+
+/* trawl.enricher.identity.mesh_mtls on two entries: pods of one mesh, not the same pod. */
+static int mesh_mtls(const entry_t *source, const entry_t *destination) {
+    Py_ssize_t mesh = PyBytes_GET_SIZE(source->mesh);
+    if (mesh == 0 || PyBytes_GET_SIZE(destination->mesh) != mesh ||
+        memcmp(PyBytes_AS_STRING(source->mesh), PyBytes_AS_STRING(destination->mesh), (size_t)mesh) != 0)
+        return 0;
+    Py_ssize_t size = PyBytes_GET_SIZE(source->suffix);
+    return size != PyBytes_GET_SIZE(destination->suffix) ||
+           memcmp(PyBytes_AS_STRING(source->suffix), PyBytes_AS_STRING(destination->suffix), (size_t)size) != 0;
 }
 
 static unsigned char *write_varint(unsigned char *at, uint64_t value) {
@@ -911,36 +972,72 @@ static unsigned char *write_varint(unsigned char *at, uint64_t value) {
     return at;
 }
 
-/* The call with each endpoint's content followed by its suffix. */
-static PyObject *splice(PyObject *call, const endpoint_ref endpoints[2], PyObject *const suffixes[2]) {
-    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(call);
-    const unsigned char *end = data + PyBytes_GET_SIZE(call);
-    Py_ssize_t extra[2] = {PyBytes_GET_SIZE(suffixes[0]), PyBytes_GET_SIZE(suffixes[1])};
-    if (extra[0] == 0 && extra[1] == 0) return Py_NewRef(call);
-    size_t size = (size_t)(end - data);
-    for (int side = 0; side < 2; side++) {
-        size_t content = (size_t)(endpoints[side].end - endpoints[side].content);
-        size = size - (size_t)(endpoints[side].content - endpoints[side].record) + 1 +
-               varint_size(content + (size_t)extra[side]) + (size_t)extra[side];
+/* Where the spliced call is written; with `at` NULL, only its size is counted. */
+typedef struct {
+    unsigned char *at;
+    size_t size;
+} out_t;
+
+static void splice_put(out_t *out, const void *data, size_t size) {
+    if (out->at != NULL) {
+        memcpy(out->at, data, size);
+        out->at += size;
     }
-    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
-    if (result == NULL) return NULL;
-    unsigned char *at = (unsigned char *)PyBytes_AS_STRING(result);
+    out->size += size;
+}
+
+static void splice_varint(out_t *out, uint64_t value) {
+    unsigned char buffer[10];
+    splice_put(out, buffer, (size_t)(write_varint(buffer, value) - buffer));
+}
+
+static void splice_string(out_t *out, uint64_t number, const void *data, size_t size) {
+    splice_varint(out, (number << 3) | 2);
+    splice_varint(out, size);
+    splice_put(out, data, size);
+}
+
+/* The call with its node cut at the '/', each endpoint's content followed by its suffix, and the
+   mesh-mtls note when `mark`: edits in the order of the records they replace. */
+static void write_spliced(out_t *out, const unsigned char *data, const unsigned char *end, const call_ref *call,
+                          PyObject *const suffixes[2], int mark) {
     const unsigned char *from = data;
+    if (call->node_record != NULL) {
+        splice_put(out, from, (size_t)(call->node_record - from));
+        size_t kept = (size_t)(call->node_slash - call->node_content);
+        if (kept) splice_string(out, 4, call->node_content, kept); /* proto3 leaves "" out */
+        from = call->node_end;
+    }
     for (int side = 0; side < 2; side++) {
-        const endpoint_ref *ref = &endpoints[side];
+        const endpoint_ref *ref = &call->endpoints[side];
         size_t content = (size_t)(ref->end - ref->content);
-        memcpy(at, from, (size_t)(ref->record - from));
-        at += ref->record - from;
-        *at++ = (unsigned char)(((6 + side) << 3) | 2);
-        at = write_varint(at, content + (size_t)extra[side]);
-        memcpy(at, ref->content, content);
-        at += content;
-        memcpy(at, PyBytes_AS_STRING(suffixes[side]), (size_t)extra[side]);
-        at += extra[side];
+        size_t extra = (size_t)PyBytes_GET_SIZE(suffixes[side]);
+        splice_put(out, from, (size_t)(ref->record - from));
+        splice_varint(out, (uint64_t)(((6 + side) << 3) | 2));
+        splice_varint(out, content + extra);
+        splice_put(out, ref->content, content);
+        splice_put(out, PyBytes_AS_STRING(suffixes[side]), extra);
         from = ref->end;
     }
-    memcpy(at, from, (size_t)(end - from));
+    if (mark) {
+        splice_put(out, from, (size_t)(call->after_notes - from));
+        splice_string(out, NOTE_FIELD, MESH_MTLS, sizeof(MESH_MTLS) - 1);
+        from = call->after_notes;
+    }
+    splice_put(out, from, (size_t)(end - from));
+}
+
+static PyObject *splice(PyObject *call, const call_ref *ref, PyObject *const suffixes[2], int mark) {
+    const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(call);
+    const unsigned char *end = data + PyBytes_GET_SIZE(call);
+    if (PyBytes_GET_SIZE(suffixes[0]) == 0 && PyBytes_GET_SIZE(suffixes[1]) == 0 && ref->node_record == NULL && !mark)
+        return Py_NewRef(call);
+    out_t counted = {NULL, 0};
+    write_spliced(&counted, data, end, ref, suffixes, mark);
+    PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)counted.size);
+    if (result == NULL) return NULL;
+    out_t written = {(unsigned char *)PyBytes_AS_STRING(result), 0};
+    write_spliced(&written, data, end, ref, suffixes, mark);
     return result;
 }
 
@@ -1073,14 +1170,30 @@ static PyObject *Splicer_enrich(Splicer *self, PyObject *calls) {
             goto failed;
         }
         const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(call);
-        endpoint_ref endpoints[2];
-        uint64_t ts;
-        const unsigned char *protocol;
-        size_t protocol_size;
+        call_ref ref;
         owners_t *owners[2];
-        int status = scan_call(data, data + PyBytes_GET_SIZE(call), endpoints, &ts, &protocol, &protocol_size);
-        for (int side = 0; side < 2 && status == OK; side++)
-            status = splicer_owners(self, side, endpoints[side].ip, endpoints[side].ip_len, &owners[side]);
+        int tied[2] = {0, 0};
+        int status = scan_call(data, data + PyBytes_GET_SIZE(call), &ref);
+        for (int side = 0; side < 2 && status == OK; side++) {
+            const endpoint_ref *endpoint = &ref.endpoints[side];
+            const unsigned char *address = endpoint->ip;
+            size_t address_len = endpoint->ip_len;
+            if (ref.node_record != NULL && ref.node_end - ref.node_slash > 1 && is_loopback(address, address_len)) {
+                tied[side] = 1; /* the pod whose loopback it is */
+                address = ref.node_slash + 1;
+                address_len = (size_t)(ref.node_end - address);
+            }
+            status = splicer_owners(self, side, address, address_len, &owners[side]);
+        }
+        const entry_t *source = NULL, *destination = NULL;
+        int mark = 0;
+        if (status == OK) {
+            source = owners_pick(owners[0], ref.ts, ref.endpoints[0].port);
+            destination = owners_pick(owners[1], ref.ts, ref.endpoints[1].port);
+            mark = !tied[0] && !tied[1] && !ref.marked && ref.protocol_len == 3 && memcmp(ref.protocol, "tls", 3) == 0 &&
+                   mesh_mtls(source, destination);
+            if (mark && ref.disordered) status = FALLBACK;
+        }
         if (status == FAILED) goto failed;
         if (status == FALLBACK) {
             PyObject *position = PyLong_FromSsize_t(index);
@@ -1090,20 +1203,18 @@ static PyObject *Splicer_enrich(Splicer *self, PyObject *calls) {
             PyList_SET_ITEM(enriched, index, Py_NewRef(call));
             continue;
         }
-        const entry_t *source = owners_pick(owners[0], ts, endpoints[0].port);
-        const entry_t *destination = owners_pick(owners[1], ts, endpoints[1].port);
         PyObject *suffixes[2] = {source->suffix, destination->suffix};
-        PyObject *result = splice(call, endpoints, suffixes);
+        PyObject *result = splice(call, &ref, suffixes, mark);
         if (result == NULL) goto failed;
         PyList_SET_ITEM(enriched, index, result);
         unknown_sources += !source->known_as_source;
         unknown_destinations += !destination->known_as_destination;
-        if (run_count && (protocol_size != run_size || memcmp(protocol, run_protocol, run_size) != 0)) {
+        if (run_count && (ref.protocol_len != run_size || memcmp(ref.protocol, run_protocol, run_size) != 0)) {
             if (count_protocol(protocols, run_protocol, run_size, run_count)) goto failed;
             run_count = 0;
         }
-        run_protocol = protocol;
-        run_size = protocol_size;
+        run_protocol = ref.protocol;
+        run_size = ref.protocol_len;
         run_count++;
     }
     if (count_protocol(protocols, run_protocol, run_size, run_count)) goto failed;

@@ -4,7 +4,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 FieldSpec = tuple[int, str, int, int, int, dict[int, str] | None]
-SpliceEntry = tuple[bytes, bool, bool]
+SpliceEntry = tuple[bytes, bool, bool, bytes]
 SpliceWinners = tuple[SpliceEntry, tuple[tuple[int, SpliceEntry], ...]]
 AddressPlan = tuple[tuple[int, ...], tuple[SpliceWinners, ...], SpliceWinners]
 

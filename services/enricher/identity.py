@@ -29,6 +29,11 @@ container's OTEL_SERVICE_NAME, the pod annotation resource.opentelemetry.io/serv
 label app.kubernetes.io/name, then the workload's name. `mesh` names the service mesh whose
 sidecar or injector annotation the pod carries (Istio, Linkerd, Consul, Kuma, other Envoy).
 
+Service mesh: a `tls` call between two different pods of one mesh is noted MESH_MTLS
+("mesh-mtls" in the call's notes: `mesh_mtls`); a call captured on a pod's loopback (its
+node `<node>/<pod address>`, trawl.collector.loopback) gets its node back, and its endpoints at
+loopback addresses (the app and its sidecar) are named as the pod that held that address then.
+
 An address no claim names is named after the DNS question whose A/AAAA answer gave it
 (`note_dns`, fed with the `dns` calls the enricher sees: a batch's answers name the calls of
 later batches), for calls from that answer's time on; bounded to MAX_DNS_NAMES addresses.
@@ -56,16 +61,18 @@ from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
+from trawl.collector.loopback import SEPARATOR, is_loopback, split_node
 from trawl.errors import InputError
 from trawl.v1.calls_pb2 import ApiCall, Endpoint
 
 ClaimKind = Literal["pod", "service", "node"]
 
 # What the enricher's compiled splicer (trawl/_calljson.c, Splicer) keeps per address: an
-# endpoint's serialized identity fields 3.. (to append to its ip and port) and whether it counts
-# as a known source and a known destination; the winners of one interval (for any port, and per
-# declared port); then the whole address (`describe_address`).
-SpliceEntry = tuple[bytes, bool, bool]
+# endpoint's serialized identity fields 3.. (to append to its ip and port), whether it counts
+# as a known source and a known destination, and its mesh when it is a pod of one (UTF-8, b""
+# otherwise: see `mesh_mtls`); the winners of one interval (for any port, and per declared
+# port); then the whole address (`describe_address`).
+SpliceEntry = tuple[bytes, bool, bool, bytes]
 SpliceWinners = tuple[SpliceEntry, tuple[tuple[int, SpliceEntry], ...]]
 AddressPlan = tuple[tuple[int, ...], tuple[SpliceWinners, ...], SpliceWinners]
 
@@ -353,13 +360,13 @@ class IdentityMap:
         """Everything `lookup(ip, ts_ns, port)` can answer, for any time and port, as the fields
         `enrich_calls` would set: (claim boundaries, the winners of each interval between them
         (one more than boundaries: bisect_right picks it), the winners "now" (time 0))."""
-        unknown: SpliceWinners = ((Endpoint(name=ip).SerializeToString(), False, False), ())
+        unknown: SpliceWinners = ((Endpoint(name=ip).SerializeToString(), False, False, b""), ())
         owners = self._owners.get(ip) or self._compile(ip)
         if owners is None:
             known = self._dns_names.get(ip)
             if known is None:
                 return (), (unknown,), unknown
-            named: SpliceWinners = ((Endpoint(name=known[1]).SerializeToString(), False, False), ())
+            named: SpliceWinners = ((Endpoint(name=known[1]).SerializeToString(), False, False, b""), ())
             return (known[0],), (unknown, named), named
         entries: dict[Identity, SpliceEntry] = {}
 
@@ -372,6 +379,7 @@ class IdentityMap:
                     endpoint.SerializeToString(),
                     identity.known_as_source,
                     identity.known_as_destination,
+                    identity.mesh.encode() if identity.kind == "pod" else b"",
                 )
             return known
 
@@ -383,51 +391,109 @@ class IdentityMap:
 
         return tuple(owners.bounds), tuple(winners(found) for found in owners.segments), winners(owners.now)
 
-    def enrich_endpoint(self, endpoint: Endpoint, ts_ns: int) -> Identity | None:
-        identity = self.lookup(endpoint.ip, ts_ns, endpoint.port)
+    def enrich_endpoint(self, endpoint: Endpoint, ts_ns: int, address: str = "") -> Identity | None:
+        """Fill `endpoint` as the owner of `address` (its own ip when "") at `ts_ns`."""
+        address = address or endpoint.ip
+        identity = self.lookup(address, ts_ns, endpoint.port)
         if identity is None:
-            endpoint.name = self.dns_name(endpoint.ip, ts_ns) or endpoint.ip
+            endpoint.name = self.dns_name(address, ts_ns) or address
             return None
         identity.fill(endpoint)
         return identity
 
     def enrich(self, call: ApiCall) -> ApiCall:
         """Fill both endpoints' identity fields (in place) at the request's time; unknown peers are named by IP."""
-        ts_ns = call.request.ts
-        self.enrich_endpoint(call.src, ts_ns)
-        self.enrich_endpoint(call.dst, ts_ns)
+        self.enrich_calls((call,))
         return call
 
     def enrich_calls(self, calls: Iterable[ApiCall]) -> tuple[int, int]:
         """`enrich` every call; returns how many sources and destinations are unknown peers (no
-        identity, or one naming no workload or node, nor service for a destination)."""
+        identity, or one naming no workload or node, nor service for a destination).
+
+        A call captured on a pod's loopback (its node `<node>/<pod address>`, see
+        trawl.collector.loopback) gets its node back, and its loopback endpoints are named as
+        the pod at that address. A `tls` call between two pods of one service mesh is the
+        mutual TLS of their sidecars: noted MESH_MTLS (see `mesh_mtls`)."""
         unknown_sources = unknown_destinations = 0
         if not self._claims and not self._dns_names:  # no identity: every peer is named by its address
             for call in calls:
                 source, destination = call.src, call.dst
-                source.name = source.ip
-                destination.name = destination.ip
+                if SEPARATOR in call.node:
+                    self._enrich_loopback(call)
+                else:
+                    source.name = source.ip
+                    destination.name = destination.ip
                 unknown_sources += 1
             return unknown_sources, unknown_sources
         lookup, dns_name = self.lookup, self.dns_name
         for call in calls:
+            if SEPARATOR in call.node:
+                sources, destinations = self._enrich_loopback(call)
+                unknown_sources += sources
+                unknown_destinations += destinations
+                continue
             ts_ns = call.request.ts
             source, destination = call.src, call.dst
-            identity = lookup(source.ip, ts_ns, source.port)
-            if identity is None:
+            source_identity = lookup(source.ip, ts_ns, source.port)
+            if source_identity is None:
                 source.name = dns_name(source.ip, ts_ns) or source.ip
                 unknown_sources += 1
             else:
-                identity.fill(source)
-                unknown_sources += not identity.known_as_source
-            identity = lookup(destination.ip, ts_ns, destination.port)
-            if identity is None:
+                source_identity.fill(source)
+                unknown_sources += not source_identity.known_as_source
+            destination_identity = lookup(destination.ip, ts_ns, destination.port)
+            if destination_identity is None:
                 destination.name = dns_name(destination.ip, ts_ns) or destination.ip
                 unknown_destinations += 1
             else:
-                identity.fill(destination)
-                unknown_destinations += not identity.known_as_destination
+                destination_identity.fill(destination)
+                unknown_destinations += not destination_identity.known_as_destination
+                if source_identity is not None and destination_identity.mesh and call.protocol == "tls":
+                    mark_mesh_mtls(call, source_identity, destination_identity)
         return unknown_sources, unknown_destinations
+
+    def _enrich_loopback(self, call: ApiCall) -> tuple[int, int]:
+        """A call whose node names the pod whose loopback it was captured on (see `enrich_calls`)."""
+        node, pod_address = split_node(call.node)
+        call.node = node
+        ts_ns = call.request.ts
+        source, destination = call.src, call.dst
+        source_tied = bool(pod_address) and is_loopback(source.ip)
+        destination_tied = bool(pod_address) and is_loopback(destination.ip)
+        source_identity = self.enrich_endpoint(source, ts_ns, pod_address if source_tied else "")
+        destination_identity = self.enrich_endpoint(destination, ts_ns, pod_address if destination_tied else "")
+        if not (source_tied or destination_tied) and call.protocol == "tls":
+            mark_mesh_mtls(call, source_identity, destination_identity)
+        return (
+            source_identity is None or not source_identity.known_as_source,
+            destination_identity is None or not destination_identity.known_as_destination,
+        )
+
+
+# The note of a `tls` call between two pods of one service mesh (see `mesh_mtls`).
+MESH_MTLS = "mesh-mtls"
+
+
+def mesh_mtls(source: Identity | None, destination: Identity | None) -> bool:
+    """Whether a `tls` call from `source` to `destination` is the mutual TLS of a mesh: two
+    different pods whose sidecars belong to one mesh (Istio, Linkerd, Consul and Kuma sidecars
+    authenticate each other with certificates the mesh issues). What was captured in plaintext
+    between two such pods on the pod network was not encrypted by the mesh, whatever its policy
+    says, and is not marked; neither is anything inside one pod (its loopback)."""
+    return (
+        source is not None
+        and destination is not None
+        and source.kind == "pod"
+        and destination.kind == "pod"
+        and source.mesh != ""
+        and source.mesh == destination.mesh
+        and source != destination
+    )
+
+
+def mark_mesh_mtls(call: ApiCall, source: Identity | None, destination: Identity | None) -> None:
+    if mesh_mtls(source, destination) and MESH_MTLS not in call.notes:
+        call.notes.append(MESH_MTLS)
 
 
 @dataclass

@@ -903,7 +903,10 @@ class ApiCall(_message.Message):
     def graphql(self) -> Global___GraphqlDetail: ...
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Anomalies the dissector noticed on this call (gap, overlap conflict, truncated...)."""
+        """Anomalies the dissector noticed on this call (gap, overlap conflict, truncated...), and
+        what the enricher adds: "mesh-mtls" on a TLS call between two pods of one service mesh
+        (the mutual TLS of their sidecars).
+        """
 
     @_builtins.property
     def http2(self) -> Global___Http2Stream:
