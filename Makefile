@@ -53,7 +53,7 @@ sanitize-fuzz:
 setup: $(VENV)/.installed
 
 # Re-installs when pyproject.toml changes; the stamp keeps the second run instant.
-$(VENV)/.installed: pyproject.toml setup.py services/collector/_ring.c trawl/_calljson.c services/dissector/_express.c \
+$(VENV)/.installed: pyproject.toml setup.py services/collector/_ring.c trawl/_calljson.c trawl/_otlpspans.c services/dissector/_express.c \
 		services/dissector/_express_h2.h services/dissector/_express_redis.h services/dissector/_pbjson.h
 	@# venv/ensurepip, a C compiler, Python.h, nghttp2.h and hiredis/read.h (the collector's ring reader,
 	@# the JSON encoder and the dissector's compiled lane are C; the lane decodes HPACK with libnghttp2

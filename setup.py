@@ -31,6 +31,15 @@ setup(
             extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
             optional=False,
         ),
+        # trawl/_otlpspans.c: enriched ApiCalls -> OTLP ExportTraceServiceRequest bytes, the span path of
+        # the enricher and `trawl analyze --otlp-endpoint` (see services/enricher/wire_spans.py, which
+        # falls back to the OpenTelemetry SDK path when this is missing).
+        Extension(
+            "trawl._otlpspans",
+            sources=["trawl/_otlpspans.c"],
+            extra_compile_args=["-O3", "-Wall", "-Wextra", "-Werror=implicit-function-declaration"],
+            optional=False,
+        ),
         # services/dissector/_express.c: the compiled HTTP/1 lane of the dissector (see
         # services/dissector/express.py, which gives demoted flows back to the Python path).
         Extension(

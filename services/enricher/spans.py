@@ -81,10 +81,13 @@ WORKLOAD_KIND_ATTRIBUTES = {
     "ReplicationController": "k8s.replicationcontroller.name",
 }
 
-_NUMERIC = re.compile(r"^\d+$")
-_UUID = re.compile(r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$")
+# Matched whole (fullmatch) and in ASCII only: a trailing newline or a non-ASCII digit is text, as
+# the compiled encoder (trawl/_otlpspans.c) reads it.
+_NUMERIC = re.compile(r"[0-9]+")
+_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
 # Hex ids (object ids, hashes): long enough and with at least one digit, so /cafe or /deadbeef-words stay.
-_HEX_ID = re.compile(r"^(?=.*\d)[0-9a-fA-F]{12,}$")
+_HEX_ID = re.compile(r"(?=.*[0-9])[0-9a-fA-F]{12,}")
+_HEX = re.compile(r"[0-9a-fA-F]+")
 
 Attributes = dict[str, AttributeValue]
 
@@ -94,7 +97,7 @@ def template_path(path: str) -> str:
     path = path.split("?", 1)[0]
     segments = path.split("/")
     return "/".join(
-        "{id}" if _NUMERIC.match(segment) or _UUID.match(segment) or _HEX_ID.match(segment) else segment
+        "{id}" if _NUMERIC.fullmatch(segment) or _UUID.fullmatch(segment) or _HEX_ID.fullmatch(segment) else segment
         for segment in segments
     )
 
@@ -114,13 +117,11 @@ def _derived(call_id: str, purpose: str, size: int) -> int:
 
 
 def _hex_id(text: str, size: int) -> int | None:
-    if len(text) != size * 2:
+    """The id in a W3C header's hex digits; None unless exactly `size` bytes of them, not all zero
+    (int(text, 16) alone would also take "0x", "_", signs and spaces)."""
+    if len(text) != size * 2 or not _HEX.fullmatch(text):
         return None
-    try:
-        value = int(text, 16)
-    except ValueError:
-        return None
-    return value or None
+    return int(text, 16) or None
 
 
 def span_ids(call: ApiCall) -> SpanIds:
@@ -237,7 +238,8 @@ def _status(error: str) -> Status:
     return Status(StatusCode.ERROR, error) if error else Status(StatusCode.UNSET)
 
 
-def _network_type(ip: str) -> str | None:
+def network_type(ip: str) -> str | None:
+    """`network.type` of an address: ipv4, ipv6, or None when it is not an IP address."""
     try:
         return f"ipv{ipaddress.ip_address(ip).version}"
     except ValueError:
@@ -262,9 +264,9 @@ def _peer_attributes(call: ApiCall, kind: SpanKind) -> Attributes:
             attributes["client.port"] = call.src.port
     if call.transport:
         attributes["network.transport"] = call.transport
-    network_type = _network_type(call.dst.ip)
-    if network_type:
-        attributes["network.type"] = network_type
+    kind_of_network = network_type(call.dst.ip)
+    if kind_of_network:
+        attributes["network.type"] = kind_of_network
     return attributes
 
 
@@ -305,12 +307,22 @@ GAVE_UP = {Outcome.OUTCOME_CANCELLED: "cancelled", Outcome.OUTCOME_DEADLINE_EXCE
 
 
 def _status_int(text: str) -> int | None:
-    return int(text) if _NUMERIC.match(text) and len(text) < 10 else None
+    return int(text) if len(text) < 10 and _NUMERIC.fullmatch(text) else None
+
+
+def _ascii_upper(text: str) -> str:
+    """Protocol tokens (HTTP methods, Redis commands) are ASCII: other text is left as it is
+    (str.upper would turn the long s, U+017F, into "S")."""
+    return text.upper() if text.isascii() else text
+
+
+def _ascii_lower(text: str) -> str:
+    return text.lower() if text.isascii() else text
 
 
 def http_method(method: str) -> tuple[str, str | None]:
     """(http.request.method, http.request.method_original or None) per semconv."""
-    upper = method.upper()
+    upper = _ascii_upper(method)
     if upper in KNOWN_HTTP_METHODS and method == upper:
         return upper, None
     if upper in KNOWN_HTTP_METHODS:
@@ -345,7 +357,7 @@ def _http(call: ApiCall) -> SpanShape:
     host = detail.host or _host_of(call.dst)
     shape.client["url.full"] = f"{scheme}://{host}{call.path or '/'}"
     shape.client["url.template"] = url_template
-    host_name, host_port = _split_host(host)
+    host_name, host_port = split_host(host)
     if host_name:
         # The name the client asked for (the Host header) is the server.address semconv wants.
         shape.client["server.address"] = shape.server["server.address"] = host_name
@@ -372,7 +384,7 @@ def _host_of(endpoint: Endpoint) -> str:
     return f"{host}:{endpoint.port}" if endpoint.port else host
 
 
-def _split_host(host: str) -> tuple[str, int | None]:
+def split_host(host: str) -> tuple[str, int | None]:
     """Host header -> (host name, port); ('', None) when it does not parse."""
     try:
         parts = urlsplit(f"//{host}")
@@ -383,7 +395,7 @@ def _split_host(host: str) -> tuple[str, int | None]:
 
 def _graphql(call: ApiCall) -> SpanShape:
     shape = _http(call)
-    operation_type = call.method.lower()
+    operation_type = _ascii_lower(call.method)
     shape.name = f"{operation_type} {call.path}".strip() if call.path else (operation_type or "graphql")
     shape.common.pop("http.request.method", None)
     shape.common.pop("http.request.method_original", None)
@@ -450,7 +462,7 @@ def _failed(call: ApiCall, shape: SpanShape, error_type: str) -> SpanShape:
 
 
 def _redis(call: ApiCall) -> SpanShape:
-    command = call.method.upper()
+    command = _ascii_upper(call.method)
     detail = call.redis if call.HasField("redis") else None
     if detail is not None and detail.from_server:
         # A pub/sub message the server pushed (MESSAGE, PMESSAGE, SMESSAGE, INVALIDATE): a

@@ -1,8 +1,8 @@
-"""An AddressSanitizer + UBSan build of Trawl's four C extensions, and the means to import it.
+"""An AddressSanitizer + UBSan build of Trawl's five C extensions, and the means to import it.
 
 `python -m tests.sanitize.asan build` compiles the extensions that setup.py declares, with the
 sanitizers, into `build/asan/` (never into the source tree that the ordinary tests import).
-`install()` then makes exactly those four module names resolve to the sanitized builds, ahead
+`install()` then makes exactly those five module names resolve to the sanitized builds, ahead
 of the editable install's finder and of every `sys.path` entry: under pytest the rootdir sits
 first on `sys.path` and holds the ordinary builds (`trawl/_calljson...so`,
 `services/collector/_ring...so` reached through the `trawl/collector` symlink), so putting
@@ -42,6 +42,7 @@ EXTENSIONS = (
     "trawl.collector._ring",
     "trawl.collector._pcapfile",
     "trawl._calljson",
+    "trawl._otlpspans",
     "trawl.dissector._express",
 )
 
@@ -61,7 +62,7 @@ def module_path(name: str, base: Path = BUILD_DIR) -> Path:
 
 
 def build(build_dir: Path = BUILD_DIR, temp_dir: Path = TEMP_DIR) -> list[Path]:
-    """Compile the four extensions with the sanitizers into `build_dir`; returns their paths.
+    """Compile the five extensions with the sanitizers into `build_dir`; returns their paths.
     Reads the extension list from setup.py itself, so a new source file or macro there is
     built here too; only the optimisation and sanitizer flags differ."""
     # setuptools first: it puts its own distutils in place of the one the import below names.
@@ -94,7 +95,7 @@ def build(build_dir: Path = BUILD_DIR, temp_dir: Path = TEMP_DIR) -> list[Path]:
 
 
 class SanitizedExtensionFinder(importlib.abc.MetaPathFinder):
-    """Resolves the four extension names to their builds under `build_dir`, nothing else."""
+    """Resolves the five extension names to their builds under `build_dir`, nothing else."""
 
     def __init__(self, build_dir: Path = BUILD_DIR) -> None:
         self.build_dir = build_dir
@@ -132,7 +133,7 @@ def sanitizer_runtime_loaded() -> bool:
 
 
 def verify(build_dir: Path = BUILD_DIR) -> dict[str, str]:
-    """Import the four extensions and check that each comes from `build_dir` and that the ASan
+    """Import the five extensions and check that each comes from `build_dir` and that the ASan
     runtime is loaded; returns module name -> file, for the stage's log."""
     if not sanitizer_runtime_loaded():
         raise RuntimeError("libasan is not loaded: run with LD_PRELOAD=$(gcc -print-file-name=libasan.so)")
@@ -217,7 +218,7 @@ TEST_ROOTS = ("tests/unit", "tests/fuzz", "tests/oracle")
 
 
 def tests_importing_extensions(roots: Iterable[str] = TEST_ROOTS) -> list[str]:  # noqa: PT028 - not a test
-    """The test files under `roots` whose imports reach one of the four extensions, directly or
+    """The test files under `roots` whose imports reach one of the five extensions, directly or
     through any chain of the project's modules. Computed from the sources on every run, so a new
     test that drives the C parts is sanitized without anyone adding it to a list."""
     files = _module_files()
@@ -244,7 +245,7 @@ def tests_importing_extensions(roots: Iterable[str] = TEST_ROOTS) -> list[str]: 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tests.sanitize.asan", description=__doc__.split("\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("build", help="compile the four extensions with ASan + UBSan into build/asan/")
+    commands.add_parser("build", help="compile the five extensions with ASan + UBSan into build/asan/")
     commands.add_parser("tests", help="print the test files whose imports reach a C extension")
     commands.add_parser("verify", help="import the sanitized extensions and print where they come from")
     args = parser.parse_args(argv)
