@@ -6,7 +6,10 @@ Capture points:
   narrowed by the kernel filter to the chosen interfaces: named ones, or the pod interfaces
   that the netlink watcher reports (the filter is re-attached as pods come and go, which needs
   no new socket and loses nothing on the interfaces already captured);
-- one fanout set on `lo` inside each configured pod network namespace (SLL2 records).
+- one fanout set on `lo` inside each configured pod network namespace (SLL2 records); with
+  `pod_loopback_as_pod`, its batches carry the node `<node>/<pod address>`
+  (trawl.collector.loopback: the calls made of them are the pod's) in a sequence of their own
+  per shard, with queues of their own.
 
 Each shard's socket is drained a whole block at a time when the kernel hands one over; the
 block's records go into that shard's `BlockBatcher` for the capture point, which cuts a
@@ -42,7 +45,8 @@ from trawl.collector.batching import FramedBatch
 from trawl.collector.bpf_filter import FilterProgram, compile_filter, reject_all
 from trawl.collector.capabilities import check_capabilities, required_capabilities
 from trawl.collector.capture_settings import LiveCaptureSettings
-from trawl.collector.pods import InterfaceEvent, PodInterfaceWatcher, netns_path
+from trawl.collector.loopback import loopback_node
+from trawl.collector.pods import InterfaceEvent, PodInterfaceWatcher, netns_path, pod_address
 from trawl.collector.scope import PodDirectory, Scope, plan
 from trawl.collector.sinks import BatchSink, ClientSink, batch_sink
 from trawl.errors import ConfigError
@@ -176,6 +180,8 @@ class CapturePoint:
     ifindexes: set[int] | None = None
     # Whether the scope's address filter applies (not inside a pod's own loopback).
     scoped: bool = True
+    # Where its batches of each shard wait (the host's shared queues, or a pod loopback's own).
+    queues: list[ShardQueue] = field(default_factory=list)
 
 
 class LiveCapture:
@@ -268,8 +274,20 @@ class LiveCapture:
                 self._open_host_point(self.settings.interfaces)
             for namespace in self.settings.pod_loopback:
                 path = netns_path(namespace)
+                node = None
+                if self.settings.pod_loopback_as_pod:
+                    address = pod_address(path)
+                    if not address:  # captured all the same, its calls named by their addresses only
+                        log.warning("pod_loopback_without_address", netns=namespace)
+                    node = loopback_node(self.node, address)
                 self._open_point(
-                    f"netns:{namespace}:lo", "lo", path, cooked=True, loopback=LOOPBACK_IFINDEX, scoped=False
+                    f"netns:{namespace}:lo",
+                    "lo",
+                    path,
+                    cooked=True,
+                    loopback=LOOPBACK_IFINDEX,
+                    scoped=False,
+                    node=node,
                 )
         except BaseException:
             self.close()
@@ -301,7 +319,10 @@ class LiveCapture:
         loopback: int | None,
         ifindexes: set[int] | None = None,
         scoped: bool = True,
+        node: str | None = None,
     ) -> None:
+        """`node`: the node its batches carry, when not the collector's (a pod's loopback): a
+        (node, shard) has one sequence, so such a point has states and queues of its own."""
         point_program = self._program(self.scope, self.directory, cooked, loopback, ifindexes, scoped)
         fanout = FanoutSet.open(
             device,
@@ -312,10 +333,15 @@ class LiveCapture:
             netns=netns,
         )
         link_type = fanout.rings[0].link_type
+        queues = self.queues
+        if node is not None:
+            queues = [ShardQueue(ShardState(shard), self.settings.queue_max_batches) for shard in range(len(queues))]
+            self.queues.extend(queues)
+            self.states.extend(queue.state for queue in queues)
         batchers = [
             BlockBatcher(
-                node=self.node,
-                state=state,
+                node=node if node is not None else self.node,
+                state=queue.state,
                 interface=name.split(":", 1)[1],
                 source=name,
                 link_type=link_type,
@@ -324,9 +350,9 @@ class LiveCapture:
                 max_packets=self.settings.batch_max_packets,
                 max_age_s=self.settings.batch_max_age_ms / 1000,
             )
-            for state in self.states
+            for queue in queues
         ]
-        self.points.append(CapturePoint(name, fanout, batchers, cooked, loopback, ifindexes, scoped))
+        self.points.append(CapturePoint(name, fanout, batchers, cooked, loopback, ifindexes, scoped, queues))
         log.info(
             "capture_opened", point=name, shards=len(fanout.rings), link_type=link_type, filter=point_program.expression
         )
@@ -430,15 +456,16 @@ class LiveCapture:
                 self.read_statistics(shard)
             taken += drained.packets
             for batch in batcher.add(drained.records, drained.packets, now):
-                self.enqueue(batch)
+                self.enqueue(batch, point.queues[shard])
         if taken:
             self.m_packets.inc(taken, shard=str(shard))
         return taken
 
-    def enqueue(self, batch: FramedBatch) -> None:
-        """Hand a cut batch on: straight to the sink when it can take it now, else to its shard's queue."""
+    def enqueue(self, batch: FramedBatch, queue: ShardQueue | None = None) -> None:
+        """Hand a cut batch on: straight to the sink when it can take it now, else to its queue
+        (`queue`, by default the host's queue of its shard)."""
         shard = batch.shard
-        queue = self.queues[shard]
+        queue = queue if queue is not None else self.queues[shard]
         if self.try_publish is not None and not len(queue):
             # Nothing of this shard waits: send now, from the capture callback. Saves a task
             # switch per batch, which at ~1,000 batches/s was a tenth of the collector's CPU.
@@ -467,18 +494,23 @@ class LiveCapture:
             for shard, batcher in enumerate(point.batchers):
                 if batcher.pending_packets and (force or batcher.due(now)):
                     self.read_statistics(shard)
-                    self.enqueue(batcher.cut())
+                    self.enqueue(batcher.cut(), point.queues[shard])
 
     def read_statistics(self, shard: int | None = None) -> None:
-        """Fold PACKET_STATISTICS of every ring (or one shard's rings) into the shard totals."""
-        for state in self.states if shard is None else [self.states[shard]]:
-            for point in self.points:
-                point.fanout.rings[state.shard].read_statistics()
+        """Fold PACKET_STATISTICS of every ring (or one shard's rings) into the totals of the
+        states their batches carry, and of each shard for the metrics."""
+        for index in range(self.settings.shards) if shard is None else (shard,):
+            kernels: dict[int, tuple[ShardState, KernelCounters]] = {}
             total = KernelCounters()
             for point in self.points:
-                total.add(point.fanout.rings[state.shard].counters)
-            state.kernel = total
-            label = str(state.shard)
+                ring = point.fanout.rings[index]
+                ring.read_statistics()
+                state = point.queues[index].state
+                kernels.setdefault(id(state), (state, KernelCounters()))[1].add(ring.counters)
+                total.add(ring.counters)
+            for state, counters in kernels.values():
+                state.kernel = counters
+            label = str(index)
             self.m_kernel_packets.set(total.packets, shard=label)
             self.m_kernel_drops.set(total.drops, shard=label)
             self.m_kernel_freeze.set(total.freeze_count, shard=label)
@@ -591,8 +623,11 @@ class LiveCapture:
             self.watcher.close()
 
     def _update_queue_gauge(self) -> None:
+        waiting: dict[int, int] = {}
         for queue in self.queues:
-            self.m_queue.set(len(queue), shard=str(queue.state.shard))
+            waiting[queue.state.shard] = waiting.get(queue.state.shard, 0) + len(queue)
+        for shard, batches in waiting.items():
+            self.m_queue.set(batches, shard=str(shard))
 
     def close(self) -> None:
         for point in self.points:

@@ -9,13 +9,18 @@ that appears while the list is read is not missed, and reports each matching int
 when it appears and once when it goes.
 
 Pod loopback: a pod's `lo` is inside its network namespace, where a sidecar and its app talk
-in plaintext; `netns_path` names the namespace to enter (see afpacket.network_namespace).
+in plaintext; `netns_path` names the namespace to enter (see afpacket.network_namespace), and
+`pod_address` reads the pod's own address there, which ties what `lo` carries to the pod
+(trawl.collector.loopback).
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import fnmatch
+import socket
+import struct
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +29,7 @@ from typing import Any, Literal
 from pyroute2 import AsyncIPRoute  # type: ignore[import-untyped]
 from pyroute2.netlink.rtnl import RTMGRP_LINK  # type: ignore[import-untyped]
 
+from trawl.collector.afpacket import network_namespace
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
 
@@ -50,6 +56,40 @@ def netns_path(name_or_path: str) -> Path:
     if not path.exists():
         raise ConfigError(f"network namespace {name_or_path!r} not found at {path}")
     return path
+
+
+SIOCGIFADDR = 0x8915  # linux/sockios.h: an interface's (primary) IPv4 address
+_IF_INET6_GLOBAL_SCOPE = "00"  # /proc/net/if_inet6's scope column: global
+
+
+def pod_address(netns: Path) -> str:
+    """The pod's own address in network namespace `netns`: the first global address of its
+    interfaces other than `lo`, IPv4 before IPv6 (either of a dual-stack pod's podIPs names
+    the pod); "" when it has none (not a pod's namespace, or its network is not set up yet).
+    Read with an ioctl and procfs from inside the namespace: no netlink client, whose sync
+    flavour cannot run inside the collector's event loop."""
+    ipv4: list[tuple[int, str]] = []
+    with network_namespace(netns):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:  # opened inside: asks there
+            for index, name in socket.if_nameindex():
+                request = struct.pack("256s", name.encode()[:15])
+                try:
+                    answer = fcntl.ioctl(probe.fileno(), SIOCGIFADDR, request)
+                except OSError:  # no IPv4 address on it
+                    continue
+                address = socket.inet_ntoa(answer[20:24])
+                if name != "lo" and not address.startswith(("127.", "169.254.")):
+                    ipv4.append((index, address))
+        # This thread's view of procfs: the namespace it is in now.
+        inet6 = Path("/proc/thread-self/net/if_inet6").read_text() if socket.has_ipv6 else ""
+    if ipv4:
+        return min(ipv4)[1]
+    ipv6: list[tuple[int, str]] = []
+    for line in inet6.splitlines():
+        fields = line.split()
+        if len(fields) == 6 and fields[3] == _IF_INET6_GLOBAL_SCOPE and fields[5] != "lo":
+            ipv6.append((int(fields[1], 16), socket.inet_ntop(socket.AF_INET6, bytes.fromhex(fields[0]))))
+    return min(ipv6)[1] if ipv6 else ""
 
 
 class PodInterfaceWatcher:
