@@ -1,0 +1,514 @@
+"""Export of the compiled span path's requests (wire_spans.py): OTLP/gRPC or OTLP/HTTP protobuf
+of bytes already encoded, with what the SDK's exporters and batch processor give.
+
+`WireSpanExport` has the shape of otlp.CountingBatchSpanProcessor (the processor owns the queue,
+its bound, the batching thread, the drop counting and the flush; a sender only sends) and the
+same accounting in the same counters (span_totals.py): every span handed over ends exported,
+dropped (`queue_full`, `shutdown`) or failed. What it queues are encoded requests, not spans: a
+batch is the requests of up to `max_batch_spans` spans joined (protobuf concatenation of
+ExportTraceServiceRequests appends their resource_spans), sent when it is full or every
+`schedule_delay_s`. The queue is bounded in spans; a request that does not fit is dropped
+whole and counted.
+
+Sending (`GrpcSender`, `HttpSender`): gzip when asked; retries with exponential backoff and
+jitter (`initial_backoff_s` doubling up to `max_backoff_s`, times 0.8-1.2) within
+`export_timeout_s` per batch, on the retryable gRPC codes (CANCELLED, DEADLINE_EXCEEDED,
+RESOURCE_EXHAUSTED, ABORTED, OUT_OF_RANGE, UNAVAILABLE, DATA_LOSS) and HTTP 429/502/503/504 or
+a connection that failed, waiting what the server asked for when it did (gRPC `RetryInfo` in
+the status details, HTTP `Retry-After` in seconds or as a date); each retry is counted
+(`trawl_enricher_span_export_retries_total`). A partial success's `rejected_spans` are counted
+as failed, the rest of the batch as exported. Shutdown stops a backoff at once.
+
+`WireExportOptions.from_settings` reads the EnricherSettings' endpoint, protocol and headers,
+and the `OTEL_EXPORTER_OTLP_[TRACES_]*` variables the settings do not cover: TIMEOUT
+(milliseconds), COMPRESSION (gzip, none), CERTIFICATE, CLIENT_KEY, CLIENT_CERTIFICATE,
+INSECURE, HEADERS and PROTOCOL of the traces signal (a signal's variable wins over the general one).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import gzip
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+from urllib.parse import urlsplit
+
+from trawl.enricher.config import EnricherSettings, OtlpProtocol, parse_otlp_headers
+from trawl.enricher.span_totals import SpanCounters, SpanTotals
+from trawl.enricher.wire_spans import EncodedSpans
+from trawl.errors import ConfigError
+from trawl.logs import get_logger
+from trawl.metrics import Registry
+
+log = get_logger(__name__)
+
+TRACE_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
+RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
+RETRIES = ("trawl_enricher_span_export_retries_total", "Span export attempts retried (backend unavailable or busy)")
+_WORKER_GRACE_S = 2.0
+
+
+@dataclass(frozen=True)
+class WireExportOptions:
+    """Where and how the traces go (OTLP exporter conventions)."""
+
+    endpoint: str
+    protocol: OtlpProtocol = "grpc"
+    headers: Mapping[str, str] = field(default_factory=dict)
+    timeout_s: float = 10.0
+    compression: str = "none"  # "gzip" or "none"
+    certificate: Path | None = None  # CA bundle the server's certificate is checked against
+    client_key: Path | None = None
+    client_certificate: Path | None = None
+    insecure: bool = True  # gRPC: plaintext (True) or TLS
+
+    @classmethod
+    def from_settings(cls, settings: EnricherSettings, environ: Mapping[str, str]) -> WireExportOptions | None:
+        """None when no traces endpoint is configured; ConfigError for a bad variable."""
+        target = settings.traces_target()
+        if target is None:
+            return None
+
+        def env(name: str) -> str:
+            """OTEL_EXPORTER_OTLP_TRACES_<name>, else OTEL_EXPORTER_OTLP_<name>."""
+            return (
+                environ.get(f"OTEL_EXPORTER_OTLP_TRACES_{name}") or environ.get(f"OTEL_EXPORTER_OTLP_{name}") or ""
+            ).strip()
+
+        protocol: OtlpProtocol = settings.protocol
+        signal_protocol = environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "").strip()
+        # The settings' protocol is the configured one, or the general variable's (their validator
+        # fills it in): the traces variable wins over the general variable, not over a configured value.
+        from_general = (
+            "http/protobuf" if environ.get("OTEL_EXPORTER_OTLP_PROTOCOL", "").strip() == "http/protobuf" else "grpc"
+        )
+        if signal_protocol and protocol == from_general:
+            if signal_protocol not in ("grpc", "http/protobuf"):
+                raise ConfigError(
+                    f"OTEL_EXPORTER_OTLP_TRACES_PROTOCOL: expected grpc or http/protobuf, got {signal_protocol!r}"
+                )
+            protocol = "http/protobuf" if signal_protocol == "http/protobuf" else "grpc"
+        headers = settings.headers
+        signal_headers = environ.get("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "")
+        if signal_headers.strip():
+            headers.update(parse_otlp_headers(signal_headers, "OTEL_EXPORTER_OTLP_TRACES_HEADERS"))
+        timeout_s = settings.otlp_timeout_s
+        if "otlp_timeout_s" not in settings.model_fields_set and env("TIMEOUT"):
+            try:
+                timeout_s = float(env("TIMEOUT")) / 1000
+            except ValueError:
+                timeout_s = 0
+            if timeout_s <= 0:
+                raise ConfigError(f"OTEL_EXPORTER_OTLP_TIMEOUT: expected milliseconds > 0, got {env('TIMEOUT')!r}")
+        compression = env("COMPRESSION").lower() or "none"
+        if compression not in ("gzip", "none"):
+            raise ConfigError(f"OTEL_EXPORTER_OTLP_COMPRESSION: expected gzip or none, got {compression!r}")
+        files = {}
+        for name in ("CERTIFICATE", "CLIENT_KEY", "CLIENT_CERTIFICATE"):
+            value = env(name)
+            if value and not Path(value).is_file():
+                raise ConfigError(f"OTEL_EXPORTER_OTLP_{name}: {value} is not a readable file")
+            files[name] = Path(value) if value else None
+        if (files["CLIENT_KEY"] is None) != (files["CLIENT_CERTIFICATE"] is None):
+            raise ConfigError("OTEL_EXPORTER_OTLP_CLIENT_KEY and _CLIENT_CERTIFICATE go together (mutual TLS)")
+        endpoint = target.http_url("traces") if protocol == "http/protobuf" else target.endpoint
+        insecure = settings.grpc_insecure(target.endpoint)
+        if settings.otlp_insecure is None and env("INSECURE"):
+            insecure = env("INSECURE").lower() == "true"
+        if files["CERTIFICATE"] is not None and settings.otlp_insecure is None and not env("INSECURE"):
+            insecure = False  # a CA bundle given for gRPC means TLS
+        return cls(
+            endpoint=endpoint,
+            protocol=protocol,
+            headers=headers,
+            timeout_s=timeout_s,
+            compression=compression,
+            certificate=files["CERTIFICATE"],
+            client_key=files["CLIENT_KEY"],
+            client_certificate=files["CLIENT_CERTIFICATE"],
+            insecure=insecure,
+        )
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One send's result: accepted (with how many spans a partial success rejected), or not,
+    and then whether it may be retried and after how long the server asked for (None: ours)."""
+
+    accepted: bool
+    rejected: int = 0
+    message: str = ""
+    retryable: bool = False
+    retry_after_s: float | None = None
+
+
+class Sender(Protocol):
+    def send(self, body: bytes, timeout_s: float) -> Attempt: ...
+
+    def close(self) -> None: ...
+
+
+def _read(path: Path | None) -> bytes | None:
+    return path.read_bytes() if path is not None else None
+
+
+class GrpcSender:
+    """TraceService/Export with the request's bytes as they are (no message object)."""
+
+    def __init__(self, options: WireExportOptions) -> None:
+        import grpc
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+        self._grpc = grpc
+        parts = urlsplit(options.endpoint)
+        target = parts.netloc if parts.scheme in ("http", "https") and parts.netloc else options.endpoint
+        compression = grpc.Compression.Gzip if options.compression == "gzip" else grpc.Compression.NoCompression
+        # gRPC's reconnect backoff grows to 120 s by default: a backend that comes back would be
+        # found only that late, while the batches' retries run out. 5 s at most.
+        channel_options = [("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 5000)]
+        if options.insecure:
+            self._channel = grpc.insecure_channel(target, options=channel_options, compression=compression)
+        else:
+            credentials = grpc.ssl_channel_credentials(
+                root_certificates=_read(options.certificate),
+                private_key=_read(options.client_key),
+                certificate_chain=_read(options.client_certificate),
+            )
+            self._channel = grpc.secure_channel(target, credentials, options=channel_options, compression=compression)
+        self._export = self._channel.unary_unary(
+            TRACE_EXPORT_METHOD, request_serializer=None, response_deserializer=ExportTraceServiceResponse.FromString
+        )
+        self._metadata = tuple((key.lower(), value) for key, value in options.headers.items())
+        self._retryable = {
+            grpc.StatusCode.CANCELLED,
+            grpc.StatusCode.DEADLINE_EXCEEDED,
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            grpc.StatusCode.ABORTED,
+            grpc.StatusCode.OUT_OF_RANGE,
+            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.DATA_LOSS,
+        }
+
+    def send(self, body: bytes, timeout_s: float) -> Attempt:
+        try:
+            response = self._export(body, timeout=timeout_s, metadata=self._metadata)
+        except self._grpc.RpcError as error:
+            code = error.code()
+            return Attempt(
+                False,
+                message=f"{code.name}: {error.details()}",
+                retryable=code in self._retryable,
+                retry_after_s=_retry_info(error),
+            )
+        except ValueError as error:  # a closed channel (shutdown)
+            return Attempt(False, message=repr(error))
+        partial = response.partial_success
+        return Attempt(True, rejected=partial.rejected_spans, message=partial.error_message)
+
+    def close(self) -> None:
+        self._channel.close()
+
+
+def _retry_info(error: object) -> float | None:
+    """The delay of a google.rpc.RetryInfo in the status details (grpc-status-details-bin)."""
+    from google.rpc import error_details_pb2, status_pb2  # type: ignore[import-untyped]
+
+    trailers = getattr(error, "trailing_metadata", lambda: None)() or ()
+    for key, value in trailers:
+        if key != "grpc-status-details-bin" or not isinstance(value, bytes):
+            continue
+        try:
+            status = status_pb2.Status.FromString(value)
+        except Exception:  # a damaged detail: no delay asked for
+            return None
+        for detail in status.details:
+            if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                info = error_details_pb2.RetryInfo()
+                detail.Unpack(info)
+                return max(0.0, float(info.retry_delay.seconds + info.retry_delay.nanos / 1e9))
+    return None
+
+
+class HttpSender:
+    """POST of the protobuf body to the traces URL (one kept-alive connection)."""
+
+    def __init__(self, options: WireExportOptions) -> None:
+        import requests
+
+        self._requests = requests
+        self._session = requests.Session()
+        self._url = options.endpoint
+        self._gzip = options.compression == "gzip"
+        self._headers = {**options.headers, "Content-Type": "application/x-protobuf"}
+        if self._gzip:
+            self._headers["Content-Encoding"] = "gzip"
+        self._verify: bool | str = str(options.certificate) if options.certificate else True
+        self._cert = (
+            (str(options.client_certificate), str(options.client_key))
+            if options.client_certificate and options.client_key
+            else None
+        )
+
+    def send(self, body: bytes, timeout_s: float) -> Attempt:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+        # Level 1: the batch leaves in a few ms instead of tens (level 9 gains little on spans).
+        data = gzip.compress(body, compresslevel=1) if self._gzip else body
+        try:
+            response = self._session.post(
+                self._url, data=data, headers=self._headers, timeout=timeout_s, verify=self._verify, cert=self._cert
+            )
+        except self._requests.RequestException as error:
+            # No answer (refused, reset, timed out): the backend may come back.
+            return Attempt(False, message=repr(error), retryable=True)
+        if response.status_code == 200:
+            rejected, message = 0, ""
+            try:
+                partial = ExportTraceServiceResponse.FromString(response.content).partial_success
+                rejected, message = partial.rejected_spans, partial.error_message
+            except Exception:  # a 200 whose body is not a response: accepted all the same
+                log.debug("span_export_response_unreadable", bytes=len(response.content))
+            return Attempt(True, rejected=rejected, message=message)
+        return Attempt(
+            False,
+            message=f"HTTP {response.status_code}",
+            retryable=response.status_code in RETRYABLE_HTTP_STATUSES,
+            retry_after_s=_retry_after(response.headers.get("Retry-After", "")),
+        )
+
+    def close(self) -> None:
+        self._session.close()
+
+
+def _retry_after(value: str) -> float | None:
+    """Retry-After: delay-seconds or an HTTP-date; None when absent or unreadable."""
+    value = value.strip()
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def sender_for(options: WireExportOptions) -> Sender:
+    return HttpSender(options) if options.protocol == "http/protobuf" else GrpcSender(options)
+
+
+class WireSpanExport:
+    """Encoded requests queue up to `max_queue_spans` spans (a request that does not fit is
+    dropped and its spans counted as `queue_full`); a thread sends batches of up to
+    `max_batch_spans` spans when one is full or every `schedule_delay_s`. `shutdown` sends
+    what is queued within `shutdown_timeout_s`, then closes the sender (ending a send or a
+    backoff in progress) and counts what is left as `shutdown`."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        counters: SpanCounters,
+        registry: Registry,
+        *,
+        max_queue_spans: int,
+        max_batch_spans: int,
+        schedule_delay_s: float,
+        export_timeout_s: float,
+        shutdown_timeout_s: float,
+        initial_backoff_s: float = 1.0,
+        max_backoff_s: float = 32.0,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        if (
+            min(max_queue_spans, max_batch_spans) <= 0
+            or min(schedule_delay_s, export_timeout_s, shutdown_timeout_s) <= 0
+        ):
+            raise ValueError("queue size, batch size, delay and timeouts must be positive")
+        self.sender = sender
+        self.counters = counters
+        self.retries = registry.counter(*RETRIES)
+        self.retries.inc(0)
+        self.max_queue_spans = max_queue_spans
+        self.max_batch_spans = min(max_batch_spans, max_queue_spans)
+        self.schedule_delay_s = schedule_delay_s
+        self.export_timeout_s = export_timeout_s
+        self.shutdown_timeout_s = shutdown_timeout_s
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._jitter = jitter
+        # `_lock` guards the queue, the flags and the counters (they add up whenever it is free);
+        # `_export_lock` lets one batch go at a time (the worker's or a flush's), in order.
+        self._lock = threading.Lock()
+        self._export_lock = threading.Lock()
+        self._queue: deque[EncodedSpans] = deque()
+        self._queued_spans = 0
+        self._in_flight = 0
+        self._stopping = False
+        self._finished = False
+        self._cut = threading.Event()  # shutdown's time is up: no new batch, no more waiting
+        self._wake = threading.Event()
+        self._consecutive_failures = 0
+        self._worker = threading.Thread(target=self._work, name="trawl-wire-span-export", daemon=True)
+        self._worker.start()
+
+    def hand_over(self, parts: Sequence[EncodedSpans]) -> None:
+        """Queue encoded requests (one lock for all); never blocks on the network."""
+        total = sum(part.spans for part in parts)
+        if not total:
+            return
+        with self._lock:
+            self.counters.handed.inc(total)
+            if self._stopping:
+                self.counters.dropped.inc(total, reason="shutdown")
+                return
+            for part in parts:
+                if not part.spans:
+                    continue
+                if self._queued_spans + part.spans > self.max_queue_spans:
+                    self.counters.dropped.inc(part.spans, reason="queue_full")
+                    continue
+                self._queue.append(part)
+                self._queued_spans += part.spans
+            ready = self._queued_spans >= self.max_batch_spans
+        if ready:
+            self._wake.set()
+
+    def force_flush(self, timeout_s: float = 30.0) -> bool:
+        """Send every queued span now, in the caller's thread; False when time ran out with
+        spans still queued, or a batch failed."""
+        deadline = time.monotonic() + timeout_s
+        all_sent = True
+        while time.monotonic() < deadline:
+            sent = self._export_one_batch()
+            if sent is None:
+                return all_sent
+            all_sent = all_sent and sent
+        with self._lock:
+            return all_sent and not self._queue
+
+    def shutdown(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        self._wake.set()
+        self._worker.join(self.shutdown_timeout_s)
+        self._cut.set()
+        try:
+            self.sender.close()
+        except Exception as exc:
+            log.warning("span_sender_close_failed", error=repr(exc))
+        self._worker.join(_WORKER_GRACE_S)
+        with self._lock:
+            self._finished = True
+            left = self._queued_spans + self._in_flight
+            self._queue.clear()
+            self._queued_spans = self._in_flight = 0
+            if left:
+                self.counters.dropped.inc(left, reason="shutdown")
+        if left:
+            log.warning("spans_dropped_at_shutdown", spans=left, timeout_s=self.shutdown_timeout_s)
+
+    def totals(self) -> SpanTotals:
+        with self._lock:
+            return self.counters.totals()
+
+    def _work(self) -> None:
+        while True:
+            self._wake.wait(self.schedule_delay_s)
+            self._wake.clear()
+            while self._export_one_batch() is not None:
+                with self._lock:
+                    if self._stopping:
+                        continue
+                    if self._queued_spans < self.max_batch_spans:
+                        break
+            with self._lock:
+                if self._stopping and (not self._queue or self._cut.is_set()):
+                    return
+
+    def _export_one_batch(self) -> bool | None:
+        """Send the oldest batch; None when nothing is queued, else whether it was accepted."""
+        with self._export_lock:
+            with self._lock:
+                if not self._queue or self._cut.is_set():
+                    return None
+                parts = [self._queue.popleft()]
+                count = parts[0].spans
+                while self._queue and count + self._queue[0].spans <= self.max_batch_spans:
+                    part = self._queue.popleft()
+                    parts.append(part)
+                    count += part.spans
+                self._queued_spans -= count
+                self._in_flight = count
+            body = parts[0].request if len(parts) == 1 else b"".join(part.request for part in parts)
+            attempt = self._send(body)
+            rejected = min(count, attempt.rejected) if attempt.accepted else count
+            with self._lock:
+                if self._finished:
+                    return False  # shutdown counted this batch as dropped already
+                self._in_flight = 0
+                if count - rejected:
+                    self.counters.exported.inc(count - rejected)
+                if rejected:
+                    self.counters.failed.inc(rejected)
+            self._note(attempt, count, rejected)
+            return attempt.accepted and not rejected
+
+    def _send(self, body: bytes) -> Attempt:
+        deadline = time.monotonic() + self.export_timeout_s
+        retry = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Attempt(False, message="export timeout")
+            try:
+                attempt = self.sender.send(body, remaining)
+            except Exception as exc:  # a sender bug must not stop the thread: the batch failed
+                log.warning("span_send_raised", error=repr(exc))
+                return Attempt(False, message=repr(exc))
+            if attempt.accepted or not attempt.retryable or self._cut.is_set():
+                return attempt
+            backoff = min(self.max_backoff_s, self.initial_backoff_s * 2**retry) * (0.8 + 0.4 * self._jitter())
+            delay = attempt.retry_after_s if attempt.retry_after_s is not None else backoff
+            if time.monotonic() + delay >= deadline:
+                return attempt  # the next try would start after the batch's time is up
+            self.retries.inc()
+            if self._cut.wait(delay):
+                return attempt
+            retry += 1
+
+    def _note(self, attempt: Attempt, count: int, rejected: int) -> None:
+        """One warning when exports start failing and one when they recover; partial successes
+        are logged each time (with the backend's message)."""
+        if attempt.accepted:
+            if rejected:
+                log.warning("span_export_partially_rejected", spans=count, rejected=rejected, message=attempt.message)
+            if self._consecutive_failures:
+                log.info("span_export_recovered", failed_batches=self._consecutive_failures)
+            self._consecutive_failures = 0
+            return
+        if not self._consecutive_failures:
+            log.warning("span_export_failing", spans=count, error=attempt.message)
+        self._consecutive_failures += 1
+
+
+def wire_span_export(options: WireExportOptions, settings: EnricherSettings, metrics: Registry) -> WireSpanExport:
+    """The compiled path's export for the enricher's settings (queue, batch and delay as the SDK path's)."""
+    return WireSpanExport(
+        sender_for(options),
+        SpanCounters.of(metrics),
+        metrics,
+        max_queue_spans=settings.export_max_queue_size,
+        max_batch_spans=settings.export_max_batch_size,
+        schedule_delay_s=settings.export_schedule_delay_ms / 1000,
+        export_timeout_s=options.timeout_s,
+        shutdown_timeout_s=min(options.timeout_s, 5.0),
+    )
