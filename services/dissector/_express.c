@@ -351,6 +351,7 @@ enum reason {
     R_H2_STREAM,  /* an HTTP/2 stream event the Python path handles (reset, GOAWAY, push, unknown stream) */
     R_GRPC,       /* a stream that is not a gRPC call the lane reads whole (codec, compression, status...) */
     R_REDIS,      /* a Redis message or command outside the held subset (_express_redis.h) */
+    R_KAFKA,      /* a Kafka frame outside the held subset (_express_kafka.h) */
     R_COUNT
 };
 
@@ -359,7 +360,7 @@ static const char *const reason_names[R_COUNT] = {
     "keepalive", "ack_unseen", "window", "packet",   "not_http", "header",  "chunked",   "encoding",
     "upgrade", "expect",  "status",  "close",     "pipelining", "early",  "crlf",      "url",
     "form",   "body_secret", "limit", "callback",  "memory", "stale",      "finish", "room",
-    "dns",    "dns_side", "retransmit", "unpaired", "graphql", "http2", "http2_stream", "grpc", "redis",
+    "dns",    "dns_side", "retransmit", "unpaired", "graphql", "http2", "http2_stream", "grpc", "redis", "kafka",
 };
 
 /* ------------------------------------------------------------------------------------------ */
@@ -487,6 +488,8 @@ typedef struct flow_s {
     struct h2conn_s *h2;
     /* Redis (_express_redis.h): set once the client's first command came. */
     struct redisconn_s *redis;
+    /* Kafka (_express_kafka.h): set once the client's first request came. */
+    struct kafkaconn_s *kafka;
     /* HTTP/2 and Redis send each call as it finishes, with others outstanding: the ids of those
        sent since the snapshot (24 hex digits each), which a replay in Python makes again and the
        engine drops (engine._take_back). */
@@ -562,6 +565,13 @@ typedef struct {
     PyObject *redis_rule; /* redis.lane_rule; NULL: Redis flows are Python's */
     cache_t redis_rules;
     long long tcp_flows_redis, calls_redis;
+    /* Kafka: kafka.lane_api and the engine's detection (express.first_chunk_claims); NULL: Python's. */
+    PyObject *kafka_api, *kafka_claims;
+    struct kapi_s *kafka_apis;
+    size_t kafka_api_count, kafka_api_cap;
+    cache_t kafka_api_cache;
+    char *kafka_error_names; /* 48 bytes per code -1..1022, from kafka.ERRORS; "" where it has none */
+    long long tcp_flows_kafka, calls_kafka;
     long long demotions_by[R_COUNT];
     PyObject *empty_bytes;
     size_t tcp_active, udp_active;
@@ -659,10 +669,13 @@ struct h2conn_s;
 static void h2conn_free(struct h2conn_s *h2);
 struct redisconn_s;
 static void redisconn_free(struct redisconn_s *redis);
+struct kafkaconn_s;
+static void kafkaconn_free(struct kafkaconn_s *kafka);
 
 static void flow_free(flow_t *flow) {
     h2conn_free(flow->h2);
     redisconn_free(flow->redis);
+    kafkaconn_free(flow->kafka);
     buf_free(&flow->emitted);
     retained_clear(flow);
     PyMem_Free(flow->retained);
@@ -1660,6 +1673,7 @@ static int message_data(Express *self, flow_t *flow, head_t *head, buf_t *body, 
 
 #include "_express_h2.h"
 #include "_express_redis.h"
+#include "_express_kafka.h"
 
 /* In-order payload of one direction. A call completes only with the last byte of a packet
    (anything after it would be pipelining or a stray response), so a demotion never follows an
@@ -1669,7 +1683,15 @@ static int http_data(Express *self, flow_t *flow, int from_client, const uint8_t
     int reason, done;
     if (flow->h2 != NULL) return h2_data(self, flow, from_client ? 0 : 1, data, len, ts, calls);
     if (flow->redis != NULL) return redis_data(self, flow, from_client ? 0 : 1, data, len, ts, calls);
+    if (flow->kafka != NULL) return kafka_data(self, flow, from_client ? 0 : 1, data, len, ts, calls);
     if (from_client) {
+        if (!flow->client_spoke && self->kafka_api != NULL && len >= 12 && data[0] < 0x80 &&
+            kafka_claims(self, flow, data, len)) {
+            reason = kafka_start(flow);
+            if (reason) return reason;
+            flow->client_spoke = 1;
+            return kafka_data(self, flow, 0, data, len, ts, calls);
+        }
         if (!flow->client_spoke && self->redis_rule != NULL && redis_command_start(data, len)) {
             reason = redis_start(flow);
             if (reason) return reason;
@@ -2272,6 +2294,7 @@ static int fin_segment(flow_t *flow, half_t *own, half_t *peer, const segment_t 
     if (len || own->finished || flow->exchanges == 0 || flow->phase != PHASE_IDLE) return R_FIN;
     if (flow->h2 != NULL && !h2_idle(flow->h2)) return R_FIN;
     if (flow->redis != NULL && !redis_idle(flow->redis)) return R_FIN;
+    if (flow->kafka != NULL && !kafka_idle(flow->kafka)) return R_FIN;
     if (flow->stage != STAGE_ESTABLISHED && flow->stage != STAGE_CLOSING) return R_FIN;
     if (unwrap(own->next, segment->seq) != own->next) return R_FIN;
     own->finished = 1;
@@ -2331,6 +2354,7 @@ static int take_snapshot(Express *self, flow_t *flow) {
     snapshot_t *snap = &flow->snapshot;
     /* The HTTP/2 part first: when it fails, the previous snapshot stands whole. */
     if (flow->h2 != NULL && h2_snapshot(flow->h2)) return -1;
+    if (flow->kafka != NULL && kafka_snapshot(flow->kafka)) return -1;
     if (!flow->has_snapshot) {
         /* Python counts the flow when it makes it; a flow given back before this point is
            replayed from its first packet, and counted there. */
@@ -2342,6 +2366,7 @@ static int take_snapshot(Express *self, flow_t *flow) {
             self->tcp_flows++;
             if (flow->h2 != NULL) self->tcp_flows_http2++;
             else if (flow->redis != NULL) self->tcp_flows_redis++;
+            else if (flow->kafka != NULL) self->tcp_flows_kafka++;
             else self->tcp_flows_http++;
         }
     }
@@ -2460,6 +2485,12 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
             if (redis == NULL || PyDict_SetItemString(state, "redis", redis)) Py_CLEAR(state);
             Py_XDECREF(redis);
         }
+        if (state != NULL && flow->kafka != NULL) {
+            /* A Kafka flow: KafkaState's fields besides the ordinal (express.py). */
+            PyObject *kafka = kafka_state(flow->kafka);
+            if (kafka == NULL || PyDict_SetItemString(state, "kafka", kafka)) Py_CLEAR(state);
+            Py_XDECREF(kafka);
+        }
         if (state != NULL && flow->h2 != NULL) {
             /* An HTTP/2 flow: the fields of http2.Http2State besides the ordinal (express.py). */
             PyObject *h2 = h2_state(flow->h2);
@@ -2474,7 +2505,7 @@ static PyObject *demote(Express *self, flow_t *flow, int reason, const uint8_t *
                            flow->link_type, "client", flow->client_ip, (int)flow->client_port, "server",
                            flow->server_ip, (int)flow->server_port, "state", state, "records", records,
                            "transport", flow->udp ? "udp" : "tcp");
-    if (result != NULL && (flow->h2 != NULL || flow->redis != NULL)) {
+    if (result != NULL && (flow->h2 != NULL || flow->redis != NULL || flow->kafka != NULL)) {
         /* The calls this lane sent that the replay makes again: the engine drops them. */
         PyObject *emitted = flow_emitted(flow);
         if (emitted == NULL || PyDict_SetItemString(result, "emitted", emitted)) Py_CLEAR(result);
@@ -2500,6 +2531,7 @@ static int quiescent(const flow_t *flow) {
     if (flow->udp) return flow->pending_count == 0 && flow->held_count == 0;
     if (flow->h2 != NULL) return flow->stage == STAGE_ESTABLISHED && h2_snapshot_due(flow);
     if (flow->redis != NULL) return flow->stage == STAGE_ESTABLISHED && flow->exchanges > 0 && redis_idle(flow->redis);
+    if (flow->kafka != NULL) return flow->stage == STAGE_ESTABLISHED && flow->exchanges > 0 && kafka_idle(flow->kafka);
     return flow->stage == STAGE_ESTABLISHED && flow->phase == PHASE_IDLE && flow->exchanges > 0;
 }
 
@@ -2774,7 +2806,7 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
                    Python and makes its calls there, as Python makes them. */
                 Py_ssize_t work_mark = PyList_GET_SIZE(work);
                 size_t emitted_mark = flow->emitted.len;
-                long long grpc_mark = self->calls_grpc, redis_mark = self->calls_redis;
+                long long grpc_mark = self->calls_grpc, redis_mark = self->calls_redis, kafka_mark = self->calls_kafka;
                 long long http_mark = self->calls_http, dns_mark = self->calls_dns;
                 if (flow->retained_bytes + incl > (size_t)self->max_retained_bytes ||
                     self->retained_total + incl > (size_t)self->max_total_retained_bytes)
@@ -2794,6 +2826,7 @@ static PyObject *Express_feed(Express *self, PyObject *args) {
                     flow->emitted.len = emitted_mark;
                     self->calls_grpc = grpc_mark;
                     self->calls_redis = redis_mark;
+                    self->calls_kafka = kafka_mark;
                     self->calls_http = http_mark;
                     self->calls_dns = dns_mark;
                 }
@@ -2890,11 +2923,14 @@ static PyObject *Express_demote_stale(Express *self, PyObject *args) {
         int waiting = flow->phase != PHASE_IDLE && flow->phase != PHASE_REQUEST_HEAD;
         if (flow->redis != NULL && flow->redis->count) /* RedisParser.expire's to judge */
             waiting = now - flow->redis->pending[flow->redis->first].ts >= request_timeout;
+        if (flow->kafka != NULL && flow->kafka->count) /* KafkaParser.expire's to judge */
+            waiting = now - flow->kafka->pending[0]->ts >= request_timeout;
         if (flow->h2 != NULL) /* Http2Parser.expire: a stream open that long is the Python path's to time out */
             for (int i = 0; i < flow->h2->open_count && !waiting; i++)
                 waiting = now - flow->h2->open[i]->first_ts[0] >= request_timeout;
         if (now - flow->last_ts >= idle || (flow->stage == STAGE_SYN_SENT && now - flow->syn_ts >= handshake_timeout) ||
-            (waiting && (flow->h2 != NULL || flow->redis != NULL || now - flow->request.ts >= request_timeout))) {
+            (waiting && (flow->h2 != NULL || flow->redis != NULL || flow->kafka != NULL ||
+                         now - flow->request.ts >= request_timeout))) {
             if (add_work(out, demote(self, flow, R_STALE, NULL, 0, 0))) {
                 Py_DECREF(out);
                 return NULL;
@@ -2972,7 +3008,9 @@ static PyObject *Express_get_counters(Express *self, void *closure) {
         set_count(dict, "udp_flows_dns", self->udp_flows_dns) ||
         set_count(dict, "tcp_flows_http2", self->tcp_flows_http2) || set_count(dict, "calls_grpc", self->calls_grpc) ||
         set_count(dict, "tcp_flows_redis", self->tcp_flows_redis) || set_count(dict, "calls_redis", self->calls_redis) ||
-        set_count(dict, "calls", self->calls_http + self->calls_dns + self->calls_grpc + self->calls_redis) ||
+        set_count(dict, "tcp_flows_kafka", self->tcp_flows_kafka) || set_count(dict, "calls_kafka", self->calls_kafka) ||
+        set_count(dict, "calls",
+                  self->calls_http + self->calls_dns + self->calls_grpc + self->calls_redis + self->calls_kafka) ||
         set_count(dict, "calls_http", self->calls_http) ||
         set_count(dict, "calls_dns", self->calls_dns) || set_count(dict, "express_flows_adopted", self->adopted) ||
         set_count(dict, "express_closed_flows_forgotten", self->closed_forgotten) ||
@@ -3022,14 +3060,16 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     static char *keywords[] = {"header_kind",         "param_is_secret",  "key_is_secret",   "flow_strings",
                                "max_body_bytes",      "max_header_bytes", "max_flows",       "max_retained_bytes",
                                "dns_flow_strings",    "dns_type_text",    "dns_rcode_text",  "edns_option_opaque",
-                               "max_pending_requests", "max_total_retained_bytes", "http2", "redis_rule", NULL};
+                               "max_pending_requests", "max_total_retained_bytes", "http2", "redis_rule",
+                               "kafka_api",           "kafka_claims",     "kafka_errors",    NULL};
     int http2 = 1;
-    PyObject *redis_rule = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOnnpO:Express", keywords, &header_kind,
+    PyObject *redis_rule = Py_None, *kafka_api = Py_None, *kafka_claims_ = Py_None, *kafka_errors = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "OOOOnnnn|$OOOOnnpOOOO:Express", keywords, &header_kind,
                                      &param_is_secret, &key_is_secret, &flow_strings, &max_body_bytes,
                                      &max_header_bytes, &max_flows, &max_retained_bytes, &dns_flow_strings,
                                      &dns_type_text, &dns_rcode_text, &edns_option_opaque, &max_pending_requests,
-                                     &max_total_retained_bytes, &http2, &redis_rule))
+                                     &max_total_retained_bytes, &http2, &redis_rule, &kafka_api, &kafka_claims_,
+                                     &kafka_errors))
         return -1;
     if (max_total_retained_bytes <= 0) {
         PyErr_SetString(PyExc_ValueError, "max_total_retained_bytes must be positive");
@@ -3086,6 +3126,22 @@ static int Express_init(Express *self, PyObject *args, PyObject *kwargs) {
     Py_CLEAR(self->redis_rule);
     if (redis_rule != Py_None) self->redis_rule = Py_NewRef(redis_rule);
     cache_free(&self->redis_rules);
+    if ((kafka_api != Py_None || kafka_claims_ != Py_None || kafka_errors != Py_None) &&
+        (!PyCallable_Check(kafka_api) || !PyCallable_Check(kafka_claims_) || !PyDict_Check(kafka_errors))) {
+        PyErr_SetString(PyExc_TypeError, "Express: kafka_api and kafka_claims must be callable and kafka_errors a "
+                                         "dict (or all three None)");
+        return -1;
+    }
+    Py_CLEAR(self->kafka_api);
+    Py_CLEAR(self->kafka_claims);
+    kapi_free_all(self);
+    PyMem_Free(self->kafka_error_names);
+    self->kafka_error_names = NULL;
+    if (kafka_api != Py_None) {
+        if (kafka_error_table(self, kafka_errors)) return -1;
+        self->kafka_api = Py_NewRef(kafka_api);
+        self->kafka_claims = Py_NewRef(kafka_claims_);
+    }
     free_texts(&self->type_texts, 65536);
     free_texts(&self->rcode_texts, 4096);
     memset(self->option_known, 0, sizeof(self->option_known));
@@ -3115,6 +3171,8 @@ static int Express_traverse(Express *self, visitproc visit, void *arg) {
     Py_VISIT(self->key_is_secret);
     Py_VISIT(self->flow_strings);
     Py_VISIT(self->redis_rule);
+    Py_VISIT(self->kafka_api);
+    Py_VISIT(self->kafka_claims);
     return 0;
 }
 
@@ -3128,6 +3186,8 @@ static int Express_clear(Express *self) {
     Py_CLEAR(self->key_is_secret);
     Py_CLEAR(self->flow_strings);
     Py_CLEAR(self->redis_rule);
+    Py_CLEAR(self->kafka_api);
+    Py_CLEAR(self->kafka_claims);
     return 0;
 }
 
@@ -3148,6 +3208,8 @@ static void Express_dealloc(Express *self) {
     cache_free(&self->params);
     cache_free(&self->keys);
     cache_free(&self->redis_rules);
+    kapi_free_all(self);
+    PyMem_Free(self->kafka_error_names);
     Py_XDECREF(self->empty_bytes);
     free_texts(&self->type_texts, 65536);
     free_texts(&self->rcode_texts, 4096);

@@ -30,6 +30,10 @@ class Express:
         max_total_retained_bytes: int = ...,
         http2: bool = True,
         redis_rule: Callable[[str], int] | None = None,
+        kafka_api: Callable[[int, int], tuple[str, int, int, bool, str, bytes | None, bytes | None] | None]
+        | None = None,
+        kafka_claims: Callable[[bytes, str, int, str, int], bool] | None = None,
+        kafka_errors: dict[int, str] | None = None,
     ) -> None: ...
     def feed(
         self,

@@ -142,7 +142,7 @@ class Dissector:
         self.clock_ns = 0
         self._last_expire_ns = 0
         self._window = settings.detection_window_bytes
-        self.lane = express.build_lane(settings, self.redactor)
+        self.lane = express.build_lane(settings, self.redactor, self.tcp_specs)
         if self.lane is not None:
             lane = self.lane
             self.tcp.lane_flows = lambda: lane.tcp_active

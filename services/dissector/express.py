@@ -2,8 +2,8 @@
 
 `trawl.dissector._express` (C) dissects the common cases, in-order HTTP/1.x with Content-Length
 bodies, gRPC over HTTP/2 with prior knowledge (_express_h2.h), RESP2 Redis commands
-(_express_redis.h) and everyday DNS over UDP, on every link type, without a Python call per
-packet or call.
+(_express_redis.h), Kafka requests and responses (_express_kafka.h) and everyday DNS over UDP,
+on every link type, without a Python call per packet or call.
 It keeps a flow only while the flow stays that simple; the moment a packet is anything else (a
 reordering, a loss, a RST or a FIN with a request outstanding, chunked or compressed bodies,
 pipelining, a secret in a body, a byte it does not expect...) it gives the flow back
@@ -14,7 +14,10 @@ pipelining, a secret in a body, a byte it does not expect...) it gives the flow 
 - copies of the flow's packets since that point, the one that caused the demotion included.
 
 Redis, like HTTP/2, sends each call as its reply comes while others may be pending (pipelining),
-with the same `emitted` ids; its state is RedisState's ordinal.
+with the same `emitted` ids; its state is RedisState's ordinal. Kafka does the same (a response
+answers its request by correlation id, others in flight); its state is KafkaState (the ordinal and
+the topic ids learnt from Metadata), and which connections it holds is the engine's own detection
+asked once per connection (`first_chunk_claims`).
 
 HTTP/2 differs in one way: calls finish while other streams are open, so its quiescent points
 are frame boundaries in both directions, taken with no stream open or, on a connection with
@@ -41,12 +44,13 @@ had it seen every packet. The differential test
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.layers import ip_text
-from trawl.dissector.protocols import dns, grpc, redis
-from trawl.dissector.protocols.base import FlowInfo, ParserLimits
+from trawl.dissector.protocols import dns, grpc, kafka, redis
+from trawl.dissector.protocols.base import FlowInfo, ParserLimits, ProtocolSpec
 from trawl.dissector.protocols.http1 import Http1Parser, Http1State
 from trawl.dissector.protocols.http2 import Http2Parser, Http2State, Http2StreamState
 from trawl.dissector.redact import Redactor
@@ -85,8 +89,12 @@ def _flow_strings(
     return client, server, f"{node}|{key}|{protocol}|".encode()
 
 
-def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
-    """The lane for these settings, or None when it is off (or, on a broken install, missing)."""
+def build_lane(
+    settings: DissectorSettings, redactor: Redactor, tcp_specs: tuple[ProtocolSpec, ...] | None = None
+) -> Any | None:
+    """The lane for these settings, or None when it is off (or, on a broken install, missing).
+    `tcp_specs` are the engine's detection probes: with them the lane holds Kafka connections
+    that detection would make Kafka at their first chunk (`first_chunk_claims`)."""
     if not settings.express:
         return None
     if Express is None:
@@ -111,12 +119,39 @@ def build_lane(settings: DissectorSettings, redactor: Redactor) -> Any | None:
         # With descriptor sets the first gRPC messages are decoded with their schema: Python's work.
         http2=not settings.proto_descriptors,
         redis_rule=redis.lane_rule,
+        kafka_api=kafka.lane_api if tcp_specs else None,
+        kafka_claims=first_chunk_claims(tcp_specs, kafka.PROTOCOL) if tcp_specs else None,
+        kafka_errors=kafka.ERRORS if tcp_specs else None,
     )
+
+
+def first_chunk_claims(specs: tuple[ProtocolSpec, ...], protocol: str) -> Callable[[bytes, str, int, str, int], bool]:
+    """Whether the engine's detection (`engine._detect`) makes a flow seen from its handshake
+    `protocol` as soon as the client's first chunk `data` comes, before the server says anything:
+    the highest probe score, the first spec in registry order among equals, is `protocol`'s, and
+    it is certain (3) or likely (2) with at least the spec's `probe_bytes`."""
+
+    def claims(data: bytes, client_ip: str, client_port: int, server_ip: str, server_port: int) -> bool:
+        info = FlowInfo("tcp", client_ip, client_port, server_ip, server_port)
+        best: ProtocolSpec | None = None
+        best_score = 0
+        for spec in specs:
+            try:
+                score = spec.probe(data, b"", info)
+            except Exception:
+                return False  # the engine counts a failing probe: the Python path's to do
+            if score > best_score:
+                best, best_score = spec, score
+        if best is None or best.name != protocol:
+            return False
+        return best_score >= 3 or (best_score == 2 and len(data) >= best.probe_bytes)
+
+    return claims
 
 
 def restore(
     table: TcpTable, handover: dict[str, Any], limits: ParserLimits
-) -> tuple[TcpFlow, Http1Parser | Http2Parser | redis.RedisParser, str]:
+) -> tuple[TcpFlow, Http1Parser | Http2Parser | redis.RedisParser | kafka.KafkaParser, str]:
     """Rebuild a demoted flow's Python state as of its last quiescent point, through the public
     `TcpFlow.from_snapshot` and `Http1Parser.restore` (or `Http2Parser.restore` for an HTTP/2
     flow); returns the flow, its parser and the protocol's name. The caller gives the flow its
@@ -135,8 +170,12 @@ def restore(
     state: dict[str, Any] = handover["state"]
     flow_state, http1_state = tcp_states(state)
     flow = TcpFlow.from_snapshot(info, (c2s_key, s2c_key), flow_state)
-    parser: Http1Parser | Http2Parser | redis.RedisParser
-    if "redis" in state:
+    parser: Http1Parser | Http2Parser | redis.RedisParser | kafka.KafkaParser
+    if "kafka" in state:
+        parser = kafka.KafkaParser(info, limits)
+        parser.restore(kafka.KafkaState(ordinal=state["ordinal"], topic_names=state["kafka"]["topic_names"]))
+        protocol = "kafka"
+    elif "redis" in state:
         parser = redis.RedisParser(info, limits)
         parser.restore(redis.RedisState(ordinal=state["ordinal"]))
         protocol = "redis"

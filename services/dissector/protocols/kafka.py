@@ -819,6 +819,54 @@ def _ops(api_key: int, api_version: int, response: bool) -> _Ops | None:
     return ops
 
 
+# What the compiled lane (_express_kafka.h) is told of one API version, asked once per pair:
+# (name, request header version, response header version, flexible, note, request layout,
+# response layout); a layout is `_ops` flattened, three bytes per operation (the op, then how
+# many operations its children take, big-endian), None where this module reads no body.
+LaneApi = tuple[str, int, int, bool, str, bytes | None, bytes | None]
+# SaslHandshake v0 turns the connection to raw SASL tokens (`sasl_tokens`): this parser's to follow.
+LANE_REFUSED = frozenset({SASL_HANDSHAKE})
+
+
+def lane_api(api_key: int, api_version: int) -> LaneApi | None:
+    """How the compiled lane reads requests and responses of this API version exactly as
+    KafkaParser does, or None when it must leave the connection to KafkaParser (LANE_REFUSED)."""
+    if api_key in LANE_REFUSED:
+        return None
+    entry = APIS.get(api_key)
+    note = "unknown-api-key" if entry is None else "unknown-version" if api_version > entry[1] else ""
+    request = response = None
+    if not note:
+        request = _flat(_ops(api_key, api_version, False))
+        response = _flat(_ops(api_key, api_version, True))
+    return (
+        api_name(api_key),
+        request_header_version(api_key, api_version),
+        response_header_version(api_key, api_version),
+        flexible(api_key, api_version),
+        note,
+        request,
+        response,
+    )
+
+
+def _flat(ops: _Ops | None) -> bytes | None:
+    if ops is None:
+        return None
+    out = bytearray()
+
+    def emit(level: _Ops) -> None:
+        for op, children in level:
+            at = len(out)
+            out.extend(bytes(3))
+            emit(children)
+            out[at] = op
+            out[at + 1 : at + 3] = ((len(out) - at) // 3 - 1).to_bytes(2, "big")
+
+    emit(ops)
+    return bytes(out)
+
+
 class _Short(Exception):
     """The body does not match its layout (cut short, or a length beyond the frame)."""
 
@@ -1217,7 +1265,7 @@ class KafkaParser:
                     self._check_size(length)
                     stop = position + 4 + length
                     if stop <= size and length <= self._keep:
-                        self._frame(direction, data[position + 4 : stop], length, ts_ns, calls)
+                        self._frame(direction, data[position + 4 : stop], length, ts_ns, ts_ns, calls)
                         position = stop
                         continue
             if len(buffer) < 4:
@@ -1238,7 +1286,7 @@ class KafkaParser:
                 if kept < length:
                     side.skip = length - kept
                     self._count("kafka_frames_truncated")
-                self._frame(direction, frame, length, side.frame_ts, calls)
+                self._frame(direction, frame, length, side.frame_ts, ts_ns, calls)
         return calls
 
     def _check_size(self, length: int) -> None:
@@ -1257,16 +1305,22 @@ class KafkaParser:
     def _count(self, name: str) -> None:
         self.counts[name] = self.counts.get(name, 0) + 1
 
-    def _frame(self, direction: Direction, frame: bytes, length: int, ts_ns: int, calls: list[ApiCall]) -> None:
+    def _frame(
+        self, direction: Direction, frame: bytes, length: int, ts_ns: int, end_ts_ns: int, calls: list[ApiCall]
+    ) -> None:
+        """One frame, begun in the chunk of `ts_ns` and ended in the chunk of `end_ts_ns` (the
+        message's `ts` and `end_ts`)."""
         truncated = len(frame) < length
         if direction is Direction.CLIENT_TO_SERVER:
-            self._request(frame, length, truncated, ts_ns, calls)
+            self._request(frame, length, truncated, ts_ns, end_ts_ns, calls)
         else:
-            self._response(frame, length, truncated, ts_ns, calls)
+            self._response(frame, length, truncated, ts_ns, end_ts_ns, calls)
 
     # -- requests ---------------------------------------------------------------------------------
 
-    def _request(self, frame: bytes, length: int, truncated: bool, ts_ns: int, calls: list[ApiCall]) -> None:
+    def _request(
+        self, frame: bytes, length: int, truncated: bool, ts_ns: int, end_ts_ns: int, calls: list[ApiCall]
+    ) -> None:
         if self._sasl_tokens:
             if not plausible_request(_I32.pack(length) + frame[:10]):
                 self._count("kafka_sasl_tokens")  # a raw SASL token after SaslHandshake v0: never read
@@ -1281,7 +1335,7 @@ class KafkaParser:
         self._ordinal += 1
         call.method = api_name(header.api_key)
         call.request.size = length + 4
-        call.request.end_ts = ts_ns
+        call.request.end_ts = end_ts_ns
         detail = call.kafka
         detail.api_key = header.api_key
         detail.api_version = header.api_version
@@ -1331,7 +1385,9 @@ class KafkaParser:
 
     # -- responses --------------------------------------------------------------------------------
 
-    def _response(self, frame: bytes, length: int, truncated: bool, ts_ns: int, calls: list[ApiCall]) -> None:
+    def _response(
+        self, frame: bytes, length: int, truncated: bool, ts_ns: int, end_ts_ns: int, calls: list[ApiCall]
+    ) -> None:
         if self._sasl_tokens and (len(frame) < 4 or _I32.unpack_from(frame)[0] not in self._pending):
             self._count("kafka_sasl_tokens")
             return
@@ -1345,7 +1401,7 @@ class KafkaParser:
             return
         call = pending.call
         call.response.size = length + 4
-        call.response.end_ts = ts_ns
+        call.response.end_ts = end_ts_ns
         if truncated and "truncated" not in call.notes:
             call.notes.append("truncated")
         start = 4
@@ -1497,12 +1553,14 @@ __all__ = [
     "Facts",
     "KafkaParser",
     "KafkaState",
+    "LaneApi",
     "RequestHeader",
     "api_name",
     "decode_body",
     "error_name",
     "flexible",
     "framed_responses",
+    "lane_api",
     "plausible_request",
     "probe",
     "read_request_header",
