@@ -250,6 +250,9 @@ typedef struct {
 #define S(lit) ((str_t){lit, sizeof(lit) - 1})
 static const str_t EMPTY = {"", 0};
 
+/* memchr on a slice; an empty slice (whose pointer may be NULL, from a zeroed struct) has nothing. */
+static inline const char *str_find(str_t s, char c) { return s.n ? memchr(s.p, c, s.n) : NULL; }
+
 static inline int str_eq(str_t a, str_t b) { return a.n == b.n && (a.n == 0 || memcmp(a.p, b.p, a.n) == 0); }
 
 typedef struct {
@@ -796,9 +799,9 @@ static char *arena_str(Encoder *e, size_t n) { return arena_alloc(&e->arena, n ?
 static str_t cat(Encoder *e, str_t a, str_t b, str_t c) {
     char *p = arena_str(e, a.n + b.n + c.n);
     if (!p) return EMPTY;
-    memcpy(p, a.p, a.n);
-    memcpy(p + a.n, b.p, b.n);
-    memcpy(p + a.n + b.n, c.p, c.n);
+    if (a.n) memcpy(p, a.p, a.n);
+    if (b.n) memcpy(p + a.n, b.p, b.n);
+    if (c.n) memcpy(p + a.n + b.n, c.p, c.n);
     return (str_t){p, a.n + b.n + c.n};
 }
 
@@ -868,6 +871,7 @@ static int segment_is_id(const char *p, size_t n) {
 /* template_path: numeric, UUID and long hex segments become {id} (the text before any '?'). */
 static str_t template_path(Encoder *e, str_t path) {
     size_t n = path.n;
+    if (n == 0) return EMPTY;
     const char *q = memchr(path.p, '?', n);
     if (q) n = (size_t)(q - path.p);
     char *out = arena_str(e, 4 * n + 4);
@@ -1071,7 +1075,7 @@ static void shape_reset(shape_t *sh, str_t name) {
 }
 
 static str_t host_of(Encoder *e, const endpoint_t *ep) {
-    int v6 = memchr(ep->ip.p, ':', ep->ip.n) != NULL;
+    int v6 = str_find(ep->ip, ':') != NULL;
     str_t host = v6 ? cat(e, S("["), ep->ip, S("]")) : ep->ip;
     if (!ep->port) return host;
     return cat(e, host, S(":"), decimal(e, ep->port));
@@ -1096,7 +1100,7 @@ static void map_http(Encoder *e, const call_t *c, shape_t *sh) {
     }
     str_t path = c->path, query = EMPTY;
     int has_query = 0;
-    const char *q = memchr(c->path.p, '?', c->path.n);
+    const char *q = str_find(c->path, '?');
     if (q) {
         path.n = (size_t)(q - c->path.p);
         query = (str_t){q + 1, c->path.n - path.n - 1};
@@ -1167,7 +1171,7 @@ static void map_graphql(Encoder *e, const call_t *c, shape_t *sh) {
             put_str(&sh->common, K("network.protocol.version"), d->gql_http_version);
         }
         str_t target = d->gql_target, query = EMPTY;
-        const char *q = memchr(target.p, '?', target.n);
+        const char *q = str_find(target, '?');
         if (q) {
             query = (str_t){q + 1, target.n - (size_t)(q - target.p) - 1};
             target.n = (size_t)(q - target.p);
