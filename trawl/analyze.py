@@ -6,15 +6,20 @@ Everything around the dissector costs little per packet and per call: the file i
 whole batches of records (`CaptureFile.batches`); with `--json` the calls stay serialized
 from the dissector (`Dissector.feed_encoded`: the compiled lane's calls never become Python
 objects) through enrichment (`Enricher.enrich_encoded`, spliced in C) to the NDJSON, written by
-one compiled call and one write per batch (`JsonLinesWriter`). The table and OTLP export
-(`--otlp-endpoint`, or an endpoint in the config) read fields of each call, so they take the
-calls as objects (`Dissector.feed`, `Enricher.enrich_calls`); the NDJSON is the same bytes
-either way (tests/unit/test_analyze_encoded.py).
+one compiled call and one write per batch (`JsonLinesWriter`). The table and the RED metrics of
+OTLP export (`--otlp-endpoint`, or an endpoint in the config) read fields of each call, so they
+take the calls as objects (`Dissector.feed`, `Enricher.enrich_calls`); the NDJSON is the same
+bytes either way (tests/unit/test_analyze_encoded.py).
+
+Spans take the compiled path when it is built (trawl.enricher.wire_export.WireSpanPath: the
+enriched calls' bytes straight to OTLP request bytes, no SDK span objects), else the SDK path
+of the Enricher; both count every span in the same counters, printed as one line at the end.
 """
 
 from __future__ import annotations
 
 import gc
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,10 +29,12 @@ from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import Dissector
 from trawl.enricher.config import EnricherSettings
-from trawl.enricher.logic import Enricher, build_enricher
+from trawl.enricher.logic import Enricher, build_enricher, load_identity, metric_exporter_for
 from trawl.enricher.span_totals import SpanCounters
+from trawl.enricher.wire_export import WireSpanPath
 from trawl.errors import InputError
 from trawl.logs import configure_logging, get_logger
+from trawl.metrics import Registry
 from trawl.render import JsonLinesWriter, TableWriter, calls_to_json_lines
 from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.packets_pb2 import PacketBatch
@@ -41,9 +48,10 @@ BATCH_MAX_BYTES = 256 << 10
 
 
 class _Output:
-    def __init__(self, as_json: bool, enricher: Enricher) -> None:
+    def __init__(self, as_json: bool, enricher: Enricher, spans: WireSpanPath | None = None) -> None:
         self.as_json = as_json
         self.enricher = enricher
+        self.spans = spans
         # Serialized calls end to end when nothing needs their fields as objects.
         self.encoded = as_json and not enricher.exports_calls
         self.table = TableWriter(sys.stdout)
@@ -69,6 +77,8 @@ class _Output:
             return
         enriched = self.enricher.enrich_calls(calls)
         self.enricher.export(enriched)
+        if self.spans is not None:
+            self.spans.hand_over_calls([call.SerializeToString() for call in enriched])
         self.count += len(enriched)
         if self.as_json:
             self._write_lines(enriched)
@@ -80,6 +90,8 @@ class _Output:
         if not calls:
             return
         enriched = self.enricher.enrich_encoded(calls)
+        if self.spans is not None:
+            self.spans.hand_over_calls(enriched)
         self.count += len(enriched)
         self._write_lines(enriched)
 
@@ -111,10 +123,17 @@ def analyze(
     explicit = "log_level" in dissector_settings.model_fields_set
     configure_logging(dissector_settings.log_level if explicit else "warning", dissector_settings.log_format)
     capture = CaptureFile(path)
-    enricher = build_enricher(enricher_settings)
+    metrics = Registry()
+    spans = WireSpanPath.from_settings(enricher_settings, metrics, os.environ)
+    if spans is None:
+        enricher = build_enricher(enricher_settings, metrics=metrics)
+    else:  # the Enricher without its SDK span exporter: the compiled path sends the spans
+        enricher = Enricher(
+            enricher_settings, load_identity(enricher_settings), None, metric_exporter_for(enricher_settings), metrics
+        )
     node_name = dissector_settings.node
     dissector = Dissector(dissector_settings, node=node_name)
-    output = _Output(as_json, enricher)
+    output = _Output(as_json, enricher, spans)
     sys.stdout.flush()  # what the text layer holds goes before the binary writes
     # The objects of start-up (modules, settings, schemas) live as long as the process: out of the
     # cyclic collector's walks, which otherwise cost about 5% of a large capture's time.
@@ -140,8 +159,10 @@ def analyze(
     )
     output.feed(dissector, end)
     output.finish(dissector)
-    exporting = enricher.exporting
+    exporting = enricher.exporting or spans is not None
     enricher.shutdown()
+    if spans is not None:
+        spans.shutdown()
     sys.stdout.flush()
     if exporting:
         # What became of every span: exported, dropped or failed (the shutdown settled them all).

@@ -512,3 +512,50 @@ def wire_span_export(options: WireExportOptions, settings: EnricherSettings, met
         export_timeout_s=options.timeout_s,
         shutdown_timeout_s=min(options.timeout_s, 5.0),
     )
+
+
+class WireSpanPath:
+    """The whole compiled span path behind one object: enriched calls as bytes are encoded
+    (wire_spans.WireSpanEncoder, requests of at most a batch) and handed to `WireSpanExport`.
+    A call that does not parse gives no span and is counted in the enricher's
+    `trawl_enricher_call_failures_total{stage="export"}`, as the SDK path counts a call whose
+    spans could not be built."""
+
+    def __init__(self, options: WireExportOptions, settings: EnricherSettings, metrics: Registry) -> None:
+        from trawl.enricher.wire_spans import WireSpanEncoder
+
+        self.encoder = WireSpanEncoder(max_spans=settings.export_max_batch_size)
+        self.export = wire_span_export(options, settings, metrics)
+        self._failures = metrics.counter(
+            "trawl_enricher_call_failures_total", "Calls that could not be enriched or turned into spans, by stage"
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: EnricherSettings, metrics: Registry, environ: Mapping[str, str]
+    ) -> WireSpanPath | None:
+        """None when no traces endpoint is configured or the encoder is not compiled."""
+        from trawl.enricher.wire_spans import available
+
+        options = WireExportOptions.from_settings(settings, environ)
+        if options is None or not available():
+            return None
+        return cls(options, settings, metrics)
+
+    def hand_over_calls(self, calls: Sequence[bytes]) -> None:
+        """Encode and queue the spans of enriched calls; returns without waiting for the network."""
+        if not calls:
+            return
+        parts = self.encoder.encode(calls)
+        unreadable = sum(len(part.unreadable) for part in parts)
+        if unreadable:
+            self._failures.inc(unreadable, stage="export")
+            log.warning("span_encode_failed", calls=unreadable)
+        self.export.hand_over(parts)
+
+    def flush(self, timeout_s: float) -> bool:
+        return self.export.force_flush(timeout_s)
+
+    def shutdown(self) -> None:
+        """After it, every span handed over is counted exported, dropped or failed."""
+        self.export.shutdown()
