@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -197,3 +198,28 @@ def test_enrich_encoded_is_enrich_calls_serialized_for_mesh_and_loopback_calls(
     assert enriched == [call.SerializeToString() for call in batch]
     assert _counts(spliced) == _counts(objects)
     assert calls_to_json_lines(enriched) == calls_to_json_lines(batch)
+
+
+def _damaged(encoded: bytes) -> st.SearchStrategy[bytes]:
+    """`encoded` with up to three bytes changed, cut anywhere."""
+    flips = st.lists(st.tuples(st.integers(0, max(len(encoded) - 1, 0)), st.integers(0, 255)), max_size=3)
+    return st.tuples(flips, st.integers(0, len(encoded))).map(
+        lambda change: bytes(dict(change[0]).get(index, value) for index, value in enumerate(encoded))[: change[1]]
+    )
+
+
+@settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.data())
+def test_damaged_mesh_and_loopback_calls_are_spliced_as_a_parser_reads_them_or_left_alone(data: st.DataObject) -> None:
+    encoded = data.draw(calls()).SerializeToString()
+    damaged = data.draw(_damaged(encoded))
+    enriched, _, _, _, odd = _calljson.Splicer(IDENTITY.describe_address).enrich([damaged])
+    if odd:
+        assert enriched == [damaged]
+        return
+    try:
+        expected = ApiCall.FromString(damaged)
+    except DecodeError:
+        return  # not an ApiCall: nothing to compare with (the object path would fail on it)
+    IDENTITY.enrich(expected)
+    assert ApiCall.FromString(enriched[0]) == expected
