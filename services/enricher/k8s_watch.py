@@ -393,6 +393,12 @@ class KubeWatcher:
         if isinstance(exc, _Garbage):
             return "garbage", f"check that {self.server} is a Kubernetes API server (not a proxy's error page)"
         text = _describe(exc)
+        if "CERTIFICATE_VERIFY_FAILED" in text:  # ssl's verification error, under urllib3's wrappers
+            return "untrusted", (
+                f"the API server at {self.server} presents a certificate no trusted CA signed: give the "
+                "enricher the CA that did (the service account's ca.crt in a pod, the kubeconfig's "
+                "certificate-authority elsewhere)"
+            )
         if "timed out" in text.lower() or "timeout" in type(exc).__name__.lower():
             return "slow", f"the API server at {self.server} did not answer in {self.request_timeout_s:g} s"
         return "unreachable", f"check that the API server at {self.server} is up and reachable from the enricher"
