@@ -5,9 +5,10 @@
 Generates a capture (HTTP/1.1 keep-alive connections, each request / response / ACK, plus a
 share of DNS over UDP), then times on the same file, in the same run:
 
-1. the dissection stage alone: `Dissector.feed` over pre-read PacketBatches of 1000 records
-   (what one dissector replica does with the bus taken away), with the compiled HTTP/1 lane
-   (the default) and again with the Python path alone (`express: false`);
+1. the dissection stage alone: `Dissector.feed` over pre-read PacketBatches of 1000 records,
+   calls returned as ApiCall objects, with the compiled lane (the default); then
+   `Dissector.feed_encoded`, calls returned serialized, what one dissector replica does with the
+   bus taken away; then `feed` with the Python path alone (`express: false`);
 2. `trawl analyze FILE --json > /dev/null` end to end (file reading, dissection, enrichment,
    JSON output), when the CLI is installed;
 3. `tshark -r FILE -Y "http or dns" -T fields ...` as the issue specifies.
@@ -209,13 +210,17 @@ def _batch(records: list[bytes], sequence: int) -> PacketBatch:
     )
 
 
-def dissect(batches: list[PacketBatch], express: bool = True) -> tuple[float, dict[str, int]]:
+def dissect(batches: list[PacketBatch], express: bool = True, encoded: bool = False) -> tuple[float, dict[str, int]]:
+    """The dissection stage over `batches`: calls as ApiCall objects (`feed`), or as the
+    serialized calls the dissector service publishes (`feed_encoded`, `encoded`)."""
     dissector = Dissector(DissectorSettings.load(None, node="bench", express=express), "bench")
+    feed = dissector.feed_encoded if encoded else dissector.feed
+    finish = dissector.finish_encoded if encoded else dissector.finish
     started = time.perf_counter()
     calls = 0
     for packet_batch in batches:
-        calls += len(dissector.feed(packet_batch))
-    calls += len(dissector.finish())
+        calls += len(feed(packet_batch))
+    calls += len(finish())
     elapsed = time.perf_counter() - started
     counters = dissector.counters
     counters["returned"] = calls
@@ -286,6 +291,7 @@ def recorded_bench(protocol: str, count: int, keep: Path | None, copies: int = 1
         }
         say(f"connections the lane gave back before the end of input: {given_back or 'none'}")
         rows = [("dissector stage (Dissector.feed)", elapsed)]
+        rows.append(("  calls as bytes (feed_encoded)", dissect(batches, encoded=True)[0]))
         python_elapsed, python_counters = dissect(batches, express=False)
         python_calls = python_counters.get(f"calls_{protocol}", 0)
         if python_calls != calls:
@@ -377,6 +383,7 @@ def main() -> int:
         calls = counters["returned"]
         http_calls = counters.get("calls_grpc" if grpc_port else "calls_http", 0)
         rows = [("dissector stage (Dissector.feed)", elapsed)]
+        rows.append(("  calls as bytes (feed_encoded)", dissect(batches, encoded=True)[0]))
         python_elapsed, python_counters = dissect(batches, express=False)
         if python_counters["returned"] != calls:
             say(f"  the Python path found {python_counters['returned']} calls, the compiled lane {calls}")
