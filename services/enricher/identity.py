@@ -69,8 +69,8 @@ ClaimKind = Literal["pod", "service", "node"]
 
 # What the enricher's compiled splicer (trawl/_calljson.c, Splicer) keeps per address: an
 # endpoint's serialized identity fields 3.. (to append to its ip and port), whether it counts
-# as a known source and a known destination, and its mesh when it is a pod of one (UTF-8, b""
-# otherwise: see `mesh_mtls`); the winners of one interval (for any port, and per declared
+# as a known source and a known destination, and its mesh when it is a pod of one in
+# MUTUAL_TLS_MESHES (UTF-8, b"" otherwise: see `mesh_mtls`); the winners of one interval (for any port, and per declared
 # port); then the whole address (`describe_address`).
 SpliceEntry = tuple[bytes, bool, bool, bytes]
 SpliceWinners = tuple[SpliceEntry, tuple[tuple[int, SpliceEntry], ...]]
@@ -379,7 +379,7 @@ class IdentityMap:
                     endpoint.SerializeToString(),
                     identity.known_as_source,
                     identity.known_as_destination,
-                    identity.mesh.encode() if identity.kind == "pod" else b"",
+                    identity.mesh.encode() if identity.kind == "pod" and identity.mesh in MUTUAL_TLS_MESHES else b"",
                 )
             return known
 
@@ -472,20 +472,24 @@ class IdentityMap:
 
 # The note of a `tls` call between two pods of one service mesh (see `mesh_mtls`).
 MESH_MTLS = "mesh-mtls"
+# The meshes whose sidecars always speak mutual TLS to each other (Istio's automatic mTLS,
+# Linkerd's, Consul Connect's). Kuma's is a setting of the mesh, off unless enabled, and an
+# Envoy of unknown configuration may do anything: TLS between such pods may be the apps' own.
+MUTUAL_TLS_MESHES = frozenset({"istio", "linkerd", "consul"})
 
 
 def mesh_mtls(source: Identity | None, destination: Identity | None) -> bool:
     """Whether a `tls` call from `source` to `destination` is the mutual TLS of a mesh: two
-    different pods whose sidecars belong to one mesh (Istio, Linkerd, Consul and Kuma sidecars
-    authenticate each other with certificates the mesh issues). What was captured in plaintext
-    between two such pods on the pod network was not encrypted by the mesh, whatever its policy
-    says, and is not marked; neither is anything inside one pod (its loopback)."""
+    different pods whose sidecars belong to one of MUTUAL_TLS_MESHES (they authenticate each
+    other with certificates the mesh issues). What was captured in plaintext between two such
+    pods on the pod network was not encrypted by the mesh, whatever its policy says, and is not
+    marked; neither is anything inside one pod (its loopback)."""
     return (
         source is not None
         and destination is not None
         and source.kind == "pod"
         and destination.kind == "pod"
-        and source.mesh != ""
+        and source.mesh in MUTUAL_TLS_MESHES
         and source.mesh == destination.mesh
         and source != destination
     )

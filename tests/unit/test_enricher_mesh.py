@@ -39,11 +39,14 @@ def _pod(name: str, ip: str, sidecar: tuple[str, str] | None, **metadata: Any) -
 
 ISTIO = ("istio-proxy", "docker.io/istio/proxyv2:1.22.0")
 LINKERD = ("linkerd-proxy", "cr.l5d.io/linkerd/proxy:stable-2.14.10")
+KUMA = ("kuma-sidecar", "docker.io/kumahq/kuma-dp:2.7.0")
 PODS = {
     "frontend": ("10.244.1.10", ISTIO),
     "checkout": ("10.244.1.11", ISTIO),
     "payments": ("10.244.1.12", LINKERD),
     "plain": ("10.244.1.13", None),
+    "kuma-a": ("10.244.1.15", KUMA),
+    "kuma-b": ("10.244.1.16", KUMA),
 }
 DOCUMENT = {
     "apiVersion": "v1",
@@ -80,13 +83,14 @@ def test_tls_between_two_pods_of_one_mesh_is_noted_mutual_tls() -> None:
     assert list(meshed.notes) == [MESH_MTLS]
     assert (meshed.src.mesh, meshed.dst.mesh) == ("istio", "istio")
     # Not the mesh's mTLS: plaintext on the pod network, another mesh, a pod outside any mesh,
-    # a service address, one pod talking to itself.
+    # a service address, one pod talking to itself, a mesh whose mTLS is a setting (Kuma's).
     for call in (
         _call("http", IP["frontend"], IP["checkout"]),
         _call("tls", IP["frontend"], IP["payments"]),
         _call("tls", IP["plain"], IP["checkout"]),
         _call("tls", IP["frontend"], "10.96.0.20"),
         _call("tls", IP["checkout"], IP["checkout"]),
+        _call("tls", IP["kuma-a"], IP["kuma-b"]),
     ):
         assert list(IDENTITY.enrich(call).notes) == [], call
     # Once only, after the dissector's own notes.
