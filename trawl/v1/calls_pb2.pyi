@@ -904,8 +904,8 @@ class ApiCall(_message.Message):
     @_builtins.property
     def notes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Anomalies the dissector noticed on this call (gap, overlap conflict, truncated...), and
-        what the enricher adds: "mesh-mtls" on a TLS call between two pods of one service mesh
-        (the mutual TLS of their sidecars).
+        what the enricher adds: "mesh-mtls" on a TLS call between two pods of one Istio, Linkerd
+        or Consul mesh (the mutual TLS of their sidecars).
         """
 
     @_builtins.property
