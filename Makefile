@@ -8,7 +8,7 @@ SAMPLE      ?= tests/fixtures/sample.pcap
 IDENTITY    ?= tests/fixtures/http1_identity.json
 RULES       ?= tests/fixtures/sample_rules.yaml
 # Debian packages the tests use as real peers and oracles.
-APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc nghttp2-client nghttp2-server rabbitmq-server
+APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc nghttp2-client nghttp2-server rabbitmq-server curl python3-bpfcc linux-headers-amd64
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # A whole pytest run that hangs (a teardown after a test's timeout, which fires once) is ended
@@ -74,6 +74,18 @@ system-deps:
 		echo "installing Debian packages: $$missing"; \
 		$(SUDO) apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@# bcc compiles the TLS uprobes (bpf/) against the running kernel's headers: a kernel that has
+	@# none of its own gets its build/source links pointed at Debian's newest headers.
+	@release=$$(uname -r); build=/lib/modules/$$release/build; \
+	if [ ! -d $$build/include ]; then \
+		headers=$$(ls -d /usr/src/linux-headers-*-amd64 2>/dev/null | sort -V | tail -1); \
+		common=$$(ls -d /usr/src/linux-headers-*-common 2>/dev/null | sort -V | tail -1); \
+		if [ -n "$$headers" ]; then \
+			echo "pointing $$build at $$headers"; \
+			$(SUDO) mkdir -p /lib/modules/$$release && $(SUDO) ln -sfn $$headers $$build && \
+			{ [ -z "$$common" ] || $(SUDO) ln -sfn $$common /lib/modules/$$release/source; }; \
+		fi; \
 	fi
 
 # Benchmarks print figures against a peer measured in the same run (tshark, tcpdump); root for capture.

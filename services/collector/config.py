@@ -2,6 +2,8 @@
 
 A collector either replays a file (`pcap`) or captures live (`interfaces` and/or
 `pod_loopback`, with the keys of `LiveCaptureSettings`: ring, shards, filter, scope, ...).
+`tls` turns on TLS plaintext capture with eBPF uprobes (`TlsUprobeSettings`), beside live
+capture or alone.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from trawl.collector.capture_settings import LiveCaptureSettings
+from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.config import ServiceSettings
 
 
@@ -27,6 +30,8 @@ class CollectorSettings(ServiceSettings, LiveCaptureSettings):
     batch_max_packets: int = Field(default=4096, gt=0)
     batch_max_bytes: int = Field(default=1 << 20, ge=1024, le=32 << 20)
     batch_max_age_ms: int = Field(default=100, gt=0)
+    # TLS plaintext through eBPF uprobes (off by default: it needs root, bcc and kernel headers).
+    tls: TlsUprobeSettings = Field(default_factory=TlsUprobeSettings)
 
     @model_validator(mode="after")
     def _one_source(self) -> CollectorSettings:

@@ -131,14 +131,41 @@ async def serve(ctx: ServiceContext[CollectorSettings]) -> None:
     # batches themselves go out on core NATS, with no ack to wait for.
     await ctx.bus.ensure_packet_stream(settings.packet_retention)
     if settings.pcap is None:
+        tls = await _start_tls(ctx)
         if not settings.interfaces and not settings.pod_loopback:
-            raise ConfigError(
-                "collector: nothing to capture; set pcap (a capture file) or interfaces (names, 'any' or 'pods')"
-            )
-        await serve_live(ctx, settings)
+            if tls is None:
+                raise ConfigError(
+                    "collector: nothing to capture; set pcap (a capture file), interfaces (names, 'any' or"
+                    " 'pods') or tls.mode (auto or on: TLS plaintext through eBPF uprobes)"
+                )
+            await ctx.ready()
+            await tls
+            return
+        try:
+            await serve_live(ctx, settings)
+        finally:
+            if tls is not None:
+                ctx.stopping.set()
+                await tls
         return
     await ctx.ready()
     await replay(ctx, settings.pcap)
+
+
+async def _start_tls(ctx: ServiceContext[CollectorSettings]) -> asyncio.Task[None] | None:
+    """TLS plaintext capture (trawl.collector.tls_uprobes) when configured: loaded here, so
+    that mode "on" fails the start with the reason; then published by a task of its own."""
+    settings = ctx.settings
+    if settings.tls.mode == "off":
+        return None
+    from trawl.collector.tls_uprobes import TlsCapture, TlsUnavailable
+
+    capture = TlsCapture(settings.tls, settings.node, ctx.bus.publish, ctx.metrics)
+    try:
+        await capture.start(ctx.bus.nc.subscribe)
+    except TlsUnavailable as exc:
+        raise ConfigError(f"collector: tls.mode is on but TLS uprobes cannot be used: {exc}") from exc
+    return asyncio.create_task(capture.pump(ctx.stopping), name="tls-uprobes")
 
 
 def main(config_file: Path | None, pcap: Path | None = None) -> int:

@@ -1,0 +1,253 @@
+// TLS plaintext from OpenSSL (1.1, 3.x) and BoringSSL: uprobes at the entry and uretprobes at
+// the return of SSL_read, SSL_write, SSL_read_ex and SSL_write_ex, compiled by bcc at run time
+// (services/collector/tls_uprobes.py loads it and sets the -D values below).
+//
+// The entry probe keeps the call's buffer (and, for the _ex forms, where the library writes
+// the byte count) per thread; the return probe reads the bytes the call moved and sends them
+// to user space through one ring buffer, cut into chunks of at most CHUNK_MAX bytes, at most
+// SEGMENTS_MAX chunks a call: what lies beyond is reported as `truncated` on the last chunk.
+//
+// Which socket: OpenSSL keeps the fd inside the SSL object at offsets that differ between
+// versions and builds, so it is not read from there. A read/write/sendto/recvfrom system call
+// made by the same thread while it is inside an SSL call names the fd (a socket BIO reads and
+// writes the socket itself, libcurl's BIO calls send and recv); the fd is then remembered per
+// SSL object for the calls that need no system call (bytes already decrypted and buffered).
+//
+// Nothing is lost silently: a chunk the ring cannot take, a call the table of calls in flight
+// cannot hold and a buffer the kernel could not read are each counted in `lost`.
+
+#include <uapi/linux/ptrace.h>
+#include <linux/sched.h>
+
+#ifndef CHUNK_MAX
+#define CHUNK_MAX 16384
+#endif
+#ifndef SEGMENTS_MAX
+#define SEGMENTS_MAX 8
+#endif
+#ifndef RING_PAGES
+#define RING_PAGES 2048
+#endif
+#ifndef CALLS_MAX
+#define CALLS_MAX 16384
+#endif
+
+#define KIND_DATA 0
+#define KIND_CLOSE 1
+#define KIND_EXEC 2
+
+#define DIRECTION_EGRESS 1
+#define DIRECTION_INGRESS 2
+
+#define FD_UNKNOWN 0xffffffff
+
+// Indexes of `lost` (per CPU; user space sums them).
+#define LOST_RING_CHUNKS 0
+#define LOST_RING_BYTES 1
+#define LOST_CALLS_TABLE_FULL 2
+#define LOST_READ_FAULTS 3
+#define LOST_TRUNCATED_BYTES 4
+#define LOST_SLOTS 5
+
+// 64 bytes, unpacked in user space as "<QQIIIIIIBB6x16s" (tls_uprobes.HEADER).
+struct chunk {
+    u64 ts_ns;
+    u64 ssl;
+    u32 pid;
+    u32 tid;
+    u32 fd;
+    u32 len;        // bytes of `data`
+    u32 call_len;   // bytes the whole call moved
+    u32 truncated;  // bytes of the call after this chunk that are not sent (last chunk only)
+    u8 kind;
+    u8 direction;
+    u8 pad[6];
+    char comm[TASK_COMM_LEN];
+    u8 data[CHUNK_MAX];
+};
+
+struct call_args {
+    u64 buf;
+    u64 ssl;
+    u64 count_ptr;  // size_t * of the _ex forms (0 for SSL_read/SSL_write)
+    u32 fd;
+    u8 direction;
+};
+
+BPF_RINGBUF_OUTPUT(chunks, RING_PAGES);
+BPF_HASH(calls, u64, struct call_args, CALLS_MAX);
+BPF_TABLE("lru_hash", u64, u32, ssl_fds, 65536);
+// (pid << 32 | fd) of the sockets data was sent for, so their close is reported.
+BPF_TABLE("lru_hash", u64, u8, tls_fds, 65536);
+BPF_PERCPU_ARRAY(scratch, struct chunk, 1);
+BPF_PERCPU_ARRAY(lost, u64, LOST_SLOTS);
+
+static __always_inline void count_lost(int slot, u64 amount) {
+    u64 *value = lost.lookup(&slot);
+    if (value)
+        *value += amount;
+}
+
+static __always_inline int enter(struct pt_regs *ctx, u8 direction, int ex) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct call_args args = {};
+    args.ssl = PT_REGS_PARM1(ctx);
+    args.buf = PT_REGS_PARM2(ctx);
+    args.count_ptr = ex ? PT_REGS_PARM4(ctx) : 0;
+    args.fd = FD_UNKNOWN;
+    args.direction = direction;
+    if (calls.update(&id, &args) != 0)
+        count_lost(LOST_CALLS_TABLE_FULL, 1);
+    return 0;
+}
+
+static __always_inline int leave(struct pt_regs *ctx, int ex) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct call_args *args = calls.lookup(&id);
+    if (!args)
+        return 0;
+    struct call_args call = *args;
+    calls.delete(&id);
+    long ret = PT_REGS_RC(ctx);
+    u64 moved = 0;
+    if (ex) {
+        if (ret != 1 || !call.count_ptr)
+            return 0;
+        if (bpf_probe_read_user(&moved, sizeof(moved), (void *)call.count_ptr) != 0) {
+            count_lost(LOST_READ_FAULTS, 1);
+            return 0;
+        }
+    } else {
+        if (ret <= 0)
+            return 0;
+        moved = ret;
+    }
+    if (moved == 0)
+        return 0;
+    if (moved > 0xffffffff)
+        moved = 0xffffffff;
+
+    u32 fd = call.fd;
+    if (fd != FD_UNKNOWN) {
+        ssl_fds.update(&call.ssl, &fd);
+    } else {
+        u32 *known = ssl_fds.lookup(&call.ssl);
+        if (known)
+            fd = *known;
+    }
+    u32 pid = id >> 32;
+    if (fd != FD_UNKNOWN) {
+        u64 key = ((u64)pid << 32) | fd;
+        u8 one = 1;
+        tls_fds.update(&key, &one);
+    }
+
+    int zero = 0;
+    struct chunk *c = scratch.lookup(&zero);
+    if (!c)
+        return 0;
+    c->ts_ns = bpf_ktime_get_ns();
+    c->ssl = call.ssl;
+    c->pid = pid;
+    c->tid = (u32)id;
+    c->fd = fd;
+    c->call_len = (u32)moved;
+    c->kind = KIND_DATA;
+    c->direction = call.direction;
+    bpf_get_current_comm(&c->comm, sizeof(c->comm));
+
+    u32 total = (u32)moved;
+    u32 sent_limit = (u32)CHUNK_MAX * SEGMENTS_MAX;
+    u32 beyond = total > sent_limit ? total - sent_limit : 0;
+    #pragma unroll
+    for (int i = 0; i < SEGMENTS_MAX; i++) {
+        // 64-bit, so that the bound checked is the register the helper gets (no zero extension
+        // in between).
+        u64 offset = (u64)i * CHUNK_MAX;
+        if (offset >= total)
+            break;
+        u64 len = total - offset;
+        if (len > CHUNK_MAX)
+            len = CHUNK_MAX;
+        // clang folds the bound above into the subtraction; the empty asm makes it check the
+        // register the helper gets, which the verifier needs to see bounded.
+        asm volatile("" : "+r"(len));
+        if (len > CHUNK_MAX)
+            break;
+        c->len = (u32)len;
+        c->truncated = (i == SEGMENTS_MAX - 1) ? beyond : 0;
+        if (bpf_probe_read_user(c->data, len, (void *)(call.buf + offset)) != 0) {
+            count_lost(LOST_READ_FAULTS, 1);
+            return 0;
+        }
+        u64 size = offsetof(struct chunk, data) + len;
+        if (size > sizeof(struct chunk))
+            size = sizeof(struct chunk);
+        if (chunks.ringbuf_output(c, size, 0) != 0) {
+            count_lost(LOST_RING_CHUNKS, 1);
+            count_lost(LOST_RING_BYTES, len);
+        }
+    }
+    if (beyond)
+        count_lost(LOST_TRUNCATED_BYTES, beyond);
+    return 0;
+}
+
+int enter_read(struct pt_regs *ctx) { return enter(ctx, DIRECTION_INGRESS, 0); }
+int enter_write(struct pt_regs *ctx) { return enter(ctx, DIRECTION_EGRESS, 0); }
+int enter_read_ex(struct pt_regs *ctx) { return enter(ctx, DIRECTION_INGRESS, 1); }
+int enter_write_ex(struct pt_regs *ctx) { return enter(ctx, DIRECTION_EGRESS, 1); }
+int leave_plain(struct pt_regs *ctx) { return leave(ctx, 0); }
+int leave_ex(struct pt_regs *ctx) { return leave(ctx, 1); }
+
+// The fd of a system call made inside an SSL call of the same thread.
+static __always_inline void note_fd(u32 fd) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct call_args *args = calls.lookup(&id);
+    if (args)
+        args->fd = fd;
+}
+
+TRACEPOINT_PROBE(syscalls, sys_enter_read) { note_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_write) { note_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { note_fd(args->fd); return 0; }
+TRACEPOINT_PROBE(syscalls, sys_enter_sendto) { note_fd(args->fd); return 0; }
+
+static __always_inline void send_small(u8 kind, u32 fd) {
+    int zero = 0;
+    struct chunk *c = scratch.lookup(&zero);
+    if (!c)
+        return;
+    u64 id = bpf_get_current_pid_tgid();
+    c->ts_ns = bpf_ktime_get_ns();
+    c->ssl = 0;
+    c->pid = id >> 32;
+    c->tid = (u32)id;
+    c->fd = fd;
+    c->len = 0;
+    c->call_len = 0;
+    c->truncated = 0;
+    c->kind = kind;
+    c->direction = 0;
+    bpf_get_current_comm(&c->comm, sizeof(c->comm));
+    if (chunks.ringbuf_output(c, offsetof(struct chunk, data), 0) != 0)
+        count_lost(LOST_RING_CHUNKS, 1);
+}
+
+// A socket data was sent for is closed: user space forgets its 4-tuple (the fd number will be
+// reused for another socket).
+TRACEPOINT_PROBE(syscalls, sys_enter_close) {
+    u64 key = (bpf_get_current_pid_tgid() & 0xffffffff00000000ULL) | (u32)args->fd;
+    if (!tls_fds.lookup(&key))
+        return 0;
+    tls_fds.delete(&key);
+    send_small(KIND_CLOSE, (u32)args->fd);
+    return 0;
+}
+
+// A new program: user space looks at its mappings soon after (the dynamic linker maps libssl
+// after exec), to hook a TLS library it has not seen yet.
+TRACEPOINT_PROBE(sched, sched_process_exec) {
+    send_small(KIND_EXEC, FD_UNKNOWN);
+    return 0;
+}

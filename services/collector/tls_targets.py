@@ -1,0 +1,92 @@
+"""Which TLS libraries the processes of this machine run: a scan of /proc/*/maps.
+
+A uprobe is placed on a file (inode) at an offset, and fires in every process that maps that
+file, so each library is hooked once, whoever maps it; the scan gives each library file (by
+device and inode) with the processes that map it. A process in another mount namespace (a
+container) maps files of its own root: they are reached through `/proc/<pid>/root`.
+
+Dynamically linked OpenSSL (and BoringSSL builds named libssl) is found by name; statically
+linked TLS (Go binaries, grpcio's BoringSSL) is not looked for here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+LIBSSL = re.compile(r"/libssl\.so(?:\.([0-9][0-9.]*))?$")
+
+
+@dataclass(slots=True)
+class TlsLibrary:
+    """One library file and the processes that map it."""
+
+    path: str  # as the first process that maps it names it, inside its own root
+    reachable: str  # the path this process opens it by (through /proc/<pid>/root)
+    library: str  # "openssl"
+    version: str  # from the file name: "3", "1.1" ("" when the name carries none)
+    pids: set[int] = field(default_factory=set)
+
+
+LibraryKey = tuple[int, int]  # (st_dev, st_ino)
+
+
+def libssl_paths(maps_text: str) -> set[str]:
+    """Paths of libssl files mapped executable in a /proc/<pid>/maps text."""
+    found: set[str] = set()
+    for line in maps_text.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) < 6 or "x" not in fields[1]:
+            continue
+        path = fields[5].strip()
+        if path.endswith(" (deleted)"):
+            continue  # replaced on disk: its inode is no longer reachable by name
+        if LIBSSL.search(path):
+            found.add(path)
+    return found
+
+
+def scan_process(proc: Path, pid: int, libraries: dict[LibraryKey, TlsLibrary]) -> None:
+    """Add the TLS libraries process `pid` maps to `libraries`."""
+    base = proc / str(pid)
+    try:
+        maps_text = (base / "maps").read_text()
+    except OSError:
+        return  # gone, or not ours to read
+    for path in libssl_paths(maps_text):
+        reachable = f"{base}/root{path}"
+        try:
+            stat = os.stat(reachable)
+        except OSError:
+            continue
+        key = (stat.st_dev, stat.st_ino)
+        library = libraries.get(key)
+        if library is None:
+            match = LIBSSL.search(path)
+            version = (match.group(1) or "") if match else ""
+            library = libraries[key] = TlsLibrary(path, reachable, "openssl", version)
+        library.pids.add(pid)
+
+
+def pids(proc: Path = Path("/proc")) -> set[int]:
+    try:
+        return {int(name) for name in os.listdir(proc) if name.isdigit()}
+    except OSError:
+        return set()
+
+
+def scan(proc: Path = Path("/proc"), exclude: frozenset[int] = frozenset()) -> dict[LibraryKey, TlsLibrary]:
+    """Every TLS library mapped on this machine, with its processes."""
+    libraries: dict[LibraryKey, TlsLibrary] = {}
+    for pid in sorted(pids(proc) - exclude):
+        scan_process(proc, pid, libraries)
+    return libraries
+
+
+def comm(proc: Path, pid: int) -> str:
+    try:
+        return (proc / str(pid) / "comm").read_text().strip()
+    except OSError:
+        return ""
