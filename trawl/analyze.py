@@ -124,7 +124,9 @@ def analyze(
     configure_logging(dissector_settings.log_level if explicit else "warning", dissector_settings.log_format)
     capture = CaptureFile(path)
     metrics = Registry()
-    spans = WireSpanPath.from_settings(enricher_settings, metrics, os.environ)
+    # A file can wait for the backend: spans are dropped only when it fails, not because the
+    # file is read faster than a healthy backend takes them.
+    spans = WireSpanPath.from_settings(enricher_settings, metrics, os.environ, wait_for_room=True)
     if spans is None:
         enricher = build_enricher(enricher_settings, metrics=metrics)
     else:  # the Enricher without its SDK span exporter: the compiled path sends the spans

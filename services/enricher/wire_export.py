@@ -35,6 +35,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
@@ -325,6 +326,7 @@ class WireSpanExport:
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 32.0,
         jitter: Callable[[], float] = random.random,
+        wait_for_room: bool = False,
     ) -> None:
         if (
             min(max_queue_spans, max_batch_spans) <= 0
@@ -343,10 +345,15 @@ class WireSpanExport:
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
         self._jitter = jitter
+        # A file's reader (trawl analyze) may wait for room rather than drop, while the backend
+        # takes batches; a live pipeline never waits (the default).
+        self.wait_for_room = wait_for_room
         # `_lock` guards the queue, the flags and the counters (they add up whenever it is free);
         # `_export_lock` lets one batch go at a time (the worker's or a flush's), in order.
         self._lock = threading.Lock()
         self._export_lock = threading.Lock()
+        self._room = threading.Condition(self._lock)  # a batch left the queue, or the backend failed
+        self._healthy = True  # the last batch was accepted
         self._queue: deque[EncodedSpans] = deque()
         self._queued_spans = 0
         self._in_flight = 0
@@ -359,7 +366,9 @@ class WireSpanExport:
         self._worker.start()
 
     def hand_over(self, parts: Sequence[EncodedSpans]) -> None:
-        """Queue encoded requests (one lock for all); never blocks on the network."""
+        """Queue encoded requests (one lock for all). Never blocks on the network, unless
+        `wait_for_room`: then a request that does not fit waits for room while batches are
+        being accepted (at most one export timeout); when the backend fails it is dropped."""
         total = sum(part.spans for part in parts)
         if not total:
             return
@@ -371,6 +380,12 @@ class WireSpanExport:
             for part in parts:
                 if not part.spans:
                     continue
+                if self._queued_spans + part.spans > self.max_queue_spans and self.wait_for_room:
+                    self._wake.set()
+                    self._room.wait_for(partial(self._may_queue, part.spans), timeout=self.export_timeout_s)
+                    if self._stopped():
+                        self.counters.dropped.inc(part.spans, reason="shutdown")
+                        continue
                 if self._queued_spans + part.spans > self.max_queue_spans:
                     self.counters.dropped.inc(part.spans, reason="queue_full")
                     continue
@@ -379,6 +394,13 @@ class WireSpanExport:
             ready = self._queued_spans >= self.max_batch_spans
         if ready:
             self._wake.set()
+
+    def _may_queue(self, spans: int) -> bool:
+        """What a waiting hand-over waits for (with the lock): room, a shutdown, or a failure."""
+        return self._queued_spans + spans <= self.max_queue_spans or self._stopping or not self._healthy
+
+    def _stopped(self) -> bool:
+        return self._stopping
 
     def force_flush(self, timeout_s: float = 30.0) -> bool:
         """Send every queued span now, in the caller's thread; False when time ran out with
@@ -398,6 +420,7 @@ class WireSpanExport:
             if self._stopping:
                 return
             self._stopping = True
+            self._room.notify_all()
         self._wake.set()
         self._worker.join(self.shutdown_timeout_s)
         self._cut.set()
@@ -448,6 +471,7 @@ class WireSpanExport:
                     count += part.spans
                 self._queued_spans -= count
                 self._in_flight = count
+                self._room.notify_all()
             body = parts[0].request if len(parts) == 1 else b"".join(part.request for part in parts)
             attempt = self._send(body)
             rejected = min(count, attempt.rejected) if attempt.accepted else count
@@ -455,6 +479,8 @@ class WireSpanExport:
                 if self._finished:
                     return False  # shutdown counted this batch as dropped already
                 self._in_flight = 0
+                self._healthy = attempt.accepted
+                self._room.notify_all()
                 if count - rejected:
                     self.counters.exported.inc(count - rejected)
                 if rejected:
@@ -500,7 +526,9 @@ class WireSpanExport:
         self._consecutive_failures += 1
 
 
-def wire_span_export(options: WireExportOptions, settings: EnricherSettings, metrics: Registry) -> WireSpanExport:
+def wire_span_export(
+    options: WireExportOptions, settings: EnricherSettings, metrics: Registry, *, wait_for_room: bool = False
+) -> WireSpanExport:
     """The compiled path's export for the enricher's settings (queue, batch and delay as the SDK path's)."""
     return WireSpanExport(
         sender_for(options),
@@ -511,6 +539,7 @@ def wire_span_export(options: WireExportOptions, settings: EnricherSettings, met
         schedule_delay_s=settings.export_schedule_delay_ms / 1000,
         export_timeout_s=options.timeout_s,
         shutdown_timeout_s=min(options.timeout_s, 5.0),
+        wait_for_room=wait_for_room,
     )
 
 
@@ -521,18 +550,20 @@ class WireSpanPath:
     `trawl_enricher_call_failures_total{stage="export"}`, as the SDK path counts a call whose
     spans could not be built."""
 
-    def __init__(self, options: WireExportOptions, settings: EnricherSettings, metrics: Registry) -> None:
+    def __init__(
+        self, options: WireExportOptions, settings: EnricherSettings, metrics: Registry, *, wait_for_room: bool = False
+    ) -> None:
         from trawl.enricher.wire_spans import WireSpanEncoder
 
         self.encoder = WireSpanEncoder(max_spans=settings.export_max_batch_size)
-        self.export = wire_span_export(options, settings, metrics)
+        self.export = wire_span_export(options, settings, metrics, wait_for_room=wait_for_room)
         self._failures = metrics.counter(
             "trawl_enricher_call_failures_total", "Calls that could not be enriched or turned into spans, by stage"
         )
 
     @classmethod
     def from_settings(
-        cls, settings: EnricherSettings, metrics: Registry, environ: Mapping[str, str]
+        cls, settings: EnricherSettings, metrics: Registry, environ: Mapping[str, str], *, wait_for_room: bool = False
     ) -> WireSpanPath | None:
         """None when no traces endpoint is configured or the encoder is not compiled."""
         from trawl.enricher.wire_spans import available
@@ -540,7 +571,7 @@ class WireSpanPath:
         options = WireExportOptions.from_settings(settings, environ)
         if options is None or not available():
             return None
-        return cls(options, settings, metrics)
+        return cls(options, settings, metrics, wait_for_room=wait_for_room)
 
     def hand_over_calls(self, calls: Sequence[bytes]) -> None:
         """Encode and queue the spans of enriched calls; returns without waiting for the network."""

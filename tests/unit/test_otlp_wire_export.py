@@ -500,3 +500,45 @@ def test_grpc_over_mutual_tls_with_the_certificate_variables(tmp_path: Path, scr
         assert settled(refused) == SpanTotals(handed=10, failed=10)
     finally:
         receiver.stop()
+
+
+def test_a_file_reader_waits_for_a_slow_backend_instead_of_dropping(script: Script) -> None:
+    """wait_for_room (trawl analyze): the same slow backend and small queue as above lose nothing."""
+    script.default = Answer(delay_s=0.05)
+    receiver = GrpcReceiver(script)
+    try:
+        processor = export(
+            GrpcSender(WireExportOptions(receiver.endpoint)),
+            Registry(),
+            max_queue_spans=256,
+            max_batch_spans=64,
+            wait_for_room=True,
+        )
+        for index in range(30):
+            processor.hand_over(encoded(32, offset=index * 32))
+        totals = settled(processor)
+    finally:
+        receiver.stop()
+    assert totals == SpanTotals(handed=1920, exported=1920)
+    assert script.spans() == 1920
+
+
+def test_a_file_reader_does_not_wait_for_a_backend_that_fails() -> None:
+    """Nobody listening: the first batch fails after its retries, then the waiting hand-overs
+    drop (counted) instead of waiting one export timeout each."""
+    processor = export(
+        GrpcSender(WireExportOptions(f"127.0.0.1:{free_port()}")),
+        Registry(),
+        max_queue_spans=64,
+        max_batch_spans=64,
+        export_timeout_s=1.0,
+        wait_for_room=True,
+    )
+    started = time.monotonic()
+    for index in range(40):
+        processor.hand_over(encoded(32, offset=index * 32))
+    handing_s = time.monotonic() - started
+    totals = settled(processor)
+    assert totals.handed == 2560 and totals.exported == 0
+    assert totals.dropped_queue_full > 0 and totals.failed > 0
+    assert handing_s < 40 * 1.0  # not one export timeout per hand-over
