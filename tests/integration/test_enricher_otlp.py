@@ -7,9 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
+from tests.conftest import FIXTURES
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.unit.test_otel_spans import T0, make_call
+from tests.unit.test_otlp_spans_differential import canonical_spans, dissected, reference
+from trawl import analyze as analyze_module
+from trawl.enricher import otlp
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, build_enricher, enricher_from_settings
 from trawl.v1.calls_pb2 import ApiCall
@@ -156,3 +161,52 @@ def test_build_enricher_from_loaded_settings(receiver: OtlpReceiver) -> None:
     enricher.export([call])
     enricher.shutdown()
     assert len(receiver.wait_for_spans(2)) == 2
+
+
+ANALYZED = [
+    FIXTURES / "sample.pcap",
+    FIXTURES / "http2" / "grpc_busy.pcap",
+    FIXTURES / "http2" / "graphql_http2.pcap",
+    FIXTURES / "kafka" / "kafka_flexible.pcap",
+    FIXTURES / "amqp" / "amqp_publish_consume.pcap",
+    FIXTURES / "redis" / "auth.pcap",
+    FIXTURES / "dns_udp.pcap",
+]
+
+
+@pytest.mark.parametrize("traces_only", [False, True], ids=["otlp-endpoint", "traces-endpoint"])
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+@pytest.mark.parametrize("capture", ANALYZED, ids=[path.name for path in ANALYZED])
+def test_trawl_analyze_sends_the_reference_spans_by_the_compiled_path(
+    receiver: OtlpReceiver,
+    monkeypatch: pytest.MonkeyPatch,
+    capsysbinary: pytest.CaptureFixture[bytes],
+    capture: Path,
+    protocol: str,
+    traces_only: bool,
+) -> None:
+    """`trawl analyze --json --otlp-endpoint` (in process) sends the spans the SDK path makes
+    of the same calls, by the compiled path (the SDK's span processor is never built). With a
+    traces endpoint alone (no RED metrics) the calls stay bytes from the dissector on."""
+
+    def no_sdk_spans(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the SDK span path was used")
+
+    monkeypatch.setattr(otlp, "span_processor", no_sdk_spans)
+    monkeypatch.setattr(analyze_module.gc, "freeze", lambda: None)
+    monkeypatch.setattr(analyze_module, "configure_logging", lambda *args, **kwargs: None)
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", protocol)
+    endpoint = receiver.grpc_endpoint if protocol == "grpc" else receiver.http_endpoint
+    if traces_only:
+        traces = endpoint if protocol == "grpc" else f"{endpoint}/v1/traces"
+        monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces)
+    given = None if traces_only else endpoint
+    assert analyze_module.analyze(capture, SNAPSHOT, as_json=True, otlp_endpoint=given, node="node-a") == 0
+    printed = capsysbinary.readouterr()
+    assert b"spans:" in printed.err and b" 0 dropped" in printed.err and b" 0 failed" in printed.err
+    merged = ExportTraceServiceRequest()
+    for request in receiver.trace_requests:
+        merged.MergeFrom(request)
+    expected = canonical_spans(reference(dissected(capture, SNAPSHOT)))
+    assert expected, "the capture gives spans"
+    assert canonical_spans(merged) == expected

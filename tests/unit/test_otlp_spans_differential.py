@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import json_format
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
@@ -346,3 +347,28 @@ def test_requests_hold_at_most_max_spans() -> None:
     encoded = WireSpanEncoder(max_spans=10).encode(many)
     assert [part.spans for part in encoded] == [10, 10, 10, 10, 10]
     assert sum(len(canonical_spans(ExportTraceServiceRequest.FromString(part.request))) for part in encoded) == 50
+
+
+@given(calls(), st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), min_size=1, max_size=4))
+def test_mutated_bytes_are_read_as_protobuf_reads_them(call: ApiCall, changes: list[tuple[int, int]]) -> None:
+    """Bytes changed here and there: when protobuf (upb) still reads a call, the compiled path
+    gives that call's reference spans (merged repeated sub-messages, unknown fields, wire types
+    that do not match a field's all read alike); when it does not, the compiled path gives no
+    span for it or reads it without crashing (it checks only the fields it reads)."""
+    data = bytearray(call.SerializeToString())
+    for position, value in changes:
+        if data:
+            data[position % len(data)] = value
+    mutated = bytes(data)
+    try:
+        parsed: ApiCall | None = ApiCall.FromString(mutated)
+    except DecodeError:
+        parsed = None
+    parts = WireSpanEncoder().encode([mutated])
+    if parsed is None:
+        assert all(part.unreadable in ((), (0,)) for part in parts)
+        return
+    assert [part.unreadable for part in parts] == [()]
+    expected = canonical_spans(reference([parsed]))
+    got = canonical_spans(ExportTraceServiceRequest.FromString(parts[0].request))
+    assert got == expected
