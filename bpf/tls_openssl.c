@@ -7,11 +7,16 @@
 // to user space through one ring buffer, cut into chunks of at most CHUNK_MAX bytes, at most
 // SEGMENTS_MAX chunks a call: what lies beyond is reported as `truncated` on the last chunk.
 //
-// Which socket: OpenSSL keeps the fd inside the SSL object at offsets that differ between
-// versions and builds, so it is not read from there. A read/write/sendto/recvfrom system call
-// made by the same thread while it is inside an SSL call names the fd (a socket BIO reads and
-// writes the socket itself, libcurl's BIO calls send and recv); the fd is then remembered per
-// SSL object for the calls that need no system call (bytes already decrypted and buffered).
+// Which connection: OpenSSL keeps the fd inside the SSL object at offsets that differ between
+// versions and builds, so it is not read from there. The socket I/O the same thread does while
+// it is inside an SSL call names it: the sock_send_length/sock_recv_length tracepoints (5.4+)
+// give the kernel socket, whose addresses the inet_sock_set_state tracepoint recorded when it
+// became ESTABLISHED; the read/write/sendto/recvfrom system call gives the fd (a socket BIO
+// reads and writes the socket itself, libcurl's BIO calls send and recv). Both are remembered
+// per SSL object for the calls that need no I/O (bytes already decrypted and buffered). The
+// addresses travel with the chunk: looked up later in /proc, a short connection's fd would
+// already be closed, or be another connection's. Tracepoint layouts come from tracefs at
+// compile time, so nothing here depends on the kernel headers' struct layouts.
 //
 // Nothing is lost silently: a chunk the ring cannot take, a call the table of calls in flight
 // cannot hold and a buffer the kernel could not read are each counted in `lost`.
@@ -40,6 +45,9 @@
 #define DIRECTION_INGRESS 2
 
 #define FD_UNKNOWN 0xffffffff
+#define TCP_ESTABLISHED 1
+#define PROTO_TCP 6
+#define FAMILY_INET 2
 
 // Indexes of `lost` (per CPU; user space sums them).
 #define LOST_RING_CHUNKS 0
@@ -49,7 +57,17 @@
 #define LOST_TRUNCATED_BYTES 4
 #define LOST_SLOTS 5
 
-// 64 bytes, unpacked in user space as "<QQIIIIIIBB6x16s" (tls_uprobes.HEADER).
+// A TCP connection as its local end sees it (ports in host order, addresses as on the wire).
+struct tuple {
+    u16 family;
+    u16 local_port;
+    u16 remote_port;
+    u8 pad[2];
+    u8 local_addr[16];
+    u8 remote_addr[16];
+};
+
+// 100-byte header, unpacked in user space as tls_uprobes.HEADER.
 struct chunk {
     u64 ts_ns;
     u64 ssl;
@@ -61,7 +79,9 @@ struct chunk {
     u32 truncated;  // bytes of the call after this chunk that are not sent (last chunk only)
     u8 kind;
     u8 direction;
-    u8 pad[6];
+    u8 has_tuple;
+    u8 pad;
+    struct tuple tuple;
     char comm[TASK_COMM_LEN];
     u8 data[CHUNK_MAX];
 };
@@ -70,6 +90,7 @@ struct call_args {
     u64 buf;
     u64 ssl;
     u64 count_ptr;  // size_t * of the _ex forms (0 for SSL_read/SSL_write)
+    u64 sk;
     u32 fd;
     u8 direction;
 };
@@ -77,6 +98,9 @@ struct call_args {
 BPF_RINGBUF_OUTPUT(chunks, RING_PAGES);
 BPF_HASH(calls, u64, struct call_args, CALLS_MAX);
 BPF_TABLE("lru_hash", u64, u32, ssl_fds, 65536);
+BPF_TABLE("lru_hash", u64, u64, ssl_socks, 65536);
+// kernel socket -> its addresses, from the moment it is ESTABLISHED.
+BPF_TABLE("lru_hash", u64, struct tuple, sock_tuples, 131072);
 // (pid << 32 | fd) of the sockets data was sent for, so their close is reported.
 BPF_TABLE("lru_hash", u64, u8, tls_fds, 65536);
 BPF_PERCPU_ARRAY(scratch, struct chunk, 1);
@@ -135,6 +159,14 @@ static __always_inline int leave(struct pt_regs *ctx, int ex) {
         if (known)
             fd = *known;
     }
+    u64 sk = call.sk;
+    if (sk) {
+        ssl_socks.update(&call.ssl, &sk);
+    } else {
+        u64 *known_sk = ssl_socks.lookup(&call.ssl);
+        if (known_sk)
+            sk = *known_sk;
+    }
     u32 pid = id >> 32;
     if (fd != FD_UNKNOWN) {
         u64 key = ((u64)pid << 32) | fd;
@@ -154,6 +186,12 @@ static __always_inline int leave(struct pt_regs *ctx, int ex) {
     c->call_len = (u32)moved;
     c->kind = KIND_DATA;
     c->direction = call.direction;
+    c->has_tuple = 0;
+    struct tuple *tuple = sk ? sock_tuples.lookup(&sk) : 0;
+    if (tuple) {
+        c->tuple = *tuple;
+        c->has_tuple = 1;
+    }
     bpf_get_current_comm(&c->comm, sizeof(c->comm));
 
     u32 total = (u32)moved;
@@ -208,6 +246,38 @@ static __always_inline void note_fd(u32 fd) {
         args->fd = fd;
 }
 
+#ifdef HAVE_SOCK_LENGTH
+// The kernel socket of socket I/O done inside an SSL call of the same thread.
+static __always_inline void note_sock(u64 sk) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct call_args *args = calls.lookup(&id);
+    if (args)
+        args->sk = sk;
+}
+
+TRACEPOINT_PROBE(sock, sock_send_length) { note_sock((u64)args->sk); return 0; }
+TRACEPOINT_PROBE(sock, sock_recv_length) { note_sock((u64)args->sk); return 0; }
+#endif
+
+TRACEPOINT_PROBE(sock, inet_sock_set_state) {
+    if (args->protocol != PROTO_TCP || args->newstate != TCP_ESTABLISHED)
+        return 0;
+    struct tuple tuple = {};
+    tuple.family = args->family;
+    tuple.local_port = args->sport;
+    tuple.remote_port = args->dport;
+    if (args->family == FAMILY_INET) {
+        __builtin_memcpy(tuple.local_addr, args->saddr, 4);
+        __builtin_memcpy(tuple.remote_addr, args->daddr, 4);
+    } else {
+        __builtin_memcpy(tuple.local_addr, args->saddr_v6, 16);
+        __builtin_memcpy(tuple.remote_addr, args->daddr_v6, 16);
+    }
+    u64 sk = (u64)args->skaddr;
+    sock_tuples.update(&sk, &tuple);
+    return 0;
+}
+
 TRACEPOINT_PROBE(syscalls, sys_enter_read) { note_fd(args->fd); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_write) { note_fd(args->fd); return 0; }
 TRACEPOINT_PROBE(syscalls, sys_enter_recvfrom) { note_fd(args->fd); return 0; }
@@ -229,6 +299,7 @@ static __always_inline void send_small(u8 kind, u32 fd) {
     c->truncated = 0;
     c->kind = kind;
     c->direction = 0;
+    c->has_tuple = 0;
     bpf_get_current_comm(&c->comm, sizeof(c->comm));
     if (chunks.ringbuf_output(c, offsetof(struct chunk, data), 0) != 0)
         count_lost(LOST_RING_CHUNKS, 1);

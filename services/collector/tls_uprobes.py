@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import ctypes
 import importlib.util
+import ipaddress
 import json
 import os
 import platform
@@ -57,8 +58,9 @@ BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "tls_openssl.c"
 DEBIAN_DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 STATUS_SUBJECT = control_subject("tls", "status")
 
-# struct chunk's header in bpf/tls_openssl.c.
-HEADER = struct.Struct("<QQIIIIIIBB6x16s")
+# struct chunk's header in bpf/tls_openssl.c (struct tuple inside it).
+HEADER = struct.Struct("<QQIIIIIIBBBxHHH2x16s16s16s")
+AF_INET = 2
 KIND_DATA, KIND_CLOSE, KIND_EXEC = 0, 1, 2
 FD_UNKNOWN = 0xFFFFFFFF
 # The slots of the program's `lost` array, in order.
@@ -72,6 +74,17 @@ PROBES = (
 )
 # A new program maps its libraries after exec: look at it after these delays.
 EXEC_RESCAN_DELAYS_S = (0.05, 0.5)
+
+
+TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+
+
+def _ip_text(family: int, raw: bytes) -> str:
+    """An address of the program's tuple as text; IPv4-mapped IPv6 as IPv4, as its packets carry it."""
+    if family == AF_INET:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    address = ipaddress.IPv6Address(raw)
+    return str(address.ipv4_mapped or address)
 
 
 class TlsUnavailable(Exception):
@@ -181,6 +194,7 @@ class TlsTracer:
         self.bpf: Any = None
         self._events: list[RawChunk] = []
         self._execs: list[tuple[float, int]] = []  # (due monotonic time, pid)
+        self.no_tuple = 0  # chunks whose addresses came from /proc
 
     def load(self) -> None:
         check_kernel()
@@ -192,6 +206,8 @@ class TlsTracer:
             f"-DSEGMENTS_MAX={settings.chunks_per_call}",
             f"-DRING_PAGES={settings.ring_pages}",
         ]
+        if any(Path(root, "events/sock/sock_send_length").is_dir() for root in TRACEFS_ROOTS):
+            cflags.append("-DHAVE_SOCK_LENGTH")
         try:
             self.bpf = bcc.BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
             self.bpf["chunks"].open_ring_buffer(self._on_event)
@@ -200,7 +216,25 @@ class TlsTracer:
 
     def _on_event(self, _ctx: Any, data: Any, size: int) -> None:
         raw = ctypes.string_at(data, size)
-        ts_ns, _ssl, pid, tid, fd, length, _call_len, truncated, kind, direction, comm_raw = HEADER.unpack_from(raw)
+        (
+            ts_ns,
+            _ssl,
+            pid,
+            tid,
+            fd,
+            length,
+            _call_len,
+            truncated,
+            kind,
+            direction,
+            has_tuple,
+            family,
+            local_port,
+            remote_port,
+            local_addr,
+            remote_addr,
+            comm_raw,
+        ) = HEADER.unpack_from(raw)
         if kind == KIND_CLOSE:
             self.resolver.forget(pid, fd)
             return
@@ -210,7 +244,12 @@ class TlsTracer:
             return
         comm_text = comm_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         body = raw[HEADER.size : HEADER.size + length]
-        ends = None if fd == FD_UNKNOWN else self.resolver.resolve(pid, fd)
+        if has_tuple:
+            ends = Endpoints(_ip_text(family, local_addr), local_port, _ip_text(family, remote_addr), remote_port)
+        else:
+            # A connection established before the programs were loaded: its addresses from /proc.
+            self.no_tuple += 1
+            ends = None if fd == FD_UNKNOWN else self.resolver.resolve(pid, fd)
         self._events.append(RawChunk(pid, tid, fd, ts_ns, direction, comm_text, body, truncated, ends))
 
     def poll(self, timeout_ms: int) -> list[RawChunk]:
@@ -512,6 +551,13 @@ class TlsCapture:
             await self._flush()
             self._export()
             self.tracer.close()
+            log.info(
+                "tls_capture_stopped",
+                chunks=self.chunks_sent,
+                batches=self.sequence,
+                lost=self.lost_total(),
+                lost_by_reason={**self.lost, **self.kernel_lost},
+            )
 
     def _load(self) -> None:
         self.tracer.load()

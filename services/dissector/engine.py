@@ -16,6 +16,11 @@ has its flow skipped from then on; the error is counted (`parse_errors`, and the
 `trawl_parse_errors_total{protocol}`) and logged once with the flow. Every call is redacted
 before it is returned.
 
+TLS plaintext (`feed_tls`, a `TlsChunkBatch` from the collector's eBPF uprobes) takes the same
+detection and parsers as a reassembled TCP stream: its chunks are already in order, one view
+per connection (when both ends are hooked, the end whose chunk came first is kept and the
+other's copies are counted, `tls_chunks_peer_view`), and its calls say `capture = tls-uprobe`.
+
 Time: "now" is packet time (the newest timestamp seen), so a replayed capture times out the
 way it did live; `expire` is run from `feed` each second of packet time, and by the service
 while no packets arrive.
@@ -48,7 +53,8 @@ from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.pcap import LINKTYPE_ETHERNET, RECORD_HEADER
 from trawl.v1.calls_pb2 import ApiCall
-from trawl.v1.packets_pb2 import PacketBatch
+from trawl.v1.packets_pb2 import Direction as ChunkDirection
+from trawl.v1.packets_pb2 import PacketBatch, TlsChunk, TlsChunkBatch
 
 log = get_logger(__name__)
 
@@ -56,6 +62,10 @@ C2S = Direction.CLIENT_TO_SERVER
 S2C = Direction.SERVER_TO_CLIENT
 SECOND_NS = 1_000_000_000
 UDP_IDLE_TIMEOUT_NS = 60 * SECOND_NS
+TLS_CAPTURE = "tls-uprobe"
+EGRESS = ChunkDirection.DIRECTION_EGRESS
+# The keys of a TLS plaintext flow's TcpFlow: it is in no TcpTable.
+TLS_KEYS: tuple[tuple[object, ...], tuple[object, ...]] = ((TLS_CAPTURE,), (TLS_CAPTURE,))
 
 
 class _StreamState:
@@ -71,6 +81,17 @@ class _StreamState:
         self.sizes = [0, 0]
         self.parser: StreamParser | None = None
         self.protocol = ""
+
+
+class _TlsFlow:
+    """A connection's TLS plaintext: a TcpFlow outside the TcpTable (keys TLS_KEYS), and the end
+    (ip, port) whose process's chunks it takes."""
+
+    __slots__ = ("flow", "view")
+
+    def __init__(self, flow: TcpFlow, view: tuple[str, int]) -> None:
+        self.flow = flow
+        self.view = view
 
 
 class _UdpFlow:
@@ -142,6 +163,8 @@ class Dissector:
         self.clock_ns = 0
         self._last_expire_ns = 0
         self._window = settings.detection_window_bytes
+        # (node, one end, the other end, lower first) -> the connection's TLS plaintext flow.
+        self.tls_flows: OrderedDict[tuple[str, str, int, str, int], _TlsFlow] = OrderedDict()
         self.lane = express.build_lane(settings, self.redactor, self.tcp_specs)
         if self.lane is not None:
             lane = self.lane
@@ -157,6 +180,7 @@ class Dissector:
         snapshot["tcp_flows_active"] = len(self.tcp)
         snapshot["udp_flows_active"] = len(self.udp_lru)
         snapshot["tcp_buffered_bytes"] = self.tcp.total_buffered
+        snapshot["tls_flows_active"] = len(self.tls_flows)
         if self.lane is not None:
             for name, value in self.lane.counters.items():
                 snapshot[name] = snapshot.get(name, 0) + value
@@ -215,6 +239,102 @@ class Dissector:
                 clock = max(clock, newest)
         self._count("packets", packets)
         self._advance(clock)
+
+    def feed_tls(self, batch: TlsChunkBatch) -> list[ApiCall]:
+        """Dissect one batch of TLS plaintext chunks; returns the calls it completed (redacted)."""
+        self._ingest_tls(batch)
+        return self._take()
+
+    def feed_tls_encoded(self, batch: TlsChunkBatch) -> list[bytes]:
+        self._ingest_tls(batch)
+        return self._take_encoded()
+
+    def _ingest_tls(self, batch: TlsChunkBatch) -> None:
+        node = batch.node or self.node
+        clock = self.clock_ns
+        for chunk in batch.chunks:
+            self._tls_chunk(node, chunk)
+            if chunk.ts_ns > clock:
+                clock = chunk.ts_ns
+        self._count("tls_chunks", len(batch.chunks))
+        self._advance(clock)
+
+    def _tls_chunk(self, node: str, chunk: TlsChunk) -> None:
+        sender = (chunk.src_ip, chunk.src_port)
+        receiver = (chunk.dst_ip, chunk.dst_port)
+        local = sender if chunk.direction == EGRESS else receiver
+        low, high = (sender, receiver) if sender <= receiver else (receiver, sender)
+        key = (node, low[0], low[1], high[0], high[1])
+        ts_ns = chunk.ts_ns
+        entry = self.tls_flows.get(key)
+        if entry is None:
+            if len(self.tls_flows) >= self.settings.max_flows:
+                self._count("tls_flows_evicted_limit")
+                _, oldest = self.tls_flows.popitem(last=False)
+                self._tls_end(oldest, ts_ns)
+            # The writer of the first bytes is taken for the client; detection turns the flow
+            # around when the content says otherwise (a server that speaks first).
+            info = FlowInfo("tcp", chunk.src_ip, chunk.src_port, chunk.dst_ip, chunk.dst_port, node, 0)
+            flow = TcpFlow(info, TLS_KEYS, ts_ns)
+            flow.midstream = False
+            flow.user = _StreamState()
+            entry = self.tls_flows[key] = _TlsFlow(flow, local)
+            self._count("tls_flows")
+        elif entry.view != local:
+            self._count("tls_chunks_peer_view")
+            return
+        else:
+            self.tls_flows.move_to_end(key)
+        flow = entry.flow
+        flow.last_ts_ns = ts_ns
+        info = flow.info
+        direction = C2S if sender == (info.client_ip, info.client_port) else S2C
+        start = len(self._out)
+        if chunk.data:
+            self.stream_data(flow, direction, chunk.data, ts_ns)
+        if chunk.truncated:
+            self._count("tls_truncated_bytes", chunk.truncated)
+            self.stream_gap(flow, direction, chunk.truncated, ts_ns)
+        self._tls_mark(start)
+
+    def _tls_end(self, entry: _TlsFlow, ts_ns: int) -> None:
+        start = len(self._out)
+        self.stream_end(entry.flow, ts_ns)
+        self._tls_mark(start)
+
+    def _tls_mark(self, start: int) -> None:
+        """The calls a TLS flow just completed (from `start` in `_out`) say how they were captured."""
+        for item in self._out[start:]:
+            if type(item) is not bytes:
+                item.capture = TLS_CAPTURE
+
+    def _expire_tls(self, now_ns: int) -> None:
+        idle_ns = self.tcp.idle_timeout_ns
+        for key, entry in list(self.tls_flows.items()):
+            flow = entry.flow
+            if now_ns - flow.last_ts_ns >= idle_ns:
+                del self.tls_flows[key]
+                self._tls_end(entry, now_ns)
+                continue
+            state: _StreamState = flow.user  # type: ignore[assignment]
+            if state.parser is None:
+                continue
+            start = len(self._out)
+            if not self._guard(state.protocol, flow_text(flow.info), state.parser.expire, now_ns):
+                self._parser_counts(state.parser)
+                state.parser = None
+            self._tls_mark(start)
+
+    def _swap(self, flow: TcpFlow) -> None:
+        """Turn a flow around before any delivery: a packet flow in its table, a TLS flow in place."""
+        if flow.keys is not TLS_KEYS:
+            self.tcp.swap(flow)
+            return
+        info = flow.info
+        flow.info = FlowInfo(
+            info.transport, info.server_ip, info.server_port, info.client_ip, info.client_port, info.node, info.shard
+        )
+        flow.halves = (flow.halves[1], flow.halves[0])
 
     def _walk(self, records: bytes, offset: int, scale: int, node: str, shard: int, link_type: int) -> tuple[int, int]:
         """Every pcap record of `records` from `offset` through the Python path; returns the
@@ -378,8 +498,14 @@ class Dissector:
             tracker = self.icmp.pop(node, None) if node is not None and shard is None else None
             if tracker is not None:
                 self._guard("icmp", "icmp", tracker.finish)
+            if node is not None and shard is None:
+                # TLS plaintext has no shard: its flows end with all of their node's input.
+                for key in [key for key in self.tls_flows if key[0] == node]:
+                    self._tls_end(self.tls_flows.pop(key), now)
             return
         self.tcp.finish(now)
+        while self.tls_flows:
+            self._tls_end(self.tls_flows.popitem(last=False)[1], now)
         for flow in list(self.udp_lru.values()):
             self._udp_end(flow, now)
         self.udp_flows.clear()
@@ -466,6 +592,8 @@ class Dissector:
             if not self._guard(state.protocol, flow_text(flow.info), state.parser.expire, now_ns):
                 self._parser_counts(state.parser)
                 state.parser = None
+        if self.tls_flows:
+            self._expire_tls(now_ns)
         stale: list[_UdpFlow] = []
         for udp in self.udp_lru.values():
             if now_ns - udp.last_ts_ns >= UDP_IDLE_TIMEOUT_NS:
@@ -620,7 +748,7 @@ class Dissector:
             self._count("tcp_flows_unknown")
             return False
         if best_swapped:
-            self.tcp.swap(flow)
+            self._swap(flow)
             self._count("tcp_flows_turned_by_content")
             chunks = [(direction.reverse, data, ts) for direction, data, ts in chunks]
         where = flow_text(flow.info)

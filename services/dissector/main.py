@@ -25,6 +25,10 @@
   bytes `CallBatch.SerializeToString` writes); `trawl_dissector_calls_total{protocol}` moves by
   the dissector's own per-protocol counters;
 - runs the dissector's timeouts while no packets arrive;
+- takes TLS plaintext (`TlsChunkBatch`es of the collectors' eBPF uprobes, core NATS on
+  `trawl.v1.tls.<node>`) in "all" mode, or in "lease" mode on the replica that owns shard 0
+  (a node's chunks must all reach one replica); their calls go out as shard 0's, and batches
+  missing from a collector's sequence are counted (`trawl_dissector_tls_batches_lost_total`);
 - on a batch marked end_of_input: ends every flow ("all") or the flows of that node/shard
   ("lease"), publishes what remains and a CallBatch with end_of_input for that node/shard,
   waits for the acks and announces `drained`.
@@ -36,12 +40,13 @@ import asyncio
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from google.protobuf.message import DecodeError
 from nats.errors import Error as NatsError
 from nats.js.api import PubAck
 
-from trawl.bus import STREAM_CALLS, Bus, calls_subject, consumer_token, raise_if_cancelled
+from trawl.bus import PREFIX, STREAM_CALLS, Bus, calls_subject, consumer_token, raise_if_cancelled
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import SECOND_NS, Dissector
 from trawl.dissector.resume import Checkpoint, CheckpointStore, warmup_start
@@ -51,7 +56,7 @@ from trawl.metrics import Registry
 from trawl.packet_stream import LossCounter, PacketReader
 from trawl.service import ServiceContext, main_for
 from trawl.v1.calls_pb2 import ApiCall
-from trawl.v1.packets_pb2 import PacketBatch
+from trawl.v1.packets_pb2 import PacketBatch, TlsChunkBatch
 
 try:
     from trawl._calljson import route_calls
@@ -220,6 +225,7 @@ class CallPublisher:
 
 END_OF_INPUT_CONFIRMS = 24  # of up to 5 s each
 SUSPENDED_GRACE_TTLS = 4  # a lost shard's flows are kept this many lease TTLs for a quick re-take
+TLS_SUBJECTS = f"{PREFIX}.tls.*"  # every collector's trawl.v1.tls.<node>
 ALL = -1  # the reader key of "all" mode (one reader of `subject`); shards are 0..shards-1
 
 
@@ -279,6 +285,14 @@ class DissectorService:
         ctx.metrics.counter("trawl_parse_errors_total", "Flows skipped because a parser failed")
         self.calls = ctx.metrics.counter("trawl_dissector_calls_total", "Calls published, by protocol")
         self.calls_counted: dict[str, int] = {}  # the dissector's calls_<protocol> counters, as last counted
+        self.tls_subscription: Any = None
+        self.tls_sequences: dict[str, int] = {}  # node -> last TlsChunkBatch sequence
+        self.tls_gaps = ctx.metrics.counter(
+            "trawl_dissector_tls_batches_lost_total", "TLS chunk batches missing from a collector's sequence, by node"
+        )
+        self.tls_collector_lost = ctx.metrics.gauge(
+            "trawl_dissector_tls_collector_lost_chunks", "TLS chunks a collector lost before publishing, by node"
+        )
 
     async def publish(self, calls: list[bytes]) -> None:
         """Hand calls the dissector just returned to the publisher, and count them by protocol."""
@@ -298,6 +312,40 @@ class DissectorService:
         for name, value in self.dissector.counters.items():
             if name.startswith("calls_"):
                 self.calls_counted[name] = value
+
+    async def follow_tls(self, on: bool) -> None:
+        """Take (or stop taking) the collectors' TLS chunk batches."""
+        if on and self.tls_subscription is None:
+            self.tls_subscription = await self.ctx.bus.nc.subscribe(TLS_SUBJECTS, cb=self.on_tls_batch)
+            log.info("tls_chunks_followed", subject=TLS_SUBJECTS)
+        elif not on and self.tls_subscription is not None:
+            subscription, self.tls_subscription = self.tls_subscription, None
+            try:
+                await subscription.unsubscribe()
+            except (NatsError, OSError) as exc:
+                log.warning("tls_unsubscribe_failed", error=str(exc) or type(exc).__name__)
+
+    async def on_tls_batch(self, msg: Any) -> None:
+        batch = TlsChunkBatch()
+        try:
+            batch.ParseFromString(msg.data)
+        except DecodeError:
+            self.bad_batches.inc()
+            log.warning("bad_tls_batch", subject=msg.subject, size=len(msg.data))
+            return
+        async with self.lock:
+            if self.tls_subscription is None:
+                return  # stopped following while this batch waited for the lock
+            node = batch.node or self.settings.node
+            last = self.tls_sequences.get(node, 0)
+            if last and batch.sequence > last + 1:
+                missing = batch.sequence - last - 1
+                self.tls_gaps.inc(missing, node=node)
+                log.warning("tls_batches_lost", node=node, lost_batches=missing, after_sequence=last)
+            self.tls_sequences[node] = batch.sequence  # lower: the collector restarted, its sequence too
+            self.tls_collector_lost.set(batch.lost_chunks, node=node)
+            self.last_packet_wall = time.monotonic()
+            await self.publish(self.dissector.feed_tls_encoded(batch))
 
     def checkpoint_key(self, key: int) -> str:
         group = group_token(self.settings.queue_group)
@@ -364,6 +412,8 @@ class DissectorService:
             self.publisher.restart_shard(shard)
             self.owned.add(shard)
             self.handovers.inc(shard=str(shard))
+        if shard == 0:
+            await self.follow_tls(True)
         subject = self.settings.shard_subject.format(shard=shard)
         suspended = self.suspended.pop(shard, None)
         if suspended is not None:
@@ -383,6 +433,8 @@ class DissectorService:
         reader = self.readers.pop(shard, None)
         if reader is not None:
             await reader.stop()
+        if shard == 0:
+            await self.follow_tls(False)
         async with self.lock:
             self.owned.discard(shard)
             self.releases.inc(shard=str(shard), reason=reason)
@@ -522,6 +574,7 @@ class DissectorService:
         process rebuilds them from the warm-up and emits their calls whole."""
         for reader in self.readers.values():
             await reader.stop()
+        await self.follow_tls(False)
         async with self.lock:
             await self._commit(self.readers)
             self.readers.clear()
@@ -537,6 +590,7 @@ async def serve(ctx: ServiceContext[DissectorSettings]) -> None:
     leasing: asyncio.Task[None] | None = None
     if settings.shard_assignment == "all":
         await service.open_reader(ALL, settings.subject, {})
+        await service.follow_tls(True)
     else:
         manager = ShardManager(
             ctx.bus.js,
