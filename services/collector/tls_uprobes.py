@@ -244,6 +244,7 @@ class TlsTracer:
             return
         comm_text = comm_raw.split(b"\0", 1)[0].decode("utf-8", "replace")
         body = raw[HEADER.size : HEADER.size + length]
+        ends: Endpoints | None
         if has_tuple:
             ends = Endpoints(_ip_text(family, local_addr), local_port, _ip_text(family, remote_addr), remote_port)
         else:
