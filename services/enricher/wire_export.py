@@ -555,7 +555,10 @@ class WireSpanPath:
     ) -> None:
         from trawl.enricher.wire_spans import WireSpanEncoder
 
-        self.encoder = WireSpanEncoder(max_spans=settings.export_max_batch_size)
+        # A request never holds more than a batch, nor more than the queue can take.
+        self.encoder = WireSpanEncoder(
+            max_spans=max(2, min(settings.export_max_batch_size, settings.export_max_queue_size))
+        )
         self.export = wire_span_export(options, settings, metrics, wait_for_room=wait_for_room)
         self._failures = metrics.counter(
             "trawl_enricher_call_failures_total", "Calls that could not be enriched or turned into spans, by stage"

@@ -35,6 +35,7 @@ from trawl.enricher.wire_export import (
     HttpSender,
     WireExportOptions,
     WireSpanExport,
+    WireSpanPath,
     _retry_after,
 )
 from trawl.enricher.wire_spans import EncodedSpans, WireSpanEncoder
@@ -542,3 +543,30 @@ def test_a_file_reader_does_not_wait_for_a_backend_that_fails() -> None:
     assert totals.handed == 2560 and totals.exported == 0
     assert totals.dropped_queue_full > 0 and totals.failed > 0
     assert handing_s < 40 * 1.0  # not one export timeout per hand-over
+
+
+def test_the_path_counts_unreadable_calls_and_sends_the_others(grpc_receiver: GrpcReceiver, script: Script) -> None:
+    """WireSpanPath: a call that does not parse is a call failure at the export stage; requests
+    never exceed the queue (a queue smaller than the batch setting)."""
+    settings = EnricherSettings(
+        otlp_endpoint=grpc_receiver.endpoint, export_max_batch_size=512, export_max_queue_size=40
+    )
+    registry = Registry()
+    path = WireSpanPath.from_settings(settings, registry, {}, wait_for_room=True)
+    assert path is not None
+    calls = []
+    for index in range(60):
+        call = ApiCall(id=f"c{index}", protocol="dns", method="A")
+        call.request.ts = 1 + index
+        calls.append(call.SerializeToString())
+    calls.insert(7, b"\x0a\xff")
+    path.hand_over_calls(calls[:30])
+    assert path.flush(10)
+    path.hand_over_calls(calls[30:])
+    path.shutdown()
+    failures = registry.counter("trawl_enricher_call_failures_total", "")
+    assert failures.get(stage="export") == 1
+    assert SpanCounters.of(registry).totals() == SpanTotals(handed=120, exported=120)
+    assert script.spans() == 120
+    sizes = [sum(len(s.spans) for rs in r.resource_spans for s in rs.scope_spans) for r in script.accepted]
+    assert max(sizes) <= 40
