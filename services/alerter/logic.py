@@ -119,8 +119,12 @@ class Alerter:
         *,
         clock: Callable[[], float] = time.time,
         max_groups: int = 100_000,
+        guards: bool = True,
     ) -> None:
         self.rules = rules
+        # Rules' guards (trawl.alerter.guards) skip a rule a call cannot match, and the call's
+        # CEL map is only made for a rule that may; off, every rule runs (the reference).
+        self.guards = guards
         self.clock = clock
         self.max_groups = max_groups
         self._last_fired: dict[tuple[str, str], int] = {}
@@ -137,10 +141,15 @@ class Alerter:
         self._calls.inc()
         if not self.rules:
             return []
-        activation = {"call": call_to_cel(call)}
+        activation: dict[str, Any] | None = None
         now_ns = call_time_ns(call, self.clock)
         alerts: list[alerts_pb2.Alert] = []
+        guards = self.guards
         for rule in self.rules:
+            if guards and rule.guard is not None and not rule.guard.admits(call):
+                continue
+            if activation is None:
+                activation = {"call": call_to_cel(call)}
             matched = self._condition(rule, activation, call)
             if not matched:
                 continue

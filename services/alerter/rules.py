@@ -49,6 +49,7 @@ import yaml
 from celpy.celparser import CELParseError
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from trawl.alerter.guards import Guard, guard_of
 from trawl.errors import ConfigError
 from trawl.v1 import alerts_pb2, calls_pb2
 
@@ -121,6 +122,8 @@ class Rule:
     labels: dict[str, str] = field(default_factory=dict)
     actions: tuple[WebhookAction, ...] = ()
     line: int = 0
+    # What the condition requires of call.protocol / call.outcome, checked before any CEL runs.
+    guard: Guard | None = field(default=None, repr=False)
 
 
 def load_rules(path: Path, environ: dict[str, str] | None = None) -> list[Rule]:
@@ -267,6 +270,7 @@ class _RuleParser:
             labels=labels,
             actions=tuple(actions),
             line=_line(self.node),
+            guard=guard_of(condition),
         )
 
     def action(self, node: yaml.Node) -> WebhookAction:
