@@ -77,7 +77,9 @@ def tls_subject(node: str) -> str:
 
 
 def calls_subject(node: str, shard: int | str) -> str:
-    return f"{PREFIX}.calls.{token(node)}.{shard}"
+    # A pod's loopback is captured as the node `<node>/<pod address>` (collector.pod_loopback_as_pod):
+    # its calls are the node's, on the node's subject, for consumers that filter by node.
+    return f"{PREFIX}.calls.{token(node.partition('/')[0])}.{shard}"
 
 
 def enriched_subject(protocol: str, namespace: str, workload: str) -> str:

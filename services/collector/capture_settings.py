@@ -62,9 +62,9 @@ class LiveCaptureSettings(BaseModel):
     pod_loopback: list[str] = Field(default_factory=list)
     # Publish each of them under the node `<node>/<pod address>` (trawl.collector.loopback): the
     # enricher names their calls' loopback ends as the pod, and the dissector keeps each pod's
-    # loopback flows apart. Their calls then go out on trawl.v1.calls.<node>_<address>.<shard>,
-    # which a per-node filter (`trawl.v1.calls.<node>.>`) does not take: off until subjects keep the node.
-    pod_loopback_as_pod: bool = False
+    # loopback flows apart. Their calls go out on the node's own subject (bus.calls_subject), so
+    # a per-node filter (`trawl.v1.calls.<node>.>`) takes them too. Off: named by address only.
+    pod_loopback_as_pod: bool = True
     batch_max_packets: int = Field(default=4096, gt=0)
     batch_max_bytes: int = Field(default=1 << 20, ge=4096)
     batch_max_age_ms: int = Field(default=100, gt=0)
