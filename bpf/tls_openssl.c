@@ -132,7 +132,9 @@ static __always_inline int leave(struct pt_regs *ctx, int ex) {
         return 0;
     struct call_args call = *args;
     calls.delete(&id);
-    long ret = PT_REGS_RC(ctx);
+    // All four return an int: the upper half of the register is not part of it (an SSL_read
+    // returning -1, a non-blocking socket with nothing to read, would read as 4294967295).
+    int ret = (int)PT_REGS_RC(ctx);
     u64 moved = 0;
     if (ex) {
         if (ret != 1 || !call.count_ptr)
@@ -215,7 +217,13 @@ static __always_inline int leave(struct pt_regs *ctx, int ex) {
         c->len = (u32)len;
         c->truncated = (i == SEGMENTS_MAX - 1) ? beyond : 0;
         if (bpf_probe_read_user(c->data, len, (void *)(call.buf + offset)) != 0) {
+            // A page of the buffer is not resident (a uprobe cannot fault it in): the rest of
+            // the call goes as a gap of its size, so the dissector resynchronises there.
             count_lost(LOST_READ_FAULTS, 1);
+            c->len = 0;
+            c->truncated = total - (u32)offset;
+            if (chunks.ringbuf_output(c, offsetof(struct chunk, data), 0) != 0)
+                count_lost(LOST_RING_CHUNKS, 1);
             return 0;
         }
         u64 size = offsetof(struct chunk, data) + len;

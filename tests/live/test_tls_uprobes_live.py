@@ -1,0 +1,201 @@
+"""TLS plaintext through eBPF uprobes, end to end (root and BPF): `trawl up --interface lo`
+with `collector.tls.mode: on`, a real OpenSSL server (Python's ssl module, which links the
+system libssl) and two real OpenSSL clients (Python's http.client, and curl through libcurl)
+exchanging HTTP/1.1 over TLS on loopback. Every call appears once with its plaintext method,
+path and status, its 4-tuple and `capture = tls-uprobe`; the packets of the same connections
+give only their TLS handshake calls; secrets are redacted; no chunk is lost.
+
+Skipped, with the reason, only where eBPF uprobes cannot be loaded here (not root, no bcc, no
+kernel headers, no tracefs, a kernel without ring buffers): `make test` installs what they need."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import signal
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import needs_binary, needs_root
+from tests.integration.test_up import processes_mentioning
+
+pytestmark = [needs_root(), needs_binary("curl"), needs_binary("openssl"), pytest.mark.timeout(180)]
+
+BIG = 300_000  # bytes of /big: more than one SSL_read, more than the program's bytes per call
+
+
+def bpf_unavailable() -> str | None:
+    from trawl.collector.tls_uprobes import availability
+
+    return availability()
+
+
+class Shop(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive: several calls on one TLS connection
+
+    def do_GET(self) -> None:
+        if self.path == "/big":
+            self._reply(200, b"x" * BIG)
+        elif self.path.startswith("/orders/"):
+            self._reply(200, json.dumps({"order": self.path.rsplit("/", 1)[1]}).encode())
+        else:
+            self._reply(404, b"no such page")
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self._reply(401 if body.get("password") != "right" else 200, b"{}")
+
+    def _reply(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        return
+
+
+def tls_server(tmp_path: Path) -> ThreadingHTTPServer:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Shop)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def wait_for(path: Path, text: str, timeout_s: float = 90) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists() and text in path.read_text():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{text} not in {path}: {path.read_text()[-2000:] if path.exists() else 'no file'}")
+
+
+def test_openssl_clients_and_server_on_loopback_show_their_plaintext_calls(tmp_path: Path) -> None:
+    reason = bpf_unavailable()
+    if reason is not None:
+        pytest.skip(f"eBPF uprobes cannot be loaded here: {reason}")
+    server = tls_server(tmp_path)
+    port = server.server_address[1]
+    config = tmp_path / "trawl.yaml"
+    # Bodies kept short: this test captures all of lo, other programs' traffic included.
+    config.write_text(
+        yaml.safe_dump(
+            {"collector": {"tls": {"mode": "on", "scan_interval_s": 1.0}}, "dissector": {"max_body_bytes": 1024}}
+        )
+    )
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [
+            *(sys.executable, "-m", "trawl", "up", "--interface", "lo", "--json", "--state-dir", str(state)),
+            "--config",
+            str(config),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=(tmp_path / "stderr.txt").open("w"),
+        text=True,
+        start_new_session=True,
+    )
+    # Read as it comes: a pipe left full makes `trawl up`'s writes of long lines fail part way.
+    assert process.stdout is not None
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+    reader.start()
+    client_ports: dict[str, int] = {}
+    try:
+        logs = state / "logs"
+        wait_for(logs / "collector.log", "service_ready")
+        wait_for(logs / "collector.log", "tls_uprobes_loaded")
+        wait_for(logs / "dissector.log", "tls_chunks_followed")
+        unverified = ssl._create_unverified_context()
+        connection = http.client.HTTPSConnection("127.0.0.1", port, context=unverified, timeout=10)
+        for index in range(3):
+            connection.request("GET", f"/orders/{index}", headers={"Authorization": "Bearer s3cr3t-token"})
+            response = connection.getresponse()
+            assert response.status == 200 and json.loads(response.read()) == {"order": str(index)}
+        assert connection.sock is not None
+        client_ports["http.client"] = connection.sock.getsockname()[1]
+        connection.request(
+            "POST",
+            "/login",
+            body=json.dumps({"user": "ann", "password": "hunter2"}),
+            headers={"Content-Type": "a/json"},
+        )
+        assert connection.getresponse().read() == b"{}"
+        connection.request("GET", "/big")
+        assert len(connection.getresponse().read()) == BIG
+        connection.close()
+        curl = subprocess.run(
+            ["curl", "-sk", "--http1.1", "-H", "Cookie: session=abc123", f"https://127.0.0.1:{port}/missing"],
+            capture_output=True,
+            timeout=30,
+            check=True,
+        )
+        assert curl.stdout == b"no such page"
+        time.sleep(3.0)  # a chunk batch is cut within 50 ms, then dissected and enriched
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=90)
+        reader.join(timeout=30)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        server.shutdown()
+        server.server_close()
+    stdout = "".join(lines)
+    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
+    calls: list[dict[str, Any]] = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
+    ours = [call for call in calls if call["dst"]["port"] == port or call["src"]["port"] == port]
+    plaintext = [call for call in ours if call.get("capture") == "tls-uprobe"]
+    seen = sorted((call["method"], call["path"], call["status"]) for call in plaintext)
+    assert seen == [
+        ("GET", "/big", "200"),
+        ("GET", "/missing", "404"),
+        ("GET", "/orders/0", "200"),
+        ("GET", "/orders/1", "200"),
+        ("GET", "/orders/2", "200"),
+        ("POST", "/login", "401"),
+    ], json.dumps(plaintext)[:3000]
+    for call in plaintext:
+        assert call["protocol"] == "http"
+        assert (call["src"]["ip"], call["dst"]["ip"], call["dst"]["port"]) == ("127.0.0.1", "127.0.0.1", port)
+        if call["path"] != "/missing":
+            assert call["src"]["port"] == client_ports["http.client"]
+    curl_call = next(call for call in plaintext if call["path"] == "/missing")
+    # The encrypted packets of these connections give their handshakes (and TCP diagnostics:
+    # /big's zero windows, a close with unread bytes), and no blind call of the bytes inside.
+    packet_calls = [call for call in ours if call.get("capture", "packet") == "packet"]
+    assert {call["protocol"] for call in packet_calls} - {"tcp"} == {"tls"}
+    handshakes = {call["src"]["port"] for call in packet_calls if call["method"] == "handshake"}
+    assert handshakes == {client_ports["http.client"], curl_call["src"]["port"]}
+    for secret in ("s3cr3t", "hunter2", "abc123"):
+        assert secret not in stdout
+    collector_log = (state / "logs" / "collector.log").read_text()
+    stopped = [json.loads(line) for line in collector_log.splitlines() if "tls_capture_stopped" in line]
+    assert stopped and stopped[0]["lost"] == 0, stopped
+    assert stopped[0]["chunks"] > 0
+    for path in (state / "logs").iterdir():
+        assert '"level": "error"' not in path.read_text(), f"{path.name}: {path.read_text()[-1500:]}"
+    assert processes_mentioning(str(state)) == []
