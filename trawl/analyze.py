@@ -23,7 +23,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 
 from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
@@ -31,13 +31,15 @@ from trawl.dissector.engine import Dissector
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, build_enricher, load_identity, metric_exporter_for
 from trawl.enricher.span_totals import SpanCounters
-from trawl.enricher.wire_export import WireSpanPath
 from trawl.errors import InputError
 from trawl.logs import configure_logging, get_logger
 from trawl.metrics import Registry
 from trawl.render import JsonLinesWriter, TableWriter, calls_to_json_lines
 from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.packets_pb2 import PacketBatch
+
+if TYPE_CHECKING:
+    from trawl.enricher.wire_export import WireSpanPath
 
 log = get_logger(__name__)
 
@@ -124,9 +126,15 @@ def analyze(
     configure_logging(dissector_settings.log_level if explicit else "warning", dissector_settings.log_format)
     capture = CaptureFile(path)
     metrics = Registry()
-    # A file can wait for the backend: spans are dropped only when it fails, not because the
-    # file is read faster than a healthy backend takes them.
-    spans = WireSpanPath.from_settings(enricher_settings, metrics, os.environ, wait_for_room=True)
+    spans: WireSpanPath | None = None
+    if enricher_settings.traces_target() is not None:
+        # Imported only to export: the OpenTelemetry packages cost start-up that a plain
+        # `trawl analyze` skips (tests/unit/test_enricher_batch.py holds it to that).
+        from trawl.enricher.wire_export import WireSpanPath
+
+        # A file can wait for the backend: spans are dropped only when it fails, not because the
+        # file is read faster than a healthy backend takes them.
+        spans = WireSpanPath.from_settings(enricher_settings, metrics, os.environ, wait_for_room=True)
     if spans is None:
         enricher = build_enricher(enricher_settings, metrics=metrics)
     else:  # the Enricher without its SDK span exporter: the compiled path sends the spans

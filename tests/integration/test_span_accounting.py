@@ -88,19 +88,18 @@ def test_analyze_to_a_healthy_endpoint_exports_every_span(flood: Path, tmp_path:
     assert len({(span.trace_id, span.span_id) for span in received}) == SPANS
 
 
-def test_analyze_to_a_slow_endpoint_drops_and_counts_exactly(flood: Path, tmp_path: Path) -> None:
+def test_analyze_to_a_slow_endpoint_waits_for_it_and_loses_nothing(flood: Path, tmp_path: Path) -> None:
+    """A file is read far faster than a slow endpoint takes spans (0.05 s an export, a queue of
+    512): `trawl analyze` waits for room while the endpoint keeps accepting, so nothing is
+    dropped (a live pipeline drops instead: the `trawl up` test below)."""
     config = tmp_path / "trawl.yaml"
     config.write_text(SMALL_QUEUE)
-    with OtlpReceiver(trace_delay_s=0.2) as receiver:
+    with OtlpReceiver(trace_delay_s=0.05) as receiver:
         totals, calls = analyze(flood, receiver.grpc_endpoint, config)
         assert calls == CALLS
-        assert totals.handed == SPANS
-        assert totals.dropped_queue_full > 0
-        assert totals.exported > 0
-        assert totals.failed == 0  # slow, not failing: each export is answered within the timeout
-        assert totals.exported + totals.dropped + totals.failed == totals.handed
+        assert totals == SpanTotals(handed=SPANS, exported=SPANS)
         # What the processor says it exported is what the receiver holds, no more, no less.
-        assert len(receiver.spans()) == totals.exported
+        assert len(receiver.spans()) == SPANS
 
 
 def test_analyze_with_nothing_listening_counts_every_span_as_dropped_or_failed(flood: Path, tmp_path: Path) -> None:
