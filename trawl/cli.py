@@ -65,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     dump.add_argument("--timeout-s", type=float, default=60.0, help="give up listing after this long")
 
+    tls = commands.add_parser("tls", help="TLS plaintext capture with eBPF uprobes")
+    tls_commands = tls.add_subparsers(dest="tls_command", required=True, metavar="ACTION")
+    tls_status = tls_commands.add_parser(
+        "status", help="per process: hooked or not, which library, and why not (asks the collectors)"
+    )
+    tls_status.add_argument("--config", type=Path, help="YAML config whose nats section says where NATS is")
+    tls_status.add_argument("--nats-url", help="NATS server to ask (default: the config's, else nats://127.0.0.1:4222)")
+    tls_status.add_argument("--timeout-s", type=float, default=2.0, help="wait this long for the collectors' answers")
+    tls_status.add_argument("--json", action="store_true", help="the collectors' reports as JSON")
+    tls_status.add_argument(
+        "--local", action="store_true", help="ask no collector: can BPF load here, which processes map a TLS library"
+    )
+
     for service in SERVICES:
         sub = commands.add_parser(service, help=f"run the {service} service (what its container runs)")
         sub.add_argument("--config", type=Path, help="YAML config file")
@@ -106,6 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
         if args.command == "identity":
             return _identity_dump(args)
+        if args.command == "tls":
+            return _tls_status(args)
         module = importlib.import_module(f"trawl.{args.command}.main")
         code: int = module.main(args.config)
         return code
@@ -136,6 +151,21 @@ def _identity_dump(args: argparse.Namespace) -> int:
     else:
         args.output.write_text(text)
     return 0
+
+
+def _tls_status(args: argparse.Namespace) -> int:
+    from trawl.collector.config import CollectorSettings
+    from trawl.collector.tls_status import status
+    from trawl.config import NatsSettings
+    from trawl.logs import configure_logging
+
+    configure_logging("warning", "auto")
+    nats = None
+    if not args.local:
+        nats = NatsSettings(servers=[args.nats_url]) if args.nats_url else CollectorSettings.load(args.config).nats
+    text, code = status(nats, args.timeout_s, args.json, args.local)
+    sys.stdout.write(text)
+    return code
 
 
 if __name__ == "__main__":

@@ -164,7 +164,7 @@ async def _start_tls(ctx: ServiceContext[CollectorSettings]) -> asyncio.Task[Non
     try:
         await capture.start(ctx.bus.nc.subscribe)
     except TlsUnavailable as exc:
-        raise ConfigError(f"collector: tls.mode is on but TLS uprobes cannot be used: {exc}") from exc
+        raise ConfigError(f"tls.mode is on but TLS uprobes cannot be used: {exc}") from exc
     return asyncio.create_task(capture.pump(ctx.stopping), name="tls-uprobes")
 
 

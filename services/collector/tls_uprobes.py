@@ -45,6 +45,12 @@ from types import ModuleType
 from typing import Any
 
 from trawl.bus import control_subject, tls_subject
+from trawl.collector.capabilities import (
+    CAP_NET_RAW,
+    effective_capabilities,
+    missing_capabilities,
+    required_capabilities,
+)
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_sockets import Endpoints, SocketResolver
 from trawl.collector.tls_targets import LibraryKey, TlsLibrary, comm, pids, scan, scan_process
@@ -130,8 +136,16 @@ def prepare_tracefs() -> None:
 
 def check_kernel() -> None:
     """What bcc needs that can be checked before it tries: root, ring buffers, headers."""
-    if os.geteuid() != 0:
-        raise TlsUnavailable("no permission: loading eBPF programs needs root (CAP_BPF and CAP_SYS_ADMIN)")
+    needed = required_capabilities(pod_loopback=False, tls_uprobes=True)
+    del needed[CAP_NET_RAW]
+    try:
+        missing = missing_capabilities(effective_capabilities(Path("/proc/self/status").read_text()), needed)
+    except (OSError, ValueError) as exc:
+        raise TlsUnavailable(f"no permission: cannot read this process's capabilities ({exc})") from exc
+    if missing:
+        raise TlsUnavailable(
+            "no permission: missing " + ", ".join(missing) + "; run the collector privileged (or as root)"
+        )
     release = platform.release()
     numbers = [int(part) for part in release.split("-")[0].split(".")[:2] if part.isdigit()]
     if len(numbers) == 2 and tuple(numbers) < (5, 8):
@@ -521,6 +535,8 @@ class TlsCapture:
             if self.settings.mode == "on":
                 raise
             log.warning("tls_uprobes_unavailable", reason=self.unavailable)
+            # The status still names the processes that would be hooked, and why they are not.
+            self._status = await asyncio.to_thread(self._unhooked, self.unavailable)
             return
         log.info("tls_uprobes_loaded", libraries=len(self.tracer.hooks), processes=len(self._status))
 
@@ -559,6 +575,23 @@ class TlsCapture:
                 lost=self.lost_total(),
                 lost_by_reason={**self.lost, **self.kernel_lost},
             )
+
+    def _unhooked(self, reason: str) -> list[dict[str, Any]]:
+        proc = self.tracer.proc
+        return [
+            {
+                "pid": pid,
+                "comm": comm(proc, pid),
+                "library": library.library,
+                "version": library.version,
+                "path": library.path,
+                "hooked": False,
+                "symbols": [],
+                "reason": reason,
+            }
+            for library in scan(proc, self.tracer.exclude).values()
+            for pid in sorted(library.pids)
+        ]
 
     def _load(self) -> None:
         self.tracer.load()

@@ -199,3 +199,114 @@ def test_openssl_clients_and_server_on_loopback_show_their_plaintext_calls(tmp_p
     for path in (state / "logs").iterdir():
         assert '"level": "error"' not in path.read_text(), f"{path.name}: {path.read_text()[-1500:]}"
     assert processes_mentioning(str(state)) == []
+
+
+def start_collector(tmp_path: Path, nats_url: str, mode: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
+    config = tmp_path / f"collector-{mode}.yaml"
+    config.write_text(
+        yaml.safe_dump({"node": "tls-node", "nats": {"servers": [nats_url]}, "collector": {"tls": {"mode": mode}}})
+    )
+    command = [sys.executable, "-m", "trawl", "collector", "--config", str(config)]
+    if prefix:
+        command = [*prefix, "--", "-c", " ".join(command)]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_tls_status_names_each_hooked_process(tmp_path: Path, nats_url: str) -> None:
+    """`trawl tls status` asks the running collector: this test's own process maps the system
+    libssl (Python's ssl module), so it is listed as hooked, with its library and symbols."""
+    reason = bpf_unavailable()
+    if reason is not None:
+        pytest.skip(f"eBPF uprobes cannot be loaded here: {reason}")
+    assert ssl.OPENSSL_VERSION
+    collector = start_collector(tmp_path, nats_url, "on")
+    try:
+        deadline = time.monotonic() + 60
+        reports: list[dict[str, Any]] = []
+        while time.monotonic() < deadline and collector.poll() is None:
+            done = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "trawl",
+                    "tls",
+                    "status",
+                    "--nats-url",
+                    nats_url,
+                    "--json",
+                    "--timeout-s",
+                    "0.5",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            )
+            reports = json.loads(done.stdout) if done.stdout.startswith("[") else []
+            if reports and reports[0]["bpf"] == "loaded" and reports[0]["processes"]:
+                break
+            time.sleep(0.5)
+        assert [report["node"] for report in reports] == ["tls-node"], reports
+        ours = [row for row in reports[0]["processes"] if row["pid"] == os.getpid()]
+        assert len(ours) == 1, reports
+        assert ours[0]["hooked"] is True and ours[0]["library"] == "openssl" and ours[0]["reason"] == ""
+        assert {"SSL_read", "SSL_write"} <= set(ours[0]["symbols"])
+        assert done.returncode == 0
+        text = subprocess.run(
+            [sys.executable, "-m", "trawl", "tls", "status", "--nats-url", nats_url, "--timeout-s", "0.5"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=True,
+        ).stdout
+        assert text.startswith("node tls-node: BPF loaded; chunks published")
+        line = next(line for line in text.splitlines() if line.split()[:1] == [str(os.getpid())])
+        assert " yes " in line and "libssl" in line
+    finally:
+        collector.terminate()
+        output, _ = collector.communicate(timeout=30)
+    assert collector.returncode == 0, output[-2000:]
+    assert "Traceback" not in output
+
+
+@needs_binary("capsh")
+def test_mode_on_without_the_capabilities_fails_the_start_in_one_line(tmp_path: Path, nats_url: str) -> None:
+    """Root without CAP_BPF and CAP_SYS_ADMIN: the kernel refuses the program, and a collector
+    told `tls.mode: on` says so in one line and exits 2; with `auto` it runs on and its status
+    says why nothing is hooked."""
+    if bpf_unavailable() is not None:
+        pytest.skip(f"eBPF uprobes cannot be loaded here: {bpf_unavailable()}")
+    assert ssl.OPENSSL_VERSION
+    drop = ("capsh", "--drop=cap_bpf,cap_sys_admin,cap_perfmon")
+    collector = start_collector(tmp_path, nats_url, "on", drop)
+    output, _ = collector.communicate(timeout=60)
+    assert collector.returncode == 2, output[-2000:]
+    last = output.strip().splitlines()[-1]
+    assert last == (
+        "trawl collector: tls.mode is on but TLS uprobes cannot be used: no permission: missing CAP_SYS_ADMIN"
+        " (attach uprobes), CAP_BPF (load eBPF programs); run the collector privileged (or as root)"
+    ), last
+    assert "Traceback" not in output
+
+    collector = start_collector(tmp_path, nats_url, "auto", drop)
+    try:
+        deadline = time.monotonic() + 60
+        text = ""
+        while time.monotonic() < deadline and collector.poll() is None:
+            text = subprocess.run(
+                [sys.executable, "-m", "trawl", "tls", "status", "--nats-url", nats_url, "--timeout-s", "0.5"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                check=False,
+            ).stdout
+            if text.startswith("node tls-node"):
+                break
+            time.sleep(0.5)
+        assert text.startswith("node tls-node: BPF no permission: missing CAP_SYS_ADMIN"), text
+        # This process maps libssl: listed as not hooked, with the reason.
+        line = next(line for line in text.splitlines() if line.split()[:1] == [str(os.getpid())])
+        assert " no " in line and "no permission: missing CAP_SYS_ADMIN" in line
+    finally:
+        collector.terminate()
+        collector.communicate(timeout=30)
