@@ -372,3 +372,20 @@ def test_mutated_bytes_are_read_as_protobuf_reads_them(call: ApiCall, changes: l
     expected = canonical_spans(reference([parsed]))
     got = canonical_spans(ExportTraceServiceRequest.FromString(parts[0].request))
     assert got == expected
+
+
+def test_a_varints_bits_past_64_are_dropped_as_protobuf_drops_them() -> None:
+    """The 10th byte of a varint may carry more than the 64th bit: protobuf reads the call (the
+    deep profile's mutation found the encoder refusing it)."""
+    call = ApiCall(id="call-1", protocol="kafka", method="Produce")
+    call.request.ts = 5
+    call.kafka.partitions.append(-1)  # ten bytes, the last 0x01
+    data = bytearray(call.SerializeToString())
+    assert data[-1] == 0x01
+    data[-1] = 0x7F
+    parsed = ApiCall.FromString(bytes(data))
+    parts = WireSpanEncoder().encode([bytes(data)])
+    assert parts[0].unreadable == ()
+    assert canonical_spans(ExportTraceServiceRequest.FromString(parts[0].request)) == canonical_spans(
+        reference([parsed])
+    )
