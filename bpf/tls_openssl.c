@@ -96,7 +96,9 @@ struct call_args {
 };
 
 BPF_RINGBUF_OUTPUT(chunks, RING_PAGES);
-BPF_HASH(calls, u64, struct call_args, CALLS_MAX);
+// LRU: a thread that exits inside an SSL call (its uretprobe never fires) leaves an entry
+// that ages out instead of filling the table.
+BPF_TABLE("lru_hash", u64, struct call_args, calls, CALLS_MAX);
 BPF_TABLE("lru_hash", u64, u32, ssl_fds, 65536);
 BPF_TABLE("lru_hash", u64, u64, ssl_socks, 65536);
 // kernel socket -> its addresses, from the moment it is ESTABLISHED.

@@ -10,15 +10,19 @@ kernel headers, no tracefs, a kernel without ring buffers): `make test` installs
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import pytest
 import yaml
 
 from tests.conftest import needs_binary, needs_root
+from tests.fixtures.tcpdump_capture import free_port
 from tests.integration.test_up import processes_mentioning
 
 pytestmark = [needs_root(), needs_binary("curl"), needs_binary("openssl"), pytest.mark.timeout(180)]
@@ -66,8 +71,7 @@ class Shop(BaseHTTPRequestHandler):
         return
 
 
-def tls_server(tmp_path: Path) -> ThreadingHTTPServer:
-    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+def make_certificate(key: Path, cert: Path) -> None:
     subprocess.run(
         [
             *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=localhost", "-days", "1"),
@@ -76,6 +80,11 @@ def tls_server(tmp_path: Path) -> ThreadingHTTPServer:
         check=True,
         capture_output=True,
     )
+
+
+def tls_server(tmp_path: Path) -> ThreadingHTTPServer:
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    make_certificate(key, cert)
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     server = ThreadingHTTPServer(("127.0.0.1", 0), Shop)
@@ -93,12 +102,37 @@ def wait_for(path: Path, text: str, timeout_s: float = 90) -> None:
     raise AssertionError(f"{text} not in {path}: {path.read_text()[-2000:] if path.exists() else 'no file'}")
 
 
-def test_openssl_clients_and_server_on_loopback_show_their_plaintext_calls(tmp_path: Path) -> None:
+@dataclass
+class UpRun:
+    """A `trawl up --interface lo --json` with TLS uprobes on, as it ran."""
+
+    state: Path
+    lines: list[str]
+
+    def calls(self, port: int) -> list[dict[str, Any]]:
+        """The calls to or from `port`."""
+        calls = [json.loads(line) for line in self.lines if line.startswith("{")]
+        return [call for call in calls if port in (call["dst"]["port"], call["src"]["port"])]
+
+    def tls_capture_stopped(self) -> dict[str, Any]:
+        log = (self.state / "logs" / "collector.log").read_text()
+        stopped = [json.loads(line) for line in log.splitlines() if "tls_capture_stopped" in line]
+        assert len(stopped) == 1, log[-2000:]
+        return stopped[0]
+
+    def check_logs(self) -> None:
+        for path in (self.state / "logs").iterdir():
+            assert '"level": "error"' not in path.read_text(), f"{path.name}: {path.read_text()[-1500:]}"
+        assert processes_mentioning(str(self.state)) == []
+
+
+@contextlib.contextmanager
+def trawl_up(tmp_path: Path) -> Iterator[UpRun]:
+    """Start the suite, wait until TLS chunks are followed, run the body's traffic, then stop
+    it with SIGINT as a terminal would."""
     reason = bpf_unavailable()
     if reason is not None:
         pytest.skip(f"eBPF uprobes cannot be loaded here: {reason}")
-    server = tls_server(tmp_path)
-    port = server.server_address[1]
     config = tmp_path / "trawl.yaml"
     # Bodies kept short: this test captures all of lo, other programs' traffic included.
     config.write_text(
@@ -106,54 +140,24 @@ def test_openssl_clients_and_server_on_loopback_show_their_plaintext_calls(tmp_p
             {"collector": {"tls": {"mode": "on", "scan_interval_s": 1.0}}, "dissector": {"max_body_bytes": 1024}}
         )
     )
-    state = tmp_path / "state"
+    run = UpRun(tmp_path / "state", [])
+    command = [sys.executable, "-m", "trawl", "up", "--interface", "lo", "--json", "--config", str(config)]
     process = subprocess.Popen(
-        [
-            *(sys.executable, "-m", "trawl", "up", "--interface", "lo", "--json", "--state-dir", str(state)),
-            "--config",
-            str(config),
-        ],
+        [*command, "--state-dir", str(run.state)],
         stdout=subprocess.PIPE,
         stderr=(tmp_path / "stderr.txt").open("w"),
         text=True,
         start_new_session=True,
     )
     # Read as it comes: a pipe left full makes `trawl up`'s writes of long lines fail part way.
-    assert process.stdout is not None
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(process.stdout or ()), daemon=True)
+    reader = threading.Thread(target=lambda: run.lines.extend(process.stdout or ()), daemon=True)
     reader.start()
-    client_ports: dict[str, int] = {}
     try:
-        logs = state / "logs"
+        logs = run.state / "logs"
         wait_for(logs / "collector.log", "service_ready")
         wait_for(logs / "collector.log", "tls_uprobes_loaded")
         wait_for(logs / "dissector.log", "tls_chunks_followed")
-        unverified = ssl._create_unverified_context()
-        connection = http.client.HTTPSConnection("127.0.0.1", port, context=unverified, timeout=10)
-        for index in range(3):
-            connection.request("GET", f"/orders/{index}", headers={"Authorization": "Bearer s3cr3t-token"})
-            response = connection.getresponse()
-            assert response.status == 200 and json.loads(response.read()) == {"order": str(index)}
-        assert connection.sock is not None
-        client_ports["http.client"] = connection.sock.getsockname()[1]
-        connection.request(
-            "POST",
-            "/login",
-            body=json.dumps({"user": "ann", "password": "hunter2"}),
-            headers={"Content-Type": "a/json"},
-        )
-        assert connection.getresponse().read() == b"{}"
-        connection.request("GET", "/big")
-        assert len(connection.getresponse().read()) == BIG
-        connection.close()
-        curl = subprocess.run(
-            ["curl", "-sk", "--http1.1", "-H", "Cookie: session=abc123", f"https://127.0.0.1:{port}/missing"],
-            capture_output=True,
-            timeout=30,
-            check=True,
-        )
-        assert curl.stdout == b"no such page"
+        yield run
         time.sleep(3.0)  # a chunk batch is cut within 50 ms, then dissected and enriched
         os.killpg(process.pid, signal.SIGINT)
         process.wait(timeout=90)
@@ -162,12 +166,40 @@ def test_openssl_clients_and_server_on_loopback_show_their_plaintext_calls(tmp_p
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
+
+
+def test_openssl_clients_and_server_on_loopback_show_their_plaintext_calls(tmp_path: Path) -> None:
+    server = tls_server(tmp_path)
+    port = server.server_address[1]
+    client_ports: dict[str, int] = {}
+    try:
+        with trawl_up(tmp_path) as run:
+            unverified = ssl._create_unverified_context()
+            connection = http.client.HTTPSConnection("127.0.0.1", port, context=unverified, timeout=10)
+            for index in range(3):
+                connection.request("GET", f"/orders/{index}", headers={"Authorization": "Bearer s3cr3t-token"})
+                response = connection.getresponse()
+                assert response.status == 200 and json.loads(response.read()) == {"order": str(index)}
+            assert connection.sock is not None
+            client_ports["http.client"] = connection.sock.getsockname()[1]
+            login = json.dumps({"user": "ann", "password": "hunter2"})
+            connection.request("POST", "/login", body=login, headers={"Content-Type": "application/json"})
+            assert connection.getresponse().read() == b"{}"
+            connection.request("GET", "/big")
+            assert len(connection.getresponse().read()) == BIG
+            connection.close()
+            curl = subprocess.run(
+                ["curl", "-sk", "--http1.1", "-H", "Cookie: session=abc123", f"https://127.0.0.1:{port}/missing"],
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            assert curl.stdout == b"no such page"
+    finally:
         server.shutdown()
         server.server_close()
-    stdout = "".join(lines)
-    assert "Traceback" not in (tmp_path / "stderr.txt").read_text()
-    calls: list[dict[str, Any]] = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-    ours = [call for call in calls if call["dst"]["port"] == port or call["src"]["port"] == port]
+    ours = run.calls(port)
     plaintext = [call for call in ours if call.get("capture") == "tls-uprobe"]
     seen = sorted((call["method"], call["path"], call["status"]) for call in plaintext)
     assert seen == [
@@ -190,15 +222,69 @@ def test_openssl_clients_and_server_on_loopback_show_their_plaintext_calls(tmp_p
     assert {call["protocol"] for call in packet_calls} - {"tcp"} == {"tls"}
     handshakes = {call["src"]["port"] for call in packet_calls if call["method"] == "handshake"}
     assert handshakes == {client_ports["http.client"], curl_call["src"]["port"]}
+    everything = "".join(run.lines)
     for secret in ("s3cr3t", "hunter2", "abc123"):
-        assert secret not in stdout
-    collector_log = (state / "logs" / "collector.log").read_text()
-    stopped = [json.loads(line) for line in collector_log.splitlines() if "tls_capture_stopped" in line]
-    assert stopped and stopped[0]["lost"] == 0, stopped
-    assert stopped[0]["chunks"] > 0
-    for path in (state / "logs").iterdir():
-        assert '"level": "error"' not in path.read_text(), f"{path.name}: {path.read_text()[-1500:]}"
-    assert processes_mentioning(str(state)) == []
+        assert secret not in everything
+    stopped = run.tls_capture_stopped()
+    assert stopped["lost"] == 0 and stopped["chunks"] > 0, stopped
+    run.check_logs()
+
+
+@needs_binary("nghttpd")
+@needs_binary("nghttp")
+def test_http2_over_tls_from_nghttp2_and_curl(tmp_path: Path) -> None:
+    """nghttpd (libnghttp2 over OpenSSL) serves HTTP/2 over TLS; curl and nghttp (OpenSSL too)
+    fetch from it, several streams on one connection: each stream is one http2 call."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    make_certificate(key, cert)
+    docroot = tmp_path / "www"
+    docroot.mkdir()
+    (docroot / "a.txt").write_text("alpha\n")
+    (docroot / "b.txt").write_text("beta\n" * 1000)
+    port = free_port()
+    server = subprocess.Popen(
+        ["nghttpd", "-d", str(docroot), "--address=127.0.0.1", str(port), str(key), str(cert)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        with trawl_up(tmp_path) as run:
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+                time.sleep(0.1)
+            base = f"https://127.0.0.1:{port}"
+            curl = subprocess.run(
+                ["curl", "-sk", "--http2", f"{base}/a.txt", f"{base}/b.txt", f"{base}/nope"],
+                capture_output=True,
+                timeout=30,
+                check=True,
+            )
+            assert curl.stdout.startswith(b"alpha\nbeta\n")
+            fetched = subprocess.run(
+                ["nghttp", "-n", f"{base}/a.txt", f"{base}/b.txt"], capture_output=True, timeout=30, check=False
+            )
+            assert fetched.returncode == 0, fetched.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+    plaintext = [call for call in run.calls(port) if call.get("capture") == "tls-uprobe"]
+    seen = sorted((call["protocol"], call["method"], call["path"], call["status"]) for call in plaintext)
+    assert seen == sorted(
+        [
+            ("http2", "GET", "/a.txt", "200"),
+            ("http2", "GET", "/b.txt", "200"),
+            ("http2", "GET", "/nope", "404"),
+            ("http2", "GET", "/a.txt", "200"),
+            ("http2", "GET", "/b.txt", "200"),
+        ]
+    ), json.dumps(plaintext)[:3000]
+    assert {call["dst"]["port"] for call in plaintext} == {port}
+    assert len({call["src"]["port"] for call in plaintext}) == 2  # one connection per client
+    stopped = run.tls_capture_stopped()
+    assert stopped["lost"] == 0, stopped
+    run.check_logs()
 
 
 def start_collector(tmp_path: Path, nats_url: str, mode: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[str]:
