@@ -580,7 +580,12 @@ class WireSpanPath:
         """Encode and queue the spans of enriched calls; returns without waiting for the network."""
         if not calls:
             return
-        parts = self.encoder.encode(calls)
+        try:
+            parts = self.encoder.encode(calls)
+        except Exception as exc:  # a bug on the compiled side must not stop the stream: counted
+            self._failures.inc(len(calls), stage="export")
+            log.warning("span_encode_raised", calls=len(calls), error=repr(exc))
+            return
         unreadable = sum(len(part.unreadable) for part in parts)
         if unreadable:
             self._failures.inc(unreadable, stage="export")

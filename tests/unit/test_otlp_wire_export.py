@@ -570,3 +570,18 @@ def test_the_path_counts_unreadable_calls_and_sends_the_others(grpc_receiver: Gr
     assert script.spans() == 120
     sizes = [sum(len(s.spans) for rs in r.resource_spans for s in rs.scope_spans) for r in script.accepted]
     assert max(sizes) <= 40
+
+
+def test_an_encoder_that_raises_costs_the_batch_counted_not_the_stream(grpc_receiver: GrpcReceiver) -> None:
+    """The compiled encoder refusing a batch (here: it is not a sequence of bytes) is counted as
+    call failures at the export stage; the next batch goes out."""
+    registry = Registry()
+    path = WireSpanPath.from_settings(EnricherSettings(otlp_endpoint=grpc_receiver.endpoint), registry, {})
+    assert path is not None
+    path.hand_over_calls(["not bytes"])  # type: ignore[list-item]
+    call = ApiCall(id="c", protocol="dns", method="A")
+    call.request.ts = 1
+    path.hand_over_calls([call.SerializeToString()])
+    path.shutdown()
+    assert registry.counter("trawl_enricher_call_failures_total", "").get(stage="export") == 1
+    assert SpanCounters.of(registry).totals() == SpanTotals(handed=2, exported=2)
