@@ -12,7 +12,7 @@ from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTrace
 from tests.conftest import FIXTURES
 from tests.otlp_receiver import OtlpReceiver, ReceivedSpan
 from tests.unit.test_otel_spans import T0, make_call
-from tests.unit.test_otlp_spans_differential import canonical_spans, dissected, reference
+from tests.unit.test_otlp_spans_differential import IDENTITY, canonical_spans, dissected, reference
 from trawl import analyze as analyze_module
 from trawl.enricher import otlp
 from trawl.enricher.config import EnricherSettings
@@ -201,12 +201,12 @@ def test_trawl_analyze_sends_the_reference_spans_by_the_compiled_path(
         traces = endpoint if protocol == "grpc" else f"{endpoint}/v1/traces"
         monkeypatch.setenv("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", traces)
     given = None if traces_only else endpoint
-    assert analyze_module.analyze(capture, SNAPSHOT, as_json=True, otlp_endpoint=given, node="node-a") == 0
+    assert analyze_module.analyze(capture, IDENTITY, as_json=True, otlp_endpoint=given, node="node-a") == 0
     printed = capsysbinary.readouterr()
     assert b"spans:" in printed.err and b" 0 dropped" in printed.err and b" 0 failed" in printed.err
     merged = ExportTraceServiceRequest()
     for request in receiver.trace_requests:
         merged.MergeFrom(request)
-    expected = canonical_spans(reference(dissected(capture, SNAPSHOT)))
+    expected = canonical_spans(reference(dissected(capture, IDENTITY)))
     assert expected, "the capture gives spans"
     assert canonical_spans(merged) == expected

@@ -38,7 +38,9 @@ from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.packets_pb2 import PacketBatch
 
 CAPTURES = sorted(FIXTURES.rglob("*.pcap"))
-SNAPSHOT = FIXTURES / "identity_snapshot.json"
+# The identity that names the pods of http1.pcap, sample.pcap and secrets.pcap (the cluster
+# snapshot of identity_snapshot.json names none of the captures' addresses).
+IDENTITY = FIXTURES / "http1_identity.json"
 
 
 def _attributes(values: Sequence[KeyValue]) -> dict[str, Any]:
@@ -122,7 +124,7 @@ def dissected(path: Path, identity: Path | None) -> list[ApiCall]:
     return calls
 
 
-@pytest.mark.parametrize("identity", [None, SNAPSHOT], ids=["no-identity", "snapshot"])
+@pytest.mark.parametrize("identity", [None, IDENTITY], ids=["no-identity", "identity"])
 @pytest.mark.parametrize("capture", CAPTURES, ids=[str(path.relative_to(FIXTURES)) for path in CAPTURES])
 def test_every_committed_capture_gives_the_reference_spans(capture: Path, identity: Path | None) -> None:
     calls = dissected(capture, identity)
@@ -389,3 +391,51 @@ def test_a_varints_bits_past_64_are_dropped_as_protobuf_drops_them() -> None:
     assert canonical_spans(ExportTraceServiceRequest.FromString(parts[0].request)) == canonical_spans(
         reference([parsed])
     )
+
+
+def _semconv_attribute_names() -> frozenset[str]:
+    """Every attribute name of the opentelemetry-semantic-conventions package's registry (its
+    stable and incubating `*_attributes` modules)."""
+    import importlib
+
+    import opentelemetry.semconv
+
+    root = Path(opentelemetry.semconv.__file__).parent
+    names = set()
+    for module_path in root.rglob("*_attributes.py"):
+        module = importlib.import_module(
+            "opentelemetry.semconv." + ".".join(module_path.relative_to(root).with_suffix("").parts)
+        )
+        names.update(value for key, value in vars(module).items() if key.isupper() and isinstance(value, str))
+    return frozenset(names)
+
+
+SEMCONV_NAMES = _semconv_attribute_names()
+
+
+def _attribute_names(request: ExportTraceServiceRequest) -> set[str]:
+    names = set()
+    for resource_spans in request.resource_spans:
+        names.update(kv.key for kv in resource_spans.resource.attributes)
+        for scope_spans in resource_spans.scope_spans:
+            for span in scope_spans.spans:
+                names.update(kv.key for kv in span.attributes)
+    return names
+
+
+def test_attribute_names_are_the_semantic_conventions_or_trawls_own() -> None:
+    """Span and resource attributes of every committed capture (with identity, so k8s.* resource
+    attributes appear): each name is in the semantic-conventions registry, or is Trawl's own
+    (trawl.*)."""
+    assert len(SEMCONV_NAMES) > 500, "the registry was not found"
+    names: set[str] = set()
+    for capture in CAPTURES:
+        names |= _attribute_names(compiled([call.SerializeToString() for call in dissected(capture, IDENTITY)]))
+    assert {"http.request.method", "rpc.method", "messaging.system", "k8s.pod.name"} <= names
+    assert sorted(name for name in names if name not in SEMCONV_NAMES and not name.startswith("trawl.")) == []
+
+
+@given(st.lists(calls(), min_size=1, max_size=4))
+def test_generated_calls_use_registry_names_too(generated: list[ApiCall]) -> None:
+    names = _attribute_names(compiled([call.SerializeToString() for call in generated]))
+    assert sorted(name for name in names if name not in SEMCONV_NAMES and not name.startswith("trawl.")) == []
