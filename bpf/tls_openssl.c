@@ -36,6 +36,11 @@
 #ifndef CALLS_MAX
 #define CALLS_MAX 16384
 #endif
+// The reader is woken once per WAKEUP_EVERY chunks of a CPU, and otherwise reads the ring on
+// its own timer (a wakeup per chunk cost the traced process more than the probes themselves).
+#ifndef WAKEUP_EVERY
+#define WAKEUP_EVERY 128
+#endif
 
 #define KIND_DATA 0
 #define KIND_CLOSE 1
@@ -107,11 +112,24 @@ BPF_TABLE("lru_hash", u64, struct tuple, sock_tuples, 131072);
 BPF_TABLE("lru_hash", u64, u8, tls_fds, 65536);
 BPF_PERCPU_ARRAY(scratch, struct chunk, 1);
 BPF_PERCPU_ARRAY(lost, u64, LOST_SLOTS);
+BPF_PERCPU_ARRAY(since_wakeup, u32, 1);
 
 static __always_inline void count_lost(int slot, u64 amount) {
     u64 *value = lost.lookup(&slot);
     if (value)
         *value += amount;
+}
+
+static __always_inline u64 wakeup_flags(void) {
+    int zero = 0;
+    u32 *count = since_wakeup.lookup(&zero);
+    if (!count)
+        return BPF_RB_FORCE_WAKEUP;
+    if (++*count >= WAKEUP_EVERY) {
+        *count = 0;
+        return BPF_RB_FORCE_WAKEUP;
+    }
+    return BPF_RB_NO_WAKEUP;
 }
 
 static __always_inline int enter(struct pt_regs *ctx, u8 direction, int ex) {
@@ -224,14 +242,14 @@ static __always_inline int leave(struct pt_regs *ctx, int ex) {
             count_lost(LOST_READ_FAULTS, 1);
             c->len = 0;
             c->truncated = total - (u32)offset;
-            if (chunks.ringbuf_output(c, offsetof(struct chunk, data), 0) != 0)
+            if (chunks.ringbuf_output(c, offsetof(struct chunk, data), wakeup_flags()) != 0)
                 count_lost(LOST_RING_CHUNKS, 1);
             return 0;
         }
         u64 size = offsetof(struct chunk, data) + len;
         if (size > sizeof(struct chunk))
             size = sizeof(struct chunk);
-        if (chunks.ringbuf_output(c, size, 0) != 0) {
+        if (chunks.ringbuf_output(c, size, wakeup_flags()) != 0) {
             count_lost(LOST_RING_CHUNKS, 1);
             count_lost(LOST_RING_BYTES, len);
         }
@@ -311,7 +329,7 @@ static __always_inline void send_small(u8 kind, u32 fd) {
     c->direction = 0;
     c->has_tuple = 0;
     bpf_get_current_comm(&c->comm, sizeof(c->comm));
-    if (chunks.ringbuf_output(c, offsetof(struct chunk, data), 0) != 0)
+    if (chunks.ringbuf_output(c, offsetof(struct chunk, data), wakeup_flags()) != 0)
         count_lost(LOST_RING_CHUNKS, 1);
 }
 

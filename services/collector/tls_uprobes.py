@@ -78,6 +78,8 @@ PROBES = (
     ("SSL_read_ex", "enter_read_ex", "leave_ex"),
     ("SSL_write_ex", "enter_write_ex", "leave_ex"),
 )
+# The reader's timer: at most this long between a chunk and its reading.
+POLL_MS = 20
 # A new program maps its libraries after exec: look at it after these delays.
 EXEC_RESCAN_DELAYS_S = (0.05, 0.5)
 
@@ -268,8 +270,12 @@ class TlsTracer:
         self._events.append(RawChunk(pid, tid, fd, ts_ns, direction, comm_text, body, truncated, ends))
 
     def poll(self, timeout_ms: int) -> list[RawChunk]:
-        """Events of the ring (waiting at most timeout_ms for the first), and due exec rescans."""
+        """Events of the ring (waiting at most timeout_ms for a wakeup), and due exec rescans.
+
+        The program wakes the reader only every so many chunks: what came since is read by
+        the consume after the poll's timeout."""
         self.bpf.ring_buffer_poll(timeout_ms)
+        self.bpf.ring_buffer_consume()
         events, self._events = self._events, []
         if self._execs:
             now = time.monotonic()
@@ -443,7 +449,7 @@ class TlsCapture:
         next_scan = time.monotonic() + self.settings.scan_interval_s
         while not self.stop.is_set():
             try:
-                events = tracer.poll(100)
+                events = tracer.poll(POLL_MS)
                 chunks = [chunk for chunk in map(self._convert, events) if chunk is not None]
                 if time.monotonic() >= next_scan:
                     tracer.rescan()
