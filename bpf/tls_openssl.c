@@ -9,8 +9,9 @@
 //
 // Which connection: OpenSSL keeps the fd inside the SSL object at offsets that differ between
 // versions and builds, so it is not read from there. The socket I/O the same thread does while
-// it is inside an SSL call names it: the sock_send_length/sock_recv_length tracepoints (5.4+)
-// give the kernel socket, whose addresses the inet_sock_set_state tracepoint recorded when it
+// it is inside an SSL call names it: the sock_send_length/sock_recv_length tracepoints (where
+// the kernel has them: HAVE_SOCK_LENGTH; without them user space looks in /proc) give the
+// kernel socket, whose addresses the inet_sock_set_state tracepoint recorded when it
 // became ESTABLISHED; the read/write/sendto/recvfrom system call gives the fd (a socket BIO
 // reads and writes the socket itself, libcurl's BIO calls send and recv). Both are remembered
 // per SSL object for the calls that need no I/O (bytes already decrypted and buffered). The
@@ -18,8 +19,10 @@
 // already be closed, or be another connection's. Tracepoint layouts come from tracefs at
 // compile time, so nothing here depends on the kernel headers' struct layouts.
 //
-// Nothing is lost silently: a chunk the ring cannot take, a call the table of calls in flight
-// cannot hold and a buffer the kernel could not read are each counted in `lost`.
+// Nothing is lost silently: a chunk the ring cannot take and a buffer the kernel could not
+// read are counted in `lost` (the latter also sent as a gap). The table of calls in flight
+// holds CALLS_MAX threads inside an SSL call at once; it is an LRU, so the entry of a thread
+// that died inside one ages out.
 
 #include <uapi/linux/ptrace.h>
 #include <linux/sched.h>

@@ -226,7 +226,7 @@ class TlsTracer:
             cflags.append("-DHAVE_SOCK_LENGTH")
         try:
             self.bpf = bcc.BPF(src_file=str(BPF_SOURCE).encode(), cflags=cflags)
-            self.bpf["chunks"].open_ring_buffer(self._on_event)
+            self.bpf[b"chunks"].open_ring_buffer(self._on_event)
         except Exception as exc:  # bcc raises plain Exception for compile and load failures
             raise TlsUnavailable(f"BPF unavailable: the program did not load ({exc})") from exc
 
@@ -342,7 +342,7 @@ class TlsTracer:
                 self.bpf.detach_uretprobe(name=path, sym=symbol.encode())
 
     def kernel_losses(self) -> dict[str, int]:
-        values = self.bpf["lost"]
+        values = self.bpf[b"lost"]
         return {name: int(sum(values[values.Key(slot)])) for slot, name in enumerate(KERNEL_LOSS)}
 
     def status(self) -> list[dict[str, Any]]:

@@ -1,0 +1,95 @@
+"""The collector's tracer following processes (root and BPF): a program started after the
+tracer, with its own copy of libssl (another file, another inode), is hooked after its exec
+(the sched_process_exec tracepoint, no rescan timer), its calls are read with their
+connection, and its library is unhooked once no process maps it. The program is Python's ssl
+over the copied library (LD_LIBRARY_PATH), talking to a TLS server in the same process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import ssl
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import needs_root
+from tests.live.test_tls_uprobes_live import make_certificate
+from trawl.collector.tls_settings import TlsUprobeSettings
+from trawl.collector.tls_uprobes import RawChunk, TlsTracer, availability
+
+pytestmark = [needs_root(), pytest.mark.timeout(120)]
+
+PROGRAM = r"""
+import socket, ssl, sys, threading, time
+time.sleep(1.0)  # the tracer hooks the copy after this program's exec
+server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+server_context.load_cert_chain(sys.argv[1], sys.argv[2])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+def serve():
+    conn, _ = listener.accept()
+    tls = server_context.wrap_socket(conn, server_side=True)
+    tls.sendall(b"pong " + tls.recv(100))
+    tls.close()
+threading.Thread(target=serve).start()
+client = ssl._create_unverified_context().wrap_socket(socket.create_connection(listener.getsockname()))
+client.sendall(b"ping from the copy")
+print(client.recv(100).decode(), client.getsockname()[1], listener.getsockname()[1], flush=True)
+"""
+
+
+def libssl_path() -> Path:
+    maps = Path("/proc/self/maps").read_text()
+    assert ssl.OPENSSL_VERSION
+    return Path(next(line.split()[-1] for line in maps.splitlines() if "/libssl.so" in line))
+
+
+def test_a_new_program_with_its_own_libssl_is_hooked_at_exec_and_unhooked_after(tmp_path: Path) -> None:
+    reason = availability()
+    if reason is not None:
+        pytest.skip(f"eBPF uprobes cannot be loaded here: {reason}")
+    system = libssl_path()
+    copy_dir = tmp_path / "lib"
+    copy_dir.mkdir()
+    copy = copy_dir / system.name
+    shutil.copy2(system, copy)
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    make_certificate(key, cert)
+    tracer = TlsTracer(TlsUprobeSettings(mode="on"), exclude_pids=frozenset({os.getpid()}))
+    tracer.load()
+    try:
+        tracer.rescan()
+        copy_inode = copy.stat().st_ino
+        assert all(key[1] != copy_inode for key in tracer.hooks)  # nobody maps the copy yet
+        program = subprocess.Popen(
+            [sys.executable, "-c", PROGRAM, str(cert), str(key)],
+            env={**os.environ, "LD_LIBRARY_PATH": str(copy_dir)},
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        chunks: list[RawChunk] = []
+        deadline = time.monotonic() + 30
+        while program.poll() is None and time.monotonic() < deadline:
+            chunks += [chunk for chunk in tracer.poll(20) if chunk.pid == program.pid]
+        output, _ = program.communicate(timeout=30)
+        chunks += [chunk for chunk in tracer.poll(20) if chunk.pid == program.pid]
+        *reply, client_port, server_port = output.split()
+        assert reply == ["pong", "ping", "from", "the", "copy"], output
+        hooked = [hook for key, hook in tracer.hooks.items() if key[1] == copy_inode]
+        assert len(hooked) == 1 and hooked[0].library.path == str(copy)
+        assert {"SSL_read_ex", "SSL_write_ex"} <= set(hooked[0].symbols)
+        texts = {(chunk.direction, chunk.data) for chunk in chunks}
+        assert (1, b"ping from the copy") in texts and (2, b"pong ping from the copy") in texts, texts
+        client_view = next(chunk for chunk in chunks if chunk.data == b"ping from the copy" and chunk.direction == 1)
+        assert client_view.ends is not None
+        assert (client_view.ends.local_port, client_view.ends.remote_port) == (int(client_port), int(server_port))
+        # The program has exited: a full rescan unhooks the library nobody maps.
+        tracer.rescan()
+        assert all(key[1] != copy_inode for key in tracer.hooks)
+    finally:
+        tracer.close()
