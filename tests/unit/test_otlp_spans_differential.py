@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
-from hypothesis import given
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -144,6 +144,9 @@ def test_blake2b_is_hashlibs(data: bytes, size: int) -> None:
 
 # -- generated calls ---------------------------------------------------------------------------
 
+# Each generated call is a whole ApiCall with both endpoints and a detail: slow to draw under
+# the sanitizers (make sanitize), so neither the deadline nor the slow-generation check applies.
+CALLS = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 ODD_TEXT = st.text(max_size=12)
 HEX32 = st.text(alphabet="0123456789abcdefABCDEF", min_size=32, max_size=32)
 HEX16 = st.text(alphabet="0123456789abcdef", min_size=16, max_size=16)
@@ -321,11 +324,13 @@ def calls(draw: st.DrawFn) -> ApiCall:
     return call
 
 
+@CALLS
 @given(st.lists(calls(), min_size=1, max_size=6))
 def test_generated_calls_give_the_reference_spans(generated: list[ApiCall]) -> None:
     assert_same_spans(generated)
 
 
+@CALLS
 @given(calls(), st.integers(1, 64))
 def test_a_damaged_call_gives_no_span_and_is_named_the_others_go_on(call: ApiCall, cut: int) -> None:
     good = ApiCall(id="ok", protocol="http", method="GET")
@@ -351,6 +356,7 @@ def test_requests_hold_at_most_max_spans() -> None:
     assert sum(len(canonical_spans(ExportTraceServiceRequest.FromString(part.request))) for part in encoded) == 50
 
 
+@CALLS
 @given(calls(), st.lists(st.tuples(st.integers(0, 100_000), st.integers(0, 255)), min_size=1, max_size=4))
 def test_mutated_bytes_are_read_as_protobuf_reads_them(call: ApiCall, changes: list[tuple[int, int]]) -> None:
     """Bytes changed here and there: when protobuf (upb) still reads a call, the compiled path
@@ -435,6 +441,7 @@ def test_attribute_names_are_the_semantic_conventions_or_trawls_own() -> None:
     assert sorted(name for name in names if name not in SEMCONV_NAMES and not name.startswith("trawl.")) == []
 
 
+@CALLS
 @given(st.lists(calls(), min_size=1, max_size=4))
 def test_generated_calls_use_registry_names_too(generated: list[ApiCall]) -> None:
     names = _attribute_names(compiled([call.SerializeToString() for call in generated]))
