@@ -259,6 +259,14 @@ class Dissector:
         self._count("tls_chunks", len(batch.chunks))
         self._advance(clock)
 
+    def finish_tls_encoded(self) -> list[bytes]:
+        """Every TLS plaintext flow ends (this replica stops taking the chunks), counted."""
+        now = self.clock_ns
+        self._count("tls_flows_ended_by_handover", len(self.tls_flows))
+        while self.tls_flows:
+            self._tls_end(self.tls_flows.popitem(last=False)[1], now)
+        return self._take_encoded()
+
     def _tls_chunk(self, node: str, chunk: TlsChunk) -> None:
         sender = (chunk.src_ip, chunk.src_port)
         receiver = (chunk.dst_ip, chunk.dst_port)

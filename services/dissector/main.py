@@ -436,6 +436,10 @@ class DissectorService:
         if shard == 0:
             await self.follow_tls(False)
         async with self.lock:
+            if shard == 0:
+                # The next owner of shard 0 takes the chunks from now on; these flows are not
+                # finished here as half-calls.
+                self.discard(self.dissector.finish_tls_encoded())
             self.owned.discard(shard)
             self.releases.inc(shard=str(shard), reason=reason)
             if reason != "lost" and reader is not None:

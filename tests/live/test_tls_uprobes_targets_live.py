@@ -93,3 +93,57 @@ def test_a_new_program_with_its_own_libssl_is_hooked_at_exec_and_unhooked_after(
         assert all(key[1] != copy_inode for key in tracer.hooks)
     finally:
         tracer.close()
+
+
+PINGPONG = r"""
+import os, socket, ssl, sys
+rounds = int(sys.argv[3])
+server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+server_context.load_cert_chain(sys.argv[1], sys.argv[2])
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+if os.fork() == 0:
+    conn, _ = listener.accept()
+    tls = server_context.wrap_socket(conn, server_side=True)
+    for _ in range(rounds):
+        tls.recv(100)
+        tls.sendall(b"pong")
+    os._exit(0)
+client = ssl._create_unverified_context().wrap_socket(socket.create_connection(listener.getsockname()))
+for _ in range(rounds):
+    client.sendall(b"ping")
+    client.recv(100)
+os.wait()
+"""
+
+
+def test_a_ring_too_small_for_the_load_loses_chunks_and_counts_every_one(tmp_path: Path) -> None:
+    """A 64 KiB ring, not read while two processes make 8,000 hooked SSL calls: the ring fills,
+    nothing crashes, and the chunks read plus the chunks counted lost cover every call."""
+    reason = availability()
+    if reason is not None:
+        pytest.skip(f"eBPF uprobes cannot be loaded here: {reason}")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    make_certificate(key, cert)
+    rounds = 2000
+    tracer = TlsTracer(TlsUprobeSettings(mode="on", ring_pages=16), exclude_pids=frozenset({os.getpid()}))
+    tracer.load()
+    try:
+        tracer.rescan()
+        program = subprocess.run(
+            [sys.executable, "-c", PINGPONG, str(cert), str(key), str(rounds)], capture_output=True, timeout=60
+        )
+        assert program.returncode == 0, program.stderr
+        chunks: list[RawChunk] = []
+        while batch := tracer.poll(20):
+            chunks += batch
+        ours = [chunk for chunk in chunks if chunk.data in (b"ping", b"pong")]
+        lost = tracer.kernel_losses()
+        assert lost["ring_full"] > 0
+        # Four calls a round (a write and a read on each side), one chunk each.
+        assert len(ours) <= 4 * rounds
+        assert len(ours) + lost["ring_full"] >= 4 * rounds, (len(ours), lost)
+        assert lost["read_fault"] == 0 and lost["calls_table_full"] == 0
+    finally:
+        tracer.close()

@@ -224,3 +224,18 @@ def test_any_cut_of_the_calls_into_chunks_gives_the_same_calls(data: st.DataObje
         ("POST", "/login", "401", *CLIENT, *SERVER),
     ]
     assert engine.counters["tls_chunks"] == len(chunks)
+
+
+def test_a_handover_ends_every_tls_flow_and_counts_them() -> None:
+    """A replica that gives shard 0 up stops taking TLS chunks: its flows end at once."""
+    sent, answered = http_exchange()
+    engine = Dissector(settings(), "n1")
+    feed(
+        engine,
+        [*views(sent, answered)[:2], chunk(("10.0.0.5", 1), SERVER, EGRESS, sent[0], 1_700_000_000 * SECOND + 5000)],
+    )
+    assert engine.counters["tls_flows_active"] == 2
+    ended = [ApiCall.FromString(data) for data in engine.finish_tls_encoded()]
+    assert [(call.path, call.outcome) for call in ended] == [("/orders/7", Outcome.OUTCOME_NO_RESPONSE)] * 2
+    assert engine.counters["tls_flows_ended_by_handover"] == 2
+    assert engine.counters["tls_flows_active"] == 0
