@@ -5,8 +5,10 @@ file, so each library is hooked once, whoever maps it; the scan gives each libra
 device and inode) with the processes that map it. A process in another mount namespace (a
 container) maps files of its own root: they are reached through `/proc/<pid>/root`.
 
-Dynamically linked OpenSSL (and BoringSSL builds named libssl) is found by name; statically
-linked TLS (Go binaries, grpcio's BoringSSL) is not looked for here.
+Dynamically linked OpenSSL (and BoringSSL builds named libssl) is found by name, and so is
+grpcio's extension, which carries BoringSSL statically linked: it is tried like the others and,
+its SSL functions not being exported, reported as not hooked with that reason. Other
+statically linked TLS (Go binaries, OpenSSL linked into an executable) is not looked for here.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LIBSSL = re.compile(r"/libssl\.so(?:\.([0-9][0-9.]*))?$")
+# grpcio's Cython extension: BoringSSL linked in statically.
+GRPCIO = re.compile(r"/cygrpc\.[^/]*\.so$")
 
 
 @dataclass(slots=True)
@@ -25,8 +29,8 @@ class TlsLibrary:
 
     path: str  # as the first process that maps it names it, inside its own root
     reachable: str  # the path this process opens it by (through /proc/<pid>/root)
-    library: str  # "openssl"
-    version: str  # from the file name: "3", "1.1" ("" when the name carries none)
+    library: str  # "openssl", or "boringssl" (grpcio's, linked in)
+    version: str  # from the file name: "3", "1.1" ("" when the name carries none); "grpcio" for grpcio's
     pids: set[int] = field(default_factory=set)
 
 
@@ -43,7 +47,7 @@ def libssl_paths(maps_text: str) -> set[str]:
         path = fields[5].strip()
         if path.endswith(" (deleted)"):
             continue  # replaced on disk: its inode is no longer reachable by name
-        if LIBSSL.search(path):
+        if LIBSSL.search(path) or GRPCIO.search(path):
             found.add(path)
     return found
 
@@ -65,8 +69,11 @@ def scan_process(proc: Path, pid: int, libraries: dict[LibraryKey, TlsLibrary]) 
         library = libraries.get(key)
         if library is None:
             match = LIBSSL.search(path)
-            version = (match.group(1) or "") if match else ""
-            library = libraries[key] = TlsLibrary(path, reachable, "openssl", version)
+            if match:
+                library = TlsLibrary(path, reachable, "openssl", match.group(1) or "")
+            else:
+                library = TlsLibrary(path, reachable, "boringssl", "grpcio")
+            libraries[key] = library
         library.pids.add(pid)
 
 

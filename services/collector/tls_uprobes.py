@@ -323,6 +323,8 @@ class TlsTracer:
             hook.symbols.append(symbol)
         if not hook.symbols:
             hook.error = "no symbols: none of " + ", ".join(symbol for symbol, _, _ in PROBES) + " is exported"
+            if library.library == "boringssl":
+                hook.error += " (BoringSSL linked into grpcio and stripped)"
         log.info(
             "tls_library_hooked" if hook.symbols else "tls_library_not_hooked",
             path=library.path,

@@ -34,7 +34,7 @@ from tests.conftest import needs_binary, needs_root
 from tests.fixtures.tcpdump_capture import free_port
 from tests.integration.test_up import processes_mentioning
 
-pytestmark = [needs_root(), needs_binary("curl"), needs_binary("openssl"), pytest.mark.timeout(180)]
+pytestmark = [needs_root(), pytest.mark.root, needs_binary("curl"), needs_binary("openssl"), pytest.mark.timeout(180)]
 
 BIG = 300_000  # bytes of /big: more than one SSL_read, more than the program's bytes per call
 

@@ -21,7 +21,7 @@ from tests.live.test_tls_uprobes_live import make_certificate
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_uprobes import RawChunk, TlsTracer, availability
 
-pytestmark = [needs_root(), pytest.mark.timeout(120)]
+pytestmark = [needs_root(), pytest.mark.root, pytest.mark.timeout(120)]
 
 PROGRAM = r"""
 import socket, ssl, sys, threading, time
@@ -147,3 +147,33 @@ def test_a_ring_too_small_for_the_load_loses_chunks_and_counts_every_one(tmp_pat
         assert lost["read_fault"] == 0 and lost["calls_table_full"] == 0
     finally:
         tracer.close()
+
+
+def test_grpcio_s_static_boringssl_is_reported_not_hooked_with_the_reason() -> None:
+    """grpcio links BoringSSL into its extension and exports none of its SSL functions: a
+    process that imported grpc is listed, not hooked, and the status says why."""
+    reason = availability()
+    if reason is not None:
+        pytest.skip(f"eBPF uprobes cannot be loaded here: {reason}")
+    program = subprocess.Popen(
+        [sys.executable, "-c", "import grpc, sys; print('ready', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    tracer = TlsTracer(TlsUprobeSettings(mode="on"), exclude_pids=frozenset({os.getpid()}))
+    try:
+        assert program.stdout is not None and program.stdout.readline() == "ready\n"
+        tracer.load()
+        tracer.rescan()
+        rows = [row for row in tracer.status() if row["pid"] == program.pid]
+        grpcio = [row for row in rows if row["library"] == "boringssl"]
+        assert len(grpcio) == 1, rows
+        assert grpcio[0]["hooked"] is False and grpcio[0]["version"] == "grpcio"
+        assert grpcio[0]["reason"].startswith("no symbols: none of SSL_read"), grpcio[0]
+        assert "cygrpc" in grpcio[0]["path"]
+        # The same process's system libssl (Python's ssl, which grpc imports) is hooked.
+        assert any(row["library"] == "openssl" and row["hooked"] for row in rows), rows
+    finally:
+        tracer.close()
+        program.communicate(input="", timeout=30)

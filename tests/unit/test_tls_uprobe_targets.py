@@ -99,9 +99,15 @@ def test_maps_lines_that_are_not_executable_or_deleted_are_skipped() -> None:
             "7f20-7f30 r-xp 00010000 08:01 12 /opt/app/libssl.so.1.1 (deleted)",
             "7f30-7f40 r-xp 00010000 08:01 13 /opt/app/libsslx.so",
             "7f40-7f50 r-xp 00010000 08:01 14 /opt/boring/libssl.so",
+            "7f50-7f60 r-xp 00010000 08:01 15 /venv/grpc/_cython/cygrpc.cpython-311-x86_64-linux-gnu.so",
+            "7f60-7f70 r-xp 00010000 08:01 16 /venv/grpc/_cython/other.cpython-311-x86_64-linux-gnu.so",
         ]
     )
-    assert libssl_paths(text) == {"/usr/lib/x86_64-linux-gnu/libssl.so.3", "/opt/boring/libssl.so"}
+    assert libssl_paths(text) == {
+        "/usr/lib/x86_64-linux-gnu/libssl.so.3",
+        "/opt/boring/libssl.so",
+        "/venv/grpc/_cython/cygrpc.cpython-311-x86_64-linux-gnu.so",
+    }
 
 
 def test_settings_bound_what_the_verifier_needs() -> None:
