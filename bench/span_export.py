@@ -206,7 +206,7 @@ def deliver_sdk(calls: list[ApiCall], receiver: Receiver, compression: str) -> t
     assert exporter is not None
     registry = Registry()
     processor = span_processor(exporter, settings, registry)
-    processor.shutdown_timeout_s = 600.0  # the figure is the time to deliver everything
+    processor.batcher.shutdown_timeout_s = 600.0  # the figure is the time to deliver everything
     started = time.perf_counter()
     for start in range(0, len(calls), BATCH_CALLS):
         processor.hand_over([span for call in calls[start : start + BATCH_CALLS] for span in call_spans(call)])
@@ -222,7 +222,7 @@ def deliver_compiled(calls: list[bytes], receiver: Receiver, compression: str) -
     registry = Registry()
     path = WireSpanPath.from_settings(settings, registry, os.environ)
     assert path is not None, "trawl._otlpspans is not built"
-    path.export.shutdown_timeout_s = 600.0
+    path.export.batcher.shutdown_timeout_s = 600.0
     started = time.perf_counter()
     for start in range(0, len(calls), BATCH_CALLS):
         path.hand_over_calls(calls[start : start + BATCH_CALLS])

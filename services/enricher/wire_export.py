@@ -1,10 +1,11 @@
 """Export of the compiled span path's requests (wire_spans.py): OTLP/gRPC or OTLP/HTTP protobuf
 of bytes already encoded, with what the SDK's exporters and batch processor give.
 
-`WireSpanExport` has the shape of otlp.CountingBatchSpanProcessor (the processor owns the queue,
-its bound, the batching thread, the drop counting and the flush; a sender only sends) and the
-same accounting in the same counters (span_totals.py): every span handed over ends exported,
-dropped (`queue_full`, `shutdown`) or failed. What it queues are encoded requests, not spans: a
+`WireSpanExport` queues through batching.CountingBatcher, as otlp.CountingBatchSpanProcessor
+does (the batcher owns the queue, its bound, the batching thread, the drop counting and the
+flush; a sender only sends), so both paths count alike in the same counters (span_totals.py):
+every span handed over ends exported, dropped (`queue_full`, `shutdown`) or failed. What it
+queues are encoded requests, not spans: a
 batch is the requests of up to `max_batch_spans` spans joined (protobuf concatenation of
 ExportTraceServiceRequests appends their resource_spans), sent when it is full or every
 `schedule_delay_s`. The queue is bounded in spans; a request that does not fit is dropped
@@ -30,16 +31,14 @@ from __future__ import annotations
 import email.utils
 import gzip
 import random
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlsplit
 
+from trawl.enricher.batching import CountingBatcher, Sent
 from trawl.enricher.config import EnricherSettings, OtlpProtocol, parse_otlp_headers
 from trawl.enricher.span_totals import SpanCounters, SpanTotals
 from trawl.enricher.wire_spans import EncodedSpans
@@ -306,11 +305,11 @@ def sender_for(options: WireExportOptions) -> Sender:
 
 
 class WireSpanExport:
-    """Encoded requests queue up to `max_queue_spans` spans (a request that does not fit is
-    dropped and its spans counted as `queue_full`); a thread sends batches of up to
-    `max_batch_spans` spans when one is full or every `schedule_delay_s`. `shutdown` sends
-    what is queued within `shutdown_timeout_s`, then closes the sender (ending a send or a
-    backoff in progress) and counts what is left as `shutdown`."""
+    """Encoded requests queued and batched by batching.CountingBatcher (bounded in spans; a
+    request that does not fit is dropped and its spans counted as `queue_full`), a batch being
+    the requests of up to `max_batch_spans` spans joined, sent with retries (`_send`) within
+    `export_timeout_s`. `shutdown` sends what is queued within `shutdown_timeout_s`, then
+    closes the sender (ending a send or a backoff in progress) and counts what is left."""
 
     def __init__(
         self,
@@ -328,202 +327,79 @@ class WireSpanExport:
         jitter: Callable[[], float] = random.random,
         wait_for_room: bool = False,
     ) -> None:
-        if (
-            min(max_queue_spans, max_batch_spans) <= 0
-            or min(schedule_delay_s, export_timeout_s, shutdown_timeout_s) <= 0
-        ):
-            raise ValueError("queue size, batch size, delay and timeouts must be positive")
+        if export_timeout_s <= 0:
+            raise ValueError("the export timeout must be positive")
         self.sender = sender
         self.counters = counters
         self.retries = registry.counter(*RETRIES)
         self.retries.inc(0)
-        self.max_queue_spans = max_queue_spans
-        self.max_batch_spans = min(max_batch_spans, max_queue_spans)
-        self.schedule_delay_s = schedule_delay_s
         self.export_timeout_s = export_timeout_s
-        self.shutdown_timeout_s = shutdown_timeout_s
         self.initial_backoff_s = initial_backoff_s
         self.max_backoff_s = max_backoff_s
         self._jitter = jitter
-        # A file's reader (trawl analyze) may wait for room rather than drop, while the backend
-        # takes batches; a live pipeline never waits (the default).
-        self.wait_for_room = wait_for_room
-        # `_lock` guards the queue, the flags and the counters (they add up whenever it is free);
-        # `_export_lock` lets one batch go at a time (the worker's or a flush's), in order.
-        self._lock = threading.Lock()
-        self._export_lock = threading.Lock()
-        self._room = threading.Condition(self._lock)  # a batch left the queue, or the backend failed
-        self._healthy = True  # the last batch was accepted
-        self._queue: deque[EncodedSpans] = deque()
-        self._queued_spans = 0
-        self._in_flight = 0
-        self._stopping = False
-        self._finished = False
-        self._cut = threading.Event()  # shutdown's time is up: no new batch, no more waiting
-        self._wake = threading.Event()
-        self._consecutive_failures = 0
-        self._worker = threading.Thread(target=self._work, name="trawl-wire-span-export", daemon=True)
-        self._worker.start()
+        self.batcher: CountingBatcher[EncodedSpans] = CountingBatcher(
+            self._send_batch,
+            sender.close,
+            counters,
+            weight=_spans_of,
+            max_queue_spans=max_queue_spans,
+            max_batch_spans=max_batch_spans,
+            schedule_delay_s=schedule_delay_s,
+            shutdown_timeout_s=shutdown_timeout_s,
+            wait_for_room=wait_for_room,
+            wait_timeout_s=export_timeout_s,
+            thread_name="trawl-wire-span-export",
+        )
 
     def hand_over(self, parts: Sequence[EncodedSpans]) -> None:
         """Queue encoded requests (one lock for all). Never blocks on the network, unless
         `wait_for_room`: then a request that does not fit waits for room while batches are
         being accepted (at most one export timeout); when the backend fails it is dropped."""
-        total = sum(part.spans for part in parts)
-        if not total:
-            return
-        with self._lock:
-            self.counters.handed.inc(total)
-            if self._stopping:
-                self.counters.dropped.inc(total, reason="shutdown")
-                return
-            for part in parts:
-                if not part.spans:
-                    continue
-                if self._queued_spans + part.spans > self.max_queue_spans and self.wait_for_room:
-                    self._wake.set()
-                    self._room.wait_for(partial(self._may_queue, part.spans), timeout=self.export_timeout_s)
-                    if self._stopped():
-                        self.counters.dropped.inc(part.spans, reason="shutdown")
-                        continue
-                if self._queued_spans + part.spans > self.max_queue_spans:
-                    self.counters.dropped.inc(part.spans, reason="queue_full")
-                    continue
-                self._queue.append(part)
-                self._queued_spans += part.spans
-            ready = self._queued_spans >= self.max_batch_spans
-        if ready:
-            self._wake.set()
-
-    def _may_queue(self, spans: int) -> bool:
-        """What a waiting hand-over waits for (with the lock): room, a shutdown, or a failure."""
-        return self._queued_spans + spans <= self.max_queue_spans or self._stopping or not self._healthy
-
-    def _stopped(self) -> bool:
-        return self._stopping
+        self.batcher.hand_over(parts)
 
     def force_flush(self, timeout_s: float = 30.0) -> bool:
         """Send every queued span now, in the caller's thread; False when time ran out with
         spans still queued, or a batch failed."""
-        deadline = time.monotonic() + timeout_s
-        all_sent = True
-        while time.monotonic() < deadline:
-            sent = self._export_one_batch()
-            if sent is None:
-                return all_sent
-            all_sent = all_sent and sent
-        with self._lock:
-            return all_sent and not self._queue
+        return self.batcher.force_flush(timeout_s)
 
     def shutdown(self) -> None:
-        with self._lock:
-            if self._stopping:
-                return
-            self._stopping = True
-            self._room.notify_all()
-        self._wake.set()
-        self._worker.join(self.shutdown_timeout_s)
-        self._cut.set()
-        try:
-            self.sender.close()
-        except Exception as exc:
-            log.warning("span_sender_close_failed", error=repr(exc))
-        self._worker.join(_WORKER_GRACE_S)
-        with self._lock:
-            self._finished = True
-            left = self._queued_spans + self._in_flight
-            self._queue.clear()
-            self._queued_spans = self._in_flight = 0
-            if left:
-                self.counters.dropped.inc(left, reason="shutdown")
-        if left:
-            log.warning("spans_dropped_at_shutdown", spans=left, timeout_s=self.shutdown_timeout_s)
+        self.batcher.shutdown()
 
     def totals(self) -> SpanTotals:
-        with self._lock:
-            return self.counters.totals()
+        return self.batcher.totals()
 
-    def _work(self) -> None:
-        while True:
-            self._wake.wait(self.schedule_delay_s)
-            self._wake.clear()
-            while self._export_one_batch() is not None:
-                with self._lock:
-                    if self._stopping:
-                        continue
-                    if self._queued_spans < self.max_batch_spans:
-                        break
-            with self._lock:
-                if self._stopping and (not self._queue or self._cut.is_set()):
-                    return
-
-    def _export_one_batch(self) -> bool | None:
-        """Send the oldest batch; None when nothing is queued, else whether it was accepted."""
-        with self._export_lock:
-            with self._lock:
-                if not self._queue or self._cut.is_set():
-                    return None
-                parts = [self._queue.popleft()]
-                count = parts[0].spans
-                while self._queue and count + self._queue[0].spans <= self.max_batch_spans:
-                    part = self._queue.popleft()
-                    parts.append(part)
-                    count += part.spans
-                self._queued_spans -= count
-                self._in_flight = count
-                self._room.notify_all()
-            body = parts[0].request if len(parts) == 1 else b"".join(part.request for part in parts)
-            attempt = self._send(body)
-            rejected = min(count, attempt.rejected) if attempt.accepted else count
-            with self._lock:
-                if self._finished:
-                    return False  # shutdown counted this batch as dropped already
-                self._in_flight = 0
-                self._healthy = attempt.accepted
-                self._room.notify_all()
-                if count - rejected:
-                    self.counters.exported.inc(count - rejected)
-                if rejected:
-                    self.counters.failed.inc(rejected)
-            self._note(attempt, count, rejected)
-            return attempt.accepted and not rejected
+    def _send_batch(self, parts: list[EncodedSpans], count: int) -> Sent:
+        # ExportTraceServiceRequests concatenated are one request (their resource_spans append).
+        body = parts[0].request if len(parts) == 1 else b"".join(part.request for part in parts)
+        attempt = self._send(body)
+        if not attempt.accepted:
+            return Sent(0, count, attempt.message)
+        rejected = min(count, attempt.rejected)
+        return Sent(count - rejected, rejected, attempt.message)
 
     def _send(self, body: bytes) -> Attempt:
         deadline = time.monotonic() + self.export_timeout_s
+        cut = self.batcher.cut
         retry = 0
         while True:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return Attempt(False, message="export timeout")
-            try:
-                attempt = self.sender.send(body, remaining)
-            except Exception as exc:  # a sender bug must not stop the thread: the batch failed
-                log.warning("span_send_raised", error=repr(exc))
-                return Attempt(False, message=repr(exc))
-            if attempt.accepted or not attempt.retryable or self._cut.is_set():
+            attempt = self.sender.send(body, remaining)
+            if attempt.accepted or not attempt.retryable or cut.is_set():
                 return attempt
             backoff = min(self.max_backoff_s, self.initial_backoff_s * 2**retry) * (0.8 + 0.4 * self._jitter())
             delay = attempt.retry_after_s if attempt.retry_after_s is not None else backoff
             if time.monotonic() + delay >= deadline:
                 return attempt  # the next try would start after the batch's time is up
             self.retries.inc()
-            if self._cut.wait(delay):
+            if cut.wait(delay):
                 return attempt
             retry += 1
 
-    def _note(self, attempt: Attempt, count: int, rejected: int) -> None:
-        """One warning when exports start failing and one when they recover; partial successes
-        are logged each time (with the backend's message)."""
-        if attempt.accepted:
-            if rejected:
-                log.warning("span_export_partially_rejected", spans=count, rejected=rejected, message=attempt.message)
-            if self._consecutive_failures:
-                log.info("span_export_recovered", failed_batches=self._consecutive_failures)
-            self._consecutive_failures = 0
-            return
-        if not self._consecutive_failures:
-            log.warning("span_export_failing", spans=count, error=attempt.message)
-        self._consecutive_failures += 1
+
+def _spans_of(part: EncodedSpans) -> int:
+    return part.spans
 
 
 def wire_span_export(

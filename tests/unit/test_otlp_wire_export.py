@@ -386,7 +386,7 @@ def test_a_slow_backend_fills_the_bounded_queue_and_drops_are_counted(script: Sc
             processor.hand_over(encoded(32, offset=index * 32))
         handing_s = time.monotonic() - started
         # The queue never holds more than its bound, whatever was handed.
-        assert processor._queued_spans <= 256
+        assert processor.batcher.queued_spans() <= 256
         totals = settled(processor)
     finally:
         receiver.stop()
