@@ -1735,10 +1735,12 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *calls) {
         PyErr_SetString(PyExc_RuntimeError, "SpanEncoder.encode is already running in another thread");
         return NULL;
     }
-    PyObject *seq = PySequence_Fast(calls, "encode() takes a sequence of bytes");
+    /* A tuple of its own (not the caller's list, which another thread could change while the
+       GIL is released below): it holds every bytes object until the end. */
+    PyObject *seq = PySequence_Tuple(calls);
     if (!seq) return NULL;
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(seq);
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    Py_ssize_t count = PyTuple_GET_SIZE(seq);
+    PyObject **items = &PyTuple_GET_ITEM(seq, 0);
     for (Py_ssize_t i = 0; i < count; i++)
         if (!PyBytes_Check(items[i])) {
             Py_DECREF(seq);
@@ -1756,7 +1758,7 @@ static PyObject *Encoder_encode(Encoder *self, PyObject *calls) {
     self->failed_callback = 0;
     Py_ssize_t spans = 0;
     int nomem = 0;
-    /* The bytes objects are immutable and `seq` holds them: the GIL can go. */
+    /* The bytes objects are immutable and the tuple `seq` holds them: the GIL can go. */
     self->thread = PyEval_SaveThread();
     for (Py_ssize_t i = 0; i < count && !nomem && !self->failed_callback; i++) {
         const uint8_t *data = (const uint8_t *)PyBytes_AS_STRING(items[i]);
