@@ -19,6 +19,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 LIBSSL = re.compile(r"/libssl\.so(?:\.([0-9][0-9.]*))?$")
+# The pod UID in a kubelet cgroup path: ".../kubepods-burstable-pod<uid>.slice/..." (systemd
+# driver, dashes as underscores) or ".../kubepods/burstable/pod<uid>/..." (cgroupfs driver).
+POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 # grpcio's Cython extension: BoringSSL linked in statically.
 GRPCIO = re.compile(r"/cygrpc\.[^/]*\.so$")
 
@@ -97,3 +100,13 @@ def comm(proc: Path, pid: int) -> str:
         return (proc / str(pid) / "comm").read_text().strip()
     except OSError:
         return ""
+
+
+def pod_uid(proc: Path, pid: int) -> str:
+    """The UID of the Kubernetes pod a process runs in, from its cgroup; "" outside any pod."""
+    try:
+        text = (proc / str(pid) / "cgroup").read_text()
+    except OSError:
+        return ""
+    match = POD_UID.search(text)
+    return match.group(1).replace("_", "-") if match else ""

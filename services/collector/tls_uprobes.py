@@ -53,7 +53,7 @@ from trawl.collector.capabilities import (
 )
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_sockets import Endpoints, SocketResolver
-from trawl.collector.tls_targets import LibraryKey, TlsLibrary, comm, pids, scan, scan_process
+from trawl.collector.tls_targets import LibraryKey, TlsLibrary, comm, pids, pod_uid, scan, scan_process
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1.packets_pb2 import Direction, TlsChunk, TlsChunkBatch
@@ -357,6 +357,7 @@ class TlsTracer:
                     {
                         "pid": pid,
                         "comm": comm(self.proc, pid),
+                        "pod_uid": pod_uid(self.proc, pid),
                         "library": library.library,
                         "version": library.version,
                         "path": library.path,
@@ -407,6 +408,10 @@ class TlsCapture:
         self.metric_bytes = metrics.counter("trawl_collector_tls_bytes_total", "TLS plaintext bytes published")
         self.metric_lost = metrics.counter(
             "trawl_collector_tls_lost_chunks_total", "TLS chunks lost before publishing, by reason"
+        )
+        self.metric_process = metrics.gauge(
+            "trawl_collector_tls_hooked",
+            "1 when the process's TLS library is hooked, 0 when not (see trawl tls status)",
         )
         self.metric_hooked = metrics.gauge(
             "trawl_collector_tls_processes", "Processes mapping a TLS library, by library and hooked (1) or not (0)"
@@ -515,6 +520,16 @@ class TlsCapture:
             if value > exported:
                 self.metric_lost.inc(value - exported, reason=reason)
                 self._exported_lost[reason] = value
+        # One series per process (and its pod), rebuilt from the last scan: ended ones go away.
+        self.metric_process.values.clear()
+        for row in self._status:
+            self.metric_process.set(
+                1 if row["hooked"] else 0,
+                pid=str(row["pid"]),
+                comm=row["comm"],
+                pod_uid=row["pod_uid"],
+                library=f"{row['library']} {row['version']}".strip(),
+            )
         counts: dict[tuple[str, str], int] = {}
         for row in self._status:
             key = (row["library"] + row["version"], "1" if row["hooked"] else "0")
@@ -590,6 +605,7 @@ class TlsCapture:
             {
                 "pid": pid,
                 "comm": comm(proc, pid),
+                "pod_uid": pod_uid(proc, pid),
                 "library": library.library,
                 "version": library.version,
                 "path": library.path,

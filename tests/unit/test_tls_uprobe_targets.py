@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_sockets import Endpoints, SocketResolver, hex_address, parse_proc_net_tcp
-from trawl.collector.tls_targets import libssl_paths, scan, scan_process
+from trawl.collector.tls_targets import libssl_paths, pod_uid, scan, scan_process
 
 
 def test_proc_net_addresses() -> None:
@@ -116,3 +116,17 @@ def test_settings_bound_what_the_verifier_needs() -> None:
         TlsUprobeSettings(chunk_bytes=3000)
     with pytest.raises(ValidationError, match="power of two"):
         TlsUprobeSettings(ring_pages=100)
+
+
+def test_the_pod_of_a_process_comes_from_its_cgroup(tmp_path: Path) -> None:
+    uid = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"
+    cgroups = {
+        1: f"0::/kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{uid.replace('-', '_')}.slice/"
+        "cri-containerd-abc.scope\n",
+        2: f"12:memory:/kubepods/besteffort/pod{uid}/0123456789abcdef\n0::/\n",
+        3: "0::/system.slice/sshd.service\n",
+    }
+    for pid, text in cgroups.items():
+        (tmp_path / str(pid)).mkdir()
+        (tmp_path / str(pid) / "cgroup").write_text(text)
+    assert [pod_uid(tmp_path, pid) for pid in (1, 2, 3, 4)] == [uid, uid, "", ""]
