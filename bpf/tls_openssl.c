@@ -137,6 +137,11 @@ static __always_inline u64 wakeup_flags(void) {
 
 static __always_inline int enter(struct pt_regs *ctx, u8 direction, int ex) {
     u64 id = bpf_get_current_pid_tgid();
+#ifdef SELF_PID
+    // The collector's own TLS (to NATS) would feed back into what it publishes.
+    if ((id >> 32) == SELF_PID)
+        return 0;
+#endif
     struct call_args args = {};
     args.ssl = PT_REGS_PARM1(ctx);
     args.buf = PT_REGS_PARM2(ctx);

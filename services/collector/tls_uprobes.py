@@ -222,6 +222,9 @@ class TlsTracer:
             f"-DSEGMENTS_MAX={settings.chunks_per_call}",
             f"-DRING_PAGES={settings.ring_pages}",
         ]
+        # The library is hooked for every process that maps it, this one too: its own TLS
+        # (to NATS) is skipped in the program. Only the host's PID namespace sees it so.
+        cflags.append(f"-DSELF_PID={os.getpid()}")
         if any(Path(root, "events/sock/sock_send_length").is_dir() for root in TRACEFS_ROOTS):
             cflags.append("-DHAVE_SOCK_LENGTH")
         try:

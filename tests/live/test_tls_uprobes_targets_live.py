@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -177,3 +179,47 @@ def test_grpcio_s_static_boringssl_is_reported_not_hooked_with_the_reason() -> N
     finally:
         tracer.close()
         program.communicate(input="", timeout=30)
+
+
+def exchange_here(cert: Path, key: Path) -> None:
+    """A TLS ping-pong inside this process: a server thread and a client."""
+    server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_context.load_cert_chain(cert, key)
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with server_context.wrap_socket(conn, server_side=True) as tls:
+                tls.sendall(b"pong " + tls.recv(100))
+
+        thread = threading.Thread(target=serve)
+        thread.start()
+        client_context = ssl._create_unverified_context()
+        with client_context.wrap_socket(socket.create_connection(listener.getsockname())) as client:
+            client.sendall(b"own ping")
+            assert client.recv(100) == b"pong own ping"
+        thread.join(timeout=10)
+
+
+def test_the_tracer_s_own_tls_is_not_captured(tmp_path: Path) -> None:
+    """The collector's TLS to NATS goes through the same hooked library: the program skips the
+    process that loaded it, while another process's exchange is read."""
+    reason = availability()
+    if reason is not None:
+        pytest.skip(f"eBPF uprobes cannot be loaded here: {reason}")
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    make_certificate(key, cert)
+    tracer = TlsTracer(TlsUprobeSettings(mode="on"), exclude_pids=frozenset({os.getpid()}))
+    tracer.load()
+    try:
+        tracer.rescan()
+        exchange_here(cert, key)
+        subprocess.run([sys.executable, "-c", PINGPONG, str(cert), str(key), "3"], timeout=60, check=True)
+        chunks: list[RawChunk] = []
+        while batch := tracer.poll(20):
+            chunks += batch
+        assert {chunk.data for chunk in chunks} >= {b"ping", b"pong"}  # the other process's
+        assert [chunk for chunk in chunks if chunk.pid == os.getpid()] == []
+        assert all(b"own ping" not in chunk.data for chunk in chunks)
+    finally:
+        tracer.close()
