@@ -20,6 +20,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from trawl.alerter.rules import Rule
+from trawl.alerter.windows import SECOND_NS, Transition, Windows
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2, calls_pb2
@@ -136,6 +137,18 @@ class Alerter:
         self._errors = metrics.counter(
             "trawl_alerter_rule_errors_total", "Rule evaluations that failed (missing field, type error), per rule"
         )
+        # Windowed rules (trawl.alerter.windows): their groups, judged as calls come and as time passes.
+        self.windows = Windows(max_groups)
+        self._window_specs = {rule.name: rule.window for rule in rules if rule.window is not None}
+        self._rules_by_name = {rule.name: rule for rule in rules}
+        self._last_calls: dict[tuple[str, str], calls_pb2.ApiCall] = {}  # the last call of each windowed group
+        self._swept_ns = 0
+        self._latest = (0, 0.0)  # the newest call time seen, and the wall-clock time it came
+        self._resolved = metrics.counter("trawl_alerter_resolved_total", "Windowed alerts resolved, per rule")
+        self._window_groups = metrics.gauge("trawl_alerter_window_groups", "Groups of windowed rules tracked")
+        self._window_overflow = metrics.counter(
+            "trawl_alerter_window_overflow_total", "Calls of windowed rules' groups beyond max_groups, not tracked"
+        )
 
     def evaluate(self, call: calls_pb2.ApiCall) -> list[alerts_pb2.Alert]:
         self._calls.inc()
@@ -154,6 +167,9 @@ class Alerter:
             if not matched:
                 continue
             group = self._group(rule, activation, call)
+            if rule.window is not None:
+                alerts += self._observe(rule, group, call, now_ns)
+                continue
             key = (rule.name, group)
             last = self._last_fired.get(key)
             if last is not None and rule.cooldown_s > 0 and now_ns - last < rule.cooldown_s * 1e9:
@@ -173,11 +189,77 @@ class Alerter:
                     call=call,
                 )
             )
+        if self._window_specs:
+            self._latest = (max(self._latest[0], now_ns), self.clock())
+            if now_ns - self._swept_ns >= SECOND_NS:
+                alerts += self.sweep(now_ns)
         return alerts
 
+    def _observe(self, rule: Rule, group: str, call: calls_pb2.ApiCall, now_ns: int) -> list[alerts_pb2.Alert]:
+        assert rule.window is not None
+        overflow = self.windows.overflow
+        transition = self.windows.observe(rule.name, rule.window, group, now_ns, call.elapsed_ns, call.outcome)
+        if self.windows.overflow > overflow:
+            self._window_overflow.inc()
+            return []
+        self._last_calls[(rule.name, group)] = call
+        self._window_groups.set(len(self.windows.groups))
+        return [] if transition is None else [self._window_alert(transition)]
+
+    def sweep(self, now_ns: int) -> list[alerts_pb2.Alert]:
+        """Judge every windowed group at `now_ns` (the calls' time): the resolutions of groups
+        whose window drained with no new call, and firings that waited for their `for`."""
+        self._swept_ns = now_ns
+        alerts = [self._window_alert(transition) for transition in self.windows.sweep(self._window_specs, now_ns)]
+        for key in [key for key in self._last_calls if key not in self.windows.groups]:
+            del self._last_calls[key]
+        self._window_groups.set(len(self.windows.groups))
+        return alerts
+
+    def sweep_idle(self, wall_s: float) -> list[alerts_pb2.Alert]:
+        """`sweep` while no call comes: the calls' time taken to have gone on as the clock has
+        since the newest call (a live capture's calls are stamped with the clock)."""
+        newest_ns, seen_at = self._latest
+        if not self._window_specs or not newest_ns:
+            return []
+        return self.sweep(newest_ns + int((wall_s - seen_at) * SECOND_NS))
+
+    def _window_alert(self, transition: Transition) -> alerts_pb2.Alert:
+        rule = self._rules_by_name[transition.rule]
+        call = self._last_calls.get((transition.rule, transition.group))
+        summary = rule.summary.render(call) if call is not None else ""
+        firing = f"{transition.firing_since_ns}"
+        if transition.resolved:
+            self._resolved.inc(rule=rule.name)
+            firing += "/resolved"
+            summary = f"resolved: {summary}"
+        else:
+            self._alerts.inc(rule=rule.name)
+        alert = alerts_pb2.Alert(
+            id=alert_id(rule.name, transition.group, firing),
+            rule=rule.name,
+            severity=rule.severity,
+            summary=summary,
+            fired_at=transition.firing_since_ns,
+            group=transition.group,
+            labels=rule.labels,
+            value=transition.value,
+            window_calls=transition.calls,
+            resolved=transition.resolved,
+        )
+        if transition.resolved:
+            alert.resolved_at = transition.at_ns
+        if call is not None:
+            alert.call.CopyFrom(call)
+        return alert
+
     def forget(self, alert: alerts_pb2.Alert) -> None:
-        """Undo the cooldown an alert started, when it could not be published (it will be retried)."""
+        """Undo the cooldown an alert started, when it could not be published (it will be retried);
+        for a windowed rule, undo the firing or the resolution, so that it is reported again."""
         self._last_fired.pop((alert.rule, alert.group), None)
+        state = self.windows.groups.get((alert.rule, alert.group))
+        if state is not None and (alert.window_calls or alert.resolved):
+            state.firing_since_ns = alert.fired_at if alert.resolved else None
 
     def _condition(self, rule: Rule, activation: dict[str, Any], call: calls_pb2.ApiCall) -> bool:
         result = self._run(rule, rule.program, activation, call, "condition")

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from pathlib import Path
 
 import aiohttp
@@ -100,9 +101,29 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         except Exception:  # a dead letter that cannot be published is logged; the loop goes on
             log.exception("webhook_dead_letter_failed", rule=alert.rule, alert_id=alert.id)
 
+    async def publish(sender: WebhookSender, alerts: list[alerts_pb2.Alert]) -> bool:
+        """Store each alert and start its webhooks; False (the unsent ones forgotten) when NATS refused one."""
+        nonlocal alerts_sent
+        for index, alert in enumerate(alerts):
+            try:
+                await bus.publish_durable(alerts_subject(alert.rule), alert.SerializeToString(), msg_id=alert.id)
+            except Exception as exc:
+                publish_failures.inc()
+                for unsent in alerts[index:]:
+                    alerter.forget(unsent)
+                log.warning("alert_publish_failed", rule=alert.rule, error=str(exc))
+                return False
+            alerts_sent += 1
+            for action in rules_by_name[alert.rule].actions:
+                while len(deliveries) >= settings.webhook.max_in_flight:
+                    await asyncio.wait(deliveries, return_when=asyncio.FIRST_COMPLETED)
+                task = asyncio.create_task(deliver(sender, alert, action))
+                deliveries.add(task)
+                task.add_done_callback(deliveries.discard)
+        return True
+
     async def handle(sender: WebhookSender, msg: Msg) -> bool:
         """Evaluate one call, store its alerts, start their webhooks; False when it will be redelivered."""
-        nonlocal alerts_sent
         try:
             call = calls_pb2.ApiCall.FromString(msg.data)
         except DecodeError:
@@ -114,25 +135,10 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
             duplicates.inc()
             await msg.ack()
             return True
-        alerts = alerter.evaluate(call)
-        for index, alert in enumerate(alerts):
-            try:
-                await bus.publish_durable(alerts_subject(alert.rule), alert.SerializeToString(), msg_id=alert.id)
-            except Exception as exc:  # NATS away or slow: leave the call unacked so it is redelivered
-                publish_failures.inc()
-                for unsent in alerts[index:]:
-                    alerter.forget(unsent)
-                log.warning("alert_publish_failed", rule=alert.rule, error=str(exc))
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=1.0)
-                return False
-            alerts_sent += 1
-            for action in rules_by_name[alert.rule].actions:
-                while len(deliveries) >= settings.webhook.max_in_flight:
-                    await asyncio.wait(deliveries, return_when=asyncio.FIRST_COMPLETED)
-                task = asyncio.create_task(deliver(sender, alert, action))
-                deliveries.add(task)
-                task.add_done_callback(deliveries.discard)
+        if not await publish(sender, alerter.evaluate(call)):
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=1.0)  # NATS away or slow: the call is redelivered, its alerts made again
+            return False
         await msg.ack()
         if call.id:
             recent.first_time(call.id)  # once its alerts are stored: a nak'd call is evaluated again
@@ -162,6 +168,8 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 messages = await pull.fetch(settings.fetch_batch, timeout=FETCH_TIMEOUT_S)
             except nats.errors.TimeoutError:
                 messages = []
+                # No call for a while: windowed rules' groups still resolve as their windows drain.
+                await publish(sender, alerter.sweep_idle(time.time()))
             except Exception as exc:  # connection trouble: nats-py reconnects; wait and fetch again
                 log.warning("alerter_fetch_failed", error=str(exc))
                 messages = []

@@ -10,6 +10,10 @@
         labels: {team: payments}            # optional, copied into every alert
         actions:
           - webhook: {url: "https://hooks.example/alerts", secret_env: HOOK_SECRET, format: json}
+
+A rule with `window` and `aggregate` judges the calls its condition matches per group over a
+sliding window instead of one call at a time (trawl.alerter.windows documents both, `min_calls`
+and `for`): it fires once when the aggregate holds and is resolved when it stops.
           - webhook: {url_env: SLACK_WEBHOOK_URL, format: slack}
 
 `condition` is a CEL expression (cel-python) over one variable, `call`: the enriched ApiCall
@@ -50,6 +54,7 @@ from celpy.celparser import CELParseError
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from trawl.alerter.guards import Guard, guard_of
+from trawl.alerter.windows import WindowSpec, parse_aggregate
 from trawl.errors import ConfigError
 from trawl.v1 import alerts_pb2, calls_pb2
 
@@ -58,7 +63,20 @@ SEVERITIES = {
     "warning": alerts_pb2.SEVERITY_WARNING,
     "critical": alerts_pb2.SEVERITY_CRITICAL,
 }
-RULE_KEYS = ("name", "condition", "severity", "summary", "group_by", "cooldown", "labels", "actions")
+RULE_KEYS = (
+    "name",
+    "condition",
+    "severity",
+    "summary",
+    "group_by",
+    "cooldown",
+    "labels",
+    "actions",
+    "window",
+    "aggregate",
+    "min_calls",
+    "for",
+)
 WEBHOOK_KEYS = ("url", "url_env", "secret_env", "format")
 ACTIONS = ("webhook",)
 DEFAULT_SUMMARY = "{call.method} {call.path} -> {call.status}"
@@ -124,6 +142,8 @@ class Rule:
     line: int = 0
     # What the condition requires of call.protocol / call.outcome, checked before any CEL runs.
     guard: Guard | None = field(default=None, repr=False)
+    # A windowed rule (window + aggregate): judged per group over its window (trawl.alerter.windows).
+    window: WindowSpec | None = None
 
 
 def load_rules(path: Path, environ: dict[str, str] | None = None) -> list[Rule]:
@@ -271,7 +291,52 @@ class _RuleParser:
             actions=tuple(actions),
             line=_line(self.node),
             guard=guard_of(condition),
+            window=self.window(entries, cooldown),
         )
+
+    def window(self, entries: dict[str, tuple[yaml.Node, yaml.Node]], cooldown: float) -> WindowSpec | None:
+        """window, aggregate, min_calls and for: all or none of the first two, the others with them."""
+        if "window" not in entries and "aggregate" not in entries:
+            for key in ("min_calls", "for"):
+                if key in entries:
+                    raise self.fail(f"{key} needs a window and an aggregate (e.g. window: 5m)", entries[key][0])
+            return None
+        for present, missing, example in (
+            ("window", "aggregate", "aggregate: 'error_ratio > 0.05'"),
+            ("aggregate", "window", "window: 5m"),
+        ):
+            if present in entries and missing not in entries:
+                raise self.fail(f"{present} needs {missing} too, e.g. {example}", entries[present][0])
+        if cooldown:
+            raise self.fail(
+                "cooldown is for per-call rules: a windowed rule fires once and resolves (use for: to wait)",
+                entries["cooldown"][0],
+            )
+        window_key, window_node = entries["window"]
+        raw = self.scalar(window_node, "window")
+        window_s = parse_duration(raw)
+        if window_s is None or not 1 <= window_s <= 86400:
+            raise self.fail(f"window {raw!r} is not a duration from 1s to 1d, such as 30s, 5m or 1h", window_key)
+        aggregate_key, aggregate_node = entries["aggregate"]
+        aggregate = parse_aggregate(self.scalar(aggregate_node, "aggregate"))
+        if isinstance(aggregate, str):
+            raise self.fail(aggregate, aggregate_key)
+        min_calls = 1
+        if "min_calls" in entries:
+            min_key, min_node = entries["min_calls"]
+            raw = self.scalar(min_node, "min_calls")
+            if not raw.isdigit() or int(raw) < 1:
+                raise self.fail(f"min_calls {raw!r} must be a whole number of calls, at least 1", min_key)
+            min_calls = int(raw)
+        for_s = 0.0
+        if "for" in entries:
+            for_key, for_node = entries["for"]
+            raw = self.scalar(for_node, "for")
+            parsed = parse_duration(raw)
+            if parsed is None:
+                raise self.fail(f"for {raw!r} is not a duration such as 30s, 5m or 1h30m", for_key)
+            for_s = parsed
+        return WindowSpec(window_s, aggregate, min_calls, for_s)
 
     def action(self, node: yaml.Node) -> WebhookAction:
         if not isinstance(node, yaml.MappingNode) or len(node.value) != 1:

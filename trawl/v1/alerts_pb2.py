@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from trawl.v1 import calls_pb2 as trawl_dot_v1_dot_calls__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15trawl/v1/alerts.proto\x12\x08trawl.v1\x1a\x14trawl/v1/calls.proto\"\x9b\x02\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12$\n\x08severity\x18\x03 \x01(\x0e\x32\x12.trawl.v1.Severity\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12\x10\n\x08\x66ired_at\x18\x05 \x01(\x04\x12\r\n\x05group\x18\x06 \x01(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.trawl.v1.Alert.LabelsEntry\x12\x1f\n\x04\x63\x61ll\x18\x08 \x01(\x0b\x32\x11.trawl.v1.ApiCall\x12\r\n\x05value\x18\t \x01(\x01\x12\x14\n\x0cwindow_calls\x18\n \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15trawl/v1/alerts.proto\x12\x08trawl.v1\x1a\x14trawl/v1/calls.proto\"\xc2\x02\n\x05\x41lert\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04rule\x18\x02 \x01(\t\x12$\n\x08severity\x18\x03 \x01(\x0e\x32\x12.trawl.v1.Severity\x12\x0f\n\x07summary\x18\x04 \x01(\t\x12\x10\n\x08\x66ired_at\x18\x05 \x01(\x04\x12\r\n\x05group\x18\x06 \x01(\t\x12+\n\x06labels\x18\x07 \x03(\x0b\x32\x1b.trawl.v1.Alert.LabelsEntry\x12\x1f\n\x04\x63\x61ll\x18\x08 \x01(\x0b\x32\x11.trawl.v1.ApiCall\x12\r\n\x05value\x18\t \x01(\x01\x12\x14\n\x0cwindow_calls\x18\n \x01(\x04\x12\x10\n\x08resolved\x18\x0b \x01(\x08\x12\x13\n\x0bresolved_at\x18\x0c \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01*d\n\x08Severity\x12\x18\n\x14SEVERITY_UNSPECIFIED\x10\x00\x12\x11\n\rSEVERITY_INFO\x10\x01\x12\x14\n\x10SEVERITY_WARNING\x10\x02\x12\x15\n\x11SEVERITY_CRITICAL\x10\x03\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,10 +34,10 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ALERT_LABELSENTRY']._loaded_options = None
   _globals['_ALERT_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_SEVERITY']._serialized_start=343
-  _globals['_SEVERITY']._serialized_end=443
+  _globals['_SEVERITY']._serialized_start=382
+  _globals['_SEVERITY']._serialized_end=482
   _globals['_ALERT']._serialized_start=58
-  _globals['_ALERT']._serialized_end=341
-  _globals['_ALERT_LABELSENTRY']._serialized_start=296
-  _globals['_ALERT_LABELSENTRY']._serialized_end=341
+  _globals['_ALERT']._serialized_end=380
+  _globals['_ALERT_LABELSENTRY']._serialized_start=335
+  _globals['_ALERT_LABELSENTRY']._serialized_end=380
 # @@protoc_insertion_point(module_scope)

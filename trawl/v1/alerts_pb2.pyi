@@ -73,6 +73,8 @@ class Alert(_message.Message):
     CALL_FIELD_NUMBER: _builtins.int
     VALUE_FIELD_NUMBER: _builtins.int
     WINDOW_CALLS_FIELD_NUMBER: _builtins.int
+    RESOLVED_FIELD_NUMBER: _builtins.int
+    RESOLVED_AT_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """Stable per (rule, group, firing): the dedup key."""
     rule: _builtins.str
@@ -85,6 +87,11 @@ class Alert(_message.Message):
     value: _builtins.float
     """For windowed rules: the aggregate's value over the window."""
     window_calls: _builtins.int
+    resolved: _builtins.bool
+    """A windowed rule's group stopped holding: the end of the firing that `fired_at` began (the
+    same rule and group); `resolved_at` is when the window showed it.
+    """
+    resolved_at: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -104,10 +111,12 @@ class Alert(_message.Message):
         call: _calls_pb2.ApiCall | None = ...,
         value: _builtins.float = ...,
         window_calls: _builtins.int = ...,
+        resolved: _builtins.bool = ...,
+        resolved_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["call", b"call"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "fired_at", b"fired_at", "group", b"group", "id", b"id", "labels", b"labels", "rule", b"rule", "severity", b"severity", "summary", b"summary", "value", b"value", "window_calls", b"window_calls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["call", b"call", "fired_at", b"fired_at", "group", b"group", "id", b"id", "labels", b"labels", "resolved", b"resolved", "resolved_at", b"resolved_at", "rule", b"rule", "severity", b"severity", "summary", b"summary", "value", b"value", "window_calls", b"window_calls"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
