@@ -196,3 +196,72 @@ async def test_drained_after_a_restart_when_the_consumer_is_already_past_the_seq
                 await bus.close()
     finally:
         await client.close()
+
+
+async def test_a_windowed_rule_fires_once_on_a_burst_and_resolves_when_the_calls_stop(
+    nats_url: str, tmp_path: Path
+) -> None:
+    """A burst of 5xx answers through the service: one firing (not one per call), to the webhook
+    and the stream, then, with no call coming after the burst, the resolve once the window has
+    drained in wall-clock time (the idle sweep)."""
+    received: list[dict[str, object]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(json.loads(await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    rules_file = tmp_path / "rules.yaml"
+    rules_file.write_text(
+        "rules:\n"
+        "  - name: payment-errors\n"
+        "    condition: 'call.protocol == \"http\"'\n"
+        "    group_by: 'call.dst.workload'\n"
+        "    window: 2s\n"
+        "    aggregate: 'error_ratio > 0.5'\n"
+        "    min_calls: 3\n"
+        f"    actions: [{{webhook: {{url: 'http://127.0.0.1:{runner.addresses[0][1]}/hook'}}}}]\n"
+    )
+    run = uuid.uuid4().hex[:8]
+    settings = AlerterSettings.load(
+        None, node="al-w", rules_file=rules_file, consumer=f"alerter-{run}", nats={"servers": [nats_url]}
+    )
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    ready = await client.subscribe(control_subject("ready", "alerter", "al-w"))
+    bus = await Bus.connect(settings.nats, "test-alerter-windows")
+    ctx = ServiceContext(name="alerter", settings=settings, bus=bus)
+    task = asyncio.create_task(serve(ctx))
+    try:
+        await ready.next_msg(timeout=10)
+        now_ns = 1_800_000_000_000_000_000  # the calls' own time: only their spacing matters
+        for index in range(12):
+            call = enriched(f"{run}-{index}", "503" if index % 4 else "200")
+            call.outcome = calls_pb2.OUTCOME_ERROR if index % 4 else calls_pb2.OUTCOME_OK
+            call.request.ts = now_ns + index * 50_000_000
+            await js.publish(
+                enriched_subject("http", "shop", "payments"), call.SerializeToString(), headers={"Nats-Msg-Id": call.id}
+            )
+        for _ in range(100):
+            if len(received) >= 2:
+                break
+            await asyncio.sleep(0.1)
+        assert [document.get("resolved", False) for document in received] == [False, True]
+        fired, resolved = received
+        assert fired["rule"] == resolved["rule"] == "payment-errors"
+        assert fired["group"] == resolved["group"] == "payments"
+        assert fired["fired_at"] == resolved["fired_at"]
+        assert float(str(fired["value"])) > 0.5 and int(str(fired["window_calls"])) >= 3
+        stored = await js.get_last_msg(STREAM_ALERTS, alerts_subject("payment-errors"))
+        assert stored.data is not None
+        assert alerts_pb2.Alert.FromString(stored.data).resolved
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+        await bus.close()
+        await client.close()
+        await runner.cleanup()
