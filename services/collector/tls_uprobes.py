@@ -81,7 +81,7 @@ PROBES = (
 # The reader's timer: at most this long between a chunk and its reading.
 POLL_MS = 20
 # A new program maps its libraries after exec: look at it after these delays.
-EXEC_RESCAN_DELAYS_S = (0.05, 0.5)
+EXEC_RESCAN_DELAYS_S = (0.05, 0.25, 1.0, 3.0)
 
 
 TRACEFS_ROOTS = ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")

@@ -27,7 +27,7 @@ pytestmark = [needs_root(), pytest.mark.root, pytest.mark.timeout(120)]
 
 PROGRAM = r"""
 import socket, ssl, sys, threading, time
-time.sleep(1.0)  # the tracer hooks the copy after this program's exec
+time.sleep(4.0)  # the tracer looks at a new program up to 3 s after its exec
 server_context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
 server_context.load_cert_chain(sys.argv[1], sys.argv[2])
 listener = socket.socket()
