@@ -50,10 +50,11 @@ BATCH_MAX_BYTES = 256 << 10
 
 
 class _Output:
-    def __init__(self, as_json: bool, enricher: Enricher, spans: WireSpanPath | None = None) -> None:
+    def __init__(self, as_json: bool, enricher: Enricher) -> None:
         self.as_json = as_json
         self.enricher = enricher
-        self.spans = spans
+        # The compiled span path, when it sends the spans (set by `analyze`).
+        self.spans: WireSpanPath | None = None
         # Serialized calls end to end when nothing needs their fields as objects.
         self.encoded = as_json and not enricher.exports_calls
         self.table = TableWriter(sys.stdout)
@@ -143,7 +144,8 @@ def analyze(
         )
     node_name = dissector_settings.node
     dissector = Dissector(dissector_settings, node=node_name)
-    output = _Output(as_json, enricher, spans)
+    output = _Output(as_json, enricher)
+    output.spans = spans
     sys.stdout.flush()  # what the text layer holds goes before the binary writes
     # The objects of start-up (modules, settings, schemas) live as long as the process: out of the
     # cyclic collector's walks, which otherwise cost about 5% of a large capture's time.
