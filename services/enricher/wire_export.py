@@ -51,7 +51,6 @@ log = get_logger(__name__)
 TRACE_EXPORT_METHOD = "/opentelemetry.proto.collector.trace.v1.TraceService/Export"
 RETRYABLE_HTTP_STATUSES = frozenset({429, 502, 503, 504})
 RETRIES = ("trawl_enricher_span_export_retries_total", "Span export attempts retried (backend unavailable or busy)")
-_WORKER_GRACE_S = 2.0
 
 
 @dataclass(frozen=True)
