@@ -19,6 +19,7 @@ from celpy.evaluation import CELEvalError
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from trawl.alerter.compiled import CelError, Fallback
 from trawl.alerter.rules import Rule
 from trawl.alerter.windows import SECOND_NS, Transition, Windows
 from trawl.logs import get_logger
@@ -121,11 +122,15 @@ class Alerter:
         clock: Callable[[], float] = time.time,
         max_groups: int = 100_000,
         guards: bool = True,
+        compiled: bool = True,
     ) -> None:
         self.rules = rules
         # Rules' guards (trawl.alerter.guards) skip a rule a call cannot match, and the call's
         # CEL map is only made for a rule that may; off, every rule runs (the reference).
         self.guards = guards
+        # Conditions and group_by compiled to closures over the call (trawl.alerter.compiled) where
+        # they can be; off, cel-python runs every one (the reference).
+        self.compiled = compiled
         self.clock = clock
         self.max_groups = max_groups
         self._last_fired: dict[tuple[str, str], int] = {}
@@ -154,15 +159,13 @@ class Alerter:
         self._calls.inc()
         if not self.rules:
             return []
-        activation: dict[str, Any] | None = None
+        activation = _Activation(call)
         now_ns = call_time_ns(call, self.clock)
         alerts: list[alerts_pb2.Alert] = []
         guards = self.guards
         for rule in self.rules:
             if guards and rule.guard is not None and not rule.guard.admits(call):
                 continue
-            if activation is None:
-                activation = {"call": call_to_cel(call)}
             matched = self._condition(rule, activation, call)
             if not matched:
                 continue
@@ -261,8 +264,20 @@ class Alerter:
         if state is not None and (alert.window_calls or alert.resolved):
             state.firing_since_ns = alert.fired_at if alert.resolved else None
 
-    def _condition(self, rule: Rule, activation: dict[str, Any], call: calls_pb2.ApiCall) -> bool:
-        result = self._run(rule, rule.program, activation, call, "condition")
+    def _condition(self, rule: Rule, activation: _Activation, call: calls_pb2.ApiCall) -> bool:
+        fast = rule.compiled_condition if self.compiled else None
+        if fast is not None:
+            try:
+                value = fast(call)
+            except Fallback:
+                pass  # cel-python's to judge, below
+            except CelError:
+                self._error(rule, call, "condition", _NO_SUCH_KEY)
+                return False
+            else:
+                if isinstance(value, bool):
+                    return value
+        result = self._run(rule, rule.program, activation.get(), call, "condition")
         if result is None:
             return False
         if not isinstance(result, bool | celtypes.BoolType):
@@ -270,10 +285,22 @@ class Alerter:
             return False
         return bool(result)
 
-    def _group(self, rule: Rule, activation: dict[str, Any], call: calls_pb2.ApiCall) -> str:
+    def _group(self, rule: Rule, activation: _Activation, call: calls_pb2.ApiCall) -> str:
         if rule.group_by is None:
             return ""
-        result = self._run(rule, rule.group_by, activation, call, "group_by")
+        fast = rule.compiled_group_by if self.compiled else None
+        if fast is not None:
+            try:
+                value = fast(call)
+            except Fallback:
+                pass
+            except CelError:
+                self._error(rule, call, "group_by", _NO_SUCH_KEY)
+                return ""
+            else:
+                if not isinstance(value, bool):
+                    return str(value)
+        result = self._run(rule, rule.group_by, activation.get(), call, "group_by")
         return "" if result is None else str(result)
 
     def _run(
@@ -302,6 +329,24 @@ class Alerter:
             # Oldest firings first (insertion order): their cooldown is the most likely to be over.
             for stale in list(self._last_fired)[: len(self._last_fired) - self.max_groups]:
                 del self._last_fired[stale]
+
+
+_NO_SUCH_KEY = "no such key: a protocol detail the call does not have (use has() first)"
+
+
+class _Activation:
+    """The call as cel-python reads it, made the first time a rule needs it."""
+
+    __slots__ = ("call", "value")
+
+    def __init__(self, call: calls_pb2.ApiCall) -> None:
+        self.call = call
+        self.value: dict[str, Any] | None = None
+
+    def get(self) -> dict[str, Any]:
+        if self.value is None:
+            self.value = {"call": call_to_cel(self.call)}
+        return self.value
 
 
 def _describe(exc: BaseException) -> str:

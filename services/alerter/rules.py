@@ -53,6 +53,7 @@ import yaml
 from celpy.celparser import CELParseError
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from trawl.alerter.compiled import Evaluator, compile_expression
 from trawl.alerter.guards import Guard, guard_of
 from trawl.alerter.windows import WindowSpec, parse_aggregate
 from trawl.errors import ConfigError
@@ -144,6 +145,9 @@ class Rule:
     guard: Guard | None = field(default=None, repr=False)
     # A windowed rule (window + aggregate): judged per group over its window (trawl.alerter.windows).
     window: WindowSpec | None = None
+    # The condition and group_by as closures over the ApiCall (trawl.alerter.compiled), where they can be.
+    compiled_condition: Evaluator | None = field(default=None, repr=False)
+    compiled_group_by: Evaluator | None = field(default=None, repr=False)
 
 
 def load_rules(path: Path, environ: dict[str, str] | None = None) -> list[Rule]:
@@ -252,9 +256,11 @@ class _RuleParser:
             text = self.text(summary_node, "summary")
             summary = parse_template(text, lambda message: self.fail(f"summary: {message}", summary_key))
         group_by = None
+        group_text = ""
         if "group_by" in entries:
             group_key, group_node = entries["group_by"]
-            group_by = self.compile(self.text(group_node, "group_by"), "group_by", group_key)
+            group_text = self.text(group_node, "group_by")
+            group_by = self.compile(group_text, "group_by", group_key)
         cooldown = 0.0
         if "cooldown" in entries:
             cooldown_key, cooldown_node = entries["cooldown"]
@@ -291,6 +297,8 @@ class _RuleParser:
             actions=tuple(actions),
             line=_line(self.node),
             guard=guard_of(condition),
+            compiled_condition=compile_expression(condition),
+            compiled_group_by=compile_expression(group_text) if group_text else None,
             window=self.window(entries, cooldown),
         )
 
