@@ -101,6 +101,10 @@ class EnricherSettings(ServiceSettings):
     export_max_queue_size: int = Field(default=8192, gt=0)
     export_max_batch_size: int = Field(default=512, gt=0)
     export_schedule_delay_ms: int = Field(default=1000, gt=0)
+    # How spans are made: "compiled" (trawl._otlpspans + wire_export: the enriched calls' bytes
+    # straight to OTLP bytes; the SDK path when the extension is not built) or "sdk" (spans.py
+    # call_spans through the OpenTelemetry SDK, the reference).
+    span_path: Literal["compiled", "sdk"] = "compiled"
     # RED metrics: how often histograms are pushed, and how many distinct peer resources are kept.
     metrics_export_interval_s: float = Field(default=15.0, gt=0)
     max_metric_resources: int = Field(default=2000, gt=0)

@@ -17,6 +17,7 @@ that address, once per address; the bytes are those of the enriched object seria
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from operator import attrgetter
@@ -42,6 +43,7 @@ if TYPE_CHECKING:
     from trawl.enricher.k8s_watch import KubeWatcher
     from trawl.enricher.otlp import CountingBatchSpanProcessor
     from trawl.enricher.red import RedMetrics
+    from trawl.enricher.wire_export import WireSpanPath
 
 log = get_logger(__name__)
 
@@ -120,6 +122,7 @@ class Enricher:
         span_exporter: SpanExporter | None = None,
         metric_exporter: MetricExporter | None = None,
         metrics: Registry | None = None,
+        span_path: WireSpanPath | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -139,6 +142,9 @@ class Enricher:
         self._described: set[str] = set()
         # Counts every span it is handed as exported, dropped or failed (trawl.enricher.span_totals).
         self._processor: CountingBatchSpanProcessor | None = None
+        # The compiled span path (trawl.enricher.wire_export), when it replaces the processor:
+        # the same counters, the calls handed over as bytes.
+        self._wire = span_path
         if span_exporter is not None:
             from trawl.enricher.otlp import span_processor
 
@@ -151,12 +157,12 @@ class Enricher:
 
     @property
     def exporting(self) -> bool:
-        return self._processor is not None
+        return self._processor is not None or self._wire is not None
 
     @property
     def exports_calls(self) -> bool:
         """Whether `export` does anything (spans or RED metrics are configured): it needs objects."""
-        return self._processor is not None or self.red.exporter is not None
+        return self._processor is not None or self._wire is not None or self.red.exporter is not None
 
     def enrich(self, call: ApiCall) -> ApiCall:
         """Fill src/dst identity in place (and return the call); a call that cannot be enriched
@@ -277,8 +283,11 @@ class Enricher:
         """Queue each enriched call's spans and record its RED metrics; returns without waiting for the network."""
         processor = self._processor
         red = self.red
+        if self._wire is not None:
+            calls = list(calls)
+            self._wire.hand_over_calls([call.SerializeToString() for call in calls if call.request.ts])
         if processor is None and red.exporter is None:
-            return  # nothing configured: not even a walk over the calls
+            return  # nothing else configured: not even a walk over the calls
         from trawl.enricher.spans import call_spans, shape_call
 
         spans: list[ReadableSpan] = []
@@ -303,6 +312,8 @@ class Enricher:
     def flush(self) -> bool:
         """Send every queued span and the current metrics (blocking)."""
         spans_ok = self._processor.force_flush(int(self.settings.otlp_timeout_s * 1000)) if self._processor else True
+        if self._wire is not None:
+            spans_ok = self._wire.flush(self.settings.otlp_timeout_s) and spans_ok
         return self.export_metrics() and spans_ok
 
     def shutdown_spans(self) -> None:
@@ -311,6 +322,9 @@ class Enricher:
         if self._processor is not None:
             self._processor.shutdown()
             self._processor = None
+        if self._wire is not None:
+            self._wire.shutdown()
+            self._wire = None
 
     def shutdown(self) -> None:
         """Flush and stop the exporters (blocking); the Enricher cannot export afterwards."""
@@ -348,8 +362,16 @@ def start_kube_watch(settings: EnricherSettings, identity: IdentityMap, metrics:
 
 
 def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None = None) -> Enricher:
+    metrics = metrics if metrics is not None else Registry()
+    wire = None
+    if settings.span_path == "compiled" and settings.traces_target() is not None:
+        # Imported only with an endpoint: an enricher without one starts without the OTLP packages.
+        from trawl.enricher.wire_export import WireSpanPath
+
+        wire = WireSpanPath.from_settings(settings, metrics, os.environ)  # None: not built, or no endpoint
+    span_exporter = span_exporter_for(settings) if wire is None else None
     return Enricher(
-        settings, load_identity(settings), span_exporter_for(settings), metric_exporter_for(settings), metrics
+        settings, load_identity(settings), span_exporter, metric_exporter_for(settings), metrics, span_path=wire
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
@@ -17,6 +18,7 @@ from trawl import analyze as analyze_module
 from trawl.enricher import otlp
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, build_enricher, enricher_from_settings
+from trawl.enricher.span_totals import SpanCounters, SpanTotals
 from trawl.v1.calls_pb2 import ApiCall
 
 SNAPSHOT = Path(__file__).resolve().parent.parent / "fixtures" / "identity_snapshot.json"
@@ -210,3 +212,31 @@ def test_trawl_analyze_sends_the_reference_spans_by_the_compiled_path(
     expected = canonical_spans(reference(dissected(capture, IDENTITY)))
     assert expected, "the capture gives spans"
     assert canonical_spans(merged) == expected
+
+
+@pytest.mark.parametrize("span_path", ["compiled", "sdk"])
+def test_the_service_enricher_sends_by_the_span_path_it_is_told(
+    receiver: OtlpReceiver, monkeypatch: pytest.MonkeyPatch, span_path: str
+) -> None:
+    """enricher_from_settings (the service's Enricher): the compiled path by default, the SDK
+    path with span_path: sdk; the same spans and the same accounting either way."""
+    built: list[str] = []
+    real = otlp.span_processor
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        built.append("sdk")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(otlp, "span_processor", recording)
+    enricher = make_enricher(otlp_endpoint=receiver.grpc_endpoint, span_path=span_path)
+    calls = [enricher.enrich(cluster_call(f"call-{index}", trace=index % 2 == 0)) for index in range(20)]
+    enricher.export(calls)
+    assert enricher.flush()
+    enricher.shutdown()
+    assert built == ([] if span_path == "compiled" else ["sdk"])
+    totals = SpanCounters.of(enricher.metrics).totals()
+    assert totals == SpanTotals(handed=40, exported=40)
+    merged = ExportTraceServiceRequest()
+    for request in receiver.trace_requests:
+        merged.MergeFrom(request)
+    assert canonical_spans(merged) == canonical_spans(reference(calls))
