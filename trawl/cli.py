@@ -78,6 +78,31 @@ def _parser() -> argparse.ArgumentParser:
         "--local", action="store_true", help="ask no collector: can BPF load here, which processes map a TLS library"
     )
 
+    record = commands.add_parser("record", help="recordings on demand: start, list, stop, get (asks the recorder)")
+    record_commands = record.add_subparsers(dest="record_command", required=True, metavar="ACTION")
+    record_start = record_commands.add_parser(
+        "start", help="record a scope for a duration, starting with the recorder's look-back"
+    )
+    record_start.add_argument(
+        "--pods", action="append", default=[], metavar="REGEX", help="pod name regex (repeatable)"
+    )
+    record_start.add_argument("--namespace", action="append", default=[], help="namespace (repeatable)")
+    record_start.add_argument("--node", action="append", default=[], help="only packets of this node (repeatable)")
+    record_start.add_argument("--ip", action="append", default=[], help="an address to record (repeatable)")
+    record_start.add_argument("--filter", default="", metavar="BPF", help="tcpdump filter expression")
+    record_start.add_argument("--duration", default="10m", help="how long: 90s, 10m, 1h (default 10m)")
+    record_start.add_argument("--format", choices=["pcap", "pcapng"], help="default: the recorder's")
+    record_start.add_argument("--reason", default="", help="said in the recording (PCAPNG comment)")
+    record_commands.add_parser("list", help="the recordings the recorder holds, running and ended")
+    for action in ("stop", "get"):
+        sub_action = record_commands.add_parser(action, help=f"{action} one recording")
+        sub_action.add_argument("id", help="the recording's id (from start or list)")
+    for sub_action in record_commands.choices.values():
+        sub_action.add_argument("--config", type=Path, help="YAML config whose nats section says where NATS is")
+        sub_action.add_argument("--nats-url", help="NATS server (default: the config's, else nats://127.0.0.1:4222)")
+        sub_action.add_argument("--timeout-s", type=float, default=5.0, help="wait this long for the answer")
+        sub_action.add_argument("--json", action="store_true", help="the recordings as JSON, one per line")
+
     for service in SERVICES:
         sub = commands.add_parser(service, help=f"run the {service} service (what its container runs)")
         sub.add_argument("--config", type=Path, help="YAML config file")
@@ -121,6 +146,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _identity_dump(args)
         if args.command == "tls":
             return _tls_status(args)
+        if args.command == "record":
+            return _record(args)
         module = importlib.import_module(f"trawl.{args.command}.main")
         code: int = module.main(args.config)
         return code
@@ -166,6 +193,49 @@ def _tls_status(args: argparse.Namespace) -> int:
     text, code = status(nats, args.timeout_s, args.json, args.local)
     sys.stdout.write(text)
     return code
+
+
+def _record(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from trawl.alerter.rules import parse_duration
+    from trawl.config import NatsSettings
+    from trawl.logs import configure_logging
+    from trawl.recorder.config import RecorderSettings
+    from trawl.recorder.control import ask, render
+    from trawl.v1 import control_pb2
+
+    configure_logging("warning", "auto")
+    control = control_pb2.RecordControl()
+    if args.record_command == "start":
+        seconds = parse_duration(args.duration)
+        if seconds is None or seconds < 1:
+            raise UserError(f"--duration {args.duration!r}: give a duration of a second or more, e.g. 90s, 10m, 1h")
+        control.start.CopyFrom(
+            control_pb2.RecordRequest(
+                requested_by="cli",
+                reason=args.reason,
+                nodes=args.node,
+                namespaces=args.namespace,
+                pods=args.pods,
+                ips=args.ip,
+                filter=args.filter,
+                duration_s=round(seconds),
+                format=args.format or "",
+            )
+        )
+    elif args.record_command == "list":
+        control.list = True
+    elif args.record_command == "stop":
+        control.stop = args.id
+    else:
+        control.get = args.id
+    nats = NatsSettings(servers=[args.nats_url]) if args.nats_url else RecorderSettings.load(args.config).nats
+    reply = asyncio.run(ask(nats, control, args.timeout_s))
+    if reply.error:
+        raise UserError(reply.error)
+    sys.stdout.write(render(reply, args.json))
+    return 0
 
 
 if __name__ == "__main__":

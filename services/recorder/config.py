@@ -1,11 +1,13 @@
-"""Recorder settings: where sealed pcap files go, when they rotate and how long they are kept."""
+"""Recorder settings: where sealed pcap files go, when they rotate and how long they are kept;
+the look-back held in memory for recordings on demand, and the recordings a schedule starts."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from croniter import croniter
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from trawl.config import ServiceSettings
@@ -18,6 +20,32 @@ class RetentionSettings(BaseModel):
 
     max_age_s: float | None = Field(default=None, gt=0)
     max_total_bytes: int | None = Field(default=None, gt=0)
+
+
+class ScheduleSettings(BaseModel):
+    """A recording started at each time a cron expression names, of a scope, for duration_s."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Five fields (minute hour day month weekday), or six with seconds last, as croniter reads them.
+    cron: str
+    duration_s: float = Field(gt=0)
+    namespaces: list[str] = Field(default_factory=list)
+    pods: list[str] = Field(default_factory=list)
+    nodes: list[str] = Field(default_factory=list)
+    ips: list[str] = Field(default_factory=list)
+    filter: str = ""
+    reason: str = ""
+
+    @field_validator("cron")
+    @classmethod
+    def _valid_cron(cls, value: str) -> str:
+        if not croniter.is_valid(value):
+            raise ValueError(
+                f"{value!r} is not a cron expression: give five fields (minute hour day month weekday), "
+                "e.g. '0 * * * *' for every hour, or six with seconds last"
+            )
+        return value
 
 
 class RecorderSettings(ServiceSettings):
@@ -34,3 +62,19 @@ class RecorderSettings(ServiceSettings):
     # of the stream TRAWL_PACKETS (default "recorder-<node>"; two recorders need two names).
     subject: str = Field(default="trawl.v1.packets.>", min_length=1)
     consumer: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_-]+$")
+    # Every batch into the rotating files above (the default); false: only recordings on
+    # demand and on schedule are written.
+    continuous: bool = True
+    # Recordings on demand (trawl.v1.control.record) and on schedule go to <directory>/on-demand.
+    recordings_format: Literal["pcap", "pcapng"] = "pcapng"
+    # The packets of the last lookback_s (in the packets' own time) per node, at most
+    # lookback_bytes per node, are held in memory and start every recording; 0 holds none.
+    lookback_s: float = Field(default=30.0, ge=0)
+    lookback_bytes: int = Field(default=64 * 1024 * 1024, ge=0)
+    max_recordings: int = Field(default=16, ge=1)
+    # A `kubectl get pods -A -o json` snapshot (the file the enricher reads offline): how a
+    # recording scoped by namespace or pod regex finds the pods' addresses. Read at each request.
+    identity: Path | None = None
+    # Answer trawl.v1.control.record (queue group "recorder": one recorder takes each request).
+    control: bool = True
+    schedules: list[ScheduleSettings] = Field(default_factory=list)

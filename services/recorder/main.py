@@ -10,7 +10,14 @@ stream's window meanwhile are counted from the batch sequences, in batches and p
 (`trawl_recorder_lost_batches_total`, `trawl_recorder_lost_packets_total`, log line
 `packet_batches_lost`). On a batch marked end_of_input (a replayed file is done) it seals its
 files and announces `trawl.v1.control.drained.recorder.<node>` with the files sealed since the
-previous announcement; on SIGTERM it stops reading and seals.
+previous announcement; on SIGTERM it stops reading and seals. With `continuous: false` the
+rotating files are not written (the batches are still read, counted and checkpointed).
+
+Recordings on demand (see recordings.py): the recorder answers RecordControl requests on
+`trawl.v1.control.record` (queue group "recorder", so one recorder takes each request) with a
+RecordReply: start a recording of a scope for a duration, with the look-back in it; list; stop;
+get. Schedules in the config start recordings at the times their cron expressions name. A
+recording still running when the input ends (end_of_input) or the recorder stops is sealed then.
 """
 
 from __future__ import annotations
@@ -18,22 +25,84 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import time
 from pathlib import Path
+from typing import Any
 
+from croniter import croniter
 from google.protobuf.message import DecodeError
 
 from trawl.bus import consumer_token
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
 from trawl.packet_stream import LossCounter, PacketReader
-from trawl.recorder.config import RecorderSettings
+from trawl.recorder.config import RecorderSettings, ScheduleSettings
+from trawl.recorder.control import RECORD_SUBJECT
+from trawl.recorder.recordings import ON_DEMAND_DIRECTORY, Lookback, Recording, Recordings
 from trawl.recorder.writer import PcapWriter
 from trawl.service import ServiceContext, main_for
-from trawl.v1 import packets_pb2
+from trawl.v1 import control_pb2, packets_pb2
 
 log = get_logger(__name__)
 
 RETENTION_INTERVAL_S = 60.0
+
+
+class Schedule:
+    """When a configured schedule next starts its recording."""
+
+    def __init__(self, settings: ScheduleSettings, now: float) -> None:
+        self.settings = settings
+        self._cron = croniter(settings.cron, now)
+        self.next_at: float = self._cron.get_next(float)
+
+    def due(self, now: float) -> bool:
+        if now < self.next_at:
+            return False
+        # A recorder that was busy past several start times starts one recording, not a burst.
+        while self.next_at <= now:
+            self.next_at = self._cron.get_next(float)
+        return True
+
+    def request(self) -> control_pb2.RecordRequest:
+        s = self.settings
+        return control_pb2.RecordRequest(
+            requested_by=f"schedule:{s.cron}",
+            reason=s.reason,
+            nodes=s.nodes,
+            namespaces=s.namespaces,
+            pods=s.pods,
+            ips=s.ips,
+            filter=s.filter,
+            duration_s=max(1, round(s.duration_s)),
+        )
+
+
+def answer(recordings: Recordings, data: bytes, now: float) -> control_pb2.RecordReply:
+    """The reply to one RecordControl request; a refused one says why in `error`."""
+    try:
+        control = control_pb2.RecordControl.FromString(data)
+    except DecodeError as exc:
+        return control_pb2.RecordReply(error=f"not a RecordControl message: {exc}")
+    action = control.WhichOneof("action")
+    try:
+        found: list[Recording]
+        if action == "start":
+            found = [recordings.start(control.start, now)]
+        elif action == "stop":
+            found = [recordings.stop(control.stop)]
+        elif action == "get":
+            found = [recordings.get(control.get)]
+        elif action == "list":
+            found = recordings.all()
+        else:
+            return control_pb2.RecordReply(error="the request names no action (start, list, stop or get)")
+    except ConfigError as exc:
+        return control_pb2.RecordReply(error=str(exc))
+    return control_pb2.RecordReply(
+        recording_id=found[0].id if action != "list" else "",
+        recordings=[recording.describe() for recording in found],
+    )
 
 
 def open_directory(directory: Path) -> None:
@@ -69,6 +138,16 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         "trawl_recorder_lost_packets_total", "Packets in the batches missing from a shard's sequence"
     )
     undecodable = ctx.metrics.counter("trawl_recorder_undecodable_total", "Messages that were not a PacketBatch")
+    bad_batches = ctx.metrics.counter("trawl_recorder_bad_batches_total", "Batches not written: malformed records")
+    recordings = Recordings(
+        directory / ON_DEMAND_DIRECTORY,
+        file_format=settings.recordings_format,
+        lookback=Lookback(settings.lookback_s, settings.lookback_bytes, ctx.metrics),
+        identity=settings.identity,
+        max_active=settings.max_recordings,
+        metrics=ctx.metrics,
+    )
+    schedules = [Schedule(schedule, time.time()) for schedule in settings.schedules]
 
     async def on_batch(data: bytes, stream_seq: int, stored_ns: int) -> None:
         nonlocal announced
@@ -98,8 +177,18 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
                 "sequences": gaps.sequences,
                 "packets": gaps.packets,
             }
-            writer.write(batch, mark=position)
+            if settings.continuous:
+                writer.write(batch, mark=position)
+            else:
+                writer.checkpoint(position)
+            try:
+                recordings.feed(batch)
+            except ValueError as exc:
+                if not settings.continuous:  # otherwise the writer has counted it
+                    bad_batches.inc(node=batch.node)
+                    log.warning("recorder_bad_batch", node=batch.node, sequence=batch.sequence, error=str(exc))
             if batch.end_of_input:
+                recordings.stop_all("sealed")
                 writer.seal_all()
                 files = [str(path) for path in writer.sealed[announced:]]
                 announced = len(writer.sealed)
@@ -118,12 +207,25 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     resume_after = int(mark.get("stream_seq", 0))
     await reader.start(start_seq=resume_after + 1 if resume_after else None, stream_id=str(mark.get("stream", "")))
     log.info("recorder_resumed", consumer=reader.durable, after=resume_after, sequences=gaps.sequences)
+
+    async def on_control(msg: Any) -> None:
+        reply = answer(recordings, msg.data, time.time())
+        if msg.reply:
+            await ctx.bus.nc.publish(msg.reply, reply.SerializeToString())
+
+    control = await ctx.bus.nc.subscribe(RECORD_SUBJECT, queue="recorder", cb=on_control) if settings.control else None
     await ctx.ready()
     tick = min(1.0, settings.rotate_seconds)
     since_retention = 0.0
     while not ctx.stopping.is_set():
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(ctx.stopping.wait(), timeout=tick)
+        now = time.time()
+        for schedule in schedules:
+            if schedule.due(now):
+                with contextlib.suppress(ConfigError):  # refused: logged and counted by start()
+                    recordings.start(schedule.request(), now)
+        recordings.expire(now)
         writer.rotate_due()
         writer.sync()
         await reader.ack()
@@ -133,7 +235,10 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
             writer.apply_retention()
     # Stop reading (the batch in hand is written and checkpointed), then seal: a stopped
     # recorder leaves only sealed files, and the next one resumes after the checkpoint.
+    if control is not None:
+        await control.unsubscribe()
     await reader.stop()
+    recordings.stop_all()
     writer.seal_all()
     writer.sync()
     await reader.ack()

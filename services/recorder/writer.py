@@ -357,13 +357,7 @@ class PcapWriter:
         """Rename without clobbering, make read-only, record the checksum, persist the directory."""
         if final.exists():
             final = final.with_name(final.name.removesuffix(SEALED_SUFFIX) + f"-{os.getpid()}{SEALED_SUFFIX}")
-        os.rename(partial, final)
-        os.chmod(final, 0o444)
-        with open(self.manifest, "a", encoding="utf-8") as manifest:
-            manifest.write(f"{sha256}  {final.name}\n")
-            manifest.flush()
-            os.fsync(manifest.fileno())
-        self._fsync_directory()
+        final = publish_sealed(partial, final, sha256, self.manifest)
         self.sealed.append(final)
         return final
 
@@ -425,3 +419,20 @@ class PcapWriter:
         if current is not None:
             with contextlib.suppress(OSError):
                 current.handle.close()
+
+
+def publish_sealed(partial: Path, final: Path, sha256: str, manifest: Path) -> Path:
+    """Rename a written (and fsynced) file to its final name, make it read-only, append its
+    checksum to `manifest` and persist the directory: a reader sees it whole or not at all."""
+    os.rename(partial, final)
+    os.chmod(final, 0o444)
+    with open(manifest, "a", encoding="utf-8") as handle:
+        handle.write(f"{sha256}  {final.name}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return final

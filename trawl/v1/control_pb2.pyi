@@ -20,7 +20,7 @@ DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
 class RecordRequest(_message.Message):
-    """What to record and for how long: trawl.v1.control.record (request/reply)."""
+    """What to record and for how long: the `start` of a RecordControl request."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -31,18 +31,32 @@ class RecordRequest(_message.Message):
     PODS_FIELD_NUMBER: _builtins.int
     FILTER_FIELD_NUMBER: _builtins.int
     DURATION_S_FIELD_NUMBER: _builtins.int
+    IPS_FIELD_NUMBER: _builtins.int
+    FORMAT_FIELD_NUMBER: _builtins.int
     requested_by: _builtins.str
-    """Who asked: "alerter:<rule>", "cli", ..."""
+    """Who asked: "alerter:<rule>", "cli", "schedule:<cron>", ..."""
     reason: _builtins.str
     filter: _builtins.str
-    """tcpdump-style filter expression applied when writing."""
+    """tcpdump-style filter expression (libpcap's compiler), ANDed with the pods' addresses."""
     duration_s: _builtins.int
+    format: _builtins.str
+    """"pcap" or "pcapng"; empty: the recorder's recordings_format."""
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes whose packets are recorded (the PacketBatch node); none: every node."""
+
     @_builtins.property
-    def namespaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def namespaces(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Pods selected by namespace and/or name regex (Python re.search), turned into their IPs
+        through the recorder's identity snapshot; neither: no address selection.
+        """
+
     @_builtins.property
     def pods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def ips(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Addresses to record besides (or, without a snapshot, instead of) the pods' own."""
+
     def __init__(
         self,
         *,
@@ -53,14 +67,107 @@ class RecordRequest(_message.Message):
         pods: _abc.Iterable[_builtins.str] | None = ...,
         filter: _builtins.str = ...,
         duration_s: _builtins.int = ...,
+        ips: _abc.Iterable[_builtins.str] | None = ...,
+        format: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "filter", b"filter", "namespaces", b"namespaces", "nodes", b"nodes", "pods", b"pods", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "filter", b"filter", "format", b"format", "ips", b"ips", "namespaces", b"namespaces", "nodes", b"nodes", "pods", b"pods", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RecordRequest: _TypeAlias = RecordRequest  # noqa: Y015
+
+@_typing.final
+class RecordControl(_message.Message):
+    """trawl.v1.control.record (request/reply): exactly one action."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    START_FIELD_NUMBER: _builtins.int
+    LIST_FIELD_NUMBER: _builtins.int
+    STOP_FIELD_NUMBER: _builtins.int
+    GET_FIELD_NUMBER: _builtins.int
+    list: _builtins.bool
+    stop: _builtins.str
+    """A recording id: stop it now (its file is sealed) / describe it."""
+    get: _builtins.str
+    @_builtins.property
+    def start(self) -> Global___RecordRequest: ...
+    def __init__(
+        self,
+        *,
+        start: Global___RecordRequest | None = ...,
+        list: _builtins.bool = ...,
+        stop: _builtins.str = ...,
+        get: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "get", b"get", "list", b"list", "start", b"start", "stop", b"stop"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["action", b"action", "get", b"get", "list", b"list", "start", b"start", "stop", b"stop"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_action: _TypeAlias = _typing.Literal["start", "list", "stop", "get"]  # noqa: Y015
+    _WhichOneofArgType_action: _TypeAlias = _typing.Literal["action", b"action"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_action) -> _WhichOneofReturnType_action | None: ...
+
+Global___RecordControl: _TypeAlias = RecordControl  # noqa: Y015
+
+@_typing.final
+class Recording(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    EXPRESSION_FIELD_NUMBER: _builtins.int
+    SELECTED_PODS_FIELD_NUMBER: _builtins.int
+    STARTED_AT_NS_FIELD_NUMBER: _builtins.int
+    ENDS_AT_NS_FIELD_NUMBER: _builtins.int
+    PACKETS_FIELD_NUMBER: _builtins.int
+    LOOKBACK_PACKETS_FIELD_NUMBER: _builtins.int
+    FILES_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    state: _builtins.str
+    """"recording", "sealed", "stopped" (sealed early) or "failed"."""
+    expression: _builtins.str
+    """The libpcap expression the scope compiled to ("" records everything on its nodes)."""
+    started_at_ns: _builtins.int
+    ends_at_ns: _builtins.int
+    packets: _builtins.int
+    """Packets written in all, of which from the look-back held before the request."""
+    lookback_packets: _builtins.int
+    error: _builtins.str
+    @_builtins.property
+    def request(self) -> Global___RecordRequest: ...
+    @_builtins.property
+    def selected_pods(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def files(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The sealed files (absolute paths; listed in SHA256SUMS beside them)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        state: _builtins.str = ...,
+        request: Global___RecordRequest | None = ...,
+        expression: _builtins.str = ...,
+        selected_pods: _abc.Iterable[_builtins.str] | None = ...,
+        started_at_ns: _builtins.int = ...,
+        ends_at_ns: _builtins.int = ...,
+        packets: _builtins.int = ...,
+        lookback_packets: _builtins.int = ...,
+        files: _abc.Iterable[_builtins.str] | None = ...,
+        error: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_at_ns", b"ends_at_ns", "error", b"error", "expression", b"expression", "files", b"files", "id", b"id", "lookback_packets", b"lookback_packets", "packets", b"packets", "request", b"request", "selected_pods", b"selected_pods", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Recording: _TypeAlias = Recording  # noqa: Y015
 
 @_typing.final
 class RecordReply(_message.Message):
@@ -68,17 +175,22 @@ class RecordReply(_message.Message):
 
     RECORDING_ID_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RECORDINGS_FIELD_NUMBER: _builtins.int
     recording_id: _builtins.str
     error: _builtins.str
+    """Set when the request was refused (bad scope, unknown id, too many recordings)."""
+    @_builtins.property
+    def recordings(self) -> _containers.RepeatedCompositeFieldContainer[Global___Recording]: ...
     def __init__(
         self,
         *,
         recording_id: _builtins.str = ...,
         error: _builtins.str = ...,
+        recordings: _abc.Iterable[Global___Recording] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "recording_id", b"recording_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error", b"error", "recording_id", b"recording_id", "recordings", b"recordings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

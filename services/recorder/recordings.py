@@ -1,0 +1,504 @@
+"""Recordings on demand and on schedule: a scope, a duration, and the look-back before them.
+
+Every packet the recorder reads is kept for a while in a `Lookback` per node: the packets of the
+last `lookback_s` in the packets' own timestamps (a replayed capture's look-back is its own 30 s,
+not the replay's), at most `lookback_bytes` per node; a packet pushed out by the byte bound before
+its time is counted (`trawl_recorder_lookback_dropped_total{reason="bytes"}`), one that ages out
+is counted under reason "age".
+
+A `Recording` is asked for with a RecordRequest. Its scope becomes one libpcap expression: the
+addresses of the pods selected by namespace and name regex (from the identity snapshot, as the
+collector's scope does), and the request's own IPs, ORed, then ANDed with the request's filter.
+It is compiled by libpcap for each link type it meets and run on each packet with libpcap's
+own `bpf_filter`, so the expression means exactly what it means to tcpdump. Packets of the
+request's nodes (all nodes when none is named) that pass go to the recording's file: first
+those of the look-back, then every later one until the duration ends, it is stopped, or the
+input ends. Pods on the host network share the node's address and are not selectable (the
+collector's scope says the same); pods are matched on their addresses at the time of the
+request, so a pod started afterwards is not in the recording.
+
+Files are written as `<id>.<format>.partial` and sealed like the continuous files: fsynced,
+renamed, read-only, listed in `SHA256SUMS` of the on-demand directory. A PCAPNG recording is
+one file whose section header carries a comment naming the trigger and the scope, with an
+interface per (node, link type, timestamp resolution); a pcap recording is one file per link
+type and resolution (pcap has one of each per file).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import ipaddress
+import os
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+from dpkt import pcapng
+
+from trawl.collector.bpf_filter import Instruction, _BpfInsn, _pcap
+from trawl.collector.scope import PodDirectory, Scope
+from trawl.errors import ConfigError, InputError
+from trawl.logs import get_logger
+from trawl.metrics import Registry
+from trawl.pcap import RECORD_HEADER, global_header, iter_records, pack_record
+from trawl.recorder.writer import DEFAULT_SNAPLEN, publish_sealed
+from trawl.v1 import control_pb2, packets_pb2
+
+log = get_logger(__name__)
+
+ON_DEMAND_DIRECTORY = "on-demand"
+_NS_PER_S = 1_000_000_000
+_TSRESOL_NS = b"\x09"  # if_tsresol: 10^-9 s
+KEEP_DONE = 1000
+
+
+@dataclass(frozen=True)
+class Packet:
+    """One captured packet and where it came from."""
+
+    node: str
+    link_type: int
+    nanosecond: bool
+    snaplen: int
+    ts_ns: int
+    data: bytes
+    orig_len: int
+
+    @property
+    def size(self) -> int:
+        return RECORD_HEADER.size + len(self.data)
+
+
+def packets_of(batch: packets_pb2.PacketBatch) -> list[Packet]:
+    """The batch's packets; ValueError when a record runs past the end."""
+    snaplen = batch.snaplen or DEFAULT_SNAPLEN
+    return [
+        Packet(batch.node, batch.link_type, batch.nanosecond, snaplen, record.ts_ns, record.data, record.orig_len)
+        for record in iter_records(batch.records, batch.nanosecond)
+    ]
+
+
+class Lookback:
+    """The last `seconds` of packets per node (in packet time), at most `max_bytes` per node."""
+
+    def __init__(self, seconds: float, max_bytes: int, metrics: Registry) -> None:
+        self.window_ns = int(seconds * _NS_PER_S)
+        self.max_bytes = max_bytes
+        self._held: dict[str, deque[Packet]] = {}
+        self._bytes: dict[str, int] = {}
+        self._dropped = metrics.counter(
+            "trawl_recorder_lookback_dropped_total", "Packets that left the look-back: aged out, or for its byte bound"
+        )
+        self._held_bytes = metrics.gauge("trawl_recorder_lookback_bytes", "Bytes held in the look-back")
+
+    @property
+    def enabled(self) -> bool:
+        return self.window_ns > 0 and self.max_bytes > 0
+
+    def add(self, packet: Packet) -> None:
+        if not self.enabled:
+            return
+        held = self._held.setdefault(packet.node, deque())
+        held.append(packet)
+        size = self._bytes.get(packet.node, 0) + packet.size
+        oldest_kept = packet.ts_ns - self.window_ns
+        while held and held[0].ts_ns < oldest_kept:
+            size -= held.popleft().size
+            self._dropped.inc(node=packet.node, reason="age")
+        while size > self.max_bytes and held:
+            size -= held.popleft().size
+            self._dropped.inc(node=packet.node, reason="bytes")
+        self._bytes[packet.node] = size
+        self._held_bytes.set(sum(self._bytes.values()))
+
+    def packets(self, nodes: frozenset[str]) -> list[Packet]:
+        """The packets held for these nodes (all nodes when empty), oldest first per node."""
+        chosen = [held for node, held in self._held.items() if not nodes or node in nodes]
+        merged = [packet for held in chosen for packet in held]
+        if len(chosen) > 1:
+            merged.sort(key=lambda packet: packet.ts_ns)
+        return merged
+
+
+class PacketFilter:
+    """A libpcap expression, compiled per link type and run on packets by libpcap's bpf_filter."""
+
+    def __init__(self, expression: str) -> None:
+        self.expression = expression
+        self._programs: dict[tuple[int, int], ctypes.Array[_BpfInsn] | None] = {}
+        lib = _pcap().lib
+        lib.bpf_filter.restype = ctypes.c_uint
+        lib.bpf_filter.argtypes = [ctypes.POINTER(_BpfInsn), ctypes.c_char_p, ctypes.c_uint, ctypes.c_uint]
+        self._run = lib.bpf_filter
+
+    def check(self, link_types: tuple[int, ...]) -> None:
+        """Compile now for these link types: ConfigError with libpcap's message when it cannot."""
+        for link_type in link_types:
+            self._program(link_type, DEFAULT_SNAPLEN)
+
+    def _program(self, link_type: int, snaplen: int) -> ctypes.Array[_BpfInsn] | None:
+        key = (link_type, snaplen)
+        if key not in self._programs:
+            instructions: list[Instruction] = _pcap().compile(self.expression, link_type, snaplen)
+            self._programs[key] = (_BpfInsn * len(instructions))(*(_BpfInsn(*insn) for insn in instructions))
+        return self._programs[key]
+
+    def accepts(self, packet: Packet) -> bool:
+        if not self.expression:
+            return True
+        program = self._program(packet.link_type, packet.snaplen)
+        data = packet.data
+        return bool(self._run(program, data, packet.orig_len, len(data)))
+
+
+def _host_terms(ips: list[str]) -> str:
+    terms = []
+    for text in sorted(set(ips)):
+        kind = "ip6" if ipaddress.ip_address(text).version == 6 else "ip"
+        terms.append(f"{kind} host {text}")
+    return " or ".join(terms)
+
+
+def scope_expression(request: control_pb2.RecordRequest, identity: Path | None) -> tuple[str, list[str]]:
+    """(libpcap expression, selected pods "ns/name") of a request; ConfigError saying why not."""
+    for text in request.ips:
+        try:
+            ipaddress.ip_address(text)
+        except ValueError:
+            raise ConfigError(f"ips: {text!r} is not an IP address") from None
+    addresses = list(request.ips)
+    selected: list[str] = []
+    if request.namespaces or request.pods:
+        if identity is None:
+            if not request.ips:
+                raise ConfigError(
+                    "a scope by namespace or pod needs the pods' addresses: set recorder.identity to a "
+                    "`kubectl get pods -A -o json` snapshot, or give the addresses as ips"
+                )
+        else:
+            scope = Scope(namespaces=tuple(request.namespaces), pod_regexes=tuple(request.pods))
+            try:
+                directory = PodDirectory.from_snapshot(identity)
+            except InputError as exc:
+                raise ConfigError(f"recorder.identity: {exc}") from None
+            for pod in directory.pods:
+                if pod.host_network or not pod.ips or not scope.includes(pod):
+                    continue
+                selected.append(f"{pod.namespace}/{pod.name}")
+                addresses.extend(pod.ips)
+            if not addresses:
+                raise ConfigError(f"the scope selects no pod with an address of its own in {identity}")
+    parts = [f"({part})" for part in (_host_terms(addresses), request.filter.strip()) if part]
+    expression = parts[0][1:-1] if len(parts) == 1 else " and ".join(parts)
+    return expression, selected
+
+
+def describe(request: control_pb2.RecordRequest, expression: str) -> str:
+    """The comment a PCAPNG recording carries: trigger and scope."""
+    scope = []
+    for label, values in (
+        ("nodes", request.nodes),
+        ("namespaces", request.namespaces),
+        ("pods", request.pods),
+        ("ips", request.ips),
+    ):
+        if values:
+            scope.append(f"{label}={','.join(values)}")
+    if request.filter:
+        scope.append(f"filter={request.filter!r}")
+    trigger = request.requested_by or "unnamed"
+    if request.reason:
+        trigger += f" ({request.reason})"
+    return (
+        f"trawl recording; trigger: {trigger}; scope: {' '.join(scope) or 'everything'}; "
+        f"expression: {expression or '<none>'}; duration: {request.duration_s}s"
+    )
+
+
+@dataclass
+class _Output:
+    partial: Path
+    final: Path
+    handle: BinaryIO
+    digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+
+    def write(self, data: bytes) -> None:
+        self.handle.write(data)
+        self.digest.update(data)
+
+
+class Recording:
+    """One recording's file(s): packets in, sealed files out."""
+
+    def __init__(
+        self,
+        recording_id: str,
+        request: control_pb2.RecordRequest,
+        expression: str,
+        selected_pods: list[str],
+        directory: Path,
+        file_format: str,
+        now: float,
+    ) -> None:
+        self.id = recording_id
+        self.request = request
+        self.filter = PacketFilter(expression)
+        self.selected_pods = selected_pods
+        self.directory = directory
+        self.format = file_format
+        self.nodes = frozenset(request.nodes)
+        self.started_at = now
+        self.ends_at = now + request.duration_s
+        self.state = "recording"
+        self.error = ""
+        self.packets = 0
+        self.lookback_packets = 0
+        self.files: list[Path] = []
+        self._outputs: dict[tuple[int, bool], _Output] = {}
+        self._interfaces: dict[tuple[str, int, bool], int] = {}
+        self._unfiltered_link_types: set[int] = set()
+
+    def offer(self, packet: Packet) -> bool:
+        """Write the packet when it is in scope; True when written."""
+        if self.nodes and packet.node not in self.nodes:
+            return False
+        if packet.link_type in self._unfiltered_link_types:
+            return False
+        try:
+            if not self.filter.accepts(packet):
+                return False
+        except ConfigError as exc:
+            # A link type libpcap cannot compile this filter for: those packets are left out,
+            # and the recording says so.
+            self._unfiltered_link_types.add(packet.link_type)
+            self.error = f"link type {packet.link_type} left out: {exc}"
+            log.warning("recording_link_type_skipped", recording=self.id, link_type=packet.link_type, error=str(exc))
+            return False
+        if self.format == "pcapng":
+            self._write_pcapng(packet)
+        else:
+            self._write_pcap(packet)
+        self.packets += 1
+        return True
+
+    def _open(self, suffix: str) -> _Output:
+        final = self.directory / f"{self.id}{suffix}"
+        partial = final.with_name(final.name + ".partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        return _Output(partial, final, os.fdopen(fd, "wb"))
+
+    def _write_pcap(self, packet: Packet) -> None:
+        key = (packet.link_type, packet.nanosecond)
+        output = self._outputs.get(key)
+        if output is None:
+            suffix = ".pcap" if not self._outputs else f"-{len(self._outputs) + 1}.pcap"
+            output = self._open(suffix)
+            output.write(global_header(packet.link_type, packet.snaplen, packet.nanosecond))
+            self._outputs[key] = output
+        output.write(pack_record(packet.ts_ns, packet.data, packet.orig_len, packet.nanosecond))
+
+    def _write_pcapng(self, packet: Packet) -> None:
+        output = self._outputs.get((0, False))
+        if output is None:
+            output = self._open(".pcapng")
+            comment = describe(self.request, self.filter.expression)
+            shb = pcapng.SectionHeaderBlockLE(
+                opts=[
+                    pcapng.PcapngOptionLE(code=pcapng.PCAPNG_OPT_COMMENT, text=comment),
+                    pcapng.PcapngOptionLE(code=pcapng.PCAPNG_OPT_SHB_USERAPPL, data=b"trawl recorder"),
+                    pcapng.PcapngOptionLE(code=pcapng.PCAPNG_OPT_ENDOFOPT),
+                ]
+            )
+            output.write(bytes(shb))
+            self._outputs[(0, False)] = output
+        key = (packet.node, packet.link_type, packet.nanosecond)
+        interface = self._interfaces.get(key)
+        if interface is None:
+            interface = len(self._interfaces)
+            options = [pcapng.PcapngOptionLE(code=pcapng.PCAPNG_OPT_IF_NAME, data=packet.node.encode())]
+            if packet.nanosecond:
+                options.append(pcapng.PcapngOptionLE(code=pcapng.PCAPNG_OPT_IF_TSRESOL, data=_TSRESOL_NS))
+            options.append(pcapng.PcapngOptionLE(code=pcapng.PCAPNG_OPT_ENDOFOPT))
+            idb = pcapng.InterfaceDescriptionBlockLE(linktype=packet.link_type, snaplen=packet.snaplen, opts=options)
+            output.write(bytes(idb))
+            self._interfaces[key] = interface
+        # Timestamps in the interface's resolution: nanoseconds or the default microseconds.
+        ticks = packet.ts_ns if packet.nanosecond else packet.ts_ns // 1000
+        data = packet.data
+        epb = pcapng.EnhancedPacketBlockLE(
+            iface_id=interface,
+            ts_high=ticks >> 32,
+            ts_low=ticks & 0xFFFFFFFF,
+            caplen=len(data),
+            pkt_len=packet.orig_len,
+            pkt_data=data,
+        )
+        output.write(bytes(epb))
+
+    def seal(self, state: str) -> list[Path]:
+        """Close, fsync and seal the files (read-only, in SHA256SUMS); the recording is done."""
+        manifest = self.directory / "SHA256SUMS"
+        for output in self._outputs.values():
+            output.handle.flush()
+            os.fsync(output.handle.fileno())
+            output.handle.close()
+            self.files.append(publish_sealed(output.partial, output.final, output.digest.hexdigest(), manifest))
+        self._outputs.clear()
+        self.state = state
+        files = [str(path) for path in self.files]
+        log.info("recording_done", recording=self.id, state=state, packets=self.packets, files=files)
+        return self.files
+
+    def describe(self) -> control_pb2.Recording:
+        return control_pb2.Recording(
+            id=self.id,
+            state=self.state,
+            request=self.request,
+            expression=self.filter.expression,
+            selected_pods=self.selected_pods,
+            started_at_ns=int(self.started_at * _NS_PER_S),
+            ends_at_ns=int(self.ends_at * _NS_PER_S),
+            packets=self.packets,
+            lookback_packets=self.lookback_packets,
+            files=[str(path) for path in self.files],
+            error=self.error,
+        )
+
+
+class Recordings:
+    """The recordings of one recorder: started from requests, fed every packet, ended by time."""
+
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        file_format: str,
+        lookback: Lookback,
+        identity: Path | None,
+        max_active: int,
+        metrics: Registry,
+    ) -> None:
+        self.directory = directory
+        self.format = file_format
+        self.lookback = lookback
+        self.identity = identity
+        self.max_active = max_active
+        self.active: dict[str, Recording] = {}
+        self.done: dict[str, Recording] = {}
+        self._started = metrics.counter("trawl_recorder_recordings_started_total", "Recordings started, by trigger")
+        self._refused = metrics.counter("trawl_recorder_recordings_refused_total", "Recording requests refused")
+        self._packets = metrics.counter("trawl_recorder_recording_packets_total", "Packets written to recordings")
+        self._failed = metrics.counter("trawl_recorder_recording_errors_total", "Recordings ended by a file error")
+
+    def start(self, request: control_pb2.RecordRequest, now: float) -> Recording:
+        """Start a recording with the look-back in it; ConfigError (the reason) when refused."""
+        try:
+            if request.duration_s <= 0:
+                raise ConfigError("duration_s must be more than 0")
+            if len(self.active) >= self.max_active:
+                raise ConfigError(f"{self.max_active} recordings are running (recorder.max_recordings)")
+            file_format = request.format or self.format
+            if file_format not in ("pcap", "pcapng"):
+                raise ConfigError(f"format {file_format!r}: use pcap or pcapng")
+            expression, selected = scope_expression(request, self.identity)
+            recording_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
+            self.directory.mkdir(parents=True, exist_ok=True)
+            recording = Recording(recording_id, request, expression, selected, self.directory, file_format, now)
+            # Compile now for the usual link types, so a bad filter is refused in the reply.
+            recording.filter.check((1, 276) if expression else ())
+        except ConfigError as exc:
+            self._refused.inc()
+            log.warning("recording_refused", requested_by=request.requested_by, error=str(exc))
+            raise
+        try:
+            for packet in self.lookback.packets(recording.nodes):
+                if recording.offer(packet):
+                    recording.lookback_packets += 1
+        except OSError as exc:
+            self._fail(recording, exc)
+            return recording
+        self._packets.inc(recording.lookback_packets)
+        self.active[recording.id] = recording
+        self._started.inc(trigger=request.requested_by.partition(":")[0] or "unnamed")
+        log.info(
+            "recording_started",
+            recording=recording.id,
+            requested_by=request.requested_by,
+            expression=expression,
+            duration_s=request.duration_s,
+            lookback_packets=recording.lookback_packets,
+        )
+        return recording
+
+    def feed(self, batch: packets_pb2.PacketBatch) -> None:
+        """Hold the batch's packets in the look-back and hand them to the running recordings.
+        ValueError when its records are malformed (nothing of it is kept)."""
+        if not self.lookback.enabled and not self.active:
+            return
+        packets = packets_of(batch)
+        for packet in packets:
+            self.lookback.add(packet)
+        for recording in list(self.active.values()):
+            written = 0
+            try:
+                for packet in packets:
+                    written += recording.offer(packet)
+            except OSError as exc:
+                self._fail(recording, exc)
+            self._packets.inc(written)
+
+    def expire(self, now: float) -> list[Recording]:
+        """Seal the recordings whose duration has passed."""
+        ended = [r for r in self.active.values() if now >= r.ends_at]
+        for recording in ended:
+            self._end(recording, "sealed")
+        return ended
+
+    def stop(self, recording_id: str) -> Recording:
+        recording = self.active.get(recording_id)
+        if recording is None:
+            if recording_id in self.done:
+                return self.done[recording_id]
+            raise ConfigError(f"no recording {recording_id!r}")
+        self._end(recording, "stopped")
+        return recording
+
+    def stop_all(self, state: str = "stopped") -> None:
+        for recording in list(self.active.values()):
+            self._end(recording, state)
+
+    def get(self, recording_id: str) -> Recording:
+        recording = self.active.get(recording_id) or self.done.get(recording_id)
+        if recording is None:
+            raise ConfigError(f"no recording {recording_id!r}")
+        return recording
+
+    def all(self) -> list[Recording]:
+        return sorted([*self.done.values(), *self.active.values()], key=lambda r: (r.started_at, r.id))
+
+    def _end(self, recording: Recording, state: str) -> None:
+        del self.active[recording.id]
+        try:
+            recording.seal(state)
+        except OSError as exc:
+            self._fail(recording, exc)
+            return
+        self._remember(recording)
+
+    def _remember(self, recording: Recording) -> None:
+        # Ended recordings are listed until KEEP_DONE newer ones have ended (their files stay).
+        self.done[recording.id] = recording
+        while len(self.done) > KEEP_DONE:
+            del self.done[next(iter(self.done))]
+
+    def _fail(self, recording: Recording, exc: OSError) -> None:
+        self._failed.inc()
+        self.active.pop(recording.id, None)
+        recording.state = "failed"
+        recording.error = str(exc)
+        self._remember(recording)
+        log.error("recording_failed", recording=recording.id, error=str(exc))
