@@ -209,7 +209,11 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     log.info("recorder_resumed", consumer=reader.durable, after=resume_after, sequences=gaps.sequences)
 
     async def on_control(msg: Any) -> None:
-        reply = answer(recordings, msg.data, time.time())
+        try:
+            reply = answer(recordings, msg.data, time.time())
+        except Exception as exc:  # the asker gets an answer, the recorder goes on
+            log.exception("record_control_failed")
+            reply = control_pb2.RecordReply(error=f"the recorder failed: {exc}")
         if msg.reply:
             await ctx.bus.nc.publish(msg.reply, reply.SerializeToString())
 

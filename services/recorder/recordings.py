@@ -2,9 +2,9 @@
 
 Every packet the recorder reads is kept for a while in a `Lookback` per node: the packets of the
 last `lookback_s` in the packets' own timestamps (a replayed capture's look-back is its own 30 s,
-not the replay's), at most `lookback_bytes` per node; a packet pushed out by the byte bound before
-its time is counted (`trawl_recorder_lookback_dropped_total{reason="bytes"}`), one that ages out
-is counted under reason "age".
+not the replay's), at most `lookback_bytes` per node, held as the batches came; packets pushed
+out by the byte bound before their time are counted (`trawl_recorder_lookback_dropped_total`
+with reason "bytes"), those that age out with reason "age".
 
 A `Recording` is asked for with a RecordRequest. Its scope becomes one libpcap expression: the
 addresses of the pods selected by namespace and name regex (from the identity snapshot, as the
@@ -56,7 +56,7 @@ _TSRESOL_NS = b"\x09"  # if_tsresol: 10^-9 s
 KEEP_DONE = 1000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Packet:
     """One captured packet and where it came from."""
 
@@ -82,46 +82,103 @@ def packets_of(batch: packets_pb2.PacketBatch) -> list[Packet]:
     ]
 
 
+def batch_extent(batch: packets_pb2.PacketBatch) -> tuple[int, int]:
+    """(packets, newest timestamp in ns) of a batch, walking only the record headers; ValueError
+    when a record runs past the end."""
+    payload = batch.records
+    scale = 1 if batch.nanosecond else 1000
+    unpack = RECORD_HEADER.unpack_from
+    header = RECORD_HEADER.size
+    offset = 0
+    end = len(payload)
+    count = 0
+    newest = 0
+    while offset < end:
+        if offset + header > end:
+            raise ValueError(f"truncated pcap record header at offset {offset}")
+        seconds, fraction, incl_len, _ = unpack(payload, offset)
+        offset += header + incl_len
+        if offset > end:
+            raise ValueError(f"pcap record claims {incl_len} bytes past the end of the batch")
+        newest = max(newest, seconds * _NS_PER_S + fraction * scale)
+        count += 1
+    return count, newest
+
+
+@dataclass(slots=True)
+class _HeldBatch:
+    batch: packets_pb2.PacketBatch
+    packets: int
+    newest_ns: int
+
+
 class Lookback:
-    """The last `seconds` of packets per node (in packet time), at most `max_bytes` per node."""
+    """The last `seconds` of packets per node (in packet time), at most `max_bytes` per node.
+
+    Batches are held whole, as they came (splitting every packet out costs more than all the
+    rest of the recorder): a batch leaves once its newest packet is older than the window
+    (its packets counted as reason "age") or to keep the node under `max_bytes` (reason "bytes");
+    a recording takes, from the batches held, the packets inside the window."""
 
     def __init__(self, seconds: float, max_bytes: int, metrics: Registry) -> None:
         self.window_ns = int(seconds * _NS_PER_S)
         self.max_bytes = max_bytes
-        self._held: dict[str, deque[Packet]] = {}
+        self._held: dict[str, deque[_HeldBatch]] = {}
         self._bytes: dict[str, int] = {}
+        self._newest: dict[str, int] = {}
         self._dropped = metrics.counter(
             "trawl_recorder_lookback_dropped_total", "Packets that left the look-back: aged out, or for its byte bound"
         )
-        self._held_bytes = metrics.gauge("trawl_recorder_lookback_bytes", "Bytes held in the look-back")
+        self._held_bytes = metrics.gauge(
+            "trawl_recorder_lookback_bytes", "Bytes of packet records held in the look-back"
+        )
 
     @property
     def enabled(self) -> bool:
         return self.window_ns > 0 and self.max_bytes > 0
 
-    def add(self, packet: Packet) -> None:
+    def add(self, batch: packets_pb2.PacketBatch) -> None:
+        """Hold a batch, letting go of those past the window or the bound; ValueError when its
+        records are malformed (it is not held)."""
         if not self.enabled:
             return
-        held = self._held.setdefault(packet.node, deque())
-        held.append(packet)
-        size = self._bytes.get(packet.node, 0) + packet.size
-        oldest_kept = packet.ts_ns - self.window_ns
-        while held and held[0].ts_ns < oldest_kept:
-            size -= held.popleft().size
-            self._dropped.inc(node=packet.node, reason="age")
+        packets, newest_ns = batch_extent(batch)
+        if not packets:
+            return
+        node = batch.node
+        held = self._held.setdefault(node, deque())
+        held.append(_HeldBatch(batch, packets, newest_ns))
+        newest = self._newest[node] = max(self._newest.get(node, 0), newest_ns)
+        size = self._bytes.get(node, 0) + len(batch.records)
+        oldest_kept = newest - self.window_ns
+        aged = 0
+        while held and held[0].newest_ns < oldest_kept:
+            gone = held.popleft()
+            size -= len(gone.batch.records)
+            aged += gone.packets
+        pushed = 0
         while size > self.max_bytes and held:
-            size -= held.popleft().size
-            self._dropped.inc(node=packet.node, reason="bytes")
-        self._bytes[packet.node] = size
+            gone = held.popleft()
+            size -= len(gone.batch.records)
+            pushed += gone.packets
+        if aged:
+            self._dropped.inc(aged, node=node, reason="age")
+        if pushed:
+            self._dropped.inc(pushed, node=node, reason="bytes")
+        self._bytes[node] = size
         self._held_bytes.set(sum(self._bytes.values()))
 
     def packets(self, nodes: frozenset[str]) -> list[Packet]:
-        """The packets held for these nodes (all nodes when empty), oldest first per node."""
-        chosen = [held for node, held in self._held.items() if not nodes or node in nodes]
-        merged = [packet for held in chosen for packet in held]
-        if len(chosen) > 1:
-            merged.sort(key=lambda packet: packet.ts_ns)
-        return merged
+        """The packets inside the window for these nodes (all nodes when empty), oldest first."""
+        chosen: list[Packet] = []
+        for node, held in self._held.items():
+            if nodes and node not in nodes:
+                continue
+            oldest_kept = self._newest[node] - self.window_ns
+            for entry in held:
+                chosen.extend(packet for packet in packets_of(entry.batch) if packet.ts_ns >= oldest_kept)
+        chosen.sort(key=lambda packet: packet.ts_ns)  # stable: equal times keep their order
+        return chosen
 
 
 class PacketFilter:
@@ -174,11 +231,10 @@ def scope_expression(request: control_pb2.RecordRequest, identity: Path | None) 
     selected: list[str] = []
     if request.namespaces or request.pods:
         if identity is None:
-            if not request.ips:
-                raise ConfigError(
-                    "a scope by namespace or pod needs the pods' addresses: set recorder.identity to a "
-                    "`kubectl get pods -A -o json` snapshot, or give the addresses as ips"
-                )
+            raise ConfigError(
+                "a scope by namespace or pod needs the pods' addresses: set recorder.identity to a "
+                "`kubectl get pods -A -o json` snapshot, or give the addresses as ips instead"
+            )
         else:
             scope = Scope(namespaces=tuple(request.namespaces), pod_regexes=tuple(request.pods))
             try:
@@ -437,11 +493,10 @@ class Recordings:
     def feed(self, batch: packets_pb2.PacketBatch) -> None:
         """Hold the batch's packets in the look-back and hand them to the running recordings.
         ValueError when its records are malformed (nothing of it is kept)."""
-        if not self.lookback.enabled and not self.active:
+        self.lookback.add(batch)
+        if not self.active:
             return
         packets = packets_of(batch)
-        for packet in packets:
-            self.lookback.add(packet)
         for recording in list(self.active.values()):
             written = 0
             try:

@@ -6,15 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import nats
-import pytest
 
 from tests.conftest import needs_binary
 from tests.unit.test_recorder_recordings import POD_A, SECOND, T0, batch_of, read_back, traffic, tshark_fields
-from trawl import cli
 from trawl.bus import Bus, control_subject, packets_subject
 from trawl.recorder.config import RecorderSettings
 from trawl.recorder.control import RECORD_SUBJECT
@@ -51,24 +50,25 @@ async def publish(client: nats.NATS, packets: list[tuple[int, bytes, bool]], fir
     return sequence
 
 
-async def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    capsys.readouterr()
-    code = await asyncio.to_thread(cli.main, list(argv))
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+async def run_cli(*argv: str) -> tuple[int, str, str]:
+    """The `trawl` command in a process of its own, as a user runs it."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "trawl.cli", *argv, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
 
 
 def json_line(out: str) -> dict[str, object]:
-    """The command's one JSON line (the recorder running in this process logs to stdout too)."""
+    """The one recording the command printed as JSON."""
     [line] = [line for line in out.splitlines() if line.startswith('{"')]
     document: dict[str, object] = json.loads(line)
     return document
 
 
 @needs_binary("tshark")
-async def test_trawl_record_start_stop_get_with_the_lookback(
-    nats_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_trawl_record_start_stop_get_with_the_lookback(nats_url: str, tmp_path: Path) -> None:
     client = await nats.connect(nats_url)
     ready = await client.subscribe(control_subject("ready", "recorder", "rec-1"))
     ctx, task = await start_recorder(nats_url, tmp_path / "rec")
@@ -79,7 +79,6 @@ async def test_trawl_record_start_stop_get_with_the_lookback(
         sequence = await publish(client, before, 1)
         await until(lambda: packets_written() == 60, "the first 60 packets")
         code, out, err = await run_cli(
-            capsys,
             *("record", "start", "--nats-url", nats_url, "--ip", POD_A[1], "--filter", "tcp port 80"),
             *("--duration", "10m", "--reason", "incident 7", "--json"),
         )
@@ -90,14 +89,14 @@ async def test_trawl_record_start_stop_get_with_the_lookback(
         assert started["expression"] == f"(ip host {POD_A[1]}) and (tcp port 80)"
         await publish(client, after, sequence)
         await until(lambda: packets_written() == 80, "the next 20 packets")
-        code, out, _ = await run_cli(capsys, "record", "list", "--nats-url", nats_url)
+        code, out, _ = await run_cli("record", "list", "--nats-url", nats_url)
         assert code == 0
         assert f"{started['id']}  recording" in out
         assert "25 packets (15 from the look-back)  by cli" in out
-        code, out, _ = await run_cli(capsys, "record", "stop", started["id"], "--nats-url", nats_url, "--json")
+        code, out, _ = await run_cli("record", "stop", started["id"], "--nats-url", nats_url, "--json")
         assert code == 0
         assert json_line(out)["state"] == "stopped"
-        code, out, _ = await run_cli(capsys, "record", "get", started["id"], "--nats-url", nats_url, "--json")
+        code, out, _ = await run_cli("record", "get", started["id"], "--nats-url", nats_url, "--json")
         files = json_line(out)["files"]
         assert isinstance(files, list)
         [path] = [Path(p) for p in files]
@@ -118,20 +117,20 @@ async def test_trawl_record_start_stop_get_with_the_lookback(
     assert read_back(continuous) == [(ts // 1000, frame) for ts, frame, _ in before + after]
 
 
-async def test_refusals_come_back_as_errors(nats_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+async def test_refusals_come_back_as_errors(nats_url: str, tmp_path: Path) -> None:
     client = await nats.connect(nats_url)
     ready = await client.subscribe(control_subject("ready", "recorder", "rec-1"))
     ctx, task = await start_recorder(nats_url, tmp_path / "rec")
     try:
         await ready.next_msg(timeout=10)
-        code, _, err = await run_cli(capsys, "record", "start", "--nats-url", nats_url, "--pods", "^api-")
+        code, _, err = await run_cli("record", "start", "--nats-url", nats_url, "--pods", "^api-")
         assert code == 2
         assert "set recorder.identity" in err
-        code, _, err = await run_cli(capsys, "record", "stop", "nope", "--nats-url", nats_url)
+        code, _, err = await run_cli("record", "stop", "nope", "--nats-url", nats_url)
         assert (code, err.strip()) == (2, "trawl record: no recording 'nope'")
         reply = await client.request(RECORD_SUBJECT, b"\xff\xff", timeout=5)
         assert "not a RecordControl message" in control_pb2.RecordReply.FromString(reply.data).error
-        code, out, _ = await run_cli(capsys, "record", "list", "--nats-url", nats_url)
+        code, out, _ = await run_cli("record", "list", "--nats-url", nats_url)
         assert (code, out) == (0, "no recordings\n")
     finally:
         ctx.stopping.set()
@@ -140,8 +139,8 @@ async def test_refusals_come_back_as_errors(nats_url: str, tmp_path: Path, capsy
         await client.close()
 
 
-async def test_no_recorder_answers(nats_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = await run_cli(capsys, "record", "list", "--nats-url", nats_url, "--timeout-s", "1")
+async def test_no_recorder_answers(nats_url: str) -> None:
+    code, _, err = await run_cli("record", "list", "--nats-url", nats_url, "--timeout-s", "1")
     assert code == 2
     assert "no recorder answers on trawl.v1.control.record" in err
 

@@ -7,15 +7,19 @@ import hashlib
 import json
 import stat
 import subprocess
+import tempfile
 from pathlib import Path
 
 import dpkt
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from tests.conftest import needs_binary
 from trawl.errors import ConfigError
 from trawl.metrics import Registry
 from trawl.pcap import pack_record
+from trawl.recorder.main import answer
 from trawl.recorder.recordings import Lookback, Recordings, describe
 from trawl.v1 import control_pb2, packets_pb2
 
@@ -135,12 +139,15 @@ def test_lookback_and_scope_in_a_pcapng_recording(tmp_path: Path, nanosecond: bo
 def test_lookback_byte_bound_drops_are_counted(tmp_path: Path) -> None:
     recordings, metrics = make_recordings(tmp_path, seconds=3600, max_bytes=10 * 100)
     packets = traffic(0, 40)
-    recordings.feed(batch_of(packets))
+    for index in range(0, 40, 2):
+        recordings.feed(batch_of(packets[index : index + 2]))
     held = recordings.lookback.packets(frozenset())
-    assert held and sum(p.size for p in held) <= 1000
+    # Whole batches of two leave, oldest first, until the rest fits in 1000 bytes.
+    assert 2 <= len(held) < 40 and len(held) % 2 == 0
+    assert sum(p.size for p in held) <= 1000 < sum(p.size for p in held) + 2 * held[0].size
     assert [p.data for p in held] == [frame for _, frame, _ in packets[-len(held) :]]
     dropped = metrics.counter("trawl_recorder_lookback_dropped_total", "")
-    assert dropped.total() == 40 - len(held)
+    assert dropped.values == {(("node", "node-a"), ("reason", "bytes")): 40 - len(held)}
     assert metrics.snapshot()["trawl_recorder_lookback_bytes"] == sum(p.size for p in held)
 
 
@@ -227,3 +234,58 @@ def test_describe_names_trigger_and_scope() -> None:
     text = describe(request, "ip host 10.1.0.9")
     assert text.startswith("trawl recording; trigger: alerter:errors (5xx burst); scope: namespaces=shop pods=^api-;")
     assert "expression: ip host 10.1.0.9; duration: 60s" in text
+
+
+@given(data=st.binary(max_size=200))
+def test_any_bytes_on_the_control_subject_get_a_reply(data: bytes) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        recordings, _ = make_recordings(Path(directory))
+        reply = answer(recordings, data, now=0.0)
+        if reply.error:
+            assert not reply.recordings and not reply.recording_id
+            assert recordings.active == {}
+            return
+        # Not refused: the bytes parsed as a RecordControl, and the reply fits its action.
+        action = control_pb2.RecordControl.FromString(data).WhichOneof("action")
+        if action == "list":
+            assert reply.recording_id == ""
+        else:
+            assert action == "start"  # stop and get of an id never started are refused
+            [recording] = reply.recordings
+            assert recording.id == reply.recording_id and recording.id in recordings.active
+
+
+_text = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
+
+
+@given(
+    namespaces=st.lists(_text, max_size=2),
+    pods=st.lists(_text, max_size=2),
+    ips=st.lists(st.one_of(st.ip_addresses().map(str), _text), max_size=2),
+    expression=st.one_of(_text, st.sampled_from(["tcp", "port 80", "ip host 10.1.0.9", "tcp and", "udp or ("])),
+    file_format=st.sampled_from(["", "pcap", "pcapng", "x"]),
+)
+def test_any_request_is_recorded_or_refused_with_a_reason(
+    namespaces: list[str], pods: list[str], ips: list[str], expression: str, file_format: str
+) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        identity = write_identity(Path(directory) / "pods.json")
+        recordings, _ = make_recordings(Path(directory), identity=identity)
+        recordings.feed(batch_of(traffic(0, 4)))
+        request = control_pb2.RecordRequest(
+            namespaces=namespaces, pods=pods, ips=ips, filter=expression, format=file_format, duration_s=5
+        )
+        try:
+            recording = recordings.start(request, now=0.0)
+        except ConfigError as exc:
+            reason = str(exc)
+            recording = None
+        if recording is None:
+            assert reason and recordings.active == {}
+            return
+        recordings.feed(batch_of(traffic(4, 4)))
+        recordings.stop(recording.id)
+        assert recording.state == "stopped"
+        for path in recording.files:
+            assert len(read_back(path)) <= recording.packets
+        assert sum(len(read_back(path)) for path in recording.files) == recording.packets
