@@ -289,3 +289,36 @@ def test_any_request_is_recorded_or_refused_with_a_reason(
         for path in recording.files:
             assert len(read_back(path)) <= recording.packets
         assert sum(len(read_back(path)) for path in recording.files) == recording.packets
+
+
+@needs_binary("tshark")
+def test_pcapng_holds_an_interface_per_node_and_link_type(tmp_path: Path) -> None:
+    recordings, _ = make_recordings(tmp_path)
+    packets = traffic(0, 4)
+    recordings.feed(batch_of(packets[:2], node="node-a"))
+    recordings.feed(batch_of(packets[2:], node="node-b"))  # not in the recording's nodes
+    recording = recordings.start(control_pb2.RecordRequest(requested_by="cli", nodes=["node-a"], duration_s=5), now=0.0)
+    raw = packets_pb2.PacketBatch(  # LINKTYPE_RAW, nanosecond: a second interface
+        node="node-a",
+        link_type=101,
+        snaplen=65535,
+        nanosecond=True,
+        records=pack_record(T0 + 5 * SECOND + 7, packets[0][1][14:], nanosecond=True),
+    )
+    recordings.feed(raw)
+    recordings.feed(batch_of(packets[2:], node="node-b"))
+    recordings.expire(5.0)
+    [path] = recording.files
+    assert recording.lookback_packets == 2 and recording.packets == 3
+    rows = tshark_fields(path, "frame.interface_id", "frame.interface_name", "frame.time_epoch", "ip.src")
+    assert rows == [
+        ["0", "node-a", "1700000000.001234000", POD_A[0]],  # microseconds on the Ethernet interface
+        ["0", "node-a", "1700000001.001234000", OTHER[0]],
+        ["1", "node-a", "1700000005.000000007", POD_A[0]],
+    ]
+    info = subprocess.run(["capinfos", str(path)], check=True, capture_output=True, text=True).stdout
+    assert "File encapsulation:  Per packet" in info
+    assert "Number of interfaces in file: 2" in info
+    assert "Encapsulation = Ethernet (1 - ether)" in info
+    assert "Encapsulation = Raw IP (7 - rawip)" in info
+    assert "Time precision = nanoseconds (9)" in info
