@@ -146,6 +146,8 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         identity=settings.identity,
         max_active=settings.max_recordings,
         metrics=ctx.metrics,
+        max_age_s=settings.retention.max_age_s,
+        max_total_bytes=settings.retention.max_total_bytes,
     )
     schedules = [Schedule(schedule, time.time()) for schedule in settings.schedules]
 
@@ -237,6 +239,7 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         if since_retention >= RETENTION_INTERVAL_S:
             since_retention = 0.0
             writer.apply_retention()
+            recordings.apply_retention(time.time())
     # Stop reading (the batch in hand is written and checkpointed), then seal: a stopped
     # recorder leaves only sealed files, and the next one resumes after the checkpoint.
     if control is not None:

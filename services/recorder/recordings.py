@@ -30,6 +30,7 @@ import ctypes
 import hashlib
 import ipaddress
 import os
+import re
 import secrets
 import time
 from collections import deque
@@ -45,7 +46,7 @@ from trawl.errors import ConfigError, InputError
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.pcap import RECORD_HEADER, global_header, iter_records, pack_record
-from trawl.recorder.writer import DEFAULT_SNAPLEN, publish_sealed
+from trawl.recorder.writer import DEFAULT_SNAPLEN, delete_oldest, publish_sealed
 from trawl.v1 import control_pb2, packets_pb2
 
 log = get_logger(__name__)
@@ -54,6 +55,8 @@ ON_DEMAND_DIRECTORY = "on-demand"
 _NS_PER_S = 1_000_000_000
 _TSRESOL_NS = b"\x09"  # if_tsresol: 10^-9 s
 KEEP_DONE = 1000
+# What recordings name their sealed files; retention only ever touches files with this shape.
+RECORDING_NAME = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}(?:-\d+)?\.pcap(?:ng)?$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,8 +440,12 @@ class Recordings:
         identity: Path | None,
         max_active: int,
         metrics: Registry,
+        max_age_s: float | None = None,
+        max_total_bytes: int | None = None,
     ) -> None:
         self.directory = directory
+        self.max_age_s = max_age_s
+        self.max_total_bytes = max_total_bytes
         self.format = file_format
         self.lookback = lookback
         self.identity = identity
@@ -449,6 +456,8 @@ class Recordings:
         self._refused = metrics.counter("trawl_recorder_recordings_refused_total", "Recording requests refused")
         self._packets = metrics.counter("trawl_recorder_recording_packets_total", "Packets written to recordings")
         self._failed = metrics.counter("trawl_recorder_recording_errors_total", "Recordings ended by a file error")
+        self._deleted = metrics.counter("trawl_recorder_files_deleted_total", "Sealed files deleted by retention")
+        self._errors = metrics.counter("trawl_recorder_write_errors_total", "File system errors while recording")
 
     def start(self, request: control_pb2.RecordRequest, now: float) -> Recording:
         """Start a recording with the look-back in it; ConfigError (the reason) when refused."""
@@ -535,6 +544,24 @@ class Recordings:
     def all(self) -> list[Recording]:
         return sorted([*self.done.values(), *self.active.values()], key=lambda r: (r.started_at, r.id))
 
+    def apply_retention(self, now: float) -> list[Path]:
+        """Delete sealed recordings, oldest first, past the retention's age or total size (the
+        recorder's `retention` applies to this directory on its own)."""
+        if (self.max_age_s is None and self.max_total_bytes is None) or not self.directory.is_dir():
+            return []
+        deleted, errors = delete_oldest(
+            self.directory,
+            RECORDING_NAME,
+            max_age_s=self.max_age_s,
+            max_total_bytes=self.max_total_bytes,
+            now=now,
+        )
+        if errors:
+            self._errors.inc(errors)
+        if deleted:
+            self._deleted.inc(len(deleted))
+        return deleted
+
     def _end(self, recording: Recording, state: str) -> None:
         del self.active[recording.id]
         try:
@@ -543,6 +570,7 @@ class Recordings:
             self._fail(recording, exc)
             return
         self._remember(recording)
+        self.apply_retention(time.time())
 
     def _remember(self, recording: Recording) -> None:
         # Ended recordings are listed until KEEP_DONE newer ones have ended (their files stay).

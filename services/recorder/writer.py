@@ -280,38 +280,18 @@ class PcapWriter:
         """Delete sealed files, oldest first, beyond max_age_s or max_total_bytes; returns them."""
         if self.max_age_s is None and self.max_total_bytes is None:
             return []
-        candidates: list[tuple[float, str, Path, int]] = []
-        for path in self.directory.iterdir():
-            if not SEALED_NAME.match(path.name):
-                continue
-            try:
-                stat = path.stat()
-            except FileNotFoundError:
-                continue
-            candidates.append((stat.st_mtime, path.name, path, stat.st_size))
-        candidates.sort()
-        total = sum(size for *_, size in candidates) + sum(f.size for f in self._open.values())
-        now = self.clock()
-        deleted: list[Path] = []
-        for mtime, _, path, size in candidates:
-            too_old = self.max_age_s is not None and now - mtime > self.max_age_s
-            too_big = self.max_total_bytes is not None and total > self.max_total_bytes
-            if not (too_old or too_big):
-                continue
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                self._errors.inc()
-                log.error("recorder_retention_failed", file=str(path), error=str(exc))
-                continue
-            total -= size
-            deleted.append(path)
-            self._deleted.inc()
-            log.info("recording_deleted", file=str(path), bytes=size, reason="age" if too_old else "size")
+        deleted, errors = delete_oldest(
+            self.directory,
+            SEALED_NAME,
+            max_age_s=self.max_age_s,
+            max_total_bytes=self.max_total_bytes,
+            now=self.clock(),
+            open_bytes=sum(f.size for f in self._open.values()),
+        )
+        if errors:
+            self._errors.inc(errors)
         if deleted:
-            self._drop_from_manifest({p.name for p in deleted})
+            self._deleted.inc(len(deleted))
         return deleted
 
     def _start(self, key: FileKey, snaplen: int) -> OpenFile:
@@ -390,26 +370,8 @@ class PcapWriter:
         log.warning("recording_recovered", file=str(final), bytes=good, dropped_bytes=end - good)
         return final
 
-    def _drop_from_manifest(self, names: set[str]) -> None:
-        try:
-            lines = self.manifest.read_text(encoding="utf-8").splitlines(keepends=True)
-        except FileNotFoundError:
-            return
-        kept = [line for line in lines if line.rstrip("\n").partition("  ")[2] not in names]
-        staging = self.manifest.with_name(MANIFEST_NAME + ".tmp")
-        with open(staging, "w", encoding="utf-8") as handle:
-            handle.writelines(kept)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(staging, self.manifest)
-        self._fsync_directory()
-
     def _fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        _fsync_directory(self.directory)
 
     def _fail(self, key: FileKey, exc: OSError) -> None:
         """A file that cannot be written is closed and left partial (recover() seals it later)."""
@@ -430,9 +392,74 @@ def publish_sealed(partial: Path, final: Path, sha256: str, manifest: Path) -> P
         handle.write(f"{sha256}  {final.name}\n")
         handle.flush()
         os.fsync(handle.fileno())
-    fd = os.open(final.parent, os.O_RDONLY)
+    _fsync_directory(final.parent)
+    return final
+
+
+def delete_oldest(
+    directory: Path,
+    sealed_name: re.Pattern[str],
+    *,
+    max_age_s: float | None,
+    max_total_bytes: int | None,
+    now: float,
+    open_bytes: int = 0,
+) -> tuple[list[Path], int]:
+    """Delete the sealed files of `directory` whose names match, oldest first, older than
+    max_age_s or while all of them (and `open_bytes` being written) exceed max_total_bytes, and
+    drop them from its SHA256SUMS; (deleted files, files that could not be deleted)."""
+    candidates: list[tuple[float, str, Path, int]] = []
+    for path in directory.iterdir():
+        if not sealed_name.match(path.name):
+            continue
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            continue
+        candidates.append((stat.st_mtime, path.name, path, stat.st_size))
+    candidates.sort()
+    total = sum(size for *_, size in candidates) + open_bytes
+    deleted: list[Path] = []
+    errors = 0
+    for mtime, _, path, size in candidates:
+        too_old = max_age_s is not None and now - mtime > max_age_s
+        too_big = max_total_bytes is not None and total > max_total_bytes
+        if not (too_old or too_big):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            errors += 1
+            log.error("recorder_retention_failed", file=str(path), error=str(exc))
+            continue
+        total -= size
+        deleted.append(path)
+        log.info("recording_deleted", file=str(path), bytes=size, reason="age" if too_old else "size")
+    if deleted:
+        _drop_from_manifest(directory / MANIFEST_NAME, {p.name for p in deleted})
+    return deleted, errors
+
+
+def _drop_from_manifest(manifest: Path, names: set[str]) -> None:
+    try:
+        lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
+    except FileNotFoundError:
+        return
+    kept = [line for line in lines if line.rstrip("\n").partition("  ")[2] not in names]
+    staging = manifest.with_name(MANIFEST_NAME + ".tmp")
+    with open(staging, "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(staging, manifest)
+    _fsync_directory(manifest.parent)
+
+
+def _fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
-    return final

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import stat
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import dpkt
@@ -322,3 +324,29 @@ def test_pcapng_holds_an_interface_per_node_and_link_type(tmp_path: Path) -> Non
     assert "Encapsulation = Ethernet (1 - ether)" in info
     assert "Encapsulation = Raw IP (7 - rawip)" in info
     assert "Time precision = nanoseconds (9)" in info
+
+
+def test_retention_deletes_old_recordings_and_their_checksums(tmp_path: Path) -> None:
+    metrics = Registry()
+    recordings = Recordings(
+        tmp_path / "on-demand",
+        file_format="pcapng",
+        lookback=Lookback(30, 1 << 20, metrics),
+        identity=None,
+        max_active=4,
+        metrics=metrics,
+        max_age_s=3600,
+    )
+    recordings.feed(batch_of(traffic(0, 4)))
+    old, new = (recordings.start(control_pb2.RecordRequest(duration_s=5), now=0.0) for _ in range(2))
+    recordings.stop(old.id)
+    recordings.stop(new.id)
+    [old_file], [new_file] = old.files, new.files
+    (tmp_path / "on-demand" / "notes.txt").write_text("not a recording")
+    now = time.time()
+    os.utime(old_file, (now - 7200, now - 7200))
+    assert recordings.apply_retention(now) == [old_file]
+    assert not old_file.exists() and new_file.exists() and (tmp_path / "on-demand" / "notes.txt").exists()
+    manifest = (tmp_path / "on-demand" / "SHA256SUMS").read_text()
+    assert manifest == f"{hashlib.sha256(new_file.read_bytes()).hexdigest()}  {new_file.name}\n"
+    assert metrics.counter("trawl_recorder_files_deleted_total", "").total() == 1
