@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from tests.conftest import needs_binary
 from trawl.errors import ConfigError
 from trawl.metrics import Registry
-from trawl.pcap import pack_record
+from trawl.pcap import iter_records, pack_record
 from trawl.recorder.main import answer
 from trawl.recorder.recordings import Lookback, Recordings, describe
 from trawl.v1 import control_pb2, packets_pb2
@@ -350,3 +350,22 @@ def test_retention_deletes_old_recordings_and_their_checksums(tmp_path: Path) ->
     manifest = (tmp_path / "on-demand" / "SHA256SUMS").read_text()
     assert manifest == f"{hashlib.sha256(new_file.read_bytes()).hexdigest()}  {new_file.name}\n"
     assert metrics.counter("trawl_recorder_files_deleted_total", "").total() == 1
+
+
+@given(records=st.binary(max_size=300), nanosecond=st.booleans())
+def test_any_records_are_held_whole_or_refused_with_value_error(records: bytes, nanosecond: bool) -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        recordings, _ = make_recordings(Path(directory), seconds=1e10)  # wider than any 32-bit time
+        recording = recordings.start(control_pb2.RecordRequest(duration_s=5), now=0.0)
+        batch = packets_pb2.PacketBatch(node="n", link_type=1, snaplen=65535, records=records, nanosecond=nanosecond)
+        try:
+            expected = list(iter_records(records, nanosecond))
+        except ValueError:
+            with pytest.raises(ValueError, match=r"past the end|truncated"):
+                recordings.feed(batch)
+            assert recordings.lookback.packets(frozenset()) == [] and recording.packets == 0
+            return
+        recordings.feed(batch)
+        held = recordings.lookback.packets(frozenset())
+        assert sorted((p.ts_ns, p.data, p.orig_len) for p in held) == sorted(expected)
+        assert recording.packets == len(expected)
