@@ -149,6 +149,7 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         max_age_s=settings.retention.max_age_s,
         max_total_bytes=settings.retention.max_total_bytes,
     )
+    recordings.recover()
     schedules = [Schedule(schedule, time.time()) for schedule in settings.schedules]
 
     async def on_batch(data: bytes, stream_seq: int, stored_ns: int) -> None:

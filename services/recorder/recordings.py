@@ -32,6 +32,7 @@ import ipaddress
 import os
 import re
 import secrets
+import struct
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from trawl.collector.scope import PodDirectory, Scope
 from trawl.errors import ConfigError, InputError
 from trawl.logs import get_logger
 from trawl.metrics import Registry
-from trawl.pcap import RECORD_HEADER, global_header, iter_records, pack_record
+from trawl.pcap import GLOBAL_HEADER, RECORD_HEADER, global_header, iter_records, pack_record
 from trawl.recorder.writer import DEFAULT_SNAPLEN, delete_oldest, publish_sealed
 from trawl.v1 import control_pb2, packets_pb2
 
@@ -457,6 +458,9 @@ class Recordings:
         self._packets = metrics.counter("trawl_recorder_recording_packets_total", "Packets written to recordings")
         self._failed = metrics.counter("trawl_recorder_recording_errors_total", "Recordings ended by a file error")
         self._deleted = metrics.counter("trawl_recorder_files_deleted_total", "Sealed files deleted by retention")
+        self._cut = metrics.counter(
+            "trawl_recorder_recovered_bytes_cut_total", "Bytes of incomplete records cut from recordings left partial"
+        )
         self._errors = metrics.counter("trawl_recorder_write_errors_total", "File system errors while recording")
 
     def start(self, request: control_pb2.RecordRequest, now: float) -> Recording:
@@ -544,6 +548,33 @@ class Recordings:
     def all(self) -> list[Recording]:
         return sorted([*self.done.values(), *self.active.values()], key=lambda r: (r.started_at, r.id))
 
+    def recover(self) -> list[Path]:
+        """Seal the files of recordings a killed recorder left partial: cut after their last
+        complete record (pcap) or block (PCAPNG), and count the bytes cut."""
+        sealed: list[Path] = []
+        if not self.directory.is_dir():
+            return sealed
+        for partial in sorted(self.directory.glob("*.partial")):
+            final = partial.with_name(partial.name.removesuffix(".partial"))
+            if not RECORDING_NAME.match(final.name):
+                continue
+            try:
+                data = partial.read_bytes()
+                good = _complete_prefix(data, pcapng_file=final.suffix == ".pcapng")
+                with open(partial, "r+b") as handle:
+                    handle.truncate(good)
+                    os.fsync(handle.fileno())
+                digest = hashlib.sha256(data[:good]).hexdigest()
+                sealed.append(publish_sealed(partial, final, digest, self.directory / "SHA256SUMS"))
+            except OSError as exc:
+                self._errors.inc()
+                log.error("recording_recover_failed", file=str(partial), error=str(exc))
+                continue
+            if good < len(data):
+                self._cut.inc(len(data) - good)
+            log.warning("recording_recovered", file=str(final), bytes=good, dropped_bytes=len(data) - good)
+        return sealed
+
     def apply_retention(self, now: float) -> list[Path]:
         """Delete sealed recordings, oldest first, past the retention's age or total size (the
         recorder's `retention` applies to this directory on its own)."""
@@ -585,3 +616,23 @@ class Recordings:
         recording.error = str(exc)
         self._remember(recording)
         log.error("recording_failed", recording=recording.id, error=str(exc))
+
+
+def _complete_prefix(data: bytes, *, pcapng_file: bool) -> int:
+    """How many leading bytes of a file cut short are whole: its header and complete records
+    (pcap) or complete blocks (PCAPNG, little-endian as the recorder writes it)."""
+    if pcapng_file:
+        good = 0
+        while good + 12 <= len(data):
+            (length,) = struct.unpack_from("<I", data, good + 4)
+            if length < 12 or length % 4 or good + length > len(data):
+                break
+            good += length
+        return good
+    good = GLOBAL_HEADER.size if len(data) >= GLOBAL_HEADER.size else 0
+    while good and good + RECORD_HEADER.size <= len(data):
+        incl_len = RECORD_HEADER.unpack_from(data, good)[2]
+        if good + RECORD_HEADER.size + incl_len > len(data):
+            break
+        good += RECORD_HEADER.size + incl_len
+    return good

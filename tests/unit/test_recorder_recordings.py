@@ -369,3 +369,27 @@ def test_any_records_are_held_whole_or_refused_with_value_error(records: bytes, 
         held = recordings.lookback.packets(frozenset())
         assert sorted((p.ts_ns, p.data, p.orig_len) for p in held) == sorted(expected)
         assert recording.packets == len(expected)
+
+
+@needs_binary("tshark")
+@pytest.mark.parametrize("fmt", ["pcap", "pcapng"])
+def test_a_recording_left_partial_is_cut_to_whole_blocks_and_sealed(tmp_path: Path, fmt: str) -> None:
+    first, _ = make_recordings(tmp_path, fmt=fmt)
+    recording = first.start(control_pb2.RecordRequest(duration_s=60), now=0.0)
+    packets = traffic(0, 6)
+    first.feed(batch_of(packets))
+    [partial] = (tmp_path / "on-demand").glob("*.partial")
+    for output in recording._outputs.values():  # what a killed process leaves: its writes, files closed
+        output.handle.close()
+    whole = partial.stat().st_size
+    with open(partial, "ab") as handle:  # and the start of a block it did not finish
+        handle.write(b"\x06\x00\x00\x00\x40\x00\x00\x00\x00\x00" if fmt == "pcapng" else b"\x01\x02\x03\x04\x05")
+    second, metrics = make_recordings(tmp_path, fmt=fmt)
+    [sealed] = second.recover()
+    assert sealed.name == partial.name.removesuffix(".partial") and not partial.exists()
+    assert sealed.stat().st_size == whole
+    assert read_back(sealed) == [(ts // 1000, frame) for ts, frame, _ in packets]
+    assert len(tshark_fields(sealed, "frame.number")) == 6
+    assert metrics.counter("trawl_recorder_recovered_bytes_cut_total", "").total() == (10 if fmt == "pcapng" else 5)
+    manifest = (tmp_path / "on-demand" / "SHA256SUMS").read_text()
+    assert manifest == f"{hashlib.sha256(sealed.read_bytes()).hexdigest()}  {sealed.name}\n"
