@@ -1,6 +1,8 @@
 // TLS plaintext from OpenSSL (1.1, 3.x) and BoringSSL: uprobes at the entry and uretprobes at
-// the return of SSL_read, SSL_write, SSL_read_ex and SSL_write_ex, compiled by bcc at run time
-// (services/collector/tls_uprobes.py loads it and sets the -D values below).
+// the return of SSL_read, SSL_write, SSL_read_ex and SSL_write_ex; and from Go's crypto/tls:
+// uprobes at the entry and at every RET of (*Conn).Write and (*Conn).Read (go_enter,
+// leave_go). Compiled by bcc at run time (services/collector/tls_uprobes.py loads it and sets
+// the -D values below).
 //
 // The entry probe keeps the call's buffer (and, for the _ex forms, where the library writes
 // the byte count) per thread; the return probe reads the bytes the call moved and sends them
@@ -52,6 +54,9 @@
 #define DIRECTION_EGRESS 1
 #define DIRECTION_INGRESS 2
 
+#define LIBRARY_OPENSSL 0
+#define LIBRARY_GO 1
+
 #define FD_UNKNOWN 0xffffffff
 #define TCP_ESTABLISHED 1
 #define PROTO_TCP 6
@@ -88,13 +93,14 @@ struct chunk {
     u8 kind;
     u8 direction;
     u8 has_tuple;
-    u8 pad;
+    u8 library;     // LIBRARY_*
     struct tuple tuple;
     char comm[TASK_COMM_LEN];
     u8 data[CHUNK_MAX];
 };
 
 struct call_args {
+    u64 entry_ns;
     u64 buf;
     u64 ssl;
     u64 count_ptr;  // size_t * of the _ex forms (0 for SSL_read/SSL_write)
@@ -114,6 +120,31 @@ BPF_TABLE("lru_hash", u64, struct tuple, sock_tuples, 131072);
 // (pid << 32 | fd) of the sockets data was sent for, so their close is reported.
 BPF_TABLE("lru_hash", u64, u8, tls_fds, 65536);
 BPF_PERCPU_ARRAY(scratch, struct chunk, 1);
+
+// Go's crypto/tls: a call in flight is keyed by its goroutine (Go may move it to another
+// thread inside the call, and a thread runs many goroutines in turn).
+struct go_key {
+    u64 g;
+    u32 pid;
+    u32 pad;
+};
+struct go_call {
+    u64 entry_ns;
+    u64 sk;
+    u64 conn;
+    u64 buf;
+    u64 len;
+    u32 fd;
+    u8 direction;
+};
+BPF_TABLE("lru_hash", struct go_key, struct go_call, go_calls, CALLS_MAX);
+// Processes that made a hooked Go TLS call: their socket system calls name the kernel socket
+// of each fd (the goroutine's thread at the system call is not known at the uprobe).
+BPF_TABLE("lru_hash", u32, u8, go_pids, 4096);
+// thread -> fd of the read/write/sendto/recvfrom it is inside (Go processes only).
+BPF_TABLE("lru_hash", u32, u32, go_sys_fd, 16384);
+// (pid << 32 | fd) -> kernel socket, for Go processes.
+BPF_TABLE("lru_hash", u64, u64, go_fd_socks, 65536);
 BPF_PERCPU_ARRAY(lost, u64, LOST_SLOTS);
 BPF_PERCPU_ARRAY(since_wakeup, u32, 1);
 
@@ -148,10 +179,93 @@ static __always_inline int enter(struct pt_regs *ctx, u8 direction, int ex) {
     args.count_ptr = ex ? PT_REGS_PARM4(ctx) : 0;
     args.fd = FD_UNKNOWN;
     args.direction = direction;
+    args.entry_ns = bpf_ktime_get_ns();
     if (calls.update(&id, &args) != 0)
         count_lost(LOST_CALLS_TABLE_FULL, 1);
     return 0;
 }
+
+// Sends the `moved` bytes at `buf` of one call as chunks. `conn` names the TLS connection
+// object (the SSL *, or Go's *tls.Conn); fd and sk are what is known of its socket.
+// A write is stamped at its entry, a read at its return: a writer's return can come after
+// the peer has read those bytes and answered (another goroutine or thread reading the answer),
+// and user space orders the chunks by these times.
+static __always_inline int emit(u64 id, u64 conn, u64 buf, u64 moved, u32 fd, u64 sk, u8 direction, u8 library,
+                                u64 entry_ns) {
+    if (moved == 0)
+        return 0;
+    if (moved > 0xffffffff)
+        moved = 0xffffffff;
+    u32 pid = id >> 32;
+    if (fd != FD_UNKNOWN) {
+        u64 key = ((u64)pid << 32) | fd;
+        u8 one = 1;
+        tls_fds.update(&key, &one);
+    }
+
+    int zero = 0;
+    struct chunk *c = scratch.lookup(&zero);
+    if (!c)
+        return 0;
+    c->ts_ns = direction == DIRECTION_EGRESS && entry_ns ? entry_ns : bpf_ktime_get_ns();
+    c->ssl = conn;
+    c->pid = pid;
+    c->tid = (u32)id;
+    c->fd = fd;
+    c->call_len = (u32)moved;
+    c->kind = KIND_DATA;
+    c->direction = direction;
+    c->has_tuple = 0;
+    c->library = library;
+    struct tuple *tuple = sk ? sock_tuples.lookup(&sk) : 0;
+    if (tuple) {
+        c->tuple = *tuple;
+        c->has_tuple = 1;
+    }
+    bpf_get_current_comm(&c->comm, sizeof(c->comm));
+    u32 total = (u32)moved;
+    u32 sent_limit = (u32)CHUNK_MAX * SEGMENTS_MAX;
+    u32 beyond = total > sent_limit ? total - sent_limit : 0;
+    #pragma unroll
+    for (int i = 0; i < SEGMENTS_MAX; i++) {
+        // 64-bit, so that the bound checked is the register the helper gets (no zero extension
+        // in between).
+        u64 offset = (u64)i * CHUNK_MAX;
+        if (offset >= total)
+            break;
+        u64 len = total - offset;
+        if (len > CHUNK_MAX)
+            len = CHUNK_MAX;
+        // clang folds the bound above into the subtraction; the empty asm makes it check the
+        // register the helper gets, which the verifier needs to see bounded.
+        asm volatile("" : "+r"(len));
+        if (len > CHUNK_MAX)
+            break;
+        c->len = (u32)len;
+        c->truncated = (i == SEGMENTS_MAX - 1) ? beyond : 0;
+        if (bpf_probe_read_user(c->data, len, (void *)(buf + offset)) != 0) {
+            // A page of the buffer is not resident (a uprobe cannot fault it in): the rest of
+            // the call goes as a gap of its size, so the dissector resynchronises there.
+            count_lost(LOST_READ_FAULTS, 1);
+            c->len = 0;
+            c->truncated = total - (u32)offset;
+            if (chunks.ringbuf_output(c, offsetof(struct chunk, data), wakeup_flags()) != 0)
+                count_lost(LOST_RING_CHUNKS, 1);
+            return 0;
+        }
+        u64 size = offsetof(struct chunk, data) + len;
+        if (size > sizeof(struct chunk))
+            size = sizeof(struct chunk);
+        if (chunks.ringbuf_output(c, size, wakeup_flags()) != 0) {
+            count_lost(LOST_RING_CHUNKS, 1);
+            count_lost(LOST_RING_BYTES, len);
+        }
+    }
+    if (beyond)
+        count_lost(LOST_TRUNCATED_BYTES, beyond);
+    return 0;
+}
+
 
 static __always_inline int leave(struct pt_regs *ctx, int ex) {
     u64 id = bpf_get_current_pid_tgid();
@@ -176,11 +290,6 @@ static __always_inline int leave(struct pt_regs *ctx, int ex) {
             return 0;
         moved = ret;
     }
-    if (moved == 0)
-        return 0;
-    if (moved > 0xffffffff)
-        moved = 0xffffffff;
-
     u32 fd = call.fd;
     if (fd != FD_UNKNOWN) {
         ssl_fds.update(&call.ssl, &fd);
@@ -197,74 +306,7 @@ static __always_inline int leave(struct pt_regs *ctx, int ex) {
         if (known_sk)
             sk = *known_sk;
     }
-    u32 pid = id >> 32;
-    if (fd != FD_UNKNOWN) {
-        u64 key = ((u64)pid << 32) | fd;
-        u8 one = 1;
-        tls_fds.update(&key, &one);
-    }
-
-    int zero = 0;
-    struct chunk *c = scratch.lookup(&zero);
-    if (!c)
-        return 0;
-    c->ts_ns = bpf_ktime_get_ns();
-    c->ssl = call.ssl;
-    c->pid = pid;
-    c->tid = (u32)id;
-    c->fd = fd;
-    c->call_len = (u32)moved;
-    c->kind = KIND_DATA;
-    c->direction = call.direction;
-    c->has_tuple = 0;
-    struct tuple *tuple = sk ? sock_tuples.lookup(&sk) : 0;
-    if (tuple) {
-        c->tuple = *tuple;
-        c->has_tuple = 1;
-    }
-    bpf_get_current_comm(&c->comm, sizeof(c->comm));
-
-    u32 total = (u32)moved;
-    u32 sent_limit = (u32)CHUNK_MAX * SEGMENTS_MAX;
-    u32 beyond = total > sent_limit ? total - sent_limit : 0;
-    #pragma unroll
-    for (int i = 0; i < SEGMENTS_MAX; i++) {
-        // 64-bit, so that the bound checked is the register the helper gets (no zero extension
-        // in between).
-        u64 offset = (u64)i * CHUNK_MAX;
-        if (offset >= total)
-            break;
-        u64 len = total - offset;
-        if (len > CHUNK_MAX)
-            len = CHUNK_MAX;
-        // clang folds the bound above into the subtraction; the empty asm makes it check the
-        // register the helper gets, which the verifier needs to see bounded.
-        asm volatile("" : "+r"(len));
-        if (len > CHUNK_MAX)
-            break;
-        c->len = (u32)len;
-        c->truncated = (i == SEGMENTS_MAX - 1) ? beyond : 0;
-        if (bpf_probe_read_user(c->data, len, (void *)(call.buf + offset)) != 0) {
-            // A page of the buffer is not resident (a uprobe cannot fault it in): the rest of
-            // the call goes as a gap of its size, so the dissector resynchronises there.
-            count_lost(LOST_READ_FAULTS, 1);
-            c->len = 0;
-            c->truncated = total - (u32)offset;
-            if (chunks.ringbuf_output(c, offsetof(struct chunk, data), wakeup_flags()) != 0)
-                count_lost(LOST_RING_CHUNKS, 1);
-            return 0;
-        }
-        u64 size = offsetof(struct chunk, data) + len;
-        if (size > sizeof(struct chunk))
-            size = sizeof(struct chunk);
-        if (chunks.ringbuf_output(c, size, wakeup_flags()) != 0) {
-            count_lost(LOST_RING_CHUNKS, 1);
-            count_lost(LOST_RING_BYTES, len);
-        }
-    }
-    if (beyond)
-        count_lost(LOST_TRUNCATED_BYTES, beyond);
-    return 0;
+    return emit(id, call.ssl, call.buf, moved, fd, sk, call.direction, LIBRARY_OPENSSL, call.entry_ns);
 }
 
 int enter_read(struct pt_regs *ctx) { return enter(ctx, DIRECTION_INGRESS, 0); }
@@ -274,12 +316,96 @@ int enter_write_ex(struct pt_regs *ctx) { return enter(ctx, DIRECTION_EGRESS, 1)
 int leave_plain(struct pt_regs *ctx) { return leave(ctx, 0); }
 int leave_ex(struct pt_regs *ctx) { return leave(ctx, 1); }
 
+// Go (amd64, register ABI, Go 1.17 and later): func (c *Conn) Write(b []byte) (int, error)
+// and Read alike take c in RAX, b's pointer and length in RBX and RCX, return n in RAX, and
+// the running goroutine (g) is in R14 throughout. The entry can fire twice for one call (the
+// prologue grows the stack and starts the function again): the second entry overwrites the
+// first with the same arguments.
+static __always_inline int go_enter(struct pt_regs *ctx, u8 direction) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32;
+#ifdef SELF_PID
+    if (pid == SELF_PID)
+        return 0;
+#endif
+    struct go_key key = {};
+    key.g = ctx->r14;
+    key.pid = pid;
+    struct go_call call = {};
+    call.conn = ctx->ax;
+    call.buf = ctx->bx;
+    call.len = ctx->cx;
+    call.direction = direction;
+    call.fd = FD_UNKNOWN;
+    call.entry_ns = bpf_ktime_get_ns();
+    // c.conn is a net.Conn (itab, data); for a TCP connection data is a *net.TCPConn, whose
+    // first word is its *netFD, which starts with a poll.FD: a 16-byte fdMutex, then Sysfd.
+    // Stable from Go 1.9 on; anything else gives an fd no TCP socket answers to (counted).
+    u64 data = 0, netfd = 0;
+    s64 sysfd = -1;
+    if (bpf_probe_read_user(&data, sizeof(data), (void *)(call.conn + 8)) == 0 && data &&
+        bpf_probe_read_user(&netfd, sizeof(netfd), (void *)data) == 0 && netfd &&
+        bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(netfd + 16)) == 0 && sysfd >= 0 &&
+        sysfd < 0x7fffffff)
+        call.fd = (u32)sysfd;
+    // The socket as known now: another goroutine may close the fd before this call returns
+    // (Go's HTTP/2 server writes from one goroutine and reads, then closes, from another).
+    if (call.fd != FD_UNKNOWN) {
+        u64 fd_key = ((u64)pid << 32) | call.fd;
+        u64 *known = go_fd_socks.lookup(&fd_key);
+        if (known)
+            call.sk = *known;
+    }
+    u8 one = 1;
+    go_pids.update(&pid, &one);
+    if (go_calls.update(&key, &call) != 0)
+        count_lost(LOST_CALLS_TABLE_FULL, 1);
+    return 0;
+}
+
+int enter_go_write(struct pt_regs *ctx) { return go_enter(ctx, DIRECTION_EGRESS); }
+int enter_go_read(struct pt_regs *ctx) { return go_enter(ctx, DIRECTION_INGRESS); }
+
+// At each RET of the function (no uretprobe: Go moves goroutine stacks, and a uretprobe's
+// rewritten return address would move with them).
+int leave_go(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    struct go_key key = {};
+    key.g = ctx->r14;
+    key.pid = id >> 32;
+    struct go_call *found = go_calls.lookup(&key);
+    if (!found)
+        return 0;
+    struct go_call call = *found;
+    go_calls.delete(&key);
+    s64 ret = (s64)ctx->ax;
+    if (ret <= 0)
+        return 0;
+    u64 moved = (u64)ret;
+    if (moved > call.len)
+        moved = call.len;
+    u64 sk = call.sk;
+    // The first call of a connection does its handshake inside: the socket is named then.
+    if (!sk && call.fd != FD_UNKNOWN) {
+        u64 fd_key = ((u64)key.pid << 32) | call.fd;
+        u64 *known = go_fd_socks.lookup(&fd_key);
+        if (known)
+            sk = *known;
+    }
+    return emit(id, call.conn, call.buf, moved, call.fd, sk, call.direction, LIBRARY_GO, call.entry_ns);
+}
+
 // The fd of a system call made inside an SSL call of the same thread.
 static __always_inline void note_fd(u32 fd) {
     u64 id = bpf_get_current_pid_tgid();
     struct call_args *args = calls.lookup(&id);
     if (args)
         args->fd = fd;
+    u32 pid = id >> 32;
+    if (go_pids.lookup(&pid)) {
+        u32 tid = (u32)id;
+        go_sys_fd.update(&tid, &fd);
+    }
 }
 
 #ifdef HAVE_SOCK_LENGTH
@@ -289,6 +415,13 @@ static __always_inline void note_sock(u64 sk) {
     struct call_args *args = calls.lookup(&id);
     if (args)
         args->sk = sk;
+    u32 tid = (u32)id;
+    u32 *fd = go_sys_fd.lookup(&tid);
+    if (fd) {
+        u64 fd_key = (id & 0xffffffff00000000ULL) | *fd;
+        go_fd_socks.update(&fd_key, &sk);
+        go_sys_fd.delete(&tid);
+    }
 }
 
 TRACEPOINT_PROBE(sock, sock_send_length) { note_sock((u64)args->sk); return 0; }
@@ -336,6 +469,7 @@ static __always_inline void send_small(u8 kind, u32 fd) {
     c->kind = kind;
     c->direction = 0;
     c->has_tuple = 0;
+    c->library = 0;
     bpf_get_current_comm(&c->comm, sizeof(c->comm));
     if (chunks.ringbuf_output(c, offsetof(struct chunk, data), wakeup_flags()) != 0)
         count_lost(LOST_RING_CHUNKS, 1);
@@ -348,6 +482,7 @@ TRACEPOINT_PROBE(syscalls, sys_enter_close) {
     if (!tls_fds.lookup(&key))
         return 0;
     tls_fds.delete(&key);
+    go_fd_socks.delete(&key);
     send_small(KIND_CLOSE, (u32)args->fd);
     return 0;
 }

@@ -7,8 +7,9 @@ container) maps files of its own root: they are reached through `/proc/<pid>/roo
 
 Dynamically linked OpenSSL (and BoringSSL builds named libssl) is found by name, and so is
 grpcio's extension, which carries BoringSSL statically linked: it is tried like the others and,
-its SSL functions not being exported, reported as not hooked with that reason. Other
-statically linked TLS (Go binaries, OpenSSL linked into an executable) is not looked for here.
+its SSL functions not being exported, reported as not hooked with that reason. Each
+process's executable is looked at too: a Go program with crypto/tls linked in is a target of
+its own (`tls_go`: where to hook it is read from the file, stripped or not).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from trawl.collector.tls_go import GoBinaries, GoBinary
 
 LIBSSL = re.compile(r"/libssl\.so(?:\.([0-9][0-9.]*))?$")
 # The pod UID in a kubelet cgroup path: ".../kubepods-burstable-pod<uid>.slice/..." (systemd
@@ -32,9 +35,16 @@ class TlsLibrary:
 
     path: str  # as the first process that maps it names it, inside its own root
     reachable: str  # the path this process opens it by (through /proc/<pid>/root)
-    library: str  # "openssl", or "boringssl" (grpcio's, linked in)
-    version: str  # from the file name: "3", "1.1" ("" when the name carries none); "grpcio" for grpcio's
+    library: str  # "openssl", "boringssl" (grpcio's, linked in), or "go" (crypto/tls)
+    # From the file name: "3", "1.1" ("" when the name carries none); "grpcio" for grpcio's;
+    # Go's version for a Go program ("go1.19.8").
+    version: str
     pids: set[int] = field(default_factory=set)
+    go: GoBinary | None = None  # where to hook a Go program
+
+
+# Executables already looked at (most are not Go): shared by every scan of this process.
+GO_BINARIES = GoBinaries()
 
 
 LibraryKey = tuple[int, int]  # (st_dev, st_ino)
@@ -78,6 +88,29 @@ def scan_process(proc: Path, pid: int, libraries: dict[LibraryKey, TlsLibrary]) 
                 library = TlsLibrary(path, reachable, "boringssl", "grpcio")
             libraries[key] = library
         library.pids.add(pid)
+    _scan_executable(base, pid, libraries)
+
+
+def _scan_executable(base: Path, pid: int, libraries: dict[LibraryKey, TlsLibrary]) -> None:
+    """Add the process's executable when it is a Go program with crypto/tls."""
+    exe = f"{base}/exe"
+    try:
+        stat = os.stat(exe)
+        path = os.readlink(exe)
+    except OSError:
+        return  # a kernel thread, gone, or not ours to read
+    if path.endswith(" (deleted)"):
+        return  # replaced on disk
+    key = (stat.st_dev, stat.st_ino)
+    library = libraries.get(key)
+    if library is None:
+        found = GO_BINARIES.lookup(exe, stat)
+        if found is None:
+            return
+        # /proc/<pid>/exe reaches the file whatever mount namespace the process is in.
+        library = TlsLibrary(path, exe, "go", found.version, go=found)
+        libraries[key] = library
+    library.pids.add(pid)
 
 
 def pids(proc: Path = Path("/proc")) -> set[int]:

@@ -39,7 +39,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -51,6 +51,7 @@ from trawl.collector.capabilities import (
     missing_capabilities,
     required_capabilities,
 )
+from trawl.collector.tls_go import READ, WRITE
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_sockets import Endpoints, SocketResolver
 from trawl.collector.tls_targets import LibraryKey, TlsLibrary, comm, pids, pod_uid, scan, scan_process
@@ -65,7 +66,7 @@ DEBIAN_DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 STATUS_SUBJECT = control_subject("tls", "status")
 
 # struct chunk's header in bpf/tls_openssl.c (struct tuple inside it).
-HEADER = struct.Struct("<QQIIIIIIBBBxHHH2x16s16s16s")
+HEADER = struct.Struct("<QQIIIIIIBBBBHHH2x16s16s16s")
 AF_INET = 2
 KIND_DATA, KIND_CLOSE, KIND_EXEC = 0, 1, 2
 FD_UNKNOWN = 0xFFFFFFFF
@@ -78,8 +79,16 @@ PROBES = (
     ("SSL_read_ex", "enter_read_ex", "leave_ex"),
     ("SSL_write_ex", "enter_write_ex", "leave_ex"),
 )
+# Go's crypto/tls: (function, entry program); every RET of each runs GO_LEAVE.
+GO_PROBES = {WRITE: "enter_go_write", READ: "enter_go_read"}
+GO_LEAVE = "leave_go"
+# The program's LIBRARY_* values, as TlsChunk.library names them.
+LIBRARIES = {0: "openssl", 1: "go"}
 # The reader's timer: at most this long between a chunk and its reading.
 POLL_MS = 20
+# How long poll holds a chunk back for an older one still to come (a writer's chunk is sent
+# when its call returns, which can be after the peer's answer was read).
+REORDER_NS = 50_000_000
 # A new program maps its libraries after exec: look at it after these delays.
 EXEC_RESCAN_DELAYS_S = (0.05, 0.25, 1.0, 3.0)
 
@@ -183,6 +192,7 @@ class RawChunk:
     comm: str
     data: bytes
     truncated: int
+    library: str  # "openssl" or "go"
     # Resolved as the event is read, before a later close event of the same fd is: a process
     # that closes and exits right after its last call is still resolved.
     ends: Endpoints | None
@@ -193,6 +203,7 @@ class _Hook:
     library: TlsLibrary
     symbols: list[str]
     error: str
+    addresses: list[int] = field(default_factory=list)  # Go: each address a uprobe is on
 
 
 class TlsTracer:
@@ -209,6 +220,7 @@ class TlsTracer:
         self.hooks: dict[LibraryKey, _Hook] = {}
         self.bpf: Any = None
         self._events: list[RawChunk] = []
+        self._pending: list[RawChunk] = []  # read, held back by poll for ordering
         self._execs: list[tuple[float, int]] = []  # (due monotonic time, pid)
         self.no_tuple = 0  # chunks whose addresses came from /proc
 
@@ -247,6 +259,7 @@ class TlsTracer:
             kind,
             direction,
             has_tuple,
+            library,
             family,
             local_port,
             remote_port,
@@ -270,7 +283,11 @@ class TlsTracer:
             # A connection established before the programs were loaded: its addresses from /proc.
             self.no_tuple += 1
             ends = None if fd == FD_UNKNOWN else self.resolver.resolve(pid, fd)
-        self._events.append(RawChunk(pid, tid, fd, ts_ns, direction, comm_text, body, truncated, ends))
+        self._events.append(
+            RawChunk(
+                pid, tid, fd, ts_ns, direction, comm_text, body, truncated, LIBRARIES.get(library, "openssl"), ends
+            )
+        )
 
     def poll(self, timeout_ms: int) -> list[RawChunk]:
         """Events of the ring (waiting at most timeout_ms for a wakeup), and due exec rescans.
@@ -279,13 +296,28 @@ class TlsTracer:
         the consume after the poll's timeout."""
         self.bpf.ring_buffer_poll(timeout_ms)
         self.bpf.ring_buffer_consume()
-        events, self._events = self._events, []
+        # In time order (a write is stamped at its entry, so its chunk can come after the
+        # peer's answer to it); the youngest wait a little for an older chunk still on its way.
+        events = sorted(self._pending + self._events, key=lambda event: event.ts_ns)
+        self._events = []
+        ripe = time.monotonic_ns() - REORDER_NS
+        cut = len(events)
+        while cut and events[cut - 1].ts_ns > ripe:
+            cut -= 1
+        events, self._pending = events[:cut], events[cut:]
         if self._execs:
             now = time.monotonic()
             due = {pid for when, pid in self._execs if when <= now}
             if due:
                 self._execs = [(when, pid) for when, pid in self._execs if when > now]
                 self.rescan(due)
+        return events
+
+    def drain(self) -> list[RawChunk]:
+        """What `poll` still holds back, at the end."""
+        self.bpf.ring_buffer_consume()
+        events = sorted(self._pending + self._events, key=lambda event: event.ts_ns)
+        self._pending, self._events = [], []
         return events
 
     def rescan(self, only: set[int] | None = None) -> None:
@@ -311,8 +343,21 @@ class TlsTracer:
         for key, library in found.items():
             if key not in self.hooks:
                 self.hooks[key] = self._attach(library)
+            hook = self.hooks[key]
+            if hook.addresses:
+                self._note_go_pids(library.pids)
+
+    def _note_go_pids(self, go_pids: set[int]) -> None:
+        """Processes of a hooked Go program: the program maps their sockets' fds to kernel
+        sockets from now on, the TLS handshake's I/O included (the first Read after it often
+        needs none, its bytes having come with the handshake's last record)."""
+        table = self.bpf[b"go_pids"]
+        for pid in go_pids:
+            table[table.Key(pid)] = table.Leaf(1)
 
     def _attach(self, library: TlsLibrary) -> _Hook:
+        if library.library == "go":
+            return self._attach_go(library)
         hook = _Hook(library, [], "")
         path = library.reachable.encode()
         missing = []
@@ -338,8 +383,45 @@ class TlsTracer:
         )
         return hook
 
+    def _attach_go(self, library: TlsLibrary) -> _Hook:
+        """A uprobe at the entry of (*Conn).Write and Read, and one at each of their RETs."""
+        hook = _Hook(library, [], "")
+        binary = library.go
+        if binary is None or binary.error:
+            hook.error = binary.error if binary is not None else "no symbols: crypto/tls not found"
+        else:
+            path = library.reachable.encode()
+            try:
+                for function in binary.functions:
+                    self.bpf.attach_uprobe(name=path, addr=function.entry, fn_name=GO_PROBES[function.name].encode())
+                    hook.addresses.append(function.entry)
+                    for address in function.returns:
+                        self.bpf.attach_uprobe(name=path, addr=address, fn_name=GO_LEAVE.encode())
+                        hook.addresses.append(address)
+                    hook.symbols.append(function.name)
+            except Exception as exc:  # bcc: the file went away, or the kernel refused the probe
+                self._detach(hook)
+                hook.symbols, hook.addresses = [], []
+                hook.error = f"uprobe refused: {exc}"
+        log.info(
+            "tls_library_hooked" if hook.symbols else "tls_library_not_hooked",
+            path=library.path,
+            library="go",
+            version=library.version,
+            symbols=hook.symbols,
+            probes=len(hook.addresses),
+            reason=hook.error,
+            processes=len(library.pids),
+        )
+        return hook
+
     def _detach(self, hook: _Hook) -> None:
         path = hook.library.reachable.encode()
+        for address in hook.addresses:
+            with contextlib.suppress(Exception):
+                self.bpf.detach_uprobe(name=path, addr=address)
+        if hook.library.library == "go":
+            return
         for symbol in hook.symbols:
             with contextlib.suppress(Exception):
                 self.bpf.detach_uprobe(name=path, sym=symbol.encode())
@@ -432,9 +514,10 @@ class TlsCapture:
         ends = raw.ends
         if ends is None:
             self._lose("no_tcp_socket")
+            log.debug("tls_chunk_without_socket", pid=raw.pid, comm=raw.comm, fd=raw.fd, library=raw.library)
             return None
         ts_ns = raw.ts_ns + self.wall_offset_ns
-        chunk = TlsChunk(pid=raw.pid, tid=raw.tid, comm=raw.comm, ts_ns=ts_ns, library="openssl")
+        chunk = TlsChunk(pid=raw.pid, tid=raw.tid, comm=raw.comm, ts_ns=ts_ns, library=raw.library)
         if raw.direction == Direction.DIRECTION_EGRESS:
             chunk.src_ip, chunk.src_port, chunk.dst_ip, chunk.dst_port = (
                 ends.local_ip,
@@ -472,6 +555,13 @@ class TlsCapture:
                 continue
             if chunks:
                 loop.call_soon_threadsafe(self._accept, chunks)
+        try:
+            chunks = [chunk for chunk in map(self._convert, tracer.drain()) if chunk is not None]
+        except Exception as exc:  # as above: logged, and the capture ends anyway
+            log.error("tls_tracer_failed", error=repr(exc), exc_info=exc)
+            return
+        if chunks:
+            loop.call_soon_threadsafe(self._accept, chunks)
 
     # -- event loop ----------------------------------------------------------------------------
 

@@ -1,0 +1,256 @@
+"""Go's crypto/tls inside an executable: where to hook it, read from the file itself.
+
+Go links its TLS statically, and a stripped binary (`-ldflags=-s -w`) has no ELF symbol
+table, but every Go binary keeps `.gopclntab`, the runtime's own table of function names and
+entry addresses (tracebacks need it): `(*Conn).Write` and `(*Conn).Read` are found there. The
+Go version comes from `.go.buildinfo` (what `go version <file>` prints).
+
+Go moves a goroutine's stack when it grows, which breaks a uretprobe (it rewrites the return
+address on the stack), so the return of each function is hooked with a uprobe on every RET
+instruction of its body, found by disassembling it with capstone.
+
+Only amd64 with the register ABI (Go 1.17 and later) is hooked: arguments in RAX (the
+*Conn), RBX and RCX (the slice's pointer and length), the result in RAX and the running
+goroutine in R14, which keys the pairing of entry and return (a goroutine may move between
+threads inside the call). Older Go passes arguments on the stack: reported, not hooked.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import struct
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+ELF_MAGIC = b"\x7fELF"
+EM_X86_64 = 62
+BUILDINFO_MAGIC = b"\xff Go buildinf:"
+# The first word of .gopclntab, by the Go versions that write that layout.
+PCLNTAB_GO12 = 0xFFFFFFFB  # 1.2 to 1.15
+PCLNTAB_GO116 = 0xFFFFFFFA  # 1.16, 1.17
+PCLNTAB_GO118 = 0xFFFFFFF0  # 1.18, 1.19
+PCLNTAB_GO120 = 0xFFFFFFF1  # 1.20 and later
+WRITE = "crypto/tls.(*Conn).Write"
+READ = "crypto/tls.(*Conn).Read"
+GO_VERSION = re.compile(r"go(\d+)\.(\d+)")
+# Executables looked at, by (device, inode, size, mtime): most are not Go, and a full scan
+# looks at every process's executable again.
+CACHE_MAX = 4096
+
+
+class NotGo(Exception):
+    """The file is not a Go executable (or not one this reader understands)."""
+
+
+@dataclass(slots=True, frozen=True)
+class GoFunction:
+    name: str
+    entry: int  # virtual address
+    returns: tuple[int, ...]  # virtual addresses of its RET instructions
+
+
+@dataclass(slots=True)
+class GoBinary:
+    """A Go executable with crypto/tls linked in: where to hook it, or why it cannot be."""
+
+    version: str  # "go1.19.8"; "" when the file carries no build information
+    functions: list[GoFunction] = field(default_factory=list)
+    error: str = ""  # why it is not hooked ("" when it can be)
+
+
+@dataclass(slots=True, frozen=True)
+class _Section:
+    addr: int
+    offset: int
+    size: int
+
+
+class _Elf:
+    """The little of a 64-bit little-endian ELF file this needs: sections by name."""
+
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+        header = file.read(64)
+        if len(header) < 64 or header[:4] != ELF_MAGIC:
+            raise NotGo("not an ELF file")
+        if header[4] != 2 or header[5] != 1:
+            raise NotGo("not a 64-bit little-endian ELF file")
+        (self.machine,) = struct.unpack_from("<H", header, 18)
+        (shoff,) = struct.unpack_from("<Q", header, 40)
+        shentsize, shnum, shstrndx = struct.unpack_from("<HHH", header, 58)
+        if not shoff or shentsize < 64 or shnum == 0 or shstrndx >= shnum:
+            raise NotGo("no section headers")
+        file.seek(shoff)
+        table = file.read(shentsize * shnum)
+        raw: list[tuple[int, int, int, int]] = []
+        for index in range(shnum):
+            name, _type, _flags, addr, offset, size = struct.unpack_from("<IIQQQQ", table, index * shentsize)
+            raw.append((name, addr, offset, size))
+        _, _, names_offset, names_size = raw[shstrndx]
+        names = self.read(names_offset, names_size)
+        self.sections: dict[str, _Section] = {}
+        for name, addr, offset, size in raw:
+            end = names.find(b"\0", name)
+            self.sections[names[name:end].decode("latin-1")] = _Section(addr, offset, size)
+
+    def read(self, offset: int, size: int) -> bytes:
+        self.file.seek(offset)
+        return self.file.read(size)
+
+    def section(self, name: str) -> bytes | None:
+        found = self.sections.get(name)
+        return None if found is None else self.read(found.offset, found.size)
+
+    def at(self, addr: int, size: int) -> bytes:
+        """`size` bytes at virtual address `addr` (from the section holding it)."""
+        for section in self.sections.values():
+            if section.addr and section.addr <= addr < section.addr + section.size:
+                return self.read(section.offset + addr - section.addr, size)
+        raise NotGo(f"address {addr:#x} is in no section")
+
+
+def _uvarint(data: bytes, position: int) -> tuple[int, int]:
+    value = shift = 0
+    while position < len(data):
+        byte = data[position]
+        position += 1
+        value |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return value, position
+        shift += 7
+    raise NotGo("build information cut short")
+
+
+def go_version(elf: _Elf) -> str:
+    """The Go version the binary was built with, from .go.buildinfo ("" when absent)."""
+    data = elf.section(".go.buildinfo")
+    if data is None or not data.startswith(BUILDINFO_MAGIC) or len(data) < 32:
+        return ""
+    pointer_size, flags = data[14], data[15]
+    if flags & 2:  # Go 1.18 and later: the strings inline, each after its length as a varint
+        length, position = _uvarint(data, 32)
+        return data[position : position + length].decode("utf-8", "replace")
+    # Older: a pointer to a Go string header (data pointer, length).
+    word = "<Q" if pointer_size == 8 else "<I"
+    (header,) = struct.unpack_from(word, data, 16)
+    pointer, length = struct.unpack_from(word[0] + word[1] * 2, elf.at(header, pointer_size * 2))
+    return elf.at(pointer, length).decode("utf-8", "replace")
+
+
+def _pclntab_functions(table: bytes, wanted: set[str]) -> dict[str, tuple[int, int]]:
+    """(entry, end) virtual addresses of the wanted functions, from a .gopclntab."""
+    (magic,) = struct.unpack_from("<I", table, 0)
+    pointer_size = table[7]
+    if pointer_size != 8:
+        raise NotGo("not a 64-bit pclntab")
+
+    def word(offset: int) -> int:
+        return int(struct.unpack_from("<Q", table, offset)[0])
+
+    def name_at(offset: int) -> str:
+        end = table.find(b"\0", offset)
+        return table[offset:end].decode("utf-8", "replace")
+
+    found: dict[str, tuple[int, int]] = {}
+    if magic in (PCLNTAB_GO118, PCLNTAB_GO120):
+        count, text_start = word(8), word(24)
+        names, functab = word(32), word(64)
+        # (entry offset from text_start, func offset) pairs, 4 bytes each, count + 1 of them.
+        for index in range(count):
+            entry, func, next_entry = struct.unpack_from("<III", table, functab + index * 8)
+            (name_offset,) = struct.unpack_from("<i", table, functab + func + 4)
+            name = name_at(names + name_offset)
+            if name in wanted:
+                found[name] = (text_start + entry, text_start + next_entry)
+    elif magic == PCLNTAB_GO116:
+        count, names, functab = word(8), word(24), word(56)
+        for index in range(count):
+            entry, func, next_entry = struct.unpack_from("<QQQ", table, functab + index * 16)
+            (name_offset,) = struct.unpack_from("<i", table, functab + func + 8)
+            name = name_at(names + name_offset)
+            if name in wanted:
+                found[name] = (entry, next_entry)
+    elif magic == PCLNTAB_GO12:
+        count = word(8)
+        for index in range(count):
+            entry, func, next_entry = struct.unpack_from("<QQQ", table, 16 + index * 16)
+            (name_offset,) = struct.unpack_from("<i", table, func + 8)
+            name = name_at(name_offset)
+            if name in wanted:
+                found[name] = (entry, next_entry)
+    else:
+        raise NotGo(f"unknown pclntab magic {magic:#x}")
+    return found
+
+
+def returns_of(code: bytes, entry: int) -> tuple[int, ...]:
+    """Addresses of the RET instructions in a function's machine code (amd64)."""
+    import capstone
+
+    disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    # Go pads between functions with INT3; data that does not decode is stepped over, not an end.
+    disassembler.skipdata = True
+    return tuple(
+        address for address, _size, mnemonic, _ops in disassembler.disasm_lite(code, entry) if mnemonic == "ret"
+    )
+
+
+def register_abi(version: str) -> bool:
+    match = GO_VERSION.match(version)
+    return match is not None and (int(match.group(1)), int(match.group(2))) >= (1, 17)
+
+
+def inspect(path: str) -> GoBinary | None:
+    """What to hook in the executable at `path`; None when it is not Go or has no crypto/tls."""
+    try:
+        with open(path, "rb") as file:
+            elf = _Elf(file)
+            table = elf.section(".gopclntab")
+            if table is None:
+                return None  # not Go (or a Go of another object format: nothing to hook here)
+            version = go_version(elf)
+            functions = _pclntab_functions(table, {WRITE, READ})
+            if not functions:
+                return None  # Go without crypto/tls
+            binary = GoBinary(version)
+            if elf.machine != EM_X86_64:
+                binary.error = f"unsupported architecture: ELF machine {elf.machine} (amd64 only)"
+                return binary
+            if not register_abi(version):
+                binary.error = (
+                    f"unsupported Go ABI: {version or 'an unknown Go version'} passes arguments on the stack;"
+                    " only the register ABI (Go 1.17 and later) is hooked"
+                )
+                return binary
+            for name in (WRITE, READ):
+                if name not in functions:
+                    continue
+                entry, end = functions[name]
+                binary.functions.append(GoFunction(name, entry, returns_of(elf.at(entry, end - entry), entry)))
+            if not all(function.returns for function in binary.functions):
+                binary.error = "no RET instruction found in " + ", ".join(
+                    function.name for function in binary.functions if not function.returns
+                )
+            return binary
+    except (OSError, NotGo, struct.error, IndexError):
+        return None
+
+
+class GoBinaries:
+    """`inspect` remembered per file, so a rescan reads each executable once."""
+
+    def __init__(self) -> None:
+        self._seen: OrderedDict[tuple[int, int, int, int], GoBinary | None] = OrderedDict()
+
+    def lookup(self, path: str, stat: os.stat_result) -> GoBinary | None:
+        key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        if key in self._seen:
+            self._seen.move_to_end(key)
+            return self._seen[key]
+        found = inspect(path)
+        self._seen[key] = found
+        if len(self._seen) > CACHE_MAX:
+            self._seen.popitem(last=False)
+        return found
