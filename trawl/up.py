@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import io
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -170,6 +172,50 @@ class Suite:
                 process.wait()
 
 
+class _WaitingWriter(io.RawIOBase):
+    """A file descriptor written in full, waiting while it is full. A parent may hand trawl up a
+    non-blocking pipe (the flag belongs to the pipe, shared by every process holding it): print()
+    to it fails with BlockingIOError once its reader pauses, and the lines of those calls were
+    lost, or cut and run into the next."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self.fd = fd
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            try:
+                done += os.write(self.fd, view[done:])
+            except BlockingIOError:
+                select.select([], [self.fd], [])
+        return done
+
+
+def _blocking_stdout() -> None:
+    """sys.stdout that never loses part of a line to a non-blocking pipe."""
+    try:
+        fd = sys.stdout.fileno()
+        if os.get_blocking(fd):
+            return
+    except (AttributeError, OSError, ValueError):
+        return  # not a file descriptor (a test's capture): nothing to do
+    sys.stdout.flush()
+    sys.stdout = io.TextIOWrapper(
+        io.BufferedWriter(_WaitingWriter(fd)),
+        encoding=sys.stdout.encoding,
+        errors=sys.stdout.errors,
+        line_buffering=True,
+    )
+
+
 async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
     config_path = state_dir / "trawl.yaml"
     config_path.write_text(yaml.safe_dump(suite_config(options, nats_url), sort_keys=False))
@@ -182,6 +228,7 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
         services.remove("recorder")
     suite = Suite(config_path, log_dir, services)
     bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="trawl-up", servers_option="--nats-url")
+    _blocking_stdout()
     table = None if options.as_json else TableWriter(sys.stdout)
     shown = 0
 
