@@ -72,6 +72,7 @@ class _Elf:
 
     def __init__(self, file: BinaryIO) -> None:
         self.file = file
+        self.size = os.fstat(file.fileno()).st_size
         header = file.read(64)
         if len(header) < 64 or header[:4] != ELF_MAGIC:
             raise NotGo("not an ELF file")
@@ -96,6 +97,8 @@ class _Elf:
             self.sections[names[name:end].decode("latin-1")] = _Section(addr, offset, size)
 
     def read(self, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise NotGo(f"{size} bytes at {offset} are beyond the file's end")
         self.file.seek(offset)
         return self.file.read(size)
 
@@ -234,7 +237,7 @@ def inspect(path: str) -> GoBinary | None:
                     function.name for function in binary.functions if not function.returns
                 )
             return binary
-    except (OSError, NotGo, struct.error, IndexError):
+    except (OSError, NotGo, struct.error, IndexError, OverflowError, ValueError):
         return None
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from trawl.bus import Bus
-from trawl.collector.tls_targets import comm, pod_uid, scan
+from trawl.collector.tls_targets import comm, pod_name, pod_uid, scan
 from trawl.collector.tls_uprobes import STATUS_SUBJECT, availability
 from trawl.config import NatsSettings
 
@@ -58,6 +58,7 @@ def local_report() -> dict[str, Any]:
                     "pid": pid,
                     "comm": comm(Path("/proc"), pid),
                     "pod_uid": pod_uid(Path("/proc"), pid),
+                    "pod": pod_name(Path("/proc"), pid),
                     "library": library.library,
                     "version": library.version,
                     "path": library.path,
@@ -84,7 +85,7 @@ def render(reports: list[dict[str, Any]]) -> str:
         if not rows:
             out.append("  no process maps a TLS library")
             continue
-        table = [("PID", "COMM", "POD UID", "LIBRARY", "HOOKED", "WHY NOT", "PATH")]
+        table = [("PID", "COMM", "POD", "POD UID", "LIBRARY", "HOOKED", "WHY NOT", "PATH")]
         for row in rows:
             hooked = {True: "yes", False: "no", None: "?"}[row.get("hooked")]
             library = f"{row.get('library', '')} {row.get('version', '')}".strip()
@@ -92,6 +93,7 @@ def render(reports: list[dict[str, Any]]) -> str:
                 (
                     str(row.get("pid")),
                     row.get("comm", ""),
+                    row.get("pod") or "-",
                     row.get("pod_uid") or "-",
                     library,
                     hooked,

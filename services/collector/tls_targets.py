@@ -143,3 +143,21 @@ def pod_uid(proc: Path, pid: int) -> str:
         return ""
     match = POD_UID.search(text)
     return match.group(1).replace("_", "-") if match else ""
+
+
+def pod_name(proc: Path, pid: int) -> str:
+    """The name of the pod a process runs in; "" outside any pod or when it cannot be read.
+
+    The kubelet gives each container the pod's hostname as /etc/hostname, which is the pod's
+    name unless the pod sets spec.hostname (then that is shown); it is read through
+    /proc/<pid>/root, so the collector needs no access to the API server nor kubelet's files."""
+    if not pod_uid(proc, pid):
+        return ""
+    try:
+        with open(proc / str(pid) / "root" / "etc" / "hostname", "rb") as file:
+            text = file.read(256)
+    except OSError:
+        return ""
+    name = text.decode("utf-8", "replace").strip()
+    # A DNS-1123 name; anything else is not what the kubelet wrote.
+    return name if re.fullmatch(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?", name) else ""

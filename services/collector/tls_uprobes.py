@@ -54,7 +54,7 @@ from trawl.collector.capabilities import (
 from trawl.collector.tls_go import READ, WRITE
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_sockets import Endpoints, SocketResolver
-from trawl.collector.tls_targets import LibraryKey, TlsLibrary, comm, pids, pod_uid, scan, scan_process
+from trawl.collector.tls_targets import LibraryKey, TlsLibrary, comm, pids, pod_name, pod_uid, scan, scan_process
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1.packets_pb2 import Direction, TlsChunk, TlsChunkBatch
@@ -443,6 +443,7 @@ class TlsTracer:
                         "pid": pid,
                         "comm": comm(self.proc, pid),
                         "pod_uid": pod_uid(self.proc, pid),
+                        "pod": pod_name(self.proc, pid),
                         "library": library.library,
                         "version": library.version,
                         "path": library.path,
@@ -621,6 +622,7 @@ class TlsCapture:
                 pid=str(row["pid"]),
                 comm=row["comm"],
                 pod_uid=row["pod_uid"],
+                pod=row["pod"],
                 library=f"{row['library']} {row['version']}".strip(),
             )
         counts: dict[tuple[str, str], int] = {}
@@ -699,6 +701,7 @@ class TlsCapture:
                 "pid": pid,
                 "comm": comm(proc, pid),
                 "pod_uid": pod_uid(proc, pid),
+                "pod": pod_name(proc, pid),
                 "library": library.library,
                 "version": library.version,
                 "path": library.path,

@@ -15,7 +15,7 @@ from pydantic import ValidationError
 
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_sockets import Endpoints, SocketResolver, hex_address, parse_proc_net_tcp
-from trawl.collector.tls_targets import libssl_paths, pod_uid, scan, scan_process
+from trawl.collector.tls_targets import libssl_paths, pod_name, pod_uid, scan, scan_process
 
 
 def test_proc_net_addresses() -> None:
@@ -130,3 +130,23 @@ def test_the_pod_of_a_process_comes_from_its_cgroup(tmp_path: Path) -> None:
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cgroup").write_text(text)
     assert [pod_uid(tmp_path, pid) for pid in (1, 2, 3, 4)] == [uid, uid, "", ""]
+
+
+def test_the_pod_name_is_the_hostname_the_kubelet_gave_its_containers(tmp_path: Path) -> None:
+    """Read through /proc/<pid>/root (a stand-in tree here): only for a process in a pod, and only
+    a name the kubelet could have written."""
+    uid = "0f1e2d3c-4b5a-6978-8a9b-0c1d2e3f4a5b"
+    in_pod = f"0::/kubepods/burstable/pod{uid}/0123456789abcdef\n"
+    trees = {
+        1: (in_pod, "web-7d4b9c-x2x9z\n"),
+        2: ("0::/system.slice/sshd.service\n", "node-1\n"),  # the host's own hostname: no pod
+        3: (in_pod, "Not A Pod Name!\n"),
+        4: (in_pod, None),  # no /etc/hostname in its root
+    }
+    for pid, (cgroup, hostname) in trees.items():
+        etc = tmp_path / str(pid) / "root" / "etc"
+        etc.mkdir(parents=True)
+        (tmp_path / str(pid) / "cgroup").write_text(cgroup)
+        if hostname is not None:
+            (etc / "hostname").write_text(hostname)
+    assert [pod_name(tmp_path, pid) for pid in (1, 2, 3, 4, 5)] == ["web-7d4b9c-x2x9z", "", "", "", ""]
