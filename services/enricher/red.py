@@ -37,6 +37,24 @@ log = get_logger(__name__)
 
 # Semantic-convention bucket advice for request durations, in seconds.
 DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0)
+# The OpenTelemetry SDK's default explicit buckets: the conventions give body sizes no advice.
+DEFAULT_BUCKETS = (
+    0.0,
+    5.0,
+    10.0,
+    25.0,
+    50.0,
+    75.0,
+    100.0,
+    250.0,
+    500.0,
+    750.0,
+    1000.0,
+    2500.0,
+    5000.0,
+    7500.0,
+    10000.0,
+)
 OVERFLOW_RESOURCE = Resource({"service.name": "trawl.overflow"})
 
 
@@ -47,22 +65,53 @@ class HistogramSpec:
     # Which side's Resource records it.
     side: str  # "client" or "server"
     attributes: frozenset[str]
+    # What is measured: the call's duration, or the request's or the response's body size.
+    value: str = "duration"  # "duration", "request_body" or "response_body"
+    unit: str = "s"
+    buckets: tuple[float, ...] = DURATION_BUCKETS_S
 
 
 _HTTP_COMMON = {"http.request.method", "http.response.status_code", "error.type", "network.protocol.version"}
+_HTTP_SERVER = frozenset({*_HTTP_COMMON, "http.route", "url.scheme", "url.template"})
+_HTTP_CLIENT = frozenset({*_HTTP_COMMON, "server.address", "server.port", "url.template"})
+
+
+def _body_size(name: str, description: str, side: str, attributes: frozenset[str], value: str) -> HistogramSpec:
+    return HistogramSpec(name, description, side, attributes, value=value, unit="By", buckets=DEFAULT_BUCKETS)
+
+
 _SPECS: dict[str, tuple[HistogramSpec, ...]] = {
     "http": (
-        HistogramSpec(
-            "http.server.request.duration",
-            "Duration of HTTP server requests.",
+        HistogramSpec("http.server.request.duration", "Duration of HTTP server requests.", "server", _HTTP_SERVER),
+        HistogramSpec("http.client.request.duration", "Duration of HTTP client requests.", "client", _HTTP_CLIENT),
+        # The body-size histograms take their side's duration attributes, as the conventions say.
+        _body_size(
+            "http.server.request.body.size",
+            "Size of HTTP server request bodies.",
             "server",
-            frozenset({*_HTTP_COMMON, "http.route", "url.scheme", "url.template"}),
+            _HTTP_SERVER,
+            "request_body",
         ),
-        HistogramSpec(
-            "http.client.request.duration",
-            "Duration of HTTP client requests.",
+        _body_size(
+            "http.server.response.body.size",
+            "Size of HTTP server response bodies.",
+            "server",
+            _HTTP_SERVER,
+            "response_body",
+        ),
+        _body_size(
+            "http.client.request.body.size",
+            "Size of HTTP client request bodies.",
             "client",
-            frozenset({*_HTTP_COMMON, "server.address", "server.port", "url.template"}),
+            _HTTP_CLIENT,
+            "request_body",
+        ),
+        _body_size(
+            "http.client.response.body.size",
+            "Size of HTTP client response bodies.",
+            "client",
+            _HTTP_CLIENT,
+            "response_body",
         ),
     ),
     "grpc": (
@@ -112,7 +161,7 @@ _SPECS: dict[str, tuple[HistogramSpec, ...]] = {
         ),
     ),
 }
-_PROTOCOL_SPECS = {
+PROTOCOL_SPECS = {
     "http": _SPECS["http"],
     "http2": _SPECS["http"],
     "graphql": _SPECS["http"],
@@ -138,9 +187,9 @@ class _ResourceMeters:
         if histogram is None:
             histogram = self._histograms[spec.name] = self._meter.create_histogram(
                 spec.name,
-                unit="s",
+                unit=spec.unit,
                 description=spec.description,
-                explicit_bucket_boundaries_advisory=DURATION_BUCKETS_S,
+                explicit_bucket_boundaries_advisory=spec.buckets,
             )
         return histogram
 
@@ -158,24 +207,27 @@ class RedMetrics:
             "trawl_enricher_metric_export_failures_total", "OTLP metric exports that failed"
         )
 
-    def _for(self, resource: Resource) -> _ResourceMeters:
+    def _for(self, resource: Resource) -> tuple[_ResourceMeters, bool]:
+        """The resource's meters, or the overflow resource's (then True) past `max_resources`."""
         meters = self._meters.get(resource)
+        if meters is not None:
+            return meters, False
+        overflowed = len(self._meters) >= self.max_resources
+        if overflowed:
+            resource = OVERFLOW_RESOURCE
+            meters = self._meters.get(resource)
         if meters is None:
-            if len(self._meters) >= self.max_resources:
-                self._overflow.inc()
-                resource = OVERFLOW_RESOURCE
-                meters = self._meters.get(resource)
-            if meters is None:
-                meters = self._meters[resource] = _ResourceMeters(resource)
-        return meters
+            meters = self._meters[resource] = _ResourceMeters(resource)
+        return meters, overflowed
 
     def record(self, call: ApiCall, shape: SpanShape | None = None) -> None:
-        specs = _PROTOCOL_SPECS.get(call.protocol)
+        specs = PROTOCOL_SPECS.get(call.protocol)
         if not specs or not call.request.ts:
             return
         shape = shape or shape_call(call)
         start, end = span_times(call)
         seconds = (end - start) / 1e9
+        overflowed = False
         for spec in specs:
             endpoint = call.src if spec.side == "client" else call.dst
             side_attributes = shape.client if spec.side == "client" else shape.server
@@ -187,7 +239,18 @@ class RedMetrics:
                 # follow every rollout. Unknown peers keep their address (the SDK caps attribute sets).
                 merged["server.address"] = call.dst.service or call.dst.workload or merged.get("server.address", "")
             attributes = {key: value for key, value in merged.items() if key in spec.attributes}
-            self._for(resource_for(endpoint)).histogram(spec).record(seconds, attributes)
+            measured = (
+                seconds
+                if spec.value == "duration"
+                else call.request.body_size
+                if spec.value == "request_body"
+                else call.response.body_size
+            )
+            meters, overflow = self._for(resource_for(endpoint))
+            overflowed = overflowed or overflow
+            meters.histogram(spec).record(measured, attributes)
+        if overflowed:  # once per call, whichever of its histograms overflowed
+            self._overflow.inc()
 
     @property
     def resources(self) -> int:

@@ -1,0 +1,624 @@
+"""RED and service-graph metrics without the OpenTelemetry SDK on each call: the histograms
+red.py records through the SDK (its reference), aggregated here into plain bucket arrays and
+exported as OTLP `ExportMetricsServiceRequest` bytes built once per export.
+
+Per call, the work is a key of the few fields the metric attributes depend on (protocol,
+method, status, outcome, both endpoints' identity, and per protocol what its mapping reads:
+the HTTP version, route, host and templated path, the gRPC code, the Redis database, the
+messaging destination...), one dict lookup of that key, then a bisect and a few integer adds
+per histogram. What the key stands for (the series each histogram of the call goes to, whether
+the call failed, its service-graph edge) is worked out once per distinct key with red.py's own
+mapping (spans.shape_call), so both paths give the same attribute sets;
+tests/unit/test_otel_red_wire.py holds them to the same counts, sums, min, max and buckets.
+
+Bounds, as the SDK has them: `max_resources` peer resources (past it, the overflow resource
+service.name=trawl.overflow, calls counted in trawl_enricher_metric_resource_overflow_total),
+and `cardinality_limit` attribute sets per histogram and resource (past it, the SDK's overflow
+set {otel.metric.overflow: true}, calls counted in trawl_enricher_metric_attribute_overflow_total).
+The key cache is only a cache: cleared when it holds `MAX_KEYS`.
+
+Temporality follows OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE as the SDK reads it:
+`cumulative` (default) keeps the points from the first call on; `delta` and `lowmemory` send
+what came since the last export (histograms and counters), then forget the series (attribute
+sets come back with their next call). Trawl's own counters (the enricher's registry: calls by
+protocol, spans exported, dropped and failed, upstream losses per shard...) and the TCP
+diagnostics the calls carry (resets, retransmissions, refused connections, by kind) go in the
+same request under the resource service.name=trawl, as do the service-graph series.
+
+Exemplars: each histogram bucket keeps the last call that fell in it since the previous export
+(the SDK's aligned-bucket reservoir), exported with the trace and span ids spans.span_ids gives
+that call, i.e. those of the spans both span paths send: the SERVER span for a server-side
+histogram, the CLIENT span for a client-side one and for the service graph.
+
+Service graph (Tempo's metrics-generator and the Collector's servicegraph connector name these):
+traces_service_graph_request_total, ..._request_failed_total, ..._request_server_seconds and
+..._request_client_seconds, with client, server (the two resources' service.name) and
+connection_type ("" for a direct request, messaging_system, database). Trawl sees both ends of
+a call at once, so no span pairing is needed; both sides' spans cover the same interval, so the
+server and client histograms are the same points.
+"""
+
+from __future__ import annotations
+
+import time
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import trawl
+from trawl.enricher.red import OVERFLOW_RESOURCE, PROTOCOL_SPECS, HistogramSpec
+from trawl.enricher.spans import resource_for, shape_call, span_ids, span_times, template_path
+from trawl.logs import get_logger
+from trawl.metrics import Registry
+from trawl.v1.calls_pb2 import ApiCall, Endpoint
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+
+    Temporality: TypeAlias = AggregationTemporality.ValueType
+
+log = get_logger(__name__)
+
+# The SDK's default cardinality limit per metric stream (opentelemetry-sdk _view_instrument_match).
+CARDINALITY_LIMIT = 2000
+OVERFLOW_ATTRIBUTES: tuple[tuple[str, object], ...] = (("otel.metric.overflow", True),)
+MAX_KEYS = 65_536
+MAX_TEMPLATES = 16_384
+# Tempo's metrics-generator default buckets for the service-graph histograms, in seconds.
+SERVICE_GRAPH_BUCKETS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
+TRAWL_RESOURCE: tuple[tuple[str, object], ...] = (("service.name", "trawl"), ("service.version", trawl.__version__))
+TEMPORALITY_ENV = "OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE"
+TEMPORALITIES = ("cumulative", "delta", "lowmemory")
+SCOPE_NAME = "trawl.enricher"
+
+Attrs = tuple[tuple[str, object], ...]
+
+
+def temporality_from(environ: Mapping[str, str]) -> str:
+    """The OTLP temporality preference (the SDK's variable); a clear error for an unknown one."""
+    value = environ.get(TEMPORALITY_ENV, "").strip().lower() or "cumulative"
+    if value not in TEMPORALITIES:
+        from trawl.errors import ConfigError
+
+        raise ConfigError(f"{TEMPORALITY_ENV}: expected one of {', '.join(TEMPORALITIES)}, got {value!r}")
+    return value
+
+
+class Series:
+    """One histogram data point: bucket counts over fixed bounds, count, sum, min, max, and the
+    last call of each bucket (its exemplar)."""
+
+    __slots__ = ("attributes", "bounds", "count", "counts", "exemplars", "max", "min", "start_ns", "sum")
+
+    def __init__(self, attributes: Attrs, bounds: tuple[float, ...], start_ns: int) -> None:
+        self.attributes = attributes
+        self.bounds = bounds
+        self.start_ns = start_ns
+        self.counts = [0] * (len(bounds) + 1)
+        self.exemplars: list[ApiCall | None] = [None] * (len(bounds) + 1)
+        self.count = 0
+        # An int while the values are (body sizes), as the SDK sums them: exact past 2**53.
+        self.sum: float = 0
+        self.min = float("inf")
+        self.max = float("-inf")
+
+    def add(self, value: float, call: ApiCall) -> None:
+        # bisect_left: a value equal to a bound is in that bound's bucket, as OTLP (and the SDK) say.
+        index = bisect_left(self.bounds, value)
+        self.counts[index] += 1
+        self.exemplars[index] = call
+        self.count += 1
+        self.sum += value
+        if value < self.min:
+            self.min = value
+        if value > self.max:
+            self.max = value
+
+
+@dataclass
+class _Stream:
+    """One histogram of one resource: its series by attribute set, bounded."""
+
+    spec: HistogramSpec
+    series: dict[Attrs, Series]
+
+
+class _Edge:
+    __slots__ = ("attributes", "failed", "seconds")
+
+    def __init__(self, attributes: Attrs, start_ns: int) -> None:
+        self.attributes = attributes
+        self.failed = 0
+        self.seconds = Series(attributes, SERVICE_GRAPH_BUCKETS_S, start_ns)
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """What one key stands for: the series each of its histograms goes to, and its edge."""
+
+    durations: tuple[tuple[Series, bool], ...]  # (series, is the client side)
+    request_bodies: tuple[tuple[Series, bool], ...]
+    response_bodies: tuple[tuple[Series, bool], ...]
+    edge: _Edge | None
+    failed: bool
+    resource_overflow: bool
+    attribute_overflow: bool
+
+
+def _endpoint_key(endpoint: Endpoint) -> tuple[str, ...]:
+    return (
+        endpoint.name,
+        endpoint.namespace,
+        endpoint.pod,
+        endpoint.workload,
+        endpoint.workload_kind,
+        endpoint.node,
+        endpoint.cluster,
+        endpoint.ip,
+        endpoint.service,
+    )
+
+
+class RedAggregator:
+    """The enricher's RED and service-graph metrics as bucket arrays (module docstring)."""
+
+    def __init__(
+        self,
+        registry: Registry,
+        *,
+        max_resources: int,
+        cardinality_limit: int = CARDINALITY_LIMIT,
+        temporality: str = "cumulative",
+        max_edges: int = CARDINALITY_LIMIT,
+    ) -> None:
+        if temporality not in TEMPORALITIES:
+            raise ValueError(f"temporality: expected one of {TEMPORALITIES}, got {temporality!r}")
+        self.registry = registry
+        self.max_resources = max_resources
+        self.cardinality_limit = cardinality_limit
+        self.max_edges = max_edges
+        self.delta = temporality != "cumulative"
+        self._start_ns = time.time_ns()
+        self._resources: dict[tuple[tuple[str, object], ...], dict[str, _Stream]] = {}
+        self._edges: dict[Attrs, _Edge] = {}
+        self._entries: dict[tuple[object, ...], _Entry] = {}
+        self._templates: dict[str, str] = {}
+        self._tcp: dict[str, int] = {}
+        self._counter_baseline: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._resource_overflow = registry.counter(
+            "trawl_enricher_metric_resource_overflow_total",
+            "Calls whose RED metrics went to the overflow resource because max_metric_resources was reached",
+        )
+        self._attribute_overflow = registry.counter(
+            "trawl_enricher_metric_attribute_overflow_total",
+            "Calls recorded under the otel.metric.overflow attribute set (cardinality limit reached)",
+        )
+        self._keyers: dict[str, Callable[[ApiCall], tuple[object, ...]]] = {
+            "http": self._http_key,
+            "http2": self._http_key,
+            "graphql": self._graphql_key,
+            "grpc": _grpc_key,
+            "redis": _redis_key,
+            "kafka": _kafka_key,
+            "amqp": _amqp_key,
+            "dns": _common_key,
+        }
+
+    # -- per call ---------------------------------------------------------------------------------
+
+    def record_calls(self, calls: Iterable[ApiCall]) -> None:
+        entries = self._entries
+        keyers = self._keyers
+        tcp = self._tcp
+        resource_overflows = attribute_overflows = 0
+        for call in calls:
+            request = call.request
+            start = request.ts
+            protocol = call.protocol
+            if protocol == "tcp":  # TCP diagnostics: counted by kind (reset, retransmission...)
+                tcp[call.method] = tcp.get(call.method, 0) + 1
+                continue
+            if not start:
+                continue
+            keyer = keyers.get(protocol)
+            if keyer is None:
+                continue
+            key = keyer(call)
+            entry = entries.get(key)
+            if entry is None:
+                entry = self._entry(call, key)
+            response = call.response
+            end = response.end_ts or response.ts or request.end_ts or start
+            seconds = (end - start) / 1e9 if end > start else 0.0
+            for series, _ in entry.durations:
+                series.add(seconds, call)
+            if entry.request_bodies:
+                size = request.body_size
+                for series, _ in entry.request_bodies:
+                    series.add(size, call)
+                size = response.body_size
+                for series, _ in entry.response_bodies:
+                    series.add(size, call)
+            edge = entry.edge
+            if edge is not None:
+                edge.seconds.add(seconds, call)
+                if entry.failed:
+                    edge.failed += 1
+            if entry.resource_overflow:
+                resource_overflows += 1
+            if entry.attribute_overflow:
+                attribute_overflows += 1
+        if resource_overflows:
+            self._resource_overflow.inc(resource_overflows)
+        if attribute_overflows:
+            self._attribute_overflow.inc(attribute_overflows)
+
+    def _template(self, path: str) -> str:
+        templates = self._templates
+        found = templates.get(path)
+        if found is None:
+            if len(templates) >= MAX_TEMPLATES:
+                templates.clear()
+            found = templates[path] = template_path(path)
+        return found
+
+    def _http_key(self, call: ApiCall) -> tuple[object, ...]:
+        detail = call.http
+        return (
+            *_common_key(call),
+            detail.version,
+            detail.route,
+            detail.host,
+            call.dst.port,
+            self._template(call.path),
+        )
+
+    def _graphql_key(self, call: ApiCall) -> tuple[object, ...]:
+        detail = call.graphql
+        return (
+            *_common_key(call),
+            call.http.version,
+            call.http.route,
+            call.http.host,
+            call.dst.port,
+            call.HasField("graphql"),
+            detail.http_version,
+            detail.errors > 0,
+        )
+
+    # -- per key ----------------------------------------------------------------------------------
+
+    def _entry(self, call: ApiCall, key: tuple[object, ...]) -> _Entry:
+        """The series a key's calls go to, found with red.py's mapping (the reference's)."""
+        shape = shape_call(call)
+        specs = PROTOCOL_SPECS[call.protocol]
+        resource_overflow = attribute_overflow = False
+        durations: list[tuple[Series, bool]] = []
+        request_bodies: list[tuple[Series, bool]] = []
+        response_bodies: list[tuple[Series, bool]] = []
+        # Resources are taken in the order of the histograms, as red.py takes them (which one
+        # gets the last place under max_resources depends on it), and only for the sides some
+        # histogram records: a Redis server gets no resource of its own.
+        resources: dict[str, Attrs] = {}
+        for spec in specs:
+            if spec.side not in resources:
+                attributes, overflowed = self._resource(call.src if spec.side == "client" else call.dst)
+                resources[spec.side] = attributes
+                resource_overflow = resource_overflow or overflowed
+        for spec in specs:
+            client = spec.side == "client"
+            merged = {**shape.common, **(shape.client if client else shape.server)}
+            if "url.template" in spec.attributes and "url.template" not in merged and call.protocol != "graphql":
+                merged["url.template"] = template_path(call.path)
+            if client and "server.address" in spec.attributes:
+                merged["server.address"] = call.dst.service or call.dst.workload or merged.get("server.address", "")
+            attributes = tuple(sorted((k, v) for k, v in merged.items() if k in spec.attributes))
+            series, overflowed = self._series(resources[spec.side], spec, attributes)
+            attribute_overflow = attribute_overflow or overflowed
+            target = (
+                durations
+                if spec.value == "duration"
+                else request_bodies
+                if spec.value == "request_body"
+                else response_bodies
+            )
+            target.append((series, client))
+        failed = bool(shape.client_error or shape.server_error)
+        connection_type = (
+            "messaging_system"
+            if "messaging.system" in shape.common
+            else "database"
+            if "db.system.name" in shape.common
+            else ""
+        )
+        edge = self._edge(
+            (
+                ("client", _service_name(call.src)),
+                ("connection_type", connection_type),
+                ("server", _service_name(call.dst)),
+            )
+        )
+        if edge is None:
+            attribute_overflow = True
+            edge = self._edge(OVERFLOW_ATTRIBUTES, force=True)
+        entry = _Entry(
+            tuple(durations),
+            tuple(request_bodies),
+            tuple(response_bodies),
+            edge,
+            failed,
+            resource_overflow,
+            attribute_overflow,
+        )
+        if len(self._entries) >= MAX_KEYS:
+            self._entries.clear()
+        self._entries[key] = entry
+        return entry
+
+    def _resource(self, endpoint: Endpoint) -> tuple[Attrs, bool]:
+        attributes = tuple(resource_for(endpoint).attributes.items())
+        if attributes in self._resources:
+            return attributes, False
+        if len(self._resources) >= self.max_resources:
+            overflow = tuple(OVERFLOW_RESOURCE.attributes.items())
+            self._resources.setdefault(overflow, {})
+            return overflow, True
+        self._resources[attributes] = {}
+        return attributes, False
+
+    def _series(self, resource: Attrs, spec: HistogramSpec, attributes: Attrs) -> tuple[Series, bool]:
+        streams = self._resources[resource]
+        stream = streams.get(spec.name)
+        if stream is None:
+            stream = streams[spec.name] = _Stream(spec, {})
+        series = stream.series.get(attributes)
+        if series is not None:
+            return series, attributes == OVERFLOW_ATTRIBUTES
+        overflowed = len(stream.series) >= self.cardinality_limit
+        if overflowed:
+            attributes = OVERFLOW_ATTRIBUTES
+            series = stream.series.get(attributes)
+            if series is not None:
+                return series, True
+        series = stream.series[attributes] = Series(attributes, spec.buckets, self._start_ns)
+        return series, overflowed
+
+    def _edge(self, attributes: Attrs, force: bool = False) -> _Edge | None:
+        edge = self._edges.get(attributes)
+        if edge is None:
+            if len(self._edges) >= self.max_edges and not force:
+                return None
+            edge = self._edges[attributes] = _Edge(attributes, self._start_ns)
+        return edge
+
+    # -- export -----------------------------------------------------------------------------------
+
+    @property
+    def resources(self) -> int:
+        return len(self._resources)
+
+    def request(self, now_ns: int | None = None) -> tuple[bytes, int]:
+        """The ExportMetricsServiceRequest of everything recorded (for delta: since the last
+        call), and how many data points it holds. With delta temporality the series are
+        forgotten afterwards, so the caller sends it or counts it lost."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+        from opentelemetry.proto.metrics.v1 import metrics_pb2
+
+        now_ns = now_ns or time.time_ns()
+        temporality = (
+            metrics_pb2.AGGREGATION_TEMPORALITY_DELTA if self.delta else metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
+        )
+        request = ExportMetricsServiceRequest()
+        points = 0
+        for resource, streams in self._resources.items():
+            if not streams:
+                continue
+            resource_metrics = request.resource_metrics.add()
+            _fill_attributes(resource_metrics.resource.attributes, resource)
+            scope_metrics = resource_metrics.scope_metrics.add()
+            scope_metrics.scope.name, scope_metrics.scope.version = SCOPE_NAME, trawl.__version__
+            for stream in streams.values():
+                spec = stream.spec
+                live = [series for series in stream.series.values() if series.count]
+                if not live:
+                    continue
+                metric = scope_metrics.metrics.add()
+                metric.name, metric.description, metric.unit = spec.name, spec.description, spec.unit
+                metric.histogram.aggregation_temporality = temporality
+                for series in live:
+                    _fill_histogram(
+                        metric.histogram.data_points.add(), series, now_ns, spec.side == "client", spec.value
+                    )
+                    points += 1
+        points += self._trawl_metrics(request, temporality, now_ns)
+        self._forget(now_ns)
+        return request.SerializeToString(), points
+
+    def _trawl_metrics(self, request: object, temporality: Temporality, now_ns: int) -> int:
+        """Service graph, TCP diagnostics and the registry's counters, under Trawl's resource."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+        assert isinstance(request, ExportMetricsServiceRequest)
+        resource_metrics = request.resource_metrics.add()
+        _fill_attributes(resource_metrics.resource.attributes, TRAWL_RESOURCE)
+        scope_metrics = resource_metrics.scope_metrics.add()
+        scope_metrics.scope.name, scope_metrics.scope.version = SCOPE_NAME, trawl.__version__
+        metrics = scope_metrics.metrics
+        points = 0
+        edges = [edge for edge in self._edges.values() if edge.seconds.count]
+        if edges:
+            for name, failed in (
+                ("traces_service_graph_request_total", False),
+                ("traces_service_graph_request_failed_total", True),
+            ):
+                metric = metrics.add()
+                metric.name, metric.unit = name, "1"
+                metric.description = "Requests between two services (Trawl sees both ends of each call)"
+                metric.sum.aggregation_temporality = temporality
+                metric.sum.is_monotonic = True
+                for edge in edges:
+                    point = metric.sum.data_points.add()
+                    _fill_attributes(point.attributes, edge.attributes)
+                    point.start_time_unix_nano, point.time_unix_nano = edge.seconds.start_ns, now_ns
+                    point.as_int = edge.failed if failed else edge.seconds.count
+                    points += 1
+            for name, client in (
+                ("traces_service_graph_request_server_seconds", False),
+                ("traces_service_graph_request_client_seconds", True),
+            ):
+                metric = metrics.add()
+                metric.name, metric.unit = name, "s"
+                metric.description = "Duration of requests between two services, seen from one side"
+                metric.histogram.aggregation_temporality = temporality
+                for edge in edges:
+                    _fill_histogram(metric.histogram.data_points.add(), edge.seconds, now_ns, client, "duration")
+                    points += 1
+        if self._tcp:
+            metric = metrics.add()
+            metric.name, metric.unit = "trawl.tcp.diagnostics", "{event}"
+            metric.description = "TCP events seen on the wire (reset, refused, retransmission, zero-window...)"
+            metric.sum.aggregation_temporality = temporality
+            metric.sum.is_monotonic = True
+            for kind, count in sorted(self._tcp.items()):
+                point = metric.sum.data_points.add()
+                _fill_attributes(point.attributes, (("trawl.tcp.event", kind),))
+                point.start_time_unix_nano, point.time_unix_nano, point.as_int = self._start_ns, now_ns, count
+                points += 1
+        points += self._registry_metrics(metrics, temporality, now_ns)
+        return points
+
+    def _registry_metrics(self, metrics: object, temporality: Temporality, now_ns: int) -> int:
+        """The registry's counters (as monotonic sums: deltas since the last export when asked)
+        and gauges. Registry has no public walk over its label sets; its `_metrics` is read."""
+        from opentelemetry.proto.metrics.v1 import metrics_pb2
+
+        points = 0
+        registered = getattr(self.registry, "_metrics", {})
+        for registered_metric in list(registered.values()):
+            values = dict(registered_metric.values)
+            if not values:
+                continue
+            metric = metrics.add()  # type: ignore[attr-defined]
+            metric.name, metric.description = registered_metric.name, registered_metric.help
+            counter = registered_metric.kind == "counter"
+            data = metric.sum if counter else metric.gauge
+            if counter:
+                metric.sum.aggregation_temporality = temporality
+                metric.sum.is_monotonic = True
+            for labels, value in sorted(values.items()):
+                if counter and temporality == metrics_pb2.AGGREGATION_TEMPORALITY_DELTA:
+                    baseline_key = (registered_metric.name, labels)
+                    value, self._counter_baseline[baseline_key] = (
+                        value - self._counter_baseline.get(baseline_key, 0),
+                        value,
+                    )
+                point = data.data_points.add()
+                _fill_attributes(point.attributes, labels)
+                point.start_time_unix_nano, point.time_unix_nano = self._start_ns, now_ns
+                point.as_double = float(value)
+                points += 1
+        return points
+
+    def _forget(self, now_ns: int) -> None:
+        """Delta: what was exported starts again from zero (series, edges, the key cache that
+        points at them). Cumulative: only the exemplars, as the SDK's reservoirs reset."""
+        if self.delta:
+            for streams in self._resources.values():
+                streams.clear()
+            self._edges.clear()
+            self._entries.clear()
+            self._tcp.clear()
+            self._start_ns = now_ns
+            return
+        for streams in self._resources.values():
+            for stream in streams.values():
+                for series in stream.series.values():
+                    series.exemplars = [None] * len(series.exemplars)
+        for edge in self._edges.values():
+            edge.seconds.exemplars = [None] * len(edge.seconds.exemplars)
+
+
+def _service_name(endpoint: Endpoint) -> str:
+    """The service.name of the endpoint's resource (the one its spans carry)."""
+    return str(resource_for(endpoint).attributes["service.name"])
+
+
+def _common_key(call: ApiCall) -> tuple[object, ...]:
+    return (
+        call.protocol,
+        call.method,
+        call.status,
+        call.outcome,
+        call.capture,
+        _endpoint_key(call.src),
+        _endpoint_key(call.dst),
+    )
+
+
+def _grpc_key(call: ApiCall) -> tuple[object, ...]:
+    has = call.HasField("grpc")
+    return (*_common_key(call), call.path, has, call.grpc.status_code if has else -1)
+
+
+def _redis_key(call: ApiCall) -> tuple[object, ...]:
+    has = call.HasField("redis")
+    return (*_common_key(call), has, call.redis.from_server, call.redis.db, call.path)
+
+
+def _kafka_key(call: ApiCall) -> tuple[object, ...]:
+    has = call.HasField("kafka")
+    return (*_common_key(call), has, tuple(call.kafka.topics) if has else call.path)
+
+
+def _amqp_key(call: ApiCall) -> tuple[object, ...]:
+    has = call.HasField("amqp")
+    return (*_common_key(call), has, call.amqp.exchange, call.amqp.queue, call.path)
+
+
+def _fill_attributes(target: object, attributes: Iterable[tuple[str, object]]) -> None:
+    for key, value in attributes:
+        attribute = target.add()  # type: ignore[attr-defined]
+        attribute.key = key
+        if isinstance(value, bool):
+            attribute.value.bool_value = value
+        elif isinstance(value, int):
+            attribute.value.int_value = value
+        elif isinstance(value, float):
+            attribute.value.double_value = value
+        elif isinstance(value, (list, tuple)):
+            for item in value:
+                attribute.value.array_value.values.add().string_value = str(item)
+        else:
+            attribute.value.string_value = str(value)
+
+
+def _fill_histogram(point: object, series: Series, now_ns: int, client: bool, value: str) -> None:
+    point.start_time_unix_nano = series.start_ns  # type: ignore[attr-defined]
+    point.time_unix_nano = now_ns  # type: ignore[attr-defined]
+    point.count = series.count  # type: ignore[attr-defined]
+    point.sum = series.sum  # type: ignore[attr-defined]
+    point.min = series.min  # type: ignore[attr-defined]
+    point.max = series.max  # type: ignore[attr-defined]
+    point.bucket_counts.extend(series.counts)  # type: ignore[attr-defined]
+    point.explicit_bounds.extend(series.bounds)  # type: ignore[attr-defined]
+    _fill_attributes(point.attributes, series.attributes)  # type: ignore[attr-defined]
+    for call in series.exemplars:
+        if call is None:
+            continue
+        ids = span_ids(call)
+        start, end = span_times(call)
+        measured = (
+            (end - start) / 1e9
+            if value == "duration"
+            else call.request.body_size
+            if value == "request_body"
+            else call.response.body_size
+        )
+        exemplar = point.exemplars.add()  # type: ignore[attr-defined]
+        exemplar.time_unix_nano = end
+        exemplar.as_double = float(measured)
+        exemplar.trace_id = ids.trace_id.to_bytes(16, "big")
+        exemplar.span_id = (ids.client_span_id if client else ids.server_span_id).to_bytes(8, "big")
