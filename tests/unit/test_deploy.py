@@ -611,6 +611,27 @@ def test_collector_captures_on_every_node_with_what_it_needs(manifests: Manifest
     assert "4222" in section.get("filter", ""), f"{pod}: the collector would capture its own batches to NATS"
 
 
+def test_collector_can_load_tls_uprobes(manifests: Manifests, tmp_path: Path) -> None:
+    """What the eBPF TLS capture needs (trawl.collector.tls_uprobes): the node's PID namespace
+    (every pod's processes in /proc, and its own PID as the program sees it), the capabilities
+    to load programs, attach uprobes and read other containers' /proc/<pid>/maps, root and exe,
+    tracefs, and the node's kernel headers for bcc; the image carries Debian's bcc."""
+    pod = manifests.pod("collector")
+    assert pod.spec.get("hostPID") is True, f"{pod}: the TLS uprobes need the node's PID namespace"
+    capabilities = set(pod.security("capabilities").get("add", []))
+    assert pod.security("privileged") or capabilities >= {"BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"}, capabilities
+    mounts = {m["mountPath"]: m for m in pod.mounts()}
+    tracefs = mounts.get("/sys/kernel/tracing")
+    assert tracefs is not None, f"{pod}: tracefs is not mounted"
+    assert pod.volume(tracefs["name"])["hostPath"]["path"] == "/sys/kernel/tracing"
+    for path in ("/lib/modules", "/usr/src"):
+        assert pod.volume(mounts[path]["name"])["hostPath"]["path"] == path, f"{pod}: {path} is not the node's"
+    settings = pod.settings(tmp_path)
+    assert settings.tls.mode in ("auto", "on"), f"{pod}: TLS uprobes are off"
+    runtime = "\n".join(_dockerfile_stages()[-1])
+    assert "python3-bpfcc" in runtime, "the image lacks Debian's bcc"
+
+
 def test_dissectors_lease_every_collector_shard(manifests: Manifests, tmp_path: Path) -> None:
     """Any number of dissector replicas share the shards through leases: each must know how many
     shards the collector publishes, and the subject of shard k must be the collector's."""
