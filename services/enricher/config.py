@@ -108,6 +108,10 @@ class EnricherSettings(ServiceSettings):
     # RED metrics: how often histograms are pushed, and how many distinct peer resources are kept.
     metrics_export_interval_s: float = Field(default=15.0, gt=0)
     max_metric_resources: int = Field(default=2000, gt=0)
+    # How RED metrics are made: "aggregated" (red_wire: bucket arrays per batch, OTLP bytes per
+    # export, with the service graph and Trawl's counters) or "sdk" (red.py through the
+    # OpenTelemetry metrics SDK, the reference).
+    metrics_path: Literal["aggregated", "sdk"] = "aggregated"
 
     # JetStream consumption of TRAWL_CALLS.
     durable: str = Field(default="enricher", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")

@@ -43,6 +43,7 @@ if TYPE_CHECKING:
     from trawl.enricher.k8s_watch import KubeWatcher
     from trawl.enricher.otlp import CountingBatchSpanProcessor
     from trawl.enricher.red import RedMetrics
+    from trawl.enricher.red_wire import WireRedMetrics
     from trawl.enricher.wire_export import WireSpanPath
 
 log = get_logger(__name__)
@@ -123,6 +124,7 @@ class Enricher:
         metric_exporter: MetricExporter | None = None,
         metrics: Registry | None = None,
         span_path: WireSpanPath | None = None,
+        red_metrics: WireRedMetrics | None = None,
     ) -> None:
         self.settings = settings
         self.identity = identity
@@ -149,8 +151,12 @@ class Enricher:
             from trawl.enricher.otlp import span_processor
 
             self._processor = span_processor(span_exporter, settings, self.metrics)
-        self.red: RedMetrics | NoMetricExport = NoMetricExport()
-        if metric_exporter is not None:
+        self.red: RedMetrics | WireRedMetrics | NoMetricExport = NoMetricExport()
+        # The aggregated RED path (trawl.enricher.red_wire) takes a batch at once, not a call.
+        self._aggregated = red_metrics
+        if red_metrics is not None:
+            self.red = red_metrics
+        elif metric_exporter is not None:
             from trawl.enricher.red import RedMetrics
 
             self.red = RedMetrics(metric_exporter, settings.max_metric_resources, self.metrics)
@@ -283,10 +289,18 @@ class Enricher:
         """Queue each enriched call's spans and record its RED metrics; returns without waiting for the network."""
         processor = self._processor
         red = self.red
+        if self._wire is not None or self._aggregated is not None:
+            calls = calls if isinstance(calls, Sequence) else list(calls)
         if self._wire is not None:
-            calls = list(calls)
             self._wire.hand_over_calls([call.SerializeToString() for call in calls if call.request.ts])
-        if processor is None and red.exporter is None:
+        if self._aggregated is not None:
+            try:
+                self._aggregated.record_calls(calls)
+            except Exception as exc:  # a bug in the aggregation must not stop the stream: counted
+                self._failures.inc(len(calls), stage="metrics")  # type: ignore[arg-type]
+                log.warning("metrics_record_failed", calls=len(calls), error=repr(exc))  # type: ignore[arg-type]
+        record_each = red.exporter is not None and self._aggregated is None
+        if processor is None and not record_each:
             return  # nothing else configured: not even a walk over the calls
         from trawl.enricher.spans import call_spans, shape_call
 
@@ -297,8 +311,8 @@ class Enricher:
             try:
                 if processor is not None:
                     spans.extend(call_spans(call))
-                if red.exporter is not None:
-                    red.record(call, shape_call(call))
+                if record_each:
+                    red.record(call, shape_call(call))  # type: ignore[union-attr]
             except Exception as exc:  # one odd call must not stop the stream
                 self._failures.inc(stage="export")
                 log.warning("span_build_failed", call_id=call.id, error=repr(exc))
@@ -370,8 +384,20 @@ def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None 
 
         wire = WireSpanPath.from_settings(settings, metrics, os.environ)  # None: not built, or no endpoint
     span_exporter = span_exporter_for(settings) if wire is None else None
+    red = None
+    if settings.metrics_path == "aggregated" and settings.metrics_target() is not None:
+        from trawl.enricher.red_wire import WireRedMetrics
+
+        red = WireRedMetrics.from_settings(settings, metrics, os.environ)
+    metric_exporter = metric_exporter_for(settings) if red is None else None
     return Enricher(
-        settings, load_identity(settings), span_exporter, metric_exporter_for(settings), metrics, span_path=wire
+        settings,
+        load_identity(settings),
+        span_exporter,
+        metric_exporter,
+        metrics,
+        span_path=wire,
+        red_metrics=red,
     )
 
 

@@ -40,15 +40,18 @@ server and client histograms are the same points.
 
 from __future__ import annotations
 
+import random
+import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import trawl
 from trawl.enricher.red import OVERFLOW_RESOURCE, PROTOCOL_SPECS, HistogramSpec
 from trawl.enricher.spans import resource_for, shape_call, span_ids, span_times, template_path
+from trawl.enricher.wire_export import Attempt
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall, Endpoint
@@ -57,6 +60,9 @@ if TYPE_CHECKING:
     from typing import TypeAlias
 
     from opentelemetry.proto.metrics.v1.metrics_pb2 import AggregationTemporality
+
+    from trawl.enricher.config import EnricherSettings
+    from trawl.enricher.wire_export import Sender, WireExportOptions
 
     Temporality: TypeAlias = AggregationTemporality.ValueType
 
@@ -622,3 +628,175 @@ def _fill_histogram(point: object, series: Series, now_ns: int, client: bool, va
         exemplar.as_double = float(measured)
         exemplar.trace_id = ids.trace_id.to_bytes(16, "big")
         exemplar.span_id = (ids.client_span_id if client else ids.server_span_id).to_bytes(8, "big")
+
+
+# -- export -----------------------------------------------------------------------------------------
+
+METRICS_EXPORT_METHOD = "/opentelemetry.proto.collector.metrics.v1.MetricsService/Export"
+
+
+def metric_export_options(settings: EnricherSettings, environ: Mapping[str, str]) -> WireExportOptions | None:
+    """The span path's options (wire_export.WireExportOptions) for the metrics signal: the
+    metrics endpoint, and the OTEL_EXPORTER_OTLP_METRICS_* variables where the span path reads
+    the _TRACES_ ones (protocol, headers, timeout, compression, certificates, insecure)."""
+    from trawl.enricher.wire_export import WireExportOptions
+
+    target = settings.metrics_target()
+    if target is None:
+        return None
+    signal = "OTEL_EXPORTER_OTLP_METRICS_"
+    renamed = {key: value for key, value in environ.items() if not key.startswith("OTEL_EXPORTER_OTLP_TRACES_")}
+    renamed.update(
+        {
+            key.replace(signal, "OTEL_EXPORTER_OTLP_TRACES_"): value
+            for key, value in environ.items()
+            if key.startswith(signal)
+        }
+    )
+    options = WireExportOptions.from_settings(settings.model_copy(update={"otlp_endpoint": target.endpoint}), renamed)
+    if options is None:  # pragma: no cover - the endpoint was just set
+        return None
+    endpoint = target.http_url("metrics") if options.protocol == "http/protobuf" else target.endpoint
+    return replace(options, endpoint=endpoint)
+
+
+def metric_sender_for(options: WireExportOptions) -> Sender:
+    from trawl.enricher.wire_export import HttpSender
+
+    if options.protocol == "http/protobuf":
+        return HttpSender(options)  # the URL is the metrics one; the response reads alike (below)
+    return GrpcMetricSender(options)
+
+
+class GrpcMetricSender:
+    """wire_export.GrpcSender (its channel, TLS, compression, retryable codes and RetryInfo) on
+    MetricsService/Export. An ExportMetricsServiceResponse reads as an
+    ExportTraceServiceResponse: its partial_success has the same field numbers
+    (rejected_data_points is 1, error_message 2), so the sender's `rejected` counts points."""
+
+    def __init__(self, options: WireExportOptions) -> None:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
+
+        from trawl.enricher.wire_export import GrpcSender
+
+        self._sender = GrpcSender(options)
+        self._sender._export = self._sender._channel.unary_unary(
+            METRICS_EXPORT_METHOD,
+            request_serializer=None,
+            response_deserializer=ExportTraceServiceResponse.FromString,
+        )
+
+    def send(self, body: bytes, timeout_s: float) -> Attempt:
+        return self._sender.send(body, timeout_s)
+
+    def close(self) -> None:
+        self._sender.close()
+
+
+class WireRedMetrics:
+    """The enricher's `red` on the aggregated path: `record_calls` per batch (RedAggregator),
+    `export` sends one request of everything (blocking: the service runs it in a thread every
+    metrics_export_interval_s), retried as the span path retries (exponential backoff with
+    jitter on retryable answers, the server's delay when it gives one, within the export
+    timeout). Counted: exports, points exported and failed (a failed delta export loses its
+    points: counted, as the SDK would drop them), retries."""
+
+    def __init__(
+        self,
+        sender: Sender,
+        registry: Registry,
+        *,
+        max_resources: int,
+        temporality: str = "cumulative",
+        timeout_s: float = 10.0,
+        initial_backoff_s: float = 1.0,
+        max_backoff_s: float = 32.0,
+    ) -> None:
+        self.sender = sender
+        self.aggregator = RedAggregator(registry, max_resources=max_resources, temporality=temporality)
+        self.timeout_s = timeout_s
+        self.initial_backoff_s = initial_backoff_s
+        self.max_backoff_s = max_backoff_s
+        self._lock = threading.Lock()  # export (a thread) against record_calls (the service)
+        self._stop = threading.Event()
+        self._exports = registry.counter("trawl_enricher_metric_exports_total", "OTLP metric exports, by result")
+        self._points = registry.counter(
+            "trawl_enricher_metric_points_total", "Metric data points sent, by result (exported, rejected, failed)"
+        )
+        self._failures = registry.counter(
+            "trawl_enricher_metric_export_failures_total", "OTLP metric exports that failed"
+        )
+        self._retries = registry.counter(
+            "trawl_enricher_metric_export_retries_total", "Metric export attempts retried (backend unavailable or busy)"
+        )
+
+    @classmethod
+    def from_settings(
+        cls, settings: EnricherSettings, registry: Registry, environ: Mapping[str, str]
+    ) -> WireRedMetrics | None:
+        options = metric_export_options(settings, environ)
+        if options is None:
+            return None
+        return cls(
+            metric_sender_for(options),
+            registry,
+            max_resources=settings.max_metric_resources,
+            temporality=temporality_from(environ),
+            timeout_s=options.timeout_s,
+        )
+
+    @property
+    def exporter(self) -> Sender:
+        """Not None: the enricher's test that metrics are configured."""
+        return self.sender
+
+    @property
+    def resources(self) -> int:
+        return self.aggregator.resources
+
+    def record_calls(self, calls: Iterable[ApiCall]) -> None:
+        with self._lock:
+            self.aggregator.record_calls(calls)
+
+    def export(self, timeout_s: float | None = None) -> bool:
+        with self._lock:
+            body, points = self.aggregator.request()
+        attempt = self._send(body, timeout_s if timeout_s is not None else self.timeout_s)
+        if attempt.accepted:
+            rejected = min(points, attempt.rejected)
+            self._exports.inc(result="success")
+            self._points.inc(points - rejected, result="exported")
+            if rejected:
+                self._points.inc(rejected, result="rejected")
+                log.warning("metric_points_rejected", points=rejected, message=attempt.message)
+            return True
+        self._exports.inc(result="failure")
+        self._failures.inc()
+        self._points.inc(points, result="failed")
+        log.warning("metric_export_failed", points=points, message=attempt.message)
+        return False
+
+    def _send(self, body: bytes, timeout_s: float) -> Attempt:
+        deadline = time.monotonic() + timeout_s
+        retry = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Attempt(False, message="export timeout")
+            attempt = self.sender.send(body, remaining)
+            if attempt.accepted or not attempt.retryable or self._stop.is_set():
+                return attempt
+            backoff = min(self.max_backoff_s, self.initial_backoff_s * 2**retry) * (0.8 + 0.4 * random.random())
+            delay = attempt.retry_after_s if attempt.retry_after_s is not None else backoff
+            if time.monotonic() + delay >= deadline:
+                return attempt
+            self._retries.inc()
+            if self._stop.wait(delay):
+                return attempt
+            retry += 1
+
+    def shutdown(self) -> None:
+        """One last export (within the export timeout), then the sender is closed."""
+        self.export()
+        self._stop.set()
+        self.sender.close()

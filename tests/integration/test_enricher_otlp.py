@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.conftest import FIXTURES
@@ -95,8 +96,21 @@ def test_grpc_export_of_an_enriched_call(receiver: OtlpReceiver) -> None:
     assert all(headers.get("x-tenant") == "team-a" for headers in receiver.headers)
 
     points = receiver.wait_for_points(2)
-    names = {(p.metric, p.resource["service.name"]) for p in points}
+    names = {(p.metric, p.resource["service.name"]) for p in points if p.metric.endswith(".duration")}
     assert names == {("http.server.request.duration", "payments"), ("http.client.request.duration", "checkout")}
+    # The body sizes by side, and the service graph's edge under Trawl's own resource.
+    assert {(p.metric, p.resource["service.name"]) for p in points if p.metric.endswith(".body.size")} == {
+        ("http.server.request.body.size", "payments"),
+        ("http.server.response.body.size", "payments"),
+        ("http.client.request.body.size", "checkout"),
+        ("http.client.response.body.size", "checkout"),
+    }
+    edge = next(p for p in points if p.metric == "traces_service_graph_request_server_seconds")
+    assert (edge.resource["service.name"], edge.attributes["client"], edge.attributes["server"]) == (
+        "trawl",
+        "checkout",
+        "payments",
+    )
     client_point = next(p for p in points if p.metric == "http.client.request.duration")
     assert client_point.unit == "s"
     assert client_point.count == 1
@@ -240,3 +254,62 @@ def test_the_service_enricher_sends_by_the_span_path_it_is_told(
     for request in receiver.trace_requests:
         merged.MergeFrom(request)
     assert canonical_spans(merged) == canonical_spans(reference(calls))
+
+
+def _metric_requests_points(receiver: OtlpReceiver) -> dict[tuple[str, ...], tuple[object, ...]]:
+    from tests.unit.test_otel_red_wire import histograms
+
+    merged = ExportMetricsServiceRequest()
+    merged.resource_metrics.extend(receiver.metric_requests[-1].resource_metrics)
+    return histograms(merged, {"http.server.request.duration", "http.client.request.duration"})
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_aggregated_metrics_reach_the_receiver_as_the_sdk_paths_do(protocol: str) -> None:
+    """The same calls through the service enricher on each metrics path, each to its own real
+    receiver: the same duration histograms arrive (the aggregated request also holds the
+    service graph and Trawl's counters, and its exemplars name the spans that arrived)."""
+    calls = dissected(FIXTURES / "http1.pcap", IDENTITY)
+    received = {}
+    for path in ("aggregated", "sdk"):
+        with OtlpReceiver() as running:
+            endpoint = running.grpc_endpoint if protocol == "grpc" else running.http_endpoint
+            enricher = make_enricher(otlp_endpoint=endpoint, otlp_protocol=protocol, metrics_path=path)
+            enricher.export([ApiCall.FromString(call.SerializeToString()) for call in calls])
+            assert enricher.flush()
+            enricher.shutdown()
+            received[path] = _metric_requests_points(running)
+            if path == "aggregated":
+                span_ids = {span.span_id for span in running.spans()}
+                exemplar_ids = {
+                    exemplar.span_id.hex()
+                    for resource_metrics in running.metric_requests[0].resource_metrics
+                    for scope_metrics in resource_metrics.scope_metrics
+                    for metric in scope_metrics.metrics
+                    if metric.name.endswith(".duration")
+                    for point in metric.histogram.data_points
+                    for exemplar in point.exemplars
+                }
+                assert exemplar_ids and exemplar_ids <= span_ids
+                names = {
+                    metric.name
+                    for resource_metrics in running.metric_requests[-1].resource_metrics
+                    for scope_metrics in resource_metrics.scope_metrics
+                    for metric in scope_metrics.metrics
+                }
+                assert {"traces_service_graph_request_total", "trawl_enricher_spans_exported_total"} <= names
+                assert enricher.metrics.counter("trawl_enricher_metric_points_total", "").get(result="exported") > 0
+    assert received["aggregated"] == received["sdk"] != {}
+
+
+def test_aggregated_metrics_to_an_unreachable_endpoint_count_their_loss() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    enricher = make_enricher(otlp_endpoint=f"127.0.0.1:{port}", otlp_timeout_s=0.5)
+    enricher.export([enricher.enrich(cluster_call())])
+    assert not enricher.export_metrics()
+    points = enricher.metrics.counter("trawl_enricher_metric_points_total", "")
+    assert points.get(result="failed") > 0 and points.get(result="exported") == 0
+    assert enricher.metrics.counter("trawl_enricher_metric_export_failures_total", "").total() == 1
+    enricher.shutdown_spans()
