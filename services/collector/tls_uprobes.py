@@ -61,7 +61,8 @@ from trawl.v1.packets_pb2 import Direction, TlsChunk, TlsChunkBatch
 
 log = get_logger(__name__)
 
-BPF_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "tls_openssl.c"
+# bpf/ of the repository, through the package's bpf link (an installed package holds a copy).
+BPF_SOURCE = Path(__file__).resolve().parent / "bpf" / "tls_openssl.c"
 DEBIAN_DIST_PACKAGES = Path("/usr/lib/python3/dist-packages")
 STATUS_SUBJECT = control_subject("tls", "status")
 
