@@ -1671,6 +1671,26 @@ static int message_data(Express *self, flow_t *flow, head_t *head, buf_t *body, 
     return R_NONE;
 }
 
+/* The call-id hash input's start for `protocol` on a flow: flow->prefix ("<node>|<key>|http|",
+   what calls.new_call hashes) with its protocol replaced; R_NOT_HTTP when it is not an HTTP one. */
+static int protocol_prefix(const flow_t *flow, const char *protocol, PyObject **out) {
+    const char *prefix = PyBytes_AS_STRING(flow->prefix);
+    Py_ssize_t size = PyBytes_GET_SIZE(flow->prefix);
+    size_t name = strlen(protocol);
+    if (size < 5 || memcmp(prefix + size - 5, "http|", 5) != 0) return R_NOT_HTTP;
+    PyObject *made = PyBytes_FromStringAndSize(NULL, size - 4 + (Py_ssize_t)name);
+    if (made == NULL) {
+        PyErr_Clear();
+        return R_MEMORY;
+    }
+    char *text = PyBytes_AS_STRING(made);
+    memcpy(text, prefix, (size_t)size - 5);
+    memcpy(text + size - 5, protocol, name);
+    text[size - 5 + (Py_ssize_t)name] = '|';
+    *out = made;
+    return R_NONE;
+}
+
 #include "_express_h2.h"
 #include "_express_redis.h"
 #include "_express_kafka.h"

@@ -175,18 +175,7 @@ static int h2_start(flow_t *flow) {
         h2->allowed[d] = H2_DEFAULT_TABLE;
         h2->max_frame[d] = H2_DEFAULT_MAX_FRAME;
     }
-    const char *prefix = PyBytes_AS_STRING(flow->prefix);
-    Py_ssize_t size = PyBytes_GET_SIZE(flow->prefix);
-    if (size < 5 || memcmp(prefix + size - 5, "http|", 5) != 0) return R_NOT_HTTP;
-    h2->prefix = PyBytes_FromStringAndSize(NULL, size);
-    if (h2->prefix == NULL) {
-        PyErr_Clear();
-        return R_MEMORY;
-    }
-    char *out = PyBytes_AS_STRING(h2->prefix);
-    memcpy(out, prefix, (size_t)size - 5);
-    memcpy(out + size - 5, "grpc|", 5);
-    return R_NONE;
+    return protocol_prefix(flow, "grpc", &h2->prefix);
 }
 
 /* The server's first bytes on a flow whose client has not spoken: the start of an HTTP/2

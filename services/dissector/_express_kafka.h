@@ -639,18 +639,7 @@ static int kafka_start(flow_t *flow) {
     if (kafka == NULL) return R_MEMORY;
     flow->kafka = kafka;
     kfacts_reset(&kafka->response);
-    const char *prefix = PyBytes_AS_STRING(flow->prefix);
-    Py_ssize_t size = PyBytes_GET_SIZE(flow->prefix);
-    if (size < 5 || memcmp(prefix + size - 5, "http|", 5) != 0) return R_NOT_HTTP;
-    kafka->prefix = PyBytes_FromStringAndSize(NULL, size + 1);
-    if (kafka->prefix == NULL) {
-        PyErr_Clear();
-        return R_MEMORY;
-    }
-    char *out = PyBytes_AS_STRING(kafka->prefix);
-    memcpy(out, prefix, (size_t)size - 5);
-    memcpy(out + size - 5, "kafka|", 6);
-    return R_NONE;
+    return protocol_prefix(flow, "kafka", &kafka->prefix);
 }
 
 static int kafka_idle(const kafkaconn_t *kafka) {

@@ -206,18 +206,7 @@ static int redis_start(flow_t *flow) {
         if (side->reader == NULL) return R_MEMORY;
         side->reader->privdata = &side->message;
     }
-    const char *prefix = PyBytes_AS_STRING(flow->prefix);
-    Py_ssize_t size = PyBytes_GET_SIZE(flow->prefix);
-    if (size < 5 || memcmp(prefix + size - 5, "http|", 5) != 0) return R_NOT_HTTP;
-    redis->prefix = PyBytes_FromStringAndSize(NULL, size + 1);
-    if (redis->prefix == NULL) {
-        PyErr_Clear();
-        return R_MEMORY;
-    }
-    char *out = PyBytes_AS_STRING(redis->prefix);
-    memcpy(out, prefix, (size_t)size - 5);
-    memcpy(out + size - 5, "redis|", 6);
-    return R_NONE;
+    return protocol_prefix(flow, "redis", &redis->prefix);
 }
 
 static int redis_side_idle(const redis_side_t *side) {
