@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 ELF_MAGIC = b"\x7fELF"
 EM_X86_64 = 62
+STT_FUNC = 2
 BUILDINFO_MAGIC = b"\xff Go buildinf:"
 # The first word of .gopclntab, by the Go versions that write that layout.
 PCLNTAB_GO12 = 0xFFFFFFFB  # 1.2 to 1.15
@@ -65,6 +66,8 @@ class _Section:
     addr: int
     offset: int
     size: int
+    type: int = 0
+    link: int = 0
 
 
 class _Elf:
@@ -85,16 +88,17 @@ class _Elf:
             raise NotGo("no section headers")
         file.seek(shoff)
         table = file.read(shentsize * shnum)
-        raw: list[tuple[int, int, int, int]] = []
+        raw: list[tuple[int, _Section]] = []
         for index in range(shnum):
-            name, _type, _flags, addr, offset, size = struct.unpack_from("<IIQQQQ", table, index * shentsize)
-            raw.append((name, addr, offset, size))
-        _, _, names_offset, names_size = raw[shstrndx]
-        names = self.read(names_offset, names_size)
+            name, kind, _flags, addr, offset, size, link = struct.unpack_from("<IIQQQQI", table, index * shentsize)
+            raw.append((name, _Section(addr, offset, size, kind, link)))
+        names_section = raw[shstrndx][1]
+        names = self.read(names_section.offset, names_section.size)
+        self.by_index = [section for _, section in raw]
         self.sections: dict[str, _Section] = {}
-        for name, addr, offset, size in raw:
+        for name, section in raw:
             end = names.find(b"\0", name)
-            self.sections[names[name:end].decode("latin-1")] = _Section(addr, offset, size)
+            self.sections[names[name:end].decode("latin-1")] = section
 
     def read(self, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0 or offset + size > self.size:
@@ -112,6 +116,38 @@ class _Elf:
             if section.addr and section.addr <= addr < section.addr + section.size:
                 return self.read(section.offset + addr - section.addr, size)
         raise NotGo(f"address {addr:#x} is in no section")
+
+    def defined_functions(self, wanted: set[str]) -> set[str]:
+        """Which of `wanted` the file defines as functions (its own code, not imports), from
+        .symtab or, stripped, .dynsym."""
+        found: set[str] = set()
+        for table_name in (".symtab", ".dynsym"):
+            table = self.sections.get(table_name)
+            if table is None or table.link >= len(self.by_index):
+                continue
+            strings = self.by_index[table.link]
+            names = self.read(strings.offset, strings.size)
+            symbols = self.read(table.offset, table.size)
+            for position in range(0, len(symbols) - 23, 24):
+                name, info, _other, section_index = struct.unpack_from("<IBBH", symbols, position)
+                if info & 0xF != STT_FUNC or section_index == 0:  # not a function, or undefined (imported)
+                    continue
+                end = names.find(b"\0", name)
+                text = names[name:end].decode("latin-1")
+                if text in wanted:
+                    found.add(text)
+            if found:
+                break
+        return found
+
+
+def defined_functions(path: str, wanted: set[str]) -> set[str]:
+    """Which of `wanted` the ELF file at `path` defines itself (empty for anything else)."""
+    try:
+        with open(path, "rb") as file:
+            return _Elf(file).defined_functions(wanted)
+    except (OSError, NotGo, struct.error, IndexError, OverflowError, ValueError):
+        return set()
 
 
 def _uvarint(data: bytes, position: int) -> tuple[int, int]:
@@ -241,18 +277,38 @@ def inspect(path: str) -> GoBinary | None:
         return None
 
 
+# OpenSSL's functions that an executable with OpenSSL (or BoringSSL) linked in defines itself.
+SSL_FUNCTIONS = frozenset({"SSL_read", "SSL_write", "SSL_read_ex", "SSL_write_ex"})
+
+
+@dataclass(slots=True, frozen=True)
+class StaticSsl:
+    """An executable with OpenSSL or BoringSSL linked in, and the SSL functions it defines."""
+
+    symbols: frozenset[str]
+
+
+def inspect_executable(path: str) -> GoBinary | StaticSsl | None:
+    """What of TLS an executable carries itself: Go's crypto/tls, OpenSSL's functions, or none."""
+    go = inspect(path)
+    if go is not None:
+        return go
+    symbols = defined_functions(path, set(SSL_FUNCTIONS))
+    return StaticSsl(frozenset(symbols)) if symbols else None
+
+
 class GoBinaries:
-    """`inspect` remembered per file, so a rescan reads each executable once."""
+    """`inspect_executable` remembered per file, so a rescan reads each executable once."""
 
     def __init__(self) -> None:
-        self._seen: OrderedDict[tuple[int, int, int, int], GoBinary | None] = OrderedDict()
+        self._seen: OrderedDict[tuple[int, int, int, int], GoBinary | StaticSsl | None] = OrderedDict()
 
-    def lookup(self, path: str, stat: os.stat_result) -> GoBinary | None:
+    def lookup(self, path: str, stat: os.stat_result) -> GoBinary | StaticSsl | None:
         key = (stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns)
         if key in self._seen:
             self._seen.move_to_end(key)
             return self._seen[key]
-        found = inspect(path)
+        found = inspect_executable(path)
         self._seen[key] = found
         if len(self._seen) > CACHE_MAX:
             self._seen.popitem(last=False)

@@ -9,7 +9,9 @@ Dynamically linked OpenSSL (and BoringSSL builds named libssl) is found by name,
 grpcio's extension, which carries BoringSSL statically linked: it is tried like the others and,
 its SSL functions not being exported, reported as not hooked with that reason. Each
 process's executable is looked at too: a Go program with crypto/tls linked in is a target of
-its own (`tls_go`: where to hook it is read from the file, stripped or not).
+its own (`tls_go`: where to hook it is read from the file, stripped or not), and so is an
+executable with OpenSSL or BoringSSL linked in that defines SSL_read/SSL_write itself (hooked
+by those symbols, as a libssl is; version "static").
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from trawl.collector.tls_go import GoBinaries, GoBinary
+from trawl.collector.tls_go import GoBinaries, GoBinary, StaticSsl
 
 LIBSSL = re.compile(r"/libssl\.so(?:\.([0-9][0-9.]*))?$")
 # The pod UID in a kubelet cgroup path: ".../kubepods-burstable-pod<uid>.slice/..." (systemd
@@ -38,6 +40,7 @@ class TlsLibrary:
     library: str  # "openssl", "boringssl" (grpcio's, linked in), or "go" (crypto/tls)
     # From the file name: "3", "1.1" ("" when the name carries none); "grpcio" for grpcio's;
     # Go's version for a Go program ("go1.19.8").
+    # "static" for OpenSSL linked into an executable.
     version: str
     pids: set[int] = field(default_factory=set)
     go: GoBinary | None = None  # where to hook a Go program
@@ -92,7 +95,8 @@ def scan_process(proc: Path, pid: int, libraries: dict[LibraryKey, TlsLibrary]) 
 
 
 def _scan_executable(base: Path, pid: int, libraries: dict[LibraryKey, TlsLibrary]) -> None:
-    """Add the process's executable when it is a Go program with crypto/tls."""
+    """Add the process's executable when it is a Go program with crypto/tls, or has OpenSSL
+    (or BoringSSL) linked in with its SSL functions in its own symbol table."""
     exe = f"{base}/exe"
     try:
         stat = os.stat(exe)
@@ -108,7 +112,10 @@ def _scan_executable(base: Path, pid: int, libraries: dict[LibraryKey, TlsLibrar
         if found is None:
             return
         # /proc/<pid>/exe reaches the file whatever mount namespace the process is in.
-        library = TlsLibrary(path, exe, "go", found.version, go=found)
+        if isinstance(found, StaticSsl):
+            library = TlsLibrary(path, exe, "openssl", "static")
+        else:
+            library = TlsLibrary(path, exe, "go", found.version, go=found)
         libraries[key] = library
     library.pids.add(pid)
 

@@ -5,10 +5,14 @@ tests/live/test_tls_go_live.py, which builds them with Go. Bad files give None, 
 
 from __future__ import annotations
 
+import functools
+import shutil
 import struct
+import subprocess
 import tempfile
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -18,7 +22,9 @@ from trawl.collector.tls_go import (
     READ,
     WRITE,
     GoBinaries,
+    StaticSsl,
     inspect,
+    inspect_executable,
     register_abi,
     returns_of,
 )
@@ -183,3 +189,26 @@ def test_damaged_files_give_none_or_a_result_never_an_error(data: st.DataObject)
         file.flush()
         result = inspect(file.name)
     assert result is None or all(function.entry >= 0 for function in result.functions)
+
+
+def test_an_executable_defining_ssl_functions_is_static_ssl_and_one_importing_them_is_not(tmp_path: Path) -> None:
+    """Built here with gcc: one executable defines SSL_read and SSL_write itself (as one with
+    OpenSSL linked in does), another calls them from a shared library it links (as the openssl
+    command does): only the first is a target, stripped of .symtab or not (.dynsym is read)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc (make test installs it)")
+    (tmp_path / "own.c").write_text(
+        "int SSL_read(void) { return 1; }\nint SSL_write(void) { return 2; }\nint main(void) { return 0; }\n"
+    )
+    (tmp_path / "lib.c").write_text("int SSL_read(void) { return 1; }\nint SSL_write(void) { return 2; }\n")
+    (tmp_path / "user.c").write_text(
+        "int SSL_read(void);\nint SSL_write(void);\nint main(void) { return SSL_read(); }\n"
+    )
+    run = functools.partial(subprocess.run, cwd=tmp_path, check=True, timeout=60)
+    run(["gcc", "-rdynamic", "-o", "own", "own.c"])
+    run(["gcc", "-rdynamic", "-s", "-o", "own-stripped", "own.c"])
+    run(["gcc", "-shared", "-fPIC", "-o", "libfake.so", "lib.c"])
+    run(["gcc", "-o", "user", "user.c", "-L.", "-lfake"])
+    for name in ("own", "own-stripped"):
+        assert inspect_executable(str(tmp_path / name)) == StaticSsl(frozenset({"SSL_read", "SSL_write"})), name
+    assert inspect_executable(str(tmp_path / "user")) is None
