@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--json", action="store_true", help="print enriched calls as NDJSON instead of a table")
     up.add_argument("--config", type=Path, help="YAML config shared by the services")
     up.add_argument("--state-dir", type=Path, help="where NATS state and service logs go (default: a temp dir)")
+    up.add_argument(
+        "--tls",
+        action="store_true",
+        help="with --interface: also read TLS plaintext through eBPF uprobes (root; see trawl tls status)",
+    )
 
     identity = commands.add_parser("identity", help="Kubernetes identity snapshots")
     identity_commands = identity.add_subparsers(dest="identity_command", required=True, metavar="ACTION")
@@ -140,6 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     as_json=args.json,
                     config_file=args.config,
                     state_dir=args.state_dir,
+                    tls=args.tls,
                 )
             )
         if args.command == "identity":

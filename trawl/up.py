@@ -64,6 +64,8 @@ class UpOptions:
     as_json: bool = False
     config_file: Path | None = None
     state_dir: Path | None = None
+    # TLS plaintext through eBPF uprobes (collector.tls.mode on).
+    tls: bool = False
 
 
 def suite_config(options: UpOptions, nats_url: str) -> dict[str, Any]:
@@ -86,6 +88,14 @@ def suite_config(options: UpOptions, nats_url: str) -> dict[str, Any]:
         section("collector")["pcap"] = str(options.pcap.resolve())
     if options.interfaces:
         section("collector")["interfaces"] = options.interfaces
+    if options.tls:
+        if options.pcap is not None:
+            raise UserError("--tls reads live processes: use it with --interface, not --pcap")
+        tls = section("collector").setdefault("tls", {})
+        if not isinstance(tls, dict):
+            raise ConfigError("'collector.tls' must be a mapping", path=options.config_file)
+        # "on": a machine where BPF cannot load stops the suite at start with the reason.
+        tls["mode"] = "on"
     if options.identity is not None:
         section("enricher")["identity_snapshot"] = str(options.identity.resolve())
     if options.kubeconfig is not None:

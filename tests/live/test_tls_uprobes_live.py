@@ -1,5 +1,5 @@
-"""TLS plaintext through eBPF uprobes, end to end (root and BPF): `trawl up --interface lo`
-with `collector.tls.mode: on`, a real OpenSSL server (Python's ssl module, which links the
+"""TLS plaintext through eBPF uprobes, end to end (root and BPF): `trawl up --interface lo
+--tls` (`collector.tls.mode: on`), a real OpenSSL server (Python's ssl module, which links the
 system libssl) and two real OpenSSL clients (Python's http.client, and curl through libcurl)
 exchanging HTTP/1.1 over TLS on loopback. Every call appears once with its plaintext method,
 path and status, its 4-tuple and `capture = tls-uprobe`; the packets of the same connections
@@ -136,12 +136,11 @@ def trawl_up(tmp_path: Path) -> Iterator[UpRun]:
     config = tmp_path / "trawl.yaml"
     # Bodies kept short: this test captures all of lo, other programs' traffic included.
     config.write_text(
-        yaml.safe_dump(
-            {"collector": {"tls": {"mode": "on", "scan_interval_s": 1.0}}, "dissector": {"max_body_bytes": 1024}}
-        )
+        yaml.safe_dump({"collector": {"tls": {"scan_interval_s": 1.0}}, "dissector": {"max_body_bytes": 1024}})
     )
     run = UpRun(tmp_path / "state", [])
-    command = [sys.executable, "-m", "trawl", "up", "--interface", "lo", "--json", "--config", str(config)]
+    # --tls turns the uprobes on (collector.tls.mode on); the config adds a faster rescan.
+    command = [sys.executable, "-m", "trawl", "up", "--interface", "lo", "--tls", "--json", "--config", str(config)]
     process = subprocess.Popen(
         [*command, "--state-dir", str(run.state)],
         stdout=subprocess.PIPE,
