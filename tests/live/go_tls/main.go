@@ -6,6 +6,8 @@
 //	gotls get PORT h1|h2     wait for a line on stdin, then make the calls below to PORT over
 //	                         one connection, and print "<local port> <status>..."
 //	gotls self CERT KEY      both, in one process: the h1 then the h2 calls
+//	gotls loop PORT N        wait for a line on stdin, then N GETs over one HTTP/1.1 connection
+//	                         (for measuring the uprobes' cost)
 package main
 
 import (
@@ -109,6 +111,22 @@ func main() {
 		var line string
 		if line, err = get(os.Args[2], os.Args[3]); err == nil {
 			fmt.Println(line)
+		}
+	case "loop":
+		bufio.NewReader(os.Stdin).ReadString('\n')
+		transport := &http.Transport{
+			TLSClientConfig: &tls.Config{InsecureSkipVerify: true},
+			TLSNextProto:    map[string]func(string, *tls.Conn) http.RoundTripper{},
+		}
+		client := &http.Client{Transport: transport}
+		count := 0
+		fmt.Sscan(os.Args[3], &count)
+		for i := 0; i < count && err == nil; i++ {
+			var response *http.Response
+			if response, err = client.Get("https://127.0.0.1:" + os.Args[2] + "/orders/1"); err == nil {
+				io.ReadAll(response.Body)
+				response.Body.Close()
+			}
 		}
 	case "self":
 		var listener net.Listener
