@@ -46,7 +46,7 @@ import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import trawl
 from trawl.enricher.red import OVERFLOW_RESOURCE, PROTOCOL_SPECS, HistogramSpec
@@ -73,6 +73,8 @@ CARDINALITY_LIMIT = 2000
 OVERFLOW_ATTRIBUTES: tuple[tuple[str, object], ...] = (("otel.metric.overflow", True),)
 MAX_KEYS = 65_536
 MAX_TEMPLATES = 16_384
+# What one export request holds at most (a gRPC receiver takes 4 MiB by default).
+MAX_REQUEST_BYTES = 1 << 20
 # Tempo's metrics-generator default buckets for the service-graph histograms, in seconds.
 SERVICE_GRAPH_BUCKETS_S = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8)
 TRAWL_RESOURCE: tuple[tuple[str, object], ...] = (("service.name", "trawl"), ("service.version", trawl.__version__))
@@ -410,6 +412,45 @@ class RedAggregator:
         """The ExportMetricsServiceRequest of everything recorded (for delta: since the last
         call), and how many data points it holds. With delta temporality the series are
         forgotten afterwards, so the caller sends it or counts it lost."""
+        request, points = self._request(now_ns)
+        return request.SerializeToString(), points
+
+    def requests(self, max_bytes: int = MAX_REQUEST_BYTES, now_ns: int | None = None) -> list[tuple[bytes, int]]:
+        """`request` cut into requests of at most about `max_bytes` each (a receiver refuses a
+        gRPC message past its limit, 4 MiB by default, and a refused request is retried to no
+        end): whole resources together, a resource too large for one alone one metric a
+        request. Each with its data points."""
+        from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
+
+        request, _ = self._request(now_ns)
+        pieces: list[tuple[bytes, int]] = []
+        for resource_metrics in request.resource_metrics:
+            piece = ExportMetricsServiceRequest()
+            piece.resource_metrics.add().CopyFrom(resource_metrics)
+            body = piece.SerializeToString()
+            if len(body) <= max_bytes:
+                pieces.append((body, _points_of(piece)))
+                continue
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    single = ExportMetricsServiceRequest()
+                    part = single.resource_metrics.add()
+                    part.resource.CopyFrom(resource_metrics.resource)
+                    scope = part.scope_metrics.add()
+                    scope.scope.CopyFrom(scope_metrics.scope)
+                    scope.metrics.add().CopyFrom(metric)
+                    pieces.append((single.SerializeToString(), _points_of(single)))
+        # Joined back up to the bound: serialized requests concatenated are one request (their
+        # resource_metrics append), so no message is built twice.
+        joined: list[tuple[bytes, int]] = []
+        for body, points in pieces:
+            if joined and len(joined[-1][0]) + len(body) <= max_bytes:
+                joined[-1] = (joined[-1][0] + body, joined[-1][1] + points)
+            else:
+                joined.append((body, points))
+        return joined
+
+    def _request(self, now_ns: int | None) -> tuple[Any, int]:
         from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
         from opentelemetry.proto.metrics.v1 import metrics_pb2
 
@@ -441,7 +482,7 @@ class RedAggregator:
                     points += 1
         points += self._trawl_metrics(request, temporality, now_ns)
         self._forget(now_ns)
-        return request.SerializeToString(), points
+        return request, points
 
     def _trawl_metrics(self, request: object, temporality: Temporality, now_ns: int) -> int:
         """Service graph, TCP diagnostics and the registry's counters, under Trawl's resource."""
@@ -545,6 +586,15 @@ class RedAggregator:
                     series.exemplars = [None] * len(series.exemplars)
         for edge in self._edges.values():
             edge.seconds.exemplars = [None] * len(edge.seconds.exemplars)
+
+
+def _points_of(request: Any) -> int:
+    return sum(
+        len(getattr(metric, metric.WhichOneof("data") or "gauge").data_points)
+        for resource_metrics in request.resource_metrics
+        for scope_metrics in resource_metrics.scope_metrics
+        for metric in scope_metrics.metrics
+    )
 
 
 def _service_name(endpoint: Endpoint) -> str:
@@ -711,8 +761,10 @@ class WireRedMetrics:
         timeout_s: float = 10.0,
         initial_backoff_s: float = 1.0,
         max_backoff_s: float = 32.0,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ) -> None:
         self.sender = sender
+        self.max_request_bytes = max_request_bytes
         self.aggregator = RedAggregator(registry, max_resources=max_resources, temporality=temporality)
         self.timeout_s = timeout_s
         self.initial_backoff_s = initial_backoff_s
@@ -759,22 +811,28 @@ class WireRedMetrics:
             self.aggregator.record_calls(calls)
 
     def export(self, timeout_s: float | None = None) -> bool:
+        """Send everything recorded, in requests of at most `max_request_bytes`; False when
+        one of them failed (its points counted failed, the others sent all the same)."""
         with self._lock:
-            body, points = self.aggregator.request()
-        attempt = self._send(body, timeout_s if timeout_s is not None else self.timeout_s)
-        if attempt.accepted:
-            rejected = min(points, attempt.rejected)
-            self._exports.inc(result="success")
-            self._points.inc(points - rejected, result="exported")
-            if rejected:
-                self._points.inc(rejected, result="rejected")
-                log.warning("metric_points_rejected", points=rejected, message=attempt.message)
-            return True
-        self._exports.inc(result="failure")
-        self._failures.inc()
-        self._points.inc(points, result="failed")
-        log.warning("metric_export_failed", points=points, message=attempt.message)
-        return False
+            pieces = self.aggregator.requests(self.max_request_bytes)
+        deadline = time.monotonic() + (timeout_s if timeout_s is not None else self.timeout_s)
+        ok = True
+        for body, points in pieces:
+            attempt = self._send(body, max(0.0, deadline - time.monotonic()))
+            if attempt.accepted:
+                rejected = min(points, attempt.rejected)
+                self._exports.inc(result="success")
+                self._points.inc(points - rejected, result="exported")
+                if rejected:
+                    self._points.inc(rejected, result="rejected")
+                    log.warning("metric_points_rejected", points=rejected, message=attempt.message)
+                continue
+            ok = False
+            self._exports.inc(result="failure")
+            self._failures.inc()
+            self._points.inc(points, result="failed")
+            log.warning("metric_export_failed", points=points, bytes=len(body), message=attempt.message)
+        return ok
 
     def _send(self, body: bytes, timeout_s: float) -> Attempt:
         deadline = time.monotonic() + timeout_s

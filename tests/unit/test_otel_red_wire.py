@@ -371,3 +371,30 @@ def test_the_temporality_preference_is_read_as_the_sdk_reads_it() -> None:
     assert temporality_from({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "lowmemory"}) == "lowmemory"
     with pytest.raises(ConfigError, match="TEMPORALITY_PREFERENCE"):
         temporality_from({"OTEL_EXPORTER_OTLP_METRICS_TEMPORALITY_PREFERENCE": "sometimes"})
+
+
+def test_requests_are_cut_to_the_size_bound_and_hold_the_same_points() -> None:
+    calls = dissected(CAPTURES[0].parent / "http1.pcap", IDENTITY) + [
+        make_call(id=f"c{index}", path=f"/p{index}") for index in range(50)
+    ]
+    whole, _, _ = aggregated(calls)
+    registry = Registry()
+    aggregator = RedAggregator(registry, max_resources=2000)
+    aggregator.record_calls(calls)
+    pieces = aggregator.requests(max_bytes=4096)
+    assert len(pieces) > 3
+    joined = ExportMetricsServiceRequest.FromString(b"".join(body for body, _ in pieces))
+    assert histograms(joined) == histograms(whole)
+    single_metric = [
+        body
+        for body, _ in pieces
+        if len(body) > 4096 and len(ExportMetricsServiceRequest.FromString(body).resource_metrics) != 1
+    ]
+    assert single_metric == []  # only a resource's single metric may pass the bound
+    total_points = sum(points for _, points in pieces)
+    assert total_points == sum(
+        len(getattr(m, m.WhichOneof("data") or "gauge").data_points)
+        for rm in joined.resource_metrics
+        for sm in rm.scope_metrics
+        for m in sm.metrics
+    )
