@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import trawl
 from trawl.enricher.red import OVERFLOW_RESOURCE, PROTOCOL_SPECS, HistogramSpec
-from trawl.enricher.spans import resource_for, shape_call, span_ids, span_times, template_path
+from trawl.enricher.spans import _HEX_ID, _UUID, resource_for, shape_call, span_ids, span_times, template_path
 from trawl.enricher.wire_export import Attempt
 from trawl.logs import get_logger
 from trawl.metrics import Registry
@@ -135,21 +135,23 @@ class _Stream:
 
 
 class _Edge:
-    __slots__ = ("attributes", "failed", "seconds")
+    __slots__ = ("attributes", "failed", "group", "seconds")
 
     def __init__(self, attributes: Attrs, start_ns: int) -> None:
         self.attributes = attributes
         self.failed = 0
         self.seconds = Series(attributes, SERVICE_GRAPH_BUCKETS_S, start_ns)
+        self.group = (self.seconds,)
 
 
 @dataclass(frozen=True)
 class _Entry:
     """What one key stands for: the series each of its histograms goes to, and its edge."""
 
-    durations: tuple[tuple[Series, bool], ...]  # (series, is the client side)
-    request_bodies: tuple[tuple[Series, bool], ...]
-    response_bodies: tuple[tuple[Series, bool], ...]
+    # The series of each measured value; the series of one value share their bucket bounds.
+    durations: tuple[Series, ...]
+    request_bodies: tuple[Series, ...]
+    response_bodies: tuple[Series, ...]
     edge: _Edge | None
     failed: bool
     resource_overflow: bool
@@ -241,18 +243,13 @@ class RedAggregator:
             response = call.response
             end = response.end_ts or response.ts or request.end_ts or start
             seconds = (end - start) / 1e9 if end > start else 0.0
-            for series, _ in entry.durations:
-                series.add(seconds, call)
+            _add(entry.durations, seconds, call)
             if entry.request_bodies:
-                size = request.body_size
-                for series, _ in entry.request_bodies:
-                    series.add(size, call)
-                size = response.body_size
-                for series, _ in entry.response_bodies:
-                    series.add(size, call)
+                _add(entry.request_bodies, request.body_size, call)
+                _add(entry.response_bodies, response.body_size, call)
             edge = entry.edge
             if edge is not None:
-                edge.seconds.add(seconds, call)
+                _add(edge.group, seconds, call)
                 if entry.failed:
                     edge.failed += 1
             if entry.resource_overflow:
@@ -265,12 +262,15 @@ class RedAggregator:
             self._attribute_overflow.inc(attribute_overflows)
 
     def _template(self, path: str) -> str:
+        """spans.template_path, cached, and quicker on the paths the cache misses (the ones
+        with ids): a segment is only matched against the patterns its length allows
+        (test_otel_red_wire holds the two equal on generated paths)."""
         templates = self._templates
         found = templates.get(path)
         if found is None:
             if len(templates) >= MAX_TEMPLATES:
                 templates.clear()
-            found = templates[path] = template_path(path)
+            found = templates[path] = quick_template(path)
         return found
 
     def _http_key(self, call: ApiCall) -> tuple[object, ...]:
@@ -304,9 +304,9 @@ class RedAggregator:
         shape = shape_call(call)
         specs = PROTOCOL_SPECS[call.protocol]
         resource_overflow = attribute_overflow = False
-        durations: list[tuple[Series, bool]] = []
-        request_bodies: list[tuple[Series, bool]] = []
-        response_bodies: list[tuple[Series, bool]] = []
+        durations: list[Series] = []
+        request_bodies: list[Series] = []
+        response_bodies: list[Series] = []
         # Resources are taken in the order of the histograms, as red.py takes them (which one
         # gets the last place under max_resources depends on it), and only for the sides some
         # histogram records: a Redis server gets no resource of its own.
@@ -333,7 +333,7 @@ class RedAggregator:
                 if spec.value == "request_body"
                 else response_bodies
             )
-            target.append((series, client))
+            target.append(series)
         failed = bool(shape.client_error or shape.server_error)
         connection_type = (
             "messaging_system"
@@ -586,6 +586,45 @@ class RedAggregator:
                     series.exemplars = [None] * len(series.exemplars)
         for edge in self._edges.values():
             edge.seconds.exemplars = [None] * len(edge.seconds.exemplars)
+
+
+def _add(group: tuple[Series, ...], value: float, call: ApiCall) -> None:
+    """Series.add on each series of a group (one bisect: they share their bounds), inline."""
+    if not group:
+        return
+    index = bisect_left(group[0].bounds, value)
+    for series in group:
+        series.counts[index] += 1
+        series.exemplars[index] = call
+        series.count += 1
+        series.sum += value
+        if value < series.min:
+            series.min = value
+        if value > series.max:
+            series.max = value
+
+
+def quick_template(path: str) -> str:
+    """spans.template_path, with the regular expressions tried only where they can match."""
+    path = path.split("?", 1)[0]
+    segments = path.split("/")
+    changed = False
+    for index, segment in enumerate(segments):
+        if _is_id(segment):
+            segments[index] = "{id}"
+            changed = True
+    return "/".join(segments) if changed else path
+
+
+def _is_id(segment: str) -> bool:
+    size = len(segment)
+    if not size:
+        return False
+    if segment.isascii() and segment.isdigit():
+        return True
+    if size < 12:  # a UUID is 36 characters and a hex id at least 12
+        return False
+    return bool((size == 36 and _UUID.fullmatch(segment)) or _HEX_ID.fullmatch(segment))
 
 
 def _points_of(request: Any) -> int:

@@ -26,8 +26,8 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 from tests.unit.test_otel_spans import make_call
 from tests.unit.test_otlp_spans_differential import CALLS, CAPTURES, IDENTITY, calls, dissected
 from trawl.enricher.red import PROTOCOL_SPECS, RedMetrics
-from trawl.enricher.red_wire import OVERFLOW_ATTRIBUTES, RedAggregator, temporality_from
-from trawl.enricher.spans import span_ids
+from trawl.enricher.red_wire import OVERFLOW_ATTRIBUTES, RedAggregator, quick_template, temporality_from
+from trawl.enricher.spans import span_ids, template_path
 from trawl.errors import ConfigError
 from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall
@@ -398,3 +398,16 @@ def test_requests_are_cut_to_the_size_bound_and_hold_the_same_points() -> None:
         for sm in rm.scope_metrics
         for m in sm.metrics
     )
+
+
+SEGMENTS = st.one_of(
+    st.sampled_from(["", "users", "42", "0", "550E8400-e29b-41d4-a716-446655440000", "deadbeef12345", "cafe", "٣"]),
+    st.text(alphabet="0123456789abcdefABCDEF-x\n", max_size=40),
+    st.text(max_size=8),
+)
+
+
+@given(st.lists(SEGMENTS, max_size=6), st.sampled_from(["", "?q=1", "?a/1"]))
+def test_the_quick_template_is_template_path(segments: list[str], query: str) -> None:
+    path = "/".join(segments) + query
+    assert quick_template(path) == template_path(path)
