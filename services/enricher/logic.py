@@ -375,6 +375,16 @@ def start_kube_watch(settings: EnricherSettings, identity: IdentityMap, metrics:
     return watcher.start()
 
 
+def red_metrics_for(settings: EnricherSettings, metrics: Registry) -> WireRedMetrics | None:
+    """The aggregated RED path (trawl.enricher.red_wire) when the settings ask for it and a
+    metrics endpoint is configured; None otherwise (then `metric_exporter_for`, the SDK path)."""
+    if settings.metrics_path != "aggregated" or settings.metrics_target() is None:
+        return None
+    from trawl.enricher.red_wire import WireRedMetrics
+
+    return WireRedMetrics.from_settings(settings, metrics, os.environ)
+
+
 def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None = None) -> Enricher:
     metrics = metrics if metrics is not None else Registry()
     wire = None
@@ -384,11 +394,7 @@ def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None 
 
         wire = WireSpanPath.from_settings(settings, metrics, os.environ)  # None: not built, or no endpoint
     span_exporter = span_exporter_for(settings) if wire is None else None
-    red = None
-    if settings.metrics_path == "aggregated" and settings.metrics_target() is not None:
-        from trawl.enricher.red_wire import WireRedMetrics
-
-        red = WireRedMetrics.from_settings(settings, metrics, os.environ)
+    red = red_metrics_for(settings, metrics)
     metric_exporter = metric_exporter_for(settings) if red is None else None
     return Enricher(
         settings,
