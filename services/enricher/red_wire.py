@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any
 
 import trawl
 from trawl.enricher.red import OVERFLOW_RESOURCE, PROTOCOL_SPECS, HistogramSpec
-from trawl.enricher.spans import _HEX_ID, _UUID, resource_for, shape_call, span_ids, span_times, template_path
+from trawl.enricher.spans import _HEX_ID, _UUID, resource_for, shape_call, span_ids, template_path
 from trawl.enricher.wire_export import Attempt
 from trawl.logs import get_logger
 from trawl.metrics import Registry
@@ -83,6 +83,9 @@ TEMPORALITIES = ("cumulative", "delta", "lowmemory")
 SCOPE_NAME = "trawl.enricher"
 
 Attrs = tuple[tuple[str, object], ...]
+# What an exemplar keeps of its call: id, trace id and parent span id (its spans' ids follow
+# from them, spans.span_ids), and its end time.
+Sample = tuple[str, str, str, int]
 
 
 def temporality_from(environ: Mapping[str, str]) -> str:
@@ -99,25 +102,40 @@ class Series:
     """One histogram data point: bucket counts over fixed bounds, count, sum, min, max, and the
     last call of each bucket (its exemplar)."""
 
-    __slots__ = ("attributes", "bounds", "count", "counts", "exemplars", "max", "min", "start_ns", "sum")
+    __slots__ = (
+        "attributes",
+        "bounds",
+        "count",
+        "counts",
+        "exemplar_values",
+        "exemplars",
+        "max",
+        "min",
+        "start_ns",
+        "sum",
+    )
 
     def __init__(self, attributes: Attrs, bounds: tuple[float, ...], start_ns: int) -> None:
         self.attributes = attributes
         self.bounds = bounds
         self.start_ns = start_ns
         self.counts = [0] * (len(bounds) + 1)
-        self.exemplars: list[ApiCall | None] = [None] * (len(bounds) + 1)
+        # Per bucket, the last call's Sample and value: a few of its fields, not the call (a
+        # call parsed from a CallBatch would keep the whole batch's memory alive).
+        self.exemplars: list[Sample | None] = [None] * (len(bounds) + 1)
+        self.exemplar_values: list[float] = [0.0] * (len(bounds) + 1)
         self.count = 0
         # An int while the values are (body sizes), as the SDK sums them: exact past 2**53.
         self.sum: float = 0
         self.min = float("inf")
         self.max = float("-inf")
 
-    def add(self, value: float, call: ApiCall) -> None:
+    def add(self, value: float, sample: Sample) -> None:
         # bisect_left: a value equal to a bound is in that bound's bucket, as OTLP (and the SDK) say.
         index = bisect_left(self.bounds, value)
         self.counts[index] += 1
-        self.exemplars[index] = call
+        self.exemplars[index] = sample
+        self.exemplar_values[index] = value
         self.count += 1
         self.sum += value
         if value < self.min:
@@ -243,13 +261,14 @@ class RedAggregator:
             response = call.response
             end = response.end_ts or response.ts or request.end_ts or start
             seconds = (end - start) / 1e9 if end > start else 0.0
-            _add(entry.durations, seconds, call)
+            sample = (call.id, call.trace_id, call.parent_span_id, end if end > start else start)
+            _add(entry.durations, seconds, sample)
             if entry.request_bodies:
-                _add(entry.request_bodies, request.body_size, call)
-                _add(entry.response_bodies, response.body_size, call)
+                _add(entry.request_bodies, request.body_size, sample)
+                _add(entry.response_bodies, response.body_size, sample)
             edge = entry.edge
             if edge is not None:
-                _add(edge.group, seconds, call)
+                _add(edge.group, seconds, sample)
                 if entry.failed:
                     edge.failed += 1
             if entry.resource_overflow:
@@ -476,9 +495,7 @@ class RedAggregator:
                 metric.name, metric.description, metric.unit = spec.name, spec.description, spec.unit
                 metric.histogram.aggregation_temporality = temporality
                 for series in live:
-                    _fill_histogram(
-                        metric.histogram.data_points.add(), series, now_ns, spec.side == "client", spec.value
-                    )
+                    _fill_histogram(metric.histogram.data_points.add(), series, now_ns, spec.side == "client")
                     points += 1
         points += self._trawl_metrics(request, temporality, now_ns)
         self._forget(now_ns)
@@ -521,7 +538,7 @@ class RedAggregator:
                 metric.description = "Duration of requests between two services, seen from one side"
                 metric.histogram.aggregation_temporality = temporality
                 for edge in edges:
-                    _fill_histogram(metric.histogram.data_points.add(), edge.seconds, now_ns, client, "duration")
+                    _fill_histogram(metric.histogram.data_points.add(), edge.seconds, now_ns, client)
                     points += 1
         if self._tcp:
             metric = metrics.add()
@@ -588,14 +605,15 @@ class RedAggregator:
             edge.seconds.exemplars = [None] * len(edge.seconds.exemplars)
 
 
-def _add(group: tuple[Series, ...], value: float, call: ApiCall) -> None:
+def _add(group: tuple[Series, ...], value: float, sample: Sample) -> None:
     """Series.add on each series of a group (one bisect: they share their bounds), inline."""
     if not group:
         return
     index = bisect_left(group[0].bounds, value)
     for series in group:
         series.counts[index] += 1
-        series.exemplars[index] = call
+        series.exemplars[index] = sample
+        series.exemplar_values[index] = value
         series.count += 1
         series.sum += value
         if value < series.min:
@@ -690,7 +708,7 @@ def _fill_attributes(target: object, attributes: Iterable[tuple[str, object]]) -
             attribute.value.string_value = str(value)
 
 
-def _fill_histogram(point: object, series: Series, now_ns: int, client: bool, value: str) -> None:
+def _fill_histogram(point: object, series: Series, now_ns: int, client: bool) -> None:
     point.start_time_unix_nano = series.start_ns  # type: ignore[attr-defined]
     point.time_unix_nano = now_ns  # type: ignore[attr-defined]
     point.count = series.count  # type: ignore[attr-defined]
@@ -700,18 +718,11 @@ def _fill_histogram(point: object, series: Series, now_ns: int, client: bool, va
     point.bucket_counts.extend(series.counts)  # type: ignore[attr-defined]
     point.explicit_bounds.extend(series.bounds)  # type: ignore[attr-defined]
     _fill_attributes(point.attributes, series.attributes)  # type: ignore[attr-defined]
-    for call in series.exemplars:
-        if call is None:
+    for sample, measured in zip(series.exemplars, series.exemplar_values, strict=True):
+        if sample is None:
             continue
-        ids = span_ids(call)
-        start, end = span_times(call)
-        measured = (
-            (end - start) / 1e9
-            if value == "duration"
-            else call.request.body_size
-            if value == "request_body"
-            else call.response.body_size
-        )
+        call_id, trace_id, parent_span_id, end = sample
+        ids = span_ids(ApiCall(id=call_id, trace_id=trace_id, parent_span_id=parent_span_id))
         exemplar = point.exemplars.add()  # type: ignore[attr-defined]
         exemplar.time_unix_nano = end
         exemplar.as_double = float(measured)
