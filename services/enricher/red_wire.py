@@ -209,6 +209,10 @@ class RedAggregator:
         self.cardinality_limit = cardinality_limit
         self.max_edges = max_edges
         self.delta = temporality != "cumulative"
+        # The registry's counters are read as totals, as an asynchronous counter observes: under
+        # `lowmemory` the SDK keeps those cumulative (only synchronous counters and histograms
+        # go delta).
+        self.registry_delta = temporality == "delta"
         self._start_ns = time.time_ns()
         self._resources: dict[tuple[tuple[str, object], ...], dict[str, _Stream]] = {}
         self._edges: dict[Attrs, _Edge] = {}
@@ -551,7 +555,14 @@ class RedAggregator:
                 _fill_attributes(point.attributes, (("trawl.tcp.event", kind),))
                 point.start_time_unix_nano, point.time_unix_nano, point.as_int = self._start_ns, now_ns, count
                 points += 1
-        points += self._registry_metrics(metrics, temporality, now_ns)
+        from opentelemetry.proto.metrics.v1 import metrics_pb2
+
+        registry_temporality = (
+            metrics_pb2.AGGREGATION_TEMPORALITY_DELTA
+            if self.registry_delta
+            else metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
+        )
+        points += self._registry_metrics(metrics, registry_temporality, now_ns)
         return points
 
     def _registry_metrics(self, metrics: object, temporality: Temporality, now_ns: int) -> int:

@@ -329,6 +329,19 @@ def test_delta_sends_what_came_since_the_last_export() -> None:
     assert not _points(ExportMetricsServiceRequest.FromString(aggregator.request()[0]), "http.server.request.duration")
 
 
+def test_lowmemory_keeps_the_registry_counters_cumulative() -> None:
+    registry = Registry()
+    aggregator = RedAggregator(registry, max_resources=10, temporality="lowmemory")
+    counter = registry.counter("trawl_enricher_calls_total", "Calls enriched, by protocol")
+    for _ in range(2):
+        counter.inc(2, protocol="http")
+        aggregator.record_calls([make_call()])
+        request = ExportMetricsServiceRequest.FromString(aggregator.request()[0])
+    (point,) = _points(request, "http.server.request.duration")
+    assert point.count == 1  # the histogram is delta
+    assert [p.as_double for p in _points(request, "trawl_enricher_calls_total")] == [4.0]
+
+
 def test_service_graph_and_trawl_counters_in_the_same_request() -> None:
     ok = make_call(id="ok")
     failed = make_call(id="failed", status="503")
