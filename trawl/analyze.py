@@ -29,7 +29,7 @@ from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import Dissector
 from trawl.enricher.config import EnricherSettings
-from trawl.enricher.logic import Enricher, build_enricher, load_identity, metric_exporter_for
+from trawl.enricher.logic import Enricher, build_enricher, load_identity, metric_exporter_for, red_metrics_for
 from trawl.enricher.span_totals import SpanCounters
 from trawl.errors import InputError
 from trawl.logs import configure_logging, get_logger
@@ -139,8 +139,14 @@ def analyze(
     if spans is None:
         enricher = build_enricher(enricher_settings, metrics=metrics)
     else:  # the Enricher without its SDK span exporter: the compiled path sends the spans
+        red = red_metrics_for(enricher_settings, metrics)  # RED metrics aggregated, when a metrics endpoint is set
         enricher = Enricher(
-            enricher_settings, load_identity(enricher_settings), None, metric_exporter_for(enricher_settings), metrics
+            enricher_settings,
+            load_identity(enricher_settings),
+            None,
+            metric_exporter_for(enricher_settings) if red is None else None,
+            metrics,
+            red_metrics=red,
         )
     node_name = dissector_settings.node
     dissector = Dissector(dissector_settings, node=node_name)
