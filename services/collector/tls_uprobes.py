@@ -488,6 +488,7 @@ class TlsCapture:
         self.kernel_lost: dict[str, int] = {}
         self.chunks_sent = 0
         self.unavailable = ""
+        self.started = False  # the programs loaded and the processes looked at, or found unusable
         self.wall_offset_ns = time.time_ns() - time.monotonic_ns()
         self._status: list[dict[str, Any]] = []
         self._exported_lost: dict[str, int] = {}
@@ -636,7 +637,8 @@ class TlsCapture:
     def status(self) -> dict[str, Any]:
         return {
             "node": self.node,
-            "bpf": self.unavailable or "loaded",
+            # Until start() is through, no process list is complete: "loading", not a wrong "loaded".
+            "bpf": self.unavailable or ("loaded" if self.started else "loading"),
             "processes": list(self._status),
             "chunks_published": self.chunks_sent,
             "lost": {**self.lost, **self.kernel_lost},
@@ -650,13 +652,19 @@ class TlsCapture:
         try:
             await asyncio.to_thread(self._load)
         except TlsUnavailable as exc:
-            self.unavailable = str(exc)
+            reason = str(exc)
             if self.settings.mode == "on":
+                self.unavailable = reason
                 raise
-            log.warning("tls_uprobes_unavailable", reason=self.unavailable)
-            # The status still names the processes that would be hooked, and why they are not.
-            self._status = await asyncio.to_thread(self._unhooked, self.unavailable)
+            log.warning("tls_uprobes_unavailable", reason=reason)
+            # The status still names the processes that would be hooked, and why they are not:
+            # the reason is published with that list, not before it (a status asked meanwhile
+            # says "loading").
+            self._status = await asyncio.to_thread(self._unhooked, reason)
+            self.unavailable = reason
+            self.started = True
             return
+        self.started = True
         log.info("tls_uprobes_loaded", libraries=len(self.tracer.hooks), processes=len(self._status))
 
     async def pump(self, stopping: asyncio.Event) -> None:
