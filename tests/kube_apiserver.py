@@ -291,6 +291,15 @@ class KubeApiServer:
         with self._lock:
             return len(self._watches)
 
+    def wait_for_no_watch(self, timeout_s: float = 10.0) -> int:
+        """Block until every watch has ended on the server's side (a client sees a cut watch end
+        before the handler thread that served it has finished); the watches still open then."""
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            while self._watches and deadline > time.monotonic():
+                self._lock.wait(deadline - time.monotonic())
+            return len(self._watches)
+
     def wait_for_watches(self, count: int, timeout_s: float = 10.0) -> None:
         """Block until at least `count` watches are open (AssertionError after `timeout_s`)."""
         deadline = time.monotonic() + timeout_s
@@ -416,6 +425,7 @@ class KubeApiServer:
         finally:
             with self._lock:
                 self._watches.discard(watch)
+                self._lock.notify_all()
 
 
 class _Handler(BaseHTTPRequestHandler):

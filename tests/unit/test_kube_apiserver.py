@@ -82,7 +82,7 @@ def test_a_cut_watch_ends_the_clients_stream(api: KubeApiServer, core: client.Co
         for _ in response.stream():
             pass
     breaker.join()
-    assert api.open_watches() == 0
+    assert api.wait_for_no_watch() == 0
 
 
 def test_leases_replace_with_optimistic_concurrency(api: KubeApiServer, tmp_path: Path) -> None:
