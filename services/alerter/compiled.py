@@ -37,7 +37,7 @@ Value = str | int | bool
 Evaluator = Callable[[calls_pb2.ApiCall], Value]
 
 _INT64_MIN, _INT64_MAX = -(1 << 63), (1 << 63) - 1
-_PLAIN_STRING = re.compile(r'^(?:"([^"\\\n]*)"|\'([^\'\\\n]*)\')$')
+PLAIN_STRING = re.compile(r'^(?:"([^"\\\n]*)"|\'([^\'\\\n]*)\')$')
 _PLAIN_INT = re.compile(r"^-?[0-9]{1,18}$")
 _INT_FIELD_TYPES = frozenset(
     {
@@ -124,7 +124,7 @@ def _boolean(value: Value) -> bool:
 
 class _Compiler:
     def expr(self, node: Any) -> Evaluator:
-        if not _is_tree(node, "expr"):
+        if not is_tree(node, "expr"):
             return self.node(node)
         if len(node.children) == 1:
             return self.node(node.children[0])
@@ -151,9 +151,9 @@ class _Compiler:
             return self.logical(node.children, absorbing=False)
         if data == "relation" and len(node.children) == 2:
             return self.relation(node.children[0], node.children[1])
-        if data == "addition" and len(node.children) == 2 and _is_tree(node.children[0], "addition_add"):
+        if data == "addition" and len(node.children) == 2 and is_tree(node.children[0], "addition_add"):
             return self.add(node.children[0].children[0], node.children[1])
-        if data == "unary" and len(node.children) == 2 and _is_tree(node.children[0], "unary_not"):
+        if data == "unary" and len(node.children) == 2 and is_tree(node.children[0], "unary_not"):
             operand = self.node(node.children[1])
             return lambda call: not _boolean(operand(call))
         if data == "member":
@@ -223,11 +223,11 @@ class _Compiler:
         if len(node.children) != 1:
             raise Unsupported
         child = node.children[0]
-        if _is_tree(child, "primary"):
+        if is_tree(child, "primary"):
             return self.primary(child)
-        if _is_tree(child, "member_dot"):
+        if is_tree(child, "member_dot"):
             return self.field(_dotted(child))
-        if _is_tree(child, "member_dot_arg"):
+        if is_tree(child, "member_dot_arg"):
             return self.method(child)
         raise Unsupported
 
@@ -237,7 +237,7 @@ class _Compiler:
         if name not in ("startsWith", "endsWith", "contains") or len(arguments) != 1:
             raise Unsupported
         exprlist = arguments[0]
-        if not _is_tree(exprlist, "exprlist") or len(exprlist.children) != 1:
+        if not is_tree(exprlist, "exprlist") or len(exprlist.children) != 1:
             raise Unsupported
         target, argument = self.node(target_node), self.node(exprlist.children[0])
         test = {"startsWith": str.startswith, "endsWith": str.endswith, "contains": str.__contains__}[name]
@@ -254,18 +254,18 @@ class _Compiler:
         if len(node.children) != 1:
             raise Unsupported
         child = node.children[0]
-        if _is_tree(child, "literal"):
+        if is_tree(child, "literal"):
             value = _literal(child)
             return lambda call: value
-        if _is_tree(child, "paren_expr") and len(child.children) == 1:
+        if is_tree(child, "paren_expr") and len(child.children) == 1:
             return self.expr(child.children[0])
-        if _is_tree(child, "ident_arg"):
+        if is_tree(child, "ident_arg"):
             return self.function(child)
         raise Unsupported
 
     def function(self, node: Any) -> Evaluator:
         name = str(node.children[0])
-        if len(node.children) != 2 or not _is_tree(node.children[1], "exprlist"):
+        if len(node.children) != 2 or not is_tree(node.children[1], "exprlist"):
             raise Unsupported
         arguments = node.children[1].children
         if len(arguments) != 1:
@@ -309,12 +309,8 @@ class _Compiler:
     def has(self, node: Any) -> Evaluator:
         """has(call.a.b): the last field present in its (map) parent; every field is, but a
         protocol detail that is not set (a oneof member), and whatever is under one."""
-        member = _operand(node)
-        if (
-            not _is_tree(member, "member")
-            or len(member.children) != 1
-            or not _is_tree(member.children[0], "member_dot")
-        ):
+        member = operand(node)
+        if not is_tree(member, "member") or len(member.children) != 1 or not is_tree(member.children[0], "member_dot"):
             raise Unsupported
         path = _dotted(member.children[0])
         last = _resolve(path)[-1]
@@ -350,24 +346,24 @@ class _Compiler:
         return read
 
     def literal_list(self, node: Any) -> tuple[Value, ...]:
-        listed = _operand(node)
-        if _is_tree(listed, "member") and len(listed.children) == 1:
+        listed = operand(node)
+        if is_tree(listed, "member") and len(listed.children) == 1:
             listed = listed.children[0]
-        if _is_tree(listed, "primary") and len(listed.children) == 1:
+        if is_tree(listed, "primary") and len(listed.children) == 1:
             listed = listed.children[0]
-        if not _is_tree(listed, "list_lit"):
+        if not is_tree(listed, "list_lit"):
             raise Unsupported
         if not listed.children:
             return ()
         exprlist = listed.children[0]
-        if len(listed.children) != 1 or not _is_tree(exprlist, "exprlist"):
+        if len(listed.children) != 1 or not is_tree(exprlist, "exprlist"):
             raise Unsupported
         values = []
         for item in exprlist.children:
-            primary = _operand(item)
-            if _is_tree(primary, "member") and len(primary.children) == 1:
+            primary = operand(item)
+            if is_tree(primary, "member") and len(primary.children) == 1:
                 primary = primary.children[0]
-            if not _is_tree(primary, "primary") or not _is_tree(primary.children[0], "literal"):
+            if not is_tree(primary, "primary") or not is_tree(primary.children[0], "literal"):
                 raise Unsupported
             values.append(_literal(primary.children[0]))
         return tuple(values)
@@ -409,12 +405,12 @@ def _dotted(node: Any) -> list[str]:
     names: list[str] = []
     current = node
     while True:
-        if _is_tree(current, "member_dot") and len(current.children) == 2:
+        if is_tree(current, "member_dot") and len(current.children) == 2:
             names.append(str(current.children[1]))
             current = current.children[0]
-        elif _is_tree(current, "member") and len(current.children) == 1:
+        elif is_tree(current, "member") and len(current.children) == 1:
             current = current.children[0]
-        elif _is_tree(current, "primary") and len(current.children) == 1 and _is_tree(current.children[0], "ident"):
+        elif is_tree(current, "primary") and len(current.children) == 1 and is_tree(current.children[0], "ident"):
             names.append(str(current.children[0].children[0]))
             return names[::-1]
         else:
@@ -427,7 +423,7 @@ def _literal(node: Any) -> Value:
     token = node.children[0]
     kind, text = getattr(token, "type", ""), str(token)
     if kind == "STRING_LIT":
-        found = _PLAIN_STRING.match(text)
+        found = PLAIN_STRING.match(text)
         if found is None:
             raise Unsupported
         return found.group(1) if found.group(1) is not None else found.group(2)
@@ -438,11 +434,13 @@ def _literal(node: Any) -> Value:
     raise Unsupported
 
 
-def _operand(node: Any) -> Any:
-    while (_is_tree(node, "expr") or _is_tree(node, *_PASS_THROUGH)) and len(node.children) == 1:
+def operand(node: Any) -> Any:
+    """The node under the single-child wrappers cel-python's grammar puts around an operand."""
+    while (is_tree(node, "expr") or is_tree(node, *_PASS_THROUGH)) and len(node.children) == 1:
         node = node.children[0]
     return node
 
 
-def _is_tree(node: object, *data: str) -> bool:
+def is_tree(node: object, *data: str) -> bool:
+    """A lark tree node of one of the rule names `data`."""
     return isinstance(node, lark.Tree) and node.data in data

@@ -18,22 +18,16 @@ judged by the guard (the condition runs, and says what it says of it).
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
 import celpy
-import lark
 
+from trawl.alerter.compiled import PLAIN_STRING, is_tree, operand
 from trawl.v1 import calls_pb2
 
 _OUTCOME_NAMES = {value.number: value.name for value in calls_pb2.Outcome.DESCRIPTOR.values}
-_PLAIN_STRING = re.compile(r'^(?:"([^"\\\n]*)"|\'([^\'\\\n]*)\')$')
 _GUARDED = ("protocol", "outcome")
-# Nodes cel-python's grammar wraps around a single operand: looked through to reach it.
-_PASS_THROUGH = frozenset(
-    {"expr", "conditionalor", "conditionaland", "relation", "addition", "multiplication", "unary"}
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,16 +68,16 @@ def _conjuncts(tree: Any) -> list[Any]:
     node = tree
     # expr -> conditionalor -> conditionaland: only a condition without `?:` and `||` at its top.
     for data in ("expr", "conditionalor"):
-        if not _is_tree(node, data) or len(node.children) != 1:
+        if not is_tree(node, data) or len(node.children) != 1:
             return []
         node = node.children[0]
     terms: list[Any] = []
     pending = [node]
     while pending:
         current = pending.pop()
-        if _is_tree(current, "conditionaland") and len(current.children) == 2:
+        if is_tree(current, "conditionaland") and len(current.children) == 2:
             pending.extend(reversed(current.children))
-        elif _is_tree(current, "conditionaland") and len(current.children) == 1:
+        elif is_tree(current, "conditionaland") and len(current.children) == 1:
             pending.append(current.children[0])
         else:
             terms.append(current)
@@ -92,15 +86,15 @@ def _conjuncts(tree: Any) -> list[Any]:
 
 def _comparison(term: Any) -> tuple[str, frozenset[str]] | None:
     """(field, allowed values) for `call.F == "x"`, `"x" == call.F` or `call.F in ["x", ...]`."""
-    if not _is_tree(term, "relation") or len(term.children) != 2:
+    if not is_tree(term, "relation") or len(term.children) != 2:
         return None
     operator, right = term.children
-    if not _is_tree(operator, "relation_eq") and not _is_tree(operator, "relation_in"):
+    if not is_tree(operator, "relation_eq") and not is_tree(operator, "relation_in"):
         return None
     if len(operator.children) != 1:
         return None
     left = operator.children[0]
-    if _is_tree(operator, "relation_eq"):
+    if is_tree(operator, "relation_eq"):
         for path_side, literal_side in ((left, right), (right, left)):
             name = _guarded_field(path_side)
             text = _string_literal(literal_side)
@@ -114,26 +108,20 @@ def _comparison(term: Any) -> tuple[str, frozenset[str]] | None:
     return name, values
 
 
-def _operand(node: Any) -> Any:
-    while _is_tree(node, *_PASS_THROUGH) and len(node.children) == 1:
-        node = node.children[0]
-    return node
-
-
 def _guarded_field(node: Any) -> str | None:
     """`protocol` or `outcome` for the operand `call.protocol` / `call.outcome`."""
-    member = _operand(node)
-    if not _is_tree(member, "member") or len(member.children) != 1:
+    member = operand(node)
+    if not is_tree(member, "member") or len(member.children) != 1:
         return None
     dotted = member.children[0]
-    if not _is_tree(dotted, "member_dot") or len(dotted.children) != 2:
+    if not is_tree(dotted, "member_dot") or len(dotted.children) != 2:
         return None
     inner, attribute = dotted.children
-    root = _operand(inner)
-    if not _is_tree(root, "member") or len(root.children) != 1 or not _is_tree(root.children[0], "primary"):
+    root = operand(inner)
+    if not is_tree(root, "member") or len(root.children) != 1 or not is_tree(root.children[0], "primary"):
         return None
     primary = root.children[0]
-    if len(primary.children) != 1 or not _is_tree(primary.children[0], "ident"):
+    if len(primary.children) != 1 or not is_tree(primary.children[0], "ident"):
         return None
     if str(primary.children[0].children[0]) != "call" or str(attribute) not in _GUARDED:
         return None
@@ -141,8 +129,8 @@ def _guarded_field(node: Any) -> str | None:
 
 
 def _primary(node: Any) -> Any:
-    member = _operand(node)
-    if not _is_tree(member, "member") or len(member.children) != 1 or not _is_tree(member.children[0], "primary"):
+    member = operand(node)
+    if not is_tree(member, "member") or len(member.children) != 1 or not is_tree(member.children[0], "primary"):
         return None
     primary = member.children[0]
     return primary.children[0] if len(primary.children) == 1 else None
@@ -151,9 +139,9 @@ def _primary(node: Any) -> Any:
 def _string_literal(node: Any) -> str | None:
     """The text of a plain quoted string literal (no escapes, prefixes or triple quotes)."""
     literal = _primary(node)
-    if not _is_tree(literal, "literal") or len(literal.children) != 1:
+    if not is_tree(literal, "literal") or len(literal.children) != 1:
         return None
-    found = _PLAIN_STRING.match(str(literal.children[0]))
+    found = PLAIN_STRING.match(str(literal.children[0]))
     if found is None:
         return None
     return found.group(1) if found.group(1) is not None else found.group(2)
@@ -162,18 +150,14 @@ def _string_literal(node: Any) -> str | None:
 def _string_list(node: Any) -> frozenset[str] | None:
     """The strings of a list literal made only of plain string literals."""
     listed = _primary(node)
-    if not _is_tree(listed, "list_lit"):
+    if not is_tree(listed, "list_lit"):
         return None
     if not listed.children:
         return frozenset()
     exprlist = listed.children[0]
-    if len(listed.children) != 1 or not _is_tree(exprlist, "exprlist"):
+    if len(listed.children) != 1 or not is_tree(exprlist, "exprlist"):
         return None
     values = [_string_literal(item) for item in exprlist.children]
     if any(value is None for value in values):
         return None
     return frozenset(value for value in values if value is not None)
-
-
-def _is_tree(node: object, *data: str) -> bool:
-    return isinstance(node, lark.Tree) and node.data in data
