@@ -106,6 +106,13 @@ def _parser() -> argparse.ArgumentParser:
         sub_action.add_argument("--config", type=Path, help="YAML config whose nats section says where NATS is")
         sub_action.add_argument("--nats-url", help="NATS server (default: the config's, else nats://127.0.0.1:4222)")
         sub_action.add_argument("--timeout-s", type=float, default=5.0, help="wait this long for the answer")
+        sub_action.add_argument(
+            "--recorders",
+            type=int,
+            default=0,
+            metavar="N",
+            help="stop waiting once N recorders answered (default: once none has for half a second)",
+        )
         sub_action.add_argument("--json", action="store_true", help="the recordings as JSON, one per line")
 
     for service in SERVICES:
@@ -237,7 +244,7 @@ def _record(args: argparse.Namespace) -> int:
     else:
         control.get = args.id
     nats = NatsSettings(servers=[args.nats_url]) if args.nats_url else RecorderSettings.load(args.config).nats
-    reply = asyncio.run(ask(nats, control, args.timeout_s))
+    reply = asyncio.run(ask(nats, control, args.timeout_s, expect=args.recorders))
     if reply.error:
         raise UserError(reply.error)
     sys.stdout.write(render(reply, args.json))

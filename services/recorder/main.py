@@ -14,18 +14,32 @@ previous announcement; on SIGTERM it stops reading and seals. With `continuous: 
 rotating files are not written (the batches are still read, counted and checkpointed).
 
 Recordings on demand (see recordings.py): the recorder answers RecordControl requests on
-`trawl.v1.control.record` (queue group "recorder", so one recorder takes each request) with a
-RecordReply: start a recording of a scope for a duration, with the look-back in it; list; stop;
-get. Schedules in the config start recordings at the times their cron expressions name. A
-recording still running when the input ends (end_of_input) or the recorder stops is sealed then.
+`trawl.v1.control.record` with a RecordReply: start a recording of a scope for a duration, with
+the look-back in it; list; stop; get. Every recorder hears every request and answers for its
+own part, the nodes it reads (control.py says how the asker gathers the parts). Schedules in the
+config start recordings at the times their cron expressions name. A recording still running when
+the input ends (end_of_input) or the recorder stops (SIGTERM) is sealed then.
+
+A recorder killed mid-recording (SIGKILL, OOM, a node lost) goes on with the recording when it
+starts again, rather than sealing it as interrupted: the running recordings (id, request, scope,
+end time, counts, and the size of each of their files) are saved in the same CHECKPOINT as the
+stream position, after each batch is in their files, so at start their files are cut back to
+that checkpoint, reopened, and written from the batches read again after it, until their end
+time (a recording takes the batches the stream stored before its end). A recording an alert
+asked for keeps its length and holds every packet once, where sealing at the restart would
+lose the rest of an incident. Files left partial without a checkpoint naming them are cut to
+their last whole packet and sealed as "interrupted". Ended recordings are journaled
+(on-demand/RECORDINGS), so `trawl record list` shows them after a restart too.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +51,8 @@ from trawl.errors import ConfigError
 from trawl.logs import get_logger
 from trawl.packet_stream import LossCounter, PacketReader
 from trawl.recorder.config import RecorderSettings, ScheduleSettings
-from trawl.recorder.control import RECORD_SUBJECT
-from trawl.recorder.recordings import ON_DEMAND_DIRECTORY, Lookback, Recording, Recordings
+from trawl.recorder.control import RECORD_SUBJECT, RECORDING_ID_HEADER, derived_id, subject_covers_node
+from trawl.recorder.recordings import ON_DEMAND_DIRECTORY, Ended, Lookback, Recording, Recordings
 from trawl.recorder.writer import PcapWriter
 from trawl.service import ServiceContext, main_for
 from trawl.v1 import control_pb2, packets_pb2
@@ -55,14 +69,22 @@ class Schedule:
         self.settings = settings
         self._cron = croniter(settings.cron, now)
         self.next_at: float = self._cron.get_next(float)
+        self.fired_at = 0.0
+        # Recorders with the same schedule give the same start the same id (each its own part).
+        self._tag = hashlib.sha256(settings.model_dump_json().encode()).hexdigest()[:8]
 
     def due(self, now: float) -> bool:
         if now < self.next_at:
             return False
         # A recorder that was busy past several start times starts one recording, not a burst.
         while self.next_at <= now:
+            self.fired_at = self.next_at
             self.next_at = self._cron.get_next(float)
         return True
+
+    def recording_id(self) -> str:
+        """The id of the recording started at the last time due() said."""
+        return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self.fired_at)) + "-" + self._tag
 
     def request(self) -> control_pb2.RecordRequest:
         s = self.settings
@@ -78,17 +100,28 @@ class Schedule:
         )
 
 
-def answer(recordings: Recordings, data: bytes, now: float) -> control_pb2.RecordReply:
-    """The reply to one RecordControl request; a refused one says why in `error`."""
+def answer(
+    recordings: Recordings,
+    data: bytes,
+    now: float,
+    *,
+    covers: Callable[[str], bool] | None = None,
+    recording_id: str = "",
+) -> control_pb2.RecordReply | None:
+    """The reply to one RecordControl request; a refused one says why in `error`. None (no
+    reply) to a start naming only nodes this recorder does not read (`covers`): another
+    recorder records them, and answers (see control.py)."""
     try:
         control = control_pb2.RecordControl.FromString(data)
     except DecodeError as exc:
         return control_pb2.RecordReply(error=f"not a RecordControl message: {exc}")
     action = control.WhichOneof("action")
     try:
-        found: list[Recording]
+        found: list[Recording | Ended]
         if action == "start":
-            found = [recordings.start(control.start, now)]
+            if covers is not None and control.start.nodes and not any(covers(n) for n in control.start.nodes):
+                return None
+            found = [recordings.start(control.start, now, recording_id)]
         elif action == "stop":
             found = [recordings.stop(control.stop)]
         elif action == "get":
@@ -148,8 +181,12 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         metrics=ctx.metrics,
         max_age_s=settings.retention.max_age_s,
         max_total_bytes=settings.retention.max_total_bytes,
+        recorder=settings.node,
     )
-    recordings.recover()
+    # Recordings running when the previous process stopped without sealing them (SIGKILL, a
+    # crash) go on from the checkpoint: their files are cut back to it, and the batches after it
+    # are read again below; see Recordings.recover.
+    recordings.recover(list(mark.get("recordings", [])), time.time())
     schedules = [Schedule(schedule, time.time()) for schedule in settings.schedules]
 
     async def on_batch(data: bytes, stream_seq: int, stored_ns: int) -> None:
@@ -180,16 +217,20 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
                 "sequences": gaps.sequences,
                 "packets": gaps.packets,
             }
+            # The recordings first: the checkpoint below covers the batch in their files too.
+            try:
+                recordings.feed(batch, stored_ns)
+            except ValueError as exc:
+                if not settings.continuous:  # otherwise the writer counts it
+                    bad_batches.inc(node=batch.node)
+                    log.warning("recorder_bad_batch", node=batch.node, sequence=batch.sequence, error=str(exc))
+            if recordings.active or recordings.changed:
+                recordings.changed = False
+                position["recordings"] = recordings.checkpoint()
             if settings.continuous:
                 writer.write(batch, mark=position)
             else:
                 writer.checkpoint(position)
-            try:
-                recordings.feed(batch)
-            except ValueError as exc:
-                if not settings.continuous:  # otherwise the writer has counted it
-                    bad_batches.inc(node=batch.node)
-                    log.warning("recorder_bad_batch", node=batch.node, sequence=batch.sequence, error=str(exc))
             if batch.end_of_input:
                 recordings.stop_all("sealed")
                 writer.seal_all()
@@ -211,16 +252,30 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     await reader.start(start_seq=resume_after + 1 if resume_after else None, stream_id=str(mark.get("stream", "")))
     log.info("recorder_resumed", consumer=reader.durable, after=resume_after, sequences=gaps.sequences)
 
+    def save() -> None:
+        """Checkpoint the recordings started or ended since the last batch (with the writer's
+        last mark: the files are where that mark says)."""
+        if recordings.changed:
+            recordings.changed = False
+            writer.checkpoint({**(writer.mark or {}), "recordings": recordings.checkpoint()})
+
+    def covers(node: str) -> bool:
+        return subject_covers_node(settings.subject, node)
+
     async def on_control(msg: Any) -> None:
+        headers = msg.headers or {}
+        recording_id = headers.get(RECORDING_ID_HEADER) or (derived_id(msg.reply, time.time()) if msg.reply else "")
         try:
-            reply = answer(recordings, msg.data, time.time())
+            reply = answer(recordings, msg.data, time.time(), covers=covers, recording_id=recording_id)
+            save()
         except Exception as exc:  # the asker gets an answer, the recorder goes on
             log.exception("record_control_failed")
             reply = control_pb2.RecordReply(error=f"the recorder failed: {exc}")
-        if msg.reply:
+        if msg.reply and reply is not None:
             await ctx.bus.nc.publish(msg.reply, reply.SerializeToString())
 
-    control = await ctx.bus.nc.subscribe(RECORD_SUBJECT, queue="recorder", cb=on_control) if settings.control else None
+    # No queue group: every recorder hears every request and answers for its own part.
+    control = await ctx.bus.nc.subscribe(RECORD_SUBJECT, cb=on_control) if settings.control else None
     await ctx.ready()
     tick = min(1.0, settings.rotate_seconds)
     since_retention = 0.0
@@ -231,8 +286,9 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         for schedule in schedules:
             if schedule.due(now):
                 with contextlib.suppress(ConfigError):  # refused: logged and counted by start()
-                    recordings.start(schedule.request(), now)
-        recordings.expire(now)
+                    recordings.start(schedule.request(), now, schedule.recording_id())
+        recordings.expire(now, recordings.caught_up(now))
+        save()
         writer.rotate_due()
         writer.sync()
         await reader.ack()
@@ -247,6 +303,7 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
         await control.unsubscribe()
     await reader.stop()
     recordings.stop_all()
+    save()
     writer.seal_all()
     writer.sync()
     await reader.ack()

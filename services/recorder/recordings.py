@@ -26,6 +26,7 @@ type and resolution (pcap has one of each per file).
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import hashlib
 import ipaddress
@@ -37,9 +38,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from dpkt import pcapng
+from google.protobuf import json_format
 
 from trawl.collector.bpf_filter import Instruction, _BpfInsn, _pcap
 from trawl.collector.scope import PodDirectory, Scope
@@ -56,8 +58,18 @@ ON_DEMAND_DIRECTORY = "on-demand"
 _NS_PER_S = 1_000_000_000
 _TSRESOL_NS = b"\x09"  # if_tsresol: 10^-9 s
 KEEP_DONE = 1000
+# Ended recordings, one JSON document a line (Recording.describe()), so a restarted recorder
+# still lists them; rewritten with the newest KEEP_DONE once it holds twice as many.
+JOURNAL_NAME = "RECORDINGS"
+# A recording whose end time has passed is sealed once a batch stored after that time arrives
+# (feed), or once no batch has come for IDLE_S (expire): the batches stored before its end are in
+# it even when the recorder reads behind (after a restart, its backlog). LATE_S bounds the wait
+# for a recorder that never catches up.
+IDLE_S = 2.0
+LATE_S = 60.0
 # What recordings name their sealed files; retention only ever touches files with this shape.
 RECORDING_NAME = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}(?:-\d+)?\.pcap(?:ng)?$")
+RECORDING_ID = re.compile(r"^\d{8}T\d{6}Z-[0-9a-f]{8}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,10 +297,12 @@ class _Output:
     final: Path
     handle: BinaryIO
     digest: hashlib._Hash = field(default_factory=hashlib.sha256)
+    size: int = 0
 
     def write(self, data: bytes) -> None:
         self.handle.write(data)
         self.digest.update(data)
+        self.size += len(data)
 
 
 class Recording:
@@ -303,8 +317,10 @@ class Recording:
         directory: Path,
         file_format: str,
         now: float,
+        recorder: str = "",
     ) -> None:
         self.id = recording_id
+        self.recorder = recorder
         self.request = request
         self.filter = PacketFilter(expression)
         self.selected_pods = selected_pods
@@ -313,6 +329,9 @@ class Recording:
         self.nodes = frozenset(request.nodes)
         self.started_at = now
         self.ends_at = now + request.duration_s
+        # Set when a restarted recorder took the recording up again (its wait for the backlog
+        # is measured from then).
+        self.resumed_at: float | None = None
         self.state = "recording"
         self.error = ""
         self.packets = 0
@@ -399,6 +418,83 @@ class Recording:
         )
         output.write(bytes(epb))
 
+    @property
+    def ends_at_ns(self) -> int:
+        return int(self.ends_at * _NS_PER_S)
+
+    def deadline(self) -> float:
+        """When the recording is sealed even if the recorder has not caught up with its end."""
+        return max(self.ends_at, self.resumed_at or 0.0) + LATE_S
+
+    def checkpoint(self) -> dict[str, Any]:
+        """Flush the files and describe the recording as far as they hold it: what a restarted
+        recorder needs to go on writing it (see Recordings.recover)."""
+        outputs = []
+        for key, output in self._outputs.items():
+            output.handle.flush()
+            outputs.append(
+                {"key": list(key), "partial": output.partial.name, "final": output.final.name, "size": output.size}
+            )
+        return {
+            "id": self.id,
+            "request": base64.b64encode(self.request.SerializeToString()).decode(),
+            "expression": self.filter.expression,
+            "selected_pods": self.selected_pods,
+            "format": self.format,
+            "started_at": self.started_at,
+            "ends_at": self.ends_at,
+            "packets": self.packets,
+            "lookback_packets": self.lookback_packets,
+            "error": self.error,
+            "outputs": outputs,
+            "interfaces": [[*key, index] for key, index in self._interfaces.items()],
+            "unfiltered": sorted(self._unfiltered_link_types),
+        }
+
+    @classmethod
+    def restore(cls, document: dict[str, Any], directory: Path, recorder: str) -> tuple[Recording, int]:
+        """The recording a checkpoint describes, its files cut back to the checkpoint's sizes and
+        open for appending; (recording, bytes cut). OSError when a file cannot be reopened,
+        ValueError (or KeyError, TypeError) when the document is not one of ours."""
+        request = control_pb2.RecordRequest.FromString(base64.b64decode(document["request"]))
+        recording = cls(
+            str(document["id"]),
+            request,
+            str(document["expression"]),
+            [str(p) for p in document["selected_pods"]],
+            directory,
+            str(document["format"]),
+            float(document["started_at"]),
+            recorder,
+        )
+        if not RECORDING_NAME.match(recording.id + ".pcap"):
+            raise ValueError(f"not a recording id: {recording.id!r}")
+        recording.ends_at = float(document["ends_at"])
+        recording.packets = int(document["packets"])
+        recording.lookback_packets = int(document["lookback_packets"])
+        recording.error = str(document["error"])
+        recording._unfiltered_link_types = {int(t) for t in document["unfiltered"]}
+        recording._interfaces = {(str(n), int(t), bool(ns)): int(i) for n, t, ns, i in document["interfaces"]}
+        cut = 0
+        for entry in document["outputs"]:
+            link_type, nanosecond = entry["key"]
+            partial = directory / Path(str(entry["partial"])).name
+            final = directory / Path(str(entry["final"])).name
+            size = int(entry["size"])
+            with open(partial, "r+b") as handle:
+                data = handle.read()
+                # The checkpoint's size is what the stream position covers; a file shorter than
+                # that (a host crash before the data reached the disk) keeps its whole blocks.
+                good = size if len(data) >= size else _complete_prefix(data, pcapng_file=final.suffix == ".pcapng")
+                handle.truncate(good)
+                os.fsync(handle.fileno())
+            cut += len(data) - good
+            output = _Output(partial, final, open(partial, "ab"))  # noqa: SIM115 - held open until sealed
+            output.digest.update(data[:good])
+            output.size = good
+            recording._outputs[(int(link_type), bool(nanosecond))] = output
+        return recording, cut
+
     def seal(self, state: str) -> list[Path]:
         """Close, fsync and seal the files (read-only, in SHA256SUMS); the recording is done."""
         manifest = self.directory / "SHA256SUMS"
@@ -426,6 +522,7 @@ class Recording:
             lookback_packets=self.lookback_packets,
             files=[str(path) for path in self.files],
             error=self.error,
+            recorder=self.recorder,
         )
 
 
@@ -443,8 +540,16 @@ class Recordings:
         metrics: Registry,
         max_age_s: float | None = None,
         max_total_bytes: int | None = None,
+        recorder: str = "",
     ) -> None:
         self.directory = directory
+        self.recorder = recorder
+        self.journal = directory / JOURNAL_NAME
+        self._journal_lines = 0
+        # Wall-clock time of the last batch fed (expire waits for the backlog to be read).
+        self.last_batch_at = time.time()
+        # Called with each recording sealed (the S3 shipper takes its files).
+        self.on_sealed: list[Any] = []
         self.max_age_s = max_age_s
         self.max_total_bytes = max_total_bytes
         self.format = file_format
@@ -452,7 +557,9 @@ class Recordings:
         self.identity = identity
         self.max_active = max_active
         self.active: dict[str, Recording] = {}
-        self.done: dict[str, Recording] = {}
+        # Set when a recording starts or ends: the recorder saves its checkpoint then.
+        self.changed = False
+        self.done: dict[str, Recording | Ended] = {}
         self._started = metrics.counter("trawl_recorder_recordings_started_total", "Recordings started, by trigger")
         self._refused = metrics.counter("trawl_recorder_recordings_refused_total", "Recording requests refused")
         self._packets = metrics.counter("trawl_recorder_recording_packets_total", "Packets written to recordings")
@@ -463,8 +570,9 @@ class Recordings:
         )
         self._errors = metrics.counter("trawl_recorder_write_errors_total", "File system errors while recording")
 
-    def start(self, request: control_pb2.RecordRequest, now: float) -> Recording:
-        """Start a recording with the look-back in it; ConfigError (the reason) when refused."""
+    def start(self, request: control_pb2.RecordRequest, now: float, recording_id: str = "") -> Recording:
+        """Start a recording with the look-back in it; ConfigError (the reason) when refused.
+        `recording_id` (valid_id) names it, as the requester chose it for every recorder."""
         try:
             if request.duration_s <= 0:
                 raise ConfigError("duration_s must be more than 0")
@@ -474,9 +582,16 @@ class Recordings:
             if file_format not in ("pcap", "pcapng"):
                 raise ConfigError(f"format {file_format!r}: use pcap or pcapng")
             expression, selected = scope_expression(request, self.identity)
-            recording_id = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
+            if not recording_id:
+                recording_id = new_id(now)
+            elif not valid_id(recording_id):
+                raise ConfigError(f"recording id {recording_id!r}: give one like {new_id(now)!r}")
+            if recording_id in self.active or recording_id in self.done:
+                raise ConfigError(f"a recording {recording_id!r} exists already")
             self.directory.mkdir(parents=True, exist_ok=True)
-            recording = Recording(recording_id, request, expression, selected, self.directory, file_format, now)
+            recording = Recording(
+                recording_id, request, expression, selected, self.directory, file_format, now, self.recorder
+            )
             # Compile now for the usual link types, so a bad filter is refused in the reply.
             recording.filter.check((1, 276) if expression else ())
         except ConfigError as exc:
@@ -492,6 +607,7 @@ class Recordings:
             return recording
         self._packets.inc(recording.lookback_packets)
         self.active[recording.id] = recording
+        self.changed = True
         self._started.inc(trigger=request.requested_by.partition(":")[0] or "unnamed")
         log.info(
             "recording_started",
@@ -503,12 +619,18 @@ class Recordings:
         )
         return recording
 
-    def feed(self, batch: packets_pb2.PacketBatch) -> None:
+    def feed(self, batch: packets_pb2.PacketBatch, stored_ns: int = 0) -> None:
         """Hold the batch's packets in the look-back and hand them to the running recordings.
-        ValueError when its records are malformed (nothing of it is kept)."""
+        `stored_ns`: when the stream stored the batch; a recording takes the batches stored
+        before its end time, and the first one stored after it seals it. ValueError when its
+        records are malformed (nothing of it is kept)."""
+        self.last_batch_at = time.time()
         self.lookback.add(batch)
         if not self.active:
             return
+        if stored_ns:
+            for recording in [r for r in self.active.values() if stored_ns >= r.ends_at_ns]:
+                self._end(recording, "sealed")
         packets = packets_of(batch)
         for recording in list(self.active.values()):
             written = 0
@@ -519,14 +641,19 @@ class Recordings:
                 self._fail(recording, exc)
             self._packets.inc(written)
 
-    def expire(self, now: float) -> list[Recording]:
-        """Seal the recordings whose duration has passed."""
-        ended = [r for r in self.active.values() if now >= r.ends_at]
+    def caught_up(self, now: float) -> bool:
+        """No batch has come for IDLE_S: the reader has read what the stream holds."""
+        return now - self.last_batch_at >= IDLE_S
+
+    def expire(self, now: float, caught_up: bool = True) -> list[Recording]:
+        """Seal the recordings whose duration has passed, once the reader has `caught_up` (the
+        batches stored before their end have been read; see caught_up()), or at their deadline."""
+        ended = [r for r in self.active.values() if now >= r.ends_at and (caught_up or now >= r.deadline())]
         for recording in ended:
             self._end(recording, "sealed")
         return ended
 
-    def stop(self, recording_id: str) -> Recording:
+    def stop(self, recording_id: str) -> Recording | Ended:
         recording = self.active.get(recording_id)
         if recording is None:
             if recording_id in self.done:
@@ -539,24 +666,56 @@ class Recordings:
         for recording in list(self.active.values()):
             self._end(recording, state)
 
-    def get(self, recording_id: str) -> Recording:
+    def get(self, recording_id: str) -> Recording | Ended:
         recording = self.active.get(recording_id) or self.done.get(recording_id)
         if recording is None:
             raise ConfigError(f"no recording {recording_id!r}")
         return recording
 
-    def all(self) -> list[Recording]:
+    def all(self) -> list[Recording | Ended]:
         return sorted([*self.done.values(), *self.active.values()], key=lambda r: (r.started_at, r.id))
 
-    def recover(self) -> list[Path]:
-        """Seal the files of recordings a killed recorder left partial: cut after their last
-        complete record (pcap) or block (PCAPNG), and count the bytes cut."""
+    def checkpoint(self) -> list[dict[str, Any]]:
+        """The running recordings as far as their (flushed) files hold them, for the recorder's
+        checkpoint: saved with the stream position their files have reached."""
+        return [recording.checkpoint() for recording in self.active.values()]
+
+    def recover(self, running: list[dict[str, Any]] | None = None, now: float | None = None) -> list[Path]:
+        """After a restart: list the ended recordings again (the journal); go on with the
+        recordings the last checkpoint names as running (`running`: their files cut back to the
+        checkpoint's sizes, reopened, written until their end time from the batches read after
+        that checkpoint); seal as "interrupted" any other file a killed recorder left partial,
+        cut after its last complete record (pcap) or block (PCAPNG). Bytes cut are counted.
+        Returns the files sealed."""
         sealed: list[Path] = []
         if not self.directory.is_dir():
             return sealed
+        self._read_journal()
+        now = time.time() if now is None else now
+        for document in running or []:
+            if str(document.get("id")) in self.done:
+                continue  # sealed (and journaled) after that checkpoint was taken
+            try:
+                recording, cut = Recording.restore(document, self.directory, self.recorder)
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                self._errors.inc()
+                log.error("recording_resume_failed", recording=document.get("id"), error=str(exc))
+                continue
+            if cut:
+                self._cut.inc(cut)
+            recording.resumed_at = now
+            self.active[recording.id] = recording
+            log.warning(
+                "recording_resumed",
+                recording=recording.id,
+                packets=recording.packets,
+                ends_at=recording.ends_at,
+                dropped_bytes=cut,
+            )
+        mine = {output.partial for r in self.active.values() for output in r._outputs.values()}
         for partial in sorted(self.directory.glob("*.partial")):
             final = partial.with_name(partial.name.removesuffix(".partial"))
-            if not RECORDING_NAME.match(final.name):
+            if partial in mine or not RECORDING_NAME.match(final.name):
                 continue
             try:
                 data = partial.read_bytes()
@@ -573,7 +732,61 @@ class Recordings:
             if good < len(data):
                 self._cut.inc(len(data) - good)
             log.warning("recording_recovered", file=str(final), bytes=good, dropped_bytes=len(data) - good)
+            self._interrupted(final, now)
+        for path in sealed:
+            for callback in self.on_sealed:
+                callback(path)
         return sealed
+
+    def _interrupted(self, final: Path, now: float) -> None:
+        """List a file sealed at recovery without a description (state "interrupted")."""
+        recording_id = final.name.split(".")[0]
+        base_id = recording_id if valid_id(recording_id) else recording_id.rsplit("-", 1)[0]
+        recording = self.done.get(base_id)
+        if not isinstance(recording, Recording) or recording.state != "interrupted":
+            recording = Recording(
+                base_id, control_pb2.RecordRequest(), "", [], self.directory, final.suffix[1:], now, self.recorder
+            )
+            recording.state = "interrupted"
+            recording.ends_at = now
+            recording.error = "the recorder stopped without a checkpoint of this recording: sealed as it was"
+        recording.files.append(final)
+        self._remember(recording)
+
+    def _read_journal(self) -> None:
+        try:
+            lines = self.journal.read_text(encoding="utf-8").splitlines()
+        except FileNotFoundError:
+            return
+        self._journal_lines = len(lines)
+        for line in lines[-KEEP_DONE:]:
+            try:
+                described = json_format.Parse(line, control_pb2.Recording())
+            except json_format.ParseError:
+                continue  # the last line of a journal cut short by a crash
+            recording = Ended(described)
+            self.done[recording.id] = recording
+
+    def _journal(self, recording: Recording) -> None:
+        """Append an ended recording to the journal (rewritten when it grows past 2 * KEEP_DONE)."""
+        line = json_format.MessageToJson(recording.describe(), indent=None, preserving_proto_field_name=True) + "\n"
+        try:
+            self._journal_lines += 1
+            if self._journal_lines > 2 * KEEP_DONE:
+                staging = self.journal.with_name(JOURNAL_NAME + ".tmp")
+                kept = [
+                    json_format.MessageToJson(r.describe(), indent=None, preserving_proto_field_name=True) + "\n"
+                    for r in self.done.values()
+                ]
+                staging.write_text("".join(kept), encoding="utf-8")
+                os.replace(staging, self.journal)
+                self._journal_lines = len(kept)
+            else:
+                with open(self.journal, "a", encoding="utf-8") as handle:
+                    handle.write(line)
+        except OSError as exc:
+            self._errors.inc()
+            log.error("recording_journal_failed", recording=recording.id, error=str(exc))
 
     def apply_retention(self, now: float) -> list[Path]:
         """Delete sealed recordings, oldest first, past the retention's age or total size (the
@@ -595,12 +808,17 @@ class Recordings:
 
     def _end(self, recording: Recording, state: str) -> None:
         del self.active[recording.id]
+        self.changed = True
         try:
             recording.seal(state)
         except OSError as exc:
             self._fail(recording, exc)
             return
         self._remember(recording)
+        self._journal(recording)
+        for path in recording.files:
+            for callback in self.on_sealed:
+                callback(path)
         self.apply_retention(time.time())
 
     def _remember(self, recording: Recording) -> None:
@@ -612,10 +830,35 @@ class Recordings:
     def _fail(self, recording: Recording, exc: OSError) -> None:
         self._failed.inc()
         self.active.pop(recording.id, None)
+        self.changed = True
         recording.state = "failed"
         recording.error = str(exc)
         self._remember(recording)
+        self._journal(recording)
         log.error("recording_failed", recording=recording.id, error=str(exc))
+
+
+class Ended:
+    """A recording ended before this recorder started, as its journal line describes it."""
+
+    def __init__(self, described: control_pb2.Recording) -> None:
+        self._described = described
+        self.id = described.id
+        self.state = described.state
+        self.started_at = described.started_at_ns / _NS_PER_S
+        self.files = [Path(p) for p in described.files]
+
+    def describe(self) -> control_pb2.Recording:
+        return self._described
+
+
+def new_id(now: float) -> str:
+    """A recording id: its start time and 8 random hex digits."""
+    return time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now)) + "-" + secrets.token_hex(4)
+
+
+def valid_id(text: str) -> bool:
+    return RECORDING_ID.match(text) is not None
 
 
 def _complete_prefix(data: bytes, *, pcapng_file: bool) -> int:

@@ -127,9 +127,12 @@ class Recording(_message.Message):
     LOOKBACK_PACKETS_FIELD_NUMBER: _builtins.int
     FILES_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    RECORDER_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     state: _builtins.str
-    """"recording", "sealed", "stopped" (sealed early) or "failed"."""
+    """"recording", "sealed", "stopped" (sealed early), "failed", or "interrupted" (a recorder
+    killed mid-recording left its file without a description of it: sealed as it was).
+    """
     expression: _builtins.str
     """The libpcap expression the scope compiled to ("" records everything on its nodes)."""
     started_at_ns: _builtins.int
@@ -138,6 +141,10 @@ class Recording(_message.Message):
     """Packets written in all, of which from the look-back held before the request."""
     lookback_packets: _builtins.int
     error: _builtins.str
+    recorder: _builtins.str
+    """The recorder (its node name) holding this part of the recording: with several recorders,
+    each records the nodes it reads and answers for its own part (trawl.recorder.control).
+    """
     @_builtins.property
     def request(self) -> Global___RecordRequest: ...
     @_builtins.property
@@ -160,10 +167,11 @@ class Recording(_message.Message):
         lookback_packets: _builtins.int = ...,
         files: _abc.Iterable[_builtins.str] | None = ...,
         error: _builtins.str = ...,
+        recorder: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_at_ns", b"ends_at_ns", "error", b"error", "expression", b"expression", "files", b"files", "id", b"id", "lookback_packets", b"lookback_packets", "packets", b"packets", "request", b"request", "selected_pods", b"selected_pods", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ends_at_ns", b"ends_at_ns", "error", b"error", "expression", b"expression", "files", b"files", "id", b"id", "lookback_packets", b"lookback_packets", "packets", b"packets", "recorder", b"recorder", "request", b"request", "selected_pods", b"selected_pods", "started_at_ns", b"started_at_ns", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
