@@ -742,6 +742,20 @@ class Dissector:
                 if score > best_score:
                     best, best_score, best_swapped = spec, score, True
         full = state.sizes[0] + state.sizes[1] >= self._window
+        # A TLS flow is oriented by its first writer alone (no SYN). While one side alone has
+        # spoken and the best protocol reads those bytes alike either way round, the other
+        # side's first bytes decide: an HTTP/2 server sends its SETTINGS as the handshake ends,
+        # racing the client's preface, and taken for the client it made the parser refuse the
+        # preface and drop every call of the connection.
+        if (
+            flow.keys is TLS_KEYS
+            and best is not None
+            and best_score < 3
+            and 0 in state.sizes
+            and not (final or full)
+            and self._probe(best, client, server, info) == self._probe(best, server, client, swapped_info)
+        ):
+            return False
         if best_score >= 3:
             pass
         elif best_score == 2 and best is not None:

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import json
 
+import h2.config
+import h2.connection
 import h11
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -142,6 +145,65 @@ def test_a_response_first_is_turned_around_by_detection() -> None:
     engine = Dissector(settings(), "n1")
     calls = feed(engine, chunks) + engine.finish()
     assert ("POST", "/login", "401", *CLIENT, *SERVER) in summary(calls)
+
+
+def h2_exchange() -> tuple[bytes, bytes, list[bytes], list[bytes]]:
+    """An HTTP/2 connection as the h2 library writes it: (the server's SETTINGS, the client's
+    preface with its SETTINGS, then the client's writes and the server's writes after them):
+    two GETs and their responses."""
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True))
+    server = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+    server.initiate_connection()
+    settings_frame = server.data_to_send()
+    client.initiate_connection()
+    preface = client.data_to_send()
+    server.receive_data(preface)
+    client.receive_data(settings_frame)
+    sent, answered = [client.data_to_send()], [server.data_to_send()]  # the SETTINGS acks
+    for stream, path in ((1, "/orders/1"), (3, "/orders/2")):
+        client.send_headers(
+            stream, [(":method", "GET"), (":path", path), (":scheme", "https"), (":authority", "shop")], end_stream=True
+        )
+        sent.append(client.data_to_send())
+        server.receive_data(sent[-1])
+        server.send_headers(stream, [(":status", "200")])
+        server.send_data(stream, b"{}", end_stream=True)
+        answered.append(server.data_to_send())
+        client.receive_data(answered[-1])
+    return settings_frame, preface, sent, answered
+
+
+@pytest.mark.parametrize("hooked", ["server", "both"])
+def test_an_http2_server_s_settings_before_the_client_s_preface_is_turned_around(hooked: str) -> None:
+    """A Go (or nghttp2) HTTP/2 server writes its SETTINGS as the TLS handshake ends, racing
+    the client's preface: the server's write can be the connection's first chunk, which makes
+    the server the flow's first writer. Detection waits for the other side (a lone SETTINGS
+    frame reads as HTTP/2 either way round), and the preface turns the flow around: every call
+    is there, client to server (a live run had lost all four of a Go client's calls so)."""
+    settings_frame, preface, sent, answered = h2_exchange()
+    ts = 1_700_000_000 * SECOND
+    server_view = [chunk(SERVER, CLIENT, EGRESS, settings_frame, ts), chunk(CLIENT, SERVER, INGRESS, preface, ts + 20)]
+    client_view = [
+        chunk(CLIENT, SERVER, EGRESS, preface, ts + 10),
+        chunk(SERVER, CLIENT, INGRESS, settings_frame, ts + 30),
+    ]
+    for index, (request, response) in enumerate(zip(sent, answered, strict=True)):
+        at = ts + 1000 * (index + 1)
+        server_view += [
+            chunk(CLIENT, SERVER, INGRESS, request, at + 10),
+            chunk(SERVER, CLIENT, EGRESS, response, at + 20),
+        ]
+        client_view += [chunk(CLIENT, SERVER, EGRESS, request, at), chunk(SERVER, CLIENT, INGRESS, response, at + 30)]
+    chunks = server_view if hooked == "server" else server_view + client_view
+    engine = Dissector(settings(), "n1")
+    calls = feed(engine, sorted(chunks, key=lambda c: c.ts_ns)) + engine.finish()
+    assert sorted(summary(calls)) == [
+        ("GET", "/orders/1", "200", *CLIENT, *SERVER),
+        ("GET", "/orders/2", "200", *CLIENT, *SERVER),
+    ]
+    assert {call.protocol for call in calls} == {"http2"}
+    assert engine.counters["tcp_flows_turned_by_content"] == 1
+    assert engine.counters.get("parse_errors", 0) == 0
 
 
 def test_a_truncated_chunk_is_a_counted_gap() -> None:
