@@ -24,7 +24,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import yaml
 from nats.aio.msg import Msg
@@ -39,7 +39,7 @@ from trawl.enricher.span_totals import TOTALS_EVENT, SpanTotals
 from trawl.errors import ConfigError, UserError
 from trawl.logs import configure_logging, get_logger
 from trawl.procs import die_with_parent
-from trawl.render import TableWriter, call_to_json
+from trawl.render import JsonLinesWriter, TableWriter, call_to_json
 from trawl.v1.alerts_pb2 import Alert, Severity
 from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.control_pb2 import Drained
@@ -251,15 +251,23 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
         suite.drained[drained.service] = drained
         suite.changed.set()
 
-    async def on_call(msg: Msg) -> None:
+    binary: BinaryIO | None = getattr(sys.stdout, "buffer", None)
+    lines = JsonLinesWriter(binary) if table is None and binary is not None else None
+
+    def on_calls(messages: list[tuple[bytes, bytes]]) -> None:
+        """The enriched calls of one read from the bus (Bus.subscribe_batches): NDJSON straight
+        from the serialized calls in one write (no object; the compiled encoder reads the bytes)."""
         nonlocal shown
-        shown += 1
-        if table is None:
-            # NDJSON straight from the serialized call: no object (call_to_json reads the bytes).
-            sys.stdout.write(call_to_json(msg.data) + "\n")
+        shown += len(messages)
+        if lines is not None and binary is not None:
+            lines.write([payload for _, payload in messages])
+            binary.flush()
+        elif table is None:
+            sys.stdout.write("".join(call_to_json(payload) + "\n" for _, payload in messages))
             sys.stdout.flush()
         else:
-            table.write(ApiCall.FromString(msg.data))
+            for _, payload in messages:
+                table.write(ApiCall.FromString(payload))
 
     async def on_alert(msg: Msg) -> None:
         alert = Alert.FromString(msg.data)
@@ -280,7 +288,7 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
         loop.add_signal_handler(sig, stop_requested.set)
     await bus.subscribe("trawl.v1.control.ready.>", on_ready)
     await bus.subscribe("trawl.v1.control.drained.>", on_drained)
-    await bus.subscribe("trawl.v1.enriched.>", on_call)
+    await bus.subscribe_batches("trawl.v1.enriched.>", on_calls)
     await bus.subscribe("trawl.v1.alerts.>", on_alert)
     await bus.nc.flush()
     try:

@@ -124,6 +124,9 @@ class EnricherSettings(ServiceSettings):
     fetch_timeout_s: float = Field(default=1.0, gt=0)
     # Publish every enriched call on trawl.v1.enriched.<protocol>.<namespace>.<workload>.
     publish_enriched: bool = True
+    # How long a batch's enriched calls wait for TRAWL_ENRICHED's acks; past it the CallBatch is
+    # redelivered (the stream keeps each call once, by its id).
+    publish_timeout_s: float = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _fill_from_otel_environment(self) -> EnricherSettings:

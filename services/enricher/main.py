@@ -9,23 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import PubAck
 
-from trawl.bus import STREAM_CALLS, STREAM_ENRICHED, enriched_subject
+from trawl.bus import STREAM_CALLS, STREAM_ENRICHED, DurablePublisher
 from trawl.dedup import RecentIds
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, enricher_from_settings, start_kube_watch
 from trawl.enricher.span_totals import TOTALS_EVENT, SpanCounters, SpanTotals
+from trawl.enricher.wire_calls import EnrichedSubjects, WireError, call_id, split_call_batch
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
-from trawl.v1.calls_pb2 import ApiCall, CallBatch
 
 if TYPE_CHECKING:
     from trawl.enricher.shared import SharedIdentity
@@ -51,71 +49,86 @@ class _Pipeline:
         self._duplicates = metrics.counter(
             "trawl_enricher_duplicate_calls_total", "Calls skipped because a call with the same id was handled"
         )
+        self._too_large = metrics.counter(
+            "trawl_enricher_enriched_too_large_total",
+            "Enriched calls not published because they exceed the NATS server's max_payload",
+        )
+        self._publisher: DurablePublisher | None = None
+        self._subjects = EnrichedSubjects()
         self._lost_upstream = metrics.gauge(
             "trawl_enricher_upstream_lost_packet_batches", "Packet batches the dissector reported missing, by shard"
         )
 
     async def handle(self, msg: Msg) -> None:
-        batch = CallBatch()
         try:
-            batch.ParseFromString(msg.data)
-        except Exception as exc:
+            batch = split_call_batch(msg.data)
+            ids = [call_id(call) for call in batch.calls]
+        except (WireError, IndexError, UnicodeDecodeError) as exc:
             self._bad_batches.inc()
             log.warning("bad_call_batch", subject=msg.subject, size=len(msg.data), error=str(exc))
             await msg.term()
             return
-        calls: Sequence[ApiCall] = batch.calls
-        fresh = self._fresh(calls)
+        calls = batch.calls
+        fresh, fresh_ids = self._fresh(calls, ids)
         if len(fresh) != len(calls):
             self._duplicates.inc(len(calls) - len(fresh))
-            calls = fresh
-        self.enricher.enrich_calls(calls)
-        self.enricher.export(calls)
-        if self.ctx.settings.publish_enriched and not await self._publish(calls):
+        enriched = self.enricher.enrich_encoded(fresh)
+        self.enricher.export_encoded(enriched)
+        if self.ctx.settings.publish_enriched and not await self._publish(enriched, fresh_ids):
             self._publish_failures.inc()
             await msg.nak(delay=1)
             return
         await msg.ack()
-        for call in calls:  # remembered once stored: a batch that is redelivered is handled again
-            self.recent.first_time(call.id)
+        first_time = self.recent.first_time
+        for identifier in fresh_ids:  # remembered once stored: a batch that is redelivered is handled again
+            first_time(identifier)
         self._batches.inc()
-        self.emitted += len(calls)
+        self.emitted += len(enriched)
         self._lost_upstream.set(batch.lost_packet_batches, node=batch.node, shard=str(batch.shard))
         if batch.end_of_input:
             await asyncio.to_thread(self.enricher.flush)
             await self.ctx.drained(emitted=self.emitted, last_stream_sequence=self.last_sequence)
 
-    def _fresh(self, calls: Sequence[ApiCall]) -> list[ApiCall]:
-        """The calls whose id was not handled before (nor earlier in the same batch)."""
+    def _fresh(self, calls: list[bytes], ids: list[str]) -> tuple[list[bytes], list[str]]:
+        """The calls whose id was not handled before (nor earlier in the same batch), and their ids."""
         recent = self.recent
+        if not any(identifier in recent for identifier in ids) and len(set(ids)) == len(ids):
+            return calls, ids
         seen_here: set[str] = set()
-        fresh = []
-        for call in calls:
-            if call.id in recent or call.id in seen_here:
+        fresh: list[bytes] = []
+        fresh_ids: list[str] = []
+        for call, identifier in zip(calls, ids, strict=True):
+            if identifier in recent or identifier in seen_here:
                 continue
-            seen_here.add(call.id)
+            seen_here.add(identifier)
             fresh.append(call)
-        return fresh
+            fresh_ids.append(identifier)
+        return fresh, fresh_ids
 
-    async def _publish(self, calls: Sequence[ApiCall]) -> bool:
-        """Publish every call, wait for all acks; False when any was not stored."""
-        bus = self.ctx.bus
-        pending: list[asyncio.Future[PubAck]] = []
-        for call in calls:
-            subject = enriched_subject(call.protocol or "_", call.dst.namespace or "_", call.dst.workload or "_")
-            pending.append(await bus.publish_durable_async(subject, call.SerializeToString(), call.id))
-        try:
-            await bus.flush_durable()
-        except Exception as exc:
-            log.warning("enriched_publish_failed", calls=len(calls), error=str(exc))
+    async def _publish(self, calls: list[bytes], ids: list[str]) -> bool:
+        """Publish every enriched call on its subject, wait for all acks; False when any was not
+        stored (the batch is then redelivered: the stream keeps each call once, by its id)."""
+        if self._publisher is None:
+            self._publisher = await DurablePublisher(self.ctx.bus).start()
+        subject_of = self._subjects
+        outcome = await self._publisher.publish(
+            [(subject_of(call), call, identifier) for call, identifier in zip(calls, ids, strict=True)],
+            self.ctx.settings.publish_timeout_s,
+        )
+        if outcome.too_large:
+            self._too_large.inc(outcome.too_large)
+            log.warning("enriched_call_too_large", calls=outcome.too_large, max_payload=self.ctx.bus.nc.max_payload)
+        if not outcome.complete:
+            log.warning(
+                "enriched_publish_failed",
+                calls=len(calls),
+                refused=outcome.refused,
+                unanswered=outcome.unanswered,
+                error=outcome.error,
+            )
             return False
-        stored = True
-        for future in pending:
-            if not future.done() or future.cancelled() or future.exception() is not None:
-                stored = False
-                continue
-            self.last_sequence = max(self.last_sequence, int(future.result().seq))
-        return stored
+        self.last_sequence = max(self.last_sequence, outcome.last_sequence)
+        return True
 
 
 async def _export_metrics_periodically(enricher: Enricher, interval_s: float) -> None:

@@ -88,3 +88,72 @@ async def test_close_after_the_server_is_gone_does_not_raise() -> None:
     await asyncio.sleep(0.3)
     await bus.close()
     assert bus.nc.is_closed
+
+
+async def test_batch_subscription_gets_every_message_in_order(nats_url: str) -> None:
+    """Messages of a batch subscription reach its handler as (subject, payload) lists, in
+    order, none lost, while other subscriptions and requests on the same connection work."""
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="test")
+    sender = await Bus.connect(NatsSettings(servers=[nats_url]), name="sender")
+    got: list[tuple[bytes, bytes]] = []
+    calls: list[int] = []
+    others: list[bytes] = []
+
+    def handler(messages: list[tuple[bytes, bytes]]) -> None:
+        calls.append(len(messages))
+        got.extend(messages)
+
+    async def other(msg: object) -> None:
+        others.append(msg.data)  # type: ignore[attr-defined]
+
+    try:
+        await bus.subscribe_batches("trawl.v1.test.batch.>", handler)
+        await bus.subscribe("trawl.v1.test.other", other)
+        await bus.nc.flush()
+        sent = []
+        for index in range(5000):
+            subject = f"trawl.v1.test.batch.{index % 3}"
+            payload = b"x" * (index % 700) + str(index).encode()
+            sent.append((subject.encode(), payload))
+            await sender.nc.publish(subject, payload, headers={"k": "v"} if index % 2 else None)
+            if index % 1000 == 0:
+                await sender.nc.publish("trawl.v1.test.other", str(index).encode())
+        await sender.nc.flush()
+        for _ in range(100):
+            if len(got) >= len(sent) and len(others) == 5:
+                break
+            await asyncio.sleep(0.05)
+        assert got == sent
+        assert others == [b"0", b"1000", b"2000", b"3000", b"4000"]
+        assert max(calls) > 1  # handed over in lists, not one by one
+    finally:
+        await sender.close()
+        await bus.close()
+
+
+async def test_durable_publisher_counts_every_message(nats_url: str) -> None:
+    """Stored, found already stored (same Nats-Msg-Id), refused (no stream), too large: each counted."""
+    from trawl.bus import STREAM_ENRICHED, DurablePublisher
+
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="test")
+    try:
+        await bus.ensure_stream(STREAM_ENRICHED, StreamLimits(max_age_s=60, max_bytes=64 << 20))
+        publisher = await DurablePublisher(bus).start()
+        subject = enriched_subject("http", "durable-test", "w")
+        messages = [(subject, b"call %d" % index, f"durable-test-{index}") for index in range(1000)]
+        first = await publisher.publish(messages, timeout_s=10)
+        assert (first.stored, first.refused, first.unanswered, first.too_large) == (1000, 0, 0, 0)
+        assert first.complete and first.last_sequence > 0
+        again = await publisher.publish(messages[:10], timeout_s=10)  # deduplicated by the stream
+        assert again.complete and again.stored == 10 and again.last_sequence <= first.last_sequence
+        info = await bus.js.stream_info(STREAM_ENRICHED, subjects_filter=subject)
+        assert info.state.subjects == {subject: 1000}
+        huge = b"x" * (bus.nc.max_payload + 1)
+        mixed = await publisher.publish(
+            [("trawl.v1.nostream.x", b"lost", "nostream-1"), (subject, huge, "huge-1"), (subject, b"ok", "ok-1")],
+            timeout_s=10,
+        )
+        assert (mixed.stored, mixed.refused, mixed.too_large, mixed.unanswered) == (1, 1, 1, 0)
+        assert not mixed.complete and mixed.error
+    finally:
+        await bus.close()
