@@ -596,7 +596,7 @@ static int h2_complete(Express *self, flow_t *flow, h2_stream_t *stream, PyObjec
     char id[24];
     int reason = h2_build_call(self, flow, stream, &call, id);
     if (reason) return reason;
-    PyObject *item = Py_BuildValue("(iN)", 3, call);
+    PyObject *item = call; /* a call is its serialized bytes in the work list */
     if (item == NULL || buf_put(&flow->emitted, id, 24) || PyList_Append(work, item)) {
         Py_XDECREF(item);
         PyErr_Clear();

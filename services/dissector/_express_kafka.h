@@ -860,7 +860,7 @@ static int kafka_call(Express *self, flow_t *flow, kpending_t *entry, const kfac
     if (one_way && pb_bytes(out, 30, "one-way", 7)) return R_MEMORY;
     if (pb_uint(out, 31, (uint64_t)flow->shard)) return R_MEMORY;
     PyObject *call = PyBytes_FromStringAndSize((const char *)out->data, (Py_ssize_t)out->len);
-    PyObject *item = call ? Py_BuildValue("(iN)", 3, call) : NULL;
+    PyObject *item = call; /* a call is its serialized bytes in the work list */
     if (item == NULL || buf_put(&flow->emitted, entry->id, 24) || PyList_Append(work, item)) {
         Py_XDECREF(item);
         PyErr_Clear();

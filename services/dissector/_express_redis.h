@@ -385,7 +385,7 @@ static int redis_reply(Express *self, flow_t *flow, redis_side_t *side, int64_t 
         pb_uint(out, 31, (uint64_t)flow->shard))
         return R_MEMORY;
     PyObject *call = PyBytes_FromStringAndSize((const char *)out->data, (Py_ssize_t)out->len);
-    PyObject *item = call ? Py_BuildValue("(iN)", 3, call) : NULL;
+    PyObject *item = call; /* a call is its serialized bytes in the work list */
     if (item == NULL || buf_put(&flow->emitted, entry->id, 24) || PyList_Append(work, item)) {
         Py_XDECREF(item);
         PyErr_Clear();

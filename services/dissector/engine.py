@@ -117,6 +117,8 @@ class Dissector:
         # Completed calls until the next take: ApiCall objects from the Python path, serialized
         # bytes (already redacted and counted) from the compiled lane, in completion order.
         self._out: list[Any] = []
+        # How many of `_out`'s items are the compiled lane's calls (bytes, ready to leave).
+        self._lane_calls = 0
         descriptors = DescriptorSet.load(settings.proto_descriptors) if settings.proto_descriptors else None
         if descriptors is not None:
             for warning in descriptors.warnings():
@@ -217,18 +219,26 @@ class Dissector:
         for the Python path, in order: single frames, flows it gave back (with the packets to
         replay), a damaged tail to walk, and the calls the lane completed, in line so that calls
         leave in the order of their last packets whichever path made them."""
-        work, _, newest = lane.feed(
+        work, _, newest, others = lane.feed(
             records, link_type, nanosecond, node, shard, self.tcp.flows, self.udp_flows, len(self.udp_lru)
         )
         clock = max(self.clock_ns, newest)
+        out = self._out
+        if not others:  # only calls (serialized, redacted and counted by the lane): taken at once
+            out.extend(work)
+            self._lane_calls += len(work)
+            self._count("packets", 0)
+            self._advance(clock)
+            return
         packets = 0
         frame = self._frame
-        out = self._out
         for item in work:
+            if type(item) is bytes:
+                out.append(item)
+                self._lane_calls += 1
+                continue
             kind = item[0]
-            if kind == 3:
-                out.append(item[1])  # serialized, redacted and counted by the lane
-            elif kind == 0:
+            if kind == 0:
                 packets += 1
                 frame(records, item[1], item[2], item[3], node, shard, link_type)
             elif kind == 1:
@@ -533,7 +543,11 @@ class Dissector:
 
     def _take_encoded(self) -> list[bytes]:
         """`_take`, as serialized ApiCalls."""
-        return [item if type(item) is bytes else item.SerializeToString() for item in self._drain()]
+        lane_only = len(self._out) == self._lane_calls
+        items = self._drain()
+        if lane_only:
+            return items
+        return [item if type(item) is bytes else item.SerializeToString() for item in items]
 
     def _drain(self) -> list[Any]:
         """Empty `_out`, redacting and counting the Python path's calls (the lane's bytes are
@@ -543,6 +557,11 @@ class Dissector:
             return []
         items = list(out)
         out.clear()  # the TcpTable appends to this same list
+        lane_calls = self._lane_calls
+        self._lane_calls = 0
+        # Only the lane puts bytes in `_out`, each counted: as many items as that are all its calls.
+        if len(items) == lane_calls:
+            return items
         apply = self.redactor.apply
         counters = self._counters
         for item in items:

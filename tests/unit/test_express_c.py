@@ -71,13 +71,15 @@ def feed(
     lane: Express, frames: Sequence[tuple[int, bytes]], python_flows: dict[tuple[object, ...], object] | None = None
 ) -> tuple[list[bytes], list[tuple[Any, ...]], int, int]:
     """(calls, the other work items, packets consumed, newest timestamp): the lane puts its calls
-    in line with the work, as (3, call) items; most tests look at them apart."""
+    in line with the work, as bytes among the work tuples; most tests look at them apart."""
     return split(lane.feed(records(frames), LINKTYPE_ETHERNET, True, "n1", 0, python_flows or {}))
 
 
-def split(result: tuple[list[tuple[Any, ...]], int, int]) -> tuple[list[bytes], list[tuple[Any, ...]], int, int]:
-    work, consumed, newest = result
-    return [item[1] for item in work if item[0] == 3], [item for item in work if item[0] != 3], consumed, newest
+def split(result: tuple[list[Any], int, int, int]) -> tuple[list[bytes], list[tuple[Any, ...]], int, int]:
+    work, consumed, newest, others = result
+    calls = [item for item in work if type(item) is bytes]
+    assert others == len(work) - len(calls)  # what the engine trusts to take a batch of calls at once
+    return calls, [item for item in work if type(item) is not bytes], consumed, newest
 
 
 def python_calls(frames: Sequence[tuple[int, bytes]], **overrides: Any) -> list[ApiCall]:
