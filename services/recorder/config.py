@@ -22,6 +22,40 @@ class RetentionSettings(BaseModel):
     max_total_bytes: int | None = Field(default=None, gt=0)
 
 
+class ObjectLockSettings(BaseModel):
+    """S3 Object Lock retention set on every object uploaded (the bucket must have Object Lock
+    enabled): GOVERNANCE (users with s3:BypassGovernanceRetention may still delete) or
+    COMPLIANCE (nobody can, until the days have passed)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    mode: Literal["GOVERNANCE", "COMPLIANCE"]
+    days: int = Field(gt=0)
+
+
+class S3Settings(BaseModel):
+    """Sealed files shipped to S3 (credentials from the standard AWS environment variables or
+    profile, as boto3 finds them)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bucket: str = Field(min_length=3, max_length=63)
+    # An S3-compatible endpoint (MinIO, Ceph...); none: AWS's own for the region.
+    endpoint_url: str | None = None
+    # Objects are <prefix><node>/<file> and <prefix><node>/on-demand/<file>, each with a
+    # <key>.sha256 object holding its SHA256SUMS line.
+    prefix: str = ""
+    region: str | None = None
+    object_lock: ObjectLockSettings | None = None
+    # Delete the local file (and its SHA256SUMS line) once the upload is verified.
+    delete_local_after_upload: bool = False
+    # Besides the stored checksum (HEAD), read the object back and hash it.
+    verify_download: bool = False
+    # A failed upload is tried again after retry_initial_s, doubling up to retry_max_s.
+    retry_initial_s: float = Field(default=1.0, gt=0)
+    retry_max_s: float = Field(default=300.0, gt=0)
+
+
 class ScheduleSettings(BaseModel):
     """A recording started at each time a cron expression names, of a scope, for duration_s."""
 
@@ -78,3 +112,5 @@ class RecorderSettings(ServiceSettings):
     # Answer trawl.v1.control.record (queue group "recorder": one recorder takes each request).
     control: bool = True
     schedules: list[ScheduleSettings] = Field(default_factory=list)
+    # Ship sealed files to S3 (see upload.py); none: they stay local only.
+    s3: S3Settings | None = None

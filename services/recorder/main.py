@@ -53,6 +53,7 @@ from trawl.packet_stream import LossCounter, PacketReader
 from trawl.recorder.config import RecorderSettings, ScheduleSettings
 from trawl.recorder.control import RECORD_SUBJECT, RECORDING_ID_HEADER, derived_id, subject_covers_node
 from trawl.recorder.recordings import ON_DEMAND_DIRECTORY, Ended, Lookback, Recording, Recordings
+from trawl.recorder.upload import Shipper
 from trawl.recorder.writer import PcapWriter
 from trawl.service import ServiceContext, main_for
 from trawl.v1 import control_pb2, packets_pb2
@@ -60,6 +61,7 @@ from trawl.v1 import control_pb2, packets_pb2
 log = get_logger(__name__)
 
 RETENTION_INTERVAL_S = 60.0
+SHIP_STOP_TIMEOUT_S = 10.0
 
 
 class Schedule:
@@ -187,6 +189,14 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     # crash) go on from the checkpoint: their files are cut back to it, and the batches after it
     # are read again below; see Recordings.recover.
     recordings.recover(list(mark.get("recordings", [])), time.time())
+    shipper: Shipper | None = None
+    if settings.s3 is not None:
+        # After recovery: what it sealed, and what a previous run sealed but did not ship, is
+        # found by the scan; from here on each file is queued as it is sealed.
+        shipper = Shipper(settings.s3, settings.node, directory, ctx.metrics)
+        shipper.scan([directory, directory / ON_DEMAND_DIRECTORY])
+        writer.on_sealed.append(shipper.add)
+        recordings.on_sealed.append(shipper.add)
     schedules = [Schedule(schedule, time.time()) for schedule in settings.schedules]
 
     async def on_batch(data: bytes, stream_seq: int, stored_ns: int) -> None:
@@ -276,6 +286,7 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
 
     # No queue group: every recorder hears every request and answers for its own part.
     control = await ctx.bus.nc.subscribe(RECORD_SUBJECT, cb=on_control) if settings.control else None
+    shipping = asyncio.create_task(shipper.run(ctx.stopping), name="s3-upload") if shipper else None
     await ctx.ready()
     tick = min(1.0, settings.rotate_seconds)
     since_retention = 0.0
@@ -307,6 +318,12 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     writer.seal_all()
     writer.sync()
     await reader.ack()
+    if shipping is not None:
+        # An upload under way may finish; what is not shipped stays queued for the next start.
+        done, _ = await asyncio.wait({shipping}, timeout=SHIP_STOP_TIMEOUT_S)
+        if not done:
+            shipping.cancel()
+        log.info("s3_upload_stopped", pending=len(shipper.pending) if shipper else 0)
 
 
 def main(config_file: Path | None) -> int:

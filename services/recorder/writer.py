@@ -52,6 +52,7 @@ SEALED_SUFFIX = ".pcap"
 PARTIAL_SUFFIX = ".pcap.partial"
 MANIFEST_NAME = "SHA256SUMS"
 CHECKPOINT_NAME = "CHECKPOINT"
+UPLOADED_NAME = "UPLOADED"
 DEFAULT_SNAPLEN = 262144
 # What the writer names its files; retention only ever touches files with this shape.
 SEALED_NAME = re.compile(r"^[A-Za-z0-9_.-]+-\d{8}T\d{6}Z-\d{6,}\.pcap$")
@@ -133,9 +134,11 @@ class PcapWriter:
         self.packets_written = 0
         self.sealed: list[Path] = []
         self._open: dict[FileKey, OpenFile] = {}
-        self._sequence = max(
-            (int(m.group(1)) for p in directory.glob("*.pcap*") if (m := FILE_SEQUENCE.search(p.name))), default=0
-        )
+        # Files shipped to S3 and deleted here count too (UPLOADED lists them).
+        names = [p.name for p in directory.glob("*.pcap*")] + uploaded_names(directory)
+        self._sequence = max((int(m.group(1)) for name in names if (m := FILE_SEQUENCE.search(name))), default=0)
+        # Called with each file sealed (the S3 shipper takes them).
+        self.on_sealed: list[Callable[[Path], None]] = []
         self.checkpoint_path = directory / CHECKPOINT_NAME
         self.mark: dict[str, Any] | None = None  # the caller's mark of the last checkpoint (read by recover())
         metrics = metrics or Registry()
@@ -339,6 +342,8 @@ class PcapWriter:
             final = final.with_name(final.name.removesuffix(SEALED_SUFFIX) + f"-{os.getpid()}{SEALED_SUFFIX}")
         final = publish_sealed(partial, final, sha256, self.manifest)
         self.sealed.append(final)
+        for callback in self.on_sealed:
+            callback(final)
         return final
 
     def _recover_one(self, partial: Path, checkpointed_size: int | None) -> Path | None:
@@ -438,11 +443,21 @@ def delete_oldest(
         deleted.append(path)
         log.info("recording_deleted", file=str(path), bytes=size, reason="age" if too_old else "size")
     if deleted:
-        _drop_from_manifest(directory / MANIFEST_NAME, {p.name for p in deleted})
+        drop_from_manifest(directory / MANIFEST_NAME, {p.name for p in deleted})
     return deleted, errors
 
 
-def _drop_from_manifest(manifest: Path, names: set[str]) -> None:
+def uploaded_names(directory: Path) -> list[str]:
+    """The files of `directory` its UPLOADED list names (shipped to S3; see upload.py)."""
+    try:
+        lines = (directory / UPLOADED_NAME).read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return []
+    return [fields[1] for line in lines if len(fields := line.split("  ")) >= 2]
+
+
+def drop_from_manifest(manifest: Path, names: set[str]) -> None:
+    """Rewrite a SHA256SUMS without the lines of these files (call from the thread that seals)."""
     try:
         lines = manifest.read_text(encoding="utf-8").splitlines(keepends=True)
     except FileNotFoundError:
