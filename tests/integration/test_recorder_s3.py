@@ -35,8 +35,11 @@ from moto.server import ThreadedMotoServer
 from tests.integration.test_recorder_recordings import start_recorder, until
 from tests.unit.test_recorder_recordings import POD_A, batch_of, traffic
 from trawl.bus import control_subject, packets_subject
+from trawl.metrics import Registry
 from trawl.pcap import global_header
+from trawl.recorder.config import S3Settings
 from trawl.recorder.control import RECORD_SUBJECT
+from trawl.recorder.upload import Shipper
 from trawl.v1 import control_pb2
 
 
@@ -87,6 +90,14 @@ async def publish_batches(client: nats.NATS, packets: list[tuple[int, bytes, boo
         await client.publish(packets_subject("node-a", 0), batch.SerializeToString())
     await client.flush()
     return sequence
+
+
+def write_sealed(directory: Path, paths: list[Path]) -> None:
+    """Files as the recorder seals them: their content and a SHA256SUMS line each."""
+    with open(directory / "SHA256SUMS", "w") as handle:
+        for path in paths:
+            path.write_bytes(b"sealed " + path.name.encode())
+            handle.write(f"{hashlib.sha256(path.read_bytes()).hexdigest()}  {path.name}\n")
 
 
 def exists(path: str) -> bool:
@@ -220,3 +231,27 @@ async def test_s3_down_at_start_then_back_every_file_shipped(nats_url: str, aws_
         if server is not None:
             server.stop()
         await client.close()
+
+
+async def test_a_file_changed_since_sealed_or_gone_is_never_shipped_and_counted(s3_url: str, tmp_path: Path) -> None:
+    locked_bucket(s3_url, "trawl-refused")
+    metrics = Registry()
+    settings = S3Settings(endpoint_url=s3_url, bucket="trawl-refused")
+    shipper = Shipper(settings, "rec-1", tmp_path, metrics)
+    good, changed, gone = (tmp_path / f"{name}.pcap" for name in ("good", "changed", "gone"))
+    write_sealed(tmp_path, [good, changed, gone])
+    assert shipper.scan([tmp_path]) == [good, changed, gone]
+    changed.write_bytes(b"altered after sealing")
+    gone.unlink()
+    stopping = asyncio.Event()
+    running = asyncio.create_task(shipper.run(stopping))
+    not_uploaded = metrics.counter("trawl_recorder_s3_not_uploaded_total", "")
+    uploaded = metrics.counter("trawl_recorder_s3_uploaded_total", "")
+    await until(lambda: not_uploaded.total() == 2 and uploaded.total() == 1, "all three settled")
+    stopping.set()
+    await asyncio.wait_for(running, 10)
+    assert set(not_uploaded.values) == {(("reason", "local_checksum"),), (("reason", "deleted"),)}
+    assert shipper.pending == []
+    keys = sorted(o["Key"] for o in s3(s3_url).list_objects_v2(Bucket="trawl-refused")["Contents"])
+    assert keys == ["rec-1/good.pcap", "rec-1/good.pcap.sha256"]
+    assert changed.exists()  # kept, for whoever looks into why it changed

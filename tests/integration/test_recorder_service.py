@@ -94,6 +94,11 @@ async def test_stopping_seals_the_open_file(nats_url: str, tmp_path: Path, share
     [
         ("recorder:\n  rotate_bytes: 10\n", "rotate_bytes"),
         ("recorder:\n  format: pcapx\n", "format"),
+        ("recorder:\n  s3:\n    object_lock: {mode: GOVERNANCE, days: 7}\n", "s3.bucket: Field required"),
+        (
+            "recorder:\n  s3: {bucket: evidence, object_lock: {mode: FOREVER, days: 7}}\n",
+            "s3.object_lock.mode: Input should be 'GOVERNANCE' or 'COMPLIANCE'",
+        ),
     ],
 )
 def test_bad_config_exits_2_with_one_line(
