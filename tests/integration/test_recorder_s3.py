@@ -239,8 +239,10 @@ async def test_a_file_changed_since_sealed_or_gone_is_never_shipped_and_counted(
     settings = S3Settings(endpoint_url=s3_url, bucket="trawl-refused")
     shipper = Shipper(settings, "rec-1", tmp_path, metrics)
     good, changed, gone = (tmp_path / f"{name}.pcap" for name in ("good", "changed", "gone"))
-    write_sealed(tmp_path, [good, changed, gone])
-    assert shipper.scan([tmp_path]) == [good, changed, gone]
+    shipped_before = tmp_path / "shipped-before.pcap"
+    write_sealed(tmp_path, [shipped_before, good, changed, gone])
+    (tmp_path / "UPLOADED").write_text("x  shipped-before.pcap  s3://trawl-refused/rec-1/shipped-before.pcap  -\n")
+    assert shipper.scan([tmp_path]) == [good, changed, gone]  # not the one UPLOADED lists
     changed.write_bytes(b"altered after sealing")
     gone.unlink()
     stopping = asyncio.Event()
