@@ -10,8 +10,9 @@ capture never waits on S3. Per file:
    arrived different, with the Object Lock retention of `recorder.s3.object_lock` (mode and
    retain-until date), then the file's SHA256SUMS line as `<key>.sha256` beside it (so
    `sha256sum -c` works on what is downloaded);
-3. the remote side: HEAD with checksum mode on must give back the same SHA-256, length and
-   retention (and with `verify_download`, the object is read back and hashed);
+3. the remote side: HEAD with checksum mode on must give back the same SHA-256 and retention
+   (and with `verify_download`, the object is read back and hashed); steps 2 and 3 are
+   trawl.s3.put_verified, shared with the alerter's evidence uploads;
 4. only then the file is listed in UPLOADED (`<sha256>  <name>  s3://bucket/key  <version>`)
    and, with `delete_local_after_upload`, deleted here and dropped from SHA256SUMS.
 
@@ -26,7 +27,6 @@ sealed file listed in SHA256SUMS but not in UPLOADED is queued again, so a recor
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import hashlib
 import os
@@ -34,7 +34,6 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,18 +41,11 @@ from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.recorder.config import S3Settings
 from trawl.recorder.writer import MANIFEST_NAME, UPLOADED_NAME, drop_from_manifest, uploaded_names
+from trawl.s3 import UploadError, put_verified, retain_until, s3_client
 
 log = get_logger(__name__)
 
 _CHUNK = 1 << 20
-
-
-class UploadError(Exception):
-    """An upload that did not go through, or did not verify; `reason` labels the counter."""
-
-    def __init__(self, reason: str, message: str) -> None:
-        super().__init__(message)
-        self.reason = reason
 
 
 @dataclass
@@ -253,11 +245,18 @@ class Shipper:
             raise UploadError("local_checksum", f"{path.name} has SHA-256 {actual}, sealed as {expected}")
         key = self.key_for(path)
         lock = self.settings.object_lock
-        retain_until = datetime.now(UTC) + timedelta(days=lock.days) if lock else None
+        until = retain_until(lock.days) if lock else None
         client = self.client()
         with open(path, "rb") as body:
             version = put_verified(
-                client, self.settings.bucket, key, body, actual, lock.mode if lock else None, retain_until
+                client,
+                self.settings.bucket,
+                key,
+                body,
+                actual,
+                lock.mode if lock else None,
+                until,
+                content_type="application/vnd.tcpdump.pcap",
             )
         if self.settings.verify_download:
             remote = hashlib.sha256()
@@ -276,52 +275,7 @@ class Shipper:
             line,
             hashlib.sha256(line).hexdigest(),
             lock.mode if lock else None,
-            retain_until,
+            until,
+            content_type="text/plain",
         )
         return Shipped(actual, key, version)
-
-
-def s3_client(settings: S3Settings) -> Any:
-    """A boto3 S3 client for the settings (credentials as boto3 finds them: the AWS_* variables,
-    a profile, an instance role). One attempt per call: the shipper retries with its backoff."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.client(
-        "s3",
-        endpoint_url=settings.endpoint_url,
-        region_name=settings.region,
-        config=Config(retries={"max_attempts": 1, "mode": "standard"}, connect_timeout=5, read_timeout=60),
-    )
-
-
-def put_verified(
-    client: Any,
-    bucket: str,
-    key: str,
-    body: Any,
-    sha256_hex: str,
-    lock_mode: str | None,
-    retain_until: datetime | None,
-) -> str:
-    """PUT with its SHA-256 (S3 refuses a body that arrives different) and Object Lock retention,
-    then HEAD: the stored checksum, and the retention, must be what was sent. Returns the
-    version id ("" on an unversioned bucket); UploadError when it does not verify."""
-    checksum = base64.b64encode(bytes.fromhex(sha256_hex)).decode()
-    options: dict[str, Any] = {"ChecksumAlgorithm": "SHA256", "ChecksumSHA256": checksum}
-    if lock_mode and retain_until:
-        options.update(ObjectLockMode=lock_mode, ObjectLockRetainUntilDate=retain_until)
-    put = client.put_object(Bucket=bucket, Key=key, Body=body, **options)
-    version = str(put.get("VersionId") or "")
-    head = client.head_object(
-        Bucket=bucket, Key=key, ChecksumMode="ENABLED", **({"VersionId": version} if version else {})
-    )
-    if head.get("ChecksumSHA256") != checksum:
-        raise UploadError("remote_checksum", f"{key}: stored SHA-256 {head.get('ChecksumSHA256')!r}, sent {checksum!r}")
-    if lock_mode and retain_until:
-        until = head.get("ObjectLockRetainUntilDate")
-        if head.get("ObjectLockMode") != lock_mode or until is None or until < retain_until - timedelta(seconds=1):
-            raise UploadError(
-                "object_lock", f"{key}: stored retention {head.get('ObjectLockMode')} until {until}, asked {lock_mode}"
-            )
-    return version
