@@ -256,7 +256,7 @@ class Shipper:
                 actual,
                 lock.mode if lock else None,
                 until,
-                content_type="application/vnd.tcpdump.pcap",
+                content_type="application/x-pcapng" if path.suffix == ".pcapng" else "application/vnd.tcpdump.pcap",
             )
         if self.settings.verify_download:
             remote = hashlib.sha256()
