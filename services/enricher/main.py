@@ -177,13 +177,28 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
             exporting=enricher.exporting,
             identities=len(enricher.identity),
         )
-        while not ctx.stopping.is_set():
-            try:
-                messages = await subscription.fetch(settings.fetch_batch, timeout=settings.fetch_timeout_s)
-            except (TimeoutError, NatsTimeoutError):
-                continue
-            for msg in messages:
-                await pipeline.handle(msg)
+        stop = asyncio.ensure_future(ctx.stopping.wait())
+        try:
+            while not ctx.stopping.is_set():
+                # A stop ends the wait for work at once (it waited up to fetch_timeout_s, which
+                # `trawl up` waited too after every file). Messages a cancelled fetch took are
+                # not acked: the stream delivers them again.
+                pulled = subscription.fetch(settings.fetch_batch, timeout=settings.fetch_timeout_s)
+                fetch = asyncio.ensure_future(pulled)
+                await asyncio.wait({fetch, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not fetch.done():
+                    fetch.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await fetch
+                    break
+                try:
+                    messages = fetch.result()
+                except (TimeoutError, NatsTimeoutError):
+                    continue
+                for msg in messages:
+                    await pipeline.handle(msg)
+        finally:
+            stop.cancel()
     finally:
         if watcher is not None:
             await asyncio.to_thread(watcher.stop)

@@ -139,26 +139,52 @@ def _fields(data: bytes, wanted: set[int]) -> dict[int, bytes]:
 
 class EnrichedSubjects:
     """`enriched_subject(protocol, dst.namespace, dst.workload)` of enriched ApiCall bytes:
-    protocol is field 2 and dst field 7 of ApiCall, namespace 4 and workload 6 of Endpoint. One
-    walk of the call's first fields, and the subject remembered by its protocol and
-    destination's bytes (a workload's calls share them)."""
+    protocol is field 2 and dst field 7 of ApiCall, namespace 4 and workload 6 of Endpoint. The
+    walk stops after field 7: every serializer Trawl runs (protobuf's, the splicer, the
+    dissector's lane) writes fields in number order, and fields 1 to 7 are all length-delimited.
+    The subject is remembered by the protocol's and destination's bytes (a workload's calls
+    share them)."""
 
     def __init__(self) -> None:
         self._known: dict[tuple[bytes, bytes], str] = {}
 
     def __call__(self, call: bytes) -> str:
-        top = _fields(call, {2, 7})
-        protocol = top.get(2, b"")
-        destination = top.get(7, b"")
-        key = (protocol, destination)
-        subject = self._known.get(key)
+        try:
+            protocol, destination = self._fields(call)
+        except (IndexError, WireError):  # cut short (no serializer writes that): the catch-all subject
+            protocol = destination = b""
+        subject = self._known.get((protocol, destination))
         if subject is None:
             if len(self._known) >= MAX_SUBJECTS:
                 self._known.clear()
             endpoint = _fields(destination, {4, 6}) if destination else {}
-            subject = self._known[key] = enriched_subject(
+            subject = self._known[(protocol, destination)] = enriched_subject(
                 protocol.decode("utf-8", "replace") or "_",
                 endpoint.get(4, b"").decode("utf-8", "replace") or "_",
                 endpoint.get(6, b"").decode("utf-8", "replace") or "_",
             )
         return subject
+
+    @staticmethod
+    def _fields(call: bytes) -> tuple[bytes, bytes]:
+        protocol = destination = b""
+        pos = 0
+        size = len(call)
+        while pos < size:
+            key = call[pos]
+            if key & 7 != _LEN or key > 0x3F:  # not one of fields 1-7 (length-delimited): past them
+                break
+            length = call[pos + 1]
+            if length < 0x80:
+                start = pos + 2
+            else:
+                length, start = _varint(call, pos + 1)
+            pos = start + length
+            if key == 0x12:
+                protocol = call[start:pos]
+            elif key == 0x3A:
+                destination = call[start:pos]
+                break
+        if pos > size:
+            raise WireError("a field runs past the end of the call")
+        return protocol, destination
