@@ -108,6 +108,11 @@ async def ask_all(
     finally:
         await bus.close()
     if not replies:
+        if control.WhichOneof("action") == "start" and control.start.nodes:
+            raise UserError(
+                f"no recorder reads the packets of {', '.join(control.start.nodes)} (each answers for the "
+                "nodes its recorder.subject reads): check --node against the collectors' node names"
+            )
         raise UserError(f"no answer on {RECORD_SUBJECT} within {timeout_s:g} s")
     return replies
 

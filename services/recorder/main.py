@@ -286,7 +286,8 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
 
     # No queue group: every recorder hears every request and answers for its own part.
     control = await ctx.bus.nc.subscribe(RECORD_SUBJECT, cb=on_control) if settings.control else None
-    shipping = asyncio.create_task(shipper.run(ctx.stopping), name="s3-upload") if shipper else None
+    ship_stop = asyncio.Event()
+    shipping = asyncio.create_task(shipper.run(ship_stop), name="s3-upload") if shipper else None
     await ctx.ready()
     tick = min(1.0, settings.rotate_seconds)
     since_retention = 0.0
@@ -318,12 +319,14 @@ async def serve(ctx: ServiceContext[RecorderSettings]) -> None:
     writer.seal_all()
     writer.sync()
     await reader.ack()
-    if shipping is not None:
-        # An upload under way may finish; what is not shipped stays queued for the next start.
+    if shipping is not None and shipper is not None:
+        # The files just sealed are shipped, for at most SHIP_STOP_TIMEOUT_S (those whose upload
+        # failed before are not waited for); what is left stays queued for the next start.
+        ship_stop.set()
         done, _ = await asyncio.wait({shipping}, timeout=SHIP_STOP_TIMEOUT_S)
         if not done:
             shipping.cancel()
-        log.info("s3_upload_stopped", pending=len(shipper.pending) if shipper else 0)
+        log.info("s3_upload_stopped", pending=len(shipper.pending))
 
 
 def main(config_file: Path | None) -> int:

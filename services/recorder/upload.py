@@ -153,10 +153,15 @@ class Shipper:
         return list(self._queue)
 
     async def run(self, stopping: asyncio.Event) -> None:
-        """Ship the queue until `stopping` is set (what is left stays for the next start)."""
-        while not stopping.is_set():
+        """Ship the queue until `stopping` is set, and then the files not tried yet (those
+        sealed at the stop); what is left stays queued for the next start."""
+        while True:
             now = time.monotonic()
             due = [p for p in self._queue.values() if p.next_at <= now]
+            if stopping.is_set():
+                due = [p for p in due if p.attempts == 0]
+                if not due:
+                    return
             if not due:
                 self._wake.clear()
                 wait = min((p.next_at for p in self._queue.values()), default=now + 3600.0) - now

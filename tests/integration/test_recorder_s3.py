@@ -141,12 +141,17 @@ async def test_sealed_files_land_under_object_lock_verified_then_leave_the_disk(
         )
         [recording] = stopped.recordings[0].files
         await until(lambda: counter(ctx, "trawl_recorder_s3_uploaded_total") == 2, "both uploads")
+        # A file open when the recorder stops is sealed then, and shipped before it exits.
+        await publish_batches(client, traffic(30, 5), sequence + 2, end=False)
+        await until(lambda: counter(ctx, "trawl_recorder_packets_total") == 35, "5 more packets")
     finally:
         ctx.stopping.set()
         await asyncio.wait_for(task, 15)
         await ctx.bus.close()
         await client.close()
+    assert counter(ctx, "trawl_recorder_s3_uploaded_total") == 3
     assert counter(ctx, "trawl_recorder_s3_upload_failures_total") == 0
+    assert list((tmp_path / "rec").glob("*.pcap")) == []
     # The recording is sealed "sealed" at the end of input; the stop finds it done.
     records = b"".join(batch_of(traffic(0, 30)[i : i + 5]).records for i in range(0, 30, 5))
     expected = {Path(continuous): global_header(1, 65535, False) + records}
@@ -172,7 +177,7 @@ async def test_sealed_files_land_under_object_lock_verified_then_leave_the_disk(
         assert path.name not in (path.parent / "SHA256SUMS").read_text()
         uploaded = (path.parent / "UPLOADED").read_text()
         assert f"{sha256}  {path.name}  s3://{bucket}/{key}  {head['VersionId']}\n" in uploaded
-    assert counter(ctx, "trawl_recorder_s3_deleted_local_total") == 2
+    assert counter(ctx, "trawl_recorder_s3_deleted_local_total") == 3
 
 
 async def test_s3_down_at_start_then_back_every_file_shipped(nats_url: str, aws_env: None, tmp_path: Path) -> None:
