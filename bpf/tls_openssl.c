@@ -1,7 +1,7 @@
 // TLS plaintext from OpenSSL (1.1, 3.x) and BoringSSL: uprobes at the entry and uretprobes at
 // the return of SSL_read, SSL_write, SSL_read_ex and SSL_write_ex; and from Go's crypto/tls:
-// uprobes at the entry and at every RET of (*Conn).Write and (*Conn).Read (go_enter,
-// leave_go). Compiled by bcc at run time (services/collector/tls_uprobes.py loads it and sets
+// uprobes at the entry and at every RET of (*Conn).Write and (*Conn).Read (go_enter and
+// leave_go for the register ABI, go_enter_stack and leave_go_stack for the stack ABI). Compiled by bcc at run time (services/collector/tls_uprobes.py loads it and sets
 // the -D values below).
 //
 // The entry probe keeps the call's buffer (and, for the _ex forms, where the library writes
@@ -316,11 +316,63 @@ int enter_write_ex(struct pt_regs *ctx) { return enter(ctx, DIRECTION_EGRESS, 1)
 int leave_plain(struct pt_regs *ctx) { return leave(ctx, 0); }
 int leave_ex(struct pt_regs *ctx) { return leave(ctx, 1); }
 
-// Go (amd64, register ABI, Go 1.17 and later): func (c *Conn) Write(b []byte) (int, error)
-// and Read alike take c in RAX, b's pointer and length in RBX and RCX, return n in RAX, and
-// the running goroutine (g) is in R14 throughout. The entry can fire twice for one call (the
-// prologue grows the stack and starts the function again): the second entry overwrites the
-// first with the same arguments.
+// Go (amd64). The register ABI (Go 1.17 and later): func (c *Conn) Write(b []byte) (int,
+// error) and Read alike take c in RAX, b's pointer and length in RBX and RCX, return n in RAX,
+// and the running goroutine (g) is in R14 throughout: a call in flight is keyed by its g. The
+// stack ABI (Go before 1.17, and 1.17 built with GOEXPERIMENT=noregabi): at the entry SP points
+// at the return address, with c, b's pointer, length and capacity above it (SP+8 to SP+32);
+// at each RET the epilogue has given SP its entry value back and the results follow the
+// arguments (n at SP+40, err at SP+48). See go_enter_stack for how those calls are paired.
+// Either way the entry can fire twice for one call (the prologue grows the stack and starts the
+// function again): the second entry overwrites the first with the same arguments.
+static __always_inline int go_start(struct go_call *call, u32 pid, u64 conn, u64 buf, u64 len, u8 direction) {
+    call->conn = conn;
+    call->buf = buf;
+    call->len = len;
+    call->direction = direction;
+    call->fd = FD_UNKNOWN;
+    call->entry_ns = bpf_ktime_get_ns();
+    // c.conn is a net.Conn (itab, data); for a TCP connection data is a *net.TCPConn, whose
+    // first word is its *netFD, which starts with a poll.FD: a 16-byte fdMutex, then Sysfd.
+    // Stable from Go 1.9 on; anything else gives an fd no TCP socket answers to (counted).
+    u64 data = 0, netfd = 0;
+    s64 sysfd = -1;
+    if (bpf_probe_read_user(&data, sizeof(data), (void *)(conn + 8)) == 0 && data &&
+        bpf_probe_read_user(&netfd, sizeof(netfd), (void *)data) == 0 && netfd &&
+        bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(netfd + 16)) == 0 && sysfd >= 0 &&
+        sysfd < 0x7fffffff)
+        call->fd = (u32)sysfd;
+    // The socket as known now: another goroutine may close the fd before this call returns
+    // (Go's HTTP/2 server writes from one goroutine and reads, then closes, from another).
+    if (call->fd != FD_UNKNOWN) {
+        u64 fd_key = ((u64)pid << 32) | call->fd;
+        u64 *known = go_fd_socks.lookup(&fd_key);
+        if (known)
+            call->sk = *known;
+    }
+    u8 one = 1;
+    go_pids.update(&pid, &one);
+    return 0;
+}
+
+// The end of a call: n as the function returned it.
+static __always_inline int go_finish(u64 id, struct go_call *call, s64 ret) {
+    if (ret <= 0)
+        return 0;
+    u64 moved = (u64)ret;
+    if (moved > call->len)
+        moved = call->len;
+    u64 sk = call->sk;
+    // The first call of a connection does its handshake inside: the socket is named then.
+    if (!sk && call->fd != FD_UNKNOWN) {
+        u64 fd_key = (id & 0xffffffff00000000ULL) | call->fd;
+        u64 *known = go_fd_socks.lookup(&fd_key);
+        if (known)
+            sk = *known;
+    }
+    return emit(id, call->conn, call->buf, moved, call->fd, sk, call->direction, LIBRARY_GO, call->entry_ns);
+}
+
 static __always_inline int go_enter(struct pt_regs *ctx, u8 direction) {
     u64 id = bpf_get_current_pid_tgid();
     u32 pid = id >> 32;
@@ -332,32 +384,7 @@ static __always_inline int go_enter(struct pt_regs *ctx, u8 direction) {
     key.g = ctx->r14;
     key.pid = pid;
     struct go_call call = {};
-    call.conn = ctx->ax;
-    call.buf = ctx->bx;
-    call.len = ctx->cx;
-    call.direction = direction;
-    call.fd = FD_UNKNOWN;
-    call.entry_ns = bpf_ktime_get_ns();
-    // c.conn is a net.Conn (itab, data); for a TCP connection data is a *net.TCPConn, whose
-    // first word is its *netFD, which starts with a poll.FD: a 16-byte fdMutex, then Sysfd.
-    // Stable from Go 1.9 on; anything else gives an fd no TCP socket answers to (counted).
-    u64 data = 0, netfd = 0;
-    s64 sysfd = -1;
-    if (bpf_probe_read_user(&data, sizeof(data), (void *)(call.conn + 8)) == 0 && data &&
-        bpf_probe_read_user(&netfd, sizeof(netfd), (void *)data) == 0 && netfd &&
-        bpf_probe_read_user(&sysfd, sizeof(sysfd), (void *)(netfd + 16)) == 0 && sysfd >= 0 &&
-        sysfd < 0x7fffffff)
-        call.fd = (u32)sysfd;
-    // The socket as known now: another goroutine may close the fd before this call returns
-    // (Go's HTTP/2 server writes from one goroutine and reads, then closes, from another).
-    if (call.fd != FD_UNKNOWN) {
-        u64 fd_key = ((u64)pid << 32) | call.fd;
-        u64 *known = go_fd_socks.lookup(&fd_key);
-        if (known)
-            call.sk = *known;
-    }
-    u8 one = 1;
-    go_pids.update(&pid, &one);
+    go_start(&call, pid, ctx->ax, ctx->bx, ctx->cx, direction);
     if (go_calls.update(&key, &call) != 0)
         count_lost(LOST_CALLS_TABLE_FULL, 1);
     return 0;
@@ -378,21 +405,67 @@ int leave_go(struct pt_regs *ctx) {
         return 0;
     struct go_call call = *found;
     go_calls.delete(&key);
-    s64 ret = (s64)ctx->ax;
-    if (ret <= 0)
+    return go_finish(id, &call, (s64)ctx->ax);
+}
+
+// The stack ABI's calls in flight, keyed by what the call's own argument frame holds at the
+// entry and still holds at each RET: the *Conn and the buffer's address (never assigned to in
+// Read or Write, whose results go after them). Not by g: R14 is not g in that ABI, and g lives
+// in thread-local storage whose address (the thread's FS base) a uprobe cannot read without
+// kernel struct layouts. Not by SP: Go copies a goroutine's stack elsewhere when it grows or
+// shrinks, which can happen while the call waits for the network, so SP at the RET can differ
+// from SP at the entry; the argument frame moves with the stack, and SP at the RET points at
+// it wherever it is. Two calls in flight with one key would be two goroutines reading into (or
+// writing from) one buffer on one connection at once.
+struct go_stack_key {
+    u64 conn;
+    u64 buf;
+    u32 pid;
+    u32 pad;
+};
+BPF_TABLE("lru_hash", struct go_stack_key, struct go_call, go_stack_calls, CALLS_MAX);
+
+static __always_inline int go_enter_stack(struct pt_regs *ctx, u8 direction) {
+    u64 id = bpf_get_current_pid_tgid();
+    u32 pid = id >> 32;
+#ifdef SELF_PID
+    if (pid == SELF_PID)
         return 0;
-    u64 moved = (u64)ret;
-    if (moved > call.len)
-        moved = call.len;
-    u64 sk = call.sk;
-    // The first call of a connection does its handshake inside: the socket is named then.
-    if (!sk && call.fd != FD_UNKNOWN) {
-        u64 fd_key = ((u64)key.pid << 32) | call.fd;
-        u64 *known = go_fd_socks.lookup(&fd_key);
-        if (known)
-            sk = *known;
+#endif
+    u64 args[3] = {};  // c, b's pointer, b's length
+    if (bpf_probe_read_user(args, sizeof(args), (void *)(ctx->sp + 8)) != 0) {
+        count_lost(LOST_READ_FAULTS, 1);
+        return 0;
     }
-    return emit(id, call.conn, call.buf, moved, call.fd, sk, call.direction, LIBRARY_GO, call.entry_ns);
+    struct go_stack_key key = {};
+    key.conn = args[0];
+    key.buf = args[1];
+    key.pid = pid;
+    struct go_call call = {};
+    go_start(&call, pid, args[0], args[1], args[2], direction);
+    if (go_stack_calls.update(&key, &call) != 0)
+        count_lost(LOST_CALLS_TABLE_FULL, 1);
+    return 0;
+}
+
+int enter_go_write_stack(struct pt_regs *ctx) { return go_enter_stack(ctx, DIRECTION_EGRESS); }
+int enter_go_read_stack(struct pt_regs *ctx) { return go_enter_stack(ctx, DIRECTION_INGRESS); }
+
+int leave_go_stack(struct pt_regs *ctx) {
+    u64 id = bpf_get_current_pid_tgid();
+    u64 frame[5] = {};  // c, b's pointer, length, capacity, then n
+    if (bpf_probe_read_user(frame, sizeof(frame), (void *)(ctx->sp + 8)) != 0)
+        return 0;  // no entry can be named: if one waits, it ages out of the LRU
+    struct go_stack_key key = {};
+    key.conn = frame[0];
+    key.buf = frame[1];
+    key.pid = id >> 32;
+    struct go_call *found = go_stack_calls.lookup(&key);
+    if (!found)
+        return 0;
+    struct go_call call = *found;
+    go_stack_calls.delete(&key);
+    return go_finish(id, &call, (s64)frame[4]);
 }
 
 // The fd of a system call made inside an SSL call of the same thread.

@@ -9,10 +9,20 @@ Go moves a goroutine's stack when it grows, which breaks a uretprobe (it rewrite
 address on the stack), so the return of each function is hooked with a uprobe on every RET
 instruction of its body, found by disassembling it with capstone.
 
-Only amd64 with the register ABI (Go 1.17 and later) is hooked: arguments in RAX (the
-*Conn), RBX and RCX (the slice's pointer and length), the result in RAX and the running
-goroutine in R14, which keys the pairing of entry and return (a goroutine may move between
-threads inside the call). Older Go passes arguments on the stack: reported, not hooked.
+Both of Go's amd64 calling conventions are hooked (`GoBinary.abi`). The register ABI (Go
+1.17 and later): arguments in RAX (the *Conn), RBX and RCX (the slice's pointer and length),
+the result in RAX and the running goroutine in R14, which keys the pairing of entry and return
+(a goroutine may move between threads inside the call). The stack ABI (Go before 1.17, and
+1.17 built with GOEXPERIMENT=noregabi): arguments and results on the stack, read there by the
+program (bpf/tls_openssl.c says how those calls are paired). Which one a binary uses is read
+from its build information: the Go version, and the experiments its toolchain had in force,
+which the linker appends to that version (" X:noregabi"). The GOEXPERIMENT build setting
+(`go version -m`) is what was asked for, not what was done: from Go 1.18 on, amd64 has the
+register ABI whatever it says (Debian's Go 1.19 records GOEXPERIMENT=noregabi and compiles the
+same code). The prologue of each function says it too (the register ABI checks the stack
+bound through g in R14, the stack ABI loads g from thread-local storage first); a binary whose
+code and build information disagree is not hooked. Other architectures are reported, not
+hooked.
 """
 
 from __future__ import annotations
@@ -52,13 +62,19 @@ class GoFunction:
     returns: tuple[int, ...]  # virtual addresses of its RET instructions
 
 
+REGISTER_ABI = "register"
+STACK_ABI = "stack"
+
+
 @dataclass(slots=True)
 class GoBinary:
     """A Go executable with crypto/tls linked in: where to hook it, or why it cannot be."""
 
-    version: str  # "go1.19.8"; "" when the file carries no build information
+    version: str  # "go1.19.8" ("go1.17.13 X:noregabi"); "" when the file carries no build information
     functions: list[GoFunction] = field(default_factory=list)
     error: str = ""  # why it is not hooked ("" when it can be)
+    abi: str = ""  # REGISTER_ABI or STACK_ABI ("" when not known)
+    experiment: str = ""  # the GOEXPERIMENT build setting, as recorded (Go 1.18 and later)
 
 
 @dataclass(slots=True, frozen=True)
@@ -162,20 +178,79 @@ def _uvarint(data: bytes, position: int) -> tuple[int, int]:
     raise NotGo("build information cut short")
 
 
-def go_version(elf: _Elf) -> str:
-    """The Go version the binary was built with, from .go.buildinfo ("" when absent)."""
+def build_info(elf: _Elf) -> tuple[str, str]:
+    """(Go version, module information) from .go.buildinfo (("", "") when absent): what `go
+    version -m` prints. The module information of Go 1.18 and later has the build settings."""
     data = elf.section(".go.buildinfo")
     if data is None or not data.startswith(BUILDINFO_MAGIC) or len(data) < 32:
-        return ""
+        return "", ""
     pointer_size, flags = data[14], data[15]
     if flags & 2:  # Go 1.18 and later: the strings inline, each after its length as a varint
         length, position = _uvarint(data, 32)
-        return data[position : position + length].decode("utf-8", "replace")
-    # Older: a pointer to a Go string header (data pointer, length).
+        version = data[position : position + length].decode("utf-8", "replace")
+        length, position = _uvarint(data, position + length)
+        return version, data[position : position + length].decode("utf-8", "replace")
+    # Older: pointers to Go string headers (data pointer, length), the version's then the modinfo's.
     word = "<Q" if pointer_size == 8 else "<I"
-    (header,) = struct.unpack_from(word, data, 16)
-    pointer, length = struct.unpack_from(word[0] + word[1] * 2, elf.at(header, pointer_size * 2))
-    return elf.at(pointer, length).decode("utf-8", "replace")
+    strings = []
+    for at in (16, 16 + pointer_size):
+        (header,) = struct.unpack_from(word, data, at)
+        if not header:
+            strings.append("")
+            continue
+        pointer, length = struct.unpack_from(word[0] + word[1] * 2, elf.at(header, pointer_size * 2))
+        strings.append(elf.at(pointer, length).decode("utf-8", "replace") if length else "")
+    return strings[0], strings[1]
+
+
+def go_version(elf: _Elf) -> str:
+    """The Go version the binary was built with, from .go.buildinfo ("" when absent)."""
+    return build_info(elf)[0]
+
+
+def build_setting(modinfo: str, name: str) -> str:
+    """A `build NAME=value` line of the module information ("" when absent)."""
+    prefix = f"build\t{name}="
+    for line in modinfo.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return ""
+
+
+def abi_of_version(version: str) -> str:
+    """The amd64 calling convention a Go version compiles to ("" for an unknown version).
+
+    The experiments in force are the version's " X:" suffix (the linker writes it when they
+    differ from the release's defaults). Go 1.17 turned the register ABI on by default and
+    GOEXPERIMENT=noregabi (or noregabiargs) turned it off; from 1.18 on amd64 keeps it on."""
+    match = GO_VERSION.search(version)
+    if match is None:
+        return ""
+    release = (int(match.group(1)), int(match.group(2)))
+    if release < (1, 17):
+        return STACK_ABI
+    if release == (1, 17):
+        _, _, experiments = version.partition(" X:")
+        if {"noregabi", "noregabiargs"} & set(experiments.split(",")):
+            return STACK_ABI
+    return REGISTER_ABI
+
+
+def abi_of_prologue(code: bytes, entry: int) -> str:
+    """The calling convention a function's stack-bound check shows ("" when it shows none): the
+    register ABI compares SP with g's bound through R14, where g always is; the stack ABI loads
+    g from thread-local storage (FS) first."""
+    import capstone
+
+    disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    for count, (_address, _size, mnemonic, operands) in enumerate(disassembler.disasm_lite(code[:64], entry)):
+        if "fs:" in operands:
+            return STACK_ABI
+        if "r14" in operands and mnemonic in ("cmp", "lea", "mov"):
+            return REGISTER_ABI
+        if count >= 3:
+            break
+    return ""
 
 
 def _pclntab_functions(table: bytes, wanted: set[str]) -> dict[str, tuple[int, int]]:
@@ -237,8 +312,7 @@ def returns_of(code: bytes, entry: int) -> tuple[int, ...]:
 
 
 def register_abi(version: str) -> bool:
-    match = GO_VERSION.match(version)
-    return match is not None and (int(match.group(1)), int(match.group(2))) >= (1, 17)
+    return abi_of_version(version) == REGISTER_ABI
 
 
 def inspect(path: str) -> GoBinary | None:
@@ -249,26 +323,36 @@ def inspect(path: str) -> GoBinary | None:
             table = elf.section(".gopclntab")
             if table is None:
                 return None  # not Go (or a Go of another object format: nothing to hook here)
-            version = go_version(elf)
+            version, modinfo = build_info(elf)
             functions = _pclntab_functions(table, {WRITE, READ})
             if not functions:
                 return None  # Go without crypto/tls
-            binary = GoBinary(version)
+            binary = GoBinary(version, experiment=build_setting(modinfo, "GOEXPERIMENT"))
             if elf.machine != EM_X86_64:
                 binary.error = f"unsupported architecture: ELF machine {elf.machine} (amd64 only)"
                 return binary
-            if not register_abi(version):
-                binary.error = (
-                    f"unsupported Go ABI: {version or 'an unknown Go version'} passes arguments on the stack;"
-                    " only the register ABI (Go 1.17 and later) is hooked"
-                )
-                return binary
+            prologues = set()
             for name in (WRITE, READ):
                 if name not in functions:
                     continue
                 entry, end = functions[name]
-                binary.functions.append(GoFunction(name, entry, returns_of(elf.at(entry, end - entry), entry)))
-            if not all(function.returns for function in binary.functions):
+                code = elf.at(entry, end - entry)
+                prologues.add(abi_of_prologue(code, entry))
+                binary.functions.append(GoFunction(name, entry, returns_of(code, entry)))
+            binary.abi = abi_of_version(version)
+            seen = prologues - {""}
+            if len(seen) > 1 or (binary.abi and seen and seen != {binary.abi}):
+                binary.error = (
+                    f"unsupported Go ABI: the build information ({version}) and the code"
+                    f" ({', '.join(sorted(seen))} ABI) disagree"
+                )
+            elif not binary.abi and not seen:
+                binary.error = "unsupported Go ABI: no Go version in the build information and none shown by the code"
+            elif not binary.abi:
+                binary.abi = seen.pop()
+            if binary.error:
+                binary.functions = []
+            elif not all(function.returns for function in binary.functions):
                 binary.error = "no RET instruction found in " + ", ".join(
                     function.name for function in binary.functions if not function.returns
                 )

@@ -89,6 +89,8 @@ def render(reports: list[dict[str, Any]]) -> str:
         for row in rows:
             hooked = {True: "yes", False: "no", None: "?"}[row.get("hooked")]
             library = f"{row.get('library', '')} {row.get('version', '')}".strip()
+            if row.get("abi"):  # Go: which calling convention was read (and hooked)
+                library += f" ({row['abi']} ABI)"
             table.append(
                 (
                     str(row.get("pid")),

@@ -51,7 +51,7 @@ from trawl.collector.capabilities import (
     missing_capabilities,
     required_capabilities,
 )
-from trawl.collector.tls_go import READ, WRITE
+from trawl.collector.tls_go import READ, REGISTER_ABI, STACK_ABI, WRITE
 from trawl.collector.tls_settings import TlsUprobeSettings
 from trawl.collector.tls_sockets import Endpoints, SocketResolver
 from trawl.collector.tls_targets import LibraryKey, TlsLibrary, comm, pids, pod_name, pod_uid, scan, scan_process
@@ -80,9 +80,13 @@ PROBES = (
     ("SSL_read_ex", "enter_read_ex", "leave_ex"),
     ("SSL_write_ex", "enter_write_ex", "leave_ex"),
 )
-# Go's crypto/tls: (function, entry program); every RET of each runs GO_LEAVE.
-GO_PROBES = {WRITE: "enter_go_write", READ: "enter_go_read"}
-GO_LEAVE = "leave_go"
+# Go's crypto/tls, by calling convention: (function, entry program); every RET of each runs
+# the ABI's GO_LEAVE program.
+GO_PROBES = {
+    REGISTER_ABI: {WRITE: "enter_go_write", READ: "enter_go_read"},
+    STACK_ABI: {WRITE: "enter_go_write_stack", READ: "enter_go_read_stack"},
+}
+GO_LEAVE = {REGISTER_ABI: "leave_go", STACK_ABI: "leave_go_stack"}
 # The program's LIBRARY_* values, as TlsChunk.library names them.
 LIBRARIES = {0: "openssl", 1: "go"}
 # The reader's timer: at most this long between a chunk and its reading.
@@ -356,6 +360,12 @@ class TlsTracer:
         for pid in go_pids:
             table[table.Key(pid)] = table.Leaf(1)
 
+    def hook(self, key: LibraryKey, library: TlsLibrary) -> None:
+        """Hook a library found otherwise than by a scan (a scan keeps its processes current)."""
+        self.hooks[key] = self._attach(library)
+        if self.hooks[key].addresses:
+            self._note_go_pids(library.pids)
+
     def _attach(self, library: TlsLibrary) -> _Hook:
         if library.library == "go":
             return self._attach_go(library)
@@ -392,12 +402,13 @@ class TlsTracer:
             hook.error = binary.error if binary is not None else "no symbols: crypto/tls not found"
         else:
             path = library.reachable.encode()
+            entries, leave = GO_PROBES[binary.abi], GO_LEAVE[binary.abi].encode()
             try:
                 for function in binary.functions:
-                    self.bpf.attach_uprobe(name=path, addr=function.entry, fn_name=GO_PROBES[function.name].encode())
+                    self.bpf.attach_uprobe(name=path, addr=function.entry, fn_name=entries[function.name].encode())
                     hook.addresses.append(function.entry)
                     for address in function.returns:
-                        self.bpf.attach_uprobe(name=path, addr=address, fn_name=GO_LEAVE.encode())
+                        self.bpf.attach_uprobe(name=path, addr=address, fn_name=leave)
                         hook.addresses.append(address)
                     hook.symbols.append(function.name)
             except Exception as exc:  # bcc: the file went away, or the kernel refused the probe
@@ -409,6 +420,8 @@ class TlsTracer:
             path=library.path,
             library="go",
             version=library.version,
+            abi=binary.abi if binary is not None else "",
+            experiment=binary.experiment if binary is not None else "",
             symbols=hook.symbols,
             probes=len(hook.addresses),
             reason=hook.error,
@@ -447,6 +460,7 @@ class TlsTracer:
                         "pod": pod_name(self.proc, pid),
                         "library": library.library,
                         "version": library.version,
+                        "abi": library.go.abi if library.go is not None else "",
                         "path": library.path,
                         "hooked": bool(hook.symbols),
                         "symbols": hook.symbols,
@@ -626,6 +640,7 @@ class TlsCapture:
                 pod_uid=row["pod_uid"],
                 pod=row["pod"],
                 library=f"{row['library']} {row['version']}".strip(),
+                abi=row.get("abi", ""),
             )
         counts: dict[tuple[str, str], int] = {}
         for row in self._status:
@@ -713,6 +728,7 @@ class TlsCapture:
                 "pod": pod_name(proc, pid),
                 "library": library.library,
                 "version": library.version,
+                "abi": library.go.abi if library.go is not None else "",
                 "path": library.path,
                 "hooked": False,
                 "symbols": [],

@@ -23,6 +23,8 @@ from trawl.collector.tls_go import (
     WRITE,
     GoBinaries,
     StaticSsl,
+    abi_of_prologue,
+    abi_of_version,
     inspect,
     inspect_executable,
     register_abi,
@@ -66,10 +68,12 @@ def pclntab(magic: int, text: int, entries: list[int], end: int) -> bytes:
     return header.ljust(header_size, b"\0") + names + functab + funcs
 
 
-def buildinfo(version: str) -> bytes:
-    """Go 1.18+'s .go.buildinfo: the version inline, after its length."""
-    encoded = version.encode()
-    return b"\xff Go buildinf:" + bytes([8, 2]) + b"\0" * 16 + bytes([len(encoded)]) + encoded + b"\0"
+def buildinfo(version: str, modinfo: str = "") -> bytes:
+    """Go 1.18+'s .go.buildinfo: the version and the module information inline, each after its length."""
+    encoded, module = version.encode(), modinfo.encode()
+    assert len(encoded) < 128 and len(module) < 128  # one-byte varints
+    header = b"\xff Go buildinf:" + bytes([8, 2]) + b"\0" * 16
+    return header + bytes([len(encoded)]) + encoded + bytes([len(module)]) + module
 
 
 def elf(sections: dict[str, tuple[int, bytes]], machine: int = 62) -> bytes:
@@ -95,15 +99,22 @@ def elf(sections: dict[str, tuple[int, bytes]], machine: int = 62) -> bytes:
     return header + body + headers
 
 
-def go_file(tmp_path: Path, version: str, magic: int, machine: int = 62) -> Path:
-    code = b"\xcc" * 16 + WRITE_CODE + READ_CODE
+def go_file(
+    tmp_path: Path, version: str, magic: int, machine: int = 62, prologue: bytes = b"", modinfo: str = ""
+) -> Path:
+    """A Go executable with crypto/tls's two functions (each starting with `prologue`)."""
+    if prologue:  # the check, then a RET (all of a function that fits its 16 bytes)
+        write = read = (prologue + b"\xc3").ljust(16, b"\xcc")
+    else:
+        write, read = WRITE_CODE, READ_CODE
+    code = b"\xcc" * 16 + write + read
     path = tmp_path / "prog"
     path.write_bytes(
         elf(
             {
                 ".text": (TEXT, code),
                 ".gopclntab": (0x500000, pclntab(magic, TEXT, [0, 16, 32], 48)),
-                ".go.buildinfo": (0x600000, buildinfo(version)),
+                ".go.buildinfo": (0x600000, buildinfo(version, modinfo)),
             },
             machine,
         )
@@ -119,10 +130,49 @@ def test_the_register_abi_go_binary_gives_each_function_entry_and_returns(tmp_pa
     assert by_name[READ].entry == TEXT + 32 and by_name[READ].returns == (TEXT + 34, TEXT + 36)
 
 
-def test_go_before_1_17_and_other_architectures_are_reported_not_hooked(tmp_path: Path) -> None:
-    old = inspect(str(go_file(tmp_path, "go1.16.15", PCLNTAB_GO116)))
-    assert old is not None and old.functions == []
-    assert old.error.startswith("unsupported Go ABI: go1.16.15 passes arguments on the stack")
+# The stack-bound check that opens a Go function: the register ABI's through g in R14
+# (cmp rsp, [r14+0x10]), the stack ABI's after loading g from thread-local storage
+# (mov rcx, fs:[-8]; cmp rsp, [rcx+0x10]).
+REGISTER_PROLOGUE = b"\x49\x3b\x66\x10"
+STACK_PROLOGUE = b"\x64\x48\x8b\x0c\x25\xf8\xff\xff\xff\x48\x3b\x61\x10"
+
+
+def test_go_before_1_17_is_hooked_with_the_stack_abi(tmp_path: Path) -> None:
+    old = inspect(str(go_file(tmp_path, "go1.16.15", PCLNTAB_GO116, prologue=STACK_PROLOGUE)))
+    assert old is not None and (old.error, old.abi) == ("", "stack")
+    assert [function.name for function in old.functions] == [WRITE, READ]
+    assert all(function.returns for function in old.functions)
+
+
+def test_the_abi_comes_from_the_experiments_in_force_and_the_code_must_agree(tmp_path: Path) -> None:
+    # 1.17 with GOEXPERIMENT=noregabi: the linker's " X:" suffix says the stack ABI.
+    found = inspect(str(go_file(tmp_path, "go1.17.13 X:noregabi", PCLNTAB_GO116, prologue=STACK_PROLOGUE)))
+    assert found is not None and (found.error, found.abi) == ("", "stack")
+    # 1.19 asked for noregabi (the build setting) and compiled the register ABI: register.
+    asked = inspect(
+        str(
+            go_file(
+                tmp_path,
+                "go1.19.8",
+                PCLNTAB_GO120,
+                prologue=REGISTER_PROLOGUE,
+                modinfo="path\tgotls\nbuild\tGOEXPERIMENT=noregabi\nbuild\tGOOS=linux\n",
+            )
+        )
+    )
+    assert asked is not None and (asked.error, asked.abi, asked.experiment) == ("", "register", "noregabi")
+    # No version: the code decides.
+    unversioned = inspect(str(go_file(tmp_path, "", PCLNTAB_GO120, prologue=STACK_PROLOGUE)))
+    assert unversioned is not None and (unversioned.error, unversioned.abi) == ("", "stack")
+    # The build information and the code disagree: not hooked, and why.
+    odd = inspect(str(go_file(tmp_path, "go1.16.15", PCLNTAB_GO116, prologue=REGISTER_PROLOGUE)))
+    assert odd is not None and odd.functions == []
+    assert odd.error == "unsupported Go ABI: the build information (go1.16.15) and the code (register ABI) disagree"
+    nothing = inspect(str(go_file(tmp_path, "", PCLNTAB_GO120)))
+    assert nothing is not None and nothing.error.startswith("unsupported Go ABI: no Go version")
+
+
+def test_other_architectures_are_reported_not_hooked(tmp_path: Path) -> None:
     arm = inspect(str(go_file(tmp_path, "go1.21.3", PCLNTAB_GO120, machine=183)))
     assert arm is not None and arm.error == "unsupported architecture: ELF machine 183 (amd64 only)"
 
@@ -156,6 +206,21 @@ def test_an_executable_is_read_once_per_version_of_the_file(tmp_path: Path) -> N
     assert cache.lookup(str(path), path.stat()) is first
     path.write_bytes(b"replaced")
     assert cache.lookup(str(path), path.stat()) is None
+
+
+def test_abi_of_versions_and_prologues() -> None:
+    versions = ("go1.16.15", "go1.17", "go1.17.13 X:noregabi", "go1.17.2 X:noregabiargs", "go1.19.8", "devel +abc")
+    assert [abi_of_version(version) for version in versions] == [
+        "stack",
+        "register",
+        "stack",
+        "stack",
+        "register",
+        "",
+    ]
+    assert abi_of_prologue(REGISTER_PROLOGUE + WRITE_CODE, TEXT) == "register"
+    assert abi_of_prologue(STACK_PROLOGUE + WRITE_CODE, TEXT) == "stack"
+    assert abi_of_prologue(WRITE_CODE, TEXT) == ""
 
 
 def test_returns_and_versions() -> None:

@@ -8,6 +8,8 @@
 //	gotls self CERT KEY      both, in one process: the h1 then the h2 calls
 //	gotls loop PORT N        wait for a line on stdin, then N GETs over one HTTP/1.1 connection
 //	                         (for measuring the uprobes' cost)
+//	gotls stackself CERT KEY serve and call itself over HTTP/1.1 (after a line on stdin), every
+//	                         TLS read and write through stack-ABI functions (stackabi_amd64.go)
 package main
 
 import (
@@ -127,6 +129,12 @@ func main() {
 				io.ReadAll(response.Body)
 				response.Body.Close()
 			}
+		}
+	case "stackself":
+		var line string
+		line, err = stackSelf(os.Args[2], os.Args[3], func() { bufio.NewReader(os.Stdin).ReadString('\n') })
+		if err == nil {
+			fmt.Println(line)
 		}
 	case "self":
 		var listener net.Listener
