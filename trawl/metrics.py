@@ -6,6 +6,7 @@ single asyncio thread updates; the OTLP export of the same figures lives in the 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -65,3 +66,21 @@ class Registry:
 
     def snapshot(self) -> dict[str, float]:
         return {name: metric.total() for name, metric in self._metrics.items()}
+
+    def families(self) -> list[tuple[str, str, str, dict[tuple[tuple[str, str], ...], float]]]:
+        """Each metric's name, help, kind and a copy of its values by label set."""
+        return [(m.name, m.help, m.kind, dict(m.values)) for m in list(self._metrics.values())]
+
+    def snapshot_json(self, **about: str) -> bytes:
+        """The families as JSON, with `about` (service, node): what a service publishes on
+        trawl.v1.control.metrics.<service>.<node> (see trawl.service)."""
+        families = [
+            {
+                "name": name,
+                "help": help,
+                "kind": kind,
+                "values": [[dict(labels), value] for labels, value in values.items()],
+            }
+            for name, help, kind, values in self.families()
+        ]
+        return json.dumps({**about, "families": families}, separators=(",", ":")).encode()

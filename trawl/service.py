@@ -10,6 +10,7 @@ tests drive without a bus.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -50,6 +51,18 @@ class ServiceContext(Generic[SettingsT]):
         await self.bus.nc.flush()
         log.info("service_ready", service=self.name, node=self.settings.node)
 
+    async def publish_counters(self) -> None:
+        """This service's counters and gauges (its Registry) on trawl.v1.control.metrics.<service>.<node>,
+        as JSON (trawl.metrics.Registry.snapshot_json), for the enricher's OTLP metrics export:
+        the collector and the dissector have no exporter of their own. Published every
+        COUNTERS_INTERVAL_S, when a finite input is drained and when the service stops, so the
+        last figures of a short run reach the export too; a lost one is replaced by the next."""
+        try:
+            payload = self.metrics.snapshot_json(service=self.name, node=self.settings.node)
+            await self.bus.publish(control_subject("metrics", self.name, self.settings.node), payload)
+        except Exception as exc:  # the counters are also on /metrics: never stop a service over them
+            log.debug("counters_not_published", error=str(exc) or type(exc).__name__)
+
     async def drained(self, emitted: int, last_stream_sequence: int = 0, files: list[str] | None = None) -> None:
         """Announce that a finite input has been fully processed by this service."""
         message = control_pb2.Drained(
@@ -59,9 +72,20 @@ class ServiceContext(Generic[SettingsT]):
             last_stream_sequence=last_stream_sequence,
             files=files or [],
         )
+        await self.publish_counters()  # before Drained: the enricher exports once it has all
         await self.bus.publish(control_subject("drained", self.name, self.settings.node), message.SerializeToString())
         await self.bus.nc.flush()
         log.info("service_drained", service=self.name, emitted=emitted, files=files or [])
+
+
+# How often a service publishes its counters for the OTLP metrics export (ServiceContext.publish_counters).
+COUNTERS_INTERVAL_S = 5.0
+
+
+async def _publish_counters_periodically(ctx: ServiceContext[SettingsT]) -> None:
+    while True:
+        await asyncio.sleep(COUNTERS_INTERVAL_S)
+        await ctx.publish_counters()
 
 
 async def _start_http(ctx: ServiceContext[SettingsT], port: int) -> web.AppRunner:
@@ -102,9 +126,15 @@ async def run_service(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, ctx.stopping.set)
     runner = await _start_http(ctx, settings.http_port) if settings.http_port is not None else None
+    counters = asyncio.create_task(_publish_counters_periodically(ctx))
     try:
         await serve(ctx)
     finally:
+        counters.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await counters
+        if not bus.nc.is_closed:
+            await ctx.publish_counters()
         await bus.close()
         if runner is not None:
             await runner.cleanup()

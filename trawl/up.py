@@ -35,7 +35,7 @@ from trawl.collector.replay import CaptureFile
 from trawl.config import NatsSettings, YamlDocument
 from trawl.embedded import EmbeddedNats
 from trawl.enricher.identity import IdentityMap
-from trawl.enricher.span_totals import TOTALS_EVENT, SpanTotals
+from trawl.enricher.span_totals import EXPORT_TOTALS_EVENT, TOTALS_EVENT, ExportTotals, SpanTotals
 from trawl.errors import ConfigError, UserError
 from trawl.logs import configure_logging, get_logger
 from trawl.procs import die_with_parent
@@ -330,25 +330,34 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
 
 
 def _print_span_totals(suite: Suite, options: UpOptions) -> None:
-    """The enricher's span totals, read back from the last event it logged when it stopped
-    (it runs as its own process; its log is the one channel still there once it has exited)."""
+    """The enricher's span totals, then its metric points and export retries, read back from the
+    last events it logged when it stopped (it runs as its own process; its log is the one
+    channel still there once it has exited)."""
     path = suite.log_dir / "enricher.log"
-    totals: SpanTotals | None = None
     lines = path.read_text(errors="replace").splitlines() if path.exists() else []
+    totals: SpanTotals | None = None
+    exports: ExportTotals | None = None
     for line in reversed(lines):
-        if TOTALS_EVENT not in line:
+        if totals is not None and exports is not None:
+            break
+        if TOTALS_EVENT not in line and EXPORT_TOTALS_EVENT not in line:
             continue
         with contextlib.suppress(ValueError):
             record = json.loads(line)
-            if isinstance(record, dict) and record.get("event") == TOTALS_EVENT:
+            if not isinstance(record, dict):
+                continue
+            if totals is None and record.get("event") == TOTALS_EVENT:
                 totals = SpanTotals.from_log_fields(record)
-                break
+            elif exports is None and record.get("event") == EXPORT_TOTALS_EVENT:
+                exports = ExportTotals.from_log_fields(record)
     if totals is not None:
         print(totals.line(), file=sys.stderr)  # noqa: T201 - the summary line a user reads
     elif options.otlp_endpoint is not None:
         print(  # noqa: T201 - the summary line a user reads
             f"spans: no totals: the enricher did not report them when it stopped (log: {path})", file=sys.stderr
         )
+    if exports is not None:
+        print(exports.line(), file=sys.stderr)  # noqa: T201 - the summary line a user reads
 
 
 async def _until(work: Any, stop: asyncio.Event) -> None:

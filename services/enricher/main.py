@@ -16,11 +16,11 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
-from trawl.bus import STREAM_CALLS, STREAM_ENRICHED, DurablePublisher
+from trawl.bus import PREFIX, STREAM_CALLS, STREAM_ENRICHED, DurablePublisher
 from trawl.dedup import RecentIds
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, enricher_from_settings, start_kube_watch
-from trawl.enricher.span_totals import TOTALS_EVENT, SpanCounters, SpanTotals
+from trawl.enricher.span_totals import EXPORT_TOTALS_EVENT, TOTALS_EVENT, ExportTotals, SpanCounters, SpanTotals
 from trawl.enricher.wire_calls import EnrichedSubjects, WireError, call_id, split_call_batch
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
@@ -131,6 +131,22 @@ class _Pipeline:
         return True
 
 
+async def _follow_peer_counters(ctx: ServiceContext[EnricherSettings], enricher: Enricher) -> None:
+    """The other services' counters (trawl.service publishes them) into the aggregated RED
+    export, which sends them beside the enricher's own (red_wire.PeerCounters)."""
+    aggregator = getattr(enricher.red, "aggregator", None)
+    if aggregator is None:
+        return  # no metrics export, or the SDK path (the reference: the enricher's counters only)
+    from trawl.enricher.red_wire import PeerCounters
+
+    peers = aggregator.peers = PeerCounters()
+
+    async def on_counters(msg: Msg) -> None:
+        peers.update(msg.data)
+
+    await ctx.bus.subscribe(f"{PREFIX}.control.metrics.>", on_counters)
+
+
 async def _export_metrics_periodically(enricher: Enricher, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
@@ -165,6 +181,7 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
         await ctx.bus.ensure_stream(STREAM_CALLS, settings.streams)
         await ctx.bus.ensure_stream(STREAM_ENRICHED, settings.streams)
         subscription = await ctx.bus.pull(STREAM_CALLS, settings.durable, settings.calls_filter_subject)
+        await _follow_peer_counters(ctx, enricher)
         if enricher.red.exporter is not None:
             metrics_task = asyncio.create_task(
                 _export_metrics_periodically(enricher, settings.metrics_export_interval_s)
@@ -219,6 +236,9 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
             await asyncio.to_thread(enricher.shutdown_spans)
             _log_span_totals(SpanCounters.of(ctx.metrics).totals())
         await asyncio.to_thread(enricher.shutdown)
+        if enricher.exporting or enricher.red.exporter is not None:
+            # After the last metric export (in shutdown): its points are counted.
+            log.info(EXPORT_TOTALS_EVENT, **ExportTotals.of(ctx.metrics).log_fields())
 
 
 def _log_span_totals(totals: SpanTotals) -> None:

@@ -40,6 +40,7 @@ server and client histograms are the same points.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -190,6 +191,54 @@ def _endpoint_key(endpoint: Endpoint) -> tuple[str, ...]:
     )
 
 
+# One metric of a Registry: name, help, kind ("counter" or "gauge") and values by label set.
+Family = tuple[str, str, str, dict[tuple[tuple[str, str], ...], float]]
+# Services whose counters are kept at most (a peer that stops publishing stays until replaced).
+MAX_PEERS = 1024
+
+
+class PeerCounters:
+    """The latest counters each other Trawl service published (trawl.service publishes its
+    Registry on trawl.v1.control.metrics.<service>.<node> every few seconds, when drained and
+    when it stops), by (service, node): exported by RedAggregator beside the enricher's own,
+    so the collector's packets and drops and the dissector's parse errors reach the OTLP
+    metrics without an exporter in each of them (nor its OpenTelemetry imports at start)."""
+
+    def __init__(self, skip_service: str | None = "enricher", max_peers: int = MAX_PEERS) -> None:
+        # Enrichers export their own registry: another replica's snapshot would be sent twice.
+        self.skip_service = skip_service
+        self.max_peers = max_peers
+        self._latest: dict[tuple[str, str], list[Family]] = {}
+
+    def update(self, payload: bytes) -> tuple[str, str] | None:
+        """Keep a published snapshot; the (service, node) it is of, None when it is not one
+        (or an enricher's, or past max_peers)."""
+        try:
+            document = json.loads(payload)
+            peer = (str(document["service"]), str(document["node"]))
+            families: list[Family] = [
+                (
+                    str(family["name"]),
+                    str(family.get("help", "")),
+                    "counter" if family.get("kind") == "counter" else "gauge",
+                    {
+                        tuple(sorted((str(k), str(v)) for k, v in labels.items())): float(value)
+                        for labels, value in family.get("values", [])
+                    },
+                )
+                for family in document["families"]
+            ]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            return None
+        if peer[0] == self.skip_service or (peer not in self._latest and len(self._latest) >= self.max_peers):
+            return None
+        self._latest[peer] = families  # one assignment: an export in another thread sees old or new
+        return peer
+
+    def items(self) -> list[tuple[tuple[str, str], list[Family]]]:
+        return list(self._latest.items())
+
+
 class RedAggregator:
     """The enricher's RED and service-graph metrics as bucket arrays (module docstring)."""
 
@@ -219,7 +268,9 @@ class RedAggregator:
         self._entries: dict[tuple[object, ...], _Entry] = {}
         self._templates: dict[str, str] = {}
         self._tcp: dict[str, int] = {}
-        self._counter_baseline: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+        self._counter_baseline: dict[tuple[object, ...], float] = {}
+        # The collector's and dissector's counters, when the enricher service receives them.
+        self.peers: PeerCounters | None = None
         self._resource_overflow = registry.counter(
             "trawl_enricher_metric_resource_overflow_total",
             "Calls whose RED metrics went to the overflow resource because max_metric_resources was reached",
@@ -563,29 +614,50 @@ class RedAggregator:
             else metrics_pb2.AGGREGATION_TEMPORALITY_CUMULATIVE
         )
         points += self._registry_metrics(metrics, registry_temporality, now_ns)
+        points += self._peer_metrics(request, registry_temporality, now_ns)
         return points
 
     def _registry_metrics(self, metrics: object, temporality: Temporality, now_ns: int) -> int:
         """The registry's counters (as monotonic sums: deltas since the last export when asked)
-        and gauges. Registry has no public walk over its label sets; its `_metrics` is read."""
+        and gauges."""
+        return self._families_metrics(metrics, self.registry.families(), temporality, now_ns, ())
+
+    def _peer_metrics(self, request: object, temporality: Temporality, now_ns: int) -> int:
+        """The other services' counters (PeerCounters): a resource each, Trawl's with the
+        service and node that published them."""
+        if self.peers is None:
+            return 0
+        points = 0
+        for (service, node), families in self.peers.items():
+            resource_metrics = request.resource_metrics.add()  # type: ignore[attr-defined]
+            _fill_attributes(
+                resource_metrics.resource.attributes,
+                (*TRAWL_RESOURCE, ("trawl.service", service), ("trawl.node", node)),
+            )
+            scope_metrics = resource_metrics.scope_metrics.add()
+            scope_metrics.scope.name, scope_metrics.scope.version = SCOPE_NAME, trawl.__version__
+            points += self._families_metrics(scope_metrics.metrics, families, temporality, now_ns, (service, node))
+        return points
+
+    def _families_metrics(
+        self, metrics: object, families: Iterable[Family], temporality: Temporality, now_ns: int, owner: tuple[str, ...]
+    ) -> int:
         from opentelemetry.proto.metrics.v1 import metrics_pb2
 
         points = 0
-        registered = getattr(self.registry, "_metrics", {})
-        for registered_metric in list(registered.values()):
-            values = dict(registered_metric.values)
+        for name, help_text, kind, values in families:
             if not values:
                 continue
             metric = metrics.add()  # type: ignore[attr-defined]
-            metric.name, metric.description = registered_metric.name, registered_metric.help
-            counter = registered_metric.kind == "counter"
+            metric.name, metric.description = name, help_text
+            counter = kind == "counter"
             data = metric.sum if counter else metric.gauge
             if counter:
                 metric.sum.aggregation_temporality = temporality
                 metric.sum.is_monotonic = True
             for labels, value in sorted(values.items()):
                 if counter and temporality == metrics_pb2.AGGREGATION_TEMPORALITY_DELTA:
-                    baseline_key = (registered_metric.name, labels)
+                    baseline_key = (*owner, name, labels)
                     value, self._counter_baseline[baseline_key] = (
                         value - self._counter_baseline.get(baseline_key, 0),
                         value,

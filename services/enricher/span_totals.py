@@ -109,3 +109,56 @@ class SpanTotals:
                 raise ValueError(f"{TOTALS_EVENT}: {name} is {value!r}, not a count")
             values[name] = value
         return cls(**values)
+
+
+# The enricher service's log event, at its stop, with what became of its metric points and how
+# many export attempts (spans and metrics) were retried (read back by `trawl up`).
+EXPORT_TOTALS_EVENT = "export_totals"
+POINTS = "trawl_enricher_metric_points_total"
+METRIC_RETRIES = "trawl_enricher_metric_export_retries_total"
+SPAN_RETRIES = "trawl_enricher_span_export_retries_total"
+
+
+@dataclass(frozen=True)
+class ExportTotals:
+    """Metric points exported, rejected (a partial success) and failed, and the export
+    attempts retried, of spans and of metrics: the second line `trawl up` prints."""
+
+    points_exported: int = 0
+    points_rejected: int = 0
+    points_failed: int = 0
+    metric_retries: int = 0
+    span_retries: int = 0
+
+    @classmethod
+    def of(cls, registry: Registry) -> ExportTotals:
+        found = {name: values for name, _, _, values in registry.families()}
+        points = found.get(POINTS, {})
+        return cls(
+            points_exported=int(points.get((("result", "exported"),), 0)),
+            points_rejected=int(points.get((("result", "rejected"),), 0)),
+            points_failed=int(points.get((("result", "failed"),), 0)),
+            metric_retries=int(sum(found.get(METRIC_RETRIES, {}).values())),
+            span_retries=int(sum(found.get(SPAN_RETRIES, {}).values())),
+        )
+
+    def line(self) -> str:
+        """`metrics: 120 points exported, 0 rejected, 0 failed; retried: 0 span exports, 2 metric exports`."""
+        return (
+            f"metrics: {self.points_exported} points exported, {self.points_rejected} rejected, "
+            f"{self.points_failed} failed; retried: {self.span_retries} span exports, "
+            f"{self.metric_retries} metric exports"
+        )
+
+    def log_fields(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+    @classmethod
+    def from_log_fields(cls, fields: Mapping[str, object]) -> ExportTotals:
+        values: dict[str, int] = {}
+        for name in cls.__dataclass_fields__:
+            value = fields.get(name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{EXPORT_TOTALS_EVENT}: {name} is {value!r}, not a count")
+            values[name] = value
+        return cls(**values)
