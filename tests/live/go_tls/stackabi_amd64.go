@@ -22,6 +22,7 @@ import (
 
 func stackRead(c *tls.Conn, b []byte) (int, error)
 func stackWrite(c *tls.Conn, b []byte) (int, error)
+func stackWriteSplit(c *tls.Conn, b []byte) (int, error)
 
 var stackMoves int64
 
@@ -47,11 +48,20 @@ func goRead(c *tls.Conn, b []byte) (int, error) {
 
 func goWrite(c *tls.Conn, b []byte) (int, error) { return c.Write(b) }
 
-// stackConn is a *tls.Conn whose Read and Write go through the stack-ABI functions.
-type stackConn struct{ *tls.Conn }
+// stackConn is a *tls.Conn whose Read and Write go through the stack-ABI functions (Write
+// through stackWriteSplit when split is set: the client's).
+type stackConn struct {
+	*tls.Conn
+	split bool
+}
 
-func (s stackConn) Read(b []byte) (int, error)  { return stackRead(s.Conn, b) }
-func (s stackConn) Write(b []byte) (int, error) { return stackWrite(s.Conn, b) }
+func (s stackConn) Read(b []byte) (int, error) { return stackRead(s.Conn, b) }
+func (s stackConn) Write(b []byte) (int, error) {
+	if s.split {
+		return stackWriteSplit(s.Conn, b)
+	}
+	return stackWrite(s.Conn, b)
+}
 
 type stackListener struct {
 	net.Listener
@@ -63,7 +73,7 @@ func (l stackListener) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
-	return stackConn{tls.Server(conn, l.config)}, nil
+	return stackConn{tls.Server(conn, l.config), false}, nil
 }
 
 // stackSelf serves HTTP/1.1 over TLS and calls itself, every TLS read and write of both ends
@@ -93,7 +103,7 @@ func stackSelf(certFile, keyFile string, ready func()) (string, error) {
 			if err := client.HandshakeContext(ctx); err != nil {
 				return nil, err
 			}
-			return stackConn{client}, nil
+			return stackConn{client, true}, nil
 		},
 	}
 	client := &http.Client{Transport: transport}
