@@ -29,7 +29,14 @@ from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import Dissector
 from trawl.enricher.config import EnricherSettings
-from trawl.enricher.logic import Enricher, build_enricher, load_identity, metric_exporter_for, red_metrics_for
+from trawl.enricher.logic import (
+    Enricher,
+    build_enricher,
+    load_identity,
+    metric_exporter_for,
+    red_metrics_for,
+    route_learner_for,
+)
 from trawl.enricher.span_totals import SpanCounters
 from trawl.errors import InputError
 from trawl.logs import configure_logging, get_logger
@@ -147,6 +154,7 @@ def analyze(
             metric_exporter_for(enricher_settings) if red is None else None,
             metrics,
             red_metrics=red,
+            routes=route_learner_for(enricher_settings, metrics),
         )
     node_name = dissector_settings.node
     dissector = Dissector(dissector_settings, node=node_name)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from trawl.config import ServiceSettings
@@ -55,6 +55,47 @@ class OtlpTarget:
         if self.is_signal_specific:
             return self.endpoint
         return self.endpoint.rstrip("/") + f"/v1/{signal}"
+
+
+class OpenApiSource(BaseModel):
+    """One OpenAPI document and the service it describes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Matched against the call's destination service, workload, pod or name, or its Host header.
+    service: str = Field(min_length=1)
+    # Only calls to this namespace (None: any).
+    namespace: str | None = None
+    # A file (relative to the working directory) or an http(s) URL; YAML or JSON, OpenAPI 3.x or Swagger 2.0.
+    source: str = Field(min_length=1)
+
+
+class RouteSettings(BaseModel):
+    """`http.route` of HTTP calls (trawl.enricher.routes): from OpenAPI documents, else learned."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Learn routes for every HTTP call; giving OpenAPI documents turns it on too. Off, calls keep
+    # the route the dissector gave (none today) and spans template the path.
+    enabled: bool = False
+    openapi: list[OpenApiSource] = Field(default_factory=list)
+    # A path position becomes {param} once it has seen more distinct segments than this.
+    collapse_after: int = Field(default=32, ge=1)
+    # Past it a service's new routes are /{overflow} (trawl_enricher_routes_overflow_total).
+    max_routes_per_service: int = Field(default=500, gt=0)
+    # Services learned apart; the calls of later ones share one trie ("*").
+    max_services: int = Field(default=1000, gt=0)
+    max_segments: int = Field(default=16, gt=0)
+    # Learned routes shared by replicas and kept over restarts; None: identity_redis_url when set.
+    redis_url: str | None = None
+    redis_prefix: str = Field(default="trawl:routes:v1", min_length=1)
+    sync_interval_s: float = Field(default=5.0, gt=0)
+    # How long fetching an OpenAPI document from a URL may take at start.
+    fetch_timeout_s: float = Field(default=10.0, gt=0)
+
+    @property
+    def active(self) -> bool:
+        return self.enabled or bool(self.openapi)
 
 
 class EnricherSettings(ServiceSettings):
@@ -112,6 +153,8 @@ class EnricherSettings(ServiceSettings):
     # export, with the service graph and Trawl's counters) or "sdk" (red.py through the
     # OpenTelemetry metrics SDK, the reference).
     metrics_path: Literal["aggregated", "sdk"] = "aggregated"
+    # http.route of HTTP calls, from OpenAPI documents or learned (trawl.enricher.routes).
+    routes: RouteSettings = Field(default_factory=RouteSettings)
 
     # JetStream consumption of TRAWL_CALLS.
     durable: str = Field(default="enricher", min_length=1, pattern=r"^[A-Za-z0-9_\-]+$")

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from trawl.enricher.otlp import CountingBatchSpanProcessor
     from trawl.enricher.red import RedMetrics
     from trawl.enricher.red_wire import WireRedMetrics
+    from trawl.enricher.routes import RouteLearner
     from trawl.enricher.wire_export import WireSpanPath
 
 log = get_logger(__name__)
@@ -125,8 +126,12 @@ class Enricher:
         metrics: Registry | None = None,
         span_path: WireSpanPath | None = None,
         red_metrics: WireRedMetrics | None = None,
+        routes: RouteLearner | None = None,
     ) -> None:
         self.settings = settings
+        # http.route of HTTP calls (trawl.enricher.routes), set after identity (it keys on the
+        # destination service); None: routes off.
+        self.routes = routes
         self.identity = identity
         self.metrics = metrics if metrics is not None else Registry()
         self._calls = self.metrics.counter("trawl_enricher_calls_total", "Calls enriched, by protocol")
@@ -186,6 +191,8 @@ class Enricher:
         except Exception:  # one odd call must not stop the stream: find it, enrich the others
             unknown_sources, unknown_destinations = self._enrich_one_by_one(calls)
         self._note_dns(call for call in calls if call.protocol == "dns")
+        if self.routes is not None:
+            self._set_routes(calls)
         if len(calls) == 1:
             self._calls.inc(protocol=calls[0].protocol or "unknown")
         else:
@@ -222,6 +229,8 @@ class Enricher:
                 enriched[index] = call.SerializeToString()
         if b"dns" in protocols:  # their answers name addresses (the splicer counted them: no scan otherwise)
             self._note_dns(ApiCall.FromString(call) for call in enriched if _DNS_PROTOCOL in call[:64])
+        if self.routes is not None and (b"http" in protocols or b"http2" in protocols):
+            self._set_routes(enriched)
         for protocol, count in protocols.items():
             self._calls.inc(count, protocol=protocol.decode("utf-8", "replace") or "unknown")
         if unknown_sources:
@@ -256,6 +265,17 @@ class Enricher:
             return True
         self._splicer_generation = generation
         return False
+
+    def _set_routes(self, calls: Sequence[ApiCall] | list[bytes]) -> None:
+        assert self.routes is not None
+        try:
+            if calls and isinstance(calls[0], bytes):
+                self.routes.apply_encoded(calls)  # type: ignore[arg-type]
+            else:
+                self.routes.apply(calls)  # type: ignore[arg-type]
+        except Exception as exc:  # a route is a bonus: never lose the batch over it
+            self._failures.inc(stage="routes")
+            log.warning("routes_failed", calls=len(calls), error=repr(exc))
 
     def _note_dns(self, calls: Iterable[ApiCall]) -> None:
         """Names from the DNS answers of a batch, for the calls after it (IdentityMap.note_dns)."""
@@ -356,6 +376,8 @@ class Enricher:
         """Flush and stop the exporters (blocking); the Enricher cannot export afterwards."""
         self.shutdown_spans()
         self.red.shutdown()
+        if self.routes is not None:
+            self.routes.close()
 
 
 def _as_objects(calls: Sequence[bytes]) -> Sequence[ApiCall]:
@@ -415,8 +437,19 @@ def red_metrics_for(settings: EnricherSettings, metrics: Registry) -> WireRedMet
     return WireRedMetrics.from_settings(settings, metrics, os.environ)
 
 
+def route_learner_for(settings: EnricherSettings, metrics: Registry) -> RouteLearner | None:
+    """The `http.route` learner the settings ask for (None: routes off); ConfigError for a bad
+    OpenAPI document. Imported only then."""
+    if not settings.routes.active:
+        return None
+    from trawl.enricher.routes import RouteLearner
+
+    return RouteLearner.from_settings(settings.routes, metrics, settings.identity_redis_url)
+
+
 def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None = None) -> Enricher:
     metrics = metrics if metrics is not None else Registry()
+    routes = route_learner_for(settings, metrics)  # first: a bad OpenAPI document stops the start before any export
     wire = None
     if settings.span_path == "compiled" and settings.traces_target() is not None:
         # Imported only with an endpoint: an enricher without one starts without the OTLP packages.
@@ -434,6 +467,7 @@ def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None 
         metrics,
         span_path=wire,
         red_metrics=red,
+        routes=routes,
     )
 
 

@@ -1,0 +1,757 @@
+"""`http.route` for HTTP calls, learned with bounded cardinality.
+
+An HTTP call's route (`ApiCall.http.route`, then the spans' `http.route` and name, the RED
+metrics' `http.route`) comes from, in order:
+
+1. The OpenAPI documents given in config (`routes.openapi`: a file or an http(s) URL, YAML or
+   JSON, OpenAPI 3.x `servers` or Swagger 2.0 `basePath` prefixes), for the service each
+   describes. Templates are matched segment by segment in a trie where a literal segment wins
+   over a parameter (OpenAPI: "concrete paths are matched before their templated
+   counterparts"), backtracking when the literal branch fails deeper.
+2. gRPC carried as plain HTTP (`application/grpc*`): the path `/pkg.Service/Method` is the
+   route; methods are bounded by the service's definition.
+3. GraphQL over plain HTTP (`application/graphql`, or a path ending in `/graphql`): the
+   endpoint path (the operation name is in the span name already).
+4. Otherwise the span heuristic (spans.template_path: numeric, UUID and hex segments become
+   {id}) then a per-service trie of the segments that replaces a position's literals with
+   `{param}` once more than `collapse_after` distinct ones were seen there (the shape of
+   Kubeshark's and Datadog's endpoint learners).
+
+Calls of the gRPC and GraphQL protocols hold their own detail (the `detail` oneof), not the
+HTTP one, and get no `http.route`: their span names already are their method or operation.
+
+Bounds: per service at most `max_routes_per_service` routes (a call whose path would make one
+more gets `/{overflow}`, counted in `trawl_enricher_routes_overflow_total{service}`) and
+4 times as many trie nodes; at most `max_services` services (calls of the ones past it share
+one trie, service "*", counted in `trawl_enricher_routes_services_overflow_total`); at most
+`max_segments` segments of a path are learned (the rest is `{rest}`). The overflow route is
+`/{overflow}` rather than no route at all: without a route the spans and metrics fall back to
+the templated path, whose cardinality is what the cap is there to bound.
+
+With Redis (`routes.redis_url`, else `identity_redis_url`), the learned routes and the
+collapsed positions of every service are shared by replicas and kept over restarts: loaded at
+start, then written and read in one pipeline every `sync_interval_s` (never per call). Given
+the same collapsed positions the same path gives the same route, whichever replica saw it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from trawl.errors import ConfigError
+from trawl.logs import get_logger
+from trawl.metrics import Registry
+
+if TYPE_CHECKING:
+    import redis
+    import yaml
+
+    from trawl.enricher.config import OpenApiSource, RouteSettings
+    from trawl.v1.calls_pb2 import ApiCall, Endpoint
+
+log = get_logger(__name__)
+
+PARAM = "{param}"
+OVERFLOW = "/{overflow}"
+REST = "{rest}"
+# Calls of services past max_services share this one.
+SHARED_SERVICE = "*"
+# (service, host, path) -> route answers kept; emptied when full or when a position collapses.
+MAX_CACHED = 65_536
+# Trie nodes per service, as a multiple of its route cap: paths that reach no route still leave nodes.
+NODES_PER_ROUTE = 4
+_GRAPHQL_TYPES = ("application/graphql",)
+_SERVER_VARIABLE = re.compile(r"\{([^{}]*)\}")
+
+
+# -- OpenAPI documents ---------------------------------------------------------------------
+
+
+class _TemplateNode:
+    """One segment position of an OpenAPI document's paths."""
+
+    __slots__ = ("literals", "param", "patterns", "template")
+
+    def __init__(self) -> None:
+        self.literals: dict[str, _TemplateNode] = {}
+        # Segments mixing text and parameters (`{name}.{ext}`): matched by a regular expression.
+        self.patterns: list[tuple[re.Pattern[str], _TemplateNode]] = []
+        self.param: _TemplateNode | None = None
+        self.template = ""  # the path template ending here ("" = none)
+
+    def match(self, segments: Sequence[str], index: int) -> str:
+        if index == len(segments):
+            return self.template
+        segment = segments[index]
+        child = self.literals.get(segment)
+        if child is not None:
+            found = child.match(segments, index + 1)
+            if found:
+                return found
+        for pattern, node in self.patterns:
+            if pattern.fullmatch(segment):
+                found = node.match(segments, index + 1)
+                if found:
+                    return found
+        if self.param is not None and segment:
+            return self.param.match(segments, index + 1)
+        return ""
+
+
+def _segment_pattern(segment: str) -> re.Pattern[str]:
+    parts = re.split(r"\{[^{}/]*\}", segment)
+    return re.compile("[^/]+?".join(re.escape(part) for part in parts))
+
+
+@dataclass
+class OpenApiDocument:
+    """The path templates of one OpenAPI (3.x) or Swagger (2.0) document and its path prefixes."""
+
+    service: str
+    namespace: str | None
+    source: str
+    prefixes: list[str]
+    root: _TemplateNode = field(default_factory=_TemplateNode)
+    templates: int = 0
+
+    def add(self, template: str) -> None:
+        node = self.root
+        for segment in template.split("/")[1:]:
+            if segment.startswith("{") and segment.endswith("}") and segment.count("{") == 1:
+                node.param = node.param or _TemplateNode()
+                node = node.param
+            elif "{" in segment:
+                pattern = _segment_pattern(segment)
+                for known, child in node.patterns:
+                    if known.pattern == pattern.pattern:
+                        node = child
+                        break
+                else:
+                    child = _TemplateNode()
+                    node.patterns.append((pattern, child))
+                    node = child
+            else:
+                node = node.literals.setdefault(segment, _TemplateNode())
+        if not node.template:
+            node.template = template
+            self.templates += 1
+
+    def route(self, path: str) -> str:
+        """The route of `path` (no query), with the matching server prefix; "" when no template matches."""
+        for prefix in self.prefixes:
+            if prefix and not (path == prefix or path.startswith(prefix + "/")):
+                continue
+            rest = path[len(prefix) :] or "/"
+            found = self.root.match(rest.split("/")[1:], 0)
+            if not found and len(rest) > 1 and rest.endswith("/"):
+                found = self.root.match(rest[:-1].split("/")[1:], 0)
+            if found:
+                return prefix + found
+        return ""
+
+    def describes(self, names: Iterable[str], namespace: str) -> bool:
+        if self.namespace is not None and self.namespace != namespace:
+            return False
+        return self.service in names
+
+
+def load_openapi(spec: OpenApiSource, timeout_s: float = 10.0) -> OpenApiDocument:
+    """Read one configured document; ConfigError naming the file (and line) and the fix."""
+    source = spec.source
+    text = _read_source(source, timeout_s)
+    data, lines = _parse(text, source)
+    where = _Where(source, lines)
+    if not isinstance(data, dict):
+        raise ConfigError("an OpenAPI document is a mapping with a 'paths' key", path=source, line=1)
+    if "openapi" in data:
+        if not str(data["openapi"]).startswith("3."):
+            raise ConfigError(
+                f"openapi {data['openapi']!r}: only OpenAPI 3.x and Swagger 2.0 documents are read",
+                path=source,
+                line=where.line("openapi"),
+            )
+        prefixes = _server_prefixes(data.get("servers"), where)
+    elif str(data.get("swagger", "")) == "2.0":
+        base = data.get("basePath") or ""
+        if not isinstance(base, str) or (base and not base.startswith("/")):
+            raise ConfigError("basePath must be a path starting with '/'", path=source, line=where.line("basePath"))
+        prefixes = [base.rstrip("/")]
+    else:
+        raise ConfigError(
+            "neither an 'openapi: 3.x' nor a 'swagger: \"2.0\"' document; give an OpenAPI document",
+            path=source,
+            line=1,
+        )
+    paths = data.get("paths")
+    if not isinstance(paths, dict) or not paths:
+        raise ConfigError(
+            "'paths' must be a mapping of path templates (/users/{id}: ...)",
+            path=source,
+            line=where.line("paths") or 1,
+        )
+    document = OpenApiDocument(spec.service, spec.namespace, source, sorted(set(prefixes), key=len, reverse=True))
+    for template in paths:
+        if not isinstance(template, str) or not template.startswith("/"):
+            raise ConfigError(
+                f"path {template!r} must start with '/' (OpenAPI path templates are relative to the server)",
+                path=source,
+                line=where.line("paths", str(template)),
+            )
+        if template.count("{") != template.count("}"):
+            raise ConfigError(
+                f"path {template!r}: unbalanced braces in its parameters",
+                path=source,
+                line=where.line("paths", template),
+            )
+        document.add(template)
+    log.info("openapi_loaded", source=source, service=spec.service, templates=document.templates)
+    return document
+
+
+class _Where:
+    def __init__(self, source: str, lines: dict[tuple[str, ...], int]) -> None:
+        self.source = source
+        self.lines = lines
+
+    def line(self, *key: str) -> int | None:
+        return self.lines.get(key)
+
+
+def _read_source(source: str, timeout_s: float) -> str:
+    if urlsplit(source).scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(source, timeout=timeout_s) as answer:
+                return str(answer.read().decode("utf-8"))
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ConfigError(
+                f"cannot fetch the OpenAPI document: {reason}; check that the URL is right and "
+                "reachable from the enricher, or give a copy of the document as a file",
+                path=source,
+            ) from None
+        except UnicodeDecodeError:
+            raise ConfigError("the OpenAPI document is not UTF-8 text", path=source) from None
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the OpenAPI document: {exc.strerror}; fix the path in routes.openapi "
+            "(relative paths are read from the enricher's working directory)",
+            path=source,
+        ) from None
+    except UnicodeDecodeError:
+        raise ConfigError("the OpenAPI document is not UTF-8 text", path=source) from None
+
+
+def _parse(text: str, source: str) -> tuple[Any, dict[tuple[str, ...], int]]:
+    """The document and the line of each key (YAML reads JSON too; json's own parser when it does not)."""
+    import yaml
+
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        try:
+            return json.loads(text), {}
+        except json.JSONDecodeError:
+            pass
+        mark = getattr(exc, "problem_mark", None)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(
+            f"not a YAML or JSON OpenAPI document: {problem}", path=source, line=mark.line + 1 if mark else None
+        ) from None
+    lines: dict[tuple[str, ...], int] = {}
+    if node is not None:
+        _collect_lines(node, (), lines, depth=2)
+    return data, lines
+
+
+def _collect_lines(node: yaml.Node, prefix: tuple[str, ...], out: dict[tuple[str, ...], int], depth: int) -> None:
+    import yaml
+
+    if depth and isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = (*prefix, str(key_node.value))
+            out[key] = key_node.start_mark.line + 1
+            _collect_lines(value_node, key, out, depth - 1)
+
+
+def _server_prefixes(servers: object, where: _Where) -> list[str]:
+    """The path part of each OpenAPI 3 server URL (variables at their defaults); [""] when none."""
+    if servers is None:
+        return [""]
+    if not isinstance(servers, list):
+        raise ConfigError("'servers' must be a list of {url: ...}", path=where.source, line=where.line("servers"))
+    prefixes = []
+    for server in servers:
+        if not isinstance(server, dict) or not isinstance(server.get("url"), str):
+            raise ConfigError("each server needs a 'url'", path=where.source, line=where.line("servers"))
+        variables = server.get("variables") or {}
+
+        def default(match: re.Match[str], variables: Any = variables) -> str:
+            value = variables.get(match.group(1), {}) if isinstance(variables, dict) else {}
+            return str(value.get("default", "")) if isinstance(value, dict) else ""
+
+        url = _SERVER_VARIABLE.sub(default, server["url"])
+        path = urlsplit(url).path if "://" in url else url
+        prefixes.append("/" + path.strip("/") if path.strip("/") else "")
+    return prefixes or [""]
+
+
+# -- the learner ---------------------------------------------------------------------------
+
+
+class _Node:
+    """One segment position of a service's learned paths. Collapsed (`param` set): every
+    segment there is `{param}` and `literals` is empty."""
+
+    __slots__ = ("literals", "param", "terminal")
+
+    def __init__(self) -> None:
+        self.literals: dict[str, _Node] = {}
+        self.param: _Node | None = None
+        self.terminal = False
+
+
+class _Service:
+    __slots__ = ("collapsed", "new_collapsed", "new_routes", "nodes", "root", "routes", "version")
+
+    def __init__(self) -> None:
+        self.root = _Node()
+        self.routes = 0
+        self.nodes = 1
+        self.collapsed: set[str] = set()
+        # Learned here since the last Redis write.
+        self.new_routes: set[str] = set()
+        self.new_collapsed: set[str] = set()
+        self.version = -1  # the version of the service's Redis sets last read
+
+
+def _merge(into: _Node, other: _Node, collapse_after: int) -> None:
+    into.terminal = into.terminal or other.terminal
+    if into.param is not None:
+        for child in other.literals.values():
+            _merge(into.param, child, collapse_after)
+    else:
+        for name, child in other.literals.items():
+            mine = into.literals.get(name)
+            if mine is None:
+                into.literals[name] = child
+            else:
+                _merge(mine, child, collapse_after)
+        if len(into.literals) > collapse_after:
+            _collapse(into, collapse_after)
+    if other.param is not None:
+        if into.param is None:
+            _collapse(into, collapse_after)
+        assert into.param is not None
+        _merge(into.param, other.param, collapse_after)
+
+
+def _collapse(node: _Node, collapse_after: int) -> _Node:
+    merged = node.param or _Node()
+    literals, node.literals = node.literals, {}
+    node.param = merged
+    for child in literals.values():
+        _merge(merged, child, collapse_after)
+    return merged
+
+
+def _walk(node: _Node, prefix: str, routes: set[str], collapsed: set[str], counts: list[int]) -> None:
+    counts[0] += 1
+    if node.terminal:
+        routes.add(prefix or "/")
+    if node.param is not None:
+        collapsed.add(prefix or "/")
+        _walk(node.param, f"{prefix}/{PARAM}", routes, collapsed, counts)
+    for name, child in node.literals.items():
+        _walk(child, f"{prefix}/{name}", routes, collapsed, counts)
+
+
+def _templated_segments(path: str) -> list[str]:
+    from trawl.enricher.spans import template_path  # the span heuristic, so both agree on {id}
+
+    return template_path(path).split("/")
+
+
+_HTTP = b"\x12\x04http"
+_HTTP2 = b"\x12\x05http2"
+
+
+def _is_http(call: bytes) -> bool:
+    """Whether a serialized call's protocol (field 2, after the id, field 1) is http or http2."""
+    at = 2 + call[1] if len(call) > 1 and call[0] == 0x0A and call[1] < 0x80 else 0
+    return call.startswith(_HTTP, at) or call.startswith(_HTTP2, at)
+
+
+def service_of(dst: Endpoint) -> str:
+    """The service a call's routes are learned for: its destination's service or workload (in
+    its namespace), else its name or address and port."""
+    if dst.service:
+        return f"{dst.namespace}/{dst.service}"
+    if dst.workload:
+        return f"{dst.namespace}/{dst.workload}"
+    return f"{dst.name or dst.ip}:{dst.port}"
+
+
+class RouteLearner:
+    """Routes of HTTP calls per destination service (see the module docstring)."""
+
+    def __init__(
+        self,
+        documents: Sequence[OpenApiDocument] = (),
+        *,
+        collapse_after: int = 32,
+        max_routes_per_service: int = 500,
+        max_services: int = 1000,
+        max_segments: int = 16,
+        metrics: Registry | None = None,
+        store: RedisRouteStore | None = None,
+    ) -> None:
+        self.documents = list(documents)
+        self.collapse_after = collapse_after
+        self.max_routes = max_routes_per_service
+        self.max_nodes = max_routes_per_service * NODES_PER_ROUTE
+        self.max_services = max_services
+        self.max_segments = max_segments
+        self._services: dict[str, _Service] = {}
+        self._cache: dict[tuple[str, str, str], str] = {}
+        self._documents_of: dict[tuple[str, str], list[OpenApiDocument]] = {}
+        metrics = metrics if metrics is not None else Registry()
+        self._overflow = metrics.counter(
+            "trawl_enricher_routes_overflow_total",
+            "HTTP calls given the route /{overflow}: their service has max_routes_per_service routes, by service",
+        )
+        self._services_overflow = metrics.counter(
+            "trawl_enricher_routes_services_overflow_total",
+            "HTTP calls of services past routes.max_services, learned together as service '*'",
+        )
+        self._collapses = metrics.counter(
+            "trawl_enricher_routes_collapsed_total", "Path positions turned into {param}, by service"
+        )
+        self._routes_gauge = metrics.gauge("trawl_enricher_routes", "Routes learned, all services together")
+        self.store = store
+        if store is not None:
+            store.load(self)
+
+    @classmethod
+    def from_settings(
+        cls, settings: RouteSettings, metrics: Registry, redis_url: str | None = None
+    ) -> RouteLearner | None:
+        """The learner the settings ask for (None: routes off). ConfigError for a bad document."""
+        if not settings.active:
+            return None
+        documents = [load_openapi(spec, settings.fetch_timeout_s) for spec in settings.openapi]
+        url = settings.redis_url or redis_url
+        store = RedisRouteStore(url, settings.redis_prefix, settings.sync_interval_s, metrics) if url else None
+        return cls(
+            documents,
+            collapse_after=settings.collapse_after,
+            max_routes_per_service=settings.max_routes_per_service,
+            max_services=settings.max_services,
+            max_segments=settings.max_segments,
+            metrics=metrics,
+            store=store,
+        )
+
+    # -- per call --------------------------------------------------------------------------
+
+    def apply(self, calls: Iterable[ApiCall]) -> int:
+        """Set `http.route` on the HTTP calls that have none; returns how many were set."""
+        count = 0
+        for call in calls:
+            if call.WhichOneof("detail") != "http" or call.http.route:
+                continue
+            route = self.route_of(call)
+            if route:
+                call.http.route = route
+                count += 1
+        if self.store is not None:
+            self.store.maybe_sync(self)
+        return count
+
+    def apply_encoded(self, calls: list[bytes]) -> int:
+        """`apply` on serialized calls, in place: the HTTP ones (told by their protocol field,
+        right after the id) parsed as one CallBatch, and serialized again where a route was set."""
+        from trawl.enricher.logic import _as_objects
+
+        indices = [index for index, call in enumerate(calls) if _is_http(call)]
+        if not indices:
+            return 0
+        count = 0
+        for index, call in zip(indices, _as_objects([calls[index] for index in indices]), strict=True):
+            if call.WhichOneof("detail") != "http" or call.http.route:
+                continue
+            route = self.route_of(call)
+            if route:
+                call.http.route = route
+                calls[index] = call.SerializeToString()
+                count += 1
+        if self.store is not None:
+            self.store.maybe_sync(self)
+        return count
+
+    def route_of(self, call: ApiCall) -> str:
+        detail = call.http
+        path = call.path
+        if not path.startswith("/"):
+            if not path.startswith(("http://", "https://")):
+                return ""  # CONNECT's authority, OPTIONS' *: no path, no route
+            path = urlsplit(path).path or "/"
+        path = path.partition("?")[0]
+        content_type = detail.request_content_type
+        if content_type.startswith("application/grpc"):
+            return path
+        if content_type.startswith(_GRAPHQL_TYPES) or path.endswith("/graphql"):
+            return path
+        dst = call.dst
+        service = service_of(dst)
+        key = (service, detail.host, path)
+        found = self._cache.get(key)
+        if found is not None:
+            return found
+        route = ""
+        if self.documents:
+            for document in self._documents_for(service, dst, detail.host):
+                route = document.route(path)
+                if route:
+                    break
+        if not route:
+            route = self.learn(service, path)
+        if len(self._cache) >= MAX_CACHED:
+            self._cache.clear()
+        self._cache[key] = route
+        return route
+
+    def _documents_for(self, service: str, dst: Endpoint, host: str) -> list[OpenApiDocument]:
+        key = (service, host)
+        found = self._documents_of.get(key)
+        if found is None:
+            names = {dst.service, dst.workload, dst.name, dst.pod, host, host.rpartition(":")[0]} - {""}
+            found = [document for document in self.documents if document.describes(names, dst.namespace)]
+            if len(self._documents_of) >= MAX_CACHED:
+                self._documents_of.clear()
+            self._documents_of[key] = found
+        return found
+
+    def learn(self, service: str, path: str) -> str:
+        """The learned route of `path` (no query) for `service`, learning it."""
+        state = self._services.get(service)
+        if state is None:
+            if len(self._services) >= self.max_services:
+                self._services_overflow.inc()
+                service = SHARED_SERVICE
+                state = self._services.get(service)
+            if state is None:
+                state = self._services[service] = _Service()
+        segments = _templated_segments(path)
+        if len(segments) > self.max_segments + 1:
+            segments = [*segments[: self.max_segments + 1], REST]
+        route = self._insert(service, state, segments[1:], count=True)
+        return route or OVERFLOW
+
+    def _insert(self, service: str, state: _Service, segments: Sequence[str], count: bool) -> str:
+        node = state.root
+        out = [""]
+        for segment in segments:
+            if node.param is None and segment == PARAM:
+                self._collapse(service, state, node)  # a route learned elsewhere says so
+            if node.param is not None:
+                node = node.param
+                out.append(PARAM)
+                continue
+            child = node.literals.get(segment)
+            if child is None:
+                if len(node.literals) >= self.collapse_after:
+                    node = self._collapse(service, state, node)
+                    out.append(PARAM)
+                    continue
+                if state.routes >= self.max_routes or state.nodes >= self.max_nodes:
+                    return self._overflowed(service, count)
+                child = node.literals[segment] = _Node()
+                state.nodes += 1
+            node = child
+            out.append(segment)
+        route = "/".join(out) or "/"
+        if not node.terminal:
+            if state.routes >= self.max_routes:
+                return self._overflowed(service, count)
+            node.terminal = True
+            state.routes += 1
+            state.new_routes.add(route)
+            self._routes_gauge.inc()
+        return route
+
+    def _overflowed(self, service: str, count: bool) -> str:
+        if count:
+            self._overflow.inc(service=service)
+        return ""
+
+    def _collapse(self, service: str, state: _Service, node: _Node) -> _Node:
+        """Turn `node`'s position into {param}; returns the {param} node."""
+        before: set[str] = set()
+        _walk(state.root, "", before, set(), [0])
+        param = _collapse(node, self.collapse_after)
+        routes: set[str] = set()
+        collapsed: set[str] = set()
+        counts = [0]
+        _walk(state.root, "", routes, collapsed, counts)
+        self._routes_gauge.inc(len(routes) - state.routes)
+        state.routes = len(routes)
+        state.nodes = counts[0]
+        fresh = collapsed - state.collapsed
+        state.collapsed = collapsed
+        state.new_collapsed |= fresh
+        # Merged routes (/users/{param}) are new though their node was terminal already.
+        state.new_routes |= routes - before
+        self._collapses.inc(len(fresh), service=service)
+        self._cache.clear()  # answers given before the collapse may have changed
+        return param
+
+    # -- shared state ----------------------------------------------------------------------
+
+    def services(self) -> dict[str, _Service]:
+        return self._services
+
+    def merge_remote(self, service: str, collapsed: Iterable[str], routes: Iterable[str]) -> None:
+        """Positions and routes learned elsewhere (another replica, an earlier run)."""
+        state = self._services.get(service)
+        if state is None:
+            if len(self._services) >= self.max_services:
+                return
+            state = self._services[service] = _Service()
+        for prefix in sorted(collapsed, key=len):
+            segments = [] if prefix == "/" else prefix.split("/")[1:]
+            node = self._walk_to(service, state, segments)
+            if node is not None and node.param is None:
+                self._collapse(service, state, node)
+        new_routes, new_collapsed = set(state.new_routes), set(state.new_collapsed)
+        for route in routes:
+            segments = [] if route == "/" else route.split("/")[1:]
+            self._insert(service, state, segments, count=False)
+        # What came from Redis is not written back to it.
+        state.new_routes, state.new_collapsed = new_routes, new_collapsed
+        state.collapsed |= set(collapsed)
+        self._cache.clear()
+
+    def _walk_to(self, service: str, state: _Service, segments: Sequence[str]) -> _Node | None:
+        node = state.root
+        for segment in segments:
+            if segment == PARAM and node.param is None:
+                self._collapse(service, state, node)
+            if node.param is not None:
+                node = node.param
+                continue
+            child = node.literals.get(segment)
+            if child is None:
+                if state.nodes >= self.max_nodes:
+                    return None
+                child = node.literals[segment] = _Node()
+                state.nodes += 1
+            node = child
+        return node
+
+    def routes(self, service: str) -> set[str]:
+        """The routes learned for `service` (tests, debugging)."""
+        state = self._services.get(service)
+        if state is None:
+            return set()
+        routes: set[str] = set()
+        _walk(state.root, "", routes, set(), [0])
+        return routes
+
+    def close(self) -> None:
+        """Write what was learned since the last sync (blocking)."""
+        if self.store is not None:
+            self.store.sync(self)
+
+
+class RedisRouteStore:
+    """Learned routes in Redis: per service a set of routes and one of collapsed positions, and
+    a hash of services to a version bumped on every write (so a sync reads only what changed)."""
+
+    def __init__(self, url: str, prefix: str, interval_s: float, metrics: Registry) -> None:
+        import redis
+
+        self.client: redis.Redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
+        self.prefix = prefix
+        self.interval_s = interval_s
+        self._next = 0.0
+        self._failing = False
+        self._errors = metrics.counter(
+            "trawl_enricher_routes_redis_errors_total", "Failed syncs of learned routes with Redis"
+        )
+
+    def _key(self, service: str, kind: str) -> str:
+        return f"{self.prefix}:{kind}:{service}"
+
+    def load(self, learner: RouteLearner) -> None:
+        self.sync(learner)
+
+    def maybe_sync(self, learner: RouteLearner) -> None:
+        if time.monotonic() >= self._next:
+            self.sync(learner)
+
+    def sync(self, learner: RouteLearner) -> None:
+        """Write what this learner learned, read what changed elsewhere: two pipelines."""
+        import redis
+
+        self._next = time.monotonic() + self.interval_s
+        services = learner.services()
+        index = f"{self.prefix}:services"
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            written = []
+            for name, state in services.items():
+                if state.new_routes or state.new_collapsed:
+                    if state.new_routes:
+                        pipe.sadd(self._key(name, "routes"), *state.new_routes)
+                    if state.new_collapsed:
+                        pipe.sadd(self._key(name, "collapsed"), *state.new_collapsed)
+                    pipe.hincrby(index, name, 1)
+                    written.append((name, state))
+            pipe.hgetall(index)
+            answers = pipe.execute()
+            for _name, state in written:
+                state.new_routes = set()
+                state.new_collapsed = set()
+            versions = {key.decode(): int(value) for key, value in answers[-1].items()}
+            changed = [
+                (name, version)
+                for name, version in versions.items()
+                if name not in services or services[name].version != version
+            ][: learner.max_services]
+            if changed:
+                pipe = self.client.pipeline(transaction=False)
+                for name, _ in changed:
+                    pipe.smembers(self._key(name, "collapsed"))
+                    pipe.smembers(self._key(name, "routes"))
+                answers = pipe.execute()
+                for position, (name, version) in enumerate(changed):
+                    collapsed = {item.decode() for item in answers[2 * position]}
+                    routes = {item.decode() for item in answers[2 * position + 1]}
+                    learner.merge_remote(name, collapsed, routes)
+                    if name in services:
+                        services[name].version = version
+            if self._failing:
+                log.info("routes_redis_recovered")
+            self._failing = False
+        except redis.RedisError as exc:
+            self._errors.inc()
+            if not self._failing:
+                log.warning(
+                    "routes_redis_failed",
+                    error=repr(exc),
+                    effect="routes are learned locally and written when Redis is back",
+                    fix="check that Redis at routes.redis_url (or identity_redis_url) is up and reachable",
+                )
+            self._failing = True

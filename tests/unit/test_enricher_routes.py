@@ -1,0 +1,296 @@
+"""The route learner (trawl.enricher.routes): OpenAPI 3 and Swagger 2 documents matched with
+literals over parameters, gRPC and GraphQL paths, the learned trie collapsing a position after
+N distinct segments, the per-service cap and its overflow counter, bad documents named with
+their file and line; and the Enricher setting `http.route` alike on objects and on bytes."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import threading
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tests.fixtures.tcpdump_capture import free_port
+from trawl.enricher.config import EnricherSettings, OpenApiSource, RouteSettings
+from trawl.enricher.identity import IdentityMap
+from trawl.enricher.logic import Enricher
+from trawl.enricher.routes import OVERFLOW, PARAM, SHARED_SERVICE, RouteLearner, load_openapi
+from trawl.errors import ConfigError
+from trawl.metrics import Registry
+from trawl.v1.calls_pb2 import ApiCall
+
+OPENAPI_3 = """\
+openapi: 3.0.3
+info: {title: payments, version: "1"}
+servers:
+  - url: https://payments.example.com/v1
+  - url: "{scheme}://payments/{base}"
+    variables:
+      scheme: {default: http}
+      base: {default: api}
+paths:
+  /users/{id}:
+    get: {}
+  /users/me:
+    get: {}
+  /users/{id}/orders/{orderId}:
+    get: {}
+  /files/{name}.{ext}:
+    get: {}
+  /health:
+    get: {}
+"""
+
+SWAGGER_2 = {
+    "swagger": "2.0",
+    "info": {"title": "stock", "version": "1"},
+    "basePath": "/stock/v2/",
+    "paths": {"/items/{sku}": {"get": {}}, "/items/{sku}/levels": {"get": {}}, "/items/search": {"get": {}}},
+}
+
+
+def source(tmp_path: Path, name: str, text: str, service: str = "payments") -> OpenApiSource:
+    path = tmp_path / name
+    path.write_text(text)
+    return OpenApiSource(service=service, source=str(path))
+
+
+def http_call(path: str, service: str = "payments", content_type: str = "", host: str = "") -> ApiCall:
+    call = ApiCall(id="c1", protocol="http", method="GET", path=path)
+    call.dst.ip, call.dst.port = "10.0.0.9", 8080
+    call.dst.namespace, call.dst.service = "shop", service
+    call.http.request_content_type = content_type
+    call.http.host = host
+    call.request.ts = 1
+    return call
+
+
+def counter(metrics: Registry, name: str) -> str:
+    return "\n".join(line for line in metrics.render().splitlines() if line.startswith(name))
+
+
+# -- OpenAPI documents ---------------------------------------------------------------------
+
+
+def test_openapi_3_templates_with_server_prefixes_literal_before_parameter(tmp_path: Path) -> None:
+    document = load_openapi(source(tmp_path, "openapi.yaml", OPENAPI_3))
+    assert document.prefixes == ["/api", "/v1"]
+    assert document.route("/v1/users/42") == "/v1/users/{id}"
+    assert document.route("/v1/users/me") == "/v1/users/me"  # the literal wins
+    # "me" is a literal of /users, but only {id} goes on with /orders: the match backtracks.
+    assert document.route("/v1/users/me/orders/7") == "/v1/users/{id}/orders/{orderId}"
+    assert document.route("/v1/files/report.pdf") == "/v1/files/{name}.{ext}"
+    assert document.route("/api/users/42") == "/api/users/{id}"  # the server variable's default
+    assert document.route("/v1/users/42/") == "/v1/users/{id}"
+    assert document.route("/users/42") == ""  # no server prefix
+    assert document.route("/v1/users") == ""
+    assert document.route("/v1/users//orders/1") == ""  # an empty segment is no parameter value
+
+
+def test_swagger_2_json_with_base_path(tmp_path: Path) -> None:
+    document = load_openapi(source(tmp_path, "swagger.json", json.dumps(SWAGGER_2, indent=1)))
+    assert document.route("/stock/v2/items/A-1") == "/stock/v2/items/{sku}"
+    assert document.route("/stock/v2/items/search") == "/stock/v2/items/search"
+    assert document.route("/stock/v2/items/A-1/levels") == "/stock/v2/items/{sku}/levels"
+    assert document.route("/stock/v1/items/A-1") == ""
+
+
+def test_document_served_over_http_is_read(tmp_path: Path) -> None:
+    (tmp_path / "openapi.yaml").write_text(OPENAPI_3)
+    handler = lambda *args: http.server.SimpleHTTPRequestHandler(*args, directory=str(tmp_path))  # noqa: E731
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/openapi.yaml"
+        document = load_openapi(OpenApiSource(service="payments", source=url))
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert document.route("/v1/users/1") == "/v1/users/{id}"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "words"),
+    [
+        ("openapi: 3.0.0\npaths:\n  /a: {get: {}\n", 4, "not a YAML or JSON"),
+        ("openapi: 3.0.0\ninfo: {}\npaths: []\n", 3, "'paths' must be a mapping"),
+        ("openapi: 3.0.0\npaths:\n  /a: {}\n  b/{id}: {}\n", 4, "must start with '/'"),
+        ("openapi: 3.0.0\npaths:\n  /a/{id: {}\n", 3, "unbalanced braces"),
+        ("openapi: 2.0.0\npaths:\n  /a: {}\n", 1, "only OpenAPI 3.x"),
+        ("info: {}\npaths:\n  /a: {}\n", 1, "neither an 'openapi: 3.x'"),
+        ("swagger: '2.0'\nbasePath: v2\npaths:\n  /a: {}\n", 2, "basePath"),
+        ("openapi: 3.0.0\nservers: {url: /x}\npaths:\n  /a: {}\n", 2, "'servers' must be a list"),
+    ],
+)
+def test_bad_document_names_its_file_and_line(tmp_path: Path, text: str, line: int, words: str) -> None:
+    spec = source(tmp_path, "bad.yaml", text)
+    with pytest.raises(ConfigError) as caught:
+        load_openapi(spec)
+    assert caught.value.path == spec.source
+    assert caught.value.line == line
+    assert words in str(caught.value)
+
+
+def test_missing_file_and_unreachable_url_say_what_to_fix(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"cannot read the OpenAPI document.*fix the path") as caught:
+        load_openapi(OpenApiSource(service="s", source=str(tmp_path / "nowhere.yaml")))
+    assert caught.value.path == str(tmp_path / "nowhere.yaml")
+    url = f"http://127.0.0.1:{free_port()}/openapi.yaml"  # nothing listens there
+    with pytest.raises(ConfigError, match=r"cannot fetch the OpenAPI document.*reachable") as caught:
+        load_openapi(OpenApiSource(service="s", source=url), timeout_s=2.0)
+    assert caught.value.path == url
+
+
+def test_config_block_loads_from_the_enricher_section(tmp_path: Path) -> None:
+    config = tmp_path / "trawl.yaml"
+    config.write_text(
+        "enricher:\n  routes:\n    collapse_after: 4\n    openapi:\n"
+        "      - {service: payments, namespace: shop, source: openapi.yaml}\n"
+    )
+    loaded = EnricherSettings.load(config)
+    assert loaded.routes.active and loaded.routes.collapse_after == 4
+    assert loaded.routes.openapi[0] == OpenApiSource(service="payments", namespace="shop", source="openapi.yaml")
+    config.write_text("enricher:\n  routes:\n    collapse_afer: 4\n")
+    with pytest.raises(ConfigError) as caught:
+        EnricherSettings.load(config)
+    assert caught.value.line == 3 and "collapse_afer" in str(caught.value)
+    assert not EnricherSettings().routes.active  # off unless asked for
+
+
+# -- the learner ---------------------------------------------------------------------------
+
+
+def test_documents_first_for_their_service_then_grpc_graphql_and_the_heuristic(tmp_path: Path) -> None:
+    learner = RouteLearner([load_openapi(source(tmp_path, "openapi.yaml", OPENAPI_3))])
+    assert learner.route_of(http_call("/v1/users/42?x=1")) == "/v1/users/{id}"
+    # Another service: the document does not describe it; the heuristic templates the id.
+    assert learner.route_of(http_call("/v1/users/42", service="billing")) == "/v1/users/{id}"
+    assert learner.route_of(http_call("/v1/users/me/x", service="billing")) == "/v1/users/me/x"
+    # The Host header names the service too.
+    assert learner.route_of(http_call("/v1/health", service="", host="payments:80")) == "/v1/health"
+    # A path the document does not know is learned.
+    assert learner.route_of(http_call("/v1/orders/ab12cd34ef56ab12")) == "/v1/orders/{id}"
+    grpc = http_call("/shop.Cart/AddItem", content_type="application/grpc+proto")
+    assert learner.route_of(grpc) == "/shop.Cart/AddItem"
+    assert learner.route_of(http_call("/gql/graphql?op=Q")) == "/gql/graphql"
+    assert learner.route_of(http_call("/q", content_type="application/graphql")) == "/q"
+    assert learner.route_of(http_call("payments:443")) == ""  # CONNECT: no path
+    assert learner.route_of(http_call("http://payments/v1/users/3")) == "/v1/users/{id}"
+
+
+def test_namespace_restricts_a_document(tmp_path: Path) -> None:
+    spec = source(tmp_path, "openapi.yaml", OPENAPI_3).model_copy(update={"namespace": "prod"})
+    learner = RouteLearner([load_openapi(spec)])
+    assert learner.route_of(http_call("/v1/users/me/orders/9")) == "/v1/users/me/orders/{id}"  # shop: learned
+
+
+def test_a_position_collapses_after_n_distinct_segments() -> None:
+    metrics = Registry()
+    learner = RouteLearner(collapse_after=3, metrics=metrics)
+    names = ["alice", "bob", "carol"]
+    assert [learner.learn("s", f"/users/{name}/cart") for name in names] == [f"/users/{n}/cart" for n in names]
+    assert learner.learn("s", "/users/dave/cart") == f"/users/{PARAM}/cart"
+    # Collapsed for good: the names seen before take the parameter too, and so does the next.
+    assert learner.learn("s", "/users/alice/cart") == f"/users/{PARAM}/cart"
+    assert learner.learn("s", "/users/erin/cart") == f"/users/{PARAM}/cart"
+    assert learner.learn("s", "/users") == "/users"
+    assert learner.routes("s") == {f"/users/{PARAM}/cart", "/users"}
+    assert 'trawl_enricher_routes_collapsed_total{service="s"} 1' in counter(metrics, "trawl_enricher_routes_col")
+    # Another service learns apart.
+    assert learner.learn("t", "/users/dave/cart") == "/users/dave/cart"
+
+
+def test_collapse_merges_what_was_below() -> None:
+    learner = RouteLearner(collapse_after=2)
+    learner.learn("s", "/a/x/1")  # 1 is {id}
+    learner.learn("s", "/b/y")
+    learner.learn("s", "/b/z")
+    # The third first segment collapses the position; below it x, y and z are then three
+    # children of one node: collapsed in turn.
+    assert learner.learn("s", "/c/x/2") == f"/{PARAM}/{PARAM}/{{id}}"
+    assert learner.routes("s") == {f"/{PARAM}/{PARAM}/{{id}}", f"/{PARAM}/{PARAM}"}
+
+
+def test_cap_on_routes_per_service_overflows_and_counts() -> None:
+    metrics = Registry()
+    learner = RouteLearner(collapse_after=100, max_routes_per_service=3, metrics=metrics)
+    assert [learner.learn("s", f"/p{n}") for n in range(3)] == ["/p0", "/p1", "/p2"]
+    assert learner.learn("s", "/p3") == OVERFLOW
+    assert learner.learn("s", "/p4/deeper") == OVERFLOW
+    assert learner.learn("s", "/p1") == "/p1"  # known routes go on
+    assert 'trawl_enricher_routes_overflow_total{service="s"} 2' in counter(metrics, "trawl_enricher_routes_over")
+
+
+def test_services_past_the_cap_share_one_trie() -> None:
+    metrics = Registry()
+    learner = RouteLearner(max_services=2, metrics=metrics)
+    for name in ("a", "b", "c", "d"):
+        learner.learn(name, f"/{name}")
+    assert set(learner.services()) == {"a", "b", SHARED_SERVICE}
+    assert learner.routes(SHARED_SERVICE) == {"/c", "/d"}
+    assert "trawl_enricher_routes_services_overflow_total 2" in counter(metrics, "trawl_enricher_routes_serv")
+
+
+def test_long_paths_are_cut_at_max_segments() -> None:
+    learner = RouteLearner(max_segments=3)
+    assert learner.learn("s", "/a/b/c/d/e") == "/a/b/c/{rest}"
+    assert learner.learn("s", "/a/b/c/f") == "/a/b/c/{rest}"
+
+
+SEGMENTS = st.sampled_from(["a", "b", "c", "d", "e", "f", "42", "x9", "ff00ff00ff00ff", ""])
+PATHS = st.lists(SEGMENTS, min_size=0, max_size=5).map(lambda parts: "/" + "/".join(parts))
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=st.lists(st.tuples(st.sampled_from(["s1", "s2", "s3"]), PATHS), max_size=200),
+    collapse_after=st.integers(1, 6),
+    cap=st.integers(1, 12),
+)
+def test_routes_stay_under_the_cap_and_settle(requests: list[tuple[str, str]], collapse_after: int, cap: int) -> None:
+    learner = RouteLearner(collapse_after=collapse_after, max_routes_per_service=cap, max_services=2)
+    first = [learner.learn(service, path) for service, path in requests]
+    for service in learner.services():
+        assert len(learner.routes(service)) <= cap
+    assert all(route.startswith("/") for route in first)
+    # Once learned, a path keeps its route: a second pass learns nothing new and agrees with a third.
+    second = [learner.learn(service, path) for service, path in requests]
+    third = [learner.learn(service, path) for service, path in requests]
+    assert second == third
+    # A route is a path's own route or a coarser one: never another path's literal.
+    for (_, path), route in zip(requests, second, strict=True):
+        if route != OVERFLOW:
+            assert len(route.split("/")) == len(path.split("/"))
+
+
+# -- the Enricher sets it, on objects and on bytes -----------------------------------------
+
+
+def test_enricher_sets_the_route_alike_on_objects_and_on_bytes(tmp_path: Path) -> None:
+    spec = source(tmp_path, "openapi.yaml", OPENAPI_3)
+    routes = RouteSettings(openapi=[spec], collapse_after=2)
+    calls = [http_call(path) for path in ("/v1/users/1", "/x/a", "/x/b", "/x/c", "/x/a")]
+    calls.append(ApiCall(id="dns", protocol="dns", path="example.com"))
+    grpc = ApiCall(id="g", protocol="grpc", path="/a.B/C")
+    grpc.grpc.service = "a.B"
+    calls.append(grpc)
+    already = http_call("/v1/users/2")
+    already.http.route = "/given"
+    calls.append(already)
+
+    def enricher() -> Enricher:
+        metrics = Registry()
+        return Enricher(EnricherSettings(), IdentityMap.empty(), routes=RouteLearner.from_settings(routes, metrics))
+
+    objects = [ApiCall.FromString(call.SerializeToString()) for call in calls]
+    enricher().enrich_calls(objects)
+    assert [call.http.route for call in objects[:5]] == ["/v1/users/{id}", "/x/a", "/x/b", "/x/{param}", "/x/{param}"]
+    assert objects[5].WhichOneof("detail") is None and objects[6].grpc.service == "a.B"  # untouched
+    assert objects[7].http.route == "/given"
+    encoded = enricher().enrich_encoded([call.SerializeToString() for call in calls])
+    assert encoded == [call.SerializeToString() for call in objects]
