@@ -699,7 +699,19 @@ class Recordings:
                 recording, cut = Recording.restore(document, self.directory, self.recorder)
             except (OSError, ValueError, KeyError, TypeError) as exc:
                 self._errors.inc()
+                self._failed.inc()
                 log.error("recording_resume_failed", recording=document.get("id"), error=str(exc))
+                # Listed all the same, as failed, saying why.
+                failed = Ended(
+                    control_pb2.Recording(
+                        id=str(document.get("id", "")),
+                        state="failed",
+                        error=f"could not go on after a restart: {exc}",
+                        recorder=self.recorder,
+                    )
+                )
+                self._remember(failed)
+                self._journal(failed)
                 continue
             if cut:
                 self._cut.inc(cut)
@@ -767,7 +779,7 @@ class Recordings:
             recording = Ended(described)
             self.done[recording.id] = recording
 
-    def _journal(self, recording: Recording) -> None:
+    def _journal(self, recording: Recording | Ended) -> None:
         """Append an ended recording to the journal (rewritten when it grows past 2 * KEEP_DONE)."""
         line = json_format.MessageToJson(recording.describe(), indent=None, preserving_proto_field_name=True) + "\n"
         try:
@@ -821,7 +833,7 @@ class Recordings:
                 callback(path)
         self.apply_retention(time.time())
 
-    def _remember(self, recording: Recording) -> None:
+    def _remember(self, recording: Recording | Ended) -> None:
         # Ended recordings are listed until KEEP_DONE newer ones have ended (their files stay).
         self.done[recording.id] = recording
         while len(self.done) > KEEP_DONE:

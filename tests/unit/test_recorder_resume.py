@@ -176,3 +176,24 @@ def test_merge_lists_every_part_and_errs_only_when_none_answered() -> None:
         ["node-a", "node-b"],
     )
     assert merge([control_pb2.RecordReply(error="no recording 'x'")] * 2).error == "no recording 'x'"
+
+
+def test_a_recording_whose_file_is_gone_is_listed_as_failed_after_a_restart(tmp_path: Path) -> None:
+    first, _ = make_recordings(tmp_path)
+    recording = first.start(control_pb2.RecordRequest(duration_s=600), now=0.0)
+    first.feed(batch_of(traffic(0, 4)))
+    checkpoint = first.checkpoint()
+    kill(recording)
+    for partial in (tmp_path / "on-demand").glob("*.partial"):
+        partial.unlink()
+    second, metrics = make_recordings(tmp_path)
+    assert second.recover(checkpoint, now=1.0) == []
+    assert second.active == {}
+    [listed] = second.all()
+    described = listed.describe()
+    assert (described.id, described.state) == (recording.id, "failed")
+    assert described.error.startswith("could not go on after a restart:")
+    assert metrics.counter("trawl_recorder_recording_errors_total", "").total() == 1
+    third, _ = make_recordings(tmp_path)  # journaled: still listed after another restart
+    third.recover([], now=2.0)
+    assert [r.describe().state for r in third.all()] == ["failed"]
