@@ -1,15 +1,27 @@
-"""Webhook delivery: POST the alert, retry with exponential backoff, dead-letter what never arrives.
+"""Alert actions: one retry loop for all of them, a sender per kind, a bound per target.
 
-The body is the Alert in protobuf's JSON mapping with proto field names (`format: json`), or
-`{"text": "..."}` for Slack incoming webhooks (`format: slack`). With a secret, the request
-carries `X-Trawl-Signature: sha256=<hex HMAC-SHA256 of the exact body>`: a receiver recomputes
-it over the raw bytes it got and compares in constant time.
+`Delivery.run` is the loop every action goes through: an attempt, and on a retryable failure
+another after backoff_s, 2*backoff_s, ... (at most backoff_max_s), `retries` times; an action
+that fails for good (a final answer, or its retries spent) is handed to the dead-letter
+callback (the service publishes it on trawl.v1.alerts._dead.<rule>) and counted: never
+silently lost. Each kind's sender only makes one attempt and says how it went (`Outcome`):
 
-Connection errors, timeouts, 408, 429 and 5xx are retried; any other non-2xx answer is final
-(the receiver rejected this alert and will do so again). Redirects are not followed: a POST
-that is redirected would arrive as a GET, or not at all. A delivery that fails for good is
-handed to the dead-letter callback (the service publishes it on trawl.v1.alerts._dead.<rule>)
-and counted: never silently lost.
+- webhook (here): POST the Alert in protobuf's JSON mapping with proto field names
+  (`format: json`), or `{"text": "..."}` for Slack incoming webhooks (`format: slack`). With a
+  secret, the request carries `X-Trawl-Signature: sha256=<hex HMAC-SHA256 of the exact body>`:
+  a receiver recomputes it over the raw bytes it got and compares in constant time.
+  Connection errors, timeouts, 408, 429 and 5xx are retried; any other non-2xx answer is final
+  (the receiver rejected this alert and will do so again). Redirects are not followed: a POST
+  that is redirected would arrive as a GET, or not at all.
+- record (action_record.py): ask the recorder for a recording of the alert's call.
+- influxdb (action_influxdb.py): a point in line protocol over the HTTP write API.
+- elasticsearch (action_elasticsearch.py): the alert (and its call) through `_bulk`.
+- s3 (action_s3.py): the alert as a JSON object, checksummed, optionally under Object Lock.
+
+`ActionSender.deliver` routes an alert's action to its sender. Each target (a webhook URL, an
+index, a bucket...) has at most `webhook.max_in_flight` deliveries in progress; one more is
+dead-lettered at once with the reason "overflow" and counted, so a target that is down holds
+neither rule evaluation nor the other targets, however long its retries take.
 """
 
 from __future__ import annotations
@@ -18,14 +30,24 @@ import asyncio
 import hashlib
 import hmac
 import json
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import aiohttp
 from google.protobuf.json_format import MessageToDict
 
-from trawl.alerter.config import WebhookSettings
-from trawl.alerter.rules import WebhookAction
+from trawl.alerter.action_elasticsearch import ElasticsearchSender
+from trawl.alerter.action_influxdb import InfluxSender
+from trawl.alerter.action_record import RecordSender, Request
+from trawl.alerter.action_s3 import S3Sender
+from trawl.alerter.action_types import (
+    Action,
+    ElasticsearchAction,
+    InfluxAction,
+    RecordAction,
+    S3Action,
+    WebhookAction,
+)
+from trawl.alerter.config import ActionSettings, WebhookSettings
+from trawl.alerter.delivery import DELIVERED, DeadLetter, Delivery, DeliveryFailure, Outcome, Sleep, http_outcome
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
@@ -33,20 +55,24 @@ from trawl.v1 import alerts_pb2
 log = get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Trawl-Signature"
-RETRYABLE_STATUS = frozenset({408, 429})
+
+__all__ = ["DELIVERED", "ActionSender", "Delivery", "DeliveryFailure", "Outcome", "WebhookSender"]
 
 
-@dataclass(frozen=True)
-class DeliveryFailure:
-    """Why a webhook could not be delivered: what the dead letter carries besides the alert."""
-
-    alert: alerts_pb2.Alert
-    action: WebhookAction
-    reason: str
-    attempts: int
-
-
-DeadLetter = Callable[[DeliveryFailure], Awaitable[None]]
+def dead_letter_headers(failure: DeliveryFailure, msg_id_header: str) -> dict[str, str]:
+    """The dead letter's headers: its id (one per alert and target, so a redelivered alert's
+    dead letter is stored once), why, after how many attempts, and which action."""
+    action = failure.action
+    headers = {
+        msg_id_header: f"{failure.alert.id}:dead:{action.target}",
+        "Trawl-Failure": failure.reason[:1024],
+        "Trawl-Attempts": str(failure.attempts),
+        "Trawl-Action": action.kind,
+        "Trawl-Target": action.where,
+    }
+    if isinstance(action, WebhookAction):
+        headers["Trawl-Webhook"] = action.where
+    return headers
 
 
 def alert_json(alert: alerts_pb2.Alert) -> dict[str, object]:
@@ -74,19 +100,13 @@ class WebhookSender:
         settings: WebhookSettings,
         dead_letter: DeadLetter,
         metrics: Registry | None = None,
-        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+        sleep: Sleep = asyncio.sleep,
+        delivery: Delivery | None = None,
     ) -> None:
         self.session = session
         self.settings = settings
-        self.dead_letter = dead_letter
-        self.sleep = sleep
+        self.delivery = delivery or Delivery(dead_letter, metrics, sleep)
         self.default_secret = settings.hmac_secret.get_secret_value().encode() if settings.hmac_secret else None
-        metrics = metrics or Registry()
-        self._delivered = metrics.counter("trawl_alerter_webhooks_delivered_total", "Webhook deliveries, per rule")
-        self._retried = metrics.counter("trawl_alerter_webhook_retries_total", "Webhook attempts retried, per rule")
-        self._dead = metrics.counter(
-            "trawl_alerter_dead_letters_total", "Alerts that could not be delivered after retries, per rule"
-        )
 
     async def deliver(self, alert: alerts_pb2.Alert, action: WebhookAction) -> bool:
         """True once delivered; False after the dead letter was handed over."""
@@ -96,32 +116,74 @@ class WebhookSender:
         if secret:
             headers[SIGNATURE_HEADER] = signature(secret, body)
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
-        attempts = 0
-        reason = ""
-        while True:
-            attempts += 1
-            retryable = True
-            try:
-                async with self.session.post(
-                    action.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
-                ) as response:
-                    await response.read()
-                    if 200 <= response.status < 300:
-                        self._delivered.inc(rule=alert.rule)
-                        return True
-                    reason = f"HTTP {response.status}"
-                    retryable = response.status >= 500 or response.status in RETRYABLE_STATUS
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            if not retryable or attempts > self.settings.retries:
-                break
-            self._retried.inc(rule=alert.rule)
-            delay = min(self.settings.backoff_s * 2 ** (attempts - 1), self.settings.backoff_max_s)
-            log.info("webhook_retry", rule=alert.rule, to=action.where, attempt=attempts, error=reason, delay_s=delay)
-            await self.sleep(delay)
-        self._dead.inc(rule=alert.rule)
-        log.error(
-            "webhook_failed", rule=alert.rule, alert_id=alert.id, to=action.where, attempts=attempts, error=reason
+
+        async def attempt() -> Outcome:
+            async with self.session.post(
+                action.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
+            ) as response:
+                await response.read()
+                return http_outcome(response.status)
+
+        return await self.delivery.run(alert, action, self.settings, attempt)
+
+
+class ActionSender:
+    """Every action of an alert, each to its kind's sender, at most `max_in_flight` per target."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        webhook: WebhookSettings,
+        actions: ActionSettings,
+        dead_letter: DeadLetter,
+        metrics: Registry | None = None,
+        request: Request | None = None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        metrics = metrics or Registry()
+        self.delivery = Delivery(dead_letter, metrics, sleep)
+        self.max_in_flight = webhook.max_in_flight
+        self.webhook = WebhookSender(session, webhook, dead_letter, delivery=self.delivery)
+        self.record = RecordSender(self.delivery, actions, request, metrics)
+        self.influxdb = InfluxSender(self.delivery, actions, session, metrics)
+        self.elasticsearch = ElasticsearchSender(self.delivery, actions, session, metrics)
+        self.s3 = S3Sender(self.delivery, actions, metrics)
+        self._in_flight: dict[str, int] = {}
+        self._in_flight_gauge = metrics.gauge("trawl_alerter_actions_in_flight", "Actions being carried out now")
+        self._overflow = metrics.counter(
+            "trawl_alerter_actions_overflow_total",
+            "Actions dead-lettered at once: their target had max_in_flight deliveries in progress",
         )
-        await self.dead_letter(DeliveryFailure(alert, action, reason, attempts))
-        return False
+
+    async def deliver(self, alert: alerts_pb2.Alert, action: Action) -> bool:
+        """True once carried out (or not applicable: no recording is started for a resolve);
+        False once counted and dead-lettered."""
+        target = f"{action.kind}:{action.target}"
+        if self._in_flight.get(target, 0) >= self.max_in_flight:
+            self._overflow.inc(rule=alert.rule, action=action.kind)
+            reason = f"overflow: {self.max_in_flight} deliveries to {action.where} in progress"
+            await self.delivery.give_up(alert, action, reason, 0)
+            return False
+        self._in_flight[target] = self._in_flight.get(target, 0) + 1
+        self._in_flight_gauge.inc()
+        try:
+            return await self._dispatch(alert, action)
+        finally:
+            self._in_flight_gauge.inc(-1)
+            left = self._in_flight[target] - 1
+            if left:
+                self._in_flight[target] = left
+            else:
+                del self._in_flight[target]
+
+    async def _dispatch(self, alert: alerts_pb2.Alert, action: Action) -> bool:
+        if isinstance(action, WebhookAction):
+            return await self.webhook.deliver(alert, action)
+        if isinstance(action, RecordAction):
+            return await self.record.deliver(alert, action)
+        if isinstance(action, InfluxAction):
+            return await self.influxdb.deliver(alert, action)
+        if isinstance(action, ElasticsearchAction):
+            return await self.elasticsearch.deliver(alert, action)
+        assert isinstance(action, S3Action)
+        return await self.s3.deliver(alert, action)

@@ -23,10 +23,25 @@ class WebhookSettings(BaseModel):
     retries: int = Field(default=3, ge=0, le=20)
     backoff_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
-    # Deliveries in progress at once; more waits (and so slows consumption) rather than piling up.
+    # Deliveries in progress at once per action target (a webhook URL, an index, a bucket...), of
+    # every action kind: one more is dead-lettered at once and counted (reason "overflow"), so a
+    # target that is down never holds rule evaluation or the other targets.
     max_in_flight: int = Field(default=64, gt=0)
     # Signs (X-Trawl-Signature) every webhook whose action names no secret_env of its own.
     hmac_secret: SecretStr | None = None
+
+
+class ActionSettings(BaseModel):
+    """How the record, influxdb, elasticsearch and s3 actions are carried out (webhooks: `webhook`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Each attempt (an HTTP request, an upload); a record action waits its own `timeout` for the recorder.
+    timeout_s: float = Field(default=10.0, gt=0)
+    # Attempts after the first; waits backoff_s, 2*backoff_s, ... (at most backoff_max_s) between them.
+    retries: int = Field(default=3, ge=0, le=20)
+    backoff_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
 
 
 class AlerterSettings(ServiceSettings):
@@ -41,6 +56,7 @@ class AlerterSettings(ServiceSettings):
     # killed before its ack) is not evaluated twice.
     recent_call_ids: int = Field(default=200_000, gt=0)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
+    actions: ActionSettings = Field(default_factory=ActionSettings)
 
     _rules: list[Rule] = PrivateAttr(default_factory=list)
 

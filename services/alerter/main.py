@@ -2,13 +2,14 @@
 
 Calls come from a durable pull consumer (replicas with the same consumer name share them).
 Each alert is published on trawl.v1.alerts.<rule> (stream TRAWL_ALERTS, Nats-Msg-Id = alert
-id) before the call is acked, so an alert is stored at least once; webhooks run in the
-background, bounded by webhook.max_in_flight, and a delivery that fails for good lands on
+id) before the call is acked, so an alert is stored at least once; its actions (webhooks,
+recordings, InfluxDB, Elasticsearch, S3: trawl.alerter.actions) run in the background, at most
+webhook.max_in_flight per target, and an action that fails for good lands on
 trawl.v1.alerts._dead.<rule> in the same stream.
 
 With a finite input, the enricher announces `drained` with the stream sequence of its last
 call; once this alerter has processed that sequence (or the consumer has nothing left) and
-its webhooks have finished, it announces `trawl.v1.control.drained.alerter.<node>`.
+its actions have finished, it announces `trawl.v1.control.drained.alerter.<node>`.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from trawl.alerter.actions import DeliveryFailure, WebhookSender
+from trawl.alerter.action_record import nats_request
+from trawl.alerter.actions import ActionSender, DeliveryFailure, dead_letter_headers
 from trawl.alerter.config import AlerterSettings
 from trawl.alerter.logic import Alerter
-from trawl.alerter.rules import WebhookAction
+from trawl.alerter.rules import Action
 from trawl.bus import MSG_ID_HEADER, PREFIX, STREAM_ALERTS, STREAM_ENRICHED, alerts_subject, token
 from trawl.dedup import RecentIds
 from trawl.logs import get_logger
@@ -83,26 +85,25 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         drain.announce(announced.last_stream_sequence)
 
     async def publish_dead(failure: DeliveryFailure) -> None:
-        headers = {
-            MSG_ID_HEADER: f"{failure.alert.id}:dead:{failure.action.where}:{failure.action.format}",
-            "Trawl-Failure": failure.reason,
-            "Trawl-Attempts": str(failure.attempts),
-            "Trawl-Webhook": failure.action.where,
-        }
+        headers = dead_letter_headers(failure, MSG_ID_HEADER)
         await bus.js.publish(
             dead_letter_subject(failure.alert.rule), failure.alert.SerializeToString(), headers=headers
         )
 
     deliveries: set[asyncio.Task[None]] = set()
+    dead_letters_lost = ctx.metrics.counter(
+        "trawl_alerter_dead_letters_unpublished_total", "Dead letters NATS did not take (logged), per rule"
+    )
 
-    async def deliver(sender: WebhookSender, alert: alerts_pb2.Alert, action: WebhookAction) -> None:
+    async def deliver(sender: ActionSender, alert: alerts_pb2.Alert, action: Action) -> None:
         try:
             await sender.deliver(alert, action)
         except Exception:  # a dead letter that cannot be published is logged; the loop goes on
-            log.exception("webhook_dead_letter_failed", rule=alert.rule, alert_id=alert.id)
+            dead_letters_lost.inc(rule=alert.rule)
+            log.exception("dead_letter_failed", rule=alert.rule, alert_id=alert.id, action=action.kind)
 
-    async def publish(sender: WebhookSender, alerts: list[alerts_pb2.Alert]) -> bool:
-        """Store each alert and start its webhooks; False (the unsent ones forgotten) when NATS refused one."""
+    async def publish(sender: ActionSender, alerts: list[alerts_pb2.Alert]) -> bool:
+        """Store each alert and start its actions; False (the unsent ones forgotten) when NATS refused one."""
         nonlocal alerts_sent
         for index, alert in enumerate(alerts):
             try:
@@ -114,15 +115,14 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 log.warning("alert_publish_failed", rule=alert.rule, error=str(exc))
                 return False
             alerts_sent += 1
+            # Never waits: each target's bound is kept by the sender, which dead-letters the overflow.
             for action in rules_by_name[alert.rule].actions:
-                while len(deliveries) >= settings.webhook.max_in_flight:
-                    await asyncio.wait(deliveries, return_when=asyncio.FIRST_COMPLETED)
                 task = asyncio.create_task(deliver(sender, alert, action))
                 deliveries.add(task)
                 task.add_done_callback(deliveries.discard)
         return True
 
-    async def handle(sender: WebhookSender, msg: Msg) -> bool:
+    async def handle(sender: ActionSender, msg: Msg) -> bool:
         """Evaluate one call, store its alerts, start their webhooks; False when it will be redelivered."""
         try:
             call = calls_pb2.ApiCall.FromString(msg.data)
@@ -161,7 +161,9 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
 
     await bus.subscribe(ENRICHER_DRAINED, on_enricher_drained)
     async with aiohttp.ClientSession() as session:
-        sender = WebhookSender(session, settings.webhook, publish_dead, ctx.metrics)
+        sender = ActionSender(
+            session, settings.webhook, settings.actions, publish_dead, ctx.metrics, request=nats_request(bus.nc)
+        )
         await ctx.ready()
         while not ctx.stopping.is_set():
             try:

@@ -32,6 +32,23 @@ is measured in the calls' own time (their request timestamps), so a replayed cap
 the live traffic would have. Webhook URLs and secrets can come from the environment
 (`url_env`, `secret_env`), so a rules file holds no credentials.
 
+Actions besides `webhook` (each retried with backoff, counted, and dead-lettered when it fails
+for good, as the webhook is; trawl.alerter.actions):
+
+    actions:
+      - record: {scope: pods, filter: "tcp port 80", duration: 2m}     # a recording of the call's ends
+      - influxdb: {url: "http://influx:8086", db: trawl, measurement: trawl_alerts, user_env: INFLUX_USER,
+                   password_env: INFLUX_PASSWORD}                     # or bucket + org + token_env (2.x)
+      - elasticsearch: {url: "https://es:9200", index: trawl-alerts, include_call: true,
+                        call_index: trawl-calls, api_key_env: ES_API_KEY}
+      - s3: {bucket: alert-evidence, prefix: alerts/, endpoint_url: "http://minio:9000", region: us-east-1,
+             access_key_env: S3_KEY, secret_key_env: S3_SECRET, object_lock: {mode: GOVERNANCE, days: 30}}
+
+`record` scopes: `flow` (default: the two IPs), `pods`, `workloads` (all pods of the two
+workloads) or `namespaces`; the last three need the recorder's identity snapshot, and an end
+without a pod is recorded by its IP. The recording begins with the recorder's look-back.
+Credentials always come from environment variables (`*_env`), checked when the file is loaded.
+
 Every problem is a ConfigError naming the file, the line of the rule or key at fault, and what
 is wrong.
 """
@@ -53,11 +70,24 @@ import yaml
 from celpy.celparser import CELParseError
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from trawl.alerter.action_types import (
+    RECORD_SCOPES,
+    Action,
+    ElasticsearchAction,
+    InfluxAction,
+    RecordAction,
+    RecordScope,
+    S3Action,
+    WebhookAction,
+)
 from trawl.alerter.compiled import Evaluator, compile_expression
 from trawl.alerter.guards import Guard, guard_of
 from trawl.alerter.windows import WindowSpec, parse_aggregate
 from trawl.errors import ConfigError
+from trawl.s3 import LOCK_MODES, Credentials, LockMode, credentials_from_env
 from trawl.v1 import alerts_pb2, calls_pb2
+
+__all__ = ["Action", "ElasticsearchAction", "InfluxAction", "RecordAction", "Rule", "S3Action", "WebhookAction"]
 
 SEVERITIES = {
     "info": alerts_pb2.SEVERITY_INFO,
@@ -79,7 +109,38 @@ RULE_KEYS = (
     "for",
 )
 WEBHOOK_KEYS = ("url", "url_env", "secret_env", "format")
-ACTIONS = ("webhook",)
+RECORD_KEYS = ("scope", "filter", "duration", "format", "timeout")
+INFLUX_KEYS = (
+    "url",
+    "url_env",
+    "db",
+    "retention_policy",
+    "bucket",
+    "org",
+    "measurement",
+    "token_env",
+    "user_env",
+    "password_env",
+)
+ELASTIC_KEYS = ("url", "url_env", "index", "include_call", "call_index", "api_key_env", "user_env", "password_env")
+S3_KEYS = (
+    "bucket",
+    "prefix",
+    "endpoint_url",
+    "region",
+    "access_key_env",
+    "secret_key_env",
+    "session_token_env",
+    "object_lock",
+)
+OBJECT_LOCK_KEYS = ("mode", "days")
+ACTIONS = ("webhook", "record", "influxdb", "elasticsearch", "s3")
+# Elasticsearch's own rule for index names: lowercase, none of \ / * ? " < > | , # space, not starting with - _ +.
+_INDEX_NAME = re.compile(r'^(?![-_+])[^A-Z\\/*?"<>|,# :]{1,255}$')
+_BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
+_REGION = re.compile(r"^[a-z]{2}(?:-[a-z]+)+-\d+$")
+_MEASUREMENT = re.compile(r"^[^\x00-\x1f]{1,255}$")
+_LINKTYPE_ETHERNET = 1
 DEFAULT_SUMMARY = "{call.method} {call.path} -> {call.status}"
 RULE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -92,20 +153,6 @@ _CEL_TYPE_NAMES = frozenset(
 )
 _CEL_MACROS = frozenset({"all", "exists", "exists_one", "map", "filter"})
 _NULL_TAG = "tag:yaml.org,2002:null"
-
-
-@dataclass(frozen=True)
-class WebhookAction:
-    url: str
-    format: Literal["json", "slack"]
-    # HMAC-SHA256 key for the X-Trawl-Signature header, read from `secret_env` at load.
-    secret: bytes | None = field(default=None, repr=False)
-
-    @property
-    def where(self) -> str:
-        """The URL without path or query, which may hold a token: safe to log."""
-        parts = urlsplit(self.url)
-        return f"{parts.scheme}://{parts.hostname}" + (f":{parts.port}" if parts.port else "")
 
 
 @dataclass(frozen=True)
@@ -139,7 +186,7 @@ class Rule:
     cooldown_s: float = 0.0
     group_by: celpy.Runner | None = field(default=None, repr=False)
     labels: dict[str, str] = field(default_factory=dict)
-    actions: tuple[WebhookAction, ...] = ()
+    actions: tuple[Action, ...] = ()
     line: int = 0
     # What the condition requires of call.protocol / call.outcome, checked before any CEL runs.
     guard: Guard | None = field(default=None, repr=False)
@@ -278,7 +325,7 @@ class _RuleParser:
                 raise self.fail("labels must be a mapping of names to values", labels_key)
             for key_node, value_node in labels_node.value:
                 labels[_key(key_node)] = self.scalar(value_node, "a label value")
-        actions: list[WebhookAction] = []
+        actions: list[Action] = []
         if "actions" in entries:
             actions_key, actions_node = entries["actions"]
             if not _is_null(actions_node):
@@ -346,27 +393,30 @@ class _RuleParser:
             for_s = parsed
         return WindowSpec(window_s, aggregate, min_calls, for_s)
 
-    def action(self, node: yaml.Node) -> WebhookAction:
+    def action(self, node: yaml.Node) -> Action:
         if not isinstance(node, yaml.MappingNode) or len(node.value) != 1:
             raise self.fail(f"an action is a mapping with one key, one of: {', '.join(ACTIONS)}", node)
         kind_node, spec_node = node.value[0]
         kind = _key(kind_node)
         if kind not in ACTIONS:
             raise self.fail(f"unknown action {kind!r}; known actions: {', '.join(ACTIONS)}", kind_node)
+        if kind == "record" and _is_null(spec_node):
+            spec_node = yaml.MappingNode("tag:yaml.org,2002:map", [], kind_node.start_mark)
         if not isinstance(spec_node, yaml.MappingNode):
-            raise self.fail("webhook needs a mapping: {url: https://..., format: json}", kind_node)
+            raise self.fail(f"{kind} needs a mapping, e.g. {_ACTION_EXAMPLES[kind]}", kind_node)
+        if kind == "record":
+            return self.record_action(kind_node, spec_node)
+        if kind == "influxdb":
+            return self.influx_action(kind_node, spec_node)
+        if kind == "elasticsearch":
+            return self.elastic_action(kind_node, spec_node)
+        if kind == "s3":
+            return self.s3_action(kind_node, spec_node)
+        return self.webhook_action(kind_node, spec_node)
+
+    def webhook_action(self, kind_node: yaml.Node, spec_node: yaml.MappingNode) -> WebhookAction:
         entries = self.entries(spec_node, WEBHOOK_KEYS, "webhook")
-        if ("url" in entries) == ("url_env" in entries):
-            raise self.fail("webhook needs exactly one of 'url' or 'url_env'", kind_node)
-        if "url" in entries:
-            url_key, url_node = entries["url"]
-            url = self.text(url_node, "url")
-        else:
-            url_key, url_node = entries["url_env"]
-            url = self.from_env(url_node, "url_env")
-        problem = url_problem(url)
-        if problem:
-            raise self.fail(f"webhook url {_shown_url(url)!r} {problem}", url_key)
+        url = self.url(entries, kind_node, "webhook")
         secret = None
         if "secret_env" in entries:
             secret = self.from_env(entries["secret_env"][1], "secret_env").encode()
@@ -379,10 +429,250 @@ class _RuleParser:
             fmt = "slack" if word == "slack" else "json"
         return WebhookAction(url=url, format=fmt, secret=secret)
 
-    def from_env(self, node: yaml.Node, what: str) -> str:
+    def record_action(self, kind_node: yaml.Node, spec_node: yaml.MappingNode) -> RecordAction:
+        entries = self.entries(spec_node, RECORD_KEYS, "record")
+        scope: RecordScope = "flow"
+        if "scope" in entries:
+            scope_key, scope_node = entries["scope"]
+            word = self.text(scope_node, "scope")
+            if word not in RECORD_SCOPES:
+                raise self.fail(f"record scope {word!r} is not one of {', '.join(RECORD_SCOPES)}", scope_key)
+            scope = RECORD_SCOPES[RECORD_SCOPES.index(word)]
+        expression = ""
+        if "filter" in entries:
+            filter_key, filter_node = entries["filter"]
+            expression = self.text(filter_node, "filter")
+            problem = _filter_problem(expression)
+            if problem:
+                raise self.fail(f"record filter {expression!r} is not a tcpdump filter: {problem}", filter_key)
+        duration_s = 600
+        if "duration" in entries:
+            duration_key, duration_node = entries["duration"]
+            raw = self.scalar(duration_node, "duration")
+            seconds = parse_duration(raw)
+            if seconds is None or not 1 <= seconds <= 86400:
+                raise self.fail(
+                    f"record duration {raw!r} is not a duration from 1s to 1d, such as 90s or 10m", duration_key
+                )
+            duration_s = max(1, round(seconds))
+        fmt = ""
+        if "format" in entries:
+            format_key, format_node = entries["format"]
+            fmt = self.text(format_node, "format")
+            if fmt not in ("pcap", "pcapng"):
+                raise self.fail(f"record format {fmt!r} is not 'pcap' or 'pcapng'", format_key)
+        timeout_s = 5.0
+        if "timeout" in entries:
+            timeout_key, timeout_node = entries["timeout"]
+            raw = self.scalar(timeout_node, "timeout")
+            parsed = parse_duration(raw)
+            if parsed is None or not 0 < parsed <= 300:
+                raise self.fail(f"record timeout {raw!r} is not a duration above 0 up to 5m, such as 5s", timeout_key)
+            timeout_s = parsed
+        return RecordAction(scope=scope, filter=expression, duration_s=duration_s, format=fmt, timeout_s=timeout_s)
+
+    def influx_action(self, kind_node: yaml.Node, spec_node: yaml.MappingNode) -> InfluxAction:
+        entries = self.entries(spec_node, INFLUX_KEYS, "influxdb")
+        url = self.url(entries, kind_node, "influxdb")
+        if ("db" in entries) == ("bucket" in entries):
+            raise self.fail(
+                "influxdb needs exactly one of 'db' (InfluxDB 1.x: /write?db=...) or 'bucket' (2.x, with org)",
+                kind_node,
+            )
+        names = {
+            key: self.text(entries[key][1], key)
+            for key in ("db", "retention_policy", "bucket", "org")
+            if key in entries
+        }
+        if "bucket" in entries and "org" not in entries:
+            raise self.fail(
+                "influxdb bucket needs org too (InfluxDB 2.x writes to an org's bucket)", entries["bucket"][0]
+            )
+        if "org" in entries and "db" in entries:
+            raise self.fail("influxdb org goes with bucket (2.x); with db (1.x) leave it out", entries["org"][0])
+        if "retention_policy" in entries and "bucket" in entries:
+            raise self.fail(
+                "influxdb retention_policy goes with db (1.x); a 2.x bucket has its own", entries["retention_policy"][0]
+            )
+        measurement = "trawl_alerts"
+        if "measurement" in entries:
+            measurement_key, measurement_node = entries["measurement"]
+            measurement = self.text(measurement_node, "measurement")
+            if not _MEASUREMENT.match(measurement) or measurement.startswith("_"):
+                raise self.fail(
+                    f"influxdb measurement {measurement!r} must be 1-255 printable characters, not starting with '_'",
+                    measurement_key,
+                )
+        token, user, password = self.credentials(entries, "token_env", "influxdb")
+        return InfluxAction(
+            url=url,
+            measurement=measurement,
+            db=names.get("db", ""),
+            retention_policy=names.get("retention_policy", ""),
+            bucket=names.get("bucket", ""),
+            org=names.get("org", ""),
+            token=token,
+            user=user,
+            password=password,
+        )
+
+    def elastic_action(self, kind_node: yaml.Node, spec_node: yaml.MappingNode) -> ElasticsearchAction:
+        entries = self.entries(spec_node, ELASTIC_KEYS, "elasticsearch")
+        url = self.url(entries, kind_node, "elasticsearch")
+        indices = {"index": "trawl-alerts", "call_index": "trawl-calls"}
+        for key in indices:
+            if key in entries:
+                index_key, index_node = entries[key]
+                name = self.text(index_node, key)
+                if not _INDEX_NAME.match(name) or name in (".", ".."):
+                    raise self.fail(
+                        f"elasticsearch {key} {name!r} is not an index name: lowercase, no spaces or "
+                        '\\ / * ? " < > | , # :, not starting with - _ +',
+                        index_key,
+                    )
+                indices[key] = name
+        include_call = False
+        if "include_call" in entries:
+            include_call = self.boolean(entries["include_call"][1], "include_call")
+        if "call_index" in entries and not include_call:
+            raise self.fail("elasticsearch call_index needs include_call: true", entries["call_index"][0])
+        api_key, user, password = self.credentials(entries, "api_key_env", "elasticsearch")
+        return ElasticsearchAction(
+            url=url,
+            index=indices["index"],
+            include_call=include_call,
+            call_index=indices["call_index"],
+            api_key=api_key,
+            user=user,
+            password=password,
+        )
+
+    def s3_action(self, kind_node: yaml.Node, spec_node: yaml.MappingNode) -> S3Action:
+        entries = self.entries(spec_node, S3_KEYS, "s3")
+        if "bucket" not in entries:
+            raise self.fail("s3 needs a bucket, e.g. {bucket: alert-evidence}", kind_node)
+        bucket_key, bucket_node = entries["bucket"]
+        bucket = self.text(bucket_node, "bucket")
+        if not _BUCKET_NAME.match(bucket) or ".." in bucket:
+            raise self.fail(
+                f"s3 bucket {bucket!r} is not a bucket name: 3-63 lowercase letters, digits, '.' or '-', "
+                "starting and ending with a letter or digit",
+                bucket_key,
+            )
+        prefix = ""
+        if "prefix" in entries:
+            prefix_key, prefix_node = entries["prefix"]
+            prefix = self.scalar(prefix_node, "prefix").strip()
+            if prefix.startswith("/") or len(prefix) > 512:
+                raise self.fail(
+                    f"s3 prefix {prefix!r} must not start with '/' (keys have no leading slash)", prefix_key
+                )
+        endpoint_url = None
+        if "endpoint_url" in entries:
+            endpoint_key, endpoint_node = entries["endpoint_url"]
+            endpoint_url = self.text(endpoint_node, "endpoint_url")
+            problem = url_problem(endpoint_url)
+            if problem:
+                raise self.fail(f"s3 endpoint_url {_shown_url(endpoint_url)!r} {problem}", endpoint_key)
+        region = None
+        if "region" in entries:
+            region_key, region_node = entries["region"]
+            region = self.text(region_node, "region")
+            if not _REGION.match(region):
+                raise self.fail(f"s3 region {region!r} is not a region name such as us-east-1 or eu-west-3", region_key)
+        credentials: Credentials | None = None
+        named = [key for key in ("access_key_env", "secret_key_env", "session_token_env") if key in entries]
+        if named:
+            if "access_key_env" not in entries or "secret_key_env" not in entries:
+                raise self.fail(
+                    "s3 needs access_key_env and secret_key_env together (or neither: boto3 then finds "
+                    "credentials itself, in AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, a profile or a role)",
+                    entries[named[0]][0],
+                )
+            env_names = {key: self.env_name(entries[key][1], key) for key in named}
+            found = credentials_from_env(
+                env_names["access_key_env"],
+                env_names["secret_key_env"],
+                env_names.get("session_token_env"),
+                self.environ,
+            )
+            if isinstance(found, str):
+                raise self.fail(f"s3 credentials: {found}", entries[named[0]][0])
+            credentials = found
+        lock_mode: LockMode | None = None
+        lock_days = 0
+        if "object_lock" in entries:
+            lock_key, lock_node = entries["object_lock"]
+            if not isinstance(lock_node, yaml.MappingNode):
+                raise self.fail("s3 object_lock needs a mapping: {mode: GOVERNANCE, days: 30}", lock_key)
+            lock = self.entries(lock_node, OBJECT_LOCK_KEYS, "object_lock")
+            if "mode" not in lock or "days" not in lock:
+                raise self.fail("s3 object_lock needs mode and days, e.g. {mode: GOVERNANCE, days: 30}", lock_key)
+            mode_key, mode_node = lock["mode"]
+            word = self.text(mode_node, "mode").upper()
+            if word not in LOCK_MODES:
+                raise self.fail(f"s3 object_lock mode {word!r} is not one of {', '.join(LOCK_MODES)}", mode_key)
+            lock_mode = LOCK_MODES[LOCK_MODES.index(word)]
+            days_key, days_node = lock["days"]
+            raw = self.scalar(days_node, "days")
+            if not raw.isdigit() or not 1 <= int(raw) <= 36500:
+                raise self.fail(f"s3 object_lock days {raw!r} must be a whole number of days from 1 to 36500", days_key)
+            lock_days = int(raw)
+        return S3Action(
+            bucket=bucket,
+            prefix=prefix,
+            endpoint_url=endpoint_url,
+            region=region,
+            credentials=credentials,
+            lock_mode=lock_mode,
+            lock_days=lock_days,
+        )
+
+    def url(self, entries: dict[str, tuple[yaml.Node, yaml.Node]], kind_node: yaml.Node, kind: str) -> str:
+        """`url` or `url_env` (exactly one), an http(s) URL."""
+        if ("url" in entries) == ("url_env" in entries):
+            raise self.fail(f"{kind} needs exactly one of 'url' or 'url_env'", kind_node)
+        if "url" in entries:
+            url_key, url_node = entries["url"]
+            url = self.text(url_node, "url")
+        else:
+            url_key, url_node = entries["url_env"]
+            url = self.from_env(url_node, "url_env")
+        problem = url_problem(url)
+        if problem:
+            raise self.fail(f"{kind} url {_shown_url(url)!r} {problem}", url_key)
+        return url
+
+    def credentials(
+        self, entries: dict[str, tuple[yaml.Node, yaml.Node]], token_key: str, kind: str
+    ) -> tuple[str | None, str | None, str | None]:
+        """(token, user, password) from their `*_env` keys: a token, or a user with a password, or none."""
+        if "user_env" in entries and token_key in entries:
+            raise self.fail(f"{kind}: give {token_key} or user_env/password_env, not both", entries[token_key][0])
+        if ("user_env" in entries) != ("password_env" in entries):
+            present = "user_env" if "user_env" in entries else "password_env"
+            raise self.fail(f"{kind}: user_env and password_env go together", entries[present][0])
+        token = self.from_env(entries[token_key][1], token_key) if token_key in entries else None
+        user = self.from_env(entries["user_env"][1], "user_env") if "user_env" in entries else None
+        password = self.from_env(entries["password_env"][1], "password_env") if "password_env" in entries else None
+        return token, user, password
+
+    def boolean(self, node: yaml.Node, what: str) -> bool:
+        word = self.scalar(node, what).strip().lower()
+        if word in ("true", "yes", "on"):
+            return True
+        if word in ("false", "no", "off"):
+            return False
+        raise self.fail(f"{what} must be true or false, not {word!r}", node)
+
+    def env_name(self, node: yaml.Node, what: str) -> str:
         name = self.text(node, what)
         if not ENV_NAME.match(name):
             raise self.fail(f"{what} {name!r} is not an environment variable name", node)
+        return name
+
+    def from_env(self, node: yaml.Node, what: str) -> str:
+        name = self.env_name(node, what)
         value = self.environ.get(name, "")
         if not value:
             raise self.fail(f"{what}: environment variable {name} is not set", node)
@@ -485,6 +775,26 @@ def parse_duration(text: str) -> float | None:
     if not math.isfinite(seconds) or seconds < 0:
         return None
     return seconds
+
+
+_ACTION_EXAMPLES = {
+    "webhook": "{url: https://..., format: json}",
+    "record": "{scope: pods, duration: 2m}",
+    "influxdb": "{url: http://influx:8086, db: trawl}",
+    "elasticsearch": "{url: https://es:9200, index: trawl-alerts}",
+    "s3": "{bucket: alert-evidence, prefix: alerts/}",
+}
+
+
+def _filter_problem(expression: str) -> str | None:
+    """libpcap's own complaint about a tcpdump filter, compiled as the recorder will (None: fine)."""
+    from trawl.collector.bpf_filter import _pcap  # libpcap through ctypes: loaded only when a rule records
+
+    try:
+        _pcap().compile(expression, _LINKTYPE_ETHERNET, 262144)
+    except ConfigError as exc:
+        return str(exc).removeprefix(f"bad filter {expression!r}: ")
+    return None
 
 
 def url_problem(url: str) -> str | None:
