@@ -12,7 +12,9 @@ import pytest
 from tests.conftest import needs_binary
 from tests.unit.test_recorder_recordings import batch_of, make_recordings, read_back, traffic, tshark_fields
 from trawl.errors import ConfigError
+from trawl.recorder.config import ScheduleSettings
 from trawl.recorder.control import derived_id, merge, subject_covers_node
+from trawl.recorder.main import Schedule, answer
 from trawl.recorder.recordings import JOURNAL_NAME, Recording
 from trawl.v1 import control_pb2
 
@@ -197,3 +199,33 @@ def test_a_recording_whose_file_is_gone_is_listed_as_failed_after_a_restart(tmp_
     third, _ = make_recordings(tmp_path)  # journaled: still listed after another restart
     third.recover([], now=2.0)
     assert [r.describe().state for r in third.all()] == ["failed"]
+
+
+def test_recorders_with_the_same_schedule_give_its_recording_one_id() -> None:
+    settings = ScheduleSettings(cron="*/5 * * * *", duration_s=60, nodes=["node-a"])
+    first, second = Schedule(settings, 0.0), Schedule(settings, 100.0)
+    assert first.due(301.0) and second.due(302.5)
+    assert first.recording_id() == second.recording_id() == "19700101T000500Z-" + first.recording_id()[-8:]
+    other = Schedule(ScheduleSettings(cron="*/5 * * * *", duration_s=60, nodes=["node-b"]), 0.0)
+    assert other.due(301.0) and other.recording_id() != first.recording_id()
+    assert first.due(601.0) and first.recording_id().startswith("19700101T001000Z-")
+
+
+def test_a_start_for_nodes_this_recorder_does_not_read_gets_no_reply(tmp_path: Path) -> None:
+    recordings, _ = make_recordings(tmp_path)
+    start = control_pb2.RecordControl(start=control_pb2.RecordRequest(nodes=["node-b"], duration_s=5))
+
+    def reads_node_a(node: str) -> bool:
+        return node == "node-a"
+
+    assert answer(recordings, start.SerializeToString(), 0.0, covers=reads_node_a) is None
+    assert recordings.active == {}
+    start.start.nodes.append("node-a")
+    reply = answer(
+        recordings, start.SerializeToString(), 0.0, covers=reads_node_a, recording_id="20260101T000000Z-0badcafe"
+    )
+    assert reply is not None and reply.recording_id == chosen
+    listed = answer(recordings, control_pb2.RecordControl(list=True).SerializeToString(), 0.0, covers=reads_node_a)
+    assert listed is not None and [r.id for r in listed.recordings] == [chosen]
+    bad = answer(recordings, start.SerializeToString(), 0.0, covers=reads_node_a, recording_id="../../etc")
+    assert bad is not None and "recording id '../../etc'" in bad.error
