@@ -221,9 +221,8 @@ def test_a_start_for_nodes_this_recorder_does_not_read_gets_no_reply(tmp_path: P
     assert answer(recordings, start.SerializeToString(), 0.0, covers=reads_node_a) is None
     assert recordings.active == {}
     start.start.nodes.append("node-a")
-    reply = answer(
-        recordings, start.SerializeToString(), 0.0, covers=reads_node_a, recording_id="20260101T000000Z-0badcafe"
-    )
+    chosen = "20260101T000000Z-0badcafe"
+    reply = answer(recordings, start.SerializeToString(), 0.0, covers=reads_node_a, recording_id=chosen)
     assert reply is not None and reply.recording_id == chosen
     listed = answer(recordings, control_pb2.RecordControl(list=True).SerializeToString(), 0.0, covers=reads_node_a)
     assert listed is not None and [r.id for r in listed.recordings] == [chosen]
