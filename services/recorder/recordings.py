@@ -764,6 +764,7 @@ class Recordings:
             recording.error = "the recorder stopped without a checkpoint of this recording: sealed as it was"
         recording.files.append(final)
         self._remember(recording)
+        self._journal(recording)  # a line per file: the last, with all of them, is what is read
 
     def _read_journal(self) -> None:
         try:

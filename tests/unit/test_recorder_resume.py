@@ -115,6 +115,9 @@ def test_a_file_without_a_checkpoint_is_sealed_as_interrupted_and_listed(tmp_pat
     described = listed.describe()
     assert (described.id, described.state, list(described.files)) == (recording.id, "interrupted", [str(sealed)])
     assert len(tshark_fields(sealed, "frame.number")) == 6
+    third, _ = make_recordings(tmp_path)  # journaled: listed after another restart too
+    third.recover([], now=6.0)
+    assert [(r.id, r.describe().state) for r in third.all()] == [(recording.id, "interrupted")]
 
 
 def test_a_recording_takes_the_batches_stored_before_its_end(tmp_path: Path) -> None:
