@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import Any
 
 import aiohttp
@@ -36,18 +35,12 @@ from google.protobuf.json_format import MessageToDict
 
 from trawl.alerter.action_types import ElasticsearchAction
 from trawl.alerter.config import ActionSettings
-from trawl.alerter.delivery import DELIVERED, Delivery, Outcome, http_outcome
+from trawl.alerter.delivery import DELIVERED, Delivery, Outcome, http_outcome, timestamp
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
 
 NDJSON = "application/x-ndjson"
 RETRYABLE_ITEM_STATUS = frozenset({408, 429})
-
-
-def timestamp(ns: int) -> str:
-    """RFC 3339 with nanoseconds, as Elasticsearch's date_nanos (and date) fields read it."""
-    seconds, fraction = divmod(ns, 1_000_000_000)
-    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{fraction:09d}Z"
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import re
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
 
 import nats.errors
 from google.protobuf.message import DecodeError
@@ -34,7 +33,7 @@ from nats.aio.client import Client as NatsClient
 
 from trawl.alerter.action_types import RecordAction
 from trawl.alerter.config import ActionSettings
-from trawl.alerter.delivery import DELIVERED, Delivery, Outcome
+from trawl.alerter.delivery import DELIVERED, Delivery, Outcome, timestamp
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.recorder.control import RECORD_SUBJECT
@@ -90,10 +89,9 @@ def record_request(alert: alerts_pb2.Alert, action: RecordAction) -> control_pb2
     if not (ips or pods or namespaces):
         # Without a scope the recorder would record everything on every node: not what a rule asked.
         return "the alert has no call with an address, pod or namespace to record"
-    fired = datetime.fromtimestamp(alert.fired_at / 1e9, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
     return control_pb2.RecordRequest(
         requested_by=f"alerter:{alert.rule}",
-        reason=f"alert {alert.id} fired {fired}: {alert.summary}"[:512],
+        reason=f"alert {alert.id} fired {timestamp(alert.fired_at)}: {alert.summary}"[:512],
         namespaces=namespaces,
         pods=pods,
         ips=ips,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Protocol
 
 from trawl.alerter.action_types import Action
@@ -59,6 +60,12 @@ def http_outcome(status: int, detail: str = "") -> Outcome:
         return DELIVERED
     reason = f"HTTP {status}" + (f": {detail}" if detail else "")
     return Outcome(reason, retryable=status >= 500 or status in RETRYABLE_STATUS)
+
+
+def timestamp(ns: int) -> str:
+    """RFC 3339 in UTC with all nine digits of nanoseconds (Elasticsearch's date_nanos reads it)."""
+    seconds, fraction = divmod(ns, 1_000_000_000)
+    return datetime.fromtimestamp(seconds, UTC).strftime("%Y-%m-%dT%H:%M:%S") + f".{fraction:09d}Z"
 
 
 def exception_reason(exc: BaseException) -> str:
