@@ -31,6 +31,20 @@ class WebhookSettings(BaseModel):
     hmac_secret: SecretStr | None = None
 
 
+class WindowRedisSettings(BaseModel):
+    """Windowed rules' state in Redis (trawl.alerter.window_store): replicas share each group's
+    window and its firing, and a restart forgets none of it. Without it, windows are in-process."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(pattern=r"^(redis|rediss|unix)://", description="redis://host:6379/0")
+    key_prefix: str = Field(default="trawl:alerter", min_length=1)
+    # An alert committed in Redis but not yet stored in NATS (its replica died, NATS refused it)
+    # is announced again by any replica after this long.
+    claim_s: float = Field(default=15.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0)
+
+
 class ActionSettings(BaseModel):
     """How the record, influxdb, elasticsearch and s3 actions are carried out (webhooks: `webhook`)."""
 
@@ -57,6 +71,7 @@ class AlerterSettings(ServiceSettings):
     recent_call_ids: int = Field(default=200_000, gt=0)
     webhook: WebhookSettings = Field(default_factory=WebhookSettings)
     actions: ActionSettings = Field(default_factory=ActionSettings)
+    redis: WindowRedisSettings | None = None
 
     _rules: list[Rule] = PrivateAttr(default_factory=list)
 

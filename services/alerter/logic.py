@@ -8,10 +8,11 @@ redelivered call produces the same id, which JetStream's Nats-Msg-Id dedup store
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from collections.abc import Callable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import celpy
 from celpy import celtypes
@@ -21,10 +22,13 @@ from google.protobuf.message import Message
 
 from trawl.alerter.compiled import CelError, Fallback
 from trawl.alerter.rules import Rule
-from trawl.alerter.windows import SECOND_NS, Transition, Windows
+from trawl.alerter.windows import SECOND_NS, Observation, Transition, Windows, WindowStoreError
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2, calls_pb2
+
+if TYPE_CHECKING:  # redis is imported only when windows are shared
+    from trawl.alerter.window_store import SharedWindows
 
 log = get_logger(__name__)
 
@@ -123,6 +127,7 @@ class Alerter:
         max_groups: int = 100_000,
         guards: bool = True,
         compiled: bool = True,
+        window_store: SharedWindows | None = None,
     ) -> None:
         self.rules = rules
         # Rules' guards (trawl.alerter.guards) skip a rule a call cannot match, and the call's
@@ -144,6 +149,10 @@ class Alerter:
         )
         # Windowed rules (trawl.alerter.windows): their groups, judged as calls come and as time passes.
         self.windows = Windows(max_groups)
+        # Shared through Redis (trawl.alerter.window_store): the windowed rules' observations of a
+        # batch wait here until `flush` judges them in one transaction; None: in-process.
+        self.shared = window_store
+        self._observations: list[Observation] = []
         self._window_specs = {rule.name: rule.window for rule in rules if rule.window is not None}
         self._rules_by_name = {rule.name: rule for rule in rules}
         self._last_calls: dict[tuple[str, str], calls_pb2.ApiCall] = {}  # the last call of each windowed group
@@ -153,6 +162,13 @@ class Alerter:
         self._window_groups = metrics.gauge("trawl_alerter_window_groups", "Groups of windowed rules tracked")
         self._window_overflow = metrics.counter(
             "trawl_alerter_window_overflow_total", "Calls of windowed rules' groups beyond max_groups, not tracked"
+        )
+        self._reannounced = metrics.counter(
+            "trawl_alerter_window_reannounced_total",
+            "Windowed alerts decided in Redis that their replica did not store in time, announced again here",
+        )
+        self._conflicts = metrics.counter(
+            "trawl_alerter_window_conflicts_total", "Redis window transactions judged again (another replica wrote)"
         )
 
     def evaluate(self, call: calls_pb2.ApiCall) -> list[alerts_pb2.Alert]:
@@ -194,12 +210,50 @@ class Alerter:
             )
         if self._window_specs:
             self._latest = (max(self._latest[0], now_ns), self.clock())
-            if now_ns - self._swept_ns >= SECOND_NS:
+            if self.shared is None and now_ns - self._swept_ns >= SECOND_NS:
                 alerts += self.sweep(now_ns)
         return alerts
 
+    def flush(self) -> list[alerts_pb2.Alert]:
+        """With windows in Redis: judge the windowed observations `evaluate` kept since the last
+        flush (one transaction), and sweep when the calls' time has moved on a second; the alerts
+        this replica is to announce. In-process, `evaluate` judged them already: nothing.
+        Raises WindowStoreError when Redis is away (the observations are dropped: the batch's
+        calls are to come back)."""
+        if self.shared is None:
+            return []
+        observations, self._observations = self._observations, []
+        overflow, conflicts = self.shared.overflow, self.shared.conflicts
+        try:
+            decided = self.shared.observe_batch(observations, self._render)
+        finally:
+            self._conflicts.inc(self.shared.conflicts - conflicts)
+        self._window_overflow.inc(self.shared.overflow - overflow)
+        alerts = [self._counted(transition, alert) for transition, alert in decided]
+        newest = self._latest[0]
+        if newest and newest - self._swept_ns >= SECOND_NS:
+            # The batch's own alerts are decided (and in the outbox): a sweep Redis refuses now is
+            # done on a later batch, without sending these calls back.
+            with contextlib.suppress(WindowStoreError):
+                alerts += self.sweep(newest)
+        self._window_groups.set(self.shared.groups)
+        return alerts
+
+    def announced(self, alerts: list[alerts_pb2.Alert]) -> None:
+        """These alerts are stored (in NATS): with windows in Redis, out of its outbox."""
+        if self.shared is not None:
+            self.shared.announced(alert.id for alert in alerts if alert.window_calls or alert.resolved)
+
     def _observe(self, rule: Rule, group: str, call: calls_pb2.ApiCall, now_ns: int) -> list[alerts_pb2.Alert]:
         assert rule.window is not None
+        if self.shared is not None:
+            self._observations.append(Observation(rule.name, rule.window, group, now_ns, call.elapsed_ns, call.outcome))
+            key = (rule.name, group)
+            self._last_calls.pop(key, None)  # the newest last: the oldest is the first forgotten
+            self._last_calls[key] = call
+            if len(self._last_calls) > self.max_groups:
+                del self._last_calls[next(iter(self._last_calls))]
+            return []
         overflow = self.windows.overflow
         transition = self.windows.observe(rule.name, rule.window, group, now_ns, call.elapsed_ns, call.outcome)
         if self.windows.overflow > overflow:
@@ -213,6 +267,12 @@ class Alerter:
         """Judge every windowed group at `now_ns` (the calls' time): the resolutions of groups
         whose window drained with no new call, and firings that waited for their `for`."""
         self._swept_ns = now_ns
+        if self.shared is not None:
+            decided = self.shared.sweep(self._window_specs, now_ns, self._render)
+            alerts = [self._counted(transition, alert) for transition, alert in decided]
+            again = self.shared.unannounced()
+            self._reannounced.inc(len(again))
+            return alerts + again
         alerts = [self._window_alert(transition) for transition in self.windows.sweep(self._window_specs, now_ns)]
         for key in [key for key in self._last_calls if key not in self.windows.groups]:
             del self._last_calls[key]
@@ -228,16 +288,23 @@ class Alerter:
         return self.sweep(newest_ns + int((wall_s - seen_at) * SECOND_NS))
 
     def _window_alert(self, transition: Transition) -> alerts_pb2.Alert:
+        return self._counted(transition, self._render(transition))
+
+    def _counted(self, transition: Transition, alert: alerts_pb2.Alert) -> alerts_pb2.Alert:
+        if transition.resolved:
+            self._resolved.inc(rule=transition.rule)
+        else:
+            self._alerts.inc(rule=transition.rule)
+        return alert
+
+    def _render(self, transition: Transition) -> alerts_pb2.Alert:
         rule = self._rules_by_name[transition.rule]
         call = self._last_calls.get((transition.rule, transition.group))
         summary = rule.summary.render(call) if call is not None else ""
         firing = f"{transition.firing_since_ns}"
         if transition.resolved:
-            self._resolved.inc(rule=rule.name)
             firing += "/resolved"
             summary = f"resolved: {summary}"
-        else:
-            self._alerts.inc(rule=rule.name)
         alert = alerts_pb2.Alert(
             id=alert_id(rule.name, transition.group, firing),
             rule=rule.name,
@@ -260,6 +327,8 @@ class Alerter:
         """Undo the cooldown an alert started, when it could not be published (it will be retried);
         for a windowed rule, undo the firing or the resolution, so that it is reported again."""
         self._last_fired.pop((alert.rule, alert.group), None)
+        if self.shared is not None:
+            return  # a windowed alert stays in Redis's outbox until stored: announced again after claim_s
         state = self.windows.groups.get((alert.rule, alert.group))
         if state is not None and (alert.window_calls or alert.resolved):
             state.firing_since_ns = alert.fired_at if alert.resolved else None

@@ -28,7 +28,9 @@ from trawl.alerter.action_record import nats_request
 from trawl.alerter.actions import ActionSender, DeliveryFailure, dead_letter_headers
 from trawl.alerter.config import AlerterSettings
 from trawl.alerter.logic import Alerter
+from trawl.alerter.pull import BatchPuller, open_consumer
 from trawl.alerter.rules import Action
+from trawl.alerter.windows import WindowStoreError
 from trawl.bus import MSG_ID_HEADER, PREFIX, STREAM_ALERTS, STREAM_ENRICHED, alerts_subject, token
 from trawl.dedup import RecentIds
 from trawl.logs import get_logger
@@ -62,7 +64,12 @@ class _Drain:
 async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
     settings = ctx.settings
     bus = ctx.bus
-    alerter = Alerter(settings.rules, ctx.metrics)
+    window_store = None
+    if settings.redis is not None:  # redis-py is imported only then
+        from trawl.alerter.window_store import shared_windows
+
+        window_store = shared_windows(settings.redis)
+    alerter = Alerter(settings.rules, ctx.metrics, window_store=window_store)
     rules_by_name = {rule.name: rule for rule in settings.rules}
     alerts_sent = 0
     undecodable = ctx.metrics.counter("trawl_alerter_undecodable_total", "Stream messages that were not an ApiCall")
@@ -73,7 +80,14 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
     recent = RecentIds(settings.recent_call_ids)
     await bus.ensure_stream(STREAM_ENRICHED, settings.streams)
     await bus.ensure_stream(STREAM_ALERTS, settings.streams)
+    # One alerter (windows in process) acks a batch by its last call (AckPolicy.ALL); replicas
+    # sharing windows through Redis share the consumer, and ack each call: an ack-all would
+    # also ack the calls another replica holds and has not stored the alerts of.
+    ack_all = settings.redis is None
+    await open_consumer(bus.js, STREAM_ENRICHED, settings.consumer, ack_all)
     pull = await bus.pull(STREAM_ENRICHED, durable=settings.consumer)
+    # Batches without nats-py's task per message (trawl.alerter.pull); `pull` stays for consumer_info.
+    puller = await BatchPuller(bus.nc, STREAM_ENRICHED, settings.consumer).start()
     drain = _Drain()
 
     async def on_enricher_drained(msg: Msg) -> None:
@@ -122,27 +136,67 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 task.add_done_callback(deliveries.discard)
         return True
 
-    async def handle(sender: ActionSender, msg: Msg) -> bool:
-        """Evaluate one call, store its alerts, start their webhooks; False when it will be redelivered."""
+    async def handle_batch(sender: ActionSender, messages: list[Msg]) -> None:
+        """Evaluate a fetched batch, store all its alerts, then ack its calls: an alert is stored
+        before its call is acked. When NATS (or the windows' Redis) refuses, the batch is nak'd
+        and comes back; its alerts are made again with the same ids, which JetStream stores once."""
+        evaluated: list[Msg] = []  # evaluated now (the others: undecodable, evaluated before, failed)
+        failed: set[int] = set()  # positions of calls whose evaluation raised
+        ids: set[str] = set()
+        alerts: list[alerts_pb2.Alert] = []
+        for position, msg in enumerate(messages):
+            try:
+                call = calls_pb2.ApiCall.FromString(msg.data)
+            except DecodeError:
+                undecodable.inc()
+                log.warning("alerter_undecodable", subject=msg.subject)
+                continue
+            if call.id and (call.id in recent or call.id in ids):
+                duplicates.inc()
+                continue
+            try:
+                alerts += alerter.evaluate(call)
+            except Exception:  # nothing in one call may stop the alerter
+                # Explicit acks leave it to come back; an ack-all acks it with the batch.
+                log.exception("alerter_call_failed", subject=msg.subject)
+                failed.add(position)
+                continue
+            evaluated.append(msg)
+            ids.add(call.id)
         try:
-            call = calls_pb2.ApiCall.FromString(msg.data)
-        except DecodeError:
-            undecodable.inc()
-            log.warning("alerter_undecodable", subject=msg.subject)
-            await msg.ack()
-            return True
-        if call.id and call.id in recent:
-            duplicates.inc()
-            await msg.ack()
-            return True
-        if not await publish(sender, alerter.evaluate(call)):
-            with contextlib.suppress(Exception):
-                await msg.nak(delay=1.0)  # NATS away or slow: the call is redelivered, its alerts made again
-            return False
-        await msg.ack()
-        if call.id:
-            recent.first_time(call.id)  # once its alerts are stored: a nak'd call is evaluated again
-        return True
+            alerts += alerter.flush()  # windows shared through Redis: the batch's observations at once
+            stored = await publish(sender, alerts)
+        except WindowStoreError as exc:
+            for alert in alerts:
+                alerter.forget(alert)
+            log.warning("alerter_window_store_failed", error=str(exc), calls=len(evaluated))
+            stored = False
+        if not stored:
+            # NATS away or slow: the batch comes back, its alerts made again. An ack-all of a later
+            # call would ack these too: they come back at once, before any later call (a
+            # consumer redelivers first), and this alerter waits a second before it fetches.
+            for msg in evaluated if not ack_all else messages:
+                with contextlib.suppress(Exception):
+                    await msg.nak(delay=1.0 if not ack_all else None)
+            if ack_all:
+                await asyncio.sleep(1.0)
+                return
+            nakd = {id(msg) for msg in evaluated}
+            failed.update(position for position, msg in enumerate(messages) if id(msg) in nakd)
+        else:
+            alerter.announced(alerts)
+            for call_id in ids:
+                if call_id:
+                    recent.first_time(call_id)  # once its alerts are stored: a nak'd call is evaluated again
+        with contextlib.suppress(Exception):
+            if ack_all:
+                await messages[-1].ack()  # AckPolicy.ALL: the batch's last call acks it all
+            else:
+                for position, msg in enumerate(messages):
+                    if position not in failed:
+                        await msg.ack()
+        if stored:
+            drain.processed = max(drain.processed, messages[-1].metadata.sequence.stream)
 
     async def idle_consumer_done() -> bool:
         """Nothing pending for the consumer and the announced sequence already delivered."""
@@ -167,23 +221,20 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         await ctx.ready()
         while not ctx.stopping.is_set():
             try:
-                messages = await pull.fetch(settings.fetch_batch, timeout=FETCH_TIMEOUT_S)
+                messages = await puller.fetch(settings.fetch_batch, FETCH_TIMEOUT_S)
             except nats.errors.TimeoutError:
                 messages = []
                 # No call for a while: windowed rules' groups still resolve as their windows drain.
-                await publish(sender, alerter.sweep_idle(time.time()))
+                with contextlib.suppress(WindowStoreError):  # Redis away: the next idle round sweeps
+                    swept = alerter.sweep_idle(time.time())
+                    if await publish(sender, swept):
+                        alerter.announced(swept)
             except Exception as exc:  # connection trouble: nats-py reconnects; wait and fetch again
                 log.warning("alerter_fetch_failed", error=str(exc))
                 messages = []
                 await asyncio.sleep(0.5)
-            for msg in messages:
-                try:
-                    if not await handle(sender, msg):
-                        continue
-                except Exception:  # nothing in one call may stop the alerter
-                    log.exception("alerter_call_failed", subject=msg.subject)
-                    continue
-                drain.processed = max(drain.processed, msg.metadata.sequence.stream)
+            if messages:
+                await handle_batch(sender, messages)
             if drain.required is not None and (drain.satisfied() or (not messages and await idle_consumer_done())):
                 if deliveries:
                     await asyncio.wait(set(deliveries))
@@ -193,6 +244,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         if deliveries:
             await asyncio.wait(set(deliveries))
     # A pull subscription left to the connection's drain holds it until the drain timeout.
+    await puller.stop()
     with contextlib.suppress(Exception):
         await pull.unsubscribe()
 

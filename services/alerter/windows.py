@@ -41,7 +41,7 @@ from typing import Literal
 from trawl.v1 import calls_pb2
 
 SECOND_NS = 1_000_000_000
-_ERRORS = frozenset({calls_pb2.OUTCOME_ERROR, calls_pb2.OUTCOME_DEADLINE_EXCEEDED})
+ERRORS = frozenset({calls_pb2.OUTCOME_ERROR, calls_pb2.OUTCOME_DEADLINE_EXCEEDED})
 _BIN_BASE = 1.05
 _LOG_BASE = math.log(_BIN_BASE)
 _OPS = {
@@ -148,7 +148,7 @@ def _bin_upper(index: int) -> float:
 
 
 @dataclass(slots=True)
-class _Slot:
+class Slot:
     second: int
     count: int = 0
     errors: int = 0
@@ -185,13 +185,13 @@ class GroupWindow:
 
     def __init__(self, window_s: float) -> None:
         self.window_s = window_s
-        self.slots: deque[_Slot] = deque()
+        self.slots: deque[Slot] = deque()
 
     def add(self, ts_ns: int, elapsed_ns: int, error: bool) -> None:
         second = ts_ns // SECOND_NS
         slot = self.slots[-1] if self.slots else None
         if slot is None or second > slot.second:
-            slot = _Slot(second)
+            slot = Slot(second)
             self.slots.append(slot)
         elif second < slot.second:
             # A call older than the newest second (calls come nearly in order): its own slot.
@@ -201,7 +201,7 @@ class GroupWindow:
             if position > 0 and self.slots[position - 1].second == second:
                 slot = self.slots[position - 1]
             else:
-                slot = _Slot(second)
+                slot = Slot(second)
                 self.slots.insert(position, slot)
         slot.count += 1
         slot.errors += error
@@ -236,6 +236,23 @@ class GroupState:
     calls: int = 0
 
 
+class WindowStoreError(Exception):
+    """Redis (windows shared between replicas) refused or is away: the batch's windows were not
+    judged, and its calls are to come back."""
+
+
+@dataclass(frozen=True, slots=True)
+class Observation:
+    """A windowed rule's matching call, as a group's window takes it."""
+
+    rule: str
+    spec: WindowSpec
+    group: str
+    ts_ns: int
+    elapsed_ns: int
+    outcome: int
+
+
 @dataclass(frozen=True, slots=True)
 class Transition:
     """A group that started firing (`resolved` False) or stopped (True)."""
@@ -267,22 +284,25 @@ class Windows:
                 self.overflow += 1
                 return None
             state = self.groups[key] = GroupState(GroupWindow(spec.window_s))
-        state.window.add(ts_ns, elapsed_ns, outcome in _ERRORS)
-        return self._judge(rule, spec, group, state, max(ts_ns, state.last_ns))
+        state.window.add(ts_ns, elapsed_ns, outcome in ERRORS)
+        return judge(rule, spec, group, state, max(ts_ns, state.last_ns))
 
     def sweep(self, specs: dict[str, WindowSpec], now_ns: int) -> list[Transition]:
-        """Judge every group at `now_ns` (calls' time): windows drain as time passes, so a firing
-        group with no new calls resolves here; groups with nothing left are forgotten."""
+        """Judge the groups due at `now_ns` (calls' time): windows drain as time passes, so a firing
+        group with no new calls resolves here; groups with nothing left are forgotten. A group
+        that is not due (`due_ns`) would judge as it did last, so it is not looked at."""
         transitions = []
         for key, state in list(self.groups.items()):
             spec = specs.get(key[0])
             if spec is None:
                 del self.groups[key]
                 continue
-            transition = self._judge(key[0], spec, key[1], state, max(now_ns, state.last_ns))
+            if due_ns(spec, state) > now_ns:
+                continue
+            transition = judge(key[0], spec, key[1], state, max(now_ns, state.last_ns))
             if transition is not None:
                 transitions.append(transition)
-            if not state.window.slots and state.firing_since_ns is None:
+            if drained(state):
                 del self.groups[key]
         return transitions
 
@@ -294,28 +314,47 @@ class Windows:
                 return True
         return False
 
-    def _judge(self, rule: str, spec: WindowSpec, group: str, state: GroupState, now_ns: int) -> Transition | None:
-        state.last_ns = now_ns
-        stats = state.window.stats(now_ns)
-        state.calls = stats.count
-        holds = stats.count >= spec.min_calls and spec.aggregate.holds(
-            value := spec.aggregate.value(stats, spec.window_s)
-        )
-        if holds:
-            state.value = value
-            if state.firing_since_ns is not None:
-                return None
-            if state.pending_since_ns is None:
-                state.pending_since_ns = now_ns
-            if now_ns - state.pending_since_ns >= spec.for_s * SECOND_NS:
-                state.firing_since_ns = now_ns
-                state.pending_since_ns = None
-                return Transition(rule, group, now_ns, state.value, stats.count, False, now_ns)
+
+def drained(state: GroupState) -> bool:
+    """Nothing in the window and not firing: the group can be forgotten."""
+    return not state.window.slots and state.firing_since_ns is None
+
+
+def due_ns(spec: WindowSpec, state: GroupState) -> int:
+    """The earliest calls' time at which judging the group may give another answer with no new
+    call: its oldest second leaving the window, or its pending condition reaching `for`. A
+    group with neither (nothing in the window) is due at once: resolved if firing, else forgotten."""
+    due = None
+    if state.window.slots:
+        # stats() drops a slot once second <= (now - window) // 1s, that is now >= second*1s + window.
+        due = state.window.slots[0].second * SECOND_NS + int(spec.window_s * SECOND_NS)
+    if state.pending_since_ns is not None:
+        pending = state.pending_since_ns + int(spec.for_s * SECOND_NS)
+        due = pending if due is None else min(due, pending)
+    return state.last_ns if due is None else due
+
+
+def judge(rule: str, spec: WindowSpec, group: str, state: GroupState, now_ns: int) -> Transition | None:
+    """The group's window at `now_ns`: pending, firing (a Transition), held, or resolved (a Transition)."""
+    state.last_ns = now_ns
+    stats = state.window.stats(now_ns)
+    state.calls = stats.count
+    holds = stats.count >= spec.min_calls and spec.aggregate.holds(value := spec.aggregate.value(stats, spec.window_s))
+    if holds:
+        state.value = value
+        if state.firing_since_ns is not None:
             return None
-        state.pending_since_ns = None
-        if state.firing_since_ns is None:
-            return None
-        since = state.firing_since_ns
-        state.firing_since_ns = None
-        value = spec.aggregate.value(stats, spec.window_s)
-        return Transition(rule, group, since, value, stats.count, True, now_ns)
+        if state.pending_since_ns is None:
+            state.pending_since_ns = now_ns
+        if now_ns - state.pending_since_ns >= spec.for_s * SECOND_NS:
+            state.firing_since_ns = now_ns
+            state.pending_since_ns = None
+            return Transition(rule, group, now_ns, state.value, stats.count, False, now_ns)
+        return None
+    state.pending_since_ns = None
+    if state.firing_since_ns is None:
+        return None
+    since = state.firing_since_ns
+    state.firing_since_ns = None
+    value = spec.aggregate.value(stats, spec.window_s)
+    return Transition(rule, group, since, value, stats.count, True, now_ns)

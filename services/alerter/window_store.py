@@ -1,0 +1,283 @@
+"""Windowed rules' groups kept in Redis, so that alerter replicas share them.
+
+With `alerter.redis` set, replicas consuming the same durable (each call goes to one of them)
+judge one window per (rule, group), so a group fires once and resolves once whichever replica
+saw which calls, and a replica killed or restarted forgets nothing. Without it the windows are
+in-process (trawl.alerter.windows.Windows), which stays the default.
+
+How, and why so:
+
+- A group's state is the in-process one (GroupState: a slot per second with count, errors,
+  elapsed sum and maximum, and elapsed in log bins 5% apart; pending and firing times), stored
+  whole as one JSON value per group. Percentiles come from those bins, as in process: bounded by
+  the bins (a few hundred at most) whatever the traffic, where a sample set would need its size
+  bounded by dropping samples and would then differ from the in-process answer.
+- It is judged by the same code as in process (windows.judge), on the state read from Redis,
+  in an optimistic transaction: WATCH the groups a batch touches, read them (one MGET), observe
+  the batch's calls in order and judge after each as the in-process window does, then MULTI:
+  write them back, with the firing and resolution the judging decided. When another replica
+  changed one of those groups meanwhile, EXEC fails, nothing is written, and the batch is read
+  and judged again. So a transition is decided on the state every replica agrees on, and only
+  the replica whose EXEC succeeded emits it: exactly one alert per firing and one resolution.
+  A Lua script would have done it in one step too, but the judging would then be written
+  twice (Python and Lua) and the in-process semantics kept equal by hand; here it is one code.
+- Round trips: three per fetched batch (WATCH, MGET with ZCARD, MULTI/EXEC), not per call.
+- A sorted set (`<prefix>:due`) holds every group by the calls' time at which it is next due
+  (windows.due_ns: its oldest second leaving the window, or its `for` elapsing), so a sweep
+  reads only the groups that may change, and its size is the group count (capped at
+  max_groups, beyond which calls are not tracked and counted, as in process; across replicas
+  the cap may be passed by the groups of batches judged at the same moment).
+- Each state expires (TTL) a while after its last write: `2 x (window + for) + 60 s` of wall
+  time, far after its window has drained, so a group nobody sweeps any more (every replica
+  gone) does not stay forever.
+- An alert decided in Redis must not be lost when its replica dies before NATS stores it: the
+  same MULTI puts it (serialized) in an outbox (`<prefix>:outbox`, claimed until now +
+  claim_s in `<prefix>:outbox:due`); once stored, the replica removes it (`announced`). Any
+  replica's sweep takes the entries whose claim has run out and announces them again, with
+  their ids, which JetStream stores once.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from itertools import chain
+from typing import Any, cast
+
+import redis
+
+from trawl.alerter.config import WindowRedisSettings
+from trawl.alerter.windows import (
+    ERRORS,
+    GroupState,
+    GroupWindow,
+    Observation,
+    Slot,
+    Transition,
+    WindowSpec,
+    WindowStoreError,
+    drained,
+    due_ns,
+    judge,
+)
+from trawl.logs import get_logger
+from trawl.v1 import alerts_pb2
+
+log = get_logger(__name__)
+
+MAX_ATTEMPTS = 50  # optimistic transactions of one batch before it is given up (and nak'd)
+SWEEP_MAX = 1_000  # due groups judged per sweep; the rest on the next one
+OUTBOX_MAX = 100
+
+
+# Renders a transition as the alert that announces it (the outbox keeps it serialized).
+Render = Callable[[Transition], alerts_pb2.Alert]
+
+
+def encode_state(state: GroupState) -> bytes:
+    slots = [
+        [slot.second, slot.count, slot.errors, slot.elapsed_sum, slot.elapsed_max, [*chain(*slot.bins.items())]]
+        for slot in state.window.slots
+    ]
+    document = [state.pending_since_ns, state.firing_since_ns, state.last_ns, state.value, state.calls, slots]
+    return json.dumps(document, separators=(",", ":")).encode()
+
+
+def decode_state(blob: bytes, window_s: float) -> GroupState:
+    pending, firing, last_ns, value, calls, slots = json.loads(blob)
+    window = GroupWindow(window_s)
+    window.slots = deque(
+        Slot(second, count, errors, elapsed_sum, elapsed_max, dict(zip(bins[::2], bins[1::2], strict=True)))
+        for second, count, errors, elapsed_sum, elapsed_max, bins in slots
+    )
+    return GroupState(window, pending, firing, last_ns, value, calls)
+
+
+def _member(rule: str, group: str) -> str:
+    return json.dumps([rule, group], ensure_ascii=False, separators=(",", ":"))
+
+
+class SharedWindows:
+    """Windowed rules' groups in Redis, judged as trawl.alerter.windows.Windows judges them."""
+
+    def __init__(
+        self,
+        client: redis.Redis,
+        key_prefix: str = "trawl:alerter",
+        max_groups: int = 100_000,
+        claim_s: float = 15.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.client = client
+        self.prefix = key_prefix
+        self.max_groups = max_groups
+        self.claim_s = claim_s
+        self.clock = clock
+        self.due_key = f"{key_prefix}:due"
+        self.outbox_key = f"{key_prefix}:outbox"
+        self.outbox_due_key = f"{key_prefix}:outbox:due"
+        self.overflow = 0  # calls of groups not tracked (beyond max_groups)
+        self.conflicts = 0  # transactions tried again because another replica wrote a group meanwhile
+        self.groups = 0  # the group count Redis gave last
+
+    def _key(self, member: str) -> str:
+        return f"{self.prefix}:g:{member}"
+
+    def observe_batch(
+        self, observations: list[Observation], render: Render
+    ) -> list[tuple[Transition, alerts_pb2.Alert]]:
+        """Add a batch's calls to their groups and judge after each one, in order, as
+        Windows.observe does call by call; the transitions this replica is to announce."""
+        if not observations:
+            return []
+        members = list(dict.fromkeys(_member(o.rule, o.group) for o in observations))
+        specs = {_member(o.rule, o.group): o.spec for o in observations}
+
+        def compute(states: dict[str, GroupState | None], count: int) -> tuple[list[Transition], int]:
+            transitions: list[Transition] = []
+            created = overflow = 0
+            for o in observations:
+                member = _member(o.rule, o.group)
+                state = states[member]
+                if state is None:
+                    if count + created >= self.max_groups:
+                        overflow += 1
+                        continue
+                    state = states[member] = GroupState(GroupWindow(o.spec.window_s))
+                    created += 1
+                state.window.add(o.ts_ns, o.elapsed_ns, o.outcome in ERRORS)
+                transition = judge(o.rule, o.spec, o.group, state, max(o.ts_ns, state.last_ns))
+                if transition is not None:
+                    transitions.append(transition)
+            return transitions, overflow
+
+        transitions, overflow = self._transact(members, specs, compute, render)
+        self.overflow += overflow
+        return transitions
+
+    def sweep(
+        self, specs: dict[str, WindowSpec], now_ns: int, render: Render
+    ) -> list[tuple[Transition, alerts_pb2.Alert]]:
+        """Judge the groups due at `now_ns` (calls' time), as Windows.sweep does."""
+        try:
+            due = self.client.zrangebyscore(self.due_key, "-inf", now_ns, start=0, num=SWEEP_MAX)
+        except redis.RedisError as exc:
+            raise WindowStoreError(f"redis: {exc}") from exc
+        members = [bytes(member).decode() for member in cast("list[bytes]", due)]
+        if not members:
+            return []
+        known = {member: specs.get(json.loads(member)[0]) for member in members}
+        live = [member for member, spec in known.items() if spec is not None]
+        gone = [member for member, spec in known.items() if spec is None]  # rules no longer configured: forgotten
+
+        def compute(states: dict[str, GroupState | None], count: int) -> tuple[list[Transition], int]:
+            transitions: list[Transition] = []
+            for member in live:
+                state = states[member]
+                if state is None:
+                    continue  # expired: forgotten below
+                rule, group = json.loads(member)
+                spec = known[member]
+                assert spec is not None
+                transition = judge(rule, spec, group, state, max(now_ns, state.last_ns))
+                if transition is not None:
+                    transitions.append(transition)
+            return transitions, 0
+
+        transitions, _ = self._transact(live + gone, {m: s for m, s in known.items() if s}, compute, render)
+        return transitions
+
+    def _transact(
+        self,
+        members: list[str],
+        specs: dict[str, WindowSpec],
+        compute: Callable[[dict[str, GroupState | None], int], tuple[list[Transition], int]],
+        render: Render,
+    ) -> tuple[list[tuple[Transition, alerts_pb2.Alert]], int]:
+        keys = [self._key(member) for member in members]
+        for attempt in range(MAX_ATTEMPTS):
+            try:
+                with self.client.pipeline(transaction=True) as pipe:
+                    pipe.watch(*keys)  # type: ignore[no-untyped-call]
+                    blobs = cast("list[bytes | None]", pipe.mget(keys))
+                    count = int(pipe.zcard(self.due_key))
+                    states: dict[str, GroupState | None] = {}
+                    for member, blob in zip(members, blobs, strict=True):
+                        spec = specs.get(member)
+                        states[member] = decode_state(blob, spec.window_s) if blob and spec else None
+                    transitions, overflow = compute(states, count)
+                    announced = [(transition, render(transition)) for transition in transitions]
+                    pipe.multi()
+                    self._write(pipe, states, specs)
+                    if announced:
+                        claim = self.clock() + self.claim_s
+                        pipe.hset(self.outbox_key, mapping={a.id: a.SerializeToString() for _, a in announced})
+                        pipe.zadd(self.outbox_due_key, {a.id: claim for _, a in announced})
+                    pipe.zcard(self.due_key)
+                    replies = pipe.execute()
+                    self.groups = int(replies[-1])
+                    return announced, overflow
+            except redis.WatchError:
+                self.conflicts += 1
+                time.sleep(random.uniform(0, 0.001 * min(attempt + 1, 10)))  # jitter, so that conflicting replicas part
+            except redis.RedisError as exc:
+                raise WindowStoreError(f"redis: {exc}") from exc
+        raise WindowStoreError(f"{MAX_ATTEMPTS} conflicting transactions in a row on {len(keys)} groups")
+
+    def _write(
+        self,
+        pipe: Any,
+        states: dict[str, GroupState | None],
+        specs: dict[str, WindowSpec],
+    ) -> None:
+        for member, state in states.items():
+            spec = specs.get(member)
+            if state is None or spec is None or drained(state):
+                pipe.delete(self._key(member))
+                pipe.zrem(self.due_key, member)
+                continue
+            ttl = int(2 * (spec.window_s + spec.for_s)) + 60
+            pipe.set(self._key(member), encode_state(state), ex=ttl)
+            pipe.zadd(self.due_key, {member: due_ns(spec, state)})
+
+    def unannounced(self) -> list[alerts_pb2.Alert]:
+        """Alerts decided in Redis whose announcing replica has not said they are stored within
+        claim_s (it died, or NATS refused them): claimed again, to be announced here."""
+        now = self.clock()
+        try:
+            due = self.client.zrangebyscore(self.outbox_due_key, "-inf", now, start=0, num=OUTBOX_MAX)
+            ids = cast("list[bytes]", due)
+            if not ids:
+                return []
+            blobs = cast("list[bytes | None]", self.client.hmget(self.outbox_key, ids))
+            self.client.zadd(self.outbox_due_key, {alert_id: now + self.claim_s for alert_id in ids}, xx=True)
+        except redis.RedisError as exc:
+            raise WindowStoreError(f"redis: {exc}") from exc
+        return [alerts_pb2.Alert.FromString(blob) for blob in blobs if blob]
+
+    def announced(self, ids: Iterable[str]) -> None:
+        """These alerts are stored: out of the outbox."""
+        ids = list(ids)
+        if not ids:
+            return
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.hdel(self.outbox_key, *ids)
+                pipe.zrem(self.outbox_due_key, *ids)
+                pipe.execute()
+        except redis.RedisError as exc:
+            # Left in the outbox: announced again after claim_s, stored once (same ids).
+            log.warning("alerter_window_outbox_failed", error=str(exc), alerts=len(ids))
+
+
+def shared_windows(settings: WindowRedisSettings | None, max_groups: int = 100_000) -> SharedWindows | None:
+    """The Redis-shared windows `alerter.redis` asks for, or None (in-process windows)."""
+    if settings is None:
+        return None
+    client = redis.Redis.from_url(
+        settings.url, socket_timeout=settings.timeout_s, socket_connect_timeout=settings.timeout_s
+    )
+    return SharedWindows(client, settings.key_prefix, max_groups, settings.claim_s)
