@@ -89,8 +89,12 @@ async def _publish_counters_periodically(ctx: ServiceContext[SettingsT]) -> None
 
 
 async def _start_http(ctx: ServiceContext[SettingsT], port: int) -> web.AppRunner:
+    from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
     async def metrics(_: web.Request) -> web.Response:
-        return web.Response(text=ctx.metrics.render(), content_type="text/plain", charset="utf-8")
+        # The Prometheus text format as prometheus_client writes it (escaping, numbers, the
+        # counters' _total), from the service's Registry (a custom collector).
+        return web.Response(body=generate_latest(ctx.metrics), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def healthz(_: web.Request) -> web.Response:
         ok = ctx.bus.nc.is_connected
