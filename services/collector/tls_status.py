@@ -61,6 +61,7 @@ def local_report() -> dict[str, Any]:
                     "pod": pod_name(Path("/proc"), pid),
                     "library": library.library,
                     "version": library.version,
+                    "abi": library.go.abi if library.go is not None else "",
                     "path": library.path,
                     "hooked": None,
                     "reason": "no collector asked (--local)",
