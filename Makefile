@@ -8,7 +8,7 @@ SAMPLE      ?= tests/fixtures/sample.pcap
 IDENTITY    ?= tests/fixtures/http1_identity.json
 RULES       ?= tests/fixtures/sample_rules.yaml
 # Debian packages the tests use as real peers and oracles.
-APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc nghttp2-client nghttp2-server rabbitmq-server curl python3-bpfcc linux-headers-amd64 golang-go libssl-dev prometheus
+APT_PACKAGES := tshark tcpdump redis-server dnsmasq-base iproute2 iputils-ping libpcap0.8 libcap2-bin openssl gcc nghttp2-client nghttp2-server rabbitmq-server curl python3-bpfcc linux-headers-amd64 golang-go libssl-dev prometheus influxdb
 SUDO        := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # A whole pytest run that hangs (a teardown after a test's timeout, which fires once) is ended

@@ -35,7 +35,7 @@ from google.protobuf.json_format import MessageToDict
 
 from trawl.alerter.action_types import ElasticsearchAction
 from trawl.alerter.config import ActionSettings
-from trawl.alerter.delivery import DELIVERED, Delivery, Outcome, http_outcome, timestamp
+from trawl.alerter.delivery import DELIVERED, Delivery, Outcome, basic_auth, http_outcome, timestamp
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
 
@@ -91,18 +91,17 @@ class ElasticsearchSender:
         pending = bulk_items(alert, action)
         url = action.url.rstrip("/") + "/_bulk"
         headers = {"Content-Type": NDJSON, "Accept": "application/json", "User-Agent": "trawl-alerter"}
-        auth = None
         if action.api_key:
             headers["Authorization"] = f"ApiKey {action.api_key}"
         elif action.user is not None:
-            auth = aiohttp.BasicAuth(action.user, action.password or "")
+            headers["Authorization"] = basic_auth(action.user, action.password or "")
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
 
         async def attempt() -> Outcome:
             nonlocal pending
             body = b"".join(item.lines for item in pending)
             async with self.session.post(
-                url, data=body, headers=headers, auth=auth, timeout=timeout, allow_redirects=False
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 raw = await response.read()
                 if response.status != 200:

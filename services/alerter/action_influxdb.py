@@ -12,7 +12,8 @@ label named like one of those four is written `label_<name>`). Fields: the aggre
 `summary` and the alert's id. The time is when the rule fired, or for a resolve when it was
 resolved. Keys and values are escaped as the line protocol reference says (commas, spaces and
 `=` in tags, quotes and backslashes in strings); a newline, which nothing can escape, becomes
-a space.
+a space, and so does, as '/', a backslash ending a tag value or before a comma, space or `=`
+in one (InfluxDB 1.x cannot read those; checked against it).
 
 InfluxDB 1.x: `POST <url>/write?db=...[&rp=...]&precision=ns`, with basic auth for a user or
 `Authorization: Token` (1.8+); 2.x: `POST <url>/api/v2/write?org=...&bucket=...&precision=ns`
@@ -25,24 +26,28 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from urllib.parse import urlencode
 
 import aiohttp
 
 from trawl.alerter.action_types import InfluxAction
 from trawl.alerter.config import ActionSettings
-from trawl.alerter.delivery import Delivery, Outcome, http_outcome
+from trawl.alerter.delivery import Delivery, Outcome, basic_auth, http_outcome
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
 
 _RESERVED_TAGS = frozenset({"rule", "severity", "group", "state"})
 _TAG_ESCAPES = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ ", "\n": r"\ ", "\r": r"\ "})
+_TAG_BACKSLASH = re.compile(r"\\(?=[,= \r\n]|$)")
 _MEASUREMENT_ESCAPES = str.maketrans({",": r"\,", " ": r"\ ", "\n": r"\ ", "\r": r"\ "})
 
 
 def _tag(text: str) -> str:
-    # A trailing backslash would escape the separator after it: doubled, it stays a backslash.
-    return text.replace("\\", "\\\\").translate(_TAG_ESCAPES)
+    # InfluxDB 1.x refuses a tag value that ends in a backslash and reads `\\` before a comma,
+    # space or `=` as an escape of that character: such a backslash, which line protocol cannot
+    # carry, is written as '/'. Any other backslash is taken literally (and kept).
+    return _TAG_BACKSLASH.sub("/", text).translate(_TAG_ESCAPES)
 
 
 def _string_field(text: str) -> str:
@@ -95,16 +100,15 @@ class InfluxSender:
         body = point(alert, action.measurement)
         url = write_url(action)
         headers = {"Content-Type": "text/plain; charset=utf-8", "User-Agent": "trawl-alerter"}
-        auth = None
         if action.token:
             headers["Authorization"] = f"Token {action.token}"
         elif action.user is not None:
-            auth = aiohttp.BasicAuth(action.user, action.password or "")
+            headers["Authorization"] = basic_auth(action.user, action.password or "")
         timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
 
         async def attempt() -> Outcome:
             async with self.session.post(
-                url, data=body, headers=headers, auth=auth, timeout=timeout, allow_redirects=False
+                url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 text = (await response.read()).decode("utf-8", "replace")
                 outcome = http_outcome(response.status, _influx_error(text))

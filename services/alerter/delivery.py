@@ -10,6 +10,7 @@ to the dead-letter callback, counted per rule and action kind.
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -60,6 +61,11 @@ def http_outcome(status: int, detail: str = "") -> Outcome:
         return DELIVERED
     reason = f"HTTP {status}" + (f": {detail}" if detail else "")
     return Outcome(reason, retryable=status >= 500 or status in RETRYABLE_STATUS)
+
+
+def basic_auth(user: str, password: str) -> str:
+    """The Authorization header's value for HTTP basic authentication."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def timestamp(ns: int) -> str:

@@ -110,7 +110,7 @@ def test_influx_point_escapes_tags_fields_and_measurement() -> None:
     line = point(alert, "trawl alerts,x").decode()
     assert line == (
         "trawl\\ alerts\\,x"
-        ",group=checkout\\ ->\\ payments\\,eu\\=1,label_rule=shadowed,path=C:\\\\,rule=errors"
+        ",group=checkout\\ ->\\ payments\\,eu\\=1,label_rule=shadowed,path=C:/,rule=errors"
         ",severity=critical,state=firing,team=pay\\ ments"
         ' alert_id="0123abcd",summary="he said \\"503\\"\\\\ then left",value=0.25,window_calls=120i'
         " 1700000000123456789\n"

@@ -1,0 +1,255 @@
+"""The influxdb action against a real InfluxDB: Debian's `influxdb` (1.6), started once per
+session on free ports with its own config and directories, authentication on.
+
+Points are read back with InfluxDB's /query API: tags, fields and times as written, escapes
+undone by InfluxDB's own parser; a refused login, an unknown database and a server that is not
+there end in the dead letter, the first two at once (final answers), the last after its retries.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from trawl.alerter.action_types import InfluxAction
+from trawl.alerter.actions import ActionSender, DeliveryFailure
+from trawl.alerter.config import ActionSettings, WebhookSettings
+from trawl.embedded import free_port
+from trawl.metrics import Registry
+from trawl.v1 import alerts_pb2, calls_pb2
+
+pytestmark = pytest.mark.skipif(shutil.which("influxd") is None, reason="needs influxd (make system-deps installs it)")
+
+ADMIN = ("admin", "admin-pw")
+WRITER = ("writer", "writer-pw")
+
+CONFIG = """\
+reporting-disabled = true
+bind-address = "127.0.0.1:{rpc_port}"
+
+[meta]
+  dir = "{root}/meta"
+
+[data]
+  dir = "{root}/data"
+  wal-dir = "{root}/wal"
+  query-log-enabled = false
+
+[monitor]
+  store-enabled = false
+
+[subscriber]
+  enabled = false
+
+[continuous_queries]
+  enabled = false
+
+[http]
+  bind-address = "127.0.0.1:{http_port}"
+  auth-enabled = true
+  log-enabled = false
+"""
+
+
+@dataclass
+class Influx:
+    url: str
+
+    def query(self, q: str, db: str = "", auth: tuple[str, str] = ADMIN, post: bool = False) -> Any:
+        params = urllib.parse.urlencode({"q": q, "db": db, "epoch": "ns"})
+        credentials = base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        if post:
+            request = urllib.request.Request(f"{self.url}/query", data=params.encode(), method="POST")
+        else:
+            request = urllib.request.Request(f"{self.url}/query?{params}")
+        request.add_header("Authorization", f"Basic {credentials}")
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read())
+
+    def rows(self, q: str, db: str) -> list[dict[str, Any]]:
+        [result] = self.query(q, db)["results"]
+        assert "error" not in result, result
+        out = []
+        for series in result.get("series", []):
+            for values in series["values"]:
+                out.append(dict(zip(series["columns"], values, strict=True)))
+        return out
+
+
+@pytest.fixture(scope="session")
+def influx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Influx]:
+    root = tmp_path_factory.mktemp("influxdb")
+    http_port, rpc_port = free_port(), free_port()
+    config = root / "influxdb.conf"
+    config.write_text(CONFIG.format(root=root, http_port=http_port, rpc_port=rpc_port))
+    log = (root / "influxd.log").open("wb")
+    process = subprocess.Popen(["influxd", "run", "-config", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    server = Influx(f"http://127.0.0.1:{http_port}")
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"{server.url}/ping", timeout=1) as response:
+                    if response.status == 204:
+                        break
+            except (urllib.error.URLError, ConnectionError):
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"influxd did not start: {_tail(root / 'influxd.log')}")
+            time.sleep(0.1)
+        # With authentication on, the first user may be made without credentials (and must be an admin).
+        server.query(f"CREATE USER {ADMIN[0]} WITH PASSWORD '{ADMIN[1]}' WITH ALL PRIVILEGES", post=True)
+        server.query("CREATE DATABASE trawl", post=True)
+        server.query("CREATE RETENTION POLICY week ON trawl DURATION 7d REPLICATION 1", post=True)
+        server.query(f"CREATE USER {WRITER[0]} WITH PASSWORD '{WRITER[1]}'", post=True)
+        server.query(f"GRANT WRITE ON trawl TO {WRITER[0]}", post=True)
+        yield server
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def _tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-2000:]
+
+
+class Sender:
+    def __init__(self) -> None:
+        self.dead: list[DeliveryFailure] = []
+        self.sleeps: list[float] = []
+        self.metrics = Registry()
+
+    async def record_dead(self, failure: DeliveryFailure) -> None:
+        self.dead.append(failure)
+
+    async def record_sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    async def deliver(self, alert: alerts_pb2.Alert, action: InfluxAction) -> bool:
+        async with aiohttp.ClientSession() as session:
+            sender = ActionSender(
+                session,
+                WebhookSettings(),
+                ActionSettings(retries=2, backoff_s=0.25, timeout_s=5),
+                self.record_dead,
+                self.metrics,
+                sleep=self.record_sleep,
+            )
+            return await sender.deliver(alert, action)
+
+
+def firing(alert_id: str, **fields: Any) -> alerts_pb2.Alert:
+    base: dict[str, Any] = {
+        "id": alert_id,
+        "rule": "error-ratio",
+        "severity": alerts_pb2.SEVERITY_CRITICAL,
+        "summary": 'error ratio 0.25 "checkout" \\ payments',
+        "fired_at": 1_700_000_000_123_456_789,
+        "group": "checkout -> payments,eu=1",
+        "labels": {"team": "pay ments", "rule": "shadowed"},
+        "value": 0.25,
+        "window_calls": 120,
+        "call": calls_pb2.ApiCall(id="c1", status="503"),
+    }
+    base.update(fields)
+    return alerts_pb2.Alert(**base)
+
+
+async def test_points_for_a_firing_and_its_resolve_read_back(influx: Influx) -> None:
+    action = InfluxAction(url=influx.url, db="trawl", measurement="alerts, escaped", user=WRITER[0], password=WRITER[1])
+    sender = Sender()
+    assert await sender.deliver(firing("a1"), action)
+    resolve = firing("a1r", resolved=True, resolved_at=1_700_000_300_000_000_001, value=0.01, window_calls=80)
+    assert await sender.deliver(resolve, action)
+    assert sender.dead == []
+    assert sender.metrics.counter("trawl_alerter_influxdb_points_total", "").get(rule="error-ratio") == 2
+
+    rows = influx.rows('SELECT * FROM "alerts, escaped" ORDER BY time', "trawl")
+    assert [row["time"] for row in rows] == [1_700_000_000_123_456_789, 1_700_000_300_000_000_001]
+    first, second = rows
+    assert first["rule"] == "error-ratio"
+    assert first["severity"] == "critical"
+    assert first["group"] == "checkout -> payments,eu=1"
+    assert first["team"] == "pay ments"
+    assert first["label_rule"] == "shadowed"
+    assert first["state"] == "firing"
+    assert first["summary"] == 'error ratio 0.25 "checkout" \\ payments'
+    assert first["alert_id"] == "a1"
+    assert first["value"] == 0.25
+    assert first["window_calls"] == 120
+    assert (second["state"], second["alert_id"], second["value"], second["window_calls"]) == (
+        "resolved",
+        "a1r",
+        0.01,
+        80,
+    )
+    # Tags are tags (GROUP BY works on them), not fields.
+    [tags] = influx.query('SHOW TAG KEYS FROM "alerts, escaped"', "trawl")["results"]
+    keys = {value[0] for value in tags["series"][0]["values"]}
+    assert keys == {"group", "label_rule", "rule", "severity", "state", "team"}
+
+
+async def test_a_retention_policy_and_backslashes_in_tags(influx: Influx) -> None:
+    action = InfluxAction(url=influx.url, db="trawl", retention_policy="week", user=WRITER[0], password=WRITER[1])
+    labels = {"path": "a\\,b", "share": "\\\\host\\dir"}
+    # Now: a 7-day policy drops older points (a partial write, HTTP 400).
+    alert = firing("b1", group="C:\\", labels=labels, fired_at=time.time_ns())
+    assert await Sender().deliver(alert, action)
+    [row] = influx.rows('SELECT * FROM "week"."trawl_alerts"', "trawl")
+    # InfluxDB 1.x cannot read a backslash that ends a tag or escapes a comma: written as '/'.
+    assert (row["group"], row["path"], row["alert_id"]) == ("C:/", "a/,b", "b1")
+    assert row["share"] == "\\\\host\\dir"  # the others are kept
+    assert influx.rows('SELECT * FROM "autogen"."trawl_alerts"', "trawl") == []
+
+
+@pytest.mark.parametrize(
+    ("action_fields", "expected"),
+    [
+        ({"db": "trawl", "user": WRITER[0], "password": "wrong"}, "HTTP 401: authorization failed"),
+        ({"db": "nosuchdb", "user": ADMIN[0], "password": ADMIN[1]}, 'HTTP 404: database not found: "nosuchdb"'),
+    ],
+)
+async def test_a_final_refusal_is_dead_lettered_without_retries(
+    influx: Influx, action_fields: dict[str, Any], expected: str
+) -> None:
+    sender = Sender()
+    assert not await sender.deliver(firing("c1"), InfluxAction(url=influx.url, **action_fields))
+    [failure] = sender.dead
+    assert failure.reason == expected
+    assert failure.attempts == 1
+    assert sender.sleeps == []
+    assert (
+        sender.metrics.counter("trawl_alerter_actions_failed_total", "").get(rule="error-ratio", action="influxdb") == 1
+    )
+
+
+async def test_a_server_that_is_not_there_is_retried_then_dead_lettered() -> None:
+    sender = Sender()
+    action = InfluxAction(url=f"http://127.0.0.1:{free_port()}", db="trawl")
+    assert not await sender.deliver(firing("d1"), action)
+    [failure] = sender.dead
+    assert failure.attempts == 3
+    assert "ClientConnectorError" in failure.reason
+    assert sender.sleeps == [0.25, 0.5]
+    assert (
+        sender.metrics.counter("trawl_alerter_action_retries_total", "").get(rule="error-ratio", action="influxdb") == 2
+    )
+    assert sender.metrics.counter("trawl_alerter_dead_letters_total", "").get(rule="error-ratio") == 1
