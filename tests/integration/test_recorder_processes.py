@@ -247,7 +247,7 @@ async def test_two_recorders_on_two_nodes_answer_as_one(nats_url: str, tmp_path:
         await until(at_sequence(a, "node-a", 4), "node-a's next packets")
         await until(at_sequence(b, "node-b", 4), "node-b's next packets")
         stopped = await record(nats_url, "stop", both_id, "--recorders", "2")
-        [got_b] = await record(nats_url, "get", only_b["id"])  # node-a says "no recording": left out
+        [got_b] = await record(nats_url, "get", only_b["id"], "--recorders", "2")  # node-a: "no recording", left out
         code, text, _ = await run_cli("record", "list", "--nats-url", nats_url, "--recorders", "2")
     assert code == 0 and "  on node-a\n" in text and "  on node-b\n" in text
     assert (got_b["id"], got_b["recorder"], got_b["state"]) == (only_b["id"], "node-b", "recording")
