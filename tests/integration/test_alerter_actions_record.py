@@ -1,0 +1,143 @@
+"""The record action against the real recorder service over a real nats-server: the alert asks on
+trawl.v1.control.record as `trawl record start` does, and the recording holds the alert's flow
+from the recorder's look-back on (the packets before the alert), read back packet for packet.
+No recorder is retried then dead-lettered; a recorder's refusal is final."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import nats
+
+from tests.integration.test_recorder_recordings import publish, start_recorder, until
+from tests.unit.test_recorder_recordings import POD_A, SECOND, T0, read_back, traffic
+from trawl.alerter.action_record import nats_request
+from trawl.alerter.action_types import RecordAction
+from trawl.alerter.actions import ActionSender, DeliveryFailure
+from trawl.alerter.config import ActionSettings, WebhookSettings
+from trawl.bus import control_subject
+from trawl.metrics import Registry
+from trawl.recorder.control import RECORD_SUBJECT
+from trawl.v1 import alerts_pb2, calls_pb2, control_pb2
+
+
+def make_alert() -> alerts_pb2.Alert:
+    return alerts_pb2.Alert(
+        id="ab12",
+        rule="errors",
+        severity=alerts_pb2.SEVERITY_CRITICAL,
+        summary="HTTP 503 from pod-a",
+        fired_at=T0 + 59 * SECOND,
+        call=calls_pb2.ApiCall(
+            id="c1",
+            src=calls_pb2.Endpoint(ip=POD_A[0], port=40058),
+            dst=calls_pb2.Endpoint(ip=POD_A[1], port=80, namespace="shop", pod="pod-a"),
+        ),
+    )
+
+
+class Sender:
+    def __init__(self, client: nats.NATS, retries: int = 2) -> None:
+        self.client = client
+        self.retries = retries
+        self.dead: list[DeliveryFailure] = []
+        self.sleeps: list[float] = []
+        self.metrics = Registry()
+
+    async def record_dead(self, failure: DeliveryFailure) -> None:
+        self.dead.append(failure)
+
+    async def record_sleep(self, seconds: float) -> None:
+        self.sleeps.append(seconds)
+
+    async def deliver(self, alert: alerts_pb2.Alert, action: RecordAction) -> bool:
+        async with aiohttp.ClientSession() as session:
+            sender = ActionSender(
+                session,
+                WebhookSettings(),
+                ActionSettings(retries=self.retries, backoff_s=0.5),
+                self.record_dead,
+                self.metrics,
+                request=nats_request(self.client),
+                sleep=self.record_sleep,
+            )
+            return await sender.deliver(alert, action)
+
+
+async def ask(client: nats.NATS, control: control_pb2.RecordControl) -> control_pb2.RecordReply:
+    reply = await client.request(RECORD_SUBJECT, control.SerializeToString(), timeout=10)
+    return control_pb2.RecordReply.FromString(reply.data)
+
+
+async def test_an_alert_starts_a_recording_of_its_flow_with_the_packets_before_it(
+    nats_url: str, tmp_path: Path
+) -> None:
+    client = await nats.connect(nats_url)
+    ready = await client.subscribe(control_subject("ready", "recorder", "rec-1"))
+    ctx, task = await start_recorder(nats_url, tmp_path / "rec")
+    written = lambda: ctx.metrics.snapshot().get("trawl_recorder_packets_total", 0)  # noqa: E731
+    try:
+        await ready.next_msg(timeout=10)
+        before, after = traffic(0, 60), traffic(60, 20)
+        sequence = await publish(client, before, 1)
+        await until(lambda: written() == 60, "the first 60 packets")
+        sender = Sender(client)
+        assert await sender.deliver(make_alert(), RecordAction(filter="tcp port 80", duration_s=600))
+        assert sender.dead == []
+        assert sender.metrics.counter("trawl_alerter_recordings_started_total", "").get(rule="errors") == 1
+        await publish(client, after, sequence)
+        await until(lambda: written() == 80, "the next 20 packets")
+        [recording] = (await ask(client, control_pb2.RecordControl(list=True))).recordings
+        assert recording.request.requested_by == "alerter:errors"
+        assert recording.request.reason == "alert ab12 fired 2023-11-14T22:14:19.000000000Z: HTTP 503 from pod-a"
+        assert recording.expression == f"(ip host {POD_A[0]} or ip host {POD_A[1]}) and (tcp port 80)"
+        assert recording.lookback_packets == 15  # pod A's flow in the recorder's 30 s before the alert
+        stopped = await ask(client, control_pb2.RecordControl(stop=recording.id))
+        assert stopped.error == ""
+        [path] = [Path(p) for p in (await ask(client, control_pb2.RecordControl(get=recording.id))).recordings[0].files]
+    finally:
+        ctx.stopping.set()
+        await task
+        await ctx.bus.close()
+        await client.close()
+    expected = [(ts // 1000, frame) for ts, frame, pod_a in before + after if pod_a and ts >= T0 + 29 * SECOND]
+    assert len(expected) == 25
+    assert read_back(path) == expected
+
+
+async def test_no_recorder_is_retried_then_dead_lettered(nats_url: str) -> None:
+    client = await nats.connect(nats_url)
+    try:
+        sender = Sender(client, retries=2)
+        assert not await sender.deliver(make_alert(), RecordAction())
+    finally:
+        await client.close()
+    [failure] = sender.dead
+    assert failure.reason == f"no recorder answers on {RECORD_SUBJECT}"
+    assert failure.attempts == 3
+    assert sender.sleeps == [0.5, 1.0]
+    assert sender.metrics.counter("trawl_alerter_dead_letters_total", "").get(rule="errors") == 1
+
+
+async def test_a_refusal_is_final_and_a_resolve_records_nothing(nats_url: str, tmp_path: Path) -> None:
+    client = await nats.connect(nats_url)
+    ready = await client.subscribe(control_subject("ready", "recorder", "rec-1"))
+    ctx, task = await start_recorder(nats_url, tmp_path / "rec")
+    try:
+        await ready.next_msg(timeout=10)
+        sender = Sender(client)
+        # By pod, but this recorder has no identity snapshot to find pods' addresses in.
+        assert not await sender.deliver(make_alert(), RecordAction(scope="pods"))
+        [failure] = sender.dead
+        assert failure.reason.startswith("the recorder refused: a scope by namespace or pod needs the pods' addresses")
+        assert failure.attempts == 1
+        resolve = make_alert()
+        resolve.resolved = True
+        assert await sender.deliver(resolve, RecordAction())
+        assert list((await ask(client, control_pb2.RecordControl(list=True))).recordings) == []
+    finally:
+        ctx.stopping.set()
+        await task
+        await ctx.bus.close()
+        await client.close()
