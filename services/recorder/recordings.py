@@ -22,6 +22,15 @@ renamed, read-only, listed in `SHA256SUMS` of the on-demand directory. A PCAPNG 
 one file whose section header carries a comment naming the trigger and the scope, with an
 interface per (node, link type, timestamp resolution); a pcap recording is one file per link
 type and resolution (pcap has one of each per file).
+
+Restarts: `checkpoint()` describes the running recordings as far as their flushed files hold
+them (id, request, scope, end time, counts, each file's size and the PCAPNG interfaces); the
+recorder saves it with the stream position after each batch. `recover()` at start takes them
+up again (files cut back to those sizes and reopened: the batches after the position are read
+again and land once), seals any other partial file after its last whole record or block as
+"interrupted", and lists the ended recordings again from the journal (`RECORDINGS`, one
+describe() per line). A recording takes the batches the stream stored before its end time
+(`feed`'s stored_ns), so one taken up after a restart gets the backlog up to its end.
 """
 
 from __future__ import annotations
