@@ -608,8 +608,9 @@ class Recordings:
             log.warning("recording_refused", requested_by=request.requested_by, error=str(exc))
             raise
         try:
+            since_ns = request.since_ns
             for packet in self.lookback.packets(recording.nodes):
-                if recording.offer(packet):
+                if packet.ts_ns >= since_ns and recording.offer(packet):
                     recording.lookback_packets += 1
         except OSError as exc:
             self._fail(recording, exc)

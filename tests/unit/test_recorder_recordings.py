@@ -93,6 +93,25 @@ def tshark_fields(path: Path, *fields: str) -> list[list[str]]:
     return [line.split("\t") for line in output.splitlines()]
 
 
+def test_since_leaves_out_the_older_part_of_the_lookback(tmp_path: Path) -> None:
+    """A request's since_ns (an alert's: a while before the calls that fired it) starts the
+    recording there in the packets' own time, whatever the look-back holds before it."""
+    recordings, _ = make_recordings(tmp_path, fmt="pcap")
+    before = traffic(0, 60)  # the look-back keeps 29.x..59.x
+    recordings.feed(batch_of(before))
+    since = T0 + 45 * SECOND
+    request = control_pb2.RecordRequest(requested_by="alerter:x", ips=[POD_A[1]], duration_s=60, since_ns=since)
+    recording = recordings.start(request, now=1000.0)
+    stopped = recordings.stop(recording.id)
+    expected = [(ts // 1000, frame) for ts, frame, pod_a in before if pod_a and ts >= since]
+    assert recording.lookback_packets == len(expected) > 0
+    [path] = stopped.files
+    assert read_back(path) == expected
+    # Older than the look-back reaches: the whole look-back, no more.
+    whole = recordings.start(control_pb2.RecordRequest(ips=[POD_A[1]], duration_s=60, since_ns=T0), now=1001.0)
+    assert whole.lookback_packets == 15
+
+
 @needs_binary("tshark")
 @pytest.mark.parametrize("nanosecond", [False, True])
 def test_lookback_and_scope_in_a_pcapng_recording(tmp_path: Path, nanosecond: bool) -> None:

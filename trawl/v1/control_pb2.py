@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16trawl/v1/control.proto\x12\x08trawl.v1\"\xa7\x01\n\rRecordRequest\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x12\n\nnamespaces\x18\x04 \x03(\t\x12\x0c\n\x04pods\x18\x05 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12\x12\n\nduration_s\x18\x07 \x01(\x04\x12\x0b\n\x03ips\x18\x08 \x03(\t\x12\x0e\n\x06\x66ormat\x18\t \x01(\t\"r\n\rRecordControl\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.trawl.v1.RecordRequestH\x00\x12\x0e\n\x04list\x18\x02 \x01(\x08H\x00\x12\x0e\n\x04stop\x18\x03 \x01(\tH\x00\x12\r\n\x03get\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x61\x63tion\"\x81\x02\n\tRecording\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12(\n\x07request\x18\x03 \x01(\x0b\x32\x17.trawl.v1.RecordRequest\x12\x12\n\nexpression\x18\x04 \x01(\t\x12\x15\n\rselected_pods\x18\x05 \x03(\t\x12\x15\n\rstarted_at_ns\x18\x06 \x01(\x04\x12\x12\n\nends_at_ns\x18\x07 \x01(\x04\x12\x0f\n\x07packets\x18\x08 \x01(\x04\x12\x18\n\x10lookback_packets\x18\t \x01(\x04\x12\r\n\x05\x66iles\x18\n \x03(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x10\n\x08recorder\x18\x0c \x01(\t\"[\n\x0bRecordReply\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\'\n\nrecordings\x18\x03 \x03(\x0b\x32\x13.trawl.v1.Recording\"f\n\x07\x44rained\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x65mitted\x18\x03 \x01(\x04\x12\x1c\n\x14last_stream_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x66iles\x18\x05 \x03(\t\"b\n\x0bScopeUpdate\x12\x12\n\nnamespaces\x18\x01 \x03(\t\x12\x1a\n\x12\x65xclude_namespaces\x18\x02 \x03(\t\x12\x13\n\x0bpod_regexes\x18\x03 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\tb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16trawl/v1/control.proto\x12\x08trawl.v1\"\xb9\x01\n\rRecordRequest\x12\x14\n\x0crequested_by\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x12\n\nnamespaces\x18\x04 \x03(\t\x12\x0c\n\x04pods\x18\x05 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x06 \x01(\t\x12\x12\n\nduration_s\x18\x07 \x01(\x04\x12\x0b\n\x03ips\x18\x08 \x03(\t\x12\x0e\n\x06\x66ormat\x18\t \x01(\t\x12\x10\n\x08since_ns\x18\n \x01(\x04\"r\n\rRecordControl\x12(\n\x05start\x18\x01 \x01(\x0b\x32\x17.trawl.v1.RecordRequestH\x00\x12\x0e\n\x04list\x18\x02 \x01(\x08H\x00\x12\x0e\n\x04stop\x18\x03 \x01(\tH\x00\x12\r\n\x03get\x18\x04 \x01(\tH\x00\x42\x08\n\x06\x61\x63tion\"\x81\x02\n\tRecording\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12(\n\x07request\x18\x03 \x01(\x0b\x32\x17.trawl.v1.RecordRequest\x12\x12\n\nexpression\x18\x04 \x01(\t\x12\x15\n\rselected_pods\x18\x05 \x03(\t\x12\x15\n\rstarted_at_ns\x18\x06 \x01(\x04\x12\x12\n\nends_at_ns\x18\x07 \x01(\x04\x12\x0f\n\x07packets\x18\x08 \x01(\x04\x12\x18\n\x10lookback_packets\x18\t \x01(\x04\x12\r\n\x05\x66iles\x18\n \x03(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x10\n\x08recorder\x18\x0c \x01(\t\"[\n\x0bRecordReply\x12\x14\n\x0crecording_id\x18\x01 \x01(\t\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\'\n\nrecordings\x18\x03 \x03(\x0b\x32\x13.trawl.v1.Recording\"f\n\x07\x44rained\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0c\n\x04node\x18\x02 \x01(\t\x12\x0f\n\x07\x65mitted\x18\x03 \x01(\x04\x12\x1c\n\x14last_stream_sequence\x18\x04 \x01(\x04\x12\r\n\x05\x66iles\x18\x05 \x03(\t\"b\n\x0bScopeUpdate\x12\x12\n\nnamespaces\x18\x01 \x03(\t\x12\x1a\n\x12\x65xclude_namespaces\x18\x02 \x03(\t\x12\x13\n\x0bpod_regexes\x18\x03 \x03(\t\x12\x0e\n\x06\x66ilter\x18\x04 \x01(\tb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'trawl.v1.control_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_RECORDREQUEST']._serialized_start=37
-  _globals['_RECORDREQUEST']._serialized_end=204
-  _globals['_RECORDCONTROL']._serialized_start=206
-  _globals['_RECORDCONTROL']._serialized_end=320
-  _globals['_RECORDING']._serialized_start=323
-  _globals['_RECORDING']._serialized_end=580
-  _globals['_RECORDREPLY']._serialized_start=582
-  _globals['_RECORDREPLY']._serialized_end=673
-  _globals['_DRAINED']._serialized_start=675
-  _globals['_DRAINED']._serialized_end=777
-  _globals['_SCOPEUPDATE']._serialized_start=779
-  _globals['_SCOPEUPDATE']._serialized_end=877
+  _globals['_RECORDREQUEST']._serialized_end=222
+  _globals['_RECORDCONTROL']._serialized_start=224
+  _globals['_RECORDCONTROL']._serialized_end=338
+  _globals['_RECORDING']._serialized_start=341
+  _globals['_RECORDING']._serialized_end=598
+  _globals['_RECORDREPLY']._serialized_start=600
+  _globals['_RECORDREPLY']._serialized_end=691
+  _globals['_DRAINED']._serialized_start=693
+  _globals['_DRAINED']._serialized_end=795
+  _globals['_SCOPEUPDATE']._serialized_start=797
+  _globals['_SCOPEUPDATE']._serialized_end=895
 # @@protoc_insertion_point(module_scope)

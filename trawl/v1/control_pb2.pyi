@@ -33,6 +33,7 @@ class RecordRequest(_message.Message):
     DURATION_S_FIELD_NUMBER: _builtins.int
     IPS_FIELD_NUMBER: _builtins.int
     FORMAT_FIELD_NUMBER: _builtins.int
+    SINCE_NS_FIELD_NUMBER: _builtins.int
     requested_by: _builtins.str
     """Who asked: "alerter:<rule>", "cli", "schedule:<cron>", ..."""
     reason: _builtins.str
@@ -41,6 +42,12 @@ class RecordRequest(_message.Message):
     duration_s: _builtins.int
     format: _builtins.str
     """"pcap" or "pcapng"; empty: the recorder's recordings_format."""
+    since_ns: _builtins.int
+    """Where the recording begins in the packets' own time (ns since the epoch): look-back packets
+    older than this are left out; 0 takes the whole look-back. An alert's recording begins a
+    set while before the calls that fired it, which a replayed capture may have passed long ago
+    in the look-back while the alert was being made.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Nodes whose packets are recorded (the PacketBatch node); none: every node."""
@@ -69,10 +76,11 @@ class RecordRequest(_message.Message):
         duration_s: _builtins.int = ...,
         ips: _abc.Iterable[_builtins.str] | None = ...,
         format: _builtins.str = ...,
+        since_ns: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "filter", b"filter", "format", b"format", "ips", b"ips", "namespaces", b"namespaces", "nodes", b"nodes", "pods", b"pods", "reason", b"reason", "requested_by", b"requested_by"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["duration_s", b"duration_s", "filter", b"filter", "format", b"format", "ips", b"ips", "namespaces", b"namespaces", "nodes", b"nodes", "pods", b"pods", "reason", b"reason", "requested_by", b"requested_by", "since_ns", b"since_ns"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
