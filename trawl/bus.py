@@ -96,8 +96,24 @@ def control_subject(*parts: str) -> str:
     return ".".join([f"{PREFIX}.control", *(token(p) for p in parts)])
 
 
+def _websocket_transport(servers: list[str]) -> None:
+    """Give nats-py the aiohttp its transport module was imported without (trawl/__init__.py),
+    when a server is a WebSocket URL."""
+    import nats.aio.transport as transport
+
+    if getattr(transport, "aiohttp", None) is None and any(
+        server.lower().startswith(("ws://", "wss://")) for server in servers
+    ):
+        import aiohttp
+        import multidict
+
+        transport.aiohttp = aiohttp  # type: ignore[attr-defined]
+        transport.multidict = multidict  # type: ignore[attr-defined]
+
+
 def connect_options(settings: NatsSettings, name: str) -> dict[str, object]:
     """nats.connect() keyword arguments for the standard options."""
+    _websocket_transport(settings.servers)
     opts: dict[str, object] = {
         "servers": settings.servers,
         "name": name,

@@ -29,12 +29,10 @@ from typing import Any, BinaryIO
 import yaml
 from nats.aio.msg import Msg
 
-from trawl.alerter.rules import load_rules
 from trawl.bus import Bus
 from trawl.collector.replay import CaptureFile
 from trawl.config import NatsSettings, YamlDocument
 from trawl.embedded import EmbeddedNats
-from trawl.enricher.identity import IdentityMap
 from trawl.enricher.span_totals import EXPORT_TOTALS_EVENT, TOTALS_EVENT, ExportTotals, SpanTotals
 from trawl.errors import ConfigError, UserError
 from trawl.logs import configure_logging, get_logger
@@ -350,14 +348,15 @@ def _print_span_totals(suite: Suite, options: UpOptions) -> None:
                 totals = SpanTotals.from_log_fields(record)
             elif exports is None and record.get("event") == EXPORT_TOTALS_EVENT:
                 exports = ExportTotals.from_log_fields(record)
+    # The span line last: what scripts read (the metrics line comes just before it).
+    if exports is not None:
+        print(exports.line(), file=sys.stderr)  # noqa: T201 - the summary line a user reads
     if totals is not None:
         print(totals.line(), file=sys.stderr)  # noqa: T201 - the summary line a user reads
     elif options.otlp_endpoint is not None:
         print(  # noqa: T201 - the summary line a user reads
             f"spans: no totals: the enricher did not report them when it stopped (log: {path})", file=sys.stderr
         )
-    if exports is not None:
-        print(exports.line(), file=sys.stderr)  # noqa: T201 - the summary line a user reads
 
 
 async def _until(work: Any, stop: asyncio.Event) -> None:
@@ -377,9 +376,14 @@ def up(options: UpOptions) -> int:
     # Inputs that would make a service fail at start fail here, before anything starts.
     if options.pcap is not None:
         CaptureFile(options.pcap)
+    # Imported only when used: the rules' CEL parser and the identity map cost start-up time.
     if options.rules is not None:
+        from trawl.alerter.rules import load_rules
+
         load_rules(options.rules)
     if options.identity is not None:
+        from trawl.enricher.identity import IdentityMap
+
         IdentityMap.from_snapshot(options.identity)
     if options.kubeconfig is not None or os.environ.get("KUBECONFIG"):
         from trawl.enricher.k8s_watch import kube_api_client

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -157,3 +160,45 @@ async def test_durable_publisher_counts_every_message(nats_url: str) -> None:
         assert not mixed.complete and mixed.error
     finally:
         await bus.close()
+
+
+def test_trawl_imports_nats_without_aiohttp() -> None:
+    """trawl/__init__.py keeps aiohttp out of nats-py's import: a quarter of a second at every
+    service's start (its SSL contexts), for a WebSocket transport used only with ws:// servers."""
+    fresh = subprocess.run(
+        [sys.executable, "-c", "import sys, trawl.bus, trawl.service; print('aiohttp' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert fresh.stdout.strip() == "False"
+
+
+async def test_websocket_servers_get_the_transport_nats_was_imported_without(tmp_path: Path) -> None:
+    """A ws:// server still connects (trawl.bus gives nats-py its aiohttp back), over a real
+    nats-server's WebSocket listener."""
+    import nats.aio.transport
+
+    port, ws_port = free_port(), free_port()
+    config = tmp_path / "ws.conf"
+    config.write_text(f'websocket {{\n  listen: "127.0.0.1:{ws_port}"\n  no_tls: true\n}}\n')
+    server = EmbeddedNats(state_dir=tmp_path / "nats", port=port, extra_args=["--config", str(config)]).start()
+    try:
+        bus = await Bus.connect(NatsSettings(servers=[f"ws://127.0.0.1:{ws_port}"]), name="ws-test")
+        try:
+            got: list[bytes] = []
+
+            async def handler(msg: object) -> None:
+                got.append(msg.data)  # type: ignore[attr-defined]
+
+            await bus.subscribe("trawl.v1.test.ws", handler)
+            await bus.nc.publish("trawl.v1.test.ws", b"over websocket")
+            await bus.nc.flush()
+            for _ in range(50):
+                if got:
+                    break
+                await asyncio.sleep(0.05)
+            assert got == [b"over websocket"]
+            assert nats.aio.transport.aiohttp is sys.modules["aiohttp"]
+        finally:
+            await bus.close()
+    finally:
+        server.stop()
