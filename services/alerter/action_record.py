@@ -14,7 +14,10 @@ call (the last one, for a windowed rule):
 An end the enricher gave no pod (or workload, or namespace) is recorded by its IP instead, so
 the scope never silently loses an end. The rule's `filter` is ANDed by the recorder. The
 recording begins with the packets the recorder holds in its look-back (`recorder.lookback_s`,
-30 s by default), so it holds what came before the alert; a resolved alert starts none.
+30 s by default) from `since_ns` on: `lookback` (30 s) before the alert's call, and for a
+windowed rule before its window and `for` too (where the behaviour began), in the packets' own
+time, so a replayed capture's recording holds what came before the alert as a live one does; a
+resolved alert starts none.
 
 No recorder answering (no responder, or no reply in the action's `timeout`) is retried with
 backoff and then dead-lettered; a recorder refusing the request (a bad scope, too many
@@ -98,7 +101,19 @@ def record_request(alert: alerts_pb2.Alert, action: RecordAction) -> control_pb2
         filter=action.filter,
         duration_s=action.duration_s,
         format=action.format,
+        since_ns=since_ns(alert, action),
     )
+
+
+def since_ns(alert: alerts_pb2.Alert, action: RecordAction) -> int:
+    """Where the recording begins, in the packets' own time: `lookback_s` before the alert's call
+    (a windowed rule's: before its window and `for`, from when it began firing). The alert's
+    `fired_at` of a per-call rule is the alerter's clock, which a replayed capture is far from."""
+    if alert.window_calls or alert.resolved:
+        anchor = alert.fired_at
+    else:
+        anchor = alert.call.request.ts or alert.call.response.ts or alert.fired_at
+    return max(1, anchor - int((action.lookback_s + action.window_s) * 1_000_000_000))
 
 
 class RecordSender:

@@ -58,6 +58,11 @@ class RecordAction:
     format: str = ""
     # How long to wait for the recorder's answer, per attempt.
     timeout_s: float = 5.0
+    # How much before the alert the recording begins (RecordRequest.since_ns, in the packets'
+    # own time), as far as the recorder's look-back holds; a windowed rule's recording begins
+    # this long before its window and `for` (window_s, set from the rule) too.
+    lookback_s: float = 30.0
+    window_s: float = 0.0
 
     @property
     def where(self) -> str:

@@ -36,7 +36,7 @@ Actions besides `webhook` (each retried with backoff, counted, and dead-lettered
 for good, as the webhook is; trawl.alerter.actions):
 
     actions:
-      - record: {scope: pods, filter: "tcp port 80", duration: 2m}     # a recording of the call's ends
+      - record: {scope: pods, filter: "tcp port 80", duration: 2m, lookback: 30s}   # the call's ends
       - influxdb: {url: "http://influx:8086", db: trawl, measurement: trawl_alerts, user_env: INFLUX_USER,
                    password_env: INFLUX_PASSWORD}                     # or bucket + org + token_env (2.x)
       - elasticsearch: {url: "https://es:9200", index: trawl-alerts, include_call: true,
@@ -46,7 +46,8 @@ for good, as the webhook is; trawl.alerter.actions):
 
 `record` scopes: `flow` (default: the two IPs), `pods`, `workloads` (all pods of the two
 workloads) or `namespaces`; the last three need the recorder's identity snapshot, and an end
-without a pod is recorded by its IP. The recording begins with the recorder's look-back.
+without a pod is recorded by its IP. The recording begins `lookback` (30 s) before the alert's
+call, or before the window and `for` of a windowed rule, as far as the recorder's look-back holds.
 Credentials always come from environment variables (`*_env`), checked when the file is loaded.
 
 Every problem is a ConfigError naming the file, the line of the rule or key at fault, and what
@@ -59,7 +60,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -109,7 +110,7 @@ RULE_KEYS = (
     "for",
 )
 WEBHOOK_KEYS = ("url", "url_env", "secret_env", "format")
-RECORD_KEYS = ("scope", "filter", "duration", "format", "timeout")
+RECORD_KEYS = ("scope", "filter", "duration", "lookback", "format", "timeout")
 INFLUX_KEYS = (
     "url",
     "url_env",
@@ -332,6 +333,14 @@ class _RuleParser:
                 if not isinstance(actions_node, yaml.SequenceNode):
                     raise self.fail("actions must be a list, e.g. - webhook: {url: https://...}", actions_key)
                 actions = [self.action(item) for item in actions_node.value]
+        window = self.window(entries, cooldown)
+        if window is not None:
+            # A windowed rule fires after its window (and `for`) showed the behaviour: its
+            # recordings begin before that, where the behaviour began.
+            actions = [
+                replace(action, window_s=window.window_s + window.for_s) if isinstance(action, RecordAction) else action
+                for action in actions
+            ]
         return Rule(
             name=name,
             condition=condition,
@@ -346,7 +355,7 @@ class _RuleParser:
             guard=guard_of(condition),
             compiled_condition=compile_expression(condition),
             compiled_group_by=compile_expression(group_text) if group_text else None,
-            window=self.window(entries, cooldown),
+            window=window,
         )
 
     def window(self, entries: dict[str, tuple[yaml.Node, yaml.Node]], cooldown: float) -> WindowSpec | None:
@@ -469,7 +478,24 @@ class _RuleParser:
             if parsed is None or not 0 < parsed <= 300:
                 raise self.fail(f"record timeout {raw!r} is not a duration above 0 up to 5m, such as 5s", timeout_key)
             timeout_s = parsed
-        return RecordAction(scope=scope, filter=expression, duration_s=duration_s, format=fmt, timeout_s=timeout_s)
+        lookback_s = 30.0
+        if "lookback" in entries:
+            lookback_key, lookback_node = entries["lookback"]
+            raw = self.scalar(lookback_node, "lookback")
+            parsed = parse_duration(raw)
+            if parsed is None or parsed > 86400:
+                raise self.fail(
+                    f"record lookback {raw!r} is not a duration from 0s to 1d, such as 30s or 2m", lookback_key
+                )
+            lookback_s = parsed
+        return RecordAction(
+            scope=scope,
+            filter=expression,
+            duration_s=duration_s,
+            format=fmt,
+            timeout_s=timeout_s,
+            lookback_s=lookback_s,
+        )
 
     def influx_action(self, kind_node: yaml.Node, spec_node: yaml.MappingNode) -> InfluxAction:
         entries = self.entries(spec_node, INFLUX_KEYS, "influxdb")

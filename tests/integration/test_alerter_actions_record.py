@@ -1,6 +1,7 @@
 """The record action against the real recorder service over a real nats-server: the alert asks on
 trawl.v1.control.record as `trawl record start` does, and the recording holds the alert's flow
-from the recorder's look-back on (the packets before the alert), read back packet for packet.
+from `lookback` before the alert's call on (from the recorder's look-back), read back packet for
+packet.
 No recorder is retried then dead-lettered; a recorder's refusal is final."""
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def make_alert() -> alerts_pb2.Alert:
         fired_at=T0 + 59 * SECOND,
         call=calls_pb2.ApiCall(
             id="c1",
+            request=calls_pb2.Message(ts=T0 + 59 * SECOND),
             src=calls_pb2.Endpoint(ip=POD_A[0], port=40058),
             dst=calls_pb2.Endpoint(ip=POD_A[1], port=80, namespace="shop", pod="pod-a"),
         ),
@@ -83,7 +85,8 @@ async def test_an_alert_starts_a_recording_of_its_flow_with_the_packets_before_i
         sequence = await publish(client, before, 1)
         await until(lambda: written() == 60, "the first 60 packets")
         sender = Sender(client)
-        assert await sender.deliver(make_alert(), RecordAction(filter="tcp port 80", duration_s=600))
+        action = RecordAction(filter="tcp port 80", duration_s=600, lookback_s=10)
+        assert await sender.deliver(make_alert(), action)
         assert sender.dead == []
         assert sender.metrics.counter("trawl_alerter_recordings_started_total", "").get(rule="errors") == 1
         await publish(client, after, sequence)
@@ -92,7 +95,9 @@ async def test_an_alert_starts_a_recording_of_its_flow_with_the_packets_before_i
         assert recording.request.requested_by == "alerter:errors"
         assert recording.request.reason == "alert ab12 fired 2023-11-14T22:14:19.000000000Z: HTTP 503 from pod-a"
         assert recording.expression == f"(ip host {POD_A[0]} or ip host {POD_A[1]}) and (tcp port 80)"
-        assert recording.lookback_packets == 15  # pod A's flow in the recorder's 30 s before the alert
+        # Of the recorder's 30 s, the 10 s before the alert's call: pod A's packets at 50..58 s.
+        assert recording.request.since_ns == T0 + 49 * SECOND
+        assert recording.lookback_packets == 5
         stopped = await ask(client, control_pb2.RecordControl(stop=recording.id))
         assert stopped.error == ""
         [path] = [Path(p) for p in (await ask(client, control_pb2.RecordControl(get=recording.id))).recordings[0].files]
@@ -101,8 +106,8 @@ async def test_an_alert_starts_a_recording_of_its_flow_with_the_packets_before_i
         await task
         await ctx.bus.close()
         await client.close()
-    expected = [(ts // 1000, frame) for ts, frame, pod_a in before + after if pod_a and ts >= T0 + 29 * SECOND]
-    assert len(expected) == 25
+    expected = [(ts // 1000, frame) for ts, frame, pod_a in before + after if pod_a and ts >= T0 + 49 * SECOND]
+    assert len(expected) == 15
     assert read_back(path) == expected
 
 

@@ -87,6 +87,17 @@ def test_every_action_kind_loads_from_one_file(tmp_path: Path) -> None:
     ]
 
 
+def test_a_windowed_rules_recording_begins_before_its_window_and_for() -> None:
+    text = (
+        "rules:\n  - name: r1\n    condition: 'true'\n    window: 5m\n    aggregate: 'error_ratio > 0.1'\n"
+        "    for: 1m\n    actions:\n      - record: {lookback: 45s}\n      - s3: {bucket: evidence}\n"
+    )
+    [rule] = parse_rules(text, "rules.yaml", {})
+    record, s3 = rule.actions
+    assert record == RecordAction(lookback_s=45, window_s=360)
+    assert s3 == S3Action(bucket="evidence")
+
+
 def test_s3_without_named_credentials_leaves_them_to_boto3() -> None:
     [s3] = one_rule("      - s3: {bucket: evidence}\n")
     assert s3 == S3Action(bucket="evidence")
@@ -102,6 +113,7 @@ def test_s3_without_named_credentials_leaves_them_to_boto3() -> None:
         ("      - record: {duration: 0s}\n", 5, "is not a duration from 1s to 1d"),
         ("      - record: {filter: 'tcp prot 80'}\n", 5, "record filter 'tcp prot 80' is not a tcpdump filter"),
         ("      - record: {format: pcapx}\n", 5, "record format 'pcapx' is not 'pcap' or 'pcapng'"),
+        ("      - record: {lookback: 2d}\n", 5, "record lookback '2d' is not a duration from 0s to 1d"),
         ("      - record: {timeout: forever}\n", 5, "record timeout 'forever' is not a duration"),
         ("      - record: {lookbak: 30s}\n", 5, "unknown record key 'lookbak'; known keys: scope, filter"),
         ("      - record: [pods]\n", 5, "record needs a mapping, e.g. {scope: pods, duration: 2m}"),

@@ -14,7 +14,7 @@ from aiohttp import web
 
 from trawl.alerter.action_elasticsearch import bulk_items
 from trawl.alerter.action_influxdb import point, write_url
-from trawl.alerter.action_record import record_request, workload_pods
+from trawl.alerter.action_record import record_request, since_ns, workload_pods
 from trawl.alerter.action_s3 import object_key
 from trawl.alerter.action_types import ElasticsearchAction, InfluxAction, RecordAction
 from trawl.alerter.actions import ActionSender, DeliveryFailure, dead_letter_headers
@@ -63,6 +63,14 @@ def test_record_scope_flow_is_the_two_addresses() -> None:
     assert request.reason.startswith("alert 0123abcd fired 2023-11-14T22:13:20.123456789Z: HTTP 503 from payments")
     # The same message `trawl record start` sends: it goes through RecordControl's start.
     assert control_pb2.RecordControl(start=request).WhichOneof("action") == "start"
+
+
+def test_a_recording_begins_lookback_before_the_call_or_before_a_windowed_rules_window() -> None:
+    per_call = alert_with(CHECKOUT, PAYMENTS)  # fired_at: the alerter's clock; the call: packet time
+    assert since_ns(per_call, RecordAction()) == 1_699_999_999_000_000_000 - 30 * 1_000_000_000
+    assert started(per_call, RecordAction(lookback_s=0)).since_ns == 1_699_999_999_000_000_000
+    windowed = alert_with(CHECKOUT, PAYMENTS, window_calls=40)  # fired_at: the calls' time it fired at
+    assert since_ns(windowed, RecordAction(lookback_s=30, window_s=360)) == 1_700_000_000_123_456_789 - 390 * 10**9
 
 
 def test_record_scope_pods_names_each_pod_exactly_and_an_end_without_one_by_its_address() -> None:
