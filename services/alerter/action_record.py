@@ -21,8 +21,9 @@ resolved alert starts none.
 
 No recorder answering (no responder, or no reply in the action's `timeout`) is retried with
 backoff and then dead-lettered; a recorder refusing the request (a bad scope, too many
-recordings) is final. The recording's id is logged (`alert_recording_started`) with the alert's:
-the alert was stored before its actions ran, so it cannot carry it.
+recordings) is final. The recording's id is logged (`alert_recording_started`) with the alert's,
+and the alert's other actions send it as the label `recording_id` (trawl.alerter.actions); the
+alert stored on trawl.v1.alerts.<rule> was stored before its actions ran, and has not got it.
 """
 
 from __future__ import annotations
@@ -127,7 +128,10 @@ class RecordSender:
         self.request = request
         self._started = metrics.counter("trawl_alerter_recordings_started_total", "Recordings started by alerts")
 
-    async def deliver(self, alert: alerts_pb2.Alert, action: RecordAction) -> bool:
+    async def deliver(
+        self, alert: alerts_pb2.Alert, action: RecordAction, started: Callable[[str], None] | None = None
+    ) -> bool:
+        """`started` is told the recording's id once the recorder answered."""
         if alert.resolved:
             return True  # a resolve ends a firing: nothing new to record
         request = record_request(alert, action)
@@ -151,6 +155,8 @@ class RecordSender:
             if reply.error:
                 return Outcome(f"the recorder refused: {reply.error}", retryable=False)
             self._started.inc(rule=alert.rule)
+            if started is not None:
+                started(reply.recording_id)
             log.info(
                 "alert_recording_started",
                 rule=alert.rule,

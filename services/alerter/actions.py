@@ -55,6 +55,9 @@ from trawl.v1 import alerts_pb2
 log = get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Trawl-Signature"
+# The label the alert's other actions send with the id of the recording its record action started.
+RECORDING_LABEL = "recording_id"
+RECORDING_ID_KEPT_S = 60.0
 
 __all__ = ["DELIVERED", "ActionSender", "Delivery", "DeliveryFailure", "Outcome", "WebhookSender"]
 
@@ -149,6 +152,8 @@ class ActionSender:
         self.elasticsearch = ElasticsearchSender(self.delivery, actions, session, metrics)
         self.s3 = S3Sender(self.delivery, actions, metrics)
         self._in_flight: dict[str, int] = {}
+        # Recordings being asked for, by alert id, and how long the alert's other actions wait.
+        self._recordings: dict[str, tuple[asyncio.Future[str], float]] = {}
         self._in_flight_gauge = metrics.gauge("trawl_alerter_actions_in_flight", "Actions being carried out now")
         self._overflow = metrics.counter(
             "trawl_alerter_actions_overflow_total",
@@ -157,7 +162,12 @@ class ActionSender:
 
     async def deliver(self, alert: alerts_pb2.Alert, action: Action) -> bool:
         """True once carried out (or not applicable: no recording is started for a resolve);
-        False once counted and dead-lettered."""
+        False once counted and dead-lettered.
+
+        An alert's record action, started first (the rules file puts it first), makes the
+        alert's other actions wait for the recording's id, at most the record action's timeout,
+        and send it as the label `recording_id`: the webhook, the point, the document and the
+        evidence name the recording. Without an answer in that time they go without it."""
         target = f"{action.kind}:{action.target}"
         if self._in_flight.get(target, 0) >= self.max_in_flight:
             self._overflow.inc(rule=alert.rule, action=action.kind)
@@ -167,7 +177,9 @@ class ActionSender:
         self._in_flight[target] = self._in_flight.get(target, 0) + 1
         self._in_flight_gauge.inc()
         try:
-            return await self._dispatch(alert, action)
+            if isinstance(action, RecordAction):
+                return await self._record(alert, action)
+            return await self._dispatch(await self._with_recording(alert), action)
         finally:
             self._in_flight_gauge.inc(-1)
             left = self._in_flight[target] - 1
@@ -175,6 +187,40 @@ class ActionSender:
                 self._in_flight[target] = left
             else:
                 del self._in_flight[target]
+
+    async def _record(self, alert: alerts_pb2.Alert, action: RecordAction) -> bool:
+        if alert.resolved or alert.id in self._recordings:
+            return await self.record.deliver(alert, action)
+        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._recordings[alert.id] = (future, action.timeout_s)
+
+        def started(recording_id: str) -> None:
+            if not future.done():
+                future.set_result(recording_id)
+
+        try:
+            return await self.record.deliver(alert, action, started)
+        finally:
+            started("")
+            # Kept a while for the alert's actions still to start (a redelivered alert's too).
+            asyncio.get_running_loop().call_later(RECORDING_ID_KEPT_S, self._recordings.pop, alert.id, None)
+
+    async def _with_recording(self, alert: alerts_pb2.Alert) -> alerts_pb2.Alert:
+        """The alert with its recording's id as a label, once the recorder answered (or as it is)."""
+        entry = self._recordings.get(alert.id)
+        if entry is None:
+            return alert
+        future, timeout_s = entry
+        try:
+            recording_id = await asyncio.wait_for(asyncio.shield(future), timeout_s)
+        except TimeoutError:
+            return alert
+        if not recording_id:
+            return alert
+        labelled = alerts_pb2.Alert()
+        labelled.CopyFrom(alert)
+        labelled.labels[RECORDING_LABEL] = recording_id
+        return labelled
 
     async def _dispatch(self, alert: alerts_pb2.Alert, action: Action) -> bool:
         if isinstance(action, WebhookAction):

@@ -333,6 +333,8 @@ class _RuleParser:
                 if not isinstance(actions_node, yaml.SequenceNode):
                     raise self.fail("actions must be a list, e.g. - webhook: {url: https://...}", actions_key)
                 actions = [self.action(item) for item in actions_node.value]
+                # Record actions first: the others wait for the recording's id (trawl.alerter.actions).
+                actions.sort(key=lambda action: not isinstance(action, RecordAction))
         window = self.window(entries, cooldown)
         if window is not None:
             # A windowed rule fires after its window (and `for`) showed the behaviour: its

@@ -6,15 +6,18 @@ No recorder is retried then dead-lettered; a recorder's refusal is final."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 from pathlib import Path
 
 import aiohttp
 import nats
+from aiohttp import web
 
 from tests.integration.test_recorder_recordings import publish, start_recorder, until
 from tests.unit.test_recorder_recordings import POD_A, SECOND, T0, read_back, traffic
 from trawl.alerter.action_record import nats_request
-from trawl.alerter.action_types import RecordAction
+from trawl.alerter.action_types import RecordAction, WebhookAction
 from trawl.alerter.actions import ActionSender, DeliveryFailure
 from trawl.alerter.config import ActionSettings, WebhookSettings
 from trawl.bus import control_subject
@@ -146,3 +149,59 @@ async def test_a_refusal_is_final_and_a_resolve_records_nothing(nats_url: str, t
         await task
         await ctx.bus.close()
         await client.close()
+
+
+async def test_the_alerts_other_actions_name_its_recording(nats_url: str, tmp_path: Path) -> None:
+    """Started as the service starts them (the record action first, all at once): the webhook
+    gets the alert with the recording's id as a label; with no recorder, without it."""
+    bodies: list[dict[str, object]] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        bodies.append(json.loads(await request.read()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    webhook = WebhookAction(f"http://127.0.0.1:{runner.addresses[0][1]}/hook", "json")
+    client = await nats.connect(nats_url)
+    dead: list[DeliveryFailure] = []
+
+    async def dead_letter(failure: DeliveryFailure) -> None:
+        dead.append(failure)
+
+    async def deliver_both(alert: alerts_pb2.Alert) -> list[bool]:
+        async with aiohttp.ClientSession() as session:
+            sender = ActionSender(
+                session,
+                WebhookSettings(),
+                ActionSettings(retries=0),
+                dead_letter,
+                request=nats_request(client),
+            )
+            tasks = [asyncio.create_task(sender.deliver(alert, action)) for action in (RecordAction(), webhook)]
+            return list(await asyncio.gather(*tasks))
+
+    try:
+        # No recorder: the recording is dead-lettered, the webhook goes without the label.
+        assert await deliver_both(make_alert()) == [False, True]
+        assert "recording_id" not in bodies[0].get("labels", {})  # type: ignore[operator]
+        assert [failure.action.kind for failure in dead] == ["record"]
+
+        ready = await client.subscribe(control_subject("ready", "recorder", "rec-1"))
+        ctx, task = await start_recorder(nats_url, tmp_path / "rec")
+        try:
+            await ready.next_msg(timeout=10)
+            assert await deliver_both(make_alert()) == [True, True]
+            [recording] = (await ask(client, control_pb2.RecordControl(list=True))).recordings
+        finally:
+            ctx.stopping.set()
+            await task
+            await ctx.bus.close()
+    finally:
+        await client.close()
+        await runner.cleanup()
+    assert bodies[1]["labels"] == {"recording_id": recording.id}
+    assert bodies[1]["id"] == "ab12"
