@@ -48,11 +48,8 @@ from trawl.alerter.action_types import (
 )
 from trawl.alerter.config import ActionSettings, WebhookSettings
 from trawl.alerter.delivery import DELIVERED, DeadLetter, Delivery, DeliveryFailure, Outcome, Sleep, http_outcome
-from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
-
-log = get_logger(__name__)
 
 SIGNATURE_HEADER = "X-Trawl-Signature"
 # The label the alert's other actions send with the id of the recording its record action started.
@@ -68,7 +65,8 @@ def dead_letter_headers(failure: DeliveryFailure, msg_id_header: str) -> dict[st
     action = failure.action
     headers = {
         msg_id_header: f"{failure.alert.id}:dead:{action.target}",
-        "Trawl-Failure": failure.reason[:1024],
+        # A header value ends at a line break: a peer's multi-line error would cut the message.
+        "Trawl-Failure": " ".join(failure.reason[:1024].split()),
         "Trawl-Attempts": str(failure.attempts),
         "Trawl-Action": action.kind,
         "Trawl-Target": action.where,

@@ -165,7 +165,10 @@ def test_dead_letter_ids_are_per_alert_and_target() -> None:
     # As before the other actions came, so a redelivered alert's dead letter is still stored once.
     assert hook["Id"] == "0123abcd:dead:https://h:slack"
     assert (hook["Trawl-Webhook"], hook["Trawl-Action"], hook["Trawl-Attempts"]) == ("https://h", "webhook", "3")
-    influx = dead_letter_headers(DeliveryFailure(alert, InfluxAction("http://i:8086", db="t"), "x", 1), "Id")
+    influx = dead_letter_headers(
+        DeliveryFailure(alert, InfluxAction("http://i:8086", db="t"), "HTTP 400: unable to parse\r\n'x'\n", 1), "Id"
+    )
+    assert influx["Trawl-Failure"] == "HTTP 400: unable to parse 'x'"  # a header value is one line
     assert influx["Id"] == "0123abcd:dead:http://i:8086/t"
     assert "Trawl-Webhook" not in influx
 
