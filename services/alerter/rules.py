@@ -10,11 +10,11 @@
         labels: {team: payments}            # optional, copied into every alert
         actions:
           - webhook: {url: "https://hooks.example/alerts", secret_env: HOOK_SECRET, format: json}
+          - webhook: {url_env: SLACK_WEBHOOK_URL, format: slack}
 
 A rule with `window` and `aggregate` judges the calls its condition matches per group over a
 sliding window instead of one call at a time (trawl.alerter.windows documents both, `min_calls`
 and `for`): it fires once when the aggregate holds and is resolved when it stops.
-          - webhook: {url_env: SLACK_WEBHOOK_URL, format: slack}
 
 `condition` is a CEL expression (cel-python) over one variable, `call`: the enriched ApiCall
 as a map with the keys of its protobuf JSON mapping with proto field names (`call.dst.namespace`,
