@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
@@ -72,7 +73,13 @@ class _Pipeline:
         fresh, fresh_ids = self._fresh(calls, ids)
         if len(fresh) != len(calls):
             self._duplicates.inc(len(calls) - len(fresh))
-        enriched = self.enricher.enrich_encoded(fresh)
+        try:
+            enriched = self.enricher.enrich_encoded(fresh)
+        except DecodeError as exc:  # a call in the batch is not an ApiCall (as CallBatch parsing refused)
+            self._bad_batches.inc()
+            log.warning("bad_call_batch", subject=msg.subject, size=len(msg.data), error=str(exc))
+            await msg.term()
+            return
         self.enricher.export_encoded(enriched)
         if self.ctx.settings.publish_enriched and not await self._publish(enriched, fresh_ids):
             self._publish_failures.inc()

@@ -72,6 +72,8 @@ async def test_service_enriches_publishes_and_exports(nats_url: str) -> None:
             )
             last = CallBatch(node=node, shard=0, sequence=2, calls=[cluster_call(f"{node}-3")], end_of_input=True)
             await probe.publish_durable(subject, b"\xff\xfe this is no CallBatch", f"{node}-garbage")
+            # A CallBatch's frame whose call is not an ApiCall (the enricher reads batches as bytes).
+            await probe.publish_durable(subject, b"\x22\x03\x0a\x05x", f"{node}-bad-call")
             await probe.publish_durable(subject, first.SerializeToString(), f"{node}-b1")
             await probe.publish_durable(subject, last.SerializeToString(), f"{node}-b2")
 
@@ -104,7 +106,7 @@ async def test_service_enriches_publishes_and_exports(nats_url: str) -> None:
                     assert parent.attributes["trawl.call.id"] == span.attributes["trawl.call.id"]
                     assert (parent.resource["service.name"], span.resource["service.name"]) == ("checkout", "payments")
 
-            assert ctx.metrics.counter("trawl_enricher_bad_batches_total", "").total() == 1
+            assert ctx.metrics.counter("trawl_enricher_bad_batches_total", "").total() == 2
             assert ctx.metrics.counter("trawl_enricher_batches_total", "").total() == 2
             consumer = await probe.js.consumer_info(STREAM_CALLS, f"enricher-{node}")
             assert consumer.num_ack_pending == 0
