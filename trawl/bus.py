@@ -22,6 +22,7 @@ import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from nats.aio.client import Client as NatsClient
@@ -242,6 +243,9 @@ def connect_failure_message(
 
 # Messages of a batch subscription: (subject, payload) pairs, headers left out.
 BatchHandler = Callable[[list[tuple[bytes, bytes]]], None]
+# Messages of a reply batch subscription (a pull consumer's inbox): (reply subject, status code
+# of a status message such as b"404", else b"", payload).
+ReplyBatchHandler = Callable[[list[tuple[bytes, bytes, bytes]]], None]
 
 
 class _BatchingParser(Parser):
@@ -259,15 +263,17 @@ class _BatchingParser(Parser):
     def __init__(self, nc: NatsClient) -> None:
         super().__init__(nc)
         self.batch_handlers: dict[int, BatchHandler] = {}
+        self.reply_handlers: dict[int, ReplyBatchHandler] = {}
 
     async def parse(self, data: bytes = b"") -> None:
-        if not self.batch_handlers or self.state != AWAITING_CONTROL_LINE:
+        if not (self.batch_handlers or self.reply_handlers) or self.state != AWAITING_CONTROL_LINE:
             await super().parse(data)
             return
         buf = self.buf
         buf.extend(data)
         handlers = self.batch_handlers
-        taken: dict[int, list[tuple[bytes, bytes]]] = {}
+        repliers = self.reply_handlers
+        taken: dict[int, list[Any]] = {}
         pos = 0
         size = len(buf)
         while pos < size:
@@ -288,6 +294,11 @@ class _BatchingParser(Parser):
                 sid = int(args[2])
                 if sid in handlers:
                     taken.setdefault(sid, []).append((args[1], bytes(buf[start + header_size : start + total])))
+                elif sid in repliers:
+                    # "NATS/1.0 404 No Messages\r\n...": a status message's code follows the version.
+                    status = bytes(buf[start + 9 : start + 12]) if headers and buf[start + 8] == 0x20 else b""
+                    reply = args[3] if len(args) == (6 if headers else 5) else b""
+                    taken.setdefault(sid, []).append((reply, status, bytes(buf[start + header_size : start + total])))
                 else:
                     self._deliver(taken)
                     reply = args[3] if len(args) == (6 if headers else 5) else b""
@@ -315,9 +326,9 @@ class _BatchingParser(Parser):
         ):
             await super().parse()  # a line this loop stopped at: nats-py's parser reports it
 
-    def _deliver(self, taken: dict[int, list[tuple[bytes, bytes]]]) -> None:
+    def _deliver(self, taken: dict[int, list[Any]]) -> None:
         for sid, messages in taken.items():
-            handler = self.batch_handlers.get(sid)
+            handler: Callable[[list[Any]], None] | None = self.batch_handlers.get(sid) or self.reply_handlers.get(sid)
             if handler is None:
                 continue
             try:
@@ -638,6 +649,20 @@ class Bus:
         parser = self.nc._ps
         if isinstance(parser, _BatchingParser):
             parser.batch_handlers[sub._id] = handler
+        return sub
+
+    async def subscribe_reply_batches(self, subject: str, handler: ReplyBatchHandler) -> Subscription:
+        """As `subscribe_batches`, with each message's reply subject and status code (what a pull
+        consumer's deliveries need: the reply acks the message, a status ends the request)."""
+
+        async def one(msg: Msg) -> None:
+            status = (msg.headers or {}).get("Status", "")
+            handler([(msg.reply.encode(), status.encode(), msg.data)])
+
+        sub = await self.subscribe(subject, one)
+        parser = self.nc._ps
+        if isinstance(parser, _BatchingParser):
+            parser.reply_handlers[sub._id] = handler
         return sub
 
     async def publish_raw(self, commands: bytes) -> None:

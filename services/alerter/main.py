@@ -28,7 +28,7 @@ from trawl.alerter.action_record import nats_request
 from trawl.alerter.actions import ActionSender, DeliveryFailure, dead_letter_headers
 from trawl.alerter.config import AlerterSettings
 from trawl.alerter.logic import Alerter
-from trawl.alerter.pull import BatchPuller, open_consumer
+from trawl.alerter.pull import BatchPuller, Delivery, open_consumer
 from trawl.alerter.rules import Action
 from trawl.alerter.windows import WindowStoreError
 from trawl.bus import MSG_ID_HEADER, PREFIX, STREAM_ALERTS, STREAM_ENRICHED, alerts_subject, token
@@ -87,7 +87,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
     await open_consumer(bus.js, STREAM_ENRICHED, settings.consumer, ack_all)
     pull = await bus.pull(STREAM_ENRICHED, durable=settings.consumer)
     # Batches without nats-py's task per message (trawl.alerter.pull); `pull` stays for consumer_info.
-    puller = await BatchPuller(bus.nc, STREAM_ENRICHED, settings.consumer).start()
+    puller = await BatchPuller(bus, STREAM_ENRICHED, settings.consumer).start()
     drain = _Drain()
 
     async def on_enricher_drained(msg: Msg) -> None:
@@ -136,11 +136,11 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 task.add_done_callback(deliveries.discard)
         return True
 
-    async def handle_batch(sender: ActionSender, messages: list[Msg]) -> None:
+    async def handle_batch(sender: ActionSender, messages: list[Delivery]) -> None:
         """Evaluate a fetched batch, store all its alerts, then ack its calls: an alert is stored
         before its call is acked. When NATS (or the windows' Redis) refuses, the batch is nak'd
         and comes back; its alerts are made again with the same ids, which JetStream stores once."""
-        evaluated: list[Msg] = []  # evaluated now (the others: undecodable, evaluated before, failed)
+        evaluated: list[Delivery] = []  # evaluated now (the others: undecodable, evaluated before, failed)
         failed: set[int] = set()  # positions of calls whose evaluation raised
         ids: set[str] = set()
         alerts: list[alerts_pb2.Alert] = []
@@ -149,7 +149,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 call = calls_pb2.ApiCall.FromString(msg.data)
             except DecodeError:
                 undecodable.inc()
-                log.warning("alerter_undecodable", subject=msg.subject)
+                log.warning("alerter_undecodable", reply=msg.reply.decode(errors="replace"))
                 continue
             if call.id and (call.id in recent or call.id in ids):
                 duplicates.inc()
@@ -158,7 +158,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 alerts += alerter.evaluate(call)
             except Exception:  # nothing in one call may stop the alerter
                 # Explicit acks leave it to come back; an ack-all acks it with the batch.
-                log.exception("alerter_call_failed", subject=msg.subject)
+                log.exception("alerter_call_failed", call_id=call.id)
                 failed.add(position)
                 continue
             evaluated.append(msg)
@@ -175,9 +175,8 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
             # NATS away or slow: the batch comes back, its alerts made again. An ack-all of a later
             # call would ack these too: they come back at once, before any later call (a
             # consumer redelivers first), and this alerter waits a second before it fetches.
-            for msg in evaluated if not ack_all else messages:
-                with contextlib.suppress(Exception):
-                    await msg.nak(delay=1.0 if not ack_all else None)
+            with contextlib.suppress(Exception):
+                await puller.nak(evaluated if not ack_all else messages, 1.0 if not ack_all else None)
             if ack_all:
                 await asyncio.sleep(1.0)
                 return
@@ -190,13 +189,11 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                     recent.first_time(call_id)  # once its alerts are stored: a nak'd call is evaluated again
         with contextlib.suppress(Exception):
             if ack_all:
-                await messages[-1].ack()  # AckPolicy.ALL: the batch's last call acks it all
+                await puller.ack(messages[-1:])  # AckPolicy.ALL: the batch's last call acks it all
             else:
-                for position, msg in enumerate(messages):
-                    if position not in failed:
-                        await msg.ack()
+                await puller.ack([msg for position, msg in enumerate(messages) if position not in failed])
         if stored:
-            drain.processed = max(drain.processed, messages[-1].metadata.sequence.stream)
+            drain.processed = max(drain.processed, messages[-1].stream_sequence)
 
     async def idle_consumer_done() -> bool:
         """Nothing pending for the consumer and the announced sequence already delivered."""
@@ -221,7 +218,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         await ctx.ready()
         while not ctx.stopping.is_set():
             try:
-                messages = await puller.fetch(settings.fetch_batch, FETCH_TIMEOUT_S)
+                messages = await puller.fetch(settings.fetch_batch, FETCH_TIMEOUT_S, ctx.stopping)
             except nats.errors.TimeoutError:
                 messages = []
                 # No call for a while: windowed rules' groups still resolve as their windows drain.
