@@ -211,7 +211,9 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         )
 
     await bus.subscribe(ENRICHER_DRAINED, on_enricher_drained)
-    async with aiohttp.ClientSession() as session:
+    # No total connection limit (aiohttp's default is 100): a request waiting for a pooled
+    # connection spends its timeout there. Each target is bounded by webhook.max_in_flight.
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
         sender = ActionSender(
             session, settings.webhook, settings.actions, publish_dead, ctx.metrics, request=nats_request(bus.nc)
         )
