@@ -1,11 +1,13 @@
 """`trawl up --pcap` with a rule whose actions record, write to InfluxDB and call a webhook: the
 whole suite as separate processes, the real recorder answering the alerter, the real InfluxDB
-(Debian's, from the influxdb tests' session fixture). Checked: the recording the alert started
-holds its flow from the capture's start (the look-back before the alert), packet for packet
-against the input and as tshark reads it; the point and the webhook's alert name that recording."""
+(Debian's, from the influxdb tests' session fixture) and moto's S3 server. Checked: the recording
+the alert started holds its flow from the capture's start (the look-back before the alert),
+packet for packet against the input and as tshark reads it; the point, the webhook's alert and
+the evidence object (under Object Lock) name that recording."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ import pytest
 
 from tests.conftest import FIXTURES, needs_binary
 from tests.integration.test_alerter_actions_influxdb import WRITER, Influx, influx  # noqa: F401
+from tests.integration.test_alerter_actions_s3 import client, moto_url  # noqa: F401
 from tests.webhook_server import WebhookServer
 
 pytestmark = pytest.mark.skipif(shutil.which("influxd") is None, reason="needs influxd (make system-deps)")
@@ -26,9 +29,14 @@ IDENTITY = FIXTURES / "http1_identity.json"
 
 
 @needs_binary("tshark")
-def test_up_pcap_alert_records_its_flow_and_writes_a_point(tmp_path: Path, influx: Influx) -> None:  # noqa: F811
+def test_up_pcap_alert_records_its_flow_writes_a_point_and_uploads_evidence(
+    tmp_path: Path,
+    influx: Influx,  # noqa: F811
+    moto_url: str,  # noqa: F811
+) -> None:
     influx.query("CREATE DATABASE up_actions", post=True)
     influx.query(f"GRANT WRITE ON up_actions TO {WRITER[0]}", post=True)
+    client(moto_url).create_bucket(Bucket="up-evidence", ObjectLockEnabledForBucket=True)
     webhook = WebhookServer()
     rules = tmp_path / "rules.yaml"
     rules.write_text(
@@ -42,9 +50,12 @@ def test_up_pcap_alert_records_its_flow_and_writes_a_point(tmp_path: Path, influ
         "      - influxdb: {url: '" + influx.url + "', db: up_actions, user_env: UP_INFLUX_USER,\n"
         "                   password_env: UP_INFLUX_PASSWORD}\n"
         "      - record: {scope: flow, filter: 'tcp', duration: 10m, lookback: 30s}\n"
+        "      - s3: {bucket: up-evidence, prefix: alerts/, endpoint_url: '" + moto_url + "', region: us-east-1,\n"
+        "             access_key_env: UP_S3_KEY, secret_key_env: UP_S3_SECRET,\n"
+        "             object_lock: {mode: COMPLIANCE, days: 1}}\n"
     )
     state, records = tmp_path / "state", tmp_path / "recordings"
-    env = dict(os.environ, UP_INFLUX_USER=WRITER[0], UP_INFLUX_PASSWORD=WRITER[1])
+    env = dict(os.environ, UP_INFLUX_USER=WRITER[0], UP_INFLUX_PASSWORD=WRITER[1], UP_S3_KEY="k", UP_S3_SECRET="s")
     try:
         result = subprocess.run(
             [sys.executable, "-m", "trawl", "up", "--pcap", str(HTTP1), "--identity", str(IDENTITY),
@@ -87,3 +98,10 @@ def test_up_pcap_alert_records_its_flow_and_writes_a_point(tmp_path: Path, influ
     assert point["recording_id"] == recording_id
     assert point["alert_id"] == alert["id"]
     assert point["time"] == int(alert["fired_at"])
+
+    # The S3 stand-in holds the alert as evidence, under retention, naming the recording too.
+    [listed] = client(moto_url).list_objects_v2(Bucket="up-evidence")["Contents"]
+    assert listed["Key"].startswith("alerts/server-errors/") and listed["Key"].endswith(f"/{alert['id']}.json")
+    stored = client(moto_url).get_object(Bucket="up-evidence", Key=listed["Key"])
+    assert stored["ObjectLockMode"] == "COMPLIANCE"
+    assert json.loads(stored["Body"].read()) == alert
