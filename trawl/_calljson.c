@@ -861,6 +861,10 @@ typedef struct {
        '/' and the record's end; node_record is NULL otherwise. */
     const unsigned char *node_record, *node_content, *node_slash, *node_end;
     const unsigned char *after_notes; /* the first record numbered above 30 (the end when none) */
+    const unsigned char *path;        /* path(11) */
+    size_t path_len;
+    /* The HTTP detail (field 20): its record, content and end; http_record is NULL when none. */
+    const unsigned char *http_record, *http_content, *http_end;
     int disordered;                   /* a record numbered up to 30 follows one above 30 */
     int marked;                       /* a "mesh-mtls" note is there already */
 } call_ref;
@@ -877,6 +881,9 @@ static int scan_call(const unsigned char *pos, const unsigned char *end, call_re
     call->node_record = NULL;
     call->after_notes = NULL;
     call->disordered = call->marked = 0;
+    call->path = pos;
+    call->path_len = 0;
+    call->http_record = NULL;
     endpoints[0].record = endpoints[1].record = NULL;
     while (pos < end) {
         const unsigned char *record = pos;
@@ -884,7 +891,8 @@ static int scan_call(const unsigned char *pos, const unsigned char *end, call_re
         if (read_varint(&pos, end, &tag)) return FALLBACK;
         uint64_t number = tag >> 3;
         int wire_type = (int)(tag & 7);
-        int read_here = number == 2 || number == 4 || number == 6 || number == 7 || number == 8;
+        int read_here = number == 2 || number == 4 || number == 6 || number == 7 || number == 8 || number == 11 ||
+                        number == 20;
         if (number == 0 || (read_here && wire_type != 2)) return FALLBACK;
         if (number > NOTE_FIELD) {
             if (call->after_notes == NULL) call->after_notes = record;
@@ -929,6 +937,15 @@ static int scan_call(const unsigned char *pos, const unsigned char *end, call_re
                 ref->content = content;
                 ref->end = pos;
                 if (scan_endpoint(ref)) return FALLBACK;
+            } else if (number == 11) {
+                call->path = content;
+                call->path_len = (size_t)value;
+            } else if (number == 20) {
+                /* Once, after the endpoints: a route is spliced into it after theirs. */
+                if (call->http_record != NULL || endpoints[1].record == NULL) return FALLBACK;
+                call->http_record = record;
+                call->http_content = content;
+                call->http_end = pos;
             } else if (number == 8) {
                 if (seen_request) return FALLBACK;
                 seen_request = 1;
@@ -972,6 +989,42 @@ static unsigned char *write_varint(unsigned char *at, uint64_t value) {
     return at;
 }
 
+/* Whether an HttpDetail holds a route (field 11) already; FALLBACK when it does not parse. */
+static int http_has_route(const unsigned char *pos, const unsigned char *end, int *has) {
+    *has = 0;
+    while (pos < end) {
+        uint64_t tag, value;
+        if (read_varint(&pos, end, &tag)) return FALLBACK;
+        switch (tag & 7) {
+        case 0:
+            if (read_varint(&pos, end, &value)) return FALLBACK;
+            break;
+        case 1:
+            if (end - pos < 8) return FALLBACK;
+            pos += 8;
+            break;
+        case 2:
+            if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
+            pos += value;
+            break;
+        case 5:
+            if (end - pos < 4) return FALLBACK;
+            pos += 4;
+            break;
+        default:
+            return FALLBACK;
+        }
+        if ((tag >> 3) == 11) *has = 1;
+    }
+    return OK;
+}
+
+/* A route to write at the end of the call's HTTP detail (size 0: none). */
+typedef struct {
+    const char *data;
+    size_t size;
+} route_t;
+
 /* Where the spliced call is written; with `at` NULL, only its size is counted. */
 typedef struct {
     unsigned char *at;
@@ -1000,7 +1053,7 @@ static void splice_string(out_t *out, uint64_t number, const void *data, size_t 
 /* The call with its node cut at the '/', each endpoint's content followed by its suffix, and the
    mesh-mtls note when `mark`: edits in the order of the records they replace. */
 static void write_spliced(out_t *out, const unsigned char *data, const unsigned char *end, const call_ref *call,
-                          PyObject *const suffixes[2], int mark) {
+                          PyObject *const suffixes[2], int mark, route_t route) {
     const unsigned char *from = data;
     if (call->node_record != NULL) {
         splice_put(out, from, (size_t)(call->node_record - from));
@@ -1019,6 +1072,17 @@ static void write_spliced(out_t *out, const unsigned char *data, const unsigned 
         splice_put(out, PyBytes_AS_STRING(suffixes[side]), extra);
         from = ref->end;
     }
+    if (route.size) { /* http.route(11), the HttpDetail's last field, appended to its content */
+        unsigned char buffer[10];
+        size_t content = (size_t)(call->http_end - call->http_content);
+        size_t route_record = 1 + (size_t)(write_varint(buffer, route.size) - buffer) + route.size;
+        splice_put(out, from, (size_t)(call->http_record - from));
+        splice_varint(out, (uint64_t)((20 << 3) | 2));
+        splice_varint(out, content + route_record);
+        splice_put(out, call->http_content, content);
+        splice_string(out, 11, route.data, route.size);
+        from = call->http_end;
+    }
     if (mark) {
         splice_put(out, from, (size_t)(call->after_notes - from));
         splice_string(out, NOTE_FIELD, MESH_MTLS, sizeof(MESH_MTLS) - 1);
@@ -1027,23 +1091,27 @@ static void write_spliced(out_t *out, const unsigned char *data, const unsigned 
     splice_put(out, from, (size_t)(end - from));
 }
 
-static PyObject *splice(PyObject *call, const call_ref *ref, PyObject *const suffixes[2], int mark) {
+static PyObject *splice(PyObject *call, const call_ref *ref, PyObject *const suffixes[2], int mark, route_t route) {
     const unsigned char *data = (const unsigned char *)PyBytes_AS_STRING(call);
     const unsigned char *end = data + PyBytes_GET_SIZE(call);
-    if (PyBytes_GET_SIZE(suffixes[0]) == 0 && PyBytes_GET_SIZE(suffixes[1]) == 0 && ref->node_record == NULL && !mark)
+    if (PyBytes_GET_SIZE(suffixes[0]) == 0 && PyBytes_GET_SIZE(suffixes[1]) == 0 && ref->node_record == NULL && !mark &&
+        route.size == 0)
         return Py_NewRef(call);
     out_t counted = {NULL, 0};
-    write_spliced(&counted, data, end, ref, suffixes, mark);
+    write_spliced(&counted, data, end, ref, suffixes, mark, route);
     PyObject *result = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)counted.size);
     if (result == NULL) return NULL;
     out_t written = {(unsigned char *)PyBytes_AS_STRING(result), 0};
-    write_spliced(&written, data, end, ref, suffixes, mark);
+    write_spliced(&written, data, end, ref, suffixes, mark, route);
     return result;
 }
 
 typedef struct {
     PyObject_HEAD
     PyObject *describe;
+    /* route(dst, path, http) -> str | None: the http.route of an HTTP call without one (dst: the
+       enriched Endpoint, http: the HttpDetail, serialized); NULL: no routes. */
+    PyObject *route;
     PyObject *cache; /* address (bytes) -> capsule of owners_t */
     Py_ssize_t max_addresses;
     /* The last address looked up on each side: consecutive calls of a connection share them. */
@@ -1053,14 +1121,16 @@ typedef struct {
 } Splicer;
 
 static int Splicer_init(Splicer *self, PyObject *args, PyObject *kwargs) {
-    PyObject *describe;
+    PyObject *describe, *route = Py_None;
     Py_ssize_t max_addresses = 65536;
-    static char *keywords[] = {"describe", "max_addresses", NULL};
-    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|n", keywords, &describe, &max_addresses)) return -1;
-    if (!PyCallable_Check(describe) || max_addresses < 1) {
-        PyErr_SetString(PyExc_TypeError, "Splicer(describe: callable, max_addresses: int >= 1)");
+    static char *keywords[] = {"describe", "max_addresses", "route", NULL};
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O|nO", keywords, &describe, &max_addresses, &route)) return -1;
+    if (!PyCallable_Check(describe) || max_addresses < 1 || (route != Py_None && !PyCallable_Check(route))) {
+        PyErr_SetString(PyExc_TypeError,
+                        "Splicer(describe: callable, max_addresses: int >= 1, route: callable | None = None)");
         return -1;
     }
+    Py_XSETREF(self->route, route == Py_None ? NULL : Py_NewRef(route));
     PyObject *cache = PyDict_New();
     if (cache == NULL) return -1;
     Py_XSETREF(self->describe, Py_NewRef(describe));
@@ -1076,6 +1146,7 @@ static int Splicer_init(Splicer *self, PyObject *args, PyObject *kwargs) {
 
 static void Splicer_dealloc(Splicer *self) {
     Py_XDECREF(self->describe);
+    Py_XDECREF(self->route);
     Py_XDECREF(self->cache);
     for (int side = 0; side < 2; side++) {
         Py_XDECREF(self->memo_key[side]);
@@ -1149,6 +1220,50 @@ static int count_protocol(PyObject *protocols, const unsigned char *name, size_t
     return status < 0 ? FAILED : OK;
 }
 
+/* The route of an HTTP call without one, asked of route(dst, path, http); `route` stays empty
+   when there is none (or when the call holds one already). FALLBACK when the detail does not
+   parse or lies where a splice cannot reach it (before the destination, after the notes). */
+static int splicer_route(Splicer *self, const call_ref *ref, const entry_t *destination, PyObject **answer,
+                         route_t *route) {
+    int has;
+    if (ref->http_end > ref->after_notes || http_has_route(ref->http_content, ref->http_end, &has)) return FALLBACK;
+    if (has) return OK;
+    const endpoint_ref *dst = &ref->endpoints[1];
+    size_t content = (size_t)(dst->end - dst->content);
+    Py_ssize_t extra = PyBytes_GET_SIZE(destination->suffix);
+    PyObject *endpoint = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)content + extra);
+    if (endpoint == NULL) return FAILED;
+    memcpy(PyBytes_AS_STRING(endpoint), dst->content, content);
+    memcpy(PyBytes_AS_STRING(endpoint) + content, PyBytes_AS_STRING(destination->suffix), (size_t)extra);
+    PyObject *path = PyBytes_FromStringAndSize((const char *)ref->path, (Py_ssize_t)ref->path_len);
+    PyObject *http = PyBytes_FromStringAndSize((const char *)ref->http_content,
+                                               (Py_ssize_t)(ref->http_end - ref->http_content));
+    PyObject *result = NULL;
+    if (path != NULL && http != NULL) {
+        PyObject *args[3] = {endpoint, path, http};
+        result = PyObject_Vectorcall(self->route, args, 3, NULL);
+    }
+    Py_DECREF(endpoint);
+    Py_XDECREF(path);
+    Py_XDECREF(http);
+    if (result == NULL) return FAILED;
+    if (result == Py_None) {
+        Py_DECREF(result);
+        return OK;
+    }
+    Py_ssize_t size;
+    const char *text = PyUnicode_Check(result) ? PyUnicode_AsUTF8AndSize(result, &size) : NULL;
+    if (text == NULL) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "Splicer: route() must return str or None");
+        Py_DECREF(result);
+        return FAILED;
+    }
+    *answer = result;
+    route->data = text;
+    route->size = (size_t)size;
+    return OK;
+}
+
 /* enrich(calls) -> (calls, unknown_sources, unknown_destinations, {protocol: count}, [index, ...]) */
 static PyObject *Splicer_enrich(Splicer *self, PyObject *calls) {
     PyObject *sequence = PySequence_Fast(calls, "enrich: calls must be a sequence of bytes");
@@ -1204,7 +1319,22 @@ static PyObject *Splicer_enrich(Splicer *self, PyObject *calls) {
             continue;
         }
         PyObject *suffixes[2] = {source->suffix, destination->suffix};
-        PyObject *result = splice(call, &ref, suffixes, mark);
+        PyObject *answer = NULL; /* holds the route's text while it is written */
+        route_t route = {NULL, 0};
+        if (self->route != NULL && ref.http_record != NULL) {
+            status = splicer_route(self, &ref, destination, &answer, &route);
+            if (status == FAILED) goto failed;
+            if (status == FALLBACK) {
+                PyObject *position = PyLong_FromSsize_t(index);
+                int appended = position == NULL ? -1 : PyList_Append(odd, position);
+                Py_XDECREF(position);
+                if (appended < 0) goto failed;
+                PyList_SET_ITEM(enriched, index, Py_NewRef(call));
+                continue;
+            }
+        }
+        PyObject *result = splice(call, &ref, suffixes, mark, route);
+        Py_XDECREF(answer);
         if (result == NULL) goto failed;
         PyList_SET_ITEM(enriched, index, result);
         unknown_sources += !source->known_as_source;
@@ -1239,7 +1369,8 @@ static PyTypeObject SplicerType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "trawl._calljson.Splicer",
     .tp_basicsize = sizeof(Splicer),
     .tp_flags = Py_TPFLAGS_DEFAULT,
-    .tp_doc = "Splicer(describe, max_addresses=65536): endpoint identity written into serialized ApiCalls.",
+    .tp_doc = "Splicer(describe, max_addresses=65536, route=None): endpoint identity (and, with route, "
+              "the http.route of HTTP calls) written into serialized ApiCalls.",
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Splicer_init,
     .tp_dealloc = (destructor)Splicer_dealloc,

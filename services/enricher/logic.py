@@ -229,8 +229,8 @@ class Enricher:
                 enriched[index] = call.SerializeToString()
         if b"dns" in protocols:  # their answers name addresses (the splicer counted them: no scan otherwise)
             self._note_dns(ApiCall.FromString(call) for call in enriched if _DNS_PROTOCOL in call[:64])
-        if self.routes is not None and (b"http" in protocols or b"http2" in protocols):
-            self._set_routes(enriched)
+        if self.routes is not None:
+            self.routes.after_batch()  # the splicer set the routes (calling routes.route_encoded)
         for protocol, count in protocols.items():
             self._calls.inc(count, protocol=protocol.decode("utf-8", "replace") or "unknown")
         if unknown_sources:
@@ -250,7 +250,7 @@ class Enricher:
 
         self._splicer_identity = identity
         self._splicer_generation = identity.generation
-        return Splicer(describe)
+        return Splicer(describe, route=self.routes.route_encoded if self.routes is not None else None)
 
     def _stale(self, identity: IdentityMap) -> bool:
         """Whether the splicer may hold an answer the (live) map has changed since: an address it
@@ -266,13 +266,10 @@ class Enricher:
         self._splicer_generation = generation
         return False
 
-    def _set_routes(self, calls: Sequence[ApiCall] | list[bytes]) -> None:
+    def _set_routes(self, calls: Sequence[ApiCall]) -> None:
         assert self.routes is not None
         try:
-            if calls and isinstance(calls[0], bytes):
-                self.routes.apply_encoded(calls)  # type: ignore[arg-type]
-            else:
-                self.routes.apply(calls)  # type: ignore[arg-type]
+            self.routes.apply(calls)
         except Exception as exc:  # a route is a bonus: never lose the batch over it
             self._failures.inc(stage="routes")
             log.warning("routes_failed", calls=len(calls), error=repr(exc))

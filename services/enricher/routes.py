@@ -30,15 +30,17 @@ the templated path, whose cardinality is what the cap is there to bound.
 
 With Redis (`routes.redis_url`, else `identity_redis_url`), the learned routes and the
 collapsed positions of every service are shared by replicas and kept over restarts: loaded at
-start, then written and read in one pipeline every `sync_interval_s` (never per call). Given
+start, then written and read in two pipelines every `sync_interval_s` by a thread of the
+store's (never per call, never on the enricher's thread). Given
 the same collapsed positions the same path gives the same route, whichever replica saw it.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import re
-import time
+import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterable, Sequence
@@ -50,6 +52,7 @@ from urllib.parse import urlsplit
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
 from trawl.metrics import Registry
+from trawl.v1.calls_pb2 import HttpDetail as _HttpDetail
 
 if TYPE_CHECKING:
     import redis
@@ -323,7 +326,7 @@ class _Node:
 
 
 class _Service:
-    __slots__ = ("collapsed", "new_collapsed", "new_routes", "nodes", "root", "routes", "version")
+    __slots__ = ("collapsed", "new_collapsed", "new_routes", "nodes", "root", "routes")
 
     def __init__(self) -> None:
         self.root = _Node()
@@ -333,7 +336,6 @@ class _Service:
         # Learned here since the last Redis write.
         self.new_routes: set[str] = set()
         self.new_collapsed: set[str] = set()
-        self.version = -1  # the version of the service's Redis sets last read
 
 
 def _merge(into: _Node, other: _Node, collapse_after: int) -> None:
@@ -377,20 +379,11 @@ def _walk(node: _Node, prefix: str, routes: set[str], collapsed: set[str], count
         _walk(child, f"{prefix}/{name}", routes, collapsed, counts)
 
 
-def _templated_segments(path: str) -> list[str]:
-    from trawl.enricher.spans import template_path  # the span heuristic, so both agree on {id}
+def _template_segment(segment: str) -> str:
+    """{id} for a numeric, UUID or hex segment: the span heuristic's, so both agree."""
+    from trawl.enricher.spans import template_path
 
-    return template_path(path).split("/")
-
-
-_HTTP = b"\x12\x04http"
-_HTTP2 = b"\x12\x05http2"
-
-
-def _is_http(call: bytes) -> bool:
-    """Whether a serialized call's protocol (field 2, after the id, field 1) is http or http2."""
-    at = 2 + call[1] if len(call) > 1 and call[0] == 0x0A and call[1] < 0x80 else 0
-    return call.startswith(_HTTP, at) or call.startswith(_HTTP2, at)
+    return template_path(segment)
 
 
 def service_of(dst: Endpoint) -> str:
@@ -426,6 +419,8 @@ class RouteLearner:
         self._services: dict[str, _Service] = {}
         self._cache: dict[tuple[str, str, str], str] = {}
         self._documents_of: dict[tuple[str, str], list[OpenApiDocument]] = {}
+        self._endpoints: dict[bytes, tuple[Endpoint, str]] = {}  # route_encoded's destinations, parsed once
+        self._dirty: set[str] = set()  # services with routes or collapses not handed to Redis yet
         metrics = metrics if metrics is not None else Registry()
         self._overflow = metrics.counter(
             "trawl_enricher_routes_overflow_total",
@@ -475,53 +470,53 @@ class RouteLearner:
             if route:
                 call.http.route = route
                 count += 1
-        if self.store is not None:
-            self.store.maybe_sync(self)
+        self.after_batch()
         return count
 
-    def apply_encoded(self, calls: list[bytes]) -> int:
-        """`apply` on serialized calls, in place: the HTTP ones (told by their protocol field,
-        right after the id) parsed as one CallBatch, and serialized again where a route was set."""
-        from trawl.enricher.logic import _as_objects
+    def route_encoded(self, dst: bytes, path: bytes, http: bytes) -> str | None:
+        """`route_of` for the compiled splicer (trawl._calljson.Splicer's route): the call's
+        enriched destination Endpoint, path and HttpDetail, serialized."""
+        known = self._endpoints.get(dst)
+        if known is None:
+            from trawl.v1.calls_pb2 import Endpoint
 
-        indices = [index for index, call in enumerate(calls) if _is_http(call)]
-        if not indices:
-            return 0
-        count = 0
-        for index, call in zip(indices, _as_objects([calls[index] for index in indices]), strict=True):
-            if call.WhichOneof("detail") != "http" or call.http.route:
-                continue
-            route = self.route_of(call)
-            if route:
-                call.http.route = route
-                calls[index] = call.SerializeToString()
-                count += 1
+            if len(self._endpoints) >= MAX_CACHED:
+                self._endpoints.clear()
+            endpoint = Endpoint.FromString(dst)
+            known = self._endpoints[dst] = (endpoint, service_of(endpoint))
+        detail = _HttpDetail.FromString(http)
+        route = self._route(
+            known[0], path.decode("utf-8", "replace"), detail.host, detail.request_content_type, known[1]
+        )
+        return route or None
+
+    def after_batch(self) -> None:
+        """Hand what was learned to the Redis store and take in what it read (no I/O here)."""
         if self.store is not None:
-            self.store.maybe_sync(self)
-        return count
+            self.store.hand_over(self)
 
     def route_of(self, call: ApiCall) -> str:
         detail = call.http
-        path = call.path
+        return self._route(call.dst, call.path, detail.host, detail.request_content_type)
+
+    def _route(self, dst: Endpoint, path: str, host: str, content_type: str, service: str = "") -> str:
         if not path.startswith("/"):
             if not path.startswith(("http://", "https://")):
                 return ""  # CONNECT's authority, OPTIONS' *: no path, no route
             path = urlsplit(path).path or "/"
         path = path.partition("?")[0]
-        content_type = detail.request_content_type
         if content_type.startswith("application/grpc"):
             return path
         if content_type.startswith(_GRAPHQL_TYPES) or path.endswith("/graphql"):
             return path
-        dst = call.dst
-        service = service_of(dst)
-        key = (service, detail.host, path)
+        service = service or service_of(dst)
+        key = (service, host, path)
         found = self._cache.get(key)
         if found is not None:
             return found
         route = ""
         if self.documents:
-            for document in self._documents_for(service, dst, detail.host):
+            for document in self._documents_for(service, dst, host):
                 route = document.route(path)
                 if route:
                     break
@@ -553,23 +548,30 @@ class RouteLearner:
                 state = self._services.get(service)
             if state is None:
                 state = self._services[service] = _Service()
-        segments = _templated_segments(path)
+        segments = path.split("/")
         if len(segments) > self.max_segments + 1:
             segments = [*segments[: self.max_segments + 1], REST]
-        route = self._insert(service, state, segments[1:], count=True)
+        route = self._insert(service, state, segments[1:], remote=False)
         return route or OVERFLOW
 
-    def _insert(self, service: str, state: _Service, segments: Sequence[str], count: bool) -> str:
+    def _insert(self, service: str, state: _Service, segments: Sequence[str], remote: bool) -> str:
+        """The route of a path's segments (`remote`: a route learned elsewhere), learning it."""
         node = state.root
         out = [""]
+        count = not remote
         for segment in segments:
-            if node.param is None and segment == PARAM:
+            if remote and segment == PARAM and node.param is None:
                 self._collapse(service, state, node)  # a route learned elsewhere says so
             if node.param is not None:
                 node = node.param
                 out.append(PARAM)
                 continue
             child = node.literals.get(segment)
+            if child is None and not remote:
+                # Ids are never kept as literals: a segment found among them is no id, and only
+                # the others are templated (most segments of a path are found).
+                segment = _template_segment(segment)
+                child = node.literals.get(segment)
             if child is None:
                 if len(node.literals) >= self.collapse_after:
                     node = self._collapse(service, state, node)
@@ -588,6 +590,7 @@ class RouteLearner:
             node.terminal = True
             state.routes += 1
             state.new_routes.add(route)
+            self._dirty.add(service)
             self._routes_gauge.inc()
         return route
 
@@ -611,6 +614,7 @@ class RouteLearner:
         fresh = collapsed - state.collapsed
         state.collapsed = collapsed
         state.new_collapsed |= fresh
+        self._dirty.add(service)
         # Merged routes (/users/{param}) are new though their node was terminal already.
         state.new_routes |= routes - before
         self._collapses.inc(len(fresh), service=service)
@@ -637,7 +641,7 @@ class RouteLearner:
         new_routes, new_collapsed = set(state.new_routes), set(state.new_collapsed)
         for route in routes:
             segments = [] if route == "/" else route.split("/")[1:]
-            self._insert(service, state, segments, count=False)
+            self._insert(service, state, segments, remote=True)
         # What came from Redis is not written back to it.
         state.new_routes, state.new_collapsed = new_routes, new_collapsed
         state.collapsed |= set(collapsed)
@@ -669,15 +673,31 @@ class RouteLearner:
         _walk(state.root, "", routes, set(), [0])
         return routes
 
+    def take_new(self) -> dict[str, tuple[set[str], set[str]]]:
+        """The routes and collapsed positions learned here since the last call, by service."""
+        taken = {}
+        for service in self._dirty:
+            state = self._services.get(service)
+            if state is not None and (state.new_routes or state.new_collapsed):
+                taken[service] = (state.new_routes, state.new_collapsed)
+                state.new_routes, state.new_collapsed = set(), set()
+        self._dirty.clear()
+        return taken
+
     def close(self) -> None:
         """Write what was learned since the last sync (blocking)."""
         if self.store is not None:
-            self.store.sync(self)
+            self.store.close(self)
 
 
 class RedisRouteStore:
     """Learned routes in Redis: per service a set of routes and one of collapsed positions, and
-    a hash of services to a version bumped on every write (so a sync reads only what changed)."""
+    a hash of services to a version bumped on every write (so a sync reads only what changed).
+
+    Redis is spoken to by a thread of its own every `interval_s` (and once, blocking, at start
+    and at close): the enricher's thread only hands over what it learned and takes in what the
+    thread read, so a slow or unreachable Redis never holds a batch up. What could not be
+    written is kept (bounded by the learned routes) and written when Redis is back."""
 
     def __init__(self, url: str, prefix: str, interval_s: float, metrics: Registry) -> None:
         import redis
@@ -685,8 +705,15 @@ class RedisRouteStore:
         self.client: redis.Redis = redis.Redis.from_url(url, socket_timeout=2.0, socket_connect_timeout=2.0)
         self.prefix = prefix
         self.interval_s = interval_s
-        self._next = 0.0
+        self._outbox: queue.SimpleQueue[dict[str, tuple[set[str], set[str]]]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, set[str], set[str]]] = queue.SimpleQueue()
+        # The thread's own: what is still to write, and the version of each service last read.
+        self._unsent: dict[str, tuple[set[str], set[str]]] = {}
+        self._versions: dict[str, int] = {}
+        self._max_services = 0
         self._failing = False
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
         self._errors = metrics.counter(
             "trawl_enricher_routes_redis_errors_total", "Failed syncs of learned routes with Redis"
         )
@@ -695,41 +722,66 @@ class RedisRouteStore:
         return f"{self.prefix}:{kind}:{service}"
 
     def load(self, learner: RouteLearner) -> None:
-        self.sync(learner)
+        """What is in Redis, into `learner` (blocking, at start); then the thread takes over."""
+        self._max_services = learner.max_services
+        self.exchange()
+        self.hand_over(learner)
+        self._thread = threading.Thread(target=self._run, name="routes-redis", daemon=True)
+        self._thread.start()
 
-    def maybe_sync(self, learner: RouteLearner) -> None:
-        if time.monotonic() >= self._next:
-            self.sync(learner)
+    def hand_over(self, learner: RouteLearner) -> None:
+        """The enricher's side: what it learned out to the thread, what the thread read in."""
+        outgoing = learner.take_new()
+        if outgoing:
+            self._outbox.put(outgoing)
+        while True:
+            try:
+                service, collapsed, routes = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            learner.merge_remote(service, collapsed, routes)
 
-    def sync(self, learner: RouteLearner) -> None:
-        """Write what this learner learned, read what changed elsewhere: two pipelines."""
+    def close(self, learner: RouteLearner) -> None:
+        """Stop the thread and write what is left (blocking)."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(10)
+        self.hand_over(learner)
+        self.exchange()
+
+    def _run(self) -> None:
+        while not self._stopping.wait(self.interval_s):
+            self.exchange()
+
+    def exchange(self) -> None:
+        """Write what was handed over, read what changed elsewhere: two pipelines."""
         import redis
 
-        self._next = time.monotonic() + self.interval_s
-        services = learner.services()
+        unsent = self._unsent
+        while True:
+            try:
+                outgoing = self._outbox.get_nowait()
+            except queue.Empty:
+                break
+            for name, (routes, collapsed) in outgoing.items():
+                known = unsent.setdefault(name, (set(), set()))
+                known[0].update(routes)
+                known[1].update(collapsed)
         index = f"{self.prefix}:services"
         try:
             pipe = self.client.pipeline(transaction=False)
-            written = []
-            for name, state in services.items():
-                if state.new_routes or state.new_collapsed:
-                    if state.new_routes:
-                        pipe.sadd(self._key(name, "routes"), *state.new_routes)
-                    if state.new_collapsed:
-                        pipe.sadd(self._key(name, "collapsed"), *state.new_collapsed)
-                    pipe.hincrby(index, name, 1)
-                    written.append((name, state))
+            for name, (routes, collapsed) in unsent.items():
+                if routes:
+                    pipe.sadd(self._key(name, "routes"), *routes)
+                if collapsed:
+                    pipe.sadd(self._key(name, "collapsed"), *collapsed)
+                pipe.hincrby(index, name, 1)
             pipe.hgetall(index)
             answers = pipe.execute()
-            for _name, state in written:
-                state.new_routes = set()
-                state.new_collapsed = set()
+            unsent.clear()
             versions = {key.decode(): int(value) for key, value in answers[-1].items()}
-            changed = [
-                (name, version)
-                for name, version in versions.items()
-                if name not in services or services[name].version != version
-            ][: learner.max_services]
+            changed = [(name, version) for name, version in versions.items() if self._versions.get(name) != version]
+            changed = changed[: self._max_services]
             if changed:
                 pipe = self.client.pipeline(transaction=False)
                 for name, _ in changed:
@@ -739,9 +791,8 @@ class RedisRouteStore:
                 for position, (name, version) in enumerate(changed):
                     collapsed = {item.decode() for item in answers[2 * position]}
                     routes = {item.decode() for item in answers[2 * position + 1]}
-                    learner.merge_remote(name, collapsed, routes)
-                    if name in services:
-                        services[name].version = version
+                    self._inbox.put((name, collapsed, routes))
+                    self._versions[name] = version
             if self._failing:
                 log.info("routes_redis_recovered")
             self._failing = False

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from tests.conftest import needs_binary
-from tests.integration.test_identity_shared import RedisServer
+from tests.integration.test_identity_shared import RedisServer, wait_for
 from trawl.enricher.config import EnricherSettings, RouteSettings
 from trawl.enricher.logic import Enricher, enricher_from_settings
 from trawl.metrics import Registry
@@ -65,14 +65,13 @@ def test_a_restarted_enricher_and_a_second_replica_start_from_the_learned_routes
 
 
 def test_running_replicas_pick_up_each_others_collapses(redis_server: RedisServer) -> None:
-    # Synced at every batch (an interval this short always has passed by the next one).
-    one, two = enricher(redis_server, interval_s=1e-9), enricher(redis_server, interval_s=1e-9)
+    one, two = enricher(redis_server, interval_s=0.05), enricher(redis_server, interval_s=0.05)
     assert route(two, "/orders/a") == "/orders/a"
     for name in ("a", "b", "c", "d"):
         route(one, f"/orders/{name}")
     assert route(one, "/orders/a") == "/orders/{param}"
-    route(two, "/elsewhere")  # its batch's sync reads what one wrote
-    assert route(two, "/orders/a") == "/orders/{param}"
+    # Each batch hands over what was learned and takes in what the store's thread read since.
+    wait_for(lambda: route(two, "/orders/a") == "/orders/{param}", "the other replica's collapse")
     assert route(two, "/orders/zzz") == "/orders/{param}"
     one.shutdown()
     two.shutdown()
@@ -80,12 +79,12 @@ def test_running_replicas_pick_up_each_others_collapses(redis_server: RedisServe
 
 def test_redis_away_routes_go_on_locally_and_are_written_when_it_is_back(redis_server: RedisServer) -> None:
     metrics = Registry()
-    instance = enricher(redis_server, metrics, interval_s=1e-9)
+    instance = enricher(redis_server, metrics, interval_s=0.05)
     redis_server.stop()
     assert route(instance, "/while/away") == "/while/away"
-    assert metrics.snapshot()["trawl_enricher_routes_redis_errors_total"] >= 1
+    wait_for(lambda: metrics.snapshot()["trawl_enricher_routes_redis_errors_total"] >= 1, "a failed sync")
     redis_server.start()
     route(instance, "/back")
-    members = redis.Redis(port=redis_server.port).smembers("trawl:routes:v1:routes:shop/cart")
-    assert {b"/while/away", b"/back"} <= members
+    stored = redis.Redis(port=redis_server.port)
+    wait_for(lambda: {b"/while/away", b"/back"} <= stored.smembers("trawl:routes:v1:routes:shop/cart"), "the writes")
     instance.shutdown()
