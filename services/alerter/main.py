@@ -88,6 +88,11 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
     pull = await bus.pull(STREAM_ENRICHED, durable=settings.consumer)
     # Batches without nats-py's task per message (trawl.alerter.pull); `pull` stays for consumer_info.
     puller = await BatchPuller(bus, STREAM_ENRICHED, settings.consumer).start()
+    window_store_failures = ctx.metrics.counter(
+        "trawl_alerter_window_store_failures_total",
+        "Batches sent back (nak) because Redis, which holds the shared windows, refused or was away",
+    )
+    window_store_down = False
     drain = _Drain()
 
     async def on_enricher_drained(msg: Msg) -> None:
@@ -140,6 +145,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         """Evaluate a fetched batch, store all its alerts, then ack its calls: an alert is stored
         before its call is acked. When NATS (or the windows' Redis) refuses, the batch is nak'd
         and comes back; its alerts are made again with the same ids, which JetStream stores once."""
+        nonlocal window_store_down
         evaluated: list[Delivery] = []  # evaluated now (the others: undecodable, evaluated before, failed)
         failed: set[int] = set()  # positions of calls whose evaluation raised
         ids: set[str] = set()
@@ -169,7 +175,10 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         except WindowStoreError as exc:
             for alert in alerts:
                 alerter.forget(alert)
-            log.warning("alerter_window_store_failed", error=str(exc), calls=len(evaluated))
+            window_store_failures.inc()
+            if not window_store_down:  # once per outage, not once per batch
+                log.warning("alerter_window_store_failed", error=str(exc), calls_sent_back=len(evaluated))
+            window_store_down = True
             stored = False
         if not stored:
             # NATS away or slow: the batch comes back, its alerts made again. An ack-all of a later
@@ -183,6 +192,9 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
             nakd = {id(msg) for msg in evaluated}
             failed.update(position for position, msg in enumerate(messages) if id(msg) in nakd)
         else:
+            if window_store_down and alerter.shared is not None:
+                log.info("alerter_window_store_recovered")
+            window_store_down = False
             alerter.announced(alerts)
             for call_id in ids:
                 if call_id:

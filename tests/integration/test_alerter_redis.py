@@ -24,7 +24,10 @@ from nats.aio.msg import Msg
 from tests.conftest import ROOT, needs_binary
 from tests.fixtures.redis.make_redis_fixtures import server
 from tests.fixtures.tcpdump_capture import free_port
-from trawl.bus import control_subject, enriched_subject
+from trawl.alerter.config import AlerterSettings
+from trawl.alerter.main import serve
+from trawl.bus import Bus, control_subject, enriched_subject
+from trawl.service import ServiceContext
 from trawl.v1 import alerts_pb2, calls_pb2
 
 pytestmark = [needs_binary("redis-server")]
@@ -148,4 +151,58 @@ async def test_two_replicas_one_killed_fire_once_and_resolve_once(
         for process in processes.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(20)
+        await client.close()
+
+
+async def test_redis_away_sends_the_batch_back_and_nothing_is_lost(nats_url: str, tmp_path: Path) -> None:
+    """Redis down when the calls come: the alerter naks them (counted), alerts nothing, and once a
+    redis-server listens the redelivered calls fire the rule, once."""
+    run = uuid.uuid4().hex[:8]
+    rules = tmp_path / "rules.yaml"
+    rules.write_text(RULES.replace("window: 2s", "window: 1m").replace("min_calls: 10", "min_calls: 4"))
+    port = free_port()
+    settings = AlerterSettings.load(
+        None,
+        node=f"al-{run}",
+        rules_file=rules,
+        consumer=f"alerter-{run}",
+        nats={"servers": [nats_url]},
+        redis={"url": f"redis://127.0.0.1:{port}/0", "key_prefix": f"test:{run}", "timeout_s": 0.3},
+    )
+    client = await nats.connect(nats_url)
+    js = client.jetstream()
+    seen: list[alerts_pb2.Alert] = []
+
+    async def on_alert(msg: Msg) -> None:
+        seen.append(alerts_pb2.Alert.FromString(msg.data))
+
+    await client.subscribe("trawl.v1.alerts.payment-errors", cb=on_alert)
+    ready = await client.subscribe(control_subject("ready", "alerter", f"al-{run}"))
+    bus = await Bus.connect(settings.nats, "test-alerter-redis-away")
+    ctx = ServiceContext(name="alerter", settings=settings, bus=bus)
+    task = asyncio.create_task(serve(ctx))
+    failures = ctx.metrics.counter("trawl_alerter_window_store_failures_total", "")
+    try:
+        await ready.next_msg(timeout=30)
+        for index in range(8):
+            made = call(run, index)
+            await js.publish(enriched_subject("http", "shop", "pay"), made.SerializeToString())
+        for _ in range(100):
+            if failures.total() >= 2:  # sent back, and again after its nak delay
+                break
+            await asyncio.sleep(0.1)
+        assert failures.total() >= 2
+        assert seen == []
+        with server(port):
+            for _ in range(100):
+                if seen:
+                    break
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.5)  # a second firing, if one were coming
+        assert [alert.resolved for alert in seen] == [False]
+        assert seen[0].window_calls >= 4  # min_calls: the redelivered calls are in the window
+    finally:
+        ctx.stopping.set()
+        await asyncio.wait_for(task, 10)
+        await bus.close()
         await client.close()
