@@ -399,3 +399,52 @@ def test_a_failing_route_falls_back_to_objects_and_a_bad_answer_is_refused() -> 
     enricher.routes.route_encoded = broken  # type: ignore[method-assign]
     (enriched,) = enricher.enrich_encoded([call.SerializeToString()])
     assert ApiCall.FromString(enriched).http.route == "/v1/users/{id}"
+
+
+# -- OpenAPI matching against a plain reference --------------------------------------------
+
+TEMPLATE_SEGMENTS = st.sampled_from(["a", "b", "{x}", "{y}", "{n}.json", "v{n}", "a.json"])
+TEMPLATES = st.lists(TEMPLATE_SEGMENTS, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts))
+REQUEST_SEGMENTS = st.sampled_from(["a", "b", "c", "a.json", "b.json", "v1", "v", ""])
+
+
+def _rank(segment: str) -> int:
+    """OpenAPI's order: a literal segment before a templated one, a partly literal one in between."""
+    if "{" not in segment:
+        return 0
+    return 2 if segment.startswith("{") and segment.endswith("}") and segment.count("{") == 1 else 1
+
+
+def _reference(templates: list[str], path: str) -> str:
+    """Every template as one regular expression; of those matching, the most concrete position
+    by position (the first given among equals). One trailing slash is forgiven when nothing
+    matches with it."""
+    found = _most_concrete(templates, path)
+    if not found and len(path) > 1 and path.endswith("/"):
+        found = _most_concrete(templates, path[:-1])
+    return found
+
+
+def _most_concrete(templates: list[str], path: str) -> str:
+    import re
+
+    matching = []
+    for order, template in enumerate(templates):
+        parts = [re.escape(part) for part in re.split(r"\{[^{}/]*\}", template)]
+        if re.fullmatch("[^/]+?".join(parts), path):
+            matching.append(([_rank(segment) for segment in template.split("/")], order, template))
+    return min(matching)[2] if matching else ""
+
+
+@settings(max_examples=scaled(300), deadline=None)
+@given(
+    templates=st.lists(TEMPLATES, min_size=1, max_size=8, unique=True),
+    path=st.lists(REQUEST_SEGMENTS, min_size=1, max_size=3).map(lambda parts: "/" + "/".join(parts)),
+)
+def test_openapi_matching_is_the_most_concrete_template(
+    tmp_path_factory: pytest.TempPathFactory, templates: list[str], path: str
+) -> None:
+    document = {"openapi": "3.0.0", "paths": {template: {"get": {}} for template in templates}}
+    folder = tmp_path_factory.mktemp("openapi")
+    loaded = load_openapi(source(folder, "doc.json", json.dumps(document)))
+    assert loaded.route(path) == _reference(templates, path)
