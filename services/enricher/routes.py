@@ -710,6 +710,9 @@ class RedisRouteStore:
         # The thread's own: what is still to write, and the version of each service last read.
         self._unsent: dict[str, tuple[set[str], set[str]]] = {}
         self._versions: dict[str, int] = {}
+        self._run_id = ""  # the Redis server's run at the last exchange: a restarted one may be empty
+        # Everything written, to write again to a Redis that restarted (the strings are the learner's).
+        self._written: dict[str, tuple[set[str], set[str]]] = {}
         self._max_services = 0
         self._failing = False
         self._stopping = threading.Event()
@@ -760,15 +763,19 @@ class RedisRouteStore:
         unsent = self._unsent
         while True:
             try:
-                outgoing = self._outbox.get_nowait()
+                _merge_into(unsent, self._outbox.get_nowait())
             except queue.Empty:
                 break
-            for name, (routes, collapsed) in outgoing.items():
-                known = unsent.setdefault(name, (set(), set()))
-                known[0].update(routes)
-                known[1].update(collapsed)
         index = f"{self.prefix}:services"
         try:
+            run_id = str(self.client.info("server").get("run_id", ""))
+            if self._run_id and run_id != self._run_id:
+                # Redis restarted (without its data, maybe): everything is written again, and
+                # every service read again.
+                log.info("routes_redis_restarted", before=self._run_id, now=run_id)
+                _merge_into(unsent, self._written)
+                self._versions.clear()
+            self._run_id = run_id
             pipe = self.client.pipeline(transaction=False)
             for name, (routes, collapsed) in unsent.items():
                 if routes:
@@ -778,6 +785,7 @@ class RedisRouteStore:
                 pipe.hincrby(index, name, 1)
             pipe.hgetall(index)
             answers = pipe.execute()
+            _merge_into(self._written, unsent)
             unsent.clear()
             versions = {key.decode(): int(value) for key, value in answers[-1].items()}
             changed = [(name, version) for name, version in versions.items() if self._versions.get(name) != version]
@@ -806,3 +814,10 @@ class RedisRouteStore:
                     fix="check that Redis at routes.redis_url (or identity_redis_url) is up and reachable",
                 )
             self._failing = True
+
+
+def _merge_into(into: dict[str, tuple[set[str], set[str]]], other: dict[str, tuple[set[str], set[str]]]) -> None:
+    for name, (routes, collapsed) in other.items():
+        known = into.setdefault(name, (set(), set()))
+        known[0].update(routes)
+        known[1].update(collapsed)

@@ -80,11 +80,14 @@ def test_running_replicas_pick_up_each_others_collapses(redis_server: RedisServe
 def test_redis_away_routes_go_on_locally_and_are_written_when_it_is_back(redis_server: RedisServer) -> None:
     metrics = Registry()
     instance = enricher(redis_server, metrics, interval_s=0.05)
-    redis_server.stop()
+    stored = redis.Redis(port=redis_server.port)
+    key = "trawl:routes:v1:routes:shop/cart"
+    route(instance, "/before")
+    wait_for(lambda: stored.sismember(key, "/before"), "the first write")
+    redis_server.stop()  # and started again empty (no persistence): what it held is written again
     assert route(instance, "/while/away") == "/while/away"
     wait_for(lambda: metrics.snapshot()["trawl_enricher_routes_redis_errors_total"] >= 1, "a failed sync")
     redis_server.start()
     route(instance, "/back")
-    stored = redis.Redis(port=redis_server.port)
-    wait_for(lambda: {b"/while/away", b"/back"} <= stored.smembers("trawl:routes:v1:routes:shop/cart"), "the writes")
+    wait_for(lambda: {b"/before", b"/while/away", b"/back"} <= stored.smembers(key), "the writes")
     instance.shutdown()
