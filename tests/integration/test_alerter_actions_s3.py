@@ -13,7 +13,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +21,6 @@ import aiohttp
 import pytest
 from botocore.exceptions import ClientError
 from google.protobuf.json_format import MessageToDict
-from moto.server import ThreadedMotoServer
 
 from trawl.alerter.action_types import S3Action
 from trawl.alerter.actions import ActionSender, DeliveryFailure
@@ -34,16 +32,6 @@ from trawl.s3 import Credentials, s3_client
 from trawl.v1 import alerts_pb2, calls_pb2
 
 KEYS = Credentials("moto-key", "moto-secret")
-
-
-@pytest.fixture(scope="module")
-def moto_url() -> Iterator[str]:
-    """moto's S3 server for this module (buckets are named per test)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
 
 
 def client(url: str) -> Any:

@@ -18,8 +18,8 @@ import dpkt
 import pytest
 
 from tests.conftest import FIXTURES, needs_binary
-from tests.integration.test_alerter_actions_influxdb import WRITER, Influx, influx  # noqa: F401
-from tests.integration.test_alerter_actions_s3 import client, moto_url  # noqa: F401
+from tests.influx_server import WRITER, Influx
+from tests.integration.test_alerter_actions_s3 import client
 from tests.webhook_server import WebhookServer
 
 pytestmark = pytest.mark.skipif(shutil.which("influxd") is None, reason="needs influxd (make system-deps)")
@@ -31,8 +31,8 @@ IDENTITY = FIXTURES / "http1_identity.json"
 @needs_binary("tshark")
 def test_up_pcap_alert_records_its_flow_writes_a_point_and_uploads_evidence(
     tmp_path: Path,
-    influx: Influx,  # noqa: F811
-    moto_url: str,  # noqa: F811
+    influx: Influx,
+    moto_url: str,
 ) -> None:
     influx.query("CREATE DATABASE up_actions", post=True)
     influx.query(f"GRANT WRITE ON up_actions TO {WRITER[0]}", post=True)

@@ -21,18 +21,17 @@ import asyncio
 import base64
 import hashlib
 import socket
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import boto3
 import nats
 import pytest
 from botocore.exceptions import ClientError
 from moto.server import ThreadedMotoServer
 
 from tests.integration.test_recorder_recordings import start_recorder, until
+from tests.s3_server import locked_bucket, s3
 from tests.unit.test_recorder_recordings import POD_A, batch_of, traffic
 from trawl.bus import control_subject, packets_subject
 from trawl.metrics import Registry
@@ -41,35 +40,6 @@ from trawl.recorder.config import S3Settings
 from trawl.recorder.control import RECORD_SUBJECT
 from trawl.recorder.upload import Shipper
 from trawl.v1 import control_pb2
-
-
-@pytest.fixture(scope="session")
-def aws_env() -> Iterator[None]:
-    """Credentials for the stand-in, where boto3 reads them (the standard AWS variables)."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        patch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        patch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-        patch.delenv("AWS_PROFILE", raising=False)
-        yield
-
-
-@pytest.fixture(scope="session")
-def s3_url(aws_env: None) -> Iterator[str]:
-    """moto's S3 server, once per session (buckets are named per test)."""
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-def s3(url: str) -> Any:
-    return boto3.client("s3", endpoint_url=url, region_name="us-east-1")
-
-
-def locked_bucket(url: str, name: str) -> None:
-    s3(url).create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
 
 
 def free_port() -> int:

@@ -223,7 +223,11 @@ async def test_a_target_over_its_bound_is_dead_lettered_at_once_and_others_go_on
         sender = ActionSender(
             session, WebhookSettings(max_in_flight=2, retries=0), ActionSettings(), dead_letter, metrics
         )
-        holding = [asyncio.create_task(sender.deliver(alert, slow)) for _ in range(2)]
+        # Two groups' alerts (one group's would go one after the other, as the next test shows).
+        holding = [
+            asyncio.create_task(sender.deliver(alert_with(CHECKOUT, PAYMENTS, group=group), slow))
+            for group in ("a", "b")
+        ]
         await asyncio.wait_for(state.two_arrived.wait(), 10)
         # The third to the held target is refused without waiting; another target is delivered.
         assert not await sender.deliver(alert, slow)
@@ -241,3 +245,46 @@ async def test_a_target_over_its_bound_is_dead_lettered_at_once_and_others_go_on
     delivered = metrics.counter("trawl_alerter_actions_delivered_total", "")
     assert delivered.get(rule="errors", action="webhook") == 4
     assert metrics.gauge("trawl_alerter_actions_in_flight", "").get() == 0
+
+
+async def test_one_groups_alerts_reach_a_target_in_order(held: tuple[Held, str]) -> None:
+    """A resolve made while its firing is still being delivered (held by the target, retried, or
+    waiting for its recording's id) is sent after it, never before; another group is not held up."""
+    state, _ = held
+    received: list[str] = []
+    first_arrived = asyncio.Event()
+
+    async def dead_letter(failure: DeliveryFailure) -> None:
+        raise AssertionError(failure)
+
+    async def handle(request: web.Request) -> web.Response:
+        body = await request.json()
+        received.append(f"{body.get('group')}:{'resolved' if body.get('resolved') else 'firing'}")
+        first_arrived.set()
+        if len(received) == 1:
+            await state.release.wait()  # the first firing is held
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/ordered", handle)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    action = WebhookAction(f"http://127.0.0.1:{runner.addresses[0][1]}/ordered", "json")
+    try:
+        async with aiohttp.ClientSession() as session:
+            sender = ActionSender(session, WebhookSettings(retries=0), ActionSettings(), dead_letter, Registry())
+            firing = asyncio.create_task(sender.deliver(alert_with(CHECKOUT, PAYMENTS, group="a"), action))
+            await asyncio.wait_for(first_arrived.wait(), 10)
+            resolve = asyncio.create_task(
+                sender.deliver(alert_with(CHECKOUT, PAYMENTS, id="0123abce", group="a", resolved=True), action)
+            )
+            other = asyncio.create_task(sender.deliver(alert_with(CHECKOUT, PAYMENTS, group="b"), action))
+            assert await asyncio.wait_for(other, 10)  # another group goes by the held one
+            await asyncio.sleep(0.2)
+            assert received == ["a:firing", "b:firing"]  # the resolve waits for its firing
+            state.release.set()
+            assert await asyncio.wait_for(asyncio.gather(firing, resolve), 10) == [True, True]
+            assert received == ["a:firing", "b:firing", "a:resolved"]
+    finally:
+        await runner.cleanup()
