@@ -7,7 +7,8 @@ server (the real S3 protocol; no S3 can be installed here) under Object Lock.
 One windowed rule (error ratio over 10 s per pair of workloads) must fire once for the burst,
 not once per 503, and be resolved after it; its `record` action starts a recording that begins
 30 s before the window in which it fired (so it holds the 30 s before the first 503) and the
-burst, checked packet for packet against the input with dpkt and tshark; the webhook gets the
+burst, checked packet for packet against the input with dpkt and tshark, and call for call
+with `trawl analyze`; the webhook gets the
 firing and the resolve, InfluxDB a point for each, and the recorder ships the sealed recording
 to S3 with its checksum, where it is read back."""
 
@@ -63,7 +64,7 @@ def test_a_burst_of_5xx_fires_once_resolves_records_and_ships(
     rules.write_text(
         "rules:\n"
         "  - name: payments-errors\n"
-        "    condition: 'call.protocol == \"http\" && call.dst.workload == \"payments\"'\n"
+        '    condition: \'call.protocol == "http" && call.dst.workload == "payments"\'\n'
         "    group_by: 'call.src.workload + \" -> \" + call.dst.workload'\n"
         "    window: 10s\n"
         "    aggregate: 'error_ratio > 0.5'\n"
@@ -131,6 +132,18 @@ def test_a_burst_of_5xx_fires_once_resolves_records_and_ships(
     with_burst = [row for row in tshark_rows(recording) if row.endswith("503")]
     assert len(with_burst) == 30
     assert tshark_rows(recording) == tshark_rows(BURST)[len(input_packets(BURST)) - len(expected) :]
+
+    # trawl analyze reads the recording as the calls of that stretch of the input: every call
+    # that began in it (the one under way when the recording began is cut), the whole burst.
+    analyzed = subprocess.run(
+        [sys.executable, "-m", "trawl", "analyze", str(recording), "--identity", str(IDENTITY), "--json"],
+        capture_output=True, text=True, check=True,
+    ).stdout.splitlines()  # fmt: skip
+    seen = {(c["path"], c["status"], c["request"]["ts"]) for c in map(json.loads, analyzed)}
+    begun = {
+        (c["path"], c["status"], c["request"]["ts"]) for c in calls if int(c["request"]["ts"]) >= recorded[0][0] * 1000
+    }
+    assert seen == begun and sum(1 for _, status, _ in seen if status == "503") == 30
 
     # S3: the sealed recording shipped under Object Lock, its checksum the file's own.
     client = s3(s3_url)
