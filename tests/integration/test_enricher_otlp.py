@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import ExportMetricsServiceRequest
 from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
 
 from tests.conftest import FIXTURES
@@ -259,9 +258,12 @@ def test_the_service_enricher_sends_by_the_span_path_it_is_told(
 def _metric_requests_points(receiver: OtlpReceiver) -> dict[tuple[str, ...], tuple[object, ...]]:
     from tests.unit.test_otel_red_wire import histograms
 
-    merged = ExportMetricsServiceRequest()
-    merged.resource_metrics.extend(receiver.metric_requests[-1].resource_metrics)
-    return histograms(merged, {"http.server.request.duration", "http.client.request.duration"})
+    # Cumulative: each series' latest point is its total (the aggregated path's last export at
+    # a stop holds Trawl's counters only when no call came since the export before).
+    latest: dict[tuple[str, ...], tuple[object, ...]] = {}
+    for request in receiver.metric_requests:
+        latest.update(histograms(request, {"http.server.request.duration", "http.client.request.duration"}))
+    return latest
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
@@ -291,13 +293,21 @@ def test_aggregated_metrics_reach_the_receiver_as_the_sdk_paths_do(protocol: str
                     for exemplar in point.exemplars
                 }
                 assert exemplar_ids and exemplar_ids <= span_ids
-                names = {
-                    metric.name
-                    for resource_metrics in running.metric_requests[-1].resource_metrics
-                    for scope_metrics in resource_metrics.scope_metrics
-                    for metric in scope_metrics.metrics
-                }
-                assert {"traces_service_graph_request_total", "trawl_enricher_spans_exported_total"} <= names
+
+                def names(request: object) -> set[str]:
+                    return {
+                        metric.name
+                        for resource_metrics in request.resource_metrics  # type: ignore[attr-defined]
+                        for scope_metrics in resource_metrics.scope_metrics
+                        for metric in scope_metrics.metrics
+                    }
+
+                # The flush's request holds everything; the shutdown's, no call having come
+                # since, only Trawl's own counters (the histograms' cumulative points were sent).
+                first, last = running.metric_requests[0], running.metric_requests[-1]
+                assert {"traces_service_graph_request_total", "trawl_enricher_spans_exported_total"} <= names(first)
+                assert "trawl_enricher_spans_exported_total" in names(last)
+                assert not {name for name in names(last) if name.endswith(".duration")}
                 assert enricher.metrics.counter("trawl_enricher_metric_points_total", "").get(result="exported") > 0
     assert received["aggregated"] == received["sdk"] != {}
 
