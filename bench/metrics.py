@@ -36,7 +36,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.dissect import generate  # noqa: E402
-from bench.span_export import capture_calls  # noqa: E402
+from bench.otlp import capture_calls  # noqa: E402
 from trawl.metrics import Registry  # noqa: E402
 from trawl.v1.calls_pb2 import ApiCall  # noqa: E402
 

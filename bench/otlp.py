@@ -1,7 +1,7 @@
 """Span export speed: the compiled span path against the OpenTelemetry SDK path, in the same run,
 on the same calls, delivered to a real OTLP/gRPC receiver (or OTLP/HTTP with --http).
 
-    python bench/span_export.py [--calls 50000] [--http] [--gzip] [--analyze [FILE]] [--handover]
+    python bench/otlp.py [--calls 50000] [--http] [--gzip] [--analyze [FILE]] [--handover]
 
 1. Delivery: the enriched calls of a dissected capture (bench/dissect.py's HTTP/1.1 traffic,
    named by tests/fixtures/identity_snapshot.json's pods) handed over a CallBatch of 64 calls at
