@@ -373,7 +373,7 @@ def _walk(node: _Node, prefix: str, routes: set[str], collapsed: set[str], count
     if node.terminal:
         routes.add(prefix or "/")
     if node.param is not None:
-        collapsed.add(prefix or "/")
+        collapsed.add(prefix)  # the root's is "": "/" is the position after a first empty segment
         _walk(node.param, f"{prefix}/{PARAM}", routes, collapsed, counts)
     for name, child in node.literals.items():
         _walk(child, f"{prefix}/{name}", routes, collapsed, counts)
@@ -633,14 +633,14 @@ class RouteLearner:
             if len(self._services) >= self.max_services:
                 return
             state = self._services[service] = _Service()
+        new_routes, new_collapsed = set(state.new_routes), set(state.new_collapsed)
         for prefix in sorted(collapsed, key=len):
-            segments = [] if prefix == "/" else prefix.split("/")[1:]
+            segments = prefix.split("/")[1:]
             node = self._walk_to(service, state, segments)
             if node is not None and node.param is None:
                 self._collapse(service, state, node)
-        new_routes, new_collapsed = set(state.new_routes), set(state.new_collapsed)
         for route in routes:
-            segments = [] if route == "/" else route.split("/")[1:]
+            segments = route.split("/")[1:]
             self._insert(service, state, segments, remote=True)
         # What came from Redis is not written back to it.
         state.new_routes, state.new_collapsed = new_routes, new_collapsed
@@ -666,12 +666,16 @@ class RouteLearner:
 
     def routes(self, service: str) -> set[str]:
         """The routes learned for `service` (tests, debugging)."""
-        state = self._services.get(service)
-        if state is None:
-            return set()
+        return self.learned(service)[0]
+
+    def learned(self, service: str) -> tuple[set[str], set[str]]:
+        """The routes and the collapsed positions of `service`, as Redis keeps them."""
         routes: set[str] = set()
-        _walk(state.root, "", routes, set(), [0])
-        return routes
+        collapsed: set[str] = set()
+        state = self._services.get(service)
+        if state is not None:
+            _walk(state.root, "", routes, collapsed, [0])
+        return routes, collapsed
 
     def take_new(self) -> dict[str, tuple[set[str], set[str]]]:
         """The routes and collapsed positions learned here since the last call, by service."""

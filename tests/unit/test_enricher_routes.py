@@ -287,6 +287,43 @@ def test_routes_stay_under_the_cap_and_settle(requests: list[tuple[str, str]], c
             assert len(route.split("/")) == len(path.split("/"))
 
 
+@settings(max_examples=scaled(200), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    requests=st.lists(st.tuples(st.sampled_from(["s1", "s2"]), PATHS), max_size=120),
+    collapse_after=st.integers(1, 5),
+    cap=st.integers(1, 12),
+)
+def test_what_redis_keeps_gives_another_learner_the_same_routes(
+    requests: list[tuple[str, str]], collapse_after: int, cap: int
+) -> None:
+    one = RouteLearner(collapse_after=collapse_after, max_routes_per_service=cap)
+    for _ in range(50):  # until settled (see above)
+        if [one.learn(service, path) for service, path in requests] == [
+            one.learn(service, path) for service, path in requests
+        ]:
+            break
+    other = RouteLearner(collapse_after=collapse_after, max_routes_per_service=cap)
+    for service in one.services():
+        routes, collapsed = one.learned(service)
+        other.merge_remote(service, collapsed, routes)
+        assert other.learned(service) == (routes, collapsed)
+    for service, path in requests:
+        route = one.learn(service, path)
+        if route != OVERFLOW:
+            assert other.learn(service, path) == route
+
+
+def test_an_empty_first_segment_is_not_the_root() -> None:
+    one = RouteLearner(collapse_after=2)
+    assert [one.learn("s", path) for path in ("//a", "//b", "//c")] == ["//a", "//b", f"//{PARAM}"]
+    routes, collapsed = one.learned("s")
+    assert (routes, collapsed) == ({f"//{PARAM}"}, {"/"})  # the position after "/", not the root's ("")
+    other = RouteLearner(collapse_after=2)
+    other.merge_remote("s", collapsed, routes)
+    assert other.learn("s", "//zz") == f"//{PARAM}"
+    assert other.learn("s", "/x") == "/x"  # the root was not collapsed
+
+
 # -- the Enricher sets it, on objects and on bytes -----------------------------------------
 
 
