@@ -172,7 +172,9 @@ class Alerter:
             "trawl_alerter_window_conflicts_total", "Redis window transactions judged again (another replica wrote)"
         )
 
-    def evaluate(self, call: calls_pb2.ApiCall) -> list[alerts_pb2.Alert]:
+    def evaluate(self, call: calls_pb2.ApiCall, sequence: int = 0) -> list[alerts_pb2.Alert]:
+        """The alerts `call` raises. `sequence`, its stream sequence, lets windows shared through
+        Redis leave out a call redelivered after its batch was judged (0: unknown)."""
         self._calls.inc()
         if not self.rules:
             return []
@@ -189,7 +191,7 @@ class Alerter:
                 continue
             group = self._group(rule, activation, call)
             if rule.window is not None:
-                alerts += self._observe(rule, group, call, now_ns)
+                alerts += self._observe(rule, group, call, now_ns, sequence)
                 continue
             key = (rule.name, group)
             last = self._last_fired.get(key)
@@ -261,10 +263,13 @@ class Alerter:
         if self.shared is not None:
             self.shared.announced(alert.id for alert in alerts if alert.window_calls or alert.resolved)
 
-    def _observe(self, rule: Rule, group: str, call: calls_pb2.ApiCall, now_ns: int) -> list[alerts_pb2.Alert]:
+    def _observe(
+        self, rule: Rule, group: str, call: calls_pb2.ApiCall, now_ns: int, sequence: int = 0
+    ) -> list[alerts_pb2.Alert]:
         assert rule.window is not None
         if self.shared is not None:
-            self._observations.append(Observation(rule.name, rule.window, group, now_ns, call.elapsed_ns, call.outcome))
+            observation = Observation(rule.name, rule.window, group, now_ns, call.elapsed_ns, call.outcome, sequence)
+            self._observations.append(observation)
             key = (rule.name, group)
             self._last_calls.pop(key, None)  # the newest last: the oldest is the first forgotten
             self._last_calls[key] = call

@@ -79,6 +79,9 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
     )
     recent = RecentIds(settings.recent_call_ids)
     await bus.ensure_stream(STREAM_ENRICHED, settings.streams)
+    if window_store is not None:
+        created = (await bus.js.stream_info(STREAM_ENRICHED)).created
+        window_store.stream_id = created.isoformat() if created else ""
     await bus.ensure_stream(STREAM_ALERTS, settings.streams)
     # One alerter (windows in process) acks a batch by its last call (AckPolicy.ALL); replicas
     # sharing windows through Redis share the consumer, and ack each call: an ack-all would
@@ -161,7 +164,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 duplicates.inc()
                 continue
             try:
-                alerts += alerter.evaluate(call)
+                alerts += alerter.evaluate(call, msg.stream_sequence if window_store is not None else 0)
             except Exception:  # nothing in one call may stop the alerter
                 # Explicit acks leave it to come back; an ack-all acks it with the batch.
                 log.exception("alerter_call_failed", call_id=call.id)

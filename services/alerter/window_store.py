@@ -35,6 +35,10 @@ How, and why so:
   claim_s in `<prefix>:outbox:due`); once stored, the replica removes it (`announced`). Any
   replica's sweep takes the entries whose claim has run out and announces them again, with
   their ids, which JetStream stores once.
+- A call redelivered after its batch was judged (its replica was killed before the ack, or NATS
+  refused an alert and the batch was nak'd) must not be counted twice: the same MULTI sets a
+  bit per stream sequence judged (`<prefix>:seen:<stream>:<chunk>`, 8 KiB per 65,536 calls,
+  kept an hour), and a batch's calls whose bit is set are left out of the windows.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ import json
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any, cast
 
@@ -71,6 +75,10 @@ log = get_logger(__name__)
 MAX_ATTEMPTS = 50  # optimistic transactions of one batch before it is given up (and nak'd)
 SWEEP_MAX = 1_000  # due groups judged per sweep; the rest on the next one
 OUTBOX_MAX = 100
+# Calls judged, by stream sequence: a bit each, this many a key (8 KiB), kept an hour after their
+# last write (a redelivery comes after the ack wait, 30 s, or a replica's restart).
+SEEN_CHUNK = 65_536
+SEEN_TTL_S = 3600
 
 
 # Renders a transition as the alert that announces it (the outbox keeps it serialized).
@@ -122,6 +130,9 @@ class SharedWindows:
         self.overflow = 0  # calls of groups not tracked (beyond max_groups)
         self.conflicts = 0  # transactions tried again because another replica wrote a group meanwhile
         self.groups = 0  # the group count Redis gave last
+        # Which incarnation of TRAWL_ENRICHED the stream sequences are of (its creation time): a
+        # stream made again numbers from 1, and its sequences must not read as judged already.
+        self.stream_id = ""
 
     def _key(self, member: str) -> str:
         return f"{self.prefix}:g:{member}"
@@ -136,10 +147,14 @@ class SharedWindows:
         members = list(dict.fromkeys(_member(o.rule, o.group) for o in observations))
         specs = {_member(o.rule, o.group): o.spec for o in observations}
 
-        def compute(states: dict[str, GroupState | None], count: int) -> tuple[list[Transition], int]:
+        sequences = sorted({o.sequence for o in observations if o.sequence})
+
+        def compute(states: dict[str, GroupState | None], count: int, seen: set[int]) -> tuple[list[Transition], int]:
             transitions: list[Transition] = []
             created = overflow = 0
             for o in observations:
+                if o.sequence in seen:
+                    continue  # a redelivered call whose batch another life of this consumer judged
                 member = _member(o.rule, o.group)
                 state = states[member]
                 if state is None:
@@ -154,7 +169,7 @@ class SharedWindows:
                     transitions.append(transition)
             return transitions, overflow
 
-        transitions, overflow = self._transact(members, specs, compute, render)
+        transitions, overflow = self._transact(members, specs, compute, render, sequences)
         self.overflow += overflow
         return transitions
 
@@ -173,7 +188,7 @@ class SharedWindows:
         live = [member for member, spec in known.items() if spec is not None]
         gone = [member for member, spec in known.items() if spec is None]  # rules no longer configured: forgotten
 
-        def compute(states: dict[str, GroupState | None], count: int) -> tuple[list[Transition], int]:
+        def compute(states: dict[str, GroupState | None], count: int, seen: set[int]) -> tuple[list[Transition], int]:
             transitions: list[Transition] = []
             for member in live:
                 state = states[member]
@@ -194,8 +209,9 @@ class SharedWindows:
         self,
         members: list[str],
         specs: dict[str, WindowSpec],
-        compute: Callable[[dict[str, GroupState | None], int], tuple[list[Transition], int]],
+        compute: Callable[[dict[str, GroupState | None], int, set[int]], tuple[list[Transition], int]],
         render: Render,
+        sequences: Sequence[int] = (),
     ) -> tuple[list[tuple[Transition, alerts_pb2.Alert]], int]:
         keys = [self._key(member) for member in members]
         for attempt in range(MAX_ATTEMPTS):
@@ -208,10 +224,12 @@ class SharedWindows:
                     for member, blob in zip(members, blobs, strict=True):
                         spec = specs.get(member)
                         states[member] = decode_state(blob, spec.window_s) if blob and spec else None
-                    transitions, overflow = compute(states, count)
+                    seen = self._seen(pipe, sequences)
+                    transitions, overflow = compute(states, count, seen)
                     announced = [(transition, render(transition)) for transition in transitions]
                     pipe.multi()
                     self._write(pipe, states, specs)
+                    self._mark(pipe, [sequence for sequence in sequences if sequence not in seen])
                     if announced:
                         claim = self.clock() + self.claim_s
                         pipe.hset(self.outbox_key, mapping={a.id: a.SerializeToString() for _, a in announced})
@@ -226,6 +244,33 @@ class SharedWindows:
             except redis.RedisError as exc:
                 raise WindowStoreError(f"redis: {exc}") from exc
         raise WindowStoreError(f"{MAX_ATTEMPTS} conflicting transactions in a row on {len(keys)} groups")
+
+    def _seen_key(self, chunk: int) -> str:
+        return f"{self.prefix}:seen:{self.stream_id}:{chunk}"
+
+    def _seen(self, pipe: Any, sequences: Sequence[int]) -> set[int]:
+        """Of these stream sequences, those whose calls are in the windows already (read at once,
+        before MULTI): a bit per sequence, SEEN_CHUNK sequences a key."""
+        seen: set[int] = set()
+        by_chunk: dict[int, list[int]] = {}
+        for sequence in sequences:
+            by_chunk.setdefault(sequence // SEEN_CHUNK, []).append(sequence)
+        for chunk, chunk_sequences in by_chunk.items():
+            arguments: list[Any] = []
+            for sequence in chunk_sequences:
+                arguments += ["GET", "u1", sequence % SEEN_CHUNK]
+            bits = pipe.execute_command("BITFIELD", self._seen_key(chunk), *arguments)
+            seen.update(sequence for sequence, bit in zip(chunk_sequences, bits, strict=True) if bit)
+        return seen
+
+    def _mark(self, pipe: Any, sequences: list[int]) -> None:
+        """Mark these sequences judged, in the transaction that writes their calls' groups."""
+        by_chunk: dict[int, list[Any]] = {}
+        for sequence in sequences:
+            by_chunk.setdefault(sequence // SEEN_CHUNK, []).extend(["SET", "u1", sequence % SEEN_CHUNK, 1])
+        for chunk, arguments in by_chunk.items():
+            pipe.execute_command("BITFIELD", self._seen_key(chunk), *arguments)
+            pipe.expire(self._seen_key(chunk), SEEN_TTL_S)
 
     def _write(
         self,

@@ -251,6 +251,7 @@ class Observation:
     ts_ns: int
     elapsed_ns: int
     outcome: int
+    sequence: int = 0  # the call's stream sequence (0: unknown), by which a redelivery is told apart
 
 
 @dataclass(frozen=True, slots=True)
