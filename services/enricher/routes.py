@@ -418,6 +418,7 @@ class RouteLearner:
         self.max_segments = max_segments
         self._services: dict[str, _Service] = {}
         self._cache: dict[tuple[str, str, str], str] = {}
+        self._raw: dict[tuple[bytes, bytes, bytes], tuple[str, str]] = {}  # route_encoded's answers, by its arguments
         self._documents_of: dict[tuple[str, str], list[OpenApiDocument]] = {}
         self._endpoints: dict[bytes, tuple[Endpoint, str]] = {}  # route_encoded's destinations, parsed once
         self._dirty: set[str] = set()  # services with routes or collapses not handed to Redis yet
@@ -475,7 +476,15 @@ class RouteLearner:
 
     def route_encoded(self, dst: bytes, path: bytes, http: bytes) -> str | None:
         """`route_of` for the compiled splicer (trawl._calljson.Splicer's route): the call's
-        enriched destination Endpoint, path and HttpDetail, serialized."""
+        enriched destination Endpoint, path and HttpDetail, serialized. Answers are kept by
+        those bytes (the query cut off): the calls of a connection mostly share them, and are
+        then routed without a parse."""
+        key = (dst, path.partition(b"?")[0], http)
+        found = self._raw.get(key)
+        if found is not None:
+            if found[0] == OVERFLOW:
+                self._count_overflow(found[1])
+            return found[0] or None
         known = self._endpoints.get(dst)
         if known is None:
             from trawl.v1.calls_pb2 import Endpoint
@@ -488,6 +497,9 @@ class RouteLearner:
         route = self._route(
             known[0], path.decode("utf-8", "replace"), detail.host, detail.request_content_type, known[1]
         )
+        if len(self._raw) >= MAX_CACHED:
+            self._raw.clear()
+        self._raw[key] = (route, known[1])
         return route or None
 
     def after_batch(self) -> None:
@@ -513,6 +525,8 @@ class RouteLearner:
         key = (service, host, path)
         found = self._cache.get(key)
         if found is not None:
+            if found == OVERFLOW:
+                self._count_overflow(service)
             return found
         route = ""
         if self.documents:
@@ -594,6 +608,10 @@ class RouteLearner:
             self._routes_gauge.inc()
         return route
 
+    def _count_overflow(self, service: str) -> None:
+        """An overflowed call answered from a cache: counted as `learn` counted the first."""
+        self._overflow.inc(service=service if service in self._services else SHARED_SERVICE)
+
     def _overflowed(self, service: str, count: bool) -> str:
         if count:
             self._overflow.inc(service=service)
@@ -619,6 +637,7 @@ class RouteLearner:
         state.new_routes |= routes - before
         self._collapses.inc(len(fresh), service=service)
         self._cache.clear()  # answers given before the collapse may have changed
+        self._raw.clear()
         return param
 
     # -- shared state ----------------------------------------------------------------------
@@ -646,6 +665,7 @@ class RouteLearner:
         state.new_routes, state.new_collapsed = new_routes, new_collapsed
         state.collapsed |= set(collapsed)
         self._cache.clear()
+        self._raw.clear()
 
     def _walk_to(self, service: str, state: _Service, segments: Sequence[str]) -> _Node | None:
         node = state.root

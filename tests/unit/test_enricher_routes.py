@@ -232,6 +232,23 @@ def test_cap_on_routes_per_service_overflows_and_counts() -> None:
     assert learner.learn("s", "/p1") == "/p1"  # known routes go on
     assert 'trawl_enricher_routes_overflow_total{service="s"} 2' in counter(metrics, "trawl_enricher_routes_over")
 
+    # Through the caches of route_of and of the splicer's route_encoded, every call is counted.
+    calls = [http_call("/q/1"), http_call("/q/2"), http_call("/q/3"), http_call("/q/4"), http_call("/q/4")]
+    learner = RouteLearner(collapse_after=100, max_routes_per_service=3, metrics=metrics)
+    assert [learner.route_of(call) for call in calls[:4]] == ["/q/{id}", "/q/{id}", "/q/{id}", "/q/{id}"]
+    for index, call in enumerate(calls):
+        call.path = f"/p{min(index, 3)}"
+    assert [learner.route_of(call) for call in calls] == ["/p0", "/p1", OVERFLOW, OVERFLOW, OVERFLOW]
+    dst, http = calls[0].dst.SerializeToString(), calls[0].http.SerializeToString()
+    assert [learner.route_encoded(dst, path, http) for path in (b"/p3", b"/p3?x=1", b"/p0")] == [
+        OVERFLOW,
+        OVERFLOW,
+        "/p0",
+    ]
+    assert 'trawl_enricher_routes_overflow_total{service="shop/payments"} 5' in counter(
+        metrics, "trawl_enricher_routes_over"
+    )
+
 
 def test_services_past_the_cap_share_one_trie() -> None:
     metrics = Registry()
