@@ -9,7 +9,8 @@ metrics' `http.route`) comes from, in order:
    over a parameter (OpenAPI: "concrete paths are matched before their templated
    counterparts"), backtracking when the literal branch fails deeper.
 2. gRPC carried as plain HTTP (`application/grpc*`): the path `/pkg.Service/Method` is the
-   route; methods are bounded by the service's definition.
+   route, never collapsed (methods are bounded by the service's definition; the cap below
+   holds all the same).
 3. GraphQL over plain HTTP (`application/graphql`, or a path ending in `/graphql`): the
    endpoint path (the operation name is in the span name already).
 4. Otherwise the span heuristic (spans.template_path: numeric, UUID and hex segments become
@@ -21,8 +22,8 @@ Calls of the gRPC and GraphQL protocols hold their own detail (the `detail` oneo
 HTTP one, and get no `http.route`: their span names already are their method or operation.
 
 Bounds: per service at most `max_routes_per_service` routes (a call whose path would make one
-more gets `/{overflow}`, counted in `trawl_enricher_routes_overflow_total{service}`) and
-4 times as many trie nodes; at most `max_services` services (calls of the ones past it share
+more gets `/{overflow}`, counted in `trawl_enricher_routes_overflow_total{service}`), as
+many gRPC and GraphQL paths, and 4 times as many trie nodes; at most `max_services` services (calls of the ones past it share
 one trie, service "*", counted in `trawl_enricher_routes_services_overflow_total`); at most
 `max_segments` segments of a path are learned (the rest is `{rest}`). The overflow route is
 `/{overflow}` rather than no route at all: without a route the spans and metrics fall back to
@@ -326,13 +327,14 @@ class _Node:
 
 
 class _Service:
-    __slots__ = ("collapsed", "new_collapsed", "new_routes", "nodes", "root", "routes")
+    __slots__ = ("collapsed", "kept", "new_collapsed", "new_routes", "nodes", "root", "routes")
 
     def __init__(self) -> None:
         self.root = _Node()
         self.routes = 0
         self.nodes = 1
         self.collapsed: set[str] = set()
+        self.kept: set[str] = set()  # gRPC and GraphQL paths, routes as they are (RouteLearner.keep)
         # Learned here since the last Redis write.
         self.new_routes: set[str] = set()
         self.new_collapsed: set[str] = set()
@@ -517,10 +519,6 @@ class RouteLearner:
                 return ""  # CONNECT's authority, OPTIONS' *: no path, no route
             path = urlsplit(path).path or "/"
         path = path.partition("?")[0]
-        if content_type.startswith("application/grpc"):
-            return path
-        if content_type.startswith(_GRAPHQL_TYPES) or path.endswith("/graphql"):
-            return path
         service = service or service_of(dst)
         key = (service, host, path)
         found = self._cache.get(key)
@@ -529,7 +527,9 @@ class RouteLearner:
                 self._count_overflow(service)
             return found
         route = ""
-        if self.documents:
+        if content_type.startswith(("application/grpc", *_GRAPHQL_TYPES)) or path.endswith("/graphql"):
+            route = self.keep(service, path)
+        elif self.documents:
             for document in self._documents_for(service, dst, host):
                 route = document.route(path)
                 if route:
@@ -552,8 +552,7 @@ class RouteLearner:
             self._documents_of[key] = found
         return found
 
-    def learn(self, service: str, path: str) -> str:
-        """The learned route of `path` (no query) for `service`, learning it."""
+    def _state(self, service: str) -> tuple[str, _Service]:
         state = self._services.get(service)
         if state is None:
             if len(self._services) >= self.max_services:
@@ -562,6 +561,23 @@ class RouteLearner:
                 state = self._services.get(service)
             if state is None:
                 state = self._services[service] = _Service()
+        return service, state
+
+    def keep(self, service: str, path: str) -> str:
+        """`path` as its own route (a gRPC method, a GraphQL endpoint: no segment of it is a
+        parameter), under the service's cap of routes all the same."""
+        service, state = self._state(service)
+        if path in state.kept:
+            return path
+        if len(state.kept) >= self.max_routes:
+            self._overflowed(service, count=True)
+            return OVERFLOW
+        state.kept.add(path)
+        return path
+
+    def learn(self, service: str, path: str) -> str:
+        """The learned route of `path` (no query) for `service`, learning it."""
+        service, state = self._state(service)
         segments = path.split("/")
         if len(segments) > self.max_segments + 1:
             segments = [*segments[: self.max_segments + 1], REST]

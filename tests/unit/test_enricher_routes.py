@@ -250,6 +250,18 @@ def test_cap_on_routes_per_service_overflows_and_counts() -> None:
     )
 
 
+def test_grpc_methods_are_kept_whole_under_the_cap() -> None:
+    metrics = Registry()
+    learner = RouteLearner(collapse_after=2, max_routes_per_service=3, metrics=metrics)
+    methods = [f"/shop.Cart/M{n}" for n in range(4)]
+    routes = [learner.route_of(http_call(method, content_type="application/grpc")) for method in methods]
+    assert routes == [*methods[:3], OVERFLOW]  # never collapsed, but capped
+    assert learner.route_of(http_call(methods[0], content_type="application/grpc")) == methods[0]
+    assert 'trawl_enricher_routes_overflow_total{service="shop/payments"} 1' in counter(
+        metrics, "trawl_enricher_routes_over"
+    )
+
+
 def test_services_past_the_cap_share_one_trie() -> None:
     metrics = Registry()
     learner = RouteLearner(max_services=2, metrics=metrics)
