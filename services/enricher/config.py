@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import ClassVar, Literal
 from urllib.parse import unquote, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from trawl.config import ServiceSettings
@@ -92,6 +92,13 @@ class RouteSettings(BaseModel):
     sync_interval_s: float = Field(default=5.0, gt=0)
     # How long fetching an OpenAPI document from a URL may take at start.
     fetch_timeout_s: float = Field(default=10.0, gt=0)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_url(cls, url: str | None) -> str | None:
+        if url is not None and urlsplit(url).scheme not in ("redis", "rediss", "unix"):
+            raise ValueError("expected a redis://, rediss:// or unix:// URL")
+        return url
 
     @property
     def active(self) -> bool:

@@ -167,6 +167,10 @@ def test_config_block_loads_from_the_enricher_section(tmp_path: Path) -> None:
         EnricherSettings.load(config)
     assert caught.value.line == 3 and "collapse_afer" in str(caught.value)
     assert not EnricherSettings().routes.active  # off unless asked for
+    config.write_text("enricher:\n  routes:\n    enabled: true\n    redis_url: localhost:6379\n")
+    with pytest.raises(ConfigError, match="redis://") as caught:
+        EnricherSettings.load(config)
+    assert caught.value.line == 4
 
 
 # -- the learner ---------------------------------------------------------------------------
