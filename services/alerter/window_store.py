@@ -46,7 +46,6 @@ from __future__ import annotations
 import json
 import random
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from itertools import chain
 from typing import Any, cast
@@ -96,12 +95,28 @@ def encode_state(state: GroupState) -> bytes:
 
 def decode_state(blob: bytes, window_s: float) -> GroupState:
     pending, firing, last_ns, value, calls, slots = json.loads(blob)
-    window = GroupWindow(window_s)
-    window.slots = deque(
-        Slot(second, count, errors, elapsed_sum, elapsed_max, dict(zip(bins[::2], bins[1::2], strict=True)))
-        for second, count, errors, elapsed_sum, elapsed_max, bins in slots
+    window = GroupWindow(
+        window_s,
+        (
+            Slot(second, count, errors, elapsed_sum, elapsed_max, dict(zip(bins[::2], bins[1::2], strict=True)))
+            for second, count, errors, elapsed_sum, elapsed_max, bins in slots
+        ),
     )
     return GroupState(window, pending, firing, last_ns, value, calls)
+
+
+_MARK_SCRIPT = """
+for offset in string.gmatch(ARGV[1], '%d+') do redis.call('SETBIT', KEYS[1], offset, 1) end
+redis.call('EXPIRE', KEYS[1], ARGV[2])
+"""
+
+
+def _by_chunk(sequences: Iterable[int]) -> dict[int, list[int]]:
+    """Sequences by the key of their bit (their chunk), as sorted offsets in it."""
+    chunks: dict[int, list[int]] = {}
+    for sequence in sorted(sequences):
+        chunks.setdefault(sequence // SEEN_CHUNK, []).append(sequence % SEEN_CHUNK)
+    return chunks
 
 
 def _member(rule: str, group: str) -> str:
@@ -144,8 +159,12 @@ class SharedWindows:
         Windows.observe does call by call; the transitions this replica is to announce."""
         if not observations:
             return []
-        members = list(dict.fromkeys(_member(o.rule, o.group) for o in observations))
-        specs = {_member(o.rule, o.group): o.spec for o in observations}
+        names: dict[tuple[str, str], str] = {}  # one JSON member a group, not one a call
+        for o in observations:
+            if (o.rule, o.group) not in names:
+                names[(o.rule, o.group)] = _member(o.rule, o.group)
+        members = list(names.values())
+        specs = {names[(o.rule, o.group)]: o.spec for o in observations}
 
         sequences = sorted({o.sequence for o in observations if o.sequence})
 
@@ -155,7 +174,7 @@ class SharedWindows:
             for o in observations:
                 if o.sequence in seen:
                     continue  # a redelivered call whose batch another life of this consumer judged
-                member = _member(o.rule, o.group)
+                member = names[(o.rule, o.group)]
                 state = states[member]
                 if state is None:
                     if count + created >= self.max_groups:
@@ -250,27 +269,25 @@ class SharedWindows:
 
     def _seen(self, pipe: Any, sequences: Sequence[int]) -> set[int]:
         """Of these stream sequences, those whose calls are in the windows already (read at once,
-        before MULTI): a bit per sequence, SEEN_CHUNK sequences a key."""
+        before MULTI): a bit per sequence, SEEN_CHUNK sequences a key; the bytes that cover a
+        chunk's sequences in one GETRANGE (a batch's sequences are nearly consecutive)."""
         seen: set[int] = set()
-        by_chunk: dict[int, list[int]] = {}
-        for sequence in sequences:
-            by_chunk.setdefault(sequence // SEEN_CHUNK, []).append(sequence)
-        for chunk, chunk_sequences in by_chunk.items():
-            arguments: list[Any] = []
-            for sequence in chunk_sequences:
-                arguments += ["GET", "u1", sequence % SEEN_CHUNK]
-            bits = pipe.execute_command("BITFIELD", self._seen_key(chunk), *arguments)
-            seen.update(sequence for sequence, bit in zip(chunk_sequences, bits, strict=True) if bit)
+        for chunk, offsets in _by_chunk(sequences).items():
+            first = offsets[0] // 8
+            data = bytes(pipe.getrange(self._seen_key(chunk), first, offsets[-1] // 8))
+            for offset in offsets:
+                byte = offset // 8 - first
+                # SETBIT's order: bit 0 of a key is the most significant bit of its first byte.
+                if byte < len(data) and data[byte] & (0x80 >> (offset % 8)):
+                    seen.add(chunk * SEEN_CHUNK + offset)
         return seen
 
     def _mark(self, pipe: Any, sequences: list[int]) -> None:
-        """Mark these sequences judged, in the transaction that writes their calls' groups."""
-        by_chunk: dict[int, list[Any]] = {}
-        for sequence in sequences:
-            by_chunk.setdefault(sequence // SEEN_CHUNK, []).extend(["SET", "u1", sequence % SEEN_CHUNK, 1])
-        for chunk, arguments in by_chunk.items():
-            pipe.execute_command("BITFIELD", self._seen_key(chunk), *arguments)
-            pipe.expire(self._seen_key(chunk), SEEN_TTL_S)
+        """Mark these sequences judged, in the transaction that writes their calls' groups: a
+        script setting each bit (bit by bit: another replica's calls share the bytes), with the
+        offsets in one argument rather than four arguments a bit."""
+        for chunk, offsets in _by_chunk(sequences).items():
+            pipe.eval(_MARK_SCRIPT, 1, self._seen_key(chunk), ",".join(map(str, offsets)), SEEN_TTL_S)
 
     def _write(
         self,

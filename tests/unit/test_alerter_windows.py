@@ -276,3 +276,38 @@ def test_firings_and_resolutions_alternate_and_firings_hold_over_the_exact_windo
             errors = sum(call.outcome == Outcome.OUTCOME_ERROR for call in inside)
             assert len(inside) == fired.window_calls >= 5
             assert errors / len(inside) == pytest.approx(fired.value) and fired.value > 0.2
+
+
+@given(
+    steps=st.lists(
+        st.tuples(
+            st.integers(0, 3_000),  # how far the calls' time moves on (ms)
+            st.integers(0, 4_000),  # how late this call is (ms)
+            st.integers(0, 2_000_000_000),
+            st.booleans(),
+            st.booleans(),  # judge the window after it
+        ),
+        max_size=150,
+    )
+)
+@settings(max_examples=scaled(200), deadline=None)
+def test_window_totals_follow_the_slots(steps: list[tuple[int, int, int, bool, bool]]) -> None:
+    """The totals GroupWindow keeps as calls come and slots leave are the sums over its slots."""
+    window = GroupWindow(5)
+    now = T0
+    for advance_ms, late_ms, elapsed, error, judge in steps:
+        now += advance_ms * 1_000_000
+        window.add(now - late_ms * 1_000_000, elapsed, error)
+        if judge:
+            stats = window.stats(now)
+            slots = list(window.slots)
+            assert stats.count == sum(slot.count for slot in slots)
+            assert stats.errors == sum(slot.errors for slot in slots)
+            assert stats.elapsed_sum == sum(slot.elapsed_sum for slot in slots)
+            assert stats.elapsed_max == max((slot.elapsed_max for slot in slots), default=0)
+            bins: dict[int, int] = {}
+            for slot in slots:
+                for index, count in slot.bins.items():
+                    bins[index] = bins.get(index, 0) + count
+            assert stats.bins == bins
+            assert GroupWindow(5, slots).bins == bins  # as a window read back from Redis counts them
