@@ -28,6 +28,9 @@ slots whatever the traffic, and percentiles are the bin's upper bound (within 5%
 nearest-rank value). Groups are capped (`max_groups`); a group beyond the cap is not tracked,
 and counted (`overflow`). Time is the calls' own (request timestamps), so a replayed capture
 alerts as the live traffic would have.
+
+Here the groups are in process (one alerter). With `alerter.redis` they are in Redis, shared
+by the replicas and judged by the same `judge` (trawl.alerter.window_store).
 """
 
 from __future__ import annotations
