@@ -989,7 +989,7 @@ static unsigned char *write_varint(unsigned char *at, uint64_t value) {
     return at;
 }
 
-/* Whether an HttpDetail holds a route (field 11) already; FALLBACK when it does not parse. */
+/* Whether an HttpDetail holds a (non-empty) route, field 11, already; FALLBACK when it does not parse. */
 static int http_has_route(const unsigned char *pos, const unsigned char *end, int *has) {
     *has = 0;
     while (pos < end) {
@@ -1006,6 +1006,8 @@ static int http_has_route(const unsigned char *pos, const unsigned char *end, in
         case 2:
             if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
             pos += value;
+            /* The last one counts, as a parser keeps it; an empty one is no route. */
+            if (tag == ((11 << 3) | 2)) *has = value > 0;
             break;
         case 5:
             if (end - pos < 4) return FALLBACK;
@@ -1014,7 +1016,7 @@ static int http_has_route(const unsigned char *pos, const unsigned char *end, in
         default:
             return FALLBACK;
         }
-        if ((tag >> 3) == 11) *has = 1;
+        if ((tag >> 3) == 11 && (tag & 7) != 2) return FALLBACK;
     }
     return OK;
 }

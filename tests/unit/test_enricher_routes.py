@@ -27,7 +27,7 @@ from trawl.enricher.routes import OVERFLOW, PARAM, SHARED_SERVICE, RouteLearner,
 from trawl.errors import ConfigError
 from trawl.metrics import Registry
 from trawl.render import calls_to_json_lines
-from trawl.v1.calls_pb2 import ApiCall
+from trawl.v1.calls_pb2 import ApiCall, HttpDetail
 
 OPENAPI_3 = """\
 openapi: 3.0.3
@@ -447,6 +447,19 @@ def test_the_route_splicer_takes_any_bytes(data: list[bytes]) -> None:
     enriched, _, _, protocols, odd = _calljson.Splicer(IDENTITY.describe_address, route=_path_route).enrich(data)
     assert len(enriched) == len(data) and all(type(item) is bytes for item in enriched)
     assert sum(protocols.values()) == len(data) - len(odd)
+
+
+def test_an_explicit_empty_route_is_no_route_and_the_last_one_counts() -> None:
+    call = ApiCall(id="c", protocol="http", path="/v1/users/1")
+    call.src.ip, call.dst.ip, call.dst.port = "10.0.0.1", "10.0.0.9", 80
+    detail = HttpDetail(version="1.1").SerializeToString()
+    splicer = _calljson.Splicer(IDENTITY.describe_address, route=_path_route)
+    for tail, expected in ((b"\x5a\x00", "/r11"), (b"\x5a\x01x", "x"), (b"\x5a\x01x\x5a\x00", "/r11")):
+        content = detail + tail
+        encoded = call.SerializeToString() + b"\xa2\x01" + bytes([len(content)]) + content
+        (enriched,), _, _, _, odd = splicer.enrich([encoded])
+        assert odd == []
+        assert ApiCall.FromString(enriched).http.route == expected
 
 
 def test_a_failing_route_falls_back_to_objects_and_a_bad_answer_is_refused() -> None:
