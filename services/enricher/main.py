@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,12 +18,12 @@ from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 
-from trawl.bus import PREFIX, STREAM_CALLS, STREAM_ENRICHED, DurablePublisher
+from trawl.bus import PREFIX, STREAM_CALLS, STREAM_ENRICHED, DurableOutcome, DurablePublisher, raise_if_cancelled
 from trawl.dedup import RecentIds
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, enricher_from_settings, start_kube_watch
 from trawl.enricher.span_totals import EXPORT_TOTALS_EVENT, TOTALS_EVENT, ExportTotals, SpanCounters, SpanTotals
-from trawl.enricher.wire_calls import EnrichedSubjects, WireError, call_id, split_call_batch
+from trawl.enricher.wire_calls import CallBatchParts, EnrichedSubjects, WireError, call_id, split_call_batch
 from trawl.logs import get_logger
 from trawl.service import ServiceContext, main_for
 
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
     from trawl.enricher.shared import SharedIdentity
 
 log = get_logger(__name__)
+
+# CallBatches enriched and published whose acks are awaited at once (about 2,000 calls).
+WINDOW_BATCHES = 4
 
 
 class _Pipeline:
@@ -56,11 +60,20 @@ class _Pipeline:
         )
         self._publisher: DurablePublisher | None = None
         self._subjects = EnrichedSubjects()
+        # Batches handled and not yet settled, in order, at most WINDOW_BATCHES; their calls' ids.
+        self._settling: asyncio.Queue[_InFlight] = asyncio.Queue()
+        self._window = asyncio.Semaphore(WINDOW_BATCHES)
+        self._in_flight_ids: set[str] = set()
         self._lost_upstream = metrics.gauge(
             "trawl_enricher_upstream_lost_packet_batches", "Packet batches the dissector reported missing, by shard"
         )
 
     async def handle(self, msg: Msg) -> None:
+        """Enrich and export a CallBatch, and start publishing its calls; it is acknowledged
+        (or not) later, in order, once the stream has answered (`_settle`). Up to
+        WINDOW_BATCHES are in flight: the next batch is enriched while the acks of the last
+        come back (waiting for them one batch at a time left the enricher idle a second and
+        more for 100,000 calls)."""
         try:
             batch = split_call_batch(msg.data)
             ids = [call_id(call) for call in batch.calls]
@@ -81,61 +94,104 @@ class _Pipeline:
             await msg.term()
             return
         self.enricher.export_encoded(enriched)
-        if self.ctx.settings.publish_enriched and not await self._publish(enriched, fresh_ids):
-            self._publish_failures.inc()
-            await msg.nak(delay=1)
-            return
-        await msg.ack()
+        publishing: asyncio.Future[DurableOutcome] | None = None
+        if self.ctx.settings.publish_enriched:
+            publishing = asyncio.ensure_future(self._publish(enriched, fresh_ids))
+        self._in_flight_ids.update(fresh_ids)
+        await self._window.acquire()
+        self._settling.put_nowait(_InFlight(msg, batch, fresh_ids, len(enriched), publishing))
+        if batch.end_of_input:
+            await self._settling.join()  # drained is announced once every batch before it is settled
+
+    async def settle_all(self, timeout_s: float) -> None:
+        """Wait (at most `timeout_s`) until every batch handed over is acknowledged or not."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._settling.join(), timeout_s)
+
+    async def settle_forever(self) -> None:
+        """The batches in the order they came: acked once their calls are stored, else nak'ed
+        (redelivered; the stream keeps each call once, by its id)."""
+        while True:
+            entry = await self._settling.get()
+            try:
+                await self._settle(entry)
+            except Exception as exc:  # the next batches must still be settled
+                raise_if_cancelled()
+                log.warning("batch_settle_failed", subject=entry.msg.subject, error=repr(exc))
+                self._publish_failures.inc()
+                with contextlib.suppress(Exception):  # the bus may be away: then it comes back after ack_wait
+                    await entry.msg.nak(delay=1)
+            finally:
+                self._in_flight_ids.difference_update(entry.ids)
+                self._window.release()
+                self._settling.task_done()
+
+    async def _settle(self, entry: _InFlight) -> None:
+        if entry.publishing is not None:
+            outcome = await entry.publishing
+            if outcome.too_large:
+                self._too_large.inc(outcome.too_large)
+                log.warning("enriched_call_too_large", calls=outcome.too_large, max_payload=self.ctx.bus.nc.max_payload)
+            if not outcome.complete:
+                log.warning(
+                    "enriched_publish_failed",
+                    calls=entry.calls,
+                    refused=outcome.refused,
+                    unanswered=outcome.unanswered,
+                    error=outcome.error,
+                )
+                self._publish_failures.inc()
+                await entry.msg.nak(delay=1)
+                return
+            self.last_sequence = max(self.last_sequence, outcome.last_sequence)
+        await entry.msg.ack()
         first_time = self.recent.first_time
-        for identifier in fresh_ids:  # remembered once stored: a batch that is redelivered is handled again
+        for identifier in entry.ids:  # remembered once stored: a batch that is redelivered is handled again
             first_time(identifier)
         self._batches.inc()
-        self.emitted += len(enriched)
+        self.emitted += entry.calls
+        batch = entry.batch
         self._lost_upstream.set(batch.lost_packet_batches, node=batch.node, shard=str(batch.shard))
         if batch.end_of_input:
             await asyncio.to_thread(self.enricher.flush)
             await self.ctx.drained(emitted=self.emitted, last_stream_sequence=self.last_sequence)
 
     def _fresh(self, calls: list[bytes], ids: list[str]) -> tuple[list[bytes], list[str]]:
-        """The calls whose id was not handled before (nor earlier in the same batch), and their ids."""
+        """The calls whose id was not handled before (nor is in flight, nor earlier in the same
+        batch), and their ids."""
         recent = self.recent
-        if not any(identifier in recent for identifier in ids) and len(set(ids)) == len(ids):
+        in_flight = self._in_flight_ids
+        if not any(identifier in recent or identifier in in_flight for identifier in ids) and len(set(ids)) == len(ids):
             return calls, ids
         seen_here: set[str] = set()
         fresh: list[bytes] = []
         fresh_ids: list[str] = []
         for call, identifier in zip(calls, ids, strict=True):
-            if identifier in recent or identifier in seen_here:
+            if identifier in recent or identifier in in_flight or identifier in seen_here:
                 continue
             seen_here.add(identifier)
             fresh.append(call)
             fresh_ids.append(identifier)
         return fresh, fresh_ids
 
-    async def _publish(self, calls: list[bytes], ids: list[str]) -> bool:
-        """Publish every enriched call on its subject, wait for all acks; False when any was not
-        stored (the batch is then redelivered: the stream keeps each call once, by its id)."""
+    async def _publish(self, calls: list[bytes], ids: list[str]) -> DurableOutcome:
+        """Publish every enriched call on its subject and wait for the stream's answers."""
         if self._publisher is None:
             self._publisher = await DurablePublisher(self.ctx.bus).start()
         subject_of = self._subjects
-        outcome = await self._publisher.publish(
+        return await self._publisher.publish(
             [(subject_of(call), call, identifier) for call, identifier in zip(calls, ids, strict=True)],
             self.ctx.settings.publish_timeout_s,
         )
-        if outcome.too_large:
-            self._too_large.inc(outcome.too_large)
-            log.warning("enriched_call_too_large", calls=outcome.too_large, max_payload=self.ctx.bus.nc.max_payload)
-        if not outcome.complete:
-            log.warning(
-                "enriched_publish_failed",
-                calls=len(calls),
-                refused=outcome.refused,
-                unanswered=outcome.unanswered,
-                error=outcome.error,
-            )
-            return False
-        self.last_sequence = max(self.last_sequence, outcome.last_sequence)
-        return True
+
+
+@dataclass
+class _InFlight:
+    msg: Msg
+    batch: CallBatchParts
+    ids: list[str]
+    calls: int
+    publishing: asyncio.Future[DurableOutcome] | None
 
 
 async def _follow_peer_counters(ctx: ServiceContext[EnricherSettings], enricher: Enricher) -> None:
@@ -202,6 +258,7 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
             identities=len(enricher.identity),
         )
         stop = asyncio.ensure_future(ctx.stopping.wait())
+        settler = asyncio.create_task(pipeline.settle_forever())
         try:
             while not ctx.stopping.is_set():
                 # A stop ends the wait for work at once (it waited up to fetch_timeout_s, which
@@ -223,6 +280,11 @@ async def serve(ctx: ServiceContext[EnricherSettings]) -> None:
                     await pipeline.handle(msg)
         finally:
             stop.cancel()
+            # What was published gets its answer (bounded): acked now rather than redelivered.
+            await pipeline.settle_all(settings.publish_timeout_s)
+            settler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await settler
     finally:
         if watcher is not None:
             await asyncio.to_thread(watcher.stop)
