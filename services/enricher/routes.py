@@ -23,17 +23,24 @@ HTTP one, and get no `http.route`: their span names already are their method or 
 
 Bounds: per service at most `max_routes_per_service` routes (a call whose path would make one
 more gets `/{overflow}`, counted in `trawl_enricher_routes_overflow_total{service}`), as
-many gRPC and GraphQL paths, and 4 times as many trie nodes; at most `max_services` services (calls of the ones past it share
-one trie, service "*", counted in `trawl_enricher_routes_services_overflow_total`); at most
-`max_segments` segments of a path are learned (the rest is `{rest}`). The overflow route is
-`/{overflow}` rather than no route at all: without a route the spans and metrics fall back to
-the templated path, whose cardinality is what the cap is there to bound.
+many gRPC and GraphQL paths, and 4 times as many trie nodes; at most `max_services` services
+(calls of the ones past it share one trie, service "*", counted in
+`trawl_enricher_routes_services_overflow_total`); at most `max_segments` segments of a path
+are learned (the rest is `{rest}`). The overflow route is `/{overflow}` rather than no route
+at all: without a route the spans and metrics fall back to the templated path, whose
+cardinality is what the cap is there to bound.
 
 With Redis (`routes.redis_url`, else `identity_redis_url`), the learned routes and the
 collapsed positions of every service are shared by replicas and kept over restarts: loaded at
 start, then written and read in two pipelines every `sync_interval_s` by a thread of the
-store's (never per call, never on the enricher's thread). Given
-the same collapsed positions the same path gives the same route, whichever replica saw it.
+store's (never per call, never on the enricher's thread). Given the same collapsed positions
+the same path gives the same route, whichever replica saw it.
+
+Serialized calls (`Enricher.enrich_encoded`) get their route from the compiled splicer
+(trawl._calljson.Splicer's `route`, calling `RouteLearner.route_encoded` with the call's
+destination, path and HTTP detail as bytes, its answers kept by those bytes): about 0.85 us
+an HTTP call on bench/dissect.py's capture, against 5.2 us for parsing and serializing the
+HTTP calls again in Python.
 """
 
 from __future__ import annotations
