@@ -305,6 +305,10 @@ class Alerter:
         """`sweep` while no call comes: the calls' time taken to have gone on as the clock has
         since the newest call (a live capture's calls are stamped with the clock)."""
         newest_ns, seen_at = self._latest
+        if self.shared is not None and self._window_specs:
+            # The replicas' newest call, which may be newer than this one's (or this one, just
+            # restarted, has seen none): groups resolve and the outbox is read all the same.
+            newest_ns, seen_at = max((newest_ns, seen_at), self.shared.newest())
         if not self._window_specs or not newest_ns:
             return []
         return self.sweep(newest_ns + int((wall_s - seen_at) * SECOND_NS))

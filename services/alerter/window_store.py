@@ -105,6 +105,19 @@ def decode_state(blob: bytes, window_s: float) -> GroupState:
     return GroupState(window, pending, firing, last_ns, value, calls)
 
 
+# The newest call time any replica judged, and the wall-clock time it was judged at, raised only:
+# ns of equal length compare as strings do (exactly, where Lua's numbers would round them).
+_CLOCK_SCRIPT = """
+local current = redis.call('GET', KEYS[1])
+if current then
+  local ns = string.match(current, '^(%d+)')
+  if #ns > #ARGV[1] or (#ns == #ARGV[1] and ns >= ARGV[1]) then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1] .. ' ' .. ARGV[2], 'EX', ARGV[3])
+return 1
+"""
+CLOCK_TTL_S = 86_400
+
 _MARK_SCRIPT = """
 for offset in string.gmatch(ARGV[1], '%d+') do redis.call('SETBIT', KEYS[1], offset, 1) end
 redis.call('EXPIRE', KEYS[1], ARGV[2])
@@ -142,6 +155,7 @@ class SharedWindows:
         self.due_key = f"{key_prefix}:due"
         self.outbox_key = f"{key_prefix}:outbox"
         self.outbox_due_key = f"{key_prefix}:outbox:due"
+        self.clock_key = f"{key_prefix}:clock"
         self.overflow = 0  # calls of groups not tracked (beyond max_groups)
         self.conflicts = 0  # transactions tried again because another replica wrote a group meanwhile
         self.groups = 0  # the group count Redis gave last
@@ -188,7 +202,8 @@ class SharedWindows:
                     transitions.append(transition)
             return transitions, overflow
 
-        transitions, overflow = self._transact(members, specs, compute, render, sequences)
+        newest = max(o.ts_ns for o in observations)
+        transitions, overflow = self._transact(members, specs, compute, render, sequences, newest)
         self.overflow += overflow
         return transitions
 
@@ -231,6 +246,7 @@ class SharedWindows:
         compute: Callable[[dict[str, GroupState | None], int, set[int]], tuple[list[Transition], int]],
         render: Render,
         sequences: Sequence[int] = (),
+        newest_ns: int = 0,
     ) -> tuple[list[tuple[Transition, alerts_pb2.Alert]], int]:
         keys = [self._key(member) for member in members]
         for attempt in range(MAX_ATTEMPTS):
@@ -249,6 +265,8 @@ class SharedWindows:
                     pipe.multi()
                     self._write(pipe, states, specs)
                     self._mark(pipe, [sequence for sequence in sequences if sequence not in seen])
+                    if newest_ns:
+                        pipe.eval(_CLOCK_SCRIPT, 1, self.clock_key, str(newest_ns), repr(self.clock()), CLOCK_TTL_S)
                     if announced:
                         claim = self.clock() + self.claim_s
                         pipe.hset(self.outbox_key, mapping={a.id: a.SerializeToString() for _, a in announced})
@@ -304,6 +322,18 @@ class SharedWindows:
             ttl = int(2 * (spec.window_s + spec.for_s)) + 60
             pipe.set(self._key(member), encode_state(state), ex=ttl)
             pipe.zadd(self.due_key, {member: due_ns(spec, state)})
+
+    def newest(self) -> tuple[int, float]:
+        """The newest call time any replica judged, and the wall-clock time then ((0, 0.0): none):
+        how a replica that has seen no call yet (just restarted) sweeps while none comes."""
+        try:
+            value = self.client.get(self.clock_key)
+        except redis.RedisError as exc:
+            raise WindowStoreError(f"redis: {exc}") from exc
+        if not value:
+            return 0, 0.0
+        ns, wall = bytes(cast("bytes", value)).split()
+        return int(ns), float(wall)
 
     def unannounced(self) -> list[alerts_pb2.Alert]:
         """Alerts decided in Redis whose announcing replica has not said they are stored within

@@ -295,3 +295,29 @@ def test_a_call_redelivered_after_its_batch_was_judged_is_not_counted_again(redi
     second.observe_batch(batch[:1], render)
     blob = redis_client.get(first._key('["busy","a"]'))
     assert blob is not None and decode_state(blob, 3).window.stats(T0 + 3).count == 5
+
+
+def test_a_replica_that_saw_no_call_resolves_what_another_fired(redis_client: redis.Redis) -> None:
+    """The replica that fired dies; one started after it sees no call at all: it takes the newest
+    call time from Redis and, as the clock goes on, resolves the group once its window drained."""
+    wall = [100.0]
+    prefix = f"test:{uuid.uuid4().hex}"
+    rules = parse_rules(ERROR_RATIO_RULE, "rules.yaml", {})
+
+    def replica() -> Alerter:
+        store = SharedWindows(redis_client, prefix, clock=lambda: wall[0])
+        return Alerter(rules, Registry(), clock=lambda: wall[0], window_store=store)
+
+    first = replica()
+    fired = []
+    for index in range(8):
+        fired += first.evaluate(http(index * 0.25, "503"))
+    fired += first.flush()
+    first.announced(fired)
+    assert [alert.resolved for alert in fired] == [False]
+    later = replica()
+    wall[0] += 3
+    assert later.sweep_idle(wall[0]) == []  # 3 s after the newest call: the 10 s window still holds
+    wall[0] += 20
+    resolved = later.sweep_idle(wall[0])
+    assert [(alert.resolved, alert.fired_at) for alert in resolved] == [(True, fired[0].fired_at)]
