@@ -276,6 +276,21 @@ def test_services_past_the_cap_share_one_trie() -> None:
     assert "trawl_enricher_routes_services_overflow_total 2" in counter(metrics, "trawl_enricher_routes_serv")
 
 
+def test_memory_is_bounded_on_endless_new_paths_and_services() -> None:
+    import random
+
+    chooser = random.Random(7)
+    learner = RouteLearner(collapse_after=8, max_routes_per_service=20, max_services=5, max_segments=6)
+    for n in range(20_000):
+        depth = chooser.randint(1, 9)
+        path = "/" + "/".join(f"s{chooser.randint(0, 10**6)}" for _ in range(depth))
+        learner.route_of(http_call(path, service=f"svc{n % 50}"))
+    assert len(learner.services()) <= 5 + 1  # and the shared one
+    for name, state in learner.services().items():
+        assert len(learner.routes(name)) == state.routes <= 20
+        assert state.nodes <= learner.max_nodes
+
+
 def test_long_paths_are_cut_at_max_segments() -> None:
     learner = RouteLearner(max_segments=3)
     assert learner.learn("s", "/a/b/c/d/e") == "/a/b/c/{rest}"
