@@ -233,7 +233,8 @@ class RedMetrics:
             side_attributes = shape.client if spec.side == "client" else shape.server
             merged: dict[str, AttributeValue] = {**shape.common, **side_attributes}
             if "url.template" in spec.attributes and "url.template" not in merged and call.protocol != "graphql":
-                merged["url.template"] = template_path(call.path)
+                # A learned or documented route bounds the series; the templated path otherwise.
+                merged["url.template"] = call.http.route or template_path(call.path)
             if spec.side == "client" and "server.address" in spec.attributes:
                 # Metrics name the peer's service or workload, not its pod IP: one series per pod would
                 # follow every rollout. Unknown peers keep their address (the SDK caps attribute sets).

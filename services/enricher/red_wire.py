@@ -422,7 +422,8 @@ class RedAggregator:
             client = spec.side == "client"
             merged = {**shape.common, **(shape.client if client else shape.server)}
             if "url.template" in spec.attributes and "url.template" not in merged and call.protocol != "graphql":
-                merged["url.template"] = template_path(call.path)
+                # A learned or documented route bounds the series; the templated path otherwise.
+                merged["url.template"] = call.http.route or template_path(call.path)
             if client and "server.address" in spec.attributes:
                 merged["server.address"] = call.dst.service or call.dst.workload or merged.get("server.address", "")
             attributes = tuple(sorted((k, v) for k, v in merged.items() if k in spec.attributes))

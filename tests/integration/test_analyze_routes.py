@@ -82,6 +82,9 @@ def test_spans_and_metrics_carry_the_route(tmp_path: Path, span_path: str) -> No
     assert servers["/api/missing"].attributes["http.route"] == "/api/missing"
     durations = [point for point in points if point.metric == "http.server.request.duration"]
     assert {point.attributes.get("http.route") for point in durations} == set(EXPECTED.values()) - {""}
+    # The route bounds the server series' url.template too (not a template of each path).
+    templates = {point.attributes.get("url.template") for point in durations}
+    assert "/api/users/{userId}" in templates and "/api/users/{id}" not in templates
 
 
 def test_a_bad_document_stops_analyze_naming_its_line(tmp_path: Path) -> None:
