@@ -1,7 +1,7 @@
-"""Two alerter processes (`python -m trawl alerter`, what a container runs) sharing one durable
+"""Alerter processes (`python -m trawl alerter`, what a container runs) sharing one durable
 consumer and windowed rules' state in a real redis-server, over a real nats-server: a burst of
-5xx answers whose calls the two split between them fires once and resolves once, with one of
-the two killed with SIGKILL while the group is firing. With in-process windows each replica
+5xx answers whose calls they split between them fires once and resolves once, with one of the
+two killed with SIGKILL while the group is firing and a third started then. With in-process windows each replica
 would judge its own half of the burst (over the threshold too) and alert on its own."""
 
 from __future__ import annotations
@@ -89,22 +89,36 @@ async def test_two_replicas_one_killed_fire_once_and_resolve_once(
         seen.append(alerts_pb2.Alert.FromString(msg.data))
 
     await client.subscribe("trawl.v1.alerts.payment-errors", cb=on_alert)
+    evaluated: dict[str, float] = {}  # calls each replica evaluated, from the counters it publishes
+
+    async def on_counters(msg: Msg) -> None:
+        snapshot = json.loads(msg.data)
+        for family in snapshot["families"]:
+            if family["name"] == "trawl_alerter_calls_total":
+                evaluated[snapshot["node"]] = sum(value for _, value in family["values"])
+
+    await client.subscribe("trawl.v1.control.metrics.alerter.>", cb=on_counters)
     readies = {}
+
+    def configure(name: str) -> Path:
+        config = tmp_path / f"{name}.yaml"
+        document = {
+            "node": f"{name}-{run}",
+            "log_format": "json",
+            "nats": {"servers": [nats_url]},
+            "alerter": {
+                "rules_file": str(rules),
+                "consumer": f"alerter-{run}",
+                "fetch_batch": 10,  # small batches: every replica takes part of every burst
+                "redis": {"url": redis_url, "key_prefix": f"test:{run}", "claim_s": 2},
+            },
+        }
+        config.write_text(json.dumps(document))
+        return config
+
     try:
         for name in ("a", "b"):
-            config = tmp_path / f"{name}.yaml"
-            document = {
-                "node": f"{name}-{run}",
-                "log_format": "json",
-                "nats": {"servers": [nats_url]},
-                "alerter": {
-                    "rules_file": str(rules),
-                    "consumer": f"alerter-{run}",
-                    "fetch_batch": 10,  # small batches: both replicas take part of every burst
-                    "redis": {"url": redis_url, "key_prefix": f"test:{run}", "claim_s": 2},
-                },
-            }
-            config.write_text(json.dumps(document))
+            config = configure(name)
             readies[name] = await client.subscribe(control_subject("ready", "alerter", f"{name}-{run}"))
             processes[name] = start_alerter(config, tmp_path / f"{name}.log")
         for ready in readies.values():
@@ -124,9 +138,13 @@ async def test_two_replicas_one_killed_fire_once_and_resolve_once(
                 break
             await asyncio.sleep(0.1)
         assert [alert.resolved for alert in seen] == [False]
-        # Mid-window, the group firing: one replica killed; the other goes on with the burst.
+        # Mid-window, the group firing: one replica killed; the other goes on with the burst, and
+        # a third, started now with nothing in memory, takes its share: neither fires again.
         processes["a"].send_signal(signal.SIGKILL)
         processes["a"].wait(10)
+        ready = await client.subscribe(control_subject("ready", "alerter", f"c-{run}"))
+        processes["c"] = start_alerter(configure("c"), tmp_path / "c.log")
+        await ready.next_msg(timeout=30)
         await publish(range(200, 400))
         for _ in range(300):
             if any(alert.resolved for alert in seen):
@@ -144,6 +162,16 @@ async def test_two_replicas_one_killed_fire_once_and_resolve_once(
         keys = redis.Redis.from_url(redis_url)
         assert keys.hlen(f"test:{run}:outbox") == 0  # every decided alert stored
         keys.close()
+        # Each replica judged part of the calls: the windows were shared, not each one's own.
+        for name in ("b", "c"):
+            processes[name].send_signal(signal.SIGTERM)
+            processes[name].wait(20)
+        await client.flush()
+        for _ in range(50):
+            if {f"b-{run}", f"c-{run}"} <= set(evaluated):
+                break
+            await asyncio.sleep(0.1)
+        assert evaluated[f"b-{run}"] > 0 and evaluated[f"c-{run}"] > 0
     finally:
         for process in processes.values():
             if process.poll() is None:
