@@ -47,6 +47,11 @@ STREAM_PACKETS = "TRAWL_PACKETS"
 STREAM_CALLS = "TRAWL_CALLS"
 STREAM_ENRICHED = "TRAWL_ENRICHED"
 STREAM_ALERTS = "TRAWL_ALERTS"
+# Each service's latest counters (trawl.service publishes them), kept per subject so an enricher
+# that starts after a short-lived service (a file's collector) still gets its last figures.
+STREAM_COUNTERS = "TRAWL_COUNTERS"
+COUNTERS_SUBJECTS = f"{PREFIX}.control.metrics.>"
+COUNTERS_MAX_AGE_S = 3600.0
 STREAM_SUBJECTS = {
     STREAM_PACKETS: [f"{PREFIX}.packets.>"],
     STREAM_CALLS: [f"{PREFIX}.calls.>"],
@@ -606,6 +611,21 @@ class Bus:
                 f"max_{retention.storage}_store, or free the subjects {STREAM_SUBJECTS[STREAM_PACKETS][0]} "
                 "from another stream"
             ) from None
+
+    async def ensure_counters_stream(self) -> None:
+        """TRAWL_COUNTERS: the last counters snapshot of each service and node (memory, one
+        message per subject, an hour at most: a service gone for longer is no longer exported)."""
+        config = StreamConfig(
+            name=STREAM_COUNTERS,
+            subjects=[COUNTERS_SUBJECTS],
+            storage=StorageType.MEMORY,
+            max_msgs_per_subject=1,
+            max_age=COUNTERS_MAX_AGE_S,
+        )
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            await self.js.update_stream(config)
 
     async def pull(
         self, stream: str, durable: str, filter_subject: str | None = None, deliver_new: bool = False

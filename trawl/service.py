@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Generic, TypeVar
 
-
 from trawl.bus import Bus, control_subject
 from trawl.config import ServiceSettings
 from trawl.errors import UserError
@@ -45,6 +44,7 @@ class ServiceContext(Generic[SettingsT]):
     # Lines /readyz adds to its answer (the state of what the service depends on beside NATS,
     # e.g. the enricher's Kubernetes watch); they inform, the status code stays the service's.
     status_lines: list[Callable[[], str]] = field(default_factory=list)
+    _counters_stream: bool = False
 
     async def ready(self) -> None:
         """Mark the service ready (/readyz) and announce it on trawl.v1.control.ready.<service>.<node>."""
@@ -55,11 +55,15 @@ class ServiceContext(Generic[SettingsT]):
 
     async def publish_counters(self) -> None:
         """This service's counters and gauges (its Registry) on trawl.v1.control.metrics.<service>.<node>,
-        as JSON (trawl.metrics.Registry.snapshot_json), for the enricher's OTLP metrics export:
+        as JSON (trawl.metrics.Registry.snapshot_json), kept by the stream TRAWL_COUNTERS (the
+        last one per service and node), for the enricher's OTLP metrics export:
         the collector and the dissector have no exporter of their own. Published every
         COUNTERS_INTERVAL_S, when a finite input is drained and when the service stops, so the
         last figures of a short run reach the export too; a lost one is replaced by the next."""
         try:
+            if not self._counters_stream:
+                await self.bus.ensure_counters_stream()  # kept there for an enricher that starts later
+                self._counters_stream = True
             payload = self.metrics.snapshot_json(service=self.name, node=self.settings.node)
             await self.bus.publish(control_subject("metrics", self.name, self.settings.node), payload)
         except Exception as exc:  # the counters are also on /metrics: never stop a service over them

@@ -17,8 +17,17 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
 
-from trawl.bus import PREFIX, STREAM_CALLS, STREAM_ENRICHED, DurableOutcome, DurablePublisher, raise_if_cancelled
+from trawl.bus import (
+    COUNTERS_SUBJECTS,
+    STREAM_CALLS,
+    STREAM_COUNTERS,
+    STREAM_ENRICHED,
+    DurableOutcome,
+    DurablePublisher,
+    raise_if_cancelled,
+)
 from trawl.dedup import RecentIds
 from trawl.enricher.config import EnricherSettings
 from trawl.enricher.logic import Enricher, enricher_from_settings, start_kube_watch
@@ -207,7 +216,16 @@ async def _follow_peer_counters(ctx: ServiceContext[EnricherSettings], enricher:
     async def on_counters(msg: Msg) -> None:
         peers.update(msg.data)
 
-    await ctx.bus.subscribe(f"{PREFIX}.control.metrics.>", on_counters)
+    # The last snapshot of each service first (one that already stopped, as a file's collector
+    # may have before this enricher started), then each new one.
+    await ctx.bus.ensure_counters_stream()
+    await ctx.bus.js.subscribe(
+        COUNTERS_SUBJECTS,
+        cb=on_counters,
+        stream=STREAM_COUNTERS,
+        ordered_consumer=True,
+        deliver_policy=DeliverPolicy.LAST_PER_SUBJECT,
+    )
 
 
 async def _export_metrics_periodically(enricher: Enricher, interval_s: float) -> None:

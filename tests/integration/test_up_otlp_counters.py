@@ -87,3 +87,57 @@ def test_collector_and_dissector_counters_reach_the_metrics_export(tmp_path: Pat
     assert int(spans_line[1]) == int(spans_line[2]) == len(otlp.spans()) == 2 * calls
     assert int(metrics_line[1]) == points > 0
     assert metrics_line.groups()[1:] == ("0", "0", "0", "0")
+
+
+async def test_an_enricher_started_later_exports_the_last_counters_of_a_stopped_service(
+    nats_url: str, tmp_path: Path, otlp: OtlpReceiver
+) -> None:
+    """A file's collector may publish its last counters and stop before the enricher starts:
+    TRAWL_COUNTERS keeps the last snapshot of each service, which the enricher exports."""
+    import asyncio
+    import signal
+
+    from trawl.bus import Bus
+    from trawl.config import NatsSettings, ServiceSettings
+    from trawl.metrics import Registry
+    from trawl.service import ServiceContext
+
+    node = f"gone-{tmp_path.name}"
+    bus = await Bus.connect(NatsSettings(servers=[nats_url]), name="test")
+    try:
+        registry = Registry()
+        registry.counter("trawl_collector_packets_total", "Packets published").inc(1234567)
+        gone = ServiceContext(name="collector", settings=ServiceSettings(node=node), bus=bus, metrics=registry)
+        await gone.publish_counters()
+        await bus.nc.flush()
+    finally:
+        await bus.close()
+    config = tmp_path / "trawl.yaml"
+    config.write_text(
+        f"node: {node}\nnats:\n  servers: ['{nats_url}']\n"
+        f"enricher:\n  otlp_endpoint: http://{otlp.grpc_endpoint}\n  durable: enricher-{node}\n"
+    )
+    probe = await Bus.connect(NatsSettings(servers=[nats_url]), name="probe")
+    announced = asyncio.Event()
+
+    async def on_ready(_: object) -> None:
+        announced.set()
+
+    await probe.subscribe(f"trawl.v1.control.ready.enricher.{node}", on_ready)
+    await probe.nc.flush()
+    enricher = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "trawl", "enricher", "--config", str(config),
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        await asyncio.wait_for(announced.wait(), 60)  # subscribed to the counters before it announces
+        enricher.send_signal(signal.SIGTERM)  # its stop makes the last export
+        _, stderr = await asyncio.wait_for(enricher.communicate(), 30)
+        assert enricher.returncode == 0, stderr.decode()[-2000:]
+    finally:
+        await probe.close()
+        if enricher.returncode is None:
+            enricher.kill()
+            await enricher.wait()
+    totals, _ = _sums(otlp)
+    assert totals[("collector", node, "trawl_collector_packets_total")] == 1234567
