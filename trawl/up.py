@@ -84,6 +84,8 @@ def suite_config(options: UpOptions, nats_url: str) -> dict[str, Any]:
     section("dissector").setdefault("shard_assignment", "all")
     if options.pcap is not None:
         section("collector")["pcap"] = str(options.pcap.resolve())
+        # A file is read faster than a backend may take its spans: wait for room, never drop.
+        section("enricher").setdefault("export_wait_for_room", True)
     if options.interfaces:
         section("collector")["interfaces"] = options.interfaces
     if options.tls:

@@ -149,6 +149,9 @@ class EnricherSettings(ServiceSettings):
     export_max_queue_size: int = Field(default=8192, gt=0)
     export_max_batch_size: int = Field(default=512, gt=0)
     export_schedule_delay_ms: int = Field(default=1000, gt=0)
+    # A file's calls (trawl up --pcap sets it): a hand-over the span queue has no room for waits
+    # for room while the backend accepts batches (as trawl analyze does), instead of dropping.
+    export_wait_for_room: bool = False
     # How spans are made: "compiled" (trawl._otlpspans + wire_export: the enriched calls' bytes
     # straight to OTLP bytes; the SDK path when the extension is not built) or "sdk" (spans.py
     # call_spans through the OpenTelemetry SDK, the reference).

@@ -452,7 +452,8 @@ def enricher_from_settings(settings: EnricherSettings, metrics: Registry | None 
         # Imported only with an endpoint: an enricher without one starts without the OTLP packages.
         from trawl.enricher.wire_export import WireSpanPath
 
-        wire = WireSpanPath.from_settings(settings, metrics, os.environ)  # None: not built, or no endpoint
+        # None: not built, or no endpoint.
+        wire = WireSpanPath.from_settings(settings, metrics, os.environ, wait_for_room=settings.export_wait_for_room)
     span_exporter = span_exporter_for(settings) if wire is None else None
     red = red_metrics_for(settings, metrics)
     metric_exporter = metric_exporter_for(settings) if red is None else None

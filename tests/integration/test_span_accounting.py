@@ -115,8 +115,10 @@ def test_analyze_with_nothing_listening_counts_every_span_as_dropped_or_failed(f
 
 
 def test_up_prints_the_totals_and_they_match_the_receiver(flood: Path, tmp_path: Path) -> None:
+    """With the span queue dropping when full (a live capture's way; a file's calls wait for
+    room by default, the next test), every span is exported or counted as dropped."""
     config = tmp_path / "trawl.yaml"
-    config.write_text(SMALL_QUEUE)
+    config.write_text(SMALL_QUEUE + "  export_wait_for_room: false\n")
     with OtlpReceiver(trace_delay_s=0.2) as receiver:
         result = trawl(
             "up", "--pcap", str(flood), "--json", "--otlp-endpoint", receiver.grpc_endpoint,
@@ -129,6 +131,22 @@ def test_up_prints_the_totals_and_they_match_the_receiver(flood: Path, tmp_path:
         assert totals.dropped_queue_full > 0
         assert totals.exported + totals.dropped + totals.failed == SPANS
         assert len(receiver.spans()) == totals.exported
+
+
+def test_up_of_a_file_waits_for_a_slow_backend_and_delivers_every_span(flood: Path, tmp_path: Path) -> None:
+    """trawl up --pcap: the enricher's span queue waits for room (export_wait_for_room, set for a
+    file), so a backend slower than the file's reading gets every span, none dropped."""
+    config = tmp_path / "trawl.yaml"
+    config.write_text(SMALL_QUEUE)
+    with OtlpReceiver(trace_delay_s=0.05) as receiver:
+        result = trawl(
+            "up", "--pcap", str(flood), "--json", "--otlp-endpoint", receiver.grpc_endpoint,
+            "--config", str(config), "--state-dir", str(tmp_path / "state"),
+        )  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        totals = printed_totals(result.stderr)
+        assert totals == SpanTotals(handed=SPANS, exported=SPANS)
+        assert len(receiver.spans()) == SPANS
 
 
 def test_up_with_nothing_listening_prints_totals_that_add_up(flood: Path, tmp_path: Path) -> None:
