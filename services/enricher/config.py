@@ -75,9 +75,10 @@ class RouteSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    # Learn routes for every HTTP call; giving OpenAPI documents turns it on too. Off, calls keep
-    # the route the dissector gave (none today) and spans template the path.
-    enabled: bool = False
+    # Routes for every HTTP call (the default: what bounds the spans' and metrics' series); off,
+    # calls keep the route the dissector gave (none today) and spans and metrics template the
+    # path. Giving OpenAPI documents turns it on whatever this says.
+    enabled: bool = True
     openapi: list[OpenApiSource] = Field(default_factory=list)
     # A path position becomes {param} once it has seen more distinct segments than this.
     collapse_after: int = Field(default=32, ge=1)

@@ -28,7 +28,8 @@ from opentelemetry.sdk.resources import Resource
 from opentelemetry.util.types import AttributeValue
 
 import trawl
-from trawl.enricher.spans import SpanShape, resource_for, shape_call, span_times, template_path
+from trawl.enricher.paths import template_path
+from trawl.enricher.spans import SpanShape, resource_for, shape_call, span_times
 from trawl.logs import get_logger
 from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall

@@ -51,8 +51,9 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trawl
+from trawl.enricher.paths import template_path
 from trawl.enricher.red import OVERFLOW_RESOURCE, PROTOCOL_SPECS, HistogramSpec
-from trawl.enricher.spans import resource_for, shape_call, span_ids, template_path
+from trawl.enricher.spans import resource_for, shape_call, span_ids
 from trawl.enricher.wire_export import Attempt
 from trawl.logs import get_logger
 from trawl.metrics import Registry
@@ -340,7 +341,7 @@ class RedAggregator:
             self._attribute_overflow.inc(attribute_overflows)
 
     def _template(self, path: str) -> str:
-        """spans.template_path, cached, and quicker on the paths the cache misses (the ones
+        """paths.template_path, cached, and quicker on the paths the cache misses (the ones
         with ids): a segment is only matched against the patterns its length allows
         (test_otel_red_wire holds the two equal on generated paths)."""
         templates = self._templates
@@ -741,7 +742,7 @@ def _add(group: tuple[Series, ...], value: float, sample: Sample) -> None:
             series.max = value
 
 
-# A whole path segment that spans.template_path turns into {id}: digits, a UUID, or a hex id of
+# A whole path segment that paths.template_path turns into {id}: digits, a UUID, or a hex id of
 # at least 12 characters with a digit (its _NUMERIC, _UUID and _HEX_ID), between slashes.
 _ID_SEGMENT = re.compile(
     r"(?:(?<=/)|\A)"
@@ -753,7 +754,7 @@ _ID_SEGMENT = re.compile(
 
 
 def quick_template(path: str) -> str:
-    """spans.template_path in one pass of one regular expression (a URL with an id misses the
+    """paths.template_path in one pass of one regular expression (a URL with an id misses the
     template cache: this runs for most HTTP calls; test_otel_red_wire holds the two equal)."""
     return _ID_SEGMENT.sub("{id}", path.split("?", 1)[0])
 

@@ -13,7 +13,7 @@ metrics' `http.route`) comes from, in order:
    holds all the same).
 3. GraphQL over plain HTTP (`application/graphql`, or a path ending in `/graphql`): the
    endpoint path (the operation name is in the span name already).
-4. Otherwise the span heuristic (spans.template_path: numeric, UUID and hex segments become
+4. Otherwise the span heuristic (paths.template_path: numeric, UUID and hex segments become
    {id}) then a per-service trie of the segments that replaces a position's literals with
    `{param}` once more than `collapse_after` distinct ones were seen there (the shape of
    Kubeshark's and Datadog's endpoint learners).
@@ -57,6 +57,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from trawl.enricher.paths import template_path
 from trawl.errors import ConfigError
 from trawl.logs import get_logger
 from trawl.metrics import Registry
@@ -390,8 +391,6 @@ def _walk(node: _Node, prefix: str, routes: set[str], collapsed: set[str], count
 
 def _template_segment(segment: str) -> str:
     """{id} for a numeric, UUID or hex segment: the span heuristic's, so both agree."""
-    from trawl.enricher.spans import template_path
-
     return template_path(segment)
 
 

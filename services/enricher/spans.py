@@ -40,6 +40,8 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 from opentelemetry.util.types import AttributeValue
 
 import trawl
+from trawl.enricher.paths import NUMERIC as _NUMERIC
+from trawl.enricher.paths import template_path
 from trawl.v1.calls_pb2 import ApiCall, Endpoint, Outcome
 
 SCOPE = InstrumentationScope("trawl.enricher", trawl.__version__)
@@ -81,25 +83,9 @@ WORKLOAD_KIND_ATTRIBUTES = {
     "ReplicationController": "k8s.replicationcontroller.name",
 }
 
-# Matched whole (fullmatch) and in ASCII only: a trailing newline or a non-ASCII digit is text, as
-# the compiled encoder (trawl/_otlpspans.c) reads it.
-_NUMERIC = re.compile(r"[0-9]+")
-_UUID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
-# Hex ids (object ids, hashes): long enough and with at least one digit, so /cafe or /deadbeef-words stay.
-_HEX_ID = re.compile(r"(?=.*[0-9])[0-9a-fA-F]{12,}")
 _HEX = re.compile(r"[0-9a-fA-F]+")
 
 Attributes = dict[str, AttributeValue]
-
-
-def template_path(path: str) -> str:
-    """The low-cardinality form of a URL path: numeric, UUID and long hex segments become {id}."""
-    path = path.split("?", 1)[0]
-    segments = path.split("/")
-    return "/".join(
-        "{id}" if _NUMERIC.fullmatch(segment) or _UUID.fullmatch(segment) or _HEX_ID.fullmatch(segment) else segment
-        for segment in segments
-    )
 
 
 @dataclass(frozen=True)

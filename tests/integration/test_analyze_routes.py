@@ -64,8 +64,12 @@ EXPECTED = {
 
 def test_analyze_json_carries_the_documents_routes(tmp_path: Path) -> None:
     assert routes_by_path(analyze("--json", "--config", str(write_config(tmp_path)), str(CAPTURE)).stdout) == EXPECTED
-    # Without the block, no route is made up.
-    assert set(routes_by_path(analyze("--json", str(CAPTURE)).stdout).values()) == {""}
+    # Without documents, routes are learned (ids templated); with routes off, none is made up.
+    learned = routes_by_path(analyze("--json", str(CAPTURE)).stdout)
+    assert {route for path, route in learned.items() if path.startswith("/api/users/")} == {"/api/users/{id}"}
+    off = tmp_path / "off.yaml"
+    off.write_text("enricher:\n  routes:\n    enabled: false\n")
+    assert set(routes_by_path(analyze("--json", "--config", str(off), str(CAPTURE)).stdout).values()) == {""}
 
 
 @pytest.mark.parametrize("span_path", ["compiled", "sdk"])

@@ -30,9 +30,12 @@ from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import Dissector
 from trawl.dissector.main import frame_call_batch
+from trawl.enricher.config import RouteSettings
 from trawl.enricher.identity import IdentityMap
 from trawl.enricher.logic import Enricher, build_enricher
+from trawl.enricher.routes import RouteLearner
 from trawl.errors import InputError
+from trawl.metrics import Registry
 from trawl.render import call_to_json, calls_to_json_lines
 from trawl.v1.calls_pb2 import ApiCall, CallBatch
 from trawl.v1.packets_pb2 import PacketBatch
@@ -45,8 +48,11 @@ CAPTURE_START_S = 1_700_000_000  # bench/dissect.py's first packet: 2023-11-14T2
 
 def reference_lines(path: Path, identity: Path | None) -> bytes:
     """The object path, with json_format: the batches `analyze` reads, `Dissector.feed`, each
-    call enriched on its own by `IdentityMap.enrich`, MessageToDict + json.dumps."""
+    call enriched on its own by `IdentityMap.enrich` and given its route by the default
+    `RouteLearner` (objects), MessageToDict + json.dumps."""
     identities = IdentityMap.from_snapshot(identity) if identity else IdentityMap.empty()
+    routes = RouteLearner.from_settings(RouteSettings(), Registry())
+    assert routes is not None  # routes are learned by default
     dissector = Dissector(DissectorSettings.load(None, node="ref"), "ref")
     calls: list[ApiCall] = []
     sequence = 0
@@ -63,6 +69,7 @@ def reference_lines(path: Path, identity: Path | None) -> bytes:
     lines = []
     for call in calls:
         identities.enrich(call)
+        routes.apply([call])
         lines.append(
             json.dumps(json_format.MessageToDict(call, preserving_proto_field_name=True), separators=(",", ":"))
         )

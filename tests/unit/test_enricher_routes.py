@@ -166,7 +166,9 @@ def test_config_block_loads_from_the_enricher_section(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as caught:
         EnricherSettings.load(config)
     assert caught.value.line == 3 and "collapse_afer" in str(caught.value)
-    assert not EnricherSettings().routes.active  # off unless asked for
+    assert EnricherSettings().routes.active  # on by default: it bounds the spans' and metrics' series
+    config.write_text("enricher:\n  routes:\n    enabled: false\n")
+    assert not EnricherSettings.load(config).routes.active
     config.write_text("enricher:\n  routes:\n    enabled: true\n    redis_url: localhost:6379\n")
     with pytest.raises(ConfigError, match="redis://") as caught:
         EnricherSettings.load(config)

@@ -25,9 +25,10 @@ from opentelemetry.proto.metrics.v1 import metrics_pb2
 
 from tests.unit.test_otel_spans import make_call
 from tests.unit.test_otlp_spans_differential import CALLS, CAPTURES, IDENTITY, calls, dissected
+from trawl.enricher.paths import template_path
 from trawl.enricher.red import PROTOCOL_SPECS, RedMetrics
 from trawl.enricher.red_wire import OVERFLOW_ATTRIBUTES, RedAggregator, quick_template, temporality_from
-from trawl.enricher.spans import span_ids, template_path
+from trawl.enricher.spans import span_ids
 from trawl.errors import ConfigError
 from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall

@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.trace import SpanKind, StatusCode
 
+from trawl.enricher.paths import template_path
 from trawl.enricher.red import RedMetrics
-from trawl.enricher.spans import call_spans, http_method, span_ids, template_path
+from trawl.enricher.spans import call_spans, http_method, span_ids
 from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall, Outcome
 

@@ -30,10 +30,13 @@ from trawl import _otlpspans, analyze
 from trawl.collector.replay import CaptureFile
 from trawl.dissector.config import DissectorSettings
 from trawl.dissector.engine import Dissector
+from trawl.enricher.config import RouteSettings
 from trawl.enricher.identity import IdentityMap
+from trawl.enricher.routes import RouteLearner
 from trawl.enricher.spans import WORKLOAD_KIND_ATTRIBUTES, call_spans
 from trawl.enricher.wire_spans import WireSpanEncoder
 from trawl.errors import InputError
+from trawl.metrics import Registry
 from trawl.v1.calls_pb2 import ApiCall
 from trawl.v1.packets_pb2 import PacketBatch
 
@@ -106,7 +109,8 @@ def assert_same_spans(calls: Sequence[ApiCall]) -> int:
 
 
 def dissected(path: Path, identity: Path | None) -> list[ApiCall]:
-    """The calls `trawl analyze` finds in a capture (its batches, Dissector.feed), enriched."""
+    """The calls `trawl analyze` finds in a capture (its batches, Dissector.feed), enriched: their
+    identities, and the routes of the default route learner."""
     identities = IdentityMap.from_snapshot(identity) if identity else IdentityMap.empty()
     dissector = Dissector(DissectorSettings.load(None, node="node-a"), "node-a")
     calls: list[ApiCall] = []
@@ -121,6 +125,9 @@ def dissected(path: Path, identity: Path | None) -> list[ApiCall]:
     calls += dissector.feed(PacketBatch(node="node-a", sequence=sequence + 1, link_type=link_type, end_of_input=True))
     calls += dissector.finish()
     identities.enrich_calls(calls)
+    routes = RouteLearner.from_settings(RouteSettings(), Registry())
+    assert routes is not None
+    routes.apply(calls)
     return calls
 
 
