@@ -676,6 +676,65 @@ def test_recorder_writes_to_its_volume_within_its_size(manifests: Manifests, tmp
     assert pod.security("fsGroup") is not None, f"{pod}: the volume is not made writable for the non-root user"
 
 
+def _alerter_replicas_fault(replicas: int, settings: AlerterSettings) -> str:
+    """Why the alerter cannot run with that many replicas ("" when it can): with windows in
+    process its consumer acks by batch (AckPolicy.ALL), and a second replica's ack-all would ack
+    calls the first has not stored the alerts of, each judging its own share of every window."""
+    if replicas > 1 and settings.redis is None:
+        return f"{replicas} alerter replicas with windows in process: set alerter.redis, or run one"
+    return ""
+
+
+def test_alerter_replicas_share_windows_through_redis(manifests: Manifests, tmp_path: Path) -> None:
+    pod = manifests.pod("alerter")
+    assert pod.workload["kind"] == "Deployment", f"{pod}: replicas need no identity of their own"
+    fault = _alerter_replicas_fault(pod.replicas, pod.settings(tmp_path))
+    assert not fault, f"{pod}: {fault}"
+
+
+# A commented example of a service's key in a trawl.yaml: `  # <key>:` under the service's
+# section, <key> one of its settings, and the lines after it indented deeper (`  #   ...`).
+_EXAMPLE_START = re.compile(r"^  # (\w+):(?:\s|$)")
+_EXAMPLE_MORE = re.compile(r"^  #   ")
+
+
+def commented_examples(text: str) -> list[tuple[str, str, str]]:
+    """(service, key, the text with that one block uncommented) for each commented example."""
+    lines = text.splitlines(keepends=True)
+    found: list[tuple[str, str, str]] = []
+    section = ""
+    for index, line in enumerate(lines):
+        if top := re.match(r"^(\w+):", line):
+            section = top.group(1)
+        start = _EXAMPLE_START.match(line)
+        if section not in SETTINGS or start is None or start.group(1) not in SETTINGS[section].model_fields:
+            continue
+        end = index + 1
+        while end < len(lines) and _EXAMPLE_MORE.match(lines[end]):
+            end += 1
+        block = [re.sub(r"^  # ", "  ", block_line, count=1) for block_line in lines[index:end]]
+        found.append((section, start.group(1), "".join(lines[:index] + block + lines[end:])))
+    return found
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_commented_examples_are_accepted(target: str, tmp_path: Path) -> None:
+    """The keys trawl.yaml shows commented (routes, S3 shipping, the alerter's Redis...), once
+    uncommented, are taken by the service they are under: they name real keys with valid values."""
+    text = build(target, "assembled").named("ConfigMap", "trawl-config")["data"]["trawl.yaml"]
+    examples = commented_examples(text)
+    if target == "base":
+        shown = {(service, key) for service, key, _ in examples}
+        expected = {("enricher", "routes"), ("recorder", "s3"), ("alerter", "redis")}
+        assert expected <= shown, f"{target}: trawl.yaml no longer shows {sorted(expected - shown)}"
+    for number, (service, key, uncommented) in enumerate(examples):
+        manifests = build(target, "assembled")
+        manifests.named("ConfigMap", "trawl-config")["data"]["trawl.yaml"] = uncommented
+        settings = manifests.pod(service).settings(tmp_path / str(number))
+        default = SETTINGS[service].model_fields[key].get_default(call_default_factory=True)
+        assert getattr(settings, key) != default, f"{target}: the commented {service}.{key} was not taken"
+
+
 def test_alert_rules_configmap_compiles(manifests: Manifests, tmp_path: Path) -> None:
     pod = manifests.pod("alerter")
     settings = pod.settings(tmp_path)
@@ -1011,3 +1070,16 @@ def test_helpers_of_this_file() -> None:
     dev_config = (DEPLOY / "overlays" / "dev" / "trawl.yaml").read_text()
     assert dev.named("ConfigMap", "trawl-config", "trawl")["data"] == {"trawl.yaml": dev_config}
     assert dev.pod("collector").env() == {"TRAWL_COLLECTOR_NODE": SAMPLE_NODE}
+    example = "enricher:\n  kube_watch: true\n  # Prose: not a key\n  # routes:\n  #   enabled: false\nalerter:\n"
+    assert commented_examples(example) == [
+        (
+            "enricher",
+            "routes",
+            "enricher:\n  kube_watch: true\n  # Prose: not a key\n  routes:\n    enabled: false\nalerter:\n",
+        )
+    ]
+    assert commented_examples("recorder:\n  # nothing: here\n") == []
+    alone = AlerterSettings.model_validate({})
+    shared = AlerterSettings.model_validate({"redis": {"url": "redis://alerter-redis:6379/0"}})
+    assert _alerter_replicas_fault(1, alone) == "" and _alerter_replicas_fault(3, shared) == ""
+    assert "alerter.redis" in _alerter_replicas_fault(2, alone)
