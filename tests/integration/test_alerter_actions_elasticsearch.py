@@ -13,15 +13,13 @@ import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-import aiohttp
 import pytest
 from aiohttp import web
 
+from tests.action_sender import RecordingSender
 from tests.elastic_bulk import ElasticBulk
 from trawl.alerter.action_types import ElasticsearchAction
-from trawl.alerter.actions import ActionSender, DeliveryFailure
-from trawl.alerter.config import ActionSettings, WebhookSettings
-from trawl.metrics import Registry
+from trawl.alerter.config import ActionSettings
 from trawl.v1 import alerts_pb2, calls_pb2
 
 API_KEY = "VnVhQ2ZHY0JDZGJrUW0tZTVhT3g6dWkybHAyYXhUTm1zeWFrdzl0dk5udw=="
@@ -76,32 +74,9 @@ async def test_the_official_client_works_with_the_stand_in(elastic: tuple[Elasti
     assert body.endswith(b"\n")
 
 
-class Sender:
+class Sender(RecordingSender):
     def __init__(self) -> None:
-        self.dead: list[DeliveryFailure] = []
-        self.sleeps: list[float] = []
-        self.metrics = Registry()
-
-    async def record_dead(self, failure: DeliveryFailure) -> None:
-        self.dead.append(failure)
-
-    async def record_sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-    async def deliver(self, alert: alerts_pb2.Alert, action: ElasticsearchAction) -> bool:
-        async with aiohttp.ClientSession() as session:
-            sender = ActionSender(
-                session,
-                WebhookSettings(),
-                ActionSettings(retries=3, backoff_s=0.5, timeout_s=5),
-                self.record_dead,
-                self.metrics,
-                sleep=self.record_sleep,
-            )
-            return await sender.deliver(alert, action)
-
-    def count(self, name: str, **labels: str) -> float:
-        return self.metrics.counter(name, "").get(**labels)
+        super().__init__(ActionSettings(retries=3, backoff_s=0.5, timeout_s=5))
 
 
 def make_alert() -> alerts_pb2.Alert:

@@ -12,43 +12,21 @@ import shutil
 import time
 from typing import Any
 
-import aiohttp
 import pytest
 
+from tests.action_sender import RecordingSender
 from tests.influx_server import ADMIN, WRITER, Influx
 from trawl.alerter.action_types import InfluxAction
-from trawl.alerter.actions import ActionSender, DeliveryFailure
-from trawl.alerter.config import ActionSettings, WebhookSettings
+from trawl.alerter.config import ActionSettings
 from trawl.embedded import free_port
-from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2, calls_pb2
 
 pytestmark = pytest.mark.skipif(shutil.which("influxd") is None, reason="needs influxd (make system-deps installs it)")
 
 
-class Sender:
+class Sender(RecordingSender):
     def __init__(self) -> None:
-        self.dead: list[DeliveryFailure] = []
-        self.sleeps: list[float] = []
-        self.metrics = Registry()
-
-    async def record_dead(self, failure: DeliveryFailure) -> None:
-        self.dead.append(failure)
-
-    async def record_sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-    async def deliver(self, alert: alerts_pb2.Alert, action: InfluxAction) -> bool:
-        async with aiohttp.ClientSession() as session:
-            sender = ActionSender(
-                session,
-                WebhookSettings(),
-                ActionSettings(retries=2, backoff_s=0.25, timeout_s=5),
-                self.record_dead,
-                self.metrics,
-                sleep=self.record_sleep,
-            )
-            return await sender.deliver(alert, action)
+        super().__init__(ActionSettings(retries=2, backoff_s=0.25, timeout_s=5))
 
 
 def firing(alert_id: str, **fields: Any) -> alerts_pb2.Alert:

@@ -17,17 +17,15 @@ from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
-import aiohttp
 import pytest
 from botocore.exceptions import ClientError
 from google.protobuf.json_format import MessageToDict
 
+from tests.action_sender import RecordingSender
 from trawl.alerter.action_types import S3Action
-from trawl.alerter.actions import ActionSender, DeliveryFailure
-from trawl.alerter.config import ActionSettings, WebhookSettings
+from trawl.alerter.config import ActionSettings
 from trawl.alerter.rules import parse_rules
 from trawl.embedded import free_port
-from trawl.metrics import Registry
 from trawl.s3 import Credentials, s3_client
 from trawl.v1 import alerts_pb2, calls_pb2
 
@@ -38,29 +36,9 @@ def client(url: str) -> Any:
     return s3_client(SimpleNamespace(endpoint_url=url, region="us-east-1"), KEYS)
 
 
-class Sender:
+class Sender(RecordingSender):
     def __init__(self) -> None:
-        self.dead: list[DeliveryFailure] = []
-        self.sleeps: list[float] = []
-        self.metrics = Registry()
-
-    async def record_dead(self, failure: DeliveryFailure) -> None:
-        self.dead.append(failure)
-
-    async def record_sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-    async def deliver(self, alert: alerts_pb2.Alert, action: S3Action) -> bool:
-        async with aiohttp.ClientSession() as session:
-            sender = ActionSender(
-                session,
-                WebhookSettings(),
-                ActionSettings(retries=1, backoff_s=0.5, timeout_s=2),
-                self.record_dead,
-                self.metrics,
-                sleep=self.record_sleep,
-            )
-            return await sender.deliver(alert, action)
+        super().__init__(ActionSettings(retries=1, backoff_s=0.5, timeout_s=2))
 
 
 def make_alert(alert_id: str = "5a1e") -> alerts_pb2.Alert:
