@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import aiohttp
 
+from trawl.alerter.action_record import Request
 from trawl.alerter.action_types import Action
 from trawl.alerter.actions import ActionSender, DeliveryFailure
 from trawl.alerter.config import ActionSettings, WebhookSettings
@@ -14,8 +15,9 @@ from trawl.v1 import alerts_pb2
 
 
 class RecordingSender:
-    def __init__(self, settings: ActionSettings) -> None:
+    def __init__(self, settings: ActionSettings, request: Request | None = None) -> None:
         self.settings = settings
+        self.request = request
         self.dead: list[DeliveryFailure] = []
         self.sleeps: list[float] = []
         self.metrics = Registry()
@@ -34,6 +36,7 @@ class RecordingSender:
                 self.settings,
                 self.record_dead,
                 self.metrics,
+                request=self.request,
                 sleep=self.record_sleep,
             )
             return await sender.deliver(alert, action)

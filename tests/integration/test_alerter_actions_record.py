@@ -14,6 +14,7 @@ import aiohttp
 import nats
 from aiohttp import web
 
+from tests.action_sender import RecordingSender
 from tests.integration.test_recorder_recordings import publish, start_recorder, until
 from tests.unit.test_recorder_recordings import POD_A, SECOND, T0, read_back, traffic
 from trawl.alerter.action_record import nats_request
@@ -21,7 +22,6 @@ from trawl.alerter.action_types import RecordAction, WebhookAction
 from trawl.alerter.actions import ActionSender, DeliveryFailure
 from trawl.alerter.config import ActionSettings, WebhookSettings
 from trawl.bus import control_subject
-from trawl.metrics import Registry
 from trawl.recorder.control import RECORD_SUBJECT
 from trawl.v1 import alerts_pb2, calls_pb2, control_pb2
 
@@ -42,32 +42,9 @@ def make_alert() -> alerts_pb2.Alert:
     )
 
 
-class Sender:
+class Sender(RecordingSender):
     def __init__(self, client: nats.NATS, retries: int = 2) -> None:
-        self.client = client
-        self.retries = retries
-        self.dead: list[DeliveryFailure] = []
-        self.sleeps: list[float] = []
-        self.metrics = Registry()
-
-    async def record_dead(self, failure: DeliveryFailure) -> None:
-        self.dead.append(failure)
-
-    async def record_sleep(self, seconds: float) -> None:
-        self.sleeps.append(seconds)
-
-    async def deliver(self, alert: alerts_pb2.Alert, action: RecordAction) -> bool:
-        async with aiohttp.ClientSession() as session:
-            sender = ActionSender(
-                session,
-                WebhookSettings(),
-                ActionSettings(retries=self.retries, backoff_s=0.5),
-                self.record_dead,
-                self.metrics,
-                request=nats_request(self.client),
-                sleep=self.record_sleep,
-            )
-            return await sender.deliver(alert, action)
+        super().__init__(ActionSettings(retries=retries, backoff_s=0.5), request=nats_request(client))
 
 
 async def ask(client: nats.NATS, control: control_pb2.RecordControl) -> control_pb2.RecordReply:
