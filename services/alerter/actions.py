@@ -176,12 +176,15 @@ class ActionSender:
             return False
         self._in_flight[target] = self._in_flight.get(target, 0) + 1
         self._in_flight_gauge.inc()
-        # One group's alerts reach a target in the order they were made: a resolve never
-        # arrives before its firing (which may wait for its recording's id, or be retried).
+        # A windowed rule's alerts of one group reach a target in the order they were made: a
+        # resolve never arrives before its firing (which may wait for its recording's id, or be
+        # retried). A per-call rule's alerts are events of their own and go out side by side.
         key = (target, alert.rule, alert.group)
-        previous = self._last_of_group.get(key)
+        ordered = bool(alert.window_calls or alert.resolved)
+        previous = self._last_of_group.get(key) if ordered else None
         finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._last_of_group[key] = finished
+        if ordered:
+            self._last_of_group[key] = finished
         try:
             if previous is not None:
                 await asyncio.shield(previous)

@@ -248,8 +248,9 @@ async def test_a_target_over_its_bound_is_dead_lettered_at_once_and_others_go_on
 
 
 async def test_one_groups_alerts_reach_a_target_in_order(held: tuple[Held, str]) -> None:
-    """A resolve made while its firing is still being delivered (held by the target, retried, or
-    waiting for its recording's id) is sent after it, never before; another group is not held up."""
+    """A windowed rule's resolve made while its firing is still being delivered (held by the target,
+    retried, or waiting for its recording's id) is sent after it, never before; another group is
+    not held up, nor are a per-call rule's alerts (events of their own)."""
     state, _ = held
     received: list[str] = []
     first_arrived = asyncio.Event()
@@ -274,17 +275,25 @@ async def test_one_groups_alerts_reach_a_target_in_order(held: tuple[Held, str])
     try:
         async with aiohttp.ClientSession() as session:
             sender = ActionSender(session, WebhookSettings(retries=0), ActionSettings(), dead_letter, Registry())
-            firing = asyncio.create_task(sender.deliver(alert_with(CHECKOUT, PAYMENTS, group="a"), action))
+            firing = asyncio.create_task(
+                sender.deliver(alert_with(CHECKOUT, PAYMENTS, group="a", window_calls=5), action)
+            )
             await asyncio.wait_for(first_arrived.wait(), 10)
             resolve = asyncio.create_task(
-                sender.deliver(alert_with(CHECKOUT, PAYMENTS, id="0123abce", group="a", resolved=True), action)
+                sender.deliver(
+                    alert_with(CHECKOUT, PAYMENTS, id="0123abce", group="a", window_calls=5, resolved=True), action
+                )
             )
-            other = asyncio.create_task(sender.deliver(alert_with(CHECKOUT, PAYMENTS, group="b"), action))
+            other = asyncio.create_task(
+                sender.deliver(alert_with(CHECKOUT, PAYMENTS, group="b", window_calls=5), action)
+            )
             assert await asyncio.wait_for(other, 10)  # another group goes by the held one
+            per_call = alert_with(CHECKOUT, PAYMENTS, id="0123abcf", group="a")
+            assert await asyncio.wait_for(sender.deliver(per_call, action), 10)  # not held: no window
             await asyncio.sleep(0.2)
-            assert received == ["a:firing", "b:firing"]  # the resolve waits for its firing
+            assert received == ["a:firing", "b:firing", "a:firing"]  # the resolve waits for its firing
             state.release.set()
             assert await asyncio.wait_for(asyncio.gather(firing, resolve), 10) == [True, True]
-            assert received == ["a:firing", "b:firing", "a:resolved"]
+            assert received == ["a:firing", "b:firing", "a:firing", "a:resolved"]
     finally:
         await runner.cleanup()
