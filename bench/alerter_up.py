@@ -1,6 +1,6 @@
 """What ten alert rules cost `trawl up`: the same capture with and without the rules, alternated.
 
-    python -m bench.alerter_up [--calls 101775] [--runs 3] [--pcap FILE] [--rules FILE]
+    python bench/alerter_up.py [--calls 101775] [--runs 3] [--pcap FILE] [--rules FILE]
 
 Generates (bench/dissect.py's generator) a capture of `--calls` HTTP calls on keep-alive
 connections, unless `--pcap` names one, and runs `trawl up --pcap FILE --json` on it without
@@ -23,8 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.alerts import TEN_RULES
-from bench.dissect import generate
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # `python bench/alerter_up.py` as the other benches run
+
+from bench.alerts import TEN_RULES  # noqa: E402
+from bench.dissect import generate  # noqa: E402
 
 
 def say(text: str = "") -> None:
