@@ -105,6 +105,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
             log.warning("alerter_bad_drained", subject=msg.subject)
             return
         drain.announce(announced.last_stream_sequence)
+        wake.set()  # a fetch waiting for calls that will not come ends now, not at its timeout
 
     async def publish_dead(failure: DeliveryFailure) -> None:
         headers = dead_letter_headers(failure, MSG_ID_HEADER)
@@ -225,6 +226,12 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
             and (info.delivered.stream_seq or 0) >= drain.required
         )
 
+    # Ends a fetch early: set on stopping, and when the enricher announces the end of its input
+    # (a fetch would otherwise wait out FETCH_TIMEOUT_S before the drain is seen: up to a second
+    # added to every `trawl up --pcap` with rules).
+    wake = asyncio.Event()
+    stopping_watch = asyncio.create_task(ctx.stopping.wait())
+    stopping_watch.add_done_callback(lambda _: wake.set())
     await bus.subscribe(ENRICHER_DRAINED, on_enricher_drained)
     # No total connection limit (aiohttp's default is 100): a request waiting for a pooled
     # connection spends its timeout there. Each target is bounded by webhook.max_in_flight.
@@ -235,7 +242,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         await ctx.ready()
         while not ctx.stopping.is_set():
             try:
-                messages = await puller.fetch(settings.fetch_batch, FETCH_TIMEOUT_S, ctx.stopping)
+                messages = await puller.fetch(settings.fetch_batch, FETCH_TIMEOUT_S, wake)
             except nats.errors.TimeoutError:
                 messages = []
                 # No call for a while: windowed rules' groups still resolve as their windows drain.
@@ -254,9 +261,12 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                     await asyncio.wait(set(deliveries))
                 drain.required = None
                 await ctx.drained(emitted=alerts_sent)
+                if not ctx.stopping.is_set():
+                    wake.clear()
         # SIGTERM: the deliveries already started finish (each is bounded by its retries).
         if deliveries:
             await asyncio.wait(set(deliveries))
+    stopping_watch.cancel()
     # A pull subscription left to the connection's drain holds it until the drain timeout.
     await puller.stop()
     with contextlib.suppress(Exception):
