@@ -157,6 +157,32 @@ static int read_varint(const unsigned char **pos, const unsigned char *end, uint
     return FALLBACK;
 }
 
+/* The value of a field whose tag was just read: a varint's value, or a length-delimited field's
+   content (at *content, *value bytes long); fixed 32- and 64-bit fields are stepped over.
+   FALLBACK for a group or a field running past `end`. */
+static int read_field(const unsigned char **pos, const unsigned char *end, int wire_type, uint64_t *value,
+                      const unsigned char **content) {
+    switch (wire_type) {
+    case 0:
+        return read_varint(pos, end, value);
+    case 1:
+        if (end - *pos < 8) return FALLBACK;
+        *pos += 8;
+        return OK;
+    case 2:
+        if (read_varint(pos, end, value) || *value > (uint64_t)(end - *pos)) return FALLBACK;
+        *content = *pos;
+        *pos += *value;
+        return OK;
+    case 5:
+        if (end - *pos < 4) return FALLBACK;
+        *pos += 4;
+        return OK;
+    default:
+        return FALLBACK;
+    }
+}
+
 static const char HEX[] = "0123456789abcdef";
 
 static int put_unicode_escape(buffer_t *out, uint32_t code) {
@@ -825,28 +851,10 @@ static int scan_endpoint(endpoint_ref *ref) {
 static int scan_request_ts(const unsigned char *pos, const unsigned char *end, uint64_t *ts) {
     while (pos < end) {
         uint64_t tag, value;
-        if (read_varint(&pos, end, &tag)) return FALLBACK;
-        switch (tag & 7) {
-        case 0:
-            if (read_varint(&pos, end, &value)) return FALLBACK;
-            if ((tag >> 3) == 1) *ts = value;
-            break;
-        case 1:
-            if (end - pos < 8) return FALLBACK;
-            pos += 8;
-            break;
-        case 2:
-            if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
-            pos += value;
-            break;
-        case 5:
-            if (end - pos < 4) return FALLBACK;
-            pos += 4;
-            break;
-        default:
-            return FALLBACK;
-        }
+        const unsigned char *content;
+        if (read_varint(&pos, end, &tag) || read_field(&pos, end, (int)(tag & 7), &value, &content)) return FALLBACK;
         if ((tag >> 3) == 1 && (tag & 7) != 0) return FALLBACK;
+        if (tag == (1 << 3)) *ts = value;
     }
     return OK;
 }
@@ -994,29 +1002,11 @@ static int http_has_route(const unsigned char *pos, const unsigned char *end, in
     *has = 0;
     while (pos < end) {
         uint64_t tag, value;
-        if (read_varint(&pos, end, &tag)) return FALLBACK;
-        switch (tag & 7) {
-        case 0:
-            if (read_varint(&pos, end, &value)) return FALLBACK;
-            break;
-        case 1:
-            if (end - pos < 8) return FALLBACK;
-            pos += 8;
-            break;
-        case 2:
-            if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
-            pos += value;
-            /* The last one counts, as a parser keeps it; an empty one is no route. */
-            if (tag == ((11 << 3) | 2)) *has = value > 0;
-            break;
-        case 5:
-            if (end - pos < 4) return FALLBACK;
-            pos += 4;
-            break;
-        default:
-            return FALLBACK;
-        }
+        const unsigned char *content;
+        if (read_varint(&pos, end, &tag) || read_field(&pos, end, (int)(tag & 7), &value, &content)) return FALLBACK;
         if ((tag >> 3) == 11 && (tag & 7) != 2) return FALLBACK;
+        /* The last one counts, as a parser keeps it; an empty one is no route. */
+        if (tag == ((11 << 3) | 2)) *has = value > 0;
     }
     return OK;
 }
@@ -1392,30 +1382,15 @@ static int scan_route(const unsigned char *pos, const unsigned char *end, const 
     *shard = 0;
     while (pos < end) {
         uint64_t tag, value;
-        if (read_varint(&pos, end, &tag) || (tag >> 3) == 0) return FALLBACK;
-        switch (tag & 7) {
-        case 0:
-            if (read_varint(&pos, end, &value)) return FALLBACK;
-            if ((tag >> 3) == 31) *shard = (uint32_t)value;
-            break;
-        case 1:
-            if (end - pos < 8) return FALLBACK;
-            pos += 8;
-            break;
-        case 2:
-            if (read_varint(&pos, end, &value) || value > (uint64_t)(end - pos)) return FALLBACK;
-            if ((tag >> 3) == 4) {
-                *node = pos;
-                *node_size = (size_t)value;
-            }
-            pos += value;
-            break;
-        case 5:
-            if (end - pos < 4) return FALLBACK;
-            pos += 4;
-            break;
-        default:
+        const unsigned char *content;
+        if (read_varint(&pos, end, &tag) || (tag >> 3) == 0 ||
+            read_field(&pos, end, (int)(tag & 7), &value, &content))
             return FALLBACK;
+        if (tag == (31 << 3)) {
+            *shard = (uint32_t)value;
+        } else if (tag == ((4 << 3) | 2)) {
+            *node = content;
+            *node_size = (size_t)value;
         }
     }
     return OK;
