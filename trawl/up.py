@@ -242,13 +242,24 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
     table = None if options.as_json else TableWriter(sys.stdout)
     shown = 0
 
+    # Each service's drained announcement as published (subject, payload), to repeat it.
+    announced: dict[str, tuple[str, bytes]] = {}
+
     async def on_ready(msg: Msg) -> None:
-        suite.ready.add(msg.subject.split(".")[4])
+        service = msg.subject.split(".")[4]
+        suite.ready.add(service)
         suite.changed.set()
+        # The alerter may start after the enricher has drained a small file: the announcement,
+        # on core NATS, was gone before the alerter subscribed to it. Its ready comes after its
+        # subscription (one connection, in order), so what came before reached trawl up first:
+        # told again now, it reaches the alerter (which takes the highest sequence it is told).
+        if service == "alerter" and "enricher" in announced:
+            await bus.publish(*announced["enricher"])
 
     async def on_drained(msg: Msg) -> None:
         drained = Drained.FromString(msg.data)
         suite.drained[drained.service] = drained
+        announced[drained.service] = (msg.subject, msg.data)
         suite.changed.set()
 
     binary: BinaryIO | None = getattr(sys.stdout, "buffer", None)
@@ -291,12 +302,13 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
     await bus.subscribe_batches("trawl.v1.enriched.>", on_calls)
     await bus.subscribe("trawl.v1.alerts.>", on_alert)
     await bus.nc.flush()
-    # A file's packets may go before the dissector and the enricher are ready: the collector
-    # makes sure TRAWL_PACKETS exists before it publishes, and both read their stream from its
-    # first message (the dissector's packets, the enricher's calls). Starting all at once saves
-    # the collector's start-up (about a second of imports) after the others'. The recorder and
-    # the alerter are waited for: what they read first is what came after they started.
-    early_collector = options.pcap is not None and set(services) <= {"dissector", "enricher"}
+    # A file's packets may go before the dissector, the enricher and the alerter are ready: the
+    # collector makes sure TRAWL_PACKETS exists before it publishes, and each reads its stream
+    # from its first message (the dissector's packets, the enricher's calls, the alerter's
+    # enriched calls: a durable consumer that delivers all). Starting all at once saves the
+    # collector's start-up (about half a second) after the others'. The recorder is waited for:
+    # what it reads first is what came after it started.
+    early_collector = options.pcap is not None and "recorder" not in services
     try:
         for service in services:
             suite.start(service)
