@@ -31,7 +31,7 @@ class RecordingSender:
     async def deliver(self, alert: alerts_pb2.Alert, action: Action) -> bool:
         async with aiohttp.ClientSession() as session:
             sender = ActionSender(
-                session,
+                lambda: session,
                 WebhookSettings(),
                 self.settings,
                 self.record_dead,

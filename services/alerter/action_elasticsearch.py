@@ -30,12 +30,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 from google.protobuf.json_format import MessageToDict
 
 from trawl.alerter.action_types import ElasticsearchAction
 from trawl.alerter.config import ActionSettings
-from trawl.alerter.delivery import DELIVERED, Delivery, Outcome, basic_auth, http_outcome, timestamp
+from trawl.alerter.delivery import DELIVERED, Delivery, HttpSession, Outcome, basic_auth, http_outcome, timestamp
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
 
@@ -73,9 +72,7 @@ def _item(index: str, doc_id: str, source: dict[str, Any]) -> BulkItem:
 class ElasticsearchSender:
     """Indexes alerts through Elasticsearch's (or OpenSearch's) `_bulk` API over one aiohttp session."""
 
-    def __init__(
-        self, delivery: Delivery, settings: ActionSettings, session: aiohttp.ClientSession, metrics: Registry
-    ) -> None:
+    def __init__(self, delivery: Delivery, settings: ActionSettings, session: HttpSession, metrics: Registry) -> None:
         self.delivery = delivery
         self.settings = settings
         self.session = session
@@ -95,12 +92,14 @@ class ElasticsearchSender:
             headers["Authorization"] = f"ApiKey {action.api_key}"
         elif action.user is not None:
             headers["Authorization"] = basic_auth(action.user, action.password or "")
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        from aiohttp import ClientTimeout  # loaded with the session (delivery.LazySession)
+
+        timeout = ClientTimeout(total=self.settings.timeout_s)
 
         async def attempt() -> Outcome:
             nonlocal pending
             body = b"".join(item.lines for item in pending)
-            async with self.session.post(
+            async with self.session().post(
                 url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 raw = await response.read()

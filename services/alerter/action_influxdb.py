@@ -29,11 +29,9 @@ import math
 import re
 from urllib.parse import urlencode
 
-import aiohttp
-
 from trawl.alerter.action_types import InfluxAction
 from trawl.alerter.config import ActionSettings
-from trawl.alerter.delivery import Delivery, Outcome, basic_auth, http_outcome
+from trawl.alerter.delivery import Delivery, HttpSession, Outcome, basic_auth, http_outcome
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
 
@@ -88,9 +86,7 @@ def write_url(action: InfluxAction) -> str:
 class InfluxSender:
     """Writes alert points to InfluxDB over one aiohttp session."""
 
-    def __init__(
-        self, delivery: Delivery, settings: ActionSettings, session: aiohttp.ClientSession, metrics: Registry
-    ) -> None:
+    def __init__(self, delivery: Delivery, settings: ActionSettings, session: HttpSession, metrics: Registry) -> None:
         self.delivery = delivery
         self.settings = settings
         self.session = session
@@ -104,10 +100,12 @@ class InfluxSender:
             headers["Authorization"] = f"Token {action.token}"
         elif action.user is not None:
             headers["Authorization"] = basic_auth(action.user, action.password or "")
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        from aiohttp import ClientTimeout  # loaded with the session (delivery.LazySession)
+
+        timeout = ClientTimeout(total=self.settings.timeout_s)
 
         async def attempt() -> Outcome:
-            async with self.session.post(
+            async with self.session().post(
                 url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 text = (await response.read()).decode("utf-8", "replace")

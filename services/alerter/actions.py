@@ -31,7 +31,6 @@ import hashlib
 import hmac
 import json
 
-import aiohttp
 from google.protobuf.json_format import MessageToDict
 
 from trawl.alerter.action_elasticsearch import ElasticsearchSender
@@ -47,7 +46,16 @@ from trawl.alerter.action_types import (
     WebhookAction,
 )
 from trawl.alerter.config import ActionSettings, WebhookSettings
-from trawl.alerter.delivery import DELIVERED, DeadLetter, Delivery, DeliveryFailure, Outcome, Sleep, http_outcome
+from trawl.alerter.delivery import (
+    DELIVERED,
+    DeadLetter,
+    Delivery,
+    DeliveryFailure,
+    HttpSession,
+    Outcome,
+    Sleep,
+    http_outcome,
+)
 from trawl.metrics import Registry
 from trawl.v1 import alerts_pb2
 
@@ -97,7 +105,7 @@ class WebhookSender:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: HttpSession,
         settings: WebhookSettings,
         dead_letter: DeadLetter,
         metrics: Registry | None = None,
@@ -116,10 +124,12 @@ class WebhookSender:
         secret = action.secret or self.default_secret
         if secret:
             headers[SIGNATURE_HEADER] = signature(secret, body)
-        timeout = aiohttp.ClientTimeout(total=self.settings.timeout_s)
+        from aiohttp import ClientTimeout  # loaded with the session (delivery.LazySession)
+
+        timeout = ClientTimeout(total=self.settings.timeout_s)
 
         async def attempt() -> Outcome:
-            async with self.session.post(
+            async with self.session().post(
                 action.url, data=body, headers=headers, timeout=timeout, allow_redirects=False
             ) as response:
                 await response.read()
@@ -133,7 +143,7 @@ class ActionSender:
 
     def __init__(
         self,
-        session: aiohttp.ClientSession,
+        session: HttpSession,
         webhook: WebhookSettings,
         actions: ActionSettings,
         dead_letter: DeadLetter,

@@ -19,7 +19,6 @@ import contextlib
 import time
 from pathlib import Path
 
-import aiohttp
 import nats.errors
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
@@ -27,6 +26,7 @@ from nats.aio.msg import Msg
 from trawl.alerter.action_record import nats_request
 from trawl.alerter.actions import ActionSender, DeliveryFailure, dead_letter_headers
 from trawl.alerter.config import AlerterSettings
+from trawl.alerter.delivery import LazySession
 from trawl.alerter.logic import Alerter
 from trawl.alerter.pull import BatchPuller, Delivery, open_consumer
 from trawl.alerter.rules import Action
@@ -233,9 +233,8 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
     stopping_watch = asyncio.create_task(ctx.stopping.wait())
     stopping_watch.add_done_callback(lambda _: wake.set())
     await bus.subscribe(ENRICHER_DRAINED, on_enricher_drained)
-    # No total connection limit (aiohttp's default is 100): a request waiting for a pooled
-    # connection spends its timeout there. Each target is bounded by webhook.max_in_flight.
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+    session = LazySession()
+    try:
         sender = ActionSender(
             session, settings.webhook, settings.actions, publish_dead, ctx.metrics, request=nats_request(bus.nc)
         )
@@ -266,6 +265,8 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
         # SIGTERM: the deliveries already started finish (each is bounded by its retries).
         if deliveries:
             await asyncio.wait(set(deliveries))
+    finally:
+        await session.close()
     stopping_watch.cancel()
     # A pull subscription left to the connection's drain holds it until the drain timeout.
     await puller.stop()

@@ -81,6 +81,7 @@ from trawl.alerter.action_types import (
     S3Action,
     WebhookAction,
 )
+from trawl.alerter.cel_parser import load_cel_parser
 from trawl.alerter.compiled import Evaluator, compile_expression
 from trawl.alerter.guards import Guard, guard_of
 from trawl.alerter.windows import WindowSpec, parse_aggregate
@@ -212,6 +213,7 @@ def load_rules(path: Path, environ: dict[str, str] | None = None) -> list[Rule]:
 def parse_rules(text: str, path: Path | str, environ: dict[str, str] | None = None) -> list[Rule]:
     """Compile the rules in `text`; `path` names the file in errors; `environ` defaults to os.environ."""
     env = dict(os.environ if environ is None else environ)
+    load_cel_parser()
     try:
         document = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError as exc:

@@ -152,7 +152,7 @@ async def test_the_alerts_other_actions_name_its_recording(nats_url: str, tmp_pa
     async def deliver_both(alert: alerts_pb2.Alert) -> list[bool]:
         async with aiohttp.ClientSession() as session:
             sender = ActionSender(
-                session,
+                lambda: session,
                 WebhookSettings(),
                 ActionSettings(retries=0),
                 dead_letter,

@@ -75,7 +75,9 @@ class Sender:
 
     async def deliver(self, action: WebhookAction, alert: alerts_pb2.Alert | None = None) -> bool:
         async with aiohttp.ClientSession() as session:
-            sender = WebhookSender(session, self.settings, self.record_dead, self.metrics, sleep=self.record_sleep)
+            sender = WebhookSender(
+                lambda: session, self.settings, self.record_dead, self.metrics, sleep=self.record_sleep
+            )
             return await sender.deliver(alert or make_alert(), action)
 
 

@@ -221,7 +221,7 @@ async def test_a_target_over_its_bound_is_dead_lettered_at_once_and_others_go_on
     alert = alert_with(CHECKOUT, PAYMENTS)
     async with aiohttp.ClientSession() as session:
         sender = ActionSender(
-            session, WebhookSettings(max_in_flight=2, retries=0), ActionSettings(), dead_letter, metrics
+            lambda: session, WebhookSettings(max_in_flight=2, retries=0), ActionSettings(), dead_letter, metrics
         )
         # Two groups' alerts (one group's would go one after the other, as the next test shows).
         holding = [
@@ -274,7 +274,9 @@ async def test_one_groups_alerts_reach_a_target_in_order(held: tuple[Held, str])
     action = WebhookAction(f"http://127.0.0.1:{runner.addresses[0][1]}/ordered", "json")
     try:
         async with aiohttp.ClientSession() as session:
-            sender = ActionSender(session, WebhookSettings(retries=0), ActionSettings(), dead_letter, Registry())
+            sender = ActionSender(
+                lambda: session, WebhookSettings(retries=0), ActionSettings(), dead_letter, Registry()
+            )
             firing = asyncio.create_task(
                 sender.deliver(alert_with(CHECKOUT, PAYMENTS, group="a", window_calls=5), action)
             )
