@@ -11,6 +11,7 @@ alerter (TRAWL_ENRICHED) keep the ids they handled last in a `RecentIds`.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Iterable
 
 
 class RecentIds:
@@ -46,3 +47,12 @@ class RecentIds:
         if len(ids) > self.capacity:
             ids.popitem(last=False)
         return True
+
+    def remember(self, call_ids: Iterable[str]) -> None:
+        """Remember these ids, forgetting the oldest beyond capacity: first_time for each, in
+        one loop, for ids checked to be new and each given once (the alerter's batch)."""
+        ids = self._ids
+        for call_id in call_ids:
+            ids[call_id] = None
+        for _ in range(len(ids) - self.capacity):
+            ids.popitem(last=False)

@@ -37,7 +37,7 @@ class Metric:
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def inc(self, amount: float = 1, **labels: str) -> None:
-        key = tuple(sorted(labels.items()))
+        key = tuple(sorted(labels.items())) if labels else ()  # a count of every call: no sort
         with self.lock:
             self.values[key] = self.values.get(key, 0) + amount
 

@@ -26,7 +26,7 @@ import celpy
 from trawl.alerter.compiled import PLAIN_STRING, is_tree, operand
 from trawl.v1 import calls_pb2
 
-_OUTCOME_NAMES = {value.number: value.name for value in calls_pb2.Outcome.DESCRIPTOR.values}
+OUTCOME_NAMES = {value.number: value.name for value in calls_pb2.Outcome.DESCRIPTOR.values}
 _GUARDED = ("protocol", "outcome")
 
 
@@ -42,7 +42,7 @@ class Guard:
         if self.protocols is not None and call.protocol not in self.protocols:
             return False
         if self.outcomes is not None:
-            name = _OUTCOME_NAMES.get(call.outcome)
+            name = OUTCOME_NAMES.get(call.outcome)
             if name is not None and name not in self.outcomes:
                 return False
         return True

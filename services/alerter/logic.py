@@ -20,7 +20,8 @@ from celpy.evaluation import CELEvalError
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
-from trawl.alerter.compiled import CelError, Fallback
+from trawl.alerter.compiled import CelError, Evaluator, Fallback
+from trawl.alerter.guards import OUTCOME_NAMES
 from trawl.alerter.rules import Rule
 from trawl.alerter.windows import SECOND_NS, Observation, Transition, Windows, WindowStoreError
 from trawl.logs import get_logger
@@ -31,6 +32,9 @@ if TYPE_CHECKING:  # redis is imported only when windows are shared
     from trawl.alerter.window_store import SharedWindows
 
 log = get_logger(__name__)
+
+# A rule a call's protocol leaves: the outcomes its guard allows (None: any), its compiled condition.
+_Candidate = tuple[Rule, frozenset[str] | None, Evaluator | None]
 
 _INT64_MAX = (1 << 63) - 1
 _INT_TYPES = frozenset(
@@ -152,7 +156,7 @@ class Alerter:
         # Shared through Redis (trawl.alerter.window_store): the windowed rules' observations of a
         # batch wait here until `flush` judges them in one transaction; None: in-process.
         self.shared = window_store
-        self._by_protocol: dict[str, list[Rule]] = {}
+        self._by_protocol: dict[str, list[_Candidate]] = {}
         self._observations: list[Observation] = []
         self._window_specs = {rule.name: rule.window for rule in rules if rule.window is not None}
         self._rules_by_name = {rule.name: rule for rule in rules}
@@ -178,17 +182,35 @@ class Alerter:
         self._calls.inc()
         if not self.rules:
             return []
-        activation = _Activation(call)
-        now_ns = call_time_ns(call, self.clock)
+        # The hot path (every call, every rule its protocol leaves): no CEL map, no call time and
+        # no guard object until a rule needs them; a microsecond a call in `trawl up`.
+        activation: _Activation | None = None
+        now_ns = 0
+        outcome: str | None = None
         alerts: list[alerts_pb2.Alert] = []
-        guards = self.guards
-        rules = self._rules_for(call.protocol) if guards else self.rules
-        for rule in rules:
-            if guards and rule.guard is not None and not rule.guard.admits(call):
+        for rule, outcomes, fast in self._rules_for(call.protocol):
+            if outcomes is not None:
+                if outcome is None:
+                    outcome = OUTCOME_NAMES.get(call.outcome, "")
+                if outcome and outcome not in outcomes:  # a number without a name: the condition judges
+                    continue
+            matched: object = None
+            if fast is not None:
+                try:
+                    matched = fast(call)
+                except Fallback:
+                    pass  # cel-python's to judge, below
+                except CelError:
+                    self._error(rule, call, "condition", _NO_SUCH_KEY)
+                    continue
+                if matched is False:
+                    continue
+            if activation is None:
+                activation = _Activation(call)
+            if matched is not True and not self._condition_cel(rule, activation, call):
                 continue
-            matched = self._condition(rule, activation, call)
-            if not matched:
-                continue
+            if not now_ns:
+                now_ns = call_time_ns(call, self.clock)
             group = self._group(rule, activation, call)
             if rule.window is not None:
                 alerts += self._observe(rule, group, call, now_ns, sequence)
@@ -213,25 +235,35 @@ class Alerter:
                 )
             )
         if self._window_specs:
+            if not now_ns:
+                now_ns = call_time_ns(call, self.clock)
             self._latest = (max(self._latest[0], now_ns), self.clock())
             if self.shared is None and now_ns - self._swept_ns >= SECOND_NS:
                 alerts += self.sweep(now_ns)
         return alerts
 
-    def _rules_for(self, protocol: str) -> list[Rule]:
-        """The rules whose guard admits `protocol`, in their order: a call of one protocol is not
-        checked against the guards of every other protocol's rules (a dict lookup, where ten
-        guard checks cost a microsecond or two a call)."""
-        rules = self._by_protocol.get(protocol)
-        if rules is None:
-            rules = [
-                rule
+    def _rules_for(self, protocol: str) -> list[_Candidate]:
+        """The rules a call of `protocol` may match, in their order, each with the outcomes its
+        guard allows (None: any) and its compiled condition: a call of one protocol is not checked
+        against the guards of every other protocol's rules (a dict lookup, where ten guard checks
+        cost a microsecond or two a call). With guards off, every rule, unguarded."""
+        candidates = self._by_protocol.get(protocol)
+        if candidates is None:
+            candidates = [
+                (
+                    rule,
+                    rule.guard.outcomes if self.guards and rule.guard is not None else None,
+                    rule.compiled_condition if self.compiled else None,
+                )
                 for rule in self.rules
-                if rule.guard is None or rule.guard.protocols is None or protocol in rule.guard.protocols
+                if not self.guards
+                or rule.guard is None
+                or rule.guard.protocols is None
+                or protocol in rule.guard.protocols
             ]
             if len(self._by_protocol) < 256:  # protocols are the dissectors' few names; bounded anyway
-                self._by_protocol[protocol] = rules
-        return rules
+                self._by_protocol[protocol] = candidates
+        return candidates
 
     def flush(self) -> list[alerts_pb2.Alert]:
         """With windows in Redis: judge the windowed observations `evaluate` kept since the last
@@ -359,19 +391,8 @@ class Alerter:
         if state is not None and (alert.window_calls or alert.resolved):
             state.firing_since_ns = alert.fired_at if alert.resolved else None
 
-    def _condition(self, rule: Rule, activation: _Activation, call: calls_pb2.ApiCall) -> bool:
-        fast = rule.compiled_condition if self.compiled else None
-        if fast is not None:
-            try:
-                value = fast(call)
-            except Fallback:
-                pass  # cel-python's to judge, below
-            except CelError:
-                self._error(rule, call, "condition", _NO_SUCH_KEY)
-                return False
-            else:
-                if isinstance(value, bool):
-                    return value
+    def _condition_cel(self, rule: Rule, activation: _Activation, call: calls_pb2.ApiCall) -> bool:
+        """The condition as cel-python judges it (what the compiled form left to it)."""
         result = self._run(rule, rule.program, activation.get(), call, "condition")
         if result is None:
             return False

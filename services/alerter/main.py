@@ -161,18 +161,20 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 undecodable.inc()
                 log.warning("alerter_undecodable", reply=msg.reply.decode(errors="replace"))
                 continue
-            if call.id and (call.id in recent or call.id in ids):
+            call_id = call.id
+            if call_id and (call_id in recent or call_id in ids):
                 duplicates.inc()
                 continue
             try:
                 alerts += alerter.evaluate(call, msg.stream_sequence if window_store is not None else 0)
             except Exception:  # nothing in one call may stop the alerter
                 # Explicit acks leave it to come back; an ack-all acks it with the batch.
-                log.exception("alerter_call_failed", call_id=call.id)
+                log.exception("alerter_call_failed", call_id=call_id)
                 failed.add(position)
                 continue
             evaluated.append(msg)
-            ids.add(call.id)
+            if call_id:
+                ids.add(call_id)
         try:
             alerts += alerter.flush()  # windows shared through Redis: the batch's observations at once
             stored = await publish(sender, alerts)
@@ -200,9 +202,7 @@ async def serve(ctx: ServiceContext[AlerterSettings]) -> None:
                 log.info("alerter_window_store_recovered")
             window_store_down = False
             alerter.announced(alerts)
-            for call_id in ids:
-                if call_id:
-                    recent.first_time(call_id)  # once its alerts are stored: a nak'd call is evaluated again
+            recent.remember(ids)  # once its alerts are stored: a nak'd call is evaluated again
         with contextlib.suppress(Exception):
             if ack_all:
                 await puller.ack(messages[-1:])  # AckPolicy.ALL: the batch's last call acks it all

@@ -41,3 +41,19 @@ def test_as_a_window_of_the_last_distinct_ids(capacity: int, ids: list[str]) -> 
         assert recent.first_time(call_id) is expected
         assert len(recent) == len(window)
         assert all(remembered in recent for remembered in window)
+
+
+@given(
+    capacity=st.integers(1, 8),
+    batches=st.lists(st.lists(st.sampled_from("abcdefghijkl"), max_size=12), max_size=20),
+)
+def test_remembering_a_batch_is_first_time_for_each_of_its_ids(capacity: int, batches: list[list[str]]) -> None:
+    """The alerter remembers a batch's ids at once, after its alerts are stored: ids it checked
+    were not remembered, each once. The window is the one first_time leaves, id after id."""
+    batched, one_by_one = RecentIds(capacity), RecentIds(capacity)
+    for drawn in batches:
+        batch = [call_id for call_id in dict.fromkeys(drawn) if call_id not in batched]
+        batched.remember(batch)
+        assert all(one_by_one.first_time(call_id) for call_id in batch)
+        assert len(batched) == len(one_by_one) <= capacity
+        assert [i for i in "abcdefghijkl" if i in batched] == [i for i in "abcdefghijkl" if i in one_by_one]
