@@ -158,6 +158,8 @@ class Alerter:
         self.shared = window_store
         self._by_protocol: dict[str, list[_Candidate]] = {}
         self._observations: list[Observation] = []
+        # Per-call alerts waiting for their shared cooldown's claim: (alert, call time ns, cooldown s).
+        self._claims: list[tuple[alerts_pb2.Alert, int, float]] = []
         self._window_specs = {rule.name: rule.window for rule in rules if rule.window is not None}
         self._rules_by_name = {rule.name: rule for rule in rules}
         self._last_calls: dict[tuple[str, str], calls_pb2.ApiCall] = {}  # the last call of each windowed group
@@ -221,19 +223,22 @@ class Alerter:
                 self._suppressed.inc(rule=rule.name)
                 continue
             self._remember(key, now_ns)
-            self._alerts.inc(rule=rule.name)
-            alerts.append(
-                alerts_pb2.Alert(
-                    id=alert_id(rule.name, group, call.id),
-                    rule=rule.name,
-                    severity=rule.severity,
-                    summary=rule.summary.render(call),
-                    fired_at=int(self.clock() * 1_000_000_000),
-                    group=group,
-                    labels=rule.labels,
-                    call=call,
-                )
+            alert = alerts_pb2.Alert(
+                id=alert_id(rule.name, group, call.id),
+                rule=rule.name,
+                severity=rule.severity,
+                summary=rule.summary.render(call),
+                fired_at=int(self.clock() * 1_000_000_000),
+                group=group,
+                labels=rule.labels,
+                call=call,
             )
+            if self.shared is not None and rule.cooldown_s > 0:
+                # Replicas share the cooldown: claimed in Redis with the batch (`flush`).
+                self._claims.append((alert, now_ns, rule.cooldown_s))
+                continue
+            self._alerts.inc(rule=rule.name)
+            alerts.append(alert)
         if self._window_specs:
             if not now_ns:
                 now_ns = call_time_ns(call, self.clock)
@@ -274,13 +279,18 @@ class Alerter:
         if self.shared is None:
             return []
         observations, self._observations = self._observations, []
+        alerts = self._claimed()
         overflow, conflicts = self.shared.overflow, self.shared.conflicts
         try:
             decided = self.shared.observe_batch(observations, self._render)
+        except WindowStoreError:
+            for alert in alerts:  # claimed, but the batch comes back: made again (and claimed: same id)
+                self.forget(alert)
+            raise
         finally:
             self._conflicts.inc(self.shared.conflicts - conflicts)
         self._window_overflow.inc(self.shared.overflow - overflow)
-        alerts = [self._counted(transition, alert) for transition, alert in decided]
+        alerts += [self._counted(transition, alert) for transition, alert in decided]
         newest = self._latest[0]
         if newest and newest - self._swept_ns >= SECOND_NS:
             # The batch's own alerts are decided (and in the outbox): a sweep Redis refuses now is
@@ -289,6 +299,30 @@ class Alerter:
                 alerts += self.sweep(newest)
         self._window_groups.set(self.shared.groups)
         return alerts
+
+    def _claimed(self) -> list[alerts_pb2.Alert]:
+        """The per-call alerts whose cooldown this replica claimed in Redis (the others are
+        suppressed, and this replica's cooldown for the group starts when the holder's did)."""
+        claims, self._claims = self._claims, []
+        if not claims or self.shared is None:
+            return []
+        try:
+            answers = self.shared.claim_cooldowns(
+                [(alert.rule, alert.group, alert.id, at_ns, cooldown_s) for alert, at_ns, cooldown_s in claims]
+            )
+        except WindowStoreError:
+            for alert, _, _ in claims:  # the batch comes back: its alerts are made again then
+                self._last_fired.pop((alert.rule, alert.group), None)
+            raise
+        granted = []
+        for (alert, _, _), (claimed, held_ns) in zip(claims, answers, strict=True):
+            if claimed:
+                self._alerts.inc(rule=alert.rule)
+                granted.append(alert)
+            else:
+                self._suppressed.inc(rule=alert.rule)
+                self._last_fired[(alert.rule, alert.group)] = held_ns
+        return granted
 
     def announced(self, alerts: list[alerts_pb2.Alert]) -> None:
         """These alerts are stored (in NATS): with windows in Redis, out of its outbox."""

@@ -35,6 +35,12 @@ How, and why so:
   claim_s in `<prefix>:outbox:due`); once stored, the replica removes it (`announced`). Any
   replica's sweep takes the entries whose claim has run out and announces them again, with
   their ids, which JetStream stores once.
+- A per-call rule's `cooldown` is shared too (`claim_cooldowns`): the replica that fires a
+  (rule, group) holds `<prefix>:cd:<member>` with the call time it fired at and the alert's id,
+  and another replica's alert for that group within the cooldown (in the calls' time, as in
+  process) is suppressed. Compared and set in one step by a short Lua script: there is no
+  judging to keep equal to Python's here, and one step a claim keeps it to one round trip a
+  batch. The same alert made again (its batch nak'd and judged again) holds the claim it made.
 - A call redelivered after its batch was judged (its replica was killed before the ack, or NATS
   refused an alert and the batch was nak'd) must not be counted twice: the same MULTI sets a
   bit per stream sequence judged (`<prefix>:seen:<stream>:<chunk>`, 8 KiB per 65,536 calls,
@@ -78,6 +84,20 @@ OUTBOX_MAX = 100
 # last write (a redelivery comes after the ack wait, 30 s, or a replica's restart).
 SEEN_CHUNK = 65_536
 SEEN_TTL_S = 3600
+# A per-call rule's cooldown claim. KEYS[1]: the (rule, group)'s claim; ARGV: the alert id, the
+# call's time (ns), the cooldown (ns), how long Redis keeps the claim (ms, wall time). Answers
+# {1 granted / 0 held by another alert, the call time the holder fired at}. Lua's numbers are
+# doubles: call times compare to within 256 ns, and the time given back is the stored text.
+_CLAIM_COOLDOWN = """
+local held = redis.call('GET', KEYS[1])
+if held then
+  local at, id = string.match(held, '^(%d+) (.*)$')
+  if id == ARGV[1] then return {1, at} end
+  if at and tonumber(ARGV[2]) - tonumber(at) < tonumber(ARGV[3]) then return {0, at} end
+end
+redis.call('SET', KEYS[1], ARGV[2] .. ' ' .. ARGV[1], 'PX', ARGV[4])
+return {1, ARGV[2]}
+"""
 
 
 # Renders a transition as the alert that announces it (the outbox keeps it serialized).
@@ -162,9 +182,30 @@ class SharedWindows:
         # Which incarnation of TRAWL_ENRICHED the stream sequences are of (its creation time): a
         # stream made again numbers from 1, and its sequences must not read as judged already.
         self.stream_id = ""
+        self._claim = client.register_script(_CLAIM_COOLDOWN)
 
     def _key(self, member: str) -> str:
         return f"{self.prefix}:g:{member}"
+
+    def claim_cooldowns(self, claims: Sequence[tuple[str, str, str, int, float]]) -> list[tuple[bool, int]]:
+        """Each (rule, group, alert id, call time ns, cooldown s): (granted, the call time of the
+        alert holding the group's cooldown), in one round trip. WindowStoreError when Redis is away."""
+        if not claims:
+            return []
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                for rule, group, alert_id, at_ns, cooldown_s in claims:
+                    # Kept in Redis a while beyond the cooldown (wall time; judged in call time).
+                    keep_ms = int(max(2 * cooldown_s, cooldown_s + 60) * 1000)
+                    self._claim(
+                        keys=[f"{self.prefix}:cd:{_member(rule, group)}"],
+                        args=[alert_id, at_ns, int(cooldown_s * 1e9), keep_ms],
+                        client=pipe,
+                    )
+                answers = cast("list[list[Any]]", pipe.execute())
+        except redis.RedisError as exc:
+            raise WindowStoreError(f"redis: {exc}") from exc
+        return [(bool(granted), int(at)) for granted, at in answers]
 
     def observe_batch(
         self, observations: list[Observation], render: Render

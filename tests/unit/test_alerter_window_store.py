@@ -321,3 +321,72 @@ def test_a_replica_that_saw_no_call_resolves_what_another_fired(redis_client: re
     wall[0] += 20
     resolved = later.sweep_idle(wall[0])
     assert [(alert.resolved, alert.fired_at) for alert in resolved] == [(True, fired[0].fired_at)]
+
+
+COOLDOWN_RULE = """rules:
+  - name: server-errors
+    condition: 'call.protocol == "http" && int(call.status) >= 500'
+    group_by: 'call.dst.workload'
+    cooldown: 60s
+"""
+
+
+def test_a_per_call_cooldown_is_shared_by_replicas_and_outlives_a_restart(redis_client: redis.Redis) -> None:
+    """A per-call rule with a cooldown, its calls split between two replicas batch by batch: one
+    alert a group a cooldown (in the calls' time) between them, as one alerter gives; a replica
+    started afresh (a restart: no memory of its own) keeps to the cooldown another started."""
+    rules = parse_rules(COOLDOWN_RULE, "rules.yaml", {})
+    prefix = f"test:{uuid.uuid4().hex}"
+
+    metrics = Registry()
+
+    def replica() -> Alerter:
+        return Alerter(rules, metrics, clock=lambda: 0.0, window_store=SharedWindows(redis_client, prefix))
+
+    # 503s from two workloads every 2 s for 150 s: in one alerter, each fires at 0, 60 and 120 s.
+    calls = [http(second, "503", workload) for second in range(0, 150, 2) for workload in ("checkout", "cart")]
+    single = Alerter(rules, Registry(), clock=lambda: 0.0)
+    expected = [(alert.group, alert.call.request.ts) for call in calls for alert in single.evaluate(call)]
+    assert len(expected) == 6
+
+    replicas = [replica(), replica()]
+    fired: list[alerts_pb2.Alert] = []
+    for start in range(0, len(calls), 8):  # batches of 8, taken in turn by the two replicas
+        target = replicas[(start // 8) % 2]
+        for call in calls[start : start + 8]:
+            fired += target.evaluate(call)
+        fired += target.flush()
+    assert sorted((alert.group, alert.call.request.ts) for alert in fired) == sorted(expected)
+    suppressed = metrics.counter("trawl_alerter_suppressed_total", "").get(rule="server-errors")
+    assert suppressed == len(calls) - len(expected)
+
+    restarted = replica()
+    assert restarted.evaluate(http(150, "503", "checkout")) == []
+    assert restarted.flush() == []  # checkout fired at 120 s: held until 180 s
+    late = restarted.evaluate(http(181, "503", "checkout"))
+    late += restarted.flush()
+    assert [alert.group for alert in late] == ["checkout"]
+
+
+def test_a_cooldown_claim_made_again_is_granted_to_the_same_alert(redis_client: redis.Redis) -> None:
+    """A batch sent back (NATS refused its alerts) is judged again: its alert, made again with the
+    same id, still holds the claim it made; and Redis away is a WindowStoreError that leaves the
+    replica's own cooldown as it was, so the batch's alert is made again when it comes back."""
+    rules = parse_rules(COOLDOWN_RULE, "rules.yaml", {})
+    prefix = f"test:{uuid.uuid4().hex}"
+    first = Alerter(rules, Registry(), clock=lambda: 0.0, window_store=SharedWindows(redis_client, prefix))
+    call = http(10, "503")
+    assert first.evaluate(call) == []  # waits for the claim
+    (alert,) = first.flush()
+    first.forget(alert)  # not stored: the batch comes back
+    first.evaluate(call)
+    assert [again.id for again in first.flush()] == [alert.id]
+
+    other = http(20, "503", "cart")
+    away = Alerter(rules, Registry(), clock=lambda: 0.0, window_store=SharedWindows(redis.Redis(port=1), prefix))
+    away.evaluate(other)
+    with pytest.raises(WindowStoreError):
+        away.flush()
+    away.shared = SharedWindows(redis_client, prefix)  # Redis is back: the batch comes again
+    away.evaluate(other)
+    assert [again.group for again in away.flush()] == ["cart"]
