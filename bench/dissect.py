@@ -27,7 +27,9 @@ lane takes HTTP/2 yet, so the two dissector rows agree.
 
 does the same on a capture of `redis-benchmark -t set,get -P 16` (pipelined SET and GET against
 Debian's redis-server, bench/redis_capture.py; needs root), against
-`tshark -d tcp.port==PORT,resp -Y resp -T fields ...`.
+`tshark -d tcp.port==PORT,resp -Y resp -T fields ...` (the issue's measure), and beside it
+tshark's JSON of the same layers (`-T json -j resp`), the like of `trawl analyze --json`'s
+output (both --redis and --kafka).
 
     python bench/dissect.py --kafka 50000 [--copies 10] [--keep FILE]
 
@@ -308,11 +310,24 @@ def recorded_bench(protocol: str, count: int, keep: Path | None, copies: int = 1
             tshark_time = run_command(["tshark", "-r", str(path), "-d", f"tcp.port=={port},{dissector}", *arguments])
             if tshark_time is not None:
                 rows.append((f"tshark -Y {dissector} -T fields", tshark_time))
+        # The like of `analyze --json`: tshark's own JSON of the protocol's layers, a document a
+        # packet. Shown beside the issue's measure (fields), not instead of it.
+        tshark_json = None
+        if tshark_time is not None:
+            dissector = RECORDED_TSHARK[protocol][0]
+            tshark_json = run_command(
+                ["tshark", "-r", str(path), "-d", f"tcp.port=={port},{dissector}", "-Y", dissector, "-T", "json",
+                 "-j", dissector],
+                runs=1,
+            )  # fmt: skip
+            if tshark_json is not None:
+                rows.append((f"tshark -Y {dissector} -T json -j {dissector}", tshark_json))
         say(f"calls: {calls} {protocol}")
-        say(f"{'':36} {'seconds':>8} {'packets/s':>11} {'calls/s':>11} {'vs tshark':>9}")
+        say(f"{'':36} {'seconds':>8} {'packets/s':>11} {'calls/s':>11} {'vs tshark':>9} {'vs -T json':>10}")
         for name, seconds in rows:
             ratio = f"{tshark_time / seconds:8.1f}x" if tshark_time else "        -"
-            say(f"{name:36} {seconds:8.2f} {packets / seconds:11,.0f} {calls / seconds:11,.0f} {ratio}")
+            json_ratio = f"{tshark_json / seconds:9.1f}x" if tshark_json else "         -"
+            say(f"{name:36} {seconds:8.2f} {packets / seconds:11,.0f} {calls / seconds:11,.0f} {ratio} {json_ratio}")
         return 0
     finally:
         if keep is None:
