@@ -137,7 +137,7 @@ class Alerter:
         # Rules' guards (trawl.alerter.guards) skip a rule a call cannot match, and the call's
         # CEL map is only made for a rule that may; off, every rule runs (the reference).
         self.guards = guards
-        # Conditions and group_by compiled to closures over the call (trawl.alerter.compiled) where
+        # Conditions and group_by compiled to Python functions of the call (trawl.alerter.compiled) where
         # they can be; off, cel-python runs every one (the reference).
         self.compiled = compiled
         self.clock = clock

@@ -194,7 +194,7 @@ class Rule:
     guard: Guard | None = field(default=None, repr=False)
     # A windowed rule (window + aggregate): judged per group over its window (trawl.alerter.windows).
     window: WindowSpec | None = None
-    # The condition and group_by as closures over the ApiCall (trawl.alerter.compiled), where they can be.
+    # The condition and group_by as Python functions of the ApiCall (trawl.alerter.compiled), where they can be.
     compiled_condition: Evaluator | None = field(default=None, repr=False)
     compiled_group_by: Evaluator | None = field(default=None, repr=False)
 

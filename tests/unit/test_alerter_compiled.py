@@ -1,4 +1,4 @@
-"""Rule expressions compiled to closures over the ApiCall (trawl.alerter.compiled) against
+"""Rule expressions compiled to Python functions of the ApiCall (trawl.alerter.compiled) against
 cel-python running them on the call's CEL map (the reference): the alerter with compiled rules and
 guards must raise exactly the alerts, and count exactly the errors and suppressions, of the
 alerter with neither, on hypothesis-made rules and calls. The rules mix what is compiled (fields
