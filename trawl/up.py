@@ -182,6 +182,29 @@ class Suite:
                 process.wait()
 
 
+class DrainedRelay:
+    """The enricher's drained announcement, told again to an alerter that became ready after it.
+
+    The collector starts with the alerter, so on a small file the enricher may have drained
+    before the alerter subscribed to its announcement (core NATS: gone by then), and the alerter
+    would wait for it forever. The alerter announces `ready` on the connection it subscribed on,
+    after subscribing; NATS keeps one connection's order, so an announcement trawl up got before
+    that ready is one the alerter may have missed, and one published after reaches it. Told twice,
+    it takes the highest stream sequence it was told: no harm."""
+
+    def __init__(self) -> None:
+        self._announced: dict[str, tuple[str, bytes]] = {}
+
+    def drained(self, service: str, subject: str, payload: bytes) -> None:
+        self._announced[service] = (subject, payload)
+
+    def ready(self, service: str) -> tuple[str, bytes] | None:
+        """(subject, payload) to publish again now that `service` is ready, or None."""
+        if service == "alerter":
+            return self._announced.get("enricher")
+        return None
+
+
 class _WaitingWriter(io.RawIOBase):
     """A file descriptor written in full, waiting while it is full. A parent may hand trawl up a
     non-blocking pipe (the flag belongs to the pipe, shared by every process holding it): print()
@@ -242,24 +265,19 @@ async def _run(options: UpOptions, nats_url: str, state_dir: Path) -> int:
     table = None if options.as_json else TableWriter(sys.stdout)
     shown = 0
 
-    # Each service's drained announcement as published (subject, payload), to repeat it.
-    announced: dict[str, tuple[str, bytes]] = {}
+    relay = DrainedRelay()
 
     async def on_ready(msg: Msg) -> None:
         service = msg.subject.split(".")[4]
         suite.ready.add(service)
         suite.changed.set()
-        # The alerter may start after the enricher has drained a small file: the announcement,
-        # on core NATS, was gone before the alerter subscribed to it. Its ready comes after its
-        # subscription (one connection, in order), so what came before reached trawl up first:
-        # told again now, it reaches the alerter (which takes the highest sequence it is told).
-        if service == "alerter" and "enricher" in announced:
-            await bus.publish(*announced["enricher"])
+        if (again := relay.ready(service)) is not None:
+            await bus.publish(*again)
 
     async def on_drained(msg: Msg) -> None:
         drained = Drained.FromString(msg.data)
         suite.drained[drained.service] = drained
-        announced[drained.service] = (msg.subject, msg.data)
+        relay.drained(drained.service, msg.subject, msg.data)
         suite.changed.set()
 
     binary: BinaryIO | None = getattr(sys.stdout, "buffer", None)
