@@ -41,11 +41,13 @@ class Guard:
         """False only when the condition cannot hold for `call` (see the module docstring)."""
         if self.protocols is not None and call.protocol not in self.protocols:
             return False
-        if self.outcomes is not None:
-            name = OUTCOME_NAMES.get(call.outcome)
-            if name is not None and name not in self.outcomes:
-                return False
-        return True
+        return self.outcomes is None or admits_outcome(self.outcomes, OUTCOME_NAMES.get(call.outcome, ""))
+
+
+def admits_outcome(outcomes: frozenset[str], name: str) -> bool:
+    """Whether an outcome guard lets a call with this outcome name through: a number the enum
+    does not name ("") is not judged by the guard (the condition says what it says of it)."""
+    return not name or name in outcomes
 
 
 def guard_of(condition: str) -> Guard | None:

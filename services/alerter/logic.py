@@ -21,7 +21,7 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from trawl.alerter.compiled import CelError, Evaluator, Fallback
-from trawl.alerter.guards import OUTCOME_NAMES
+from trawl.alerter.guards import OUTCOME_NAMES, admits_outcome
 from trawl.alerter.rules import Rule
 from trawl.alerter.windows import SECOND_NS, Observation, Transition, Windows, WindowStoreError
 from trawl.logs import get_logger
@@ -194,7 +194,7 @@ class Alerter:
             if outcomes is not None:
                 if outcome is None:
                     outcome = OUTCOME_NAMES.get(call.outcome, "")
-                if outcome and outcome not in outcomes:  # a number without a name: the condition judges
+                if not admits_outcome(outcomes, outcome):
                     continue
             matched: object = None
             if fast is not None:
@@ -312,7 +312,7 @@ class Alerter:
             )
         except WindowStoreError:
             for alert, _, _ in claims:  # the batch comes back: its alerts are made again then
-                self._last_fired.pop((alert.rule, alert.group), None)
+                self.forget(alert)
             raise
         granted = []
         for (alert, _, _), (claimed, held_ns) in zip(claims, answers, strict=True):
